@@ -1,0 +1,1 @@
+//! Controller library (issue #4).

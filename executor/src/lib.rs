@@ -1,0 +1,1 @@
+//! Executor library (issue #5).

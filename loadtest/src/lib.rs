@@ -1,0 +1,1 @@
+//! Load-test, Kubernetes API simulator and fleet simulator (issues #3, #6).

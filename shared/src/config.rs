@@ -1,0 +1,120 @@
+//! The executor's configuration file: sites and their limits, and queue defaults.
+
+use serde::{Deserialize, Serialize};
+
+use crate::validate::{Invalid, ValidationError};
+
+/// Limits of one site. The broker enforces `max_in_flight` across every executor (it is the site consumer's
+/// `max_ack_pending`); each executor paces new SSH sessions with `connect_rate` and `burst`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SiteLimits {
+    /// Site name, as in Machine spec.site.
+    pub name: String,
+    /// Most jobs of this site in flight at once, across all executors.
+    pub max_in_flight: u32,
+    /// New SSH sessions per second per executor.
+    #[serde(default = "default_connect_rate")]
+    pub connect_rate: f64,
+    /// Sessions that may start at once before connectRate applies.
+    #[serde(default = "default_burst")]
+    pub burst: u32,
+}
+
+fn default_connect_rate() -> f64 {
+    20.0
+}
+fn default_burst() -> u32 {
+    10
+}
+fn default_ack_wait() -> u64 {
+    60
+}
+fn default_max_deliver() -> i64 {
+    5
+}
+fn default_backoff() -> Vec<u64> {
+    vec![5, 15, 60]
+}
+fn default_job_timeout() -> u64 {
+    3600
+}
+
+/// Executor configuration file (`--config`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecutorConfig {
+    /// Sites this executor serves.
+    pub sites: Vec<SiteLimits>,
+    /// Seconds before an unacknowledged job is redelivered (progress acks extend it).
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait_seconds: u64,
+    /// Deliveries of one job before it is given up.
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: i64,
+    /// Redelivery delays in seconds after transient failures, the last one repeating.
+    #[serde(default = "default_backoff")]
+    pub backoff_seconds: Vec<u64>,
+    /// Default job timeout in seconds, when the job does not carry one.
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout_seconds: u64,
+}
+
+impl ExecutorConfig {
+    /// Parses and validates a YAML configuration.
+    pub fn from_yaml(text: &str) -> crate::Result<Self> {
+        let cfg: ExecutorConfig = serde_saphyr::from_str(text)
+            .map_err(|e| crate::Error::Config { path: "<yaml>".into(), message: e.to_string() })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &std::path::Path) -> crate::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| crate::Error::Config { path: path.display().to_string(), message: e.to_string() })?;
+        Self::from_yaml(&text).map_err(|e| match e {
+            crate::Error::Config { message, .. } => crate::Error::Config { path: path.display().to_string(), message },
+            other => other,
+        })
+    }
+
+    /// Checks every site and default.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let mut errors = Vec::new();
+        if self.sites.is_empty() {
+            errors.push(ValidationError { field: "sites".into(), rule: "at least one site is needed".into() });
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, s) in self.sites.iter().enumerate() {
+            if let Err(e) = crate::validate::site_name(&format!("sites[{i}].name"), &s.name) {
+                errors.push(e);
+            }
+            if !names.insert(s.name.as_str()) {
+                errors.push(ValidationError { field: format!("sites[{i}].name"), rule: "site is listed twice".into() });
+            }
+            if s.max_in_flight == 0 {
+                errors.push(ValidationError {
+                    field: format!("sites[{i}].maxInFlight"),
+                    rule: "must be at least 1".into(),
+                });
+            }
+            if !(s.connect_rate.is_finite() && s.connect_rate > 0.0) {
+                errors.push(ValidationError {
+                    field: format!("sites[{i}].connectRate"),
+                    rule: "must be a positive number".into(),
+                });
+            }
+            if s.burst == 0 {
+                errors.push(ValidationError { field: format!("sites[{i}].burst"), rule: "must be at least 1".into() });
+            }
+        }
+        if self.ack_wait_seconds == 0 {
+            errors.push(ValidationError { field: "ackWaitSeconds".into(), rule: "must be at least 1".into() });
+        }
+        if self.max_deliver < 1 {
+            errors.push(ValidationError { field: "maxDeliver".into(), rule: "must be at least 1".into() });
+        }
+        if errors.is_empty() { Ok(()) } else { Err(Invalid(errors)) }
+    }
+}

@@ -1,0 +1,456 @@
+//! The `nixos.infra/v1alpha1` custom resources: `Machine` and `NixosConfiguration`.
+//!
+//! Field names follow the upstream NixOS operator conventions (hostname, ipAddress, sshUser, gitRepo, ref,
+//! credentialsRef, flake, configurationSubdir, machineRef, fullInstall, onRemoveFlake, additionalFiles) so that
+//! existing manifests keep working. Doc comments here become the CRD descriptions that `kubectl explain` shows.
+
+// kube-derive's repeated `printcolumn(type_ = ..)` items look like duplicated attributes to clippy.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every NIO resource.
+pub const GROUP: &str = "nixos.infra";
+/// API version of the resources in this module.
+pub const VERSION: &str = "v1alpha1";
+/// Finalizer the controller puts on configurations so removal runs `onRemoveFlake` first.
+pub const FINALIZER: &str = "nixos.infra/finalizer";
+
+fn default_port() -> u16 {
+    22
+}
+fn default_ssh_user() -> String {
+    "root".into()
+}
+fn default_site() -> String {
+    "default".into()
+}
+fn default_poll_interval() -> String {
+    "5m".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_health_timeout() -> u32 {
+    300
+}
+
+/// A physical or virtual NixOS host that NIO can reach over SSH.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nixos.infra",
+    version = "v1alpha1",
+    kind = "Machine",
+    plural = "machines",
+    namespaced,
+    status = "MachineStatus",
+    derive = "PartialEq",
+    shortname = "mach",
+    category = "nio",
+    doc = "A NixOS host managed by NIO over SSH.",
+    printcolumn(
+        name = "Site",
+        type_ = "string",
+        json_path = ".spec.site",
+        description = "Site used for routing and limits"
+    ),
+    printcolumn(
+        name = "Phase",
+        type_ = "string",
+        json_path = ".status.phase",
+        description = "Where the machine is in its current job"
+    ),
+    printcolumn(
+        name = "Commit",
+        type_ = "string",
+        json_path = ".status.appliedCommitShort",
+        description = "Commit of the configuration last applied"
+    ),
+    printcolumn(
+        name = "Discoverable",
+        type_ = "boolean",
+        json_path = ".status.discoverable",
+        description = "Whether the last probe reached the machine"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineSpec {
+    /// DNS host name of the machine; used to connect when ipAddress is not set.
+    #[schemars(length(min = 1, max = 253))]
+    pub hostname: String,
+    /// IP address to connect to (preferred over hostname when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    /// SSH port on the machine.
+    #[serde(default = "default_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+    /// User NIO logs in as; it needs root rights to switch the system.
+    #[serde(default = "default_ssh_user")]
+    #[schemars(length(min = 1, max = 32))]
+    pub ssh_user: String,
+    /// Site the machine belongs to. Jobs are routed and rate-limited per site.
+    #[serde(default = "default_site")]
+    #[schemars(length(min = 1, max = 63), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub site: String,
+    /// Name of the SSH identity (held by the executors, never stored in the cluster) used to log in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_ref: Option<String>,
+    /// Pinned OpenSSH public host key ("ssh-ed25519 AAAA..."). When absent, the key seen on the first
+    /// connection is recorded in status.hostKey and pinned from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+}
+
+/// Where a machine is in its current job.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum MachinePhase {
+    /// Known, nothing queued.
+    #[default]
+    Pending,
+    /// A job is on the queue.
+    Queued,
+    /// An executor is working on the machine.
+    Applying,
+    /// The target configuration is active.
+    Applied,
+    /// The last job failed; see conditions.
+    Failed,
+}
+
+/// Hardware facts gathered by a `scan` job. Bounded in size.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct HardwareFacts {
+    /// Nix system double, e.g. x86_64-linux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// CPU model name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
+    /// Number of logical CPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_count: Option<u32>,
+    /// Installed memory in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Block devices, e.g. "nvme0n1 512110190592".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<String>,
+    /// Network interfaces with their MAC addresses, e.g. "eno1 0c:c4:7a:00:00:01".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_interfaces: Vec<String>,
+    /// Virtualisation detected, if any (kvm, qemu, none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtualisation: Option<String>,
+    /// Tool that produced the facts (nixos-facter or the built-in fact script).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// Observed state of a Machine, written by the controller from executor reports.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineStatus {
+    /// Whether the last probe reached the machine over SSH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discoverable: Option<bool>,
+    /// Whether a NixosConfiguration targets this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub has_configuration: Option<bool>,
+    /// Name of the NixosConfiguration last applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_configuration: Option<String>,
+    /// Full Git commit of the configuration last applied. Never cleared by an outage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_commit: Option<String>,
+    /// First 12 characters of appliedCommit, for printer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_commit_short: Option<String>,
+    /// Generation of the NixosConfiguration last applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_generation: Option<i64>,
+    /// When the last successful apply finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_time: Option<Time>,
+    /// Store path of the running system (readlink -f /run/current-system).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_system: Option<String>,
+    /// Where the machine is in its current job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MachinePhase>,
+    /// Host key recorded on first contact (trust on first use) or installed by a full install.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    /// Hardware facts from the last scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hardware_facts: Option<HardwareFacts>,
+    /// When a full install last completed. A full install runs once; later commits switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_at: Option<Time>,
+    /// Conditions: Reachable, Drifted, HostKeyMismatch, Failed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Which nixos-rebuild action applies a new commit.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum RebuildAction {
+    /// Build, activate now and make it the boot default.
+    #[default]
+    Switch,
+    /// Build and make it the boot default without activating.
+    Boot,
+    /// Build and activate without making it the boot default.
+    Test,
+    /// Build and show what activation would change.
+    DryActivate,
+}
+
+impl RebuildAction {
+    /// The nixos-rebuild subcommand.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RebuildAction::Switch => "switch",
+            RebuildAction::Boot => "boot",
+            RebuildAction::Test => "test",
+            RebuildAction::DryActivate => "dry-activate",
+        }
+    }
+}
+
+/// How a file is produced.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum FileValueType {
+    /// Content given in `inline`.
+    Inline,
+    /// Content read from a Secret in the configuration's namespace; delivered outside the Nix store.
+    SecretRef,
+    /// A nixos-facter hardware report generated on the machine.
+    NixosFacter,
+}
+
+/// A key of a Secret in the same namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretKeyRef {
+    /// Secret name (same namespace as the configuration).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within the Secret's data.
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// A file added to the source tree (Inline, NixosFacter) or delivered as a secret (SecretRef).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdditionalFile {
+    /// Relative path. Inline and NixosFacter files land in the source tree; SecretRef files land under
+    /// /run/nio/secrets on the machine, mode 0400, never in the Nix store.
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
+    /// Where the content comes from.
+    pub value_type: FileValueType,
+    /// Content for valueType Inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<String>,
+    /// Secret key for valueType SecretRef.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// How a new commit rolls out across the targeted machines.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Most machines of this configuration updated at once (site limits still apply). Unset: no extra limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_parallel: Option<u32>,
+    /// Number of machines updated first; the rest wait until they succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
+    /// Failed machines tolerated before the rollout stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_budget: Option<u32>,
+    /// Hold the rollout: jobs in flight finish, no new ones start.
+    #[serde(default)]
+    pub pause: bool,
+}
+
+/// Check run on the machine after activation.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthCheck {
+    /// Whether to run a health check at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Command as an argument vector; empty means `systemctl is-system-running --wait`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// Seconds to wait for the check before it counts as failed.
+    #[serde(default = "default_health_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub timeout_seconds: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck { enabled: true, command: Vec::new(), timeout_seconds: default_health_timeout() }
+    }
+}
+
+/// What to run where: a flake at a Git ref applied to one machine or a labelled fleet.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "nixos.infra",
+    version = "v1alpha1",
+    kind = "NixosConfiguration",
+    plural = "nixosconfigurations",
+    namespaced,
+    status = "NixosConfigurationStatus",
+    derive = "PartialEq",
+    shortname = "nixconf",
+    category = "nio",
+    doc = "A NixOS flake configuration pinned to a Git commit and applied to machines by NIO.",
+    printcolumn(name = "Ref", type_ = "string", json_path = ".spec.ref", description = "Git ref followed"),
+    printcolumn(
+        name = "Target",
+        type_ = "string",
+        json_path = ".status.targetCommitShort",
+        description = "Commit the ref resolved to"
+    ),
+    printcolumn(
+        name = "Updated",
+        type_ = "string",
+        json_path = ".status.progress",
+        description = "Machines at the target commit / machines targeted"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Every targeted machine runs the target commit"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NixosConfigurationSpec {
+    /// Git repository holding the flake (https, http, ssh, git or file URL; no credentials in the URL).
+    #[schemars(length(min = 1, max = 2048))]
+    pub git_repo: String,
+    /// Branch, tag or full 40-character commit SHA. A branch is re-resolved every pollInterval.
+    #[serde(rename = "ref")]
+    #[schemars(length(min = 1, max = 255))]
+    pub git_ref: String,
+    /// Secret in the same namespace with Git credentials: `token` (HTTP) or `username`/`password`, or
+    /// `ssh-privatekey` for ssh:// remotes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_ref: Option<String>,
+    /// Flake output to build, as `#attr` or `.#attr` (attr under nixosConfigurations).
+    #[schemars(length(min = 2, max = 256))]
+    pub flake: String,
+    /// Directory inside the repository that holds flake.nix (relative, no "..").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration_subdir: Option<String>,
+    /// Name of one Machine in the same namespace. Exactly one of machineRef and machineSelector is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_ref: Option<String>,
+    /// Label selector over Machines in the same namespace (fleet mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_selector: Option<LabelSelector>,
+    /// Install NixOS from scratch (kexec, disko, nixos-install) on machines never installed by NIO.
+    /// Runs once per machine; later commits switch.
+    #[serde(default)]
+    pub full_install: bool,
+    /// Flake output (`#attr`) applied to a machine when this configuration is deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_remove_flake: Option<String>,
+    /// Extra files placed in the source tree or delivered as secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub additional_files: Vec<AdditionalFile>,
+    /// nixos-rebuild action used for updates.
+    #[serde(default)]
+    pub action: RebuildAction,
+    /// Rollout pacing across machines.
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    /// Health check after activation (default: `systemctl is-system-running --wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Roll back to the previous generation when activation or the health check fails.
+    #[serde(default)]
+    pub auto_rollback: bool,
+    /// How often the ref is re-resolved, e.g. "30s", "5m", "1h".
+    #[serde(default = "default_poll_interval")]
+    #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"))]
+    pub poll_interval: String,
+    /// Stop publishing new jobs for this configuration.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+/// Observed state of a NixosConfiguration.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct NixosConfigurationStatus {
+    /// Commit that spec.ref resolved to on the last poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_commit: Option<String>,
+    /// First 12 characters of targetCommit, for printer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_commit_short: Option<String>,
+    /// Commit that every targeted machine runs, once they all do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_commit: Option<String>,
+    /// Machines targeted.
+    #[serde(default)]
+    pub total: u32,
+    /// Targeted machines at the target commit.
+    #[serde(default)]
+    pub updated: u32,
+    /// Targeted machines whose last job failed.
+    #[serde(default)]
+    pub failed: u32,
+    /// Targeted machines queued or applying.
+    #[serde(default)]
+    pub in_progress: u32,
+    /// "updated/total", for printer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    /// When a machine last finished applying this configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_time: Option<Time>,
+    /// Conditions: Ready, Progressing, Degraded, Invalid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Length of the commit prefix shown in printer columns.
+pub const SHORT_COMMIT_LEN: usize = 12;
+
+/// The printer-column form of a commit.
+pub fn short_commit(commit: &str) -> String {
+    commit.chars().take(SHORT_COMMIT_LEN).collect()
+}
+
+/// The committed CRD files (`crds/{file}`) and their generated YAML.
+pub fn yaml_files() -> Result<Vec<(&'static str, String)>, serde_saphyr::SerializeError> {
+    use kube::CustomResourceExt;
+    const HEADER: &str = "# Generated from shared/src/crd.rs by `make crds`; do not edit by hand.\n";
+    Ok(vec![
+        ("machine.yaml", format!("{HEADER}{}", serde_saphyr::to_string(&Machine::crd())?)),
+        ("nixosconfiguration.yaml", format!("{HEADER}{}", serde_saphyr::to_string(&NixosConfiguration::crd())?)),
+    ])
+}

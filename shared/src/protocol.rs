@@ -1,0 +1,423 @@
+//! Job and status messages on NATS (DESIGN §3). Bodies are JSON with a version field `v`; a message with an
+//! unknown version, action, phase or step is rejected with a clear error, never guessed at.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::crd::{HardwareFacts, HealthCheck, RebuildAction};
+use crate::seal::Sealed;
+
+/// The job wire-format version this build reads and writes.
+pub const JOB_VERSION: u32 = 1;
+/// The status wire-format version this build reads and writes.
+pub const STATUS_VERSION: u32 = 1;
+/// Most log lines carried in a status event.
+pub const LOG_TAIL_LINES: usize = 40;
+/// Most bytes of log carried in a status event.
+pub const LOG_TAIL_BYTES: usize = 8 * 1024;
+
+/// A message that could not be understood.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The body is not JSON or lacks the version field.
+    #[error("{what}: not a NIO message: {source}")]
+    NotAMessage { what: &'static str, source: serde_json::Error },
+    /// The version is not one this build understands.
+    #[error("{what}: unsupported version v={got} (this build understands v={supported}); upgrade the reader")]
+    UnsupportedVersion { what: &'static str, got: u64, supported: u32 },
+    /// The body has the right version but a missing or unknown field value.
+    #[error("{what}: malformed v{version} message: {source}")]
+    Malformed { what: &'static str, version: u32, source: serde_json::Error },
+}
+
+/// What a job does to a machine.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// nixos-rebuild switch.
+    Switch,
+    /// nixos-rebuild boot.
+    Boot,
+    /// nixos-rebuild test.
+    Test,
+    /// nixos-rebuild dry-activate.
+    DryActivate,
+    /// Full install: kexec, disko, nixos-install, reboot.
+    Install,
+    /// Apply onRemoveFlake when a configuration is deleted.
+    Remove,
+    /// Reachability, NixOS version and current system.
+    Probe,
+    /// Hardware facts.
+    Scan,
+}
+
+impl Action {
+    /// Lower-case wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Switch => "switch",
+            Action::Boot => "boot",
+            Action::Test => "test",
+            Action::DryActivate => "dry-activate",
+            Action::Install => "install",
+            Action::Remove => "remove",
+            Action::Probe => "probe",
+            Action::Scan => "scan",
+        }
+    }
+
+    /// Subject kind: probes and scans never displace a queued apply.
+    pub fn kind(self) -> JobKind {
+        match self {
+            Action::Probe | Action::Scan => JobKind::Probe,
+            _ => JobKind::Apply,
+        }
+    }
+}
+
+impl From<RebuildAction> for Action {
+    fn from(a: RebuildAction) -> Self {
+        match a {
+            RebuildAction::Switch => Action::Switch,
+            RebuildAction::Boot => Action::Boot,
+            RebuildAction::Test => Action::Test,
+            RebuildAction::DryActivate => Action::DryActivate,
+        }
+    }
+}
+
+/// Subject kind of a job; each kind has its own one-message-per-machine slot in the stream.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Apply,
+    Probe,
+}
+
+impl JobKind {
+    /// Subject token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Apply => "apply",
+            JobKind::Probe => "probe",
+        }
+    }
+}
+
+/// How to reach the machine.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    /// IP address or host name to connect to.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    /// SSH identity name held by the executors; None = the executor's default identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// Pinned host key (spec.hostKey, else status.hostKey); None = trust on first use if the executor allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+}
+
+/// What to build.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Source {
+    pub repo: String,
+    /// Full commit SHA.
+    pub commit: String,
+    /// Directory holding flake.nix, relative to the repository root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdir: Option<String>,
+    /// Attribute under nixosConfigurations.
+    pub flake_attr: String,
+    /// Name of the Git credentials the executors hold for this repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
+}
+
+/// Content of a non-secret file added to the source tree.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", tag = "type")]
+pub enum FileContent {
+    /// Given content.
+    Inline { content: String },
+    /// A nixos-facter report generated on the machine.
+    NixosFacter,
+}
+
+/// A non-secret file added to the source tree at `path`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct FileEntry {
+    pub path: String,
+    #[serde(flatten)]
+    pub content: FileContent,
+}
+
+/// A secret file delivered to `/run/nio/secrets/{path}` with mode 0400.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretFile {
+    pub path: String,
+    pub sealed: Sealed,
+}
+
+impl SecretFile {
+    /// Associated data that binds a sealed secret to its machine and path.
+    pub fn seal_context(cluster: &str, namespace: &str, machine: &str, path: &str) -> String {
+        format!("{cluster}/{namespace}/{machine}/{path}")
+    }
+}
+
+/// A rebuild, install, removal, probe or scan of one machine.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    /// Wire-format version ([`JOB_VERSION`]).
+    pub v: u32,
+    /// Unique id; also the `Nats-Msg-Id` for apply jobs.
+    pub id: String,
+    pub cluster: String,
+    pub namespace: String,
+    pub machine: String,
+    /// NixosConfiguration that asked for the job (None for probes and scans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration: Option<String>,
+    /// metadata.generation of the configuration.
+    #[serde(default)]
+    pub generation: i64,
+    pub site: String,
+    pub target: Target,
+    /// Source tree to apply (None for probes and scans).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Source>,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<FileEntry>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretFile>,
+    /// SHA-256 over the secret contents (never the contents), so a Secret change triggers a re-apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_hash: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Roll back when activation or the health check fails.
+    #[serde(default)]
+    pub rollback: bool,
+    /// Give up after this many seconds.
+    pub timeout_seconds: u64,
+    /// When the controller published the job.
+    pub enqueued_at: DateTime<Utc>,
+}
+
+/// Phase of a status event.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    Started,
+    Step,
+    Succeeded,
+    Failed,
+    Skipped,
+    RolledBack,
+}
+
+impl Phase {
+    /// Whether the job is over after this event.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Skipped | Phase::RolledBack)
+    }
+}
+
+/// Step of a job a status event refers to.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Lock,
+    Connect,
+    Upload,
+    Build,
+    Activate,
+    Health,
+    Rollback,
+    Kexec,
+    Disko,
+    Install,
+    Reboot,
+    Probe,
+    Scan,
+}
+
+/// Why a job failed: a small fixed set used as Event reason, condition reason and metric label.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureCategory {
+    /// The machine presented a host key other than the pinned one; nothing was run.
+    HostKeyMismatch,
+    /// Connection refused or timed out after retries.
+    Unreachable,
+    /// The SSH server refused the identity.
+    AuthFailed,
+    /// The source could not be fetched at the commit.
+    SourceUnavailable,
+    /// nixos-rebuild (or nixos-install) failed to build.
+    BuildFailed,
+    /// Activation failed.
+    ActivationFailed,
+    /// The health check failed after activation.
+    HealthCheckFailed,
+    /// A step ran past its timeout.
+    Timeout,
+    /// The job itself was invalid or undecodable.
+    InvalidJob,
+    /// A remote command failed in a way not listed above.
+    CommandFailed,
+    /// A bug or unexpected condition in NIO.
+    Internal,
+}
+
+impl FailureCategory {
+    /// Name as used in Events, conditions and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCategory::HostKeyMismatch => "HostKeyMismatch",
+            FailureCategory::Unreachable => "Unreachable",
+            FailureCategory::AuthFailed => "AuthFailed",
+            FailureCategory::SourceUnavailable => "SourceUnavailable",
+            FailureCategory::BuildFailed => "BuildFailed",
+            FailureCategory::ActivationFailed => "ActivationFailed",
+            FailureCategory::HealthCheckFailed => "HealthCheckFailed",
+            FailureCategory::Timeout => "Timeout",
+            FailureCategory::InvalidJob => "InvalidJob",
+            FailureCategory::CommandFailed => "CommandFailed",
+            FailureCategory::Internal => "Internal",
+        }
+    }
+}
+
+/// An executor's report about one job, published on `nio.status.{cluster}.{namespace}.{machine}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusEvent {
+    /// Wire-format version ([`STATUS_VERSION`]).
+    pub v: u32,
+    pub job_id: String,
+    pub cluster: String,
+    pub namespace: String,
+    pub machine: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configuration: Option<String>,
+    #[serde(default)]
+    pub generation: i64,
+    pub action: Action,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<Step>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<FailureCategory>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// Store path of the system now running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// Host key the machine presented (or was installed with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nixos_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub facts: Option<HardwareFacts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Last lines of output, bounded by [`LOG_TAIL_LINES`] and [`LOG_TAIL_BYTES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log_tail: Vec<String>,
+    pub executor: String,
+    /// When the job started on the executor.
+    pub started_at: DateTime<Utc>,
+    /// When this event happened; events are applied in this order.
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    v: u64,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, supported: u32, body: &[u8]) -> Result<T, ProtocolError> {
+    let env: Envelope = serde_json::from_slice(body).map_err(|source| ProtocolError::NotAMessage { what, source })?;
+    if env.v != u64::from(supported) {
+        return Err(ProtocolError::UnsupportedVersion { what, got: env.v, supported });
+    }
+    serde_json::from_slice(body).map_err(|source| ProtocolError::Malformed { what, version: supported, source })
+}
+
+impl Job {
+    /// Decodes a job body, rejecting unknown versions and actions.
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
+        decode("job", JOB_VERSION, body)
+    }
+
+    /// Encodes the job as its wire JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain structs of strings and numbers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The `Nats-Msg-Id` used for deduplication.
+    pub fn msg_id(&self) -> String {
+        let commit = self.source.as_ref().map_or("-", |s| s.commit.as_str());
+        crate::subjects::job_msg_id(
+            &self.cluster,
+            &self.namespace,
+            &self.machine,
+            commit,
+            self.generation,
+            self.action.as_str(),
+        )
+    }
+
+    /// The subject this job is published on.
+    pub fn subject(&self) -> String {
+        crate::subjects::job_subject(&self.site, self.action.kind(), &self.cluster, &self.namespace, &self.machine)
+    }
+}
+
+impl StatusEvent {
+    /// Decodes a status body, rejecting unknown versions, phases and steps.
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
+        decode("status event", STATUS_VERSION, body)
+    }
+
+    /// Encodes the event as its wire JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The subject this event is published on.
+    pub fn subject(&self) -> String {
+        crate::subjects::status_subject(&self.cluster, &self.namespace, &self.machine)
+    }
+}
+
+/// The last lines of `output`, at most [`LOG_TAIL_LINES`] lines and [`LOG_TAIL_BYTES`] bytes, each line cut at
+/// a character boundary.
+pub fn log_tail(output: &str) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut bytes = 0;
+    for line in output.lines().rev().filter(|l| !l.trim().is_empty()) {
+        if lines.len() == LOG_TAIL_LINES || bytes >= LOG_TAIL_BYTES {
+            break;
+        }
+        let budget = LOG_TAIL_BYTES - bytes;
+        let mut cut = line.len().min(budget);
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        bytes += cut;
+        lines.push(line[..cut].to_string());
+    }
+    lines.reverse();
+    lines
+}

@@ -1,0 +1,112 @@
+//! NATS names: subjects, streams, consumers, lock keys and message ids (DESIGN §3).
+//!
+//! Subject tokens are Kubernetes names with `.` replaced by `_`; Kubernetes names never contain `_`, so the
+//! mapping is reversible.
+
+use crate::protocol::JobKind;
+
+/// Stream of rebuild jobs (work queue, one message per machine and kind).
+pub const JOBS_STREAM: &str = "NIO_JOBS";
+/// Stream of status events (work queue, one durable consumer per cluster).
+pub const STATUS_STREAM: &str = "NIO_STATUS";
+/// KV bucket of per-machine locks.
+pub const LOCKS_BUCKET: &str = "NIO_LOCKS";
+/// Prefix of every job subject.
+pub const JOBS_PREFIX: &str = "nio.jobs";
+/// Prefix of every status subject.
+pub const STATUS_PREFIX: &str = "nio.status";
+
+/// A Kubernetes name as a subject token (`.` → `_`).
+pub fn token(name: &str) -> String {
+    name.replace('.', "_")
+}
+
+/// The inverse of [`token`].
+pub fn untoken(token: &str) -> String {
+    token.replace('_', ".")
+}
+
+/// Subject of a job: `nio.jobs.{site}.{kind}.{cluster}.{namespace}.{machine}`.
+pub fn job_subject(site: &str, kind: JobKind, cluster: &str, namespace: &str, machine: &str) -> String {
+    format!(
+        "{JOBS_PREFIX}.{}.{}.{}.{}.{}",
+        token(site),
+        kind.as_str(),
+        token(cluster),
+        token(namespace),
+        token(machine)
+    )
+}
+
+/// Filter of one site's jobs: `nio.jobs.{site}.>`.
+pub fn site_jobs_filter(site: &str) -> String {
+    format!("{JOBS_PREFIX}.{}.>", token(site))
+}
+
+/// Durable consumer name of one site's jobs (shared by every executor).
+pub fn site_consumer(site: &str) -> String {
+    format!("site-{}", token(site))
+}
+
+/// Subject of a status event: `nio.status.{cluster}.{namespace}.{machine}`.
+pub fn status_subject(cluster: &str, namespace: &str, machine: &str) -> String {
+    format!("{STATUS_PREFIX}.{}.{}.{}", token(cluster), token(namespace), token(machine))
+}
+
+/// Filter of one cluster's status events: `nio.status.{cluster}.>`.
+pub fn cluster_status_filter(cluster: &str) -> String {
+    format!("{STATUS_PREFIX}.{}.>", token(cluster))
+}
+
+/// Durable consumer name of one cluster's status events.
+pub fn status_consumer(cluster: &str) -> String {
+    format!("controller-{}", token(cluster))
+}
+
+/// Lock key of a machine endpoint: `{host}_{port}` (`:` of IPv6 addresses becomes `-`, which KV keys allow).
+pub fn lock_key(host: &str, port: u16) -> String {
+    format!("{}_{port}", host.replace(':', "-"))
+}
+
+/// Deduplication id of a job: `{cluster}/{namespace}/{machine}/{commit}/{generation}/{action}`.
+pub fn job_msg_id(
+    cluster: &str,
+    namespace: &str,
+    machine: &str,
+    commit: &str,
+    generation: i64,
+    action: &str,
+) -> String {
+    format!("{cluster}/{namespace}/{machine}/{commit}/{generation}/{action}")
+}
+
+/// A job subject taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSubject {
+    pub site: String,
+    pub kind: JobKind,
+    pub cluster: String,
+    pub namespace: String,
+    pub machine: String,
+}
+
+/// Parses a job subject, so a job whose body cannot be decoded can still be reported against its machine.
+pub fn parse_job_subject(subject: &str) -> Option<JobSubject> {
+    let rest = subject.strip_prefix(JOBS_PREFIX)?.strip_prefix('.')?;
+    let parts: Vec<&str> = rest.split('.').collect();
+    let [site, kind, cluster, namespace, machine] = parts.as_slice() else {
+        return None;
+    };
+    let kind = match *kind {
+        "apply" => JobKind::Apply,
+        "probe" => JobKind::Probe,
+        _ => return None,
+    };
+    Some(JobSubject {
+        site: untoken(site),
+        kind,
+        cluster: untoken(cluster),
+        namespace: untoken(namespace),
+        machine: untoken(machine),
+    })
+}

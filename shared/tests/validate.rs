@@ -1,0 +1,249 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! Validation rejects hostile input with a message naming the field and the rule, and accepts real specs.
+
+use nio_shared::crd::{AdditionalFile, FileValueType, MachineSpec, NixosConfigurationSpec, SecretKeyRef};
+use nio_shared::validate::{self, Invalid};
+use proptest::prelude::*;
+
+fn config() -> NixosConfigurationSpec {
+    serde_json::from_value(serde_json::json!({
+        "gitRepo": "https://github.com/example/infra.git", "ref": "main", "flake": "#web", "machineRef": "web-01"
+    }))
+    .unwrap()
+}
+
+fn machine() -> MachineSpec {
+    serde_json::from_value(serde_json::json!({"hostname": "web-01.dc1.example.org"})).unwrap()
+}
+
+fn rejected(spec: &NixosConfigurationSpec) -> Invalid {
+    validate::configuration_spec(spec).expect_err("hostile spec accepted")
+}
+
+#[test]
+fn upstream_style_examples_are_accepted() {
+    let ok = [
+        ("https://github.com/example/infra.git", "main", ".#web", None),
+        ("ssh://git@git.example.org:2222/infra/nixos.git", "v1.2.3", "#nixosConfigurations.web", Some("hosts/prod")),
+        ("git@github.com:example/infra.git", "release/2026-11", "#db-primary", Some("nix")),
+        ("git://git.example.org/infra", "0123456789abcdef0123456789abcdef01234567", "#host_1", None),
+        ("file:///srv/git/infra.git", "main", "#web'", None),
+        ("http://10.0.0.5:3000/infra.git", "feature/x.y", "#a.b-c", Some("a/b.c/d_e")),
+    ];
+    for (repo, r, flake, sub) in ok {
+        let mut c = config();
+        c.git_repo = repo.into();
+        c.git_ref = r.into();
+        c.flake = flake.into();
+        c.configuration_subdir = sub.map(Into::into);
+        assert_eq!(validate::configuration_spec(&c), Ok(()), "{repo} {r} {flake}");
+    }
+    for host in ["web-01", "web-01.dc1.example.org", "10.0.0.1", "fd00::1", "::1"] {
+        let mut m = machine();
+        m.hostname = host.into();
+        assert_eq!(validate::machine_spec(&m), Ok(()), "{host}");
+    }
+    assert!(validate::is_full_sha("0123456789abcdef0123456789abcdef01234567"));
+    assert!(!validate::is_full_sha("main"));
+}
+
+#[test]
+fn hostile_configuration_fields_are_rejected_with_field_names() {
+    type Mutate = fn(&mut NixosConfigurationSpec);
+    let cases: Vec<(&str, Mutate)> = vec![
+        ("spec.flake", |c| c.flake = "#web; rm -rf /".into()),
+        ("spec.flake", |c| c.flake = "#$(reboot)".into()),
+        ("spec.flake", |c| c.flake = "#`id`".into()),
+        ("spec.flake", |c| c.flake = "web".into()),
+        ("spec.flake", |c| c.flake = "github:evil/flake#web".into()),
+        ("spec.flake", |c| c.flake = "#".into()),
+        ("spec.flake", |c| c.flake = "#web\n--option".into()),
+        ("spec.flake", |c| c.flake = "#wéb".into()),
+        ("spec.flake", |c| c.flake = format!("#{}", "a".repeat(300))),
+        ("spec.flake", |c| c.flake = "#a..b".into()),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("../etc".into())),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("/etc/nixos".into())),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("a/../../b".into())),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("a\0b".into())),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("a//b".into())),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("-rf".into())),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("a\nb".into())),
+        ("spec.configurationSubdir", |c| c.configuration_subdir = Some("x/".repeat(600))),
+        ("spec.gitRepo", |c| c.git_repo = "https://user:hunter2@github.com/x.git".into()),
+        ("spec.gitRepo", |c| c.git_repo = "https://ghp_token@github.com/x.git".into()),
+        ("spec.gitRepo", |c| c.git_repo = "ext::sh -c touch% /tmp/pwned".into()),
+        ("spec.gitRepo", |c| c.git_repo = "--upload-pack=touch /tmp/x".into()),
+        ("spec.gitRepo", |c| c.git_repo = "ftp://example.org/x.git".into()),
+        ("spec.gitRepo", |c| c.git_repo = "https://example.org/x.git\n".into()),
+        ("spec.gitRepo", |c| c.git_repo = "".into()),
+        ("spec.ref", |c| c.git_ref = "--upload-pack=evil".into()),
+        ("spec.ref", |c| c.git_ref = "main..evil".into()),
+        ("spec.ref", |c| c.git_ref = "main branch".into()),
+        ("spec.ref", |c| c.git_ref = "HEAD@{1}".into()),
+        ("spec.onRemoveFlake", |c| c.on_remove_flake = Some("#x && reboot".into())),
+        ("spec.additionalFiles[0].path", |c| {
+            c.additional_files = vec![AdditionalFile {
+                path: "../../root/.ssh/authorized_keys".into(),
+                value_type: FileValueType::Inline,
+                inline: Some("ssh-ed25519 AAAA evil".into()),
+                secret_ref: None,
+            }]
+        }),
+        ("spec.additionalFiles[0].path", |c| {
+            c.additional_files = vec![AdditionalFile {
+                path: "/etc/shadow".into(),
+                value_type: FileValueType::NixosFacter,
+                inline: None,
+                secret_ref: None,
+            }]
+        }),
+        ("spec.additionalFiles[0].secretRef.key", |c| {
+            c.additional_files = vec![AdditionalFile {
+                path: "wg.key".into(),
+                value_type: FileValueType::SecretRef,
+                inline: None,
+                secret_ref: Some(SecretKeyRef { name: "wg".into(), key: "../token".into() }),
+            }]
+        }),
+        ("spec.additionalFiles[0].secretRef.name", |c| {
+            c.additional_files = vec![AdditionalFile {
+                path: "wg.key".into(),
+                value_type: FileValueType::SecretRef,
+                inline: None,
+                secret_ref: Some(SecretKeyRef { name: "Other_NS/wg".into(), key: "k".into() }),
+            }]
+        }),
+        ("spec.additionalFiles[0].inline", |c| {
+            c.additional_files = vec![AdditionalFile {
+                path: "a.nix".into(),
+                value_type: FileValueType::Inline,
+                inline: None,
+                secret_ref: None,
+            }]
+        }),
+        ("spec.machineRef", |c| c.machine_ref = None),
+        ("spec.machineRef", |c| c.machine_ref = Some("web 01".into())),
+        ("spec.pollInterval", |c| c.poll_interval = "1s".into()),
+        ("spec.pollInterval", |c| c.poll_interval = "five minutes".into()),
+        ("spec.credentialsRef", |c| c.credentials_ref = Some("../other".into())),
+        ("spec.healthCheck.command[1]", |c| {
+            c.health_check = Some(nio_shared::crd::HealthCheck {
+                enabled: true,
+                command: vec!["curl".into(), "-f\nhttp://x".into()],
+                timeout_seconds: 10,
+            })
+        }),
+    ];
+    assert!(cases.len() >= 25);
+    for (field, mutate) in cases {
+        let mut c = config();
+        mutate(&mut c);
+        let err = rejected(&c);
+        assert!(err.0.iter().any(|e| e.field == field), "expected an error on {field}, got: {err}");
+        assert!(err.to_string().contains(field), "message names the field: {err}");
+    }
+}
+
+#[test]
+fn hostile_machine_fields_are_rejected() {
+    type Mutate = fn(&mut MachineSpec);
+    let cases: Vec<(&str, Mutate)> = vec![
+        ("spec.hostname", |m| m.hostname = "-oProxyCommand=sh".into()),
+        ("spec.hostname", |m| m.hostname = "web 01".into()),
+        ("spec.hostname", |m| m.hostname = "web;reboot".into()),
+        ("spec.hostname", |m| m.hostname = "".into()),
+        ("spec.hostname", |m| m.hostname = format!("{}.org", "a".repeat(64))),
+        ("spec.ipAddress", |m| m.ip_address = Some("10.0.0.300".into())),
+        ("spec.ipAddress", |m| m.ip_address = Some("localhost".into())),
+        ("spec.sshUser", |m| m.ssh_user = "root; id".into()),
+        ("spec.sshUser", |m| m.ssh_user = "-l".into()),
+        ("spec.site", |m| m.site = "dc1.>".into()),
+        ("spec.site", |m| m.site = "DC1".into()),
+        ("spec.site", |m| m.site = "dc*".into()),
+        ("spec.credentialRef", |m| m.credential_ref = Some("../../etc/shadow".into())),
+        ("spec.credentialRef", |m| m.credential_ref = Some("/root/.ssh/id_ed25519".into())),
+        ("spec.hostKey", |m| m.host_key = Some("ssh-ed25519".into())),
+        ("spec.hostKey", |m| m.host_key = Some("ssh-dss AAAAB3NzaC1kc3M=".into())),
+        ("spec.hostKey", |m| m.host_key = Some("ssh-ed25519 not*base64".into())),
+        // a valid RSA blob presented as ed25519
+        ("spec.hostKey", |m| m.host_key = Some("ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAABAQ==".into())),
+        ("spec.port", |m| m.port = 0),
+    ];
+    for (field, mutate) in cases {
+        let mut m = machine();
+        mutate(&mut m);
+        let err = validate::machine_spec(&m).expect_err("hostile machine accepted");
+        assert!(err.0.iter().any(|e| e.field == field), "expected an error on {field}, got: {err}");
+    }
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let mut c = config();
+    c.flake = "nope".into();
+    c.git_ref = "a b".into();
+    c.configuration_subdir = Some("/abs".into());
+    let err = rejected(&c);
+    let fields: Vec<_> = err.0.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(fields, ["spec.ref", "spec.flake", "spec.configurationSubdir"]);
+}
+
+#[test]
+fn a_real_host_key_passes() {
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@web-01";
+    assert_eq!(validate::host_key("k", key), Ok(()));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// No string with a shell metacharacter, whitespace or control character passes as a flake attr.
+    #[test]
+    fn flake_attrs_never_carry_shell_syntax(s in "\\PC{0,40}[;&|$`<>(){}\\[\\]*?!~\"\\\\ \t\n]\\PC{0,40}") {
+        let flake = format!("#{s}");
+        prop_assert!(validate::flake_attr("spec.flake", &flake).is_err());
+    }
+
+    /// Any accepted relative path stays inside its root: no absolute path, no `..`, no NUL.
+    #[test]
+    fn accepted_paths_stay_inside_the_root(s in "(\\PC|/|\\.|\\x00){0,64}") {
+        if validate::relative_path("p", &s).is_ok() {
+            prop_assert!(!s.starts_with('/'));
+            prop_assert!(!s.split('/').any(|c| c == ".." || c.is_empty()));
+            prop_assert!(!s.contains('\0'));
+            let joined = std::path::Path::new("/root-dir").join(&s);
+            prop_assert!(joined.starts_with("/root-dir"));
+            prop_assert!(joined.components().all(|c| !matches!(c, std::path::Component::ParentDir)));
+        }
+    }
+
+    /// Oversized input is rejected, whatever it is made of.
+    #[test]
+    fn oversize_inputs_are_rejected(c in "[a-z]", n in 1100usize..3000) {
+        let long = c.repeat(n);
+        let deep_path = vec![c.repeat(100); n / 100 + 1].join("/");
+        let flake = format!("#{long}");
+        let url = format!("https://example.org/{}", long.repeat(2));
+        prop_assert!(validate::relative_path("p", &deep_path).is_err());
+        prop_assert!(validate::relative_path("p", &long).is_err());
+        prop_assert!(validate::flake_attr("f", &flake).is_err());
+        prop_assert!(validate::hostname("h", &long).is_err());
+        prop_assert!(validate::git_ref("r", &long).is_err());
+        prop_assert!(validate::git_repo("g", &url).is_err());
+    }
+
+    /// Names that become subject tokens never contain subject syntax.
+    #[test]
+    fn accepted_site_names_are_single_subject_tokens(s in "\\PC{0,70}") {
+        if validate::site_name("s", &s).is_ok() {
+            prop_assert!(!s.contains(['.', '*', '>', ' ', '_']));
+            prop_assert!(!s.is_empty() && s.len() <= 63);
+        }
+    }
+
+    /// Unicode host names are rejected (IDNs must be given in punycode).
+    #[test]
+    fn unicode_hostnames_are_rejected(s in "[a-z]{1,10}[é ü ß 中 ж][a-z]{0,10}") {
+        prop_assert!(validate::hostname("h", &s).is_err());
+    }
+}
