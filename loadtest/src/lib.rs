@@ -1,1 +1,5 @@
-//! Load-test, Kubernetes API simulator and fleet simulator (issues #3, #6).
+//! NIO without a cluster or machines: the Kubernetes API simulator ([`kubesim`]), and (later) the fleet
+//! simulator, load test and demo.
+#![forbid(unsafe_code)]
+
+pub mod kubesim;

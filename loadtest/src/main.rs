@@ -1,4 +1,58 @@
 //! nio-loadtest: Kubernetes API simulator, fleet simulator and load test.
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("nio-loadtest is not implemented yet (issues #3, #6)")
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use nio_loadtest::kubesim;
+
+#[derive(Parser)]
+#[command(version, about = "Run NIO without a cluster or machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one simulated Kubernetes cluster until interrupted.
+    Kubesim {
+        /// Address to listen on (loopback; port 0 picks a free port).
+        #[arg(long, env = "NIO_KUBESIM_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Write a kubeconfig for the cluster here.
+        #[arg(long, env = "NIO_KUBESIM_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Directory of CRD YAML registered at start (default: crds/ of the checkout).
+        #[arg(long, env = "NIO_KUBESIM_CRDS")]
+        crds: Option<PathBuf>,
+        /// Cluster name used in the kubeconfig.
+        #[arg(long, default_value = "kubesim")]
+        name: String,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Kubesim { listen, kubeconfig, crds, name } => {
+            let opts = kubesim::Options {
+                name,
+                listen,
+                crds_dir: crds.or_else(kubesim::default_crds_dir),
+                ..Default::default()
+            };
+            let sim = kubesim::KubeSim::start(opts).await?;
+            if let Some(path) = &kubeconfig {
+                sim.write_kubeconfig(path)?;
+            }
+            println!(
+                "kubesim serving {} (kubeconfig: {})",
+                sim.url(),
+                kubeconfig.map_or("-".into(), |p| p.display().to_string())
+            );
+            tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+    }
 }

@@ -1,0 +1,463 @@
+//! HTTP front end: discovery, OpenAPI, and the REST verbs of every served type.
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::fields::Scope;
+use super::openapi;
+use super::registry::ResourceType;
+use super::selector::{FieldSelector, LabelSelector};
+use super::store::{ApiError, FieldValidation, PatchKind, Store, WatchEvent, WriteOpts};
+use super::table;
+
+/// Shared state of one simulated cluster's server.
+pub struct Sim {
+    pub store: Store,
+    pub bookmark_interval: Duration,
+    pub server_address: String,
+}
+
+type Query = HashMap<String, String>;
+
+fn json_response(code: u16, body: &Value, warnings: &[String]) -> Response {
+    let mut resp = (StatusCode::from_u16(code).unwrap_or(StatusCode::OK), body.to_string()).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    for w in warnings {
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "\\\""))) {
+            h.append(header::WARNING, v);
+        }
+    }
+    resp
+}
+
+fn error(e: &ApiError) -> Response {
+    json_response(e.code, &e.status(), &[])
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("as=Table"))
+}
+
+fn user_manager(headers: &HeaderMap) -> String {
+    headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Ok(Value::Null);
+    }
+    match serde_json::from_slice(body) {
+        Ok(v) => Ok(v),
+        Err(json_err) => {
+            let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let text = std::str::from_utf8(body).map_err(|_| ApiError::bad_request("body is not UTF-8"))?;
+            if ct.contains("yaml") {
+                serde_saphyr::from_str::<Value>(text)
+                    .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+            } else {
+                Err(ApiError::bad_request(format!("error decoding JSON: {json_err}")))
+            }
+        }
+    }
+}
+
+/// Entry point for every request.
+pub async fn handle(
+    State(sim): State<Arc<Sim>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let query: Query = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect();
+    let path = uri.path().trim_matches('/');
+    let segs: Vec<&str> = if path.is_empty() { vec![] } else { path.split('/').collect() };
+    match route(&sim, &method, &segs, &query, &headers, &body) {
+        Ok(Routed::Response(r)) => r,
+        Ok(Routed::Watch(rt, ns)) => watch(sim.clone(), rt, ns, &query, &headers).unwrap_or_else(|e| error(&e)),
+        Err(e) => error(&e),
+    }
+}
+
+enum Routed {
+    Response(Response),
+    Watch(Arc<ResourceType>, Option<String>),
+}
+
+fn ok(v: &Value) -> Result<Routed, ApiError> {
+    Ok(Routed::Response(json_response(200, v, &[])))
+}
+
+fn route(
+    sim: &Sim,
+    method: &Method,
+    segs: &[&str],
+    q: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Routed, ApiError> {
+    let store = &sim.store;
+    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    match segs {
+        ["version"] => ok(&json!({
+            "major": "1", "minor": "32", "gitVersion": "v1.32.0-nio-kubesim", "gitCommit": "", "gitTreeState": "clean",
+            "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23", "compiler": "gc", "platform": "linux/amd64",
+        })),
+        ["healthz"] | ["livez"] | ["readyz"] => Ok(Routed::Response((StatusCode::OK, "ok").into_response())),
+        ["api"] => ok(
+            &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": sim.server_address}]}),
+        ),
+        ["apis"] => ok(&group_list(store)),
+        ["apis", group] => group_list(store)["groups"]
+            .as_array()
+            .and_then(|gs| gs.iter().find(|g| g["name"] == *group))
+            .map(|g| {
+                let mut g = g.clone();
+                g["kind"] = json!("APIGroup");
+                g["apiVersion"] = json!("v1");
+                g
+            })
+            .ok_or_else(not_found)
+            .and_then(|g| ok(&g)),
+        ["api", "v1"] => ok(&resource_list(store, "", "v1")),
+        ["apis", group, version] => {
+            if store.types().iter().any(|t| t.group == *group && t.version == *version) {
+                ok(&resource_list(store, group, version))
+            } else {
+                Err(not_found())
+            }
+        }
+        ["openapi", "v3"] => ok(&openapi_index(store)),
+        ["openapi", "v3", rest @ ..] => {
+            let (group, version) = match rest {
+                ["api", v] => ("", *v),
+                ["apis", g, v] => (*g, *v),
+                _ => return Err(not_found()),
+            };
+            let types = store.types();
+            let gv: Vec<&ResourceType> =
+                types.iter().filter(|t| t.group == group && t.version == version).map(|t| &**t).collect();
+            if gv.is_empty() {
+                return Err(not_found());
+            }
+            ok(&openapi::group_version_doc(&gv))
+        }
+        ["api", "v1", rest @ ..] => resource(sim, "", "v1", rest, method, q, headers, body),
+        ["apis", group, version, rest @ ..] => resource(sim, group, version, rest, method, q, headers, body),
+        _ => Err(not_found()),
+    }
+}
+
+fn group_list(store: &Store) -> Value {
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for t in store.types().iter().filter(|t| !t.group.is_empty()) {
+        let vs = groups.entry(t.group.clone()).or_default();
+        if !vs.contains(&t.version) {
+            vs.push(t.version.clone());
+        }
+    }
+    let groups: Vec<Value> = groups
+        .into_iter()
+        .map(|(g, vs)| {
+            let versions: Vec<Value> =
+                vs.iter().map(|v| json!({"groupVersion": format!("{g}/{v}"), "version": v})).collect();
+            json!({"name": g, "versions": versions, "preferredVersion": versions[0]})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+fn resource_list(store: &Store, group: &str, version: &str) -> Value {
+    let resources: Vec<Value> =
+        store.types().iter().filter(|t| t.group == group && t.version == version).flat_map(|t| t.discovery()).collect();
+    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+fn openapi_index(store: &Store) -> Value {
+    let types = store.types();
+    let mut gvs: BTreeMap<String, Vec<&ResourceType>> = BTreeMap::new();
+    for t in types.iter() {
+        gvs.entry(openapi::gv_path(&t.group, &t.version)).or_default().push(t);
+    }
+    let paths: serde_json::Map<String, Value> = gvs
+        .into_iter()
+        .map(|(p, ts)| {
+            let h = openapi::hash(&openapi::group_version_doc(&ts));
+            (p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={h}")}))
+        })
+        .collect();
+    json!({"paths": paths})
+}
+
+fn write_opts(q: &Query, headers: &HeaderMap) -> Result<WriteOpts, ApiError> {
+    let validation = match q.get("fieldValidation").map(String::as_str) {
+        None | Some("") | Some("Warn") => FieldValidation::Warn,
+        Some("Ignore") => FieldValidation::Ignore,
+        Some("Strict") => FieldValidation::Strict,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!("fieldValidation must be Ignore, Warn or Strict, not {other}")));
+        }
+    };
+    Ok(WriteOpts {
+        dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
+        manager: q.get("fieldManager").cloned().unwrap_or_else(|| user_manager(headers)),
+        validation,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn resource(
+    sim: &Sim,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+    method: &Method,
+    q: &Query,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Routed, ApiError> {
+    let store = &sim.store;
+    let not_found = || ApiError::new(404, "NotFound", "the server could not find the requested resource");
+    let (legacy_watch, rest) = match rest {
+        ["watch", r @ ..] => (true, r),
+        r => (false, r),
+    };
+    let (ns, rest): (Option<&str>, &[&str]) = match rest {
+        ["namespaces", ns, plural, ..] if store.resolve(group, version, plural).is_some_and(|t| t.namespaced) => {
+            (Some(*ns), &rest[2..])
+        }
+        r => (None, r),
+    };
+    let (plural, name, sub) = match rest {
+        [p] => (*p, None, None),
+        [p, n] => (*p, Some(*n), None),
+        [p, n, s] => (*p, Some(*n), Some(*s)),
+        _ => return Err(not_found()),
+    };
+    let rt = store.resolve(group, version, plural).ok_or_else(not_found)?;
+    let scope = match sub {
+        None => Scope::Main,
+        Some("status") if rt.status_subresource => Scope::Status,
+        Some(_) => return Err(not_found()),
+    };
+    if rt.namespaced && name.is_some() && ns.is_none() {
+        return Err(not_found());
+    }
+    let table = wants_table(headers);
+    let include = q.get("includeObject").map(String::as_str).unwrap_or("Metadata");
+    let respond = |code: u16, obj: &Value, warnings: &[String]| -> Result<Routed, ApiError> {
+        let out = if table { table::table(&rt, &[obj], None, include) } else { obj.clone() };
+        Ok(Routed::Response(json_response(code, &out, warnings)))
+    };
+    match (method.clone(), name) {
+        (Method::GET, None) => {
+            if legacy_watch || q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+                return Ok(Routed::Watch(rt.clone(), ns.map(str::to_string)));
+            }
+            let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
+                .map_err(ApiError::bad_request)?;
+            let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
+                .map_err(ApiError::bad_request)?;
+            let (items, rv) = store.list(&rt, ns, |o| labels.matches(o) && fields.matches(o));
+            if table {
+                let refs: Vec<&Value> = items.iter().map(|a| &**a).collect();
+                return ok(&table::table(&rt, &refs, Some(rv.to_string()), include));
+            }
+            Ok(Routed::Response(list_response(&rt, &items, rv)))
+        }
+        (Method::GET, Some(n)) => respond(200, &*store.get(&rt, ns, n)?, &[]),
+        (Method::POST, None) => {
+            let opts = write_opts(q, headers)?;
+            let (obj, warnings) = store.create(&rt, ns, parse_body(headers, body)?, &opts)?;
+            respond(201, &obj, &warnings)
+        }
+        (Method::PUT, Some(n)) => {
+            let opts = write_opts(q, headers)?;
+            let (obj, warnings) = store.update(&rt, ns, n, parse_body(headers, body)?, scope, &opts)?;
+            respond(200, &obj, &warnings)
+        }
+        (Method::PATCH, Some(n)) => {
+            let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let force = q.get("force").is_some_and(|f| f == "true");
+            let kind = if ct.starts_with("application/apply-patch") {
+                if !q.contains_key("fieldManager") {
+                    return Err(ApiError::bad_request("PATCH with apply-patch requires fieldManager"));
+                }
+                PatchKind::Apply { force }
+            } else if ct.starts_with("application/json-patch+json") {
+                PatchKind::Json
+            } else if ct.starts_with("application/merge-patch+json") {
+                PatchKind::Merge
+            } else if ct.starts_with("application/strategic-merge-patch+json") {
+                if rt.custom {
+                    return Err(ApiError::new(
+                        415,
+                        "UnsupportedMediaType",
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+                    ));
+                }
+                PatchKind::Strategic
+            } else {
+                return Err(ApiError::new(
+                    415,
+                    "UnsupportedMediaType",
+                    format!("the body of the request was in an unknown format: {ct}"),
+                ));
+            };
+            let opts = write_opts(q, headers)?;
+            let (obj, warnings) = store.patch(&rt, ns, n, kind, &parse_body(headers, body)?, scope, &opts)?;
+            respond(200, &obj, &warnings)
+        }
+        (Method::DELETE, Some(n)) => {
+            let opts = parse_body(headers, body)?;
+            let rv = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str);
+            let uid = opts.pointer("/preconditions/uid").and_then(Value::as_str);
+            let dry = q.get("dryRun").is_some_and(|d| d == "All")
+                || opts.get("dryRun").and_then(Value::as_array).is_some_and(|a| a.iter().any(|d| d == "All"));
+            respond(200, &*store.delete(&rt, ns, n, rv, uid, dry)?, &[])
+        }
+        (Method::DELETE, None) => {
+            let labels = LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
+                .map_err(ApiError::bad_request)?;
+            let (items, _) = store.list(&rt, ns, |o| labels.matches(o));
+            let mut deleted = Vec::new();
+            for o in items {
+                let n = o.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+                let ons = o.pointer("/metadata/namespace").and_then(Value::as_str);
+                if let Ok(d) = store.delete(&rt, ons, n, None, None, q.get("dryRun").is_some_and(|d| d == "All")) {
+                    deleted.push(d);
+                }
+            }
+            Ok(Routed::Response(list_response(&rt, &deleted, store.resource_version())))
+        }
+        _ => Err(ApiError::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource: {method}"),
+        )),
+    }
+}
+
+/// A `{Kind}List`, serialised item by item without cloning the stored objects.
+fn list_response(rt: &ResourceType, items: &[Arc<Value>], rv: u64) -> Response {
+    let mut buf = Vec::with_capacity(items.len() * 512 + 128);
+    buf.extend_from_slice(
+        format!(
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{rv}\"}},\"items\":[",
+            rt.kind,
+            rt.api_version()
+        )
+        .as_bytes(),
+    );
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            buf.push(b',');
+        }
+        let _ = serde_json::to_writer(&mut buf, &**item);
+    }
+    buf.extend_from_slice(b"]}");
+    let mut resp = (StatusCode::OK, buf).into_response();
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn watch(
+    sim: Arc<Sim>,
+    rt: Arc<ResourceType>,
+    ns: Option<String>,
+    q: &Query,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let labels =
+        LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)).map_err(ApiError::bad_request)?;
+    let fields =
+        FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str)).map_err(ApiError::bad_request)?;
+    let from = match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") => None,
+        Some(s) => Some(s.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))?),
+    };
+    let bookmarks = q.get("allowWatchBookmarks").is_some_and(|b| b == "true");
+    let timeout = q.get("timeoutSeconds").and_then(|t| t.parse::<u64>().ok()).unwrap_or(1800);
+    let table = wants_table(headers);
+    let include = q.get("includeObject").cloned().unwrap_or_else(|| "Metadata".into());
+    let (initial, mut rx, start_rv) = match sim.store.watch(&rt, from) {
+        Ok(w) => w,
+        // As the API server does: a watch from an expired version is accepted, then ends with an ERROR event.
+        Err(e) if e.code == 410 => {
+            let line = format!("{}\n", json!({"type": "ERROR", "object": e.status()}));
+            let mut resp = Response::new(Body::from(line));
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            return Ok(resp);
+        }
+        Err(e) => return Err(e),
+    };
+    let (tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
+    let key = rt.key();
+    let keep = move |ev: &WatchEvent| -> bool {
+        ev.key == key
+            && ns.as_deref().is_none_or(|n| ev.namespace() == n)
+            && labels.matches(&ev.object)
+            && fields.matches(&ev.object)
+    };
+    let render = {
+        let rt = rt.clone();
+        move |ev: &WatchEvent| -> Bytes {
+            if table {
+                let t = table::table(&rt, &[&ev.object], None, &include);
+                Bytes::from(format!("{}\n", json!({"type": ev.kind, "object": t})))
+            } else {
+                ev.json_line()
+            }
+        }
+    };
+    let interval = sim.bookmark_interval;
+    tokio::spawn(async move {
+        let mut last_rv = start_rv;
+        for ev in initial.iter().filter(|e| keep(e)) {
+            if tx.send(Ok(render(ev))).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            tokio::select! {
+                ev = rx.recv() => match ev {
+                    Ok(ev) => {
+                        if ev.rv <= start_rv { continue; }
+                        last_rv = last_rv.max(ev.rv);
+                        if keep(&ev) && tx.send(Ok(render(&ev))).await.is_err() { return; }
+                    }
+                    // A watcher that falls behind is closed; the client resumes from its last resourceVersion.
+                    Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tick.tick(), if bookmarks => {
+                    let b = json!({"type": "BOOKMARK", "object": {"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": {"resourceVersion": last_rv.to_string()}}});
+                    if tx.send(Ok(Bytes::from(format!("{b}\n")))).await.is_err() { return; }
+                }
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(ReceiverStream::new(out_rx)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(resp)
+}

@@ -1,0 +1,304 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! kube-rs against the Kubernetes API simulator: what a controller relies on behaves as on a real API server.
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use nio_loadtest::kubesim::{KubeSim, Options};
+use nio_shared::crd::{Machine, MachinePhase, MachineSpec, MachineStatus, NixosConfiguration};
+use serde_json::json;
+
+async fn cluster() -> (KubeSim, kube::Client) {
+    let sim = KubeSim::start(Options::default()).await.unwrap();
+    let client = sim.client().unwrap();
+    (sim, client)
+}
+
+fn machine(name: &str) -> Machine {
+    let spec: MachineSpec =
+        serde_json::from_value(json!({"hostname": format!("{name}.example.org"), "site": "dc1"})).unwrap();
+    Machine::new(name, spec)
+}
+
+fn api_error(e: kube::Error) -> (u16, String, String) {
+    match e {
+        kube::Error::Api(s) => (s.code, s.reason.clone(), s.message.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn crud_defaults_generation_and_optimistic_concurrency() {
+    let (_sim, client) = cluster().await;
+    let api: Api<Machine> = Api::namespaced(client, "default");
+    let created = api.create(&PostParams::default(), &machine("m1")).await.unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
+    // schema defaults applied by the server
+    assert_eq!((created.spec.port, created.spec.ssh_user.as_str()), (22, "root"));
+
+    let err = api.create(&PostParams::default(), &machine("m1")).await.unwrap_err();
+    assert_eq!(api_error(err).1, "AlreadyExists");
+
+    let mut stale = created.clone();
+    let mut fresh = created.clone();
+    fresh.spec.port = 2222;
+    let updated = api.replace("m1", &PostParams::default(), &fresh).await.unwrap();
+    assert_eq!(updated.metadata.generation, Some(2), "spec change bumps generation");
+    stale.spec.port = 2200;
+    let (code, reason, _) = api_error(api.replace("m1", &PostParams::default(), &stale).await.unwrap_err());
+    assert_eq!((code, reason.as_str()), (409, "Conflict"));
+
+    let list = api.list(&ListParams::default()).await.unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert!(list.metadata.resource_version.is_some());
+    api.delete("m1", &DeleteParams::default()).await.unwrap();
+    assert_eq!(api_error(api.get("m1").await.unwrap_err()).0, 404);
+}
+
+#[tokio::test]
+async fn invalid_objects_get_422_naming_the_field() {
+    let (_sim, client) = cluster().await;
+    let api: Api<Machine> = Api::namespaced(client, "default");
+    let mut m = machine("bad");
+    m.spec.site = "Not A Label".into();
+    let (code, reason, message) = api_error(api.create(&PostParams::default(), &m).await.unwrap_err());
+    assert_eq!((code, reason.as_str()), (422, "Invalid"));
+    assert!(message.contains("spec.site"), "{message}");
+    // a missing required field
+    let dynamic: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(api.clone().into_client(), "default", &kube::api::ApiResource::erase::<Machine>(&()));
+    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "metadata": {"name": "nohost"}, "spec": {"port": 22}
+    }))
+    .unwrap();
+    let (code, _, message) = api_error(dynamic.create(&PostParams::default(), &obj).await.unwrap_err());
+    assert_eq!(code, 422);
+    assert!(message.contains("spec.hostname: Required value"), "{message}");
+    // nothing was stored
+    assert!(api.list(&ListParams::default()).await.unwrap().items.is_empty());
+}
+
+#[tokio::test]
+async fn namespaces_must_exist_and_dry_run_stores_nothing() {
+    let (_sim, client) = cluster().await;
+    let api: Api<Machine> = Api::namespaced(client.clone(), "nowhere");
+    assert_eq!(api_error(api.create(&PostParams::default(), &machine("m")).await.unwrap_err()).0, 404);
+    let api: Api<Machine> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams { dry_run: true, ..Default::default() };
+    let dry = api.create(&pp, &machine("dry")).await.unwrap();
+    assert_eq!(dry.spec.port, 22);
+    assert_eq!(api_error(api.get("dry").await.unwrap_err()).0, 404);
+    let nss: Api<Namespace> = Api::all(client);
+    let names: Vec<_> =
+        nss.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|n| n.metadata.name).collect();
+    assert!(names.contains(&"default".to_string()));
+}
+
+#[tokio::test]
+async fn merge_json_and_server_side_apply_patches() {
+    let (_sim, client) = cluster().await;
+    let api: Api<Machine> = Api::namespaced(client, "default");
+    api.create(&PostParams::default(), &machine("m1")).await.unwrap();
+    let m = api
+        .patch("m1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"role": "web"}}})))
+        .await
+        .unwrap();
+    assert_eq!(m.metadata.labels.unwrap()["role"], "web");
+    assert_eq!(m.metadata.generation, Some(1), "metadata changes do not bump generation");
+    let p: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/spec/port", "value": 2022}])).unwrap();
+    let m = api.patch("m1", &PatchParams::default(), &Patch::<()>::Json(p)).await.unwrap();
+    assert_eq!(m.spec.port, 2022);
+
+    // server-side apply creates missing objects; alice then owns spec.site and bob changing it conflicts
+    let alice = PatchParams::apply("alice");
+    let m = api
+        .patch("m3", &alice, &Patch::Apply(json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "spec": {"hostname": "m3.example.org", "site": "dc2"}})))
+        .await
+        .unwrap();
+    assert_eq!(m.metadata.generation, Some(1));
+    assert_eq!(m.spec.site, "dc2");
+    let managers: Vec<_> = m.metadata.managed_fields.unwrap().into_iter().filter_map(|f| f.manager).collect();
+    assert!(managers.contains(&"alice".to_string()), "{managers:?}");
+    let bob = json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "spec": {"hostname": "m3.example.org", "site": "dc3"}});
+    let (code, reason, message) =
+        api_error(api.patch("m3", &PatchParams::apply("bob"), &Patch::Apply(bob.clone())).await.unwrap_err());
+    assert_eq!((code, reason.as_str()), (409, "Conflict"));
+    assert!(message.contains("alice") && message.contains(".spec.site"), "{message}");
+    let m = api.patch("m3", &PatchParams::apply("bob").force(), &Patch::Apply(bob)).await.unwrap();
+    assert_eq!(m.spec.site, "dc3");
+    assert_eq!(m.metadata.generation, Some(2));
+
+    // alice stops applying spec.site... but bob owns it now, so it stays; a field only alice owned goes away
+    let m = api
+        .patch("m3", &alice, &Patch::Apply(json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "spec": {"hostname": "m3.example.org", "credentialRef": "k"}})))
+        .await
+        .unwrap();
+    assert_eq!((m.spec.site.as_str(), m.spec.credential_ref.as_deref()), ("dc3", Some("k")));
+    let m = api
+        .patch("m3", &alice, &Patch::Apply(json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "spec": {"hostname": "m3.example.org"}})))
+        .await
+        .unwrap();
+    assert_eq!(m.spec.credential_ref, None, "a field its only manager stopped applying is removed");
+}
+
+#[tokio::test]
+async fn status_subresource_is_separate_from_the_spec() {
+    let (_sim, client) = cluster().await;
+    let api: Api<Machine> = Api::namespaced(client, "default");
+    let mut m = machine("m1");
+    m.status = Some(MachineStatus { phase: Some(MachinePhase::Applied), ..Default::default() });
+    let created = api.create(&PostParams::default(), &m).await.unwrap();
+    assert!(created.status.is_none(), "status is dropped on create");
+
+    let st = api
+        .patch_status(
+            "m1",
+            &PatchParams::apply("nio-controller").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
+                "status": {"phase": "Queued", "appliedCommit": "abc"}, "spec": {"port": 9}
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.status.as_ref().unwrap().phase, Some(MachinePhase::Queued));
+    assert_eq!(st.spec.port, 22, "status writes ignore the spec");
+    assert_eq!(st.metadata.generation, Some(1), "status changes do not bump generation");
+
+    let main = api
+        .patch(
+            "m1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"port": 23}, "status": {"phase": "Failed"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(main.spec.port, 23);
+    assert_eq!(main.status.unwrap().phase, Some(MachinePhase::Queued), "main writes ignore the status");
+    let merged = api
+        .patch_status("m1", &PatchParams::default(), &Patch::Merge(json!({"status": {"discoverable": true}})))
+        .await
+        .unwrap();
+    let s = merged.status.unwrap();
+    assert_eq!((s.discoverable, s.applied_commit.as_deref()), (Some(true), Some("abc")));
+}
+
+#[tokio::test]
+async fn finalizer_helper_runs_apply_then_cleanup() {
+    let (_sim, client) = cluster().await;
+    let api: Api<NixosConfiguration> = Api::namespaced(client, "default");
+    let c: NixosConfiguration = serde_json::from_value(json!({
+        "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": "c1", "namespace": "default"},
+        "spec": {"gitRepo": "https://example.org/r.git", "ref": "main", "flake": "#web", "machineRef": "m1"}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &c).await.unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<&'static str>::new()));
+    let run = |obj: NixosConfiguration| {
+        let seen = seen.clone();
+        let api = api.clone();
+        async move {
+            finalizer(&api, "nixos.infra/finalizer", std::sync::Arc::new(obj), |ev| async move {
+                seen.lock().unwrap().push(match ev {
+                    Finalizer::Apply(_) => "apply",
+                    Finalizer::Cleanup(_) => "cleanup",
+                });
+                Ok::<_, std::convert::Infallible>(Action::await_change())
+            })
+            .await
+        }
+    };
+    run(api.get("c1").await.unwrap()).await.unwrap(); // adds the finalizer
+    let with = api.get("c1").await.unwrap();
+    assert_eq!(with.metadata.finalizers.as_deref(), Some(&["nixos.infra/finalizer".to_string()][..]));
+    run(with).await.unwrap(); // apply
+    api.delete("c1", &DeleteParams::default()).await.unwrap();
+    let terminating = api.get("c1").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some(), "finalizer keeps the object");
+    assert_eq!(terminating.metadata.generation, Some(2), "deletion start bumps generation");
+    run(terminating).await.unwrap(); // cleanup removes the finalizer
+    assert_eq!(api_error(api.get("c1").await.unwrap_err()).0, 404, "object gone once the finalizer is removed");
+    assert_eq!(*seen.lock().unwrap(), ["apply", "cleanup"]);
+}
+
+#[tokio::test]
+async fn watch_resumes_from_a_version_and_old_versions_are_gone() {
+    let sim = KubeSim::start(Options { history: 5, ..Default::default() }).await.unwrap();
+    let api: Api<Machine> = Api::namespaced(sim.client().unwrap(), "default");
+    let first = api.create(&PostParams::default(), &machine("w0")).await.unwrap();
+    let rv0 = first.metadata.resource_version.clone().unwrap();
+    api.create(&PostParams::default(), &machine("w1")).await.unwrap();
+    // resume right after w0: only w1 is replayed
+    let mut stream = api.watch(&WatchParams::default().timeout(5), &rv0).await.unwrap().boxed();
+    match stream.try_next().await.unwrap() {
+        Some(WatchEvent::Added(m)) => assert_eq!(m.metadata.name.as_deref(), Some("w1")),
+        other => panic!("expected w1 added, got {other:?}"),
+    }
+    for i in 2..12 {
+        api.create(&PostParams::default(), &machine(&format!("w{i}"))).await.unwrap();
+    }
+    let mut stale = api.watch(&WatchParams::default().timeout(5), &rv0).await.unwrap().boxed();
+    match stale.try_next().await {
+        Ok(Some(WatchEvent::Error(e))) => assert_eq!(e.code, 410),
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 410),
+        other => panic!("expected 410 Gone, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn watches_send_bookmarks_and_label_filtered_events() {
+    let sim =
+        KubeSim::start(Options { bookmark_interval: Duration::from_millis(200), ..Default::default() }).await.unwrap();
+    let api: Api<Machine> = Api::namespaced(sim.client().unwrap(), "default");
+    let wp = WatchParams { bookmarks: true, ..WatchParams::default().labels("role=web").timeout(10) };
+    let mut stream = api.watch(&wp, "0").await.unwrap().boxed();
+    let mut m = machine("db");
+    api.create(&PostParams::default(), &m).await.unwrap();
+    m = machine("web");
+    m.metadata.labels = Some([("role".to_string(), "web".to_string())].into());
+    api.create(&PostParams::default(), &m).await.unwrap();
+    let (mut added, mut bookmark) = (vec![], false);
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(3), stream.try_next()).await.unwrap() {
+        match ev {
+            WatchEvent::Added(m) => added.push(m.metadata.name.unwrap()),
+            WatchEvent::Bookmark(_) => bookmark = true,
+            _ => {}
+        }
+        if bookmark && !added.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(added, ["web"]);
+    assert!(bookmark);
+}
+
+#[tokio::test]
+async fn secrets_string_data_becomes_data() {
+    let (_sim, client) = cluster().await;
+    let api: Api<Secret> = Api::namespaced(client, "default");
+    let s: Secret = serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"token": "abc"}})).unwrap();
+    let created = api.create(&PostParams::default(), &s).await.unwrap();
+    assert_eq!(created.data.unwrap()["token"].0, b"abc");
+    assert!(created.string_data.is_none());
+}
+
+#[tokio::test]
+async fn two_clusters_in_one_process_are_independent() {
+    let (a, ca) = cluster().await;
+    let (b, cb) = cluster().await;
+    assert_ne!(a.addr(), b.addr());
+    let api_a: Api<Machine> = Api::namespaced(ca, "default");
+    let api_b: Api<Machine> = Api::namespaced(cb, "default");
+    api_a.create(&PostParams::default(), &machine("only-in-a")).await.unwrap();
+    assert!(api_b.get("only-in-a").await.is_err());
+    api_b.create(&PostParams::default(), &machine("only-in-a")).await.unwrap();
+    api_b.delete("only-in-a", &DeleteParams::default()).await.unwrap();
+    assert!(api_a.get("only-in-a").await.is_ok());
+    assert!(a.store().resource_version() != 0 && b.store().resource_version() != 0);
+}
