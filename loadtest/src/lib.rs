@@ -2,4 +2,5 @@
 //! simulator, load test and demo.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod kubesim;

@@ -29,6 +29,15 @@ enum Command {
         #[arg(long, default_value = "kubesim")]
         name: String,
     },
+    /// Measure the simulator: creates and status patches per second with concurrent watchers.
+    KubesimBench {
+        #[arg(long, default_value_t = 10_000)]
+        objects: usize,
+        #[arg(long, default_value_t = 4)]
+        watchers: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
 }
 
 #[tokio::main]
@@ -52,6 +61,11 @@ async fn main() -> anyhow::Result<()> {
                 kubeconfig.map_or("-".into(), |p| p.display().to_string())
             );
             tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+        Command::KubesimBench { objects, watchers, concurrency } => {
+            let report = nio_loadtest::bench::run(objects, watchers, concurrency).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
     }

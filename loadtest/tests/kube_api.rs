@@ -302,3 +302,45 @@ async fn two_clusters_in_one_process_are_independent() {
     assert!(api_a.get("only-in-a").await.is_ok());
     assert!(a.store().resource_version() != 0 && b.store().resource_version() != 0);
 }
+
+#[tokio::test]
+async fn generate_name_leases_and_both_event_apis() {
+    let (_sim, client) = cluster().await;
+    let api: Api<Machine> = Api::namespaced(client.clone(), "default");
+    let mut m = machine("");
+    m.metadata.name = None;
+    m.metadata.generate_name = Some("gen-".into());
+    let a = api.create(&PostParams::default(), &m).await.unwrap();
+    let b = api.create(&PostParams::default(), &m).await.unwrap();
+    let (na, nb) = (a.metadata.name.unwrap(), b.metadata.name.unwrap());
+    assert!(na.starts_with("gen-") && nb.starts_with("gen-") && na != nb, "{na} {nb}");
+
+    use k8s_openapi::api::coordination::v1::Lease;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let lease: Lease = serde_json::from_value(
+        json!({"metadata": {"name": "nio-controller"}, "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}),
+    )
+    .unwrap();
+    let l = leases.create(&PostParams::default(), &lease).await.unwrap();
+    let mut stale = l.clone();
+    let mut taken = l.clone();
+    taken.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    leases.replace("nio-controller", &PostParams::default(), &taken).await.unwrap();
+    stale.spec.as_mut().unwrap().holder_identity = Some("c".into());
+    assert_eq!(
+        api_error(leases.replace("nio-controller", &PostParams::default(), &stale).await.unwrap_err()).0,
+        409,
+        "only one replica wins a lease"
+    );
+
+    use k8s_openapi::api::core::v1::Event as CoreEvent;
+    use k8s_openapi::api::events::v1::Event as NewEvent;
+    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
+    let ev: CoreEvent = serde_json::from_value(json!({"metadata": {"generateName": "m1."}, "reason": "Applied", "message": "ok", "involvedObject": {"kind": "Machine", "name": "m1"}})).unwrap();
+    core.create(&PostParams::default(), &ev).await.unwrap();
+    let newer: Api<NewEvent> = Api::namespaced(client, "default");
+    let ev: NewEvent = serde_json::from_value(json!({"metadata": {"name": "m1.1"}, "reason": "Applied", "note": "ok", "action": "Apply", "reportingController": "nio", "reportingInstance": "x", "eventTime": "2026-11-25T00:00:00.000000Z"})).unwrap();
+    newer.create(&PostParams::default(), &ev).await.unwrap();
+    assert_eq!(core.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    assert_eq!(newer.list(&ListParams::default()).await.unwrap().items.len(), 1);
+}

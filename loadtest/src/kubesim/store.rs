@@ -328,11 +328,7 @@ impl Store {
     }
 
     /// Starts a watch: the events to send first, and the live feed.
-    pub fn watch(
-        &self,
-        rt: &ResourceType,
-        from: Option<u64>,
-    ) -> ApiResult<WatchStart> {
+    pub fn watch(&self, rt: &ResourceType, from: Option<u64>) -> ApiResult<WatchStart> {
         let st = self.lock();
         let key = rt.key();
         let initial = match from {

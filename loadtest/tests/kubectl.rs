@@ -1,0 +1,209 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! The real `kubectl` against the simulator, as a user would drive it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nio_loadtest::kubesim::{KubeSim, Options};
+
+struct Kubectl {
+    dir: tempfile::TempDir,
+    _sim: KubeSim,
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+impl Kubectl {
+    async fn start() -> Self {
+        // No CRDs at start: the test installs them with kubectl like a user would.
+        let sim = KubeSim::start(Options { crds_dir: None, ..Default::default() }).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        sim.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
+        Kubectl { dir, _sim: sim }
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new("kubectl");
+        c.args(args)
+            .env("KUBECONFIG", self.dir.path().join("kubeconfig"))
+            .env("HOME", self.dir.path())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("cache"))
+            .current_dir(repo())
+            .kill_on_drop(true);
+        c
+    }
+
+    /// Runs kubectl; returns (success, stdout, stderr).
+    async fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
+            .await
+            .expect("kubectl hung")
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args).await;
+        assert!(ok, "kubectl {args:?} failed:\n{out}\n{err}");
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_crds_and_examples_then_get_shows_printer_columns() {
+    let k = Kubectl::start().await;
+    let out = k.ok(&["apply", "-f", "crds/"]).await;
+    assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/machines.nixos.infra created"), "{out}");
+    let out = k.ok(&["apply", "-f", "examples/"]).await;
+    for line in [
+        "namespace/fleet created",
+        "machine.nixos.infra/web-01 created",
+        "nixosconfiguration.nixos.infra/db-01 created",
+        "secret/db-secrets created",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    // idempotent re-apply
+    let out = k.ok(&["apply", "-f", "examples/"]).await;
+    assert!(out.contains("machine.nixos.infra/web-01 unchanged"), "{out}");
+
+    let out = k.ok(&["get", "machines", "-A"]).await;
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAMESPACE", "NAME", "SITE", "PHASE", "COMMIT", "DISCOVERABLE", "AGE"]);
+    let web01 = out.lines().find(|l| l.contains("web-01")).unwrap();
+    assert!(web01.starts_with("fleet") && web01.contains("dc1"), "{web01}");
+    assert_eq!(out.lines().count(), 4, "{out}");
+
+    let out = k.ok(&["get", "nixconf", "-n", "fleet"]).await;
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "REF", "TARGET", "UPDATED", "READY", "AGE"]);
+
+    // short names and categories resolve through discovery
+    let out = k.ok(&["get", "mach", "-n", "fleet", "-o", "name"]).await;
+    assert!(out.contains("machine.nixos.infra/db-01"), "{out}");
+    let out = k.ok(&["get", "nio", "-n", "fleet", "-o", "name"]).await;
+    assert!(
+        out.contains("machine.nixos.infra/web-02") && out.contains("nixosconfiguration.nixos.infra/web-fleet"),
+        "{out}"
+    );
+
+    // secrets written with stringData are stored as data
+    let out = k.ok(&["get", "secret", "infra-git", "-n", "fleet", "-o", "jsonpath={.data.token}"]).await;
+    assert_eq!(out, "cmVwbGFjZS13aXRoLWEtcmVhZC1vbmx5LXRva2Vu");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_and_server_side_validation() {
+    let k = Kubectl::start().await;
+    k.ok(&["apply", "-f", "crds/"]).await;
+    let out = k.ok(&["explain", "machine.spec.hostname"]).await;
+    assert!(out.contains("DNS host name of the machine"), "{out}");
+    let out = k.ok(&["explain", "nixosconfiguration.spec.action"]).await;
+    assert!(out.contains("nixos-rebuild action"), "{out}");
+
+    let bad = k.dir.path().join("bad.yaml");
+    std::fs::write(&bad, "apiVersion: nixos.infra/v1alpha1\nkind: Machine\nmetadata: {name: bad, namespace: default}\nspec: {hostname: h, port: 70000}\n").unwrap();
+    let (ok, _, err) = k.run(&["apply", "-f", bad.to_str().unwrap()]).await;
+    assert!(!ok && err.contains("spec.port") && err.contains("65535"), "{err}");
+    std::fs::write(&bad, "apiVersion: nixos.infra/v1alpha1\nkind: Machine\nmetadata: {name: bad, namespace: default}\nspec: {hostname: h, prot: 22}\n").unwrap();
+    let (ok, _, err) = k.run(&["apply", "-f", bad.to_str().unwrap()]).await;
+    assert!(!ok && err.contains("unknown field \"spec.prot\""), "strict field validation: {err}");
+    let (ok, out, _) = k.run(&["get", "machine", "bad", "-n", "default"]).await;
+    assert!(!ok, "nothing stored: {out}");
+    // schema defaults are visible to the user
+    std::fs::write(&bad, "apiVersion: nixos.infra/v1alpha1\nkind: Machine\nmetadata: {name: good, namespace: default}\nspec: {hostname: h}\n").unwrap();
+    k.ok(&["apply", "-f", bad.to_str().unwrap()]).await;
+    let out = k.ok(&["get", "machine", "good", "-o", "jsonpath={.spec.port} {.spec.sshUser} {.spec.site}"]).await;
+    assert_eq!(out, "22 root default");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_waits_for_finalizers_and_watch_sees_updates() {
+    let k = Kubectl::start().await;
+    k.ok(&["apply", "-f", "crds/"]).await;
+    k.ok(&["apply", "-f", "examples/00-namespace.yaml", "-f", "examples/10-machines.yaml"]).await;
+
+    let mut watch =
+        k.command(&["get", "machines", "-n", "fleet", "--watch", "--output-watch-events", "--request-timeout", "30s"]);
+    watch.stdout(std::process::Stdio::piped());
+    let child = watch.spawn().unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    k.ok(&["label", "machine", "web-02", "-n", "fleet", "team=blue"]).await;
+
+    k.ok(&[
+        "patch",
+        "machine",
+        "db-01",
+        "-n",
+        "fleet",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":["nixos.infra/finalizer"]}}"#,
+    ])
+    .await;
+    k.ok(&["delete", "machine", "db-01", "-n", "fleet", "--wait=false"]).await;
+    let out = k.ok(&["get", "machine", "db-01", "-n", "fleet", "-o", "jsonpath={.metadata.deletionTimestamp}"]).await;
+    assert!(!out.is_empty(), "db-01 is Terminating, held by its finalizer");
+    k.ok(&[
+        "patch",
+        "machine",
+        "db-01",
+        "-n",
+        "fleet",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+    ])
+    .await;
+    let (ok, _, err) = k.run(&["get", "machine", "db-01", "-n", "fleet"]).await;
+    assert!(!ok && err.contains("NotFound"), "{err}");
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut child = child;
+    let _ = child.start_kill();
+    let out = child.wait_with_output().await.unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let events: Vec<&str> = out.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(
+        out.lines().any(|l| l.starts_with("MODIFIED") && l.contains("web-02")),
+        "watch saw the label change:\n{out}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("DELETED") && l.contains("db-01")), "watch saw the deletion:\n{out}");
+    assert!(events.iter().filter(|e| **e == "ADDED").count() >= 3, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubesim_command_serves_a_cluster_and_writes_a_kubeconfig() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nio-loadtest"))
+        .args(["kubesim", "--listen", "127.0.0.1:0", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .arg("--crds")
+        .arg(repo().join("crds"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(first.starts_with("kubesim serving http://127.0.0.1:"), "{first}");
+    let out = tokio::process::Command::new("kubectl")
+        .args(["get", "crds", "-o", "name", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    let names = String::from_utf8_lossy(&out.stdout);
+    assert!(names.contains("machines.nixos.infra") && names.contains("nixosconfigurations.nixos.infra"), "{names}");
+    child.kill().await.unwrap();
+}
