@@ -1,1 +1,85 @@
-//! Executor library (issue #5).
+//! nio-executor: takes jobs from NATS JetStream, applies them to NixOS machines over SSH, reports status.
+//!
+//! - [`worker`]: site consumers and the life of a job (where the per-site limit and retries live).
+//! - [`lock`]: per-machine locks; [`limits`]: per-site connect rate.
+//! - [`ssh`]: russh client with pinned host keys; [`remote`]: the remote command surface.
+//! - [`source`]: Git mirror cache and tar export; [`actions`]: update, install, remove, probe, scan.
+#![forbid(unsafe_code)]
+
+pub mod actions;
+pub mod error;
+pub mod http;
+pub mod limits;
+pub mod lock;
+pub mod metrics;
+pub mod remote;
+pub mod source;
+pub mod ssh;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use nio_shared::config::ExecutorConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Everything `run` needs; the binary fills it from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub nats_url: String,
+    pub nats_creds: Option<PathBuf>,
+    pub config: ExecutorConfig,
+    pub identities_dir: PathBuf,
+    pub git_credentials_dir: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    pub executor_id: String,
+    pub seal_key_file: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub host_key_policy: ssh::HostKeyPolicy,
+    pub kexec_tarball: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Connects to NATS, sets up consumers and runs until `shutdown` is cancelled.
+pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut opts = async_nats::ConnectOptions::new().name(format!("nio-executor {}", s.executor_id));
+    if let Some(c) = &s.nats_creds {
+        opts = opts.credentials_file(c).await.with_context(|| format!("reading NATS credentials {}", c.display()))?;
+    }
+    let client = opts.connect(&s.nats_url).await.with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
+    let js = async_nats::jetstream::new(client);
+    let consumers = worker::ensure_consumers(&js, &s.config).await?;
+    let locks = lock::Locks::open(&js, s.executor_id.clone()).await?;
+    let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
+    let kexec_tarball = match &s.kexec_tarball {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading kexec tarball {}", p.display()))?),
+        None => None,
+    };
+    let exec = Arc::new(worker::Executor {
+        js,
+        limits: limits::ConnectLimits::new(&s.config.sites),
+        cmds: remote::Commands { paths: s.config.remote.clone() },
+        cfg: s.config.clone(),
+        id: s.executor_id.clone(),
+        locks,
+        identities: ssh::Identities::new(s.identities_dir.clone()),
+        sources: source::SourceCache::new(s.cache_dir.clone(), source::GitCredentials::new(s.git_credentials_dir.clone())),
+        seal,
+        connect: ssh::ConnectOptions { connect_timeout: s.connect_timeout, keepalive: Duration::from_secs(15), policy: s.host_key_policy },
+        metrics: Arc::new(metrics::Metrics::new()),
+        kexec_tarball,
+        ready: AtomicBool::new(false),
+    });
+    if let Some(addr) = s.metrics_addr {
+        let bound = http::serve(addr, exec.clone()).await.with_context(|| format!("binding metrics address {addr}"))?;
+        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+    }
+    tracing::info!(id = %s.executor_id, sites = ?s.config.sites.iter().map(|x| &x.name).collect::<Vec<_>>(), "executor ready");
+    exec.run(consumers, shutdown, s.shutdown_grace).await?;
+    Ok(())
+}

@@ -1,4 +1,100 @@
-//! nio-executor: applies jobs from NATS JetStream to machines over SSH.
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("nio-executor is not implemented yet (issue #5)")
+//! nio-executor: applies jobs from NATS JetStream to NixOS machines over SSH.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use nio_executor::ssh::HostKeyPolicy;
+use nio_shared::telemetry::LogFormat;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "NIO executor: applies rebuild jobs to machines over SSH")]
+struct Cli {
+    /// NATS server URL.
+    #[arg(long, env = "NIO_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// NATS credentials file.
+    #[arg(long, env = "NIO_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// Site configuration (YAML): sites with maxInFlight, connectRate, burst; queue defaults.
+    #[arg(long, env = "NIO_EXECUTOR_CONFIG")]
+    config: PathBuf,
+    /// Directory of SSH private keys, one file per identity name (Machine spec.credentialRef; `default` otherwise).
+    #[arg(long, env = "NIO_IDENTITIES_DIR")]
+    identities_dir: PathBuf,
+    /// Directory of Git credentials: {name}/token, {name}/username + password, or {name}/ssh-privatekey.
+    #[arg(long, env = "NIO_GIT_CREDENTIALS_DIR")]
+    git_credentials_dir: Option<PathBuf>,
+    /// Cache directory (Git mirrors).
+    #[arg(long, env = "NIO_CACHE_DIR", default_value = "/var/cache/nio-executor")]
+    cache_dir: PathBuf,
+    /// Executor id reported in status (default: host name).
+    #[arg(long, env = "NIO_EXECUTOR_ID")]
+    executor_id: Option<String>,
+    /// Key shared with the controllers for sealed secrets.
+    #[arg(long, env = "NIO_SEAL_KEY_FILE")]
+    seal_key_file: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "NIO_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// What to do when a machine has no pinned host key.
+    #[arg(long, env = "NIO_HOST_KEY_POLICY", value_enum, default_value = "tofu")]
+    host_key_policy: HostKeyPolicy,
+    /// kexec installer tarball (nixos-images) used by full installs.
+    #[arg(long, env = "NIO_KEXEC_TARBALL")]
+    kexec_tarball: Option<PathBuf>,
+    /// SSH connect timeout in seconds.
+    #[arg(long, env = "NIO_CONNECT_TIMEOUT", default_value_t = 10)]
+    connect_timeout: u64,
+    /// Seconds to finish in-flight jobs after SIGTERM before returning them to the queue.
+    #[arg(long, env = "NIO_SHUTDOWN_GRACE", default_value_t = 120)]
+    shutdown_grace: u64,
+    /// Log format.
+    #[arg(long, env = "NIO_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "executor".into())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let id = cli.executor_id.clone().unwrap_or_else(hostname);
+    let config = nio_shared::config::ExecutorConfig::load(&cli.config)?;
+    let sites = config.sites.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",");
+    let guard = nio_shared::telemetry::init("nio-executor", cli.log_format, &[("nio.executor", id.clone()), ("nio.sites", sites)])?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => return,
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received: shutting down");
+        on_signal.cancel();
+    });
+    let settings = nio_executor::Settings {
+        nats_url: cli.nats_url,
+        nats_creds: cli.nats_creds,
+        config,
+        identities_dir: cli.identities_dir,
+        git_credentials_dir: cli.git_credentials_dir,
+        cache_dir: cli.cache_dir,
+        executor_id: id,
+        seal_key_file: cli.seal_key_file,
+        metrics_addr: cli.metrics_addr,
+        host_key_policy: cli.host_key_policy,
+        kexec_tarball: cli.kexec_tarball,
+        connect_timeout: Duration::from_secs(cli.connect_timeout),
+        shutdown_grace: Duration::from_secs(cli.shutdown_grace),
+    };
+    let result = nio_executor::run(settings, shutdown).await;
+    tokio::task::spawn_blocking(move || guard.shutdown()).await?;
+    result
 }

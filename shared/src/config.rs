@@ -40,6 +40,31 @@ fn default_job_timeout() -> u64 {
     3600
 }
 
+/// Where NIO keeps its files on machines. The fleet simulator and tests use the defaults or their own roots.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct RemotePaths {
+    /// Source trees (`{stateDir}/src/{commit}`) and the applied-commit marker.
+    pub state_dir: String,
+    /// Secrets, mode 0400, outside the Nix store (tmpfs on NixOS).
+    pub secrets_dir: String,
+    /// Symlink to the running system.
+    pub current_system: String,
+    /// Symlink to the boot-default system profile.
+    pub system_profile: String,
+}
+
+impl Default for RemotePaths {
+    fn default() -> Self {
+        RemotePaths {
+            state_dir: "/var/lib/nio".into(),
+            secrets_dir: "/run/nio/secrets".into(),
+            current_system: "/run/current-system".into(),
+            system_profile: "/nix/var/nix/profiles/system".into(),
+        }
+    }
+}
+
 /// Executor configuration file (`--config`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -58,6 +83,9 @@ pub struct ExecutorConfig {
     /// Default job timeout in seconds, when the job does not carry one.
     #[serde(default = "default_job_timeout")]
     pub job_timeout_seconds: u64,
+    /// Paths NIO uses on machines.
+    #[serde(default)]
+    pub remote: RemotePaths,
 }
 
 impl ExecutorConfig {
@@ -111,6 +139,16 @@ impl ExecutorConfig {
         }
         if self.ack_wait_seconds == 0 {
             errors.push(ValidationError { field: "ackWaitSeconds".into(), rule: "must be at least 1".into() });
+        }
+        for (field, p) in [
+            ("remote.stateDir", &self.remote.state_dir),
+            ("remote.secretsDir", &self.remote.secrets_dir),
+            ("remote.currentSystem", &self.remote.current_system),
+            ("remote.systemProfile", &self.remote.system_profile),
+        ] {
+            if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.chars().any(char::is_control) {
+                errors.push(ValidationError { field: field.into(), rule: "must be an absolute path without `..`".into() });
+            }
         }
         if self.max_deliver < 1 {
             errors.push(ValidationError { field: "maxDeliver".into(), rule: "must be at least 1".into() });

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod nats;
 pub mod protocol;
 pub mod quote;
 pub mod seal;

@@ -1,0 +1,428 @@
+//! What each job action does on a machine (DESIGN §4): update (switch/boot/test/dry-activate), remove,
+//! install (kexec → disko → nixos-install → host key → reboot → verify), probe and scan.
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nio_shared::crd::HardwareFacts;
+use nio_shared::protocol::{Action, FailureCategory, FileContent, Job, SecretFile, Step};
+use nio_shared::seal::SealKey;
+
+use crate::error::{Error, Result};
+use crate::remote::{self, Commands, Host};
+use crate::source::{self, SourceCache};
+
+/// Reports progress of a job (Step events).
+pub trait Progress: Send + Sync {
+    fn step(&self, step: Step, message: String) -> impl Future<Output = ()> + Send;
+}
+
+/// Opens (new) connections to the job's machine: after a kexec or a reboot the machine comes back with
+/// another host key.
+pub trait Connector: Send + Sync {
+    type Host: Host;
+    /// Connects, pinning `host_key` when given, else trusting the first key seen.
+    fn connect(&self, host_key: Option<&str>) -> impl Future<Output = Result<Self::Host>> + Send;
+}
+
+/// How a job ended well.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Outcome {
+    pub skipped: bool,
+    pub rolled_back: Option<FailureCategory>,
+    pub commit: Option<String>,
+    pub system: Option<String>,
+    pub nixos_version: Option<String>,
+    /// Host key installed by a full install.
+    pub installed_host_key: Option<String>,
+    pub facts: Option<HardwareFacts>,
+    pub message: String,
+    pub log_tail: Vec<String>,
+}
+
+/// Everything an action needs besides the machine.
+pub struct Ctx<'a, P: Progress> {
+    pub job: &'a Job,
+    pub cmds: &'a Commands,
+    pub sources: &'a SourceCache,
+    pub seal: Option<&'a SealKey>,
+    pub progress: &'a P,
+    /// Timeout of quick commands (probes, markers, uploads).
+    pub quick: Duration,
+    /// Timeout of builds and installs.
+    pub long: Duration,
+    pub kexec_tarball: Option<&'a [u8]>,
+    /// How long to wait for a machine to come back after kexec or reboot.
+    pub reboot_timeout: Duration,
+}
+
+/// Checks the parts of a job that reach a remote command or path (defence in depth: the controller
+/// validated them already).
+pub fn check_job(job: &Job) -> Result<()> {
+    use nio_shared::validate as v;
+    let inv = |e: v::ValidationError| Error::InvalidJob(e.to_string());
+    v::hostname("target.host", &job.target.host).map_err(inv)?;
+    v::ssh_user("target.user", &job.target.user).map_err(inv)?;
+    if let Some(id) = &job.target.identity {
+        v::identity_name("target.identity", id).map_err(inv)?;
+    }
+    if let Some(src) = &job.source {
+        if !v::is_full_sha(&src.commit) {
+            return Err(Error::InvalidJob(format!("source.commit {:?} is not a full commit SHA", src.commit)));
+        }
+        v::attr_path("source.flakeAttr", &src.flake_attr).map_err(inv)?;
+        if let Some(s) = &src.subdir {
+            v::relative_path("source.subdir", s).map_err(inv)?;
+        }
+        v::git_repo("source.repo", &src.repo).map_err(inv)?;
+    } else if !matches!(job.action, Action::Probe | Action::Scan) {
+        return Err(Error::InvalidJob(format!("{} job without a source", job.action.as_str())));
+    }
+    for f in &job.files {
+        v::relative_path("files[].path", &f.path).map_err(inv)?;
+    }
+    for s in &job.secrets {
+        v::relative_path("secrets[].path", &s.path).map_err(inv)?;
+    }
+    Ok(())
+}
+
+/// Runs the job's action.
+pub async fn run<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+    match ctx.job.action {
+        Action::Probe => probe(first, ctx).await,
+        Action::Scan => scan(first, ctx).await,
+        Action::Install => install(conn, first, ctx).await,
+        Action::Switch | Action::Boot | Action::Test | Action::DryActivate | Action::Remove => update(first, ctx).await,
+    }
+}
+
+struct Current {
+    version: Option<String>,
+    system: Option<String>,
+}
+
+async fn current<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Current> {
+    let v = remote::run(host, Step::Probe, ctx.cmds.nixos_version(), None, ctx.quick).await?;
+    let version = serde_json::from_slice::<serde_json::Value>(&v.stdout)
+        .ok()
+        .and_then(|j| j.get("nixosVersion").and_then(|s| s.as_str()).map(str::to_string))
+        .or_else(|| Some(v.stdout_str()).filter(|s| !s.is_empty()));
+    let s = remote::run(host, Step::Probe, ctx.cmds.current_system(), None, ctx.quick).await?;
+    Ok(Current { version, system: Some(s.stdout_str()).filter(|s| !s.is_empty()) })
+}
+
+async fn probe<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+    let cur = current(host, ctx).await?;
+    Ok(Outcome { system: cur.system, nixos_version: cur.version, message: "reachable".into(), ..Default::default() })
+}
+
+/// Parses nixos-facter's JSON report into the bounded summary kept in Machine status.
+pub fn facts_from_facter(json: &serde_json::Value) -> HardwareFacts {
+    let hw = &json["hardware"];
+    let list = |k: &str| hw.get(k).and_then(|v| v.as_array()).cloned().unwrap_or_default();
+    let cpus = list("cpu");
+    let memory = list("memory")
+        .iter()
+        .flat_map(|m| m.get("resources").and_then(|r| r.as_array()).cloned().unwrap_or_default())
+        .filter(|r| r.get("type").and_then(|t| t.as_str()) == Some("phys_mem"))
+        .filter_map(|r| r.get("range").and_then(|x| x.as_u64()))
+        .sum::<u64>();
+    let name = |v: &serde_json::Value| v.get("unix_device_name").or_else(|| v.get("name")).and_then(|s| s.as_str()).unwrap_or("?").to_string();
+    HardwareFacts {
+        system: json.get("system").and_then(|s| s.as_str()).map(str::to_string),
+        cpu_model: cpus.first().and_then(|c| c.get("model_name").or_else(|| c.get("model"))).and_then(|s| s.as_str()).map(str::to_string),
+        cpu_count: cpus.first().and_then(|c| c.get("units").or_else(|| c.get("cores"))).and_then(|n| n.as_u64()).and_then(|n| u32::try_from(n).ok()),
+        memory_bytes: (memory > 0).then_some(memory),
+        disks: list("disk").iter().take(32).map(name).collect(),
+        network_interfaces: list("network_interface").iter().take(32).map(name).collect(),
+        virtualisation: json.get("virtualisation").and_then(|s| s.as_str()).map(str::to_string),
+        source: Some("nixos-facter".into()),
+    }
+}
+
+/// Parses the built-in fact script's `key=value` lines.
+pub fn facts_from_script(out: &str) -> HardwareFacts {
+    let mut f = HardwareFacts { source: Some("nio-facts".into()), ..Default::default() };
+    for line in out.lines() {
+        let Some((k, v)) = line.split_once('=') else { continue };
+        let v = v.trim().to_string();
+        match k {
+            "system" => f.system = Some(v),
+            "cpus" => f.cpu_count = v.parse().ok(),
+            "cpu" => f.cpu_model = Some(v),
+            "memory" => f.memory_bytes = v.parse().ok(),
+            "disk" if f.disks.len() < 32 => f.disks.push(v),
+            "nic" if f.network_interfaces.len() < 32 => f.network_interfaces.push(v),
+            "virt" => f.virtualisation = Some(v),
+            _ => {}
+        }
+    }
+    f
+}
+
+async fn scan<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+    let facter = host.exec(&ctx.cmds.facter(), None, ctx.quick).await?;
+    let facts = if facter.success() {
+        let json: serde_json::Value = serde_json::from_slice(&facter.stdout).map_err(|e| Error::Command {
+            step: Step::Scan,
+            program: "nixos-facter".into(),
+            how: format!("printed something that is not JSON: {e}"),
+            tail: facter.tail(),
+            category: FailureCategory::CommandFailed,
+        })?;
+        facts_from_facter(&json)
+    } else {
+        let out = remote::run(host, Step::Scan, ctx.cmds.fact_script(), None, ctx.quick).await?;
+        facts_from_script(&String::from_utf8_lossy(&out.stdout))
+    };
+    Ok(Outcome { facts: Some(facts), message: "hardware scanned".into(), ..Default::default() })
+}
+
+/// Uploads the source tree (plus additional files) unless the machine already has this exact upload, and
+/// writes the job's secrets.
+async fn upload<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+    let job = ctx.job;
+    let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
+    let tree = ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?;
+    let mut extra = Vec::new();
+    for f in &job.files {
+        match &f.content {
+            FileContent::Inline { content } => extra.push((f.path.clone(), content.as_bytes().to_vec())),
+            FileContent::NixosFacter => {
+                let out = remote::run(host, Step::Scan, ctx.cmds.facter(), None, ctx.long).await?;
+                extra.push((f.path.clone(), out.stdout));
+            }
+        }
+    }
+    let up = source::upload(&src.commit, &tree, &extra)?;
+    let have = host.exec(&ctx.cmds.read_src_marker(&src.commit), None, ctx.quick).await?;
+    if have.success() && have.stdout_str() == up.digest {
+        ctx.progress.step(Step::Upload, "source already on the machine".into()).await;
+    } else {
+        let dir = ctx.cmds.src_dir(&src.commit);
+        remote::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
+        let size = up.tar.len();
+        remote::run(host, Step::Upload, ctx.cmds.extract(&dir), Some(Bytes::from(up.tar)), ctx.long).await?;
+        remote::run(host, Step::Upload, ctx.cmds.write_src_marker(&src.commit), Some(Bytes::from(up.digest)), ctx.quick).await?;
+        ctx.progress.step(Step::Upload, format!("uploaded {size} bytes of source at {}", &src.commit)).await;
+    }
+    write_secrets(host, ctx).await
+}
+
+async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+    let job = ctx.job;
+    if job.secrets.is_empty() {
+        return Ok(());
+    }
+    let key = ctx.seal.ok_or_else(|| Error::InvalidJob("job carries secrets but this executor has no --seal-key-file".into()))?;
+    remote::run(host, Step::Upload, ctx.cmds.secrets_dir(), None, ctx.quick).await?;
+    for s in &job.secrets {
+        let context = SecretFile::seal_context(&job.cluster, &job.namespace, &job.machine, &s.path);
+        let plain = key.unseal(&s.sealed, &context).map_err(|e| Error::InvalidJob(format!("secret {}: {e}", s.path)))?;
+        remote::run(host, Step::Upload, ctx.cmds.write_secret(&s.path), Some(Bytes::from(plain)), ctx.quick).await?;
+    }
+    ctx.progress.step(Step::Upload, format!("{} secret(s) written", job.secrets.len())).await;
+    Ok(())
+}
+
+async fn health<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+    let hc = ctx.job.health_check.clone().unwrap_or_default();
+    if !hc.enabled {
+        return Ok(());
+    }
+    let argv = if hc.command.is_empty() { ctx.cmds.default_health() } else { hc.command.clone() };
+    remote::run(host, Step::Health, argv, None, Duration::from_secs(u64::from(hc.timeout_seconds))).await?;
+    Ok(())
+}
+
+async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+    let job = ctx.job;
+    let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
+    let cur = current(host, ctx).await?;
+    let rebuild_action = match job.action {
+        Action::Remove => "switch",
+        a => a.as_str(),
+    };
+    if job.action == Action::Switch {
+        let marker = host.exec(&ctx.cmds.read_applied(), None, ctx.quick).await?;
+        let expected = format!("{} {}", src.commit, cur.system.clone().unwrap_or_default());
+        if marker.success() && marker.stdout_str() == expected && job.secrets.is_empty() {
+            return Ok(Outcome {
+                skipped: true,
+                commit: Some(src.commit.clone()),
+                system: cur.system,
+                nixos_version: cur.version,
+                message: "already running this commit".into(),
+                ..Default::default()
+            });
+        }
+    }
+    upload(host, ctx).await?;
+    let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
+    ctx.progress.step(Step::Build, format!("nixos-rebuild {rebuild_action} --flake {flake}")).await;
+    let built = remote::run(host, Step::Build, ctx.cmds.rebuild(rebuild_action, &flake), None, ctx.long).await;
+    let activates = matches!(rebuild_action, "switch" | "test");
+    let failure = match built {
+        Ok(out) => {
+            let tail = out.tail();
+            let checked = if activates { health(host, ctx).await } else { Ok(()) };
+            match checked {
+                Ok(()) => None,
+                Err(e) => Some((e, tail)),
+            }
+        }
+        Err(e) => Some((e, vec![])),
+    };
+    if let Some((err, _)) = failure {
+        let rollback_applies = job.rollback && activates && matches!(err.category(), FailureCategory::HealthCheckFailed | FailureCategory::ActivationFailed);
+        if !rollback_applies {
+            return Err(err);
+        }
+        ctx.progress.step(Step::Rollback, format!("{err}; rolling back")).await;
+        remote::run(host, Step::Rollback, ctx.cmds.rollback(), None, ctx.long).await?;
+        let after = current(host, ctx).await?;
+        return Ok(Outcome {
+            rolled_back: Some(err.category()),
+            system: after.system,
+            nixos_version: after.version,
+            message: format!("{err}; rolled back to the previous generation"),
+            log_tail: err.tail(),
+            ..Default::default()
+        });
+    }
+    let system = match rebuild_action {
+        "switch" | "test" => current(host, ctx).await?.system,
+        "boot" => Some(remote::run(host, Step::Activate, ctx.cmds.boot_system(), None, ctx.quick).await?.stdout_str()),
+        _ => cur.system.clone(),
+    };
+    if rebuild_action == "switch" {
+        let line = format!("{} {}\n", src.commit, system.clone().unwrap_or_default());
+        remote::run(host, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
+    }
+    Ok(Outcome {
+        commit: Some(src.commit.clone()),
+        system,
+        nixos_version: cur.version,
+        message: format!("nixos-rebuild {rebuild_action} succeeded"),
+        ..Default::default()
+    })
+}
+
+/// Polls until the machine answers SSH with `host_key` (or any key when None).
+async fn wait_for<C: Connector, P: Progress>(conn: &C, host_key: Option<&str>, ctx: &Ctx<'_, P>, what: &str) -> Result<C::Host> {
+    let deadline = tokio::time::Instant::now() + ctx.reboot_timeout;
+    let mut last: String;
+    loop {
+        match conn.connect(host_key).await {
+            Ok(h) => return Ok(h),
+            Err(e @ Error::HostKeyMismatch { .. }) => last = e.to_string(),
+            Err(e) if e.is_transient() => last = e.to_string(),
+            Err(e) => return Err(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::Timeout { step: Step::Reboot, after: ctx.reboot_timeout }).inspect_err(|_| tracing::warn!(%what, %last, "machine did not come back"));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+    let job = ctx.job;
+    let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
+    let release = remote::run(first, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
+    let in_installer = String::from_utf8_lossy(&release.stdout).lines().any(|l| l.trim() == "VARIANT_ID=installer");
+    let installer;
+    let host: &C::Host = if in_installer {
+        ctx.progress.step(Step::Kexec, "already in the installer".into()).await;
+        first
+    } else {
+        let tarball = ctx.kexec_tarball.ok_or_else(|| Error::Command {
+            step: Step::Kexec,
+            program: "kexec".into(),
+            how: "cannot run: this executor has no --kexec-tarball".into(),
+            tail: vec![],
+            category: FailureCategory::CommandFailed,
+        })?;
+        remote::run(first, Step::Kexec, ctx.cmds.mkdir(ctx.cmds.kexec_dir()), None, ctx.quick).await?;
+        remote::run(first, Step::Kexec, ctx.cmds.extract(ctx.cmds.kexec_dir()), Some(Bytes::copy_from_slice(tarball)), ctx.long).await?;
+        ctx.progress.step(Step::Kexec, "booting the installer with kexec".into()).await;
+        // The connection drops as the machine kexecs; an error here is expected.
+        let _ = first.exec(&ctx.cmds.kexec_run(), None, ctx.quick).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The installer has a fresh, unknown host key: trust on first use for this phase only.
+        installer = wait_for(conn, None, ctx, "installer").await?;
+        let release = remote::run(&installer, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
+        if !String::from_utf8_lossy(&release.stdout).lines().any(|l| l.trim() == "VARIANT_ID=installer") {
+            return Err(Error::Command {
+                step: Step::Kexec,
+                program: "kexec".into(),
+                how: "the machine came back but is not running the installer".into(),
+                tail: vec![],
+                category: FailureCategory::CommandFailed,
+            });
+        }
+        &installer
+    };
+    upload_tree_only(host, ctx).await?;
+    let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
+    ctx.progress.step(Step::Disko, "partitioning and formatting with disko".into()).await;
+    remote::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long).await?;
+    ctx.progress.step(Step::Install, "building the system on the target".into()).await;
+    let built = remote::run(host, Step::Install, ctx.cmds.build_system(&src.commit, src.subdir.as_deref(), &src.flake_attr), None, ctx.long).await?;
+    let system = built.stdout_str().lines().last().unwrap_or_default().to_string();
+    if !system.starts_with("/nix/store/") {
+        return Err(Error::Command { step: Step::Install, program: "nix".into(), how: format!("printed no store path ({system:?})"), tail: built.tail(), category: FailureCategory::BuildFailed });
+    }
+    remote::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long).await?;
+    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).map_err(|e| Error::Internal(format!("generating host key: {e}")))?;
+    let private = key.to_openssh(russh::keys::ssh_key::LineEnding::LF).map_err(|e| Error::Internal(e.to_string()))?;
+    let public = crate::ssh::openssh(key.public_key());
+    remote::run(host, Step::Install, ctx.cmds.install_host_key(true), Some(Bytes::from(private.as_bytes().to_vec())), ctx.quick).await?;
+    remote::run(host, Step::Install, ctx.cmds.install_host_key(false), Some(Bytes::from(format!("{public}\n"))), ctx.quick).await?;
+    ctx.progress.step(Step::Reboot, "rebooting into the installed system".into()).await;
+    let _ = host.exec(&ctx.cmds.reboot(), None, ctx.quick).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let booted = wait_for(conn, Some(&public), ctx, "installed system").await?;
+    let cur = current(&booted, ctx).await?;
+    if cur.system.as_deref() != Some(system.as_str()) {
+        return Err(Error::Command {
+            step: Step::Reboot,
+            program: "readlink".into(),
+            how: format!("the machine booted {:?}, not the installed {system}", cur.system),
+            tail: vec![],
+            category: FailureCategory::ActivationFailed,
+        });
+    }
+    write_secrets(&booted, ctx).await?;
+    let line = format!("{} {system}\n", src.commit);
+    remote::run(&booted, Step::Activate, ctx.cmds.mkdir(&ctx.cmds.paths.state_dir), None, ctx.quick).await?;
+    remote::run(&booted, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
+    Ok(Outcome {
+        commit: Some(src.commit.clone()),
+        system: Some(system),
+        nixos_version: cur.version,
+        installed_host_key: Some(public),
+        message: "installed".into(),
+        ..Default::default()
+    })
+}
+
+/// Upload for installs: the tree and files, but secrets only after the installed system booted.
+async fn upload_tree_only<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+    let mut job = ctx.job.clone();
+    job.secrets.clear();
+    let inner = Ctx {
+        job: &job,
+        cmds: ctx.cmds,
+        sources: ctx.sources,
+        seal: ctx.seal,
+        progress: ctx.progress,
+        quick: ctx.quick,
+        long: ctx.long,
+        kexec_tarball: ctx.kexec_tarball,
+        reboot_timeout: ctx.reboot_timeout,
+    };
+    upload(host, &inner).await
+}

@@ -1,0 +1,212 @@
+//! Source shipping: a git2 mirror per repository, the tree at a commit exported as a tar stream (cached per
+//! commit, so a fleet rollout walks the tree once), plus each job's additional files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Size of the tar end-of-archive marker (two zero blocks).
+const TAR_FOOTER: usize = 1024;
+/// Commits whose exported tree is kept in memory.
+const TAR_CACHE: usize = 16;
+
+/// Git read credentials by name, from `{dir}/{name}/{token|username|password|ssh-privatekey}`.
+#[derive(Debug, Clone, Default)]
+pub struct GitCredentials {
+    dir: Option<PathBuf>,
+}
+
+impl GitCredentials {
+    pub fn new(dir: Option<PathBuf>) -> Self {
+        GitCredentials { dir }
+    }
+
+    fn read(&self, name: &str, key: &str) -> Option<String> {
+        let dir = self.dir.as_ref()?;
+        std::fs::read_to_string(dir.join(name).join(key)).ok().map(|s| s.trim().to_string())
+    }
+}
+
+/// Mirrors of the repositories jobs refer to, and exported trees.
+pub struct SourceCache {
+    dir: PathBuf,
+    creds: GitCredentials,
+    repo_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    tars: Mutex<Vec<(String, Arc<Vec<u8>>)>>,
+}
+
+/// A job's upload: the tar stream and a digest identifying its content.
+pub struct Upload {
+    pub tar: Vec<u8>,
+    pub digest: String,
+}
+
+fn repo_dir(base: &Path, url: &str) -> PathBuf {
+    let h = Sha256::digest(url.as_bytes());
+    base.join("git").join(h.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn git_err(what: &str, e: git2::Error) -> Error {
+    Error::Source(format!("{what}: {}", e.message()))
+}
+
+impl SourceCache {
+    pub fn new(dir: PathBuf, creds: GitCredentials) -> Self {
+        SourceCache { dir, creds, repo_locks: Mutex::new(HashMap::new()), tars: Mutex::new(Vec::new()) }
+    }
+
+    /// The tree at `commit` as tar entries (no end-of-archive marker). Concurrent jobs on one repository
+    /// share one fetch.
+    pub async fn tree(&self, repo: &str, commit: &str, credentials: Option<&str>) -> Result<Arc<Vec<u8>>> {
+        let key = format!("{repo}\n{commit}");
+        if let Some(t) = self.cached(&key) {
+            return Ok(t);
+        }
+        let lock = {
+            let mut locks = self.repo_locks.lock().map_err(|_| Error::Internal("source lock poisoned".into()))?;
+            locks.entry(repo.to_string()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        if let Some(t) = self.cached(&key) {
+            return Ok(t);
+        }
+        let dir = repo_dir(&self.dir, repo);
+        let (repo_url, commit_s) = (repo.to_string(), commit.to_string());
+        let creds = self.creds.clone();
+        let cred_name = credentials.map(str::to_string);
+        let tar = tokio::task::spawn_blocking(move || export(&dir, &repo_url, &commit_s, &creds, cred_name.as_deref()))
+            .await
+            .map_err(|e| Error::Internal(format!("source export task: {e}")))??;
+        let tar = Arc::new(tar);
+        if let Ok(mut tars) = self.tars.lock() {
+            tars.push((key, tar.clone()));
+            if tars.len() > TAR_CACHE {
+                tars.remove(0);
+            }
+        }
+        Ok(tar)
+    }
+
+    fn cached(&self, key: &str) -> Option<Arc<Vec<u8>>> {
+        self.tars.lock().ok()?.iter().find(|(k, _)| k == key).map(|(_, t)| t.clone())
+    }
+}
+
+/// Builds a job's upload: the commit's tree plus `extra` files (path, content), and a digest of both.
+pub fn upload(commit: &str, tree: &[u8], extra: &[(String, Vec<u8>)]) -> Result<Upload> {
+    let mut digest = Sha256::new();
+    digest.update(commit.as_bytes());
+    let mut tar = Vec::with_capacity(tree.len() + 4096);
+    tar.extend_from_slice(tree);
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, content) in extra {
+        digest.update(path.as_bytes());
+        digest.update([0]);
+        digest.update(content);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, content.as_slice()).map_err(|e| Error::Source(format!("adding {path}: {e}")))?;
+    }
+    let extra_tar = b.into_inner().map_err(|e| Error::Source(e.to_string()))?;
+    tar.extend_from_slice(&extra_tar);
+    Ok(Upload { tar, digest: digest.finalize().iter().map(|b| format!("{b:02x}")).collect() })
+}
+
+fn callbacks<'a>(creds: &'a GitCredentials, name: Option<&'a str>) -> git2::RemoteCallbacks<'a> {
+    let mut cb = git2::RemoteCallbacks::new();
+    let mut tries = 0;
+    cb.credentials(move |_url, username, allowed| {
+        tries += 1;
+        let Some(name) = name else { return git2::Cred::default() };
+        if tries > 2 {
+            return Err(git2::Error::from_str("credentials rejected"));
+        }
+        if allowed.contains(git2::CredentialType::SSH_KEY)
+            && let Some(key) = creds.read(name, "ssh-privatekey")
+        {
+            return git2::Cred::ssh_key_from_memory(username.unwrap_or("git"), None, &key, None);
+        }
+        if let Some(token) = creds.read(name, "token") {
+            return git2::Cred::userpass_plaintext("x-access-token", &token);
+        }
+        match (creds.read(name, "username"), creds.read(name, "password")) {
+            (Some(u), Some(p)) => git2::Cred::userpass_plaintext(&u, &p),
+            _ => Err(git2::Error::from_str("no usable credentials (token, username/password or ssh-privatekey)")),
+        }
+    });
+    cb
+}
+
+fn export(dir: &Path, url: &str, commit: &str, creds: &GitCredentials, cred_name: Option<&str>) -> Result<Vec<u8>> {
+    let oid = git2::Oid::from_str(commit).map_err(|e| Error::InvalidJob(format!("commit {commit}: {}", e.message())))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Source(format!("cache dir {}: {e}", dir.display())))?;
+    let repo = git2::Repository::open_bare(dir).or_else(|_| git2::Repository::init_bare(dir)).map_err(|e| git_err("opening mirror", e))?;
+    if repo.find_commit(oid).is_err() {
+        let mut remote = repo.remote_anonymous(url).map_err(|e| git_err("remote", e))?;
+        let mut fo = git2::FetchOptions::new();
+        fo.remote_callbacks(callbacks(creds, cred_name));
+        remote
+            .fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut fo), None)
+            .map_err(|e| git_err(&format!("fetching {url}"), e))?;
+        if repo.find_commit(oid).is_err() {
+            let mut fo = git2::FetchOptions::new();
+            fo.remote_callbacks(callbacks(creds, cred_name));
+            let _ = remote.fetch(&[commit], Some(&mut fo), None);
+        }
+    }
+    let c = repo.find_commit(oid).map_err(|_| Error::Source(format!("commit {commit} is not in {url}")))?;
+    let tree = c.tree().map_err(|e| git_err("tree", e))?;
+    let mtime = u64::try_from(c.time().seconds()).unwrap_or(0);
+    let mut b = tar::Builder::new(Vec::new());
+    let mut failure: Option<Error> = None;
+    tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
+        let Ok(name) = entry.name() else { return git2::TreeWalkResult::Skip };
+        let path = format!("{root}{name}");
+        if entry.kind() != Some(git2::ObjectType::Blob) {
+            return git2::TreeWalkResult::Ok;
+        }
+        let blob = match repo.find_blob(entry.id()) {
+            Ok(b) => b,
+            Err(e) => {
+                failure = Some(git_err(&path, e));
+                return git2::TreeWalkResult::Abort;
+            }
+        };
+        let mut h = tar::Header::new_gnu();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(mtime);
+        let r = if entry.filemode() == 0o120000 {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            h.set_mode(0o777);
+            let target = String::from_utf8_lossy(blob.content()).into_owned();
+            b.append_link(&mut h, &path, target)
+        } else {
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(blob.size() as u64);
+            h.set_mode(if entry.filemode() == 0o100755 { 0o755 } else { 0o644 });
+            b.append_data(&mut h, &path, blob.content())
+        };
+        if let Err(e) = r {
+            failure = Some(Error::Source(format!("{path}: {e}")));
+            return git2::TreeWalkResult::Abort;
+        }
+        git2::TreeWalkResult::Ok
+    })
+    .map_err(|e| failure.take().unwrap_or_else(|| git_err("walking tree", e)))?;
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    let mut tar = b.into_inner().map_err(|e| Error::Source(e.to_string()))?;
+    tar.truncate(tar.len().saturating_sub(TAR_FOOTER));
+    Ok(tar)
+}

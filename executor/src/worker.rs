@@ -1,0 +1,521 @@
+//! JetStream workers: one durable pull consumer per site (its `max_ack_pending` is the site's limit), and
+//! the life of one job: decode → lock → rate limit → connect → action → status → ack.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use nio_shared::config::{ExecutorConfig, SiteLimits};
+use nio_shared::protocol::{Action, FailureCategory, Job, JobKind, Phase, STATUS_VERSION, StatusEvent, Step};
+use nio_shared::seal::SealKey;
+use nio_shared::subjects;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::actions::{self, Connector, Ctx, Outcome, Progress};
+use crate::error::{Error, Result};
+use crate::limits::ConnectLimits;
+use crate::lock::Locks;
+use crate::metrics::{self, Metrics, OutcomeLabels};
+use crate::remote::Commands;
+use crate::source::SourceCache;
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
+
+/// Everything the workers share.
+pub struct Executor {
+    pub js: jetstream::Context,
+    pub cfg: ExecutorConfig,
+    pub id: String,
+    pub locks: Locks,
+    pub limits: ConnectLimits,
+    pub identities: Identities,
+    pub sources: SourceCache,
+    pub seal: Option<SealKey>,
+    pub connect: ConnectOptions,
+    pub metrics: Arc<Metrics>,
+    pub cmds: Commands,
+    pub kexec_tarball: Option<Vec<u8>>,
+    pub ready: AtomicBool,
+}
+
+/// Creates the streams if missing and the site consumers, refusing to run against incompatible settings.
+pub async fn ensure_consumers(js: &jetstream::Context, cfg: &ExecutorConfig) -> Result<Vec<(SiteLimits, PullConsumer)>> {
+    let nats_err = |what: &str, e: &dyn std::fmt::Display| Error::Nats(format!("{what}: {e}"));
+    for want in [nio_shared::nats::jobs_stream(1), nio_shared::nats::status_stream(1)] {
+        match js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| nats_err(&want.name, &e))?;
+                let diff = nio_shared::nats::stream_mismatches(&info.config, &want);
+                if !diff.is_empty() {
+                    return Err(Error::Nats(format!("stream {} exists with incompatible settings: {}", want.name, diff.join("; "))));
+                }
+            }
+            Err(_) => {
+                js.get_or_create_stream(want.clone()).await.map_err(|e| nats_err(&format!("creating stream {}", want.name), &e))?;
+            }
+        }
+    }
+    let stream = js.get_stream(subjects::JOBS_STREAM).await.map_err(|e| nats_err("jobs stream", &e))?;
+    let mut out = Vec::new();
+    for site in &cfg.sites {
+        let want = nio_shared::nats::site_consumer(site, cfg);
+        let name = subjects::site_consumer(&site.name);
+        let consumer: PullConsumer = match stream.get_consumer(&name).await {
+            Ok(c) => {
+                let mut c: PullConsumer = c;
+                let info = c.info().await.map_err(|e| nats_err(&name, &e))?;
+                let diff = nio_shared::nats::consumer_mismatches(&info.config.clone().into_pull(), &want);
+                if !diff.is_empty() {
+                    return Err(Error::Nats(format!("site {}: {}", site.name, diff.join("; "))));
+                }
+                c
+            }
+            Err(_) => stream.create_consumer(want).await.map_err(|e| nats_err(&format!("creating consumer {name}"), &e))?,
+        };
+        out.push((site.clone(), consumer));
+    }
+    Ok(out)
+}
+
+trait IntoPull {
+    fn into_pull(self) -> jetstream::consumer::pull::Config;
+}
+
+impl IntoPull for jetstream::consumer::Config {
+    fn into_pull(self) -> jetstream::consumer::pull::Config {
+        jetstream::consumer::pull::Config {
+            durable_name: self.durable_name,
+            filter_subject: self.filter_subject,
+            ack_policy: self.ack_policy,
+            max_ack_pending: self.max_ack_pending,
+            ..Default::default()
+        }
+    }
+}
+
+impl Executor {
+    /// Pulls and runs jobs until `shutdown`; then finishes in-flight jobs within `grace` and naks the rest.
+    pub async fn run(self: Arc<Self>, consumers: Vec<(SiteLimits, PullConsumer)>, shutdown: CancellationToken, grace: Duration) -> Result<()> {
+        let hard = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for (site, consumer) in consumers {
+            self.metrics.site_limit.get_or_create(&metrics::site(&site.name)).set(i64::from(site.max_in_flight));
+            let me = self.clone();
+            let (shutdown, hard) = (shutdown.clone(), hard.clone());
+            tasks.push(tokio::spawn(async move { me.site_loop(site, consumer, shutdown, hard).await }));
+        }
+        self.ready.store(true, Ordering::SeqCst);
+        shutdown.cancelled().await;
+        self.ready.store(false, Ordering::SeqCst);
+        tracing::info!(?grace, "shutting down: no new jobs; finishing in-flight jobs");
+        let all = futures::future::join_all(tasks);
+        tokio::pin!(all);
+        tokio::select! {
+            _ = &mut all => {}
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!("grace period over: returning unfinished jobs to the queue");
+                hard.cancel();
+                all.await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn site_loop(self: Arc<Self>, site: SiteLimits, consumer: PullConsumer, shutdown: CancellationToken, hard: CancellationToken) {
+        let limit = site.max_in_flight as usize;
+        loop {
+            let messages = match consumer.stream().max_messages_per_batch(limit).heartbeat(Duration::from_secs(5)).messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::error!(site = %site.name, error = %e, "pulling jobs failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            };
+            let stopped = messages
+                .take_until(shutdown.cancelled())
+                .for_each_concurrent(limit, |m| {
+                    let me = self.clone();
+                    let (site, hard) = (site.name.clone(), hard.clone());
+                    async move {
+                        match m {
+                            Ok(msg) => me.handle(&site, msg, hard).await,
+                            Err(e) => tracing::warn!(%site, error = %e, "job stream error"),
+                        }
+                    }
+                })
+                .await;
+            let () = stopped;
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Handles one message; never fails the worker.
+    async fn handle(self: Arc<Self>, site: &str, msg: jetstream::Message, hard: CancellationToken) {
+        let start = Instant::now();
+        let in_flight = self.metrics.in_flight.get_or_create(&metrics::site(site)).clone();
+        in_flight.inc();
+        let job = match Job::decode(&msg.payload) {
+            Ok(j) => j,
+            Err(e) => {
+                self.metrics.malformed.inc();
+                tracing::error!(subject = %msg.subject, error = %e, "terminating an undecodable job");
+                if let Some(s) = subjects::parse_job_subject(&msg.subject) {
+                    let rep = Reporter::new(self.clone(), undecodable_job(&s), None);
+                    rep.finish_failed(Step::Lock, FailureCategory::InvalidJob, e.to_string(), vec![]).await;
+                }
+                let _ = msg.ack_with(AckKind::Term).await;
+                in_flight.dec();
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "job.execute",
+            otel.kind = "consumer",
+            nio.site = %job.site,
+            nio.cluster = %job.cluster,
+            nio.action = job.action.as_str(),
+            nio.commit = job.source.as_ref().map(|s| s.commit.as_str()).unwrap_or(""),
+            nio.outcome = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            server.address = %job.target.host,
+            messaging.system = "nats",
+        );
+        nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
+        let queue_wait = (Utc::now() - job.enqueued_at).to_std().unwrap_or_default();
+        self.metrics.queue_wait.get_or_create(&metrics::site(site)).observe(queue_wait.as_secs_f64());
+        let outcome = self.clone().process(site, &msg, job.clone(), hard).instrument(span.clone()).await;
+        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+        let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
+        let (label, category) = match outcome {
+            Ok(o) => {
+                let label = if o.skipped { "skipped" } else if o.rolled_back.is_some() { "rolled_back" } else { "succeeded" };
+                rep.finish_ok(o.clone()).instrument(span.clone()).await;
+                let _ = msg.double_ack().await;
+                (label, o.rolled_back.map_or("none", FailureCategory::as_str))
+            }
+            Err(Cancelled) => {
+                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                ("requeued", "none")
+            }
+            Err(Failed(e)) if e.is_transient() && delivered < self.cfg.max_deliver => {
+                let delay = self.backoff(delivered);
+                rep.step(e.step(), format!("{e}; retrying in {delay:?} (attempt {delivered} of {})", self.cfg.max_deliver)).instrument(span.clone()).await;
+                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
+                ("retried", e.category().as_str())
+            }
+            Err(Failed(e)) => {
+                span.record("error.type", e.category().as_str());
+                tracing::warn!(parent: &span, machine = %job.machine, error = %e, "job failed");
+                rep.finish_failed(e.step(), e.category(), e.to_string(), e.tail()).instrument(span.clone()).await;
+                let _ = msg.ack_with(AckKind::Term).await;
+                ("failed", e.category().as_str())
+            }
+        };
+        span.record("nio.outcome", label);
+        let labels = OutcomeLabels { site: site.into(), action: job.action.as_str().into(), outcome: label.into(), category: category.into() };
+        self.metrics.jobs.get_or_create(&labels).inc();
+        self.metrics.job_duration.get_or_create(&metrics::site(site)).observe(start.elapsed().as_secs_f64());
+        in_flight.dec();
+    }
+
+    fn backoff(&self, delivered: i64) -> Duration {
+        let idx = usize::try_from(delivered.saturating_sub(1)).unwrap_or(0);
+        let secs = self.cfg.backoff_seconds.get(idx).or(self.cfg.backoff_seconds.last()).copied().unwrap_or(5);
+        Duration::from_secs(secs)
+    }
+
+    async fn process(self: Arc<Self>, site: &str, msg: &jetstream::Message, job: Job, hard: CancellationToken) -> Result<Outcome, Failure> {
+        actions::check_job(&job).map_err(Failed)?;
+        let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
+        rep.event(Phase::Started, None, None, String::new()).await;
+        // Keep the message ours while the job runs.
+        let ticker = {
+            let every = Duration::from_secs(self.cfg.ack_wait_seconds.max(3) / 3);
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if msg.ack_with(AckKind::Progress).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let timeout = Duration::from_secs(if job.timeout_seconds > 0 { job.timeout_seconds } else { self.cfg.job_timeout_seconds });
+        let work = self.clone().locked(site, &job, &rep, timeout);
+        let result = tokio::select! {
+            r = tokio::time::timeout(timeout, work) => match r {
+                Ok(r) => r.map_err(Failed),
+                Err(_) => Err(Failed(Error::Timeout { step: Step::Build, after: timeout })),
+            },
+            _ = hard.cancelled() => Err(Cancelled),
+        };
+        ticker.abort();
+        result
+    }
+
+    async fn locked(self: Arc<Self>, site: &str, job: &Job, rep: &Reporter, timeout: Duration) -> Result<Outcome> {
+        let key = subjects::lock_key(&job.target.host, job.target.port);
+        let lock_span = tracing::info_span!("lock", nio.lock = %key);
+        let deadline = Instant::now() + timeout;
+        let held = async {
+            let mut announced = false;
+            loop {
+                if let Some(h) = self.locks.try_acquire(&key).await? {
+                    return Ok(Some(h));
+                }
+                if job.action.kind() == JobKind::Probe {
+                    return Ok(None);
+                }
+                if !announced {
+                    self.metrics.lock_waits.get_or_create(&metrics::site(site)).inc();
+                    let holder = self.locks.holder(&key).await.unwrap_or_default();
+                    rep.step(Step::Lock, format!("machine busy ({holder}); waiting for the running job to finish")).await;
+                    announced = true;
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::LockBusy);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        .instrument(lock_span)
+        .await?;
+        let Some(held) = held else {
+            return Ok(Outcome { skipped: true, message: "machine busy with another job; probe skipped".into(), ..Default::default() });
+        };
+        let result = self.connected(site, job, rep).await;
+        held.release().await;
+        result
+    }
+
+    async fn connected(&self, site: &str, job: &Job, rep: &Reporter) -> Result<Outcome> {
+        let waited = self.limits.wait(site).instrument(tracing::info_span!("ratelimit.wait", nio.site = %site)).await;
+        if waited > Duration::from_millis(1) {
+            self.metrics.ratelimit_waits.get_or_create(&metrics::site(site)).inc();
+        }
+        self.metrics.ratelimit_wait.get_or_create(&metrics::site(site)).observe(waited.as_secs_f64());
+        let identity_name = job.target.identity.clone().unwrap_or_else(|| crate::ssh::DEFAULT_IDENTITY.to_string());
+        let identity = self.identities.get(&identity_name)?;
+        let conn = SshConnector { exec: self, job, identity: identity.clone(), identity_name: identity_name.clone() };
+        let t = Instant::now();
+        let host = SshHost::connect(&job.target.host, job.target.port, &job.target.user, job.target.host_key.as_deref(), &identity_name, identity, &self.connect)
+            .instrument(tracing::info_span!("ssh.connect", server.address = %job.target.host, server.port = job.target.port))
+            .await?;
+        self.metrics.ssh_connect.get_or_create(&metrics::site(site)).observe(t.elapsed().as_secs_f64());
+        let seen_key = host.host_key().to_string();
+        let ctx = Ctx {
+            job,
+            cmds: &self.cmds,
+            sources: &self.sources,
+            seal: self.seal.as_ref(),
+            progress: rep,
+            quick: Duration::from_secs(120),
+            long: Duration::from_secs(if job.timeout_seconds > 0 { job.timeout_seconds } else { self.cfg.job_timeout_seconds }),
+            kexec_tarball: self.kexec_tarball.as_deref(),
+            reboot_timeout: Duration::from_secs(600),
+        };
+        let span = match job.action {
+            Action::Install => tracing::info_span!("install"),
+            Action::Probe | Action::Scan => tracing::info_span!("probe"),
+            _ => tracing::info_span!("nixos-rebuild", nio.action = job.action.as_str()),
+        };
+        let result = actions::run(&conn, &host, &ctx).instrument(span).await;
+        host.close().await;
+        result.map(|mut o| {
+            if o.installed_host_key.is_none() && job.target.host_key.is_none() {
+                // Trust on first use: report the key so the controller pins it.
+                o.installed_host_key = Some(seen_key);
+            }
+            o
+        })
+    }
+}
+
+/// Why processing stopped.
+enum Failure {
+    Failed(Error),
+    Cancelled,
+}
+use Failure::{Cancelled, Failed};
+
+struct SshConnector<'a> {
+    exec: &'a Executor,
+    job: &'a Job,
+    identity: Arc<russh::keys::PrivateKey>,
+    identity_name: String,
+}
+
+impl Connector for SshConnector<'_> {
+    type Host = SshHost;
+    async fn connect(&self, host_key: Option<&str>) -> Result<SshHost> {
+        let mut opts = self.exec.connect.clone();
+        if host_key.is_none() {
+            opts.policy = HostKeyPolicy::Tofu;
+        }
+        let t = &self.job.target;
+        SshHost::connect(&t.host, t.port, &t.user, host_key, &self.identity_name, self.identity.clone(), &opts).await
+    }
+}
+
+/// Publishes status events for one job.
+pub struct Reporter {
+    exec: Arc<Executor>,
+    job: Job,
+    started_at: chrono::DateTime<Utc>,
+    span: Option<tracing::Span>,
+}
+
+/// A stand-in job for reporting about a message whose body could not be decoded: identity from the subject.
+fn undecodable_job(s: &subjects::JobSubject) -> Job {
+    Job {
+        v: nio_shared::protocol::JOB_VERSION,
+        id: String::new(),
+        cluster: s.cluster.clone(),
+        namespace: s.namespace.clone(),
+        machine: s.machine.clone(),
+        configuration: None,
+        generation: 0,
+        site: s.site.clone(),
+        target: nio_shared::protocol::Target { host: String::new(), port: 22, user: String::new(), identity: None, host_key: None },
+        source: None,
+        action: if s.kind == JobKind::Probe { Action::Probe } else { Action::Switch },
+        files: vec![],
+        secrets: vec![],
+        secrets_hash: None,
+        health_check: None,
+        rollback: false,
+        timeout_seconds: 0,
+        enqueued_at: Utc::now(),
+    }
+}
+
+impl Reporter {
+    fn new(exec: Arc<Executor>, job: Job, span: Option<tracing::Span>) -> Self {
+        Reporter { exec, job, started_at: Utc::now(), span }
+    }
+
+    async fn event(&self, phase: Phase, step: Option<Step>, category: Option<FailureCategory>, message: String) {
+        self.publish(StatusEvent {
+            v: STATUS_VERSION,
+            job_id: self.job.id.clone(),
+            cluster: self.job.cluster.clone(),
+            namespace: self.job.namespace.clone(),
+            machine: self.job.machine.clone(),
+            configuration: self.job.configuration.clone(),
+            generation: self.job.generation,
+            action: self.job.action,
+            phase,
+            step,
+            category,
+            commit: self.job.source.as_ref().map(|s| s.commit.clone()),
+            system: None,
+            host_key: None,
+            nixos_version: None,
+            facts: None,
+            message: Some(message).filter(|m| !m.is_empty()),
+            log_tail: vec![],
+            executor: self.exec.id.clone(),
+            started_at: self.started_at,
+            at: Utc::now(),
+        })
+        .await;
+    }
+
+    async fn publish(&self, ev: StatusEvent) {
+        let span = tracing::info_span!(parent: self.span.as_ref().and_then(|s| s.id()), "status.publish", otel.kind = "producer", nio.phase = ?ev.phase);
+        let mut headers = async_nats::HeaderMap::new();
+        {
+            let _e = span.enter();
+            nio_shared::telemetry::inject(&mut headers);
+        }
+        let subject = ev.subject();
+        let sent = async {
+            let ack = self.exec.js.publish_with_headers(subject, headers, Bytes::from(ev.encode())).await?;
+            ack.await.map(|_| ())
+        }
+        .instrument(span)
+        .await;
+        if let Err(e) = sent {
+            self.exec.metrics.status_publish_errors.inc();
+            tracing::error!(machine = %ev.machine, error = %e, "publishing a status event failed");
+        }
+    }
+
+    async fn finish_ok(&self, o: Outcome) {
+        let phase = if o.skipped {
+            Phase::Skipped
+        } else if o.rolled_back.is_some() {
+            Phase::RolledBack
+        } else {
+            Phase::Succeeded
+        };
+        let step = o.rolled_back.map(|_| Step::Rollback);
+        self.publish(StatusEvent {
+            v: STATUS_VERSION,
+            job_id: self.job.id.clone(),
+            cluster: self.job.cluster.clone(),
+            namespace: self.job.namespace.clone(),
+            machine: self.job.machine.clone(),
+            configuration: self.job.configuration.clone(),
+            generation: self.job.generation,
+            action: self.job.action,
+            phase,
+            step,
+            category: o.rolled_back,
+            commit: o.commit.or_else(|| self.job.source.as_ref().map(|s| s.commit.clone())),
+            system: o.system,
+            host_key: o.installed_host_key,
+            nixos_version: o.nixos_version,
+            facts: o.facts,
+            message: Some(o.message).filter(|m| !m.is_empty()),
+            log_tail: o.log_tail,
+            executor: self.exec.id.clone(),
+            started_at: self.started_at,
+            at: Utc::now(),
+        })
+        .await;
+    }
+
+    async fn finish_failed(&self, step: Step, category: FailureCategory, message: String, log_tail: Vec<String>) {
+        self.publish(StatusEvent {
+            v: STATUS_VERSION,
+            job_id: self.job.id.clone(),
+            cluster: self.job.cluster.clone(),
+            namespace: self.job.namespace.clone(),
+            machine: self.job.machine.clone(),
+            configuration: self.job.configuration.clone(),
+            generation: self.job.generation,
+            action: self.job.action,
+            phase: Phase::Failed,
+            step: Some(step),
+            category: Some(category),
+            commit: self.job.source.as_ref().map(|s| s.commit.clone()),
+            system: None,
+            host_key: None,
+            nixos_version: None,
+            facts: None,
+            message: Some(message),
+            log_tail,
+            executor: self.exec.id.clone(),
+            started_at: self.started_at,
+            at: Utc::now(),
+        })
+        .await;
+    }
+}
+
+impl Progress for Reporter {
+    async fn step(&self, step: Step, message: String) {
+        self.event(Phase::Step, Some(step), None, message).await;
+    }
+}

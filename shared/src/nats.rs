@@ -1,0 +1,128 @@
+//! JetStream stream, consumer and bucket settings (DESIGN §3), as data. Controllers and executors both
+//! create-or-verify these; the settings are defined once, here.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{consumer, kv, stream};
+
+use crate::config::{ExecutorConfig, SiteLimits};
+use crate::subjects;
+
+/// How long a duplicate job id is remembered.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
+/// How long a lock outlives its last refresh (an executor that died releases its machines after this).
+pub const LOCK_TTL: Duration = Duration::from_secs(60);
+
+/// `NIO_JOBS`: work queue, one message per machine and kind (a newer job replaces a queued older one).
+pub fn jobs_stream(replicas: usize) -> stream::Config {
+    stream::Config {
+        name: subjects::JOBS_STREAM.into(),
+        description: Some("NIO rebuild jobs: one per machine and kind".into()),
+        subjects: vec![format!("{}.>", subjects::JOBS_PREFIX)],
+        retention: stream::RetentionPolicy::WorkQueue,
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::Old,
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// `NIO_STATUS`: work queue of executor reports, one durable consumer per cluster.
+pub fn status_stream(replicas: usize) -> stream::Config {
+    stream::Config {
+        name: subjects::STATUS_STREAM.into(),
+        description: Some("NIO job status events, consumed by each cluster's controller".into()),
+        subjects: vec![format!("{}.>", subjects::STATUS_PREFIX)],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..Default::default()
+    }
+}
+
+/// `NIO_LOCKS`: one holder per machine; an entry expires `LOCK_TTL` after its last refresh.
+pub fn locks_bucket(replicas: usize) -> kv::Config {
+    kv::Config {
+        bucket: subjects::LOCKS_BUCKET.into(),
+        description: "NIO per-machine locks".into(),
+        history: 1,
+        max_age: LOCK_TTL,
+        storage: stream::StorageType::File,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
+/// The durable consumer every executor shares for one site: `max_ack_pending` is the site's limit, so the
+/// broker enforces it across all executors.
+pub fn site_consumer(site: &SiteLimits, cfg: &ExecutorConfig) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::site_consumer(&site.name)),
+        description: Some(format!("NIO executors for site {}", site.name)),
+        filter_subject: subjects::site_jobs_filter(&site.name),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(cfg.ack_wait_seconds),
+        max_deliver: cfg.max_deliver,
+        max_ack_pending: i64::from(site.max_in_flight),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    }
+}
+
+/// The durable consumer of one cluster's status events.
+pub fn status_consumer(cluster: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::status_consumer(cluster)),
+        description: Some(format!("NIO controller of cluster {cluster}")),
+        filter_subject: subjects::cluster_status_filter(cluster),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: 10,
+        max_ack_pending: 10_000,
+        ..Default::default()
+    }
+}
+
+/// Differences in the settings NIO relies on between an existing stream and the wanted one.
+pub fn stream_mismatches(have: &stream::Config, want: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if have.retention != want.retention {
+        out.push(format!("retention is {:?}, NIO needs {:?}", have.retention, want.retention));
+    }
+    if have.subjects != want.subjects {
+        out.push(format!("subjects are {:?}, NIO needs {:?}", have.subjects, want.subjects));
+    }
+    if have.max_messages_per_subject != want.max_messages_per_subject {
+        out.push(format!("max_msgs_per_subject is {}, NIO needs {}", have.max_messages_per_subject, want.max_messages_per_subject));
+    }
+    if have.duplicate_window < want.duplicate_window {
+        out.push(format!("duplicate window is {:?}, NIO needs at least {:?}", have.duplicate_window, want.duplicate_window));
+    }
+    if have.storage != want.storage {
+        out.push(format!("storage is {:?}, NIO needs {:?}", have.storage, want.storage));
+    }
+    out
+}
+
+/// Differences between an existing site consumer and the limits this executor was started with.
+pub fn consumer_mismatches(have: &consumer::pull::Config, want: &consumer::pull::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if have.max_ack_pending != want.max_ack_pending {
+        out.push(format!(
+            "maxInFlight: the site consumer allows {} jobs in flight, this executor is configured for {}; give every executor of the site the same maxInFlight (or delete consumer {} to change it)",
+            have.max_ack_pending,
+            want.max_ack_pending,
+            want.durable_name.as_deref().unwrap_or("?")
+        ));
+    }
+    if have.filter_subject != want.filter_subject {
+        out.push(format!("filter subject is {}, expected {}", have.filter_subject, want.filter_subject));
+    }
+    if have.ack_policy != want.ack_policy {
+        out.push("ack policy must be explicit".into());
+    }
+    out
+}
