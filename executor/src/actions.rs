@@ -129,11 +129,21 @@ pub fn facts_from_facter(json: &serde_json::Value) -> HardwareFacts {
         .filter(|r| r.get("type").and_then(|t| t.as_str()) == Some("phys_mem"))
         .filter_map(|r| r.get("range").and_then(|x| x.as_u64()))
         .sum::<u64>();
-    let name = |v: &serde_json::Value| v.get("unix_device_name").or_else(|| v.get("name")).and_then(|s| s.as_str()).unwrap_or("?").to_string();
+    let name = |v: &serde_json::Value| {
+        v.get("unix_device_name").or_else(|| v.get("name")).and_then(|s| s.as_str()).unwrap_or("?").to_string()
+    };
     HardwareFacts {
         system: json.get("system").and_then(|s| s.as_str()).map(str::to_string),
-        cpu_model: cpus.first().and_then(|c| c.get("model_name").or_else(|| c.get("model"))).and_then(|s| s.as_str()).map(str::to_string),
-        cpu_count: cpus.first().and_then(|c| c.get("units").or_else(|| c.get("cores"))).and_then(|n| n.as_u64()).and_then(|n| u32::try_from(n).ok()),
+        cpu_model: cpus
+            .first()
+            .and_then(|c| c.get("model_name").or_else(|| c.get("model")))
+            .and_then(|s| s.as_str())
+            .map(str::to_string),
+        cpu_count: cpus
+            .first()
+            .and_then(|c| c.get("units").or_else(|| c.get("cores")))
+            .and_then(|n| n.as_u64())
+            .and_then(|n| u32::try_from(n).ok()),
         memory_bytes: (memory > 0).then_some(memory),
         disks: list("disk").iter().take(32).map(name).collect(),
         network_interfaces: list("network_interface").iter().take(32).map(name).collect(),
@@ -205,7 +215,14 @@ async fn upload<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> 
         remote::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
         let size = up.tar.len();
         remote::run(host, Step::Upload, ctx.cmds.extract(&dir), Some(Bytes::from(up.tar)), ctx.long).await?;
-        remote::run(host, Step::Upload, ctx.cmds.write_src_marker(&src.commit), Some(Bytes::from(up.digest)), ctx.quick).await?;
+        remote::run(
+            host,
+            Step::Upload,
+            ctx.cmds.write_src_marker(&src.commit),
+            Some(Bytes::from(up.digest)),
+            ctx.quick,
+        )
+        .await?;
         ctx.progress.step(Step::Upload, format!("uploaded {size} bytes of source at {}", &src.commit)).await;
     }
     write_secrets(host, ctx).await
@@ -216,11 +233,14 @@ async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Resu
     if job.secrets.is_empty() {
         return Ok(());
     }
-    let key = ctx.seal.ok_or_else(|| Error::InvalidJob("job carries secrets but this executor has no --seal-key-file".into()))?;
+    let key = ctx
+        .seal
+        .ok_or_else(|| Error::InvalidJob("job carries secrets but this executor has no --seal-key-file".into()))?;
     remote::run(host, Step::Upload, ctx.cmds.secrets_dir(), None, ctx.quick).await?;
     for s in &job.secrets {
         let context = SecretFile::seal_context(&job.cluster, &job.namespace, &job.machine, &s.path);
-        let plain = key.unseal(&s.sealed, &context).map_err(|e| Error::InvalidJob(format!("secret {}: {e}", s.path)))?;
+        let plain =
+            key.unseal(&s.sealed, &context).map_err(|e| Error::InvalidJob(format!("secret {}: {e}", s.path)))?;
         remote::run(host, Step::Upload, ctx.cmds.write_secret(&s.path), Some(Bytes::from(plain)), ctx.quick).await?;
     }
     ctx.progress.step(Step::Upload, format!("{} secret(s) written", job.secrets.len())).await;
@@ -276,7 +296,9 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
         Err(e) => Some((e, vec![])),
     };
     if let Some((err, _)) = failure {
-        let rollback_applies = job.rollback && activates && matches!(err.category(), FailureCategory::HealthCheckFailed | FailureCategory::ActivationFailed);
+        let rollback_applies = job.rollback
+            && activates
+            && matches!(err.category(), FailureCategory::HealthCheckFailed | FailureCategory::ActivationFailed);
         if !rollback_applies {
             return Err(err);
         }
@@ -311,7 +333,12 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
 }
 
 /// Polls until the machine answers SSH with `host_key` (or any key when None).
-async fn wait_for<C: Connector, P: Progress>(conn: &C, host_key: Option<&str>, ctx: &Ctx<'_, P>, what: &str) -> Result<C::Host> {
+async fn wait_for<C: Connector, P: Progress>(
+    conn: &C,
+    host_key: Option<&str>,
+    ctx: &Ctx<'_, P>,
+    what: &str,
+) -> Result<C::Host> {
     let deadline = tokio::time::Instant::now() + ctx.reboot_timeout;
     let mut last: String;
     loop {
@@ -322,7 +349,8 @@ async fn wait_for<C: Connector, P: Progress>(conn: &C, host_key: Option<&str>, c
             Err(e) => return Err(e),
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(Error::Timeout { step: Step::Reboot, after: ctx.reboot_timeout }).inspect_err(|_| tracing::warn!(%what, %last, "machine did not come back"));
+            return Err(Error::Timeout { step: Step::Reboot, after: ctx.reboot_timeout })
+                .inspect_err(|_| tracing::warn!(%what, %last, "machine did not come back"));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
@@ -346,7 +374,14 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
             category: FailureCategory::CommandFailed,
         })?;
         remote::run(first, Step::Kexec, ctx.cmds.mkdir(ctx.cmds.kexec_dir()), None, ctx.quick).await?;
-        remote::run(first, Step::Kexec, ctx.cmds.extract(ctx.cmds.kexec_dir()), Some(Bytes::copy_from_slice(tarball)), ctx.long).await?;
+        remote::run(
+            first,
+            Step::Kexec,
+            ctx.cmds.extract(ctx.cmds.kexec_dir()),
+            Some(Bytes::copy_from_slice(tarball)),
+            ctx.long,
+        )
+        .await?;
         ctx.progress.step(Step::Kexec, "booting the installer with kexec".into()).await;
         // The connection drops as the machine kexecs; an error here is expected.
         let _ = first.exec(&ctx.cmds.kexec_run(), None, ctx.quick).await;
@@ -370,17 +405,45 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
     ctx.progress.step(Step::Disko, "partitioning and formatting with disko".into()).await;
     remote::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long).await?;
     ctx.progress.step(Step::Install, "building the system on the target".into()).await;
-    let built = remote::run(host, Step::Install, ctx.cmds.build_system(&src.commit, src.subdir.as_deref(), &src.flake_attr), None, ctx.long).await?;
+    let built = remote::run(
+        host,
+        Step::Install,
+        ctx.cmds.build_system(&src.commit, src.subdir.as_deref(), &src.flake_attr),
+        None,
+        ctx.long,
+    )
+    .await?;
     let system = built.stdout_str().lines().last().unwrap_or_default().to_string();
     if !system.starts_with("/nix/store/") {
-        return Err(Error::Command { step: Step::Install, program: "nix".into(), how: format!("printed no store path ({system:?})"), tail: built.tail(), category: FailureCategory::BuildFailed });
+        return Err(Error::Command {
+            step: Step::Install,
+            program: "nix".into(),
+            how: format!("printed no store path ({system:?})"),
+            tail: built.tail(),
+            category: FailureCategory::BuildFailed,
+        });
     }
     remote::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long).await?;
-    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).map_err(|e| Error::Internal(format!("generating host key: {e}")))?;
+    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+        .map_err(|e| Error::Internal(format!("generating host key: {e}")))?;
     let private = key.to_openssh(russh::keys::ssh_key::LineEnding::LF).map_err(|e| Error::Internal(e.to_string()))?;
     let public = crate::ssh::openssh(key.public_key());
-    remote::run(host, Step::Install, ctx.cmds.install_host_key(true), Some(Bytes::from(private.as_bytes().to_vec())), ctx.quick).await?;
-    remote::run(host, Step::Install, ctx.cmds.install_host_key(false), Some(Bytes::from(format!("{public}\n"))), ctx.quick).await?;
+    remote::run(
+        host,
+        Step::Install,
+        ctx.cmds.install_host_key(true),
+        Some(Bytes::from(private.as_bytes().to_vec())),
+        ctx.quick,
+    )
+    .await?;
+    remote::run(
+        host,
+        Step::Install,
+        ctx.cmds.install_host_key(false),
+        Some(Bytes::from(format!("{public}\n"))),
+        ctx.quick,
+    )
+    .await?;
     ctx.progress.step(Step::Reboot, "rebooting into the installed system".into()).await;
     let _ = host.exec(&ctx.cmds.reboot(), None, ctx.quick).await;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -8,9 +8,13 @@ use nio_shared::protocol::{FailureCategory, Step};
 /// Why a job (or a step of it) failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("host key mismatch: the machine presented {seen}, expected {expected}; refusing to connect. If the machine was reinstalled, set spec.hostKey or delete status.hostKey to re-pin")]
+    #[error(
+        "host key mismatch: the machine presented {seen}, expected {expected}; refusing to connect. If the machine was reinstalled, set spec.hostKey or delete status.hostKey to re-pin"
+    )]
     HostKeyMismatch { expected: String, seen: String },
-    #[error("no pinned host key and the executor's host-key policy is `pinned`: set spec.hostKey, or run the executor with --host-key-policy tofu")]
+    #[error(
+        "no pinned host key and the executor's host-key policy is `pinned`: set spec.hostKey, or run the executor with --host-key-policy tofu"
+    )]
     HostKeyNotPinned,
     #[error("unreachable: {0}")]
     Unreachable(String),
@@ -59,7 +63,12 @@ impl Error {
     /// The step the error belongs to.
     pub fn step(&self) -> Step {
         match self {
-            Error::HostKeyMismatch { .. } | Error::HostKeyNotPinned | Error::Unreachable(_) | Error::AuthFailed { .. } | Error::Identity(_) | Error::Session(_) => Step::Connect,
+            Error::HostKeyMismatch { .. }
+            | Error::HostKeyNotPinned
+            | Error::Unreachable(_)
+            | Error::AuthFailed { .. }
+            | Error::Identity(_)
+            | Error::Session(_) => Step::Connect,
             Error::Source(_) => Step::Upload,
             Error::Command { step, .. } | Error::Timeout { step, .. } => *step,
             Error::LockBusy => Step::Lock,

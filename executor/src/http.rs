@@ -21,7 +21,12 @@ pub async fn serve(addr: SocketAddr, exec: Arc<Executor>) -> std::io::Result<Soc
             "/metrics",
             get(move || {
                 let m = metrics.clone();
-                async move { ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.metrics.encode()) }
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        m.metrics.encode(),
+                    )
+                }
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
@@ -30,7 +35,11 @@ pub async fn serve(addr: SocketAddr, exec: Arc<Executor>) -> std::io::Result<Soc
             get(move || {
                 let r = ready.clone();
                 async move {
-                    if r.ready.load(Ordering::SeqCst) { (StatusCode::OK, "ready").into_response() } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response() }
+                    if r.ready.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ready").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+                    }
                 }
             }),
         );

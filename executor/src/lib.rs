@@ -68,9 +68,16 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         id: s.executor_id.clone(),
         locks,
         identities: ssh::Identities::new(s.identities_dir.clone()),
-        sources: source::SourceCache::new(s.cache_dir.clone(), source::GitCredentials::new(s.git_credentials_dir.clone())),
+        sources: source::SourceCache::new(
+            s.cache_dir.clone(),
+            source::GitCredentials::new(s.git_credentials_dir.clone()),
+        ),
         seal,
-        connect: ssh::ConnectOptions { connect_timeout: s.connect_timeout, keepalive: Duration::from_secs(15), policy: s.host_key_policy },
+        connect: ssh::ConnectOptions {
+            connect_timeout: s.connect_timeout,
+            keepalive: Duration::from_secs(15),
+            policy: s.host_key_policy,
+        },
         metrics: Arc::new(metrics::Metrics::new()),
         kexec_tarball,
         ready: AtomicBool::new(false),

@@ -20,7 +20,8 @@ impl ConnectLimits {
             .map(|s| {
                 let period = Duration::from_secs_f64(1.0 / s.connect_rate.max(0.001));
                 let burst = NonZeroU32::new(s.burst).unwrap_or(NonZeroU32::MIN);
-                let quota = Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
+                let quota =
+                    Quota::with_period(period).unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN)).allow_burst(burst);
                 (s.name.clone(), RateLimiter::direct(quota))
             })
             .collect();

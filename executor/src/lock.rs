@@ -42,7 +42,8 @@ impl Locks {
         match self.kv.create(key, Bytes::from(self.holder.clone())).await {
             Ok(rev) => {
                 let revision = Arc::new(AtomicU64::new(rev));
-                let refresher = tokio::spawn(refresh(self.kv.clone(), key.to_string(), self.holder.clone(), revision.clone()));
+                let refresher =
+                    tokio::spawn(refresh(self.kv.clone(), key.to_string(), self.holder.clone(), revision.clone()));
                 Ok(Some(Held { kv: self.kv.clone(), key: key.to_string(), revision, refresher }))
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),

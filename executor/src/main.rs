@@ -55,7 +55,9 @@ struct Cli {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "executor".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "executor".into())
 }
 
 #[tokio::main]
@@ -64,7 +66,11 @@ async fn main() -> anyhow::Result<()> {
     let id = cli.executor_id.clone().unwrap_or_else(hostname);
     let config = nio_shared::config::ExecutorConfig::load(&cli.config)?;
     let sites = config.sites.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",");
-    let guard = nio_shared::telemetry::init("nio-executor", cli.log_format, &[("nio.executor", id.clone()), ("nio.sites", sites)])?;
+    let guard = nio_shared::telemetry::init(
+        "nio-executor",
+        cli.log_format,
+        &[("nio.executor", id.clone()), ("nio.sites", sites)],
+    )?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {

@@ -65,16 +65,48 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs finished, by site, action, outcome and failure category", m.jobs.clone());
-        registry.register_with_unit("job_duration", "Time from pulling a job to its final status", Unit::Seconds, m.job_duration.clone());
-        registry.register_with_unit("queue_wait", "Time a job waited in the queue (enqueue to start)", Unit::Seconds, m.queue_wait.clone());
+        registry.register_with_unit(
+            "job_duration",
+            "Time from pulling a job to its final status",
+            Unit::Seconds,
+            m.job_duration.clone(),
+        );
+        registry.register_with_unit(
+            "queue_wait",
+            "Time a job waited in the queue (enqueue to start)",
+            Unit::Seconds,
+            m.queue_wait.clone(),
+        );
         registry.register("in_flight", "Jobs this executor is working on", m.in_flight.clone());
-        registry.register("site_limit", "Configured maxInFlight per site (broker-enforced across executors)", m.site_limit.clone());
-        registry.register("ratelimit_waits", "New SSH sessions that had to wait for the site's connect rate", m.ratelimit_waits.clone());
-        registry.register_with_unit("ratelimit_wait", "Time spent waiting for the site's connect rate", Unit::Seconds, m.ratelimit_wait.clone());
-        registry.register_with_unit("ssh_connect", "SSH connect, host-key check and authentication time", Unit::Seconds, m.ssh_connect.clone());
+        registry.register(
+            "site_limit",
+            "Configured maxInFlight per site (broker-enforced across executors)",
+            m.site_limit.clone(),
+        );
+        registry.register(
+            "ratelimit_waits",
+            "New SSH sessions that had to wait for the site's connect rate",
+            m.ratelimit_waits.clone(),
+        );
+        registry.register_with_unit(
+            "ratelimit_wait",
+            "Time spent waiting for the site's connect rate",
+            Unit::Seconds,
+            m.ratelimit_wait.clone(),
+        );
+        registry.register_with_unit(
+            "ssh_connect",
+            "SSH connect, host-key check and authentication time",
+            Unit::Seconds,
+            m.ssh_connect.clone(),
+        );
         registry.register("lock_waits", "Jobs that found their machine locked by another job", m.lock_waits.clone());
         registry.register("malformed_jobs", "Job messages that could not be decoded (terminated)", m.malformed.clone());
-        registry.register("status_publish_errors", "Status events that could not be published", m.status_publish_errors.clone());
+        registry.register(
+            "status_publish_errors",
+            "Status events that could not be published",
+            m.status_publish_errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 

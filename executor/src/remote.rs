@@ -52,7 +52,12 @@ impl Output {
 /// simulator exercise the same trait.
 pub trait Host: Send + Sync {
     /// Runs `argv` with optional standard input; kills it after `timeout`.
-    fn exec(&self, argv: &[String], stdin: Option<Bytes>, timeout: Duration) -> impl Future<Output = Result<Output>> + Send;
+    fn exec(
+        &self,
+        argv: &[String],
+        stdin: Option<Bytes>,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Output>> + Send;
 }
 
 fn v(args: &[&str]) -> Vec<String> {
@@ -153,7 +158,8 @@ impl Commands {
     }
     /// Builds the system closure into the target's store (build on target).
     pub fn build_system(&self, commit: &str, subdir: Option<&str>, attr: &str) -> Vec<String> {
-        let installable = self.flake_ref(commit, subdir, &format!("nixosConfigurations.{attr}.config.system.build.toplevel"));
+        let installable =
+            self.flake_ref(commit, subdir, &format!("nixosConfigurations.{attr}.config.system.build.toplevel"));
         v(&["nix", "build", "--no-link", "--print-out-paths", "--store", "/mnt", &installable])
     }
     pub fn nixos_install(&self, system: &str) -> Vec<String> {
@@ -173,7 +179,13 @@ impl Commands {
 }
 
 /// Runs one step's command and turns a failure into an error of that step.
-pub async fn run<H: Host>(host: &H, step: Step, argv: Vec<String>, stdin: Option<Bytes>, timeout: Duration) -> Result<Output> {
+pub async fn run<H: Host>(
+    host: &H,
+    step: Step,
+    argv: Vec<String>,
+    stdin: Option<Bytes>,
+    timeout: Duration,
+) -> Result<Output> {
     let out = match tokio::time::timeout(timeout + Duration::from_secs(5), host.exec(&argv, stdin, timeout)).await {
         Ok(r) => r.map_err(|e| match e {
             Error::Timeout { after, .. } => Error::Timeout { step, after },
@@ -192,7 +204,13 @@ pub async fn run<H: Host>(host: &H, step: Step, argv: Vec<String>, stdin: Option
         (Step::Activate, _) => FailureCategory::ActivationFailed,
         _ => FailureCategory::CommandFailed,
     };
-    Err(Error::Command { step, program: argv.first().cloned().unwrap_or_default(), how: out.how(), tail: out.tail(), category })
+    Err(Error::Command {
+        step,
+        program: argv.first().cloned().unwrap_or_default(),
+        how: out.how(),
+        tail: out.tail(),
+        category,
+    })
 }
 
 #[cfg(test)]
@@ -206,7 +224,10 @@ mod tests {
         assert_eq!(c.flake_ref(commit, Some("hosts"), "web"), format!("path:/var/lib/nio/src/{commit}/hosts#web"));
         assert_eq!(c.flake_ref(commit, None, "web"), format!("path:/var/lib/nio/src/{commit}#web"));
         assert_eq!(c.rebuild("switch", "path:/x#web"), ["nixos-rebuild", "switch", "--flake", "path:/x#web"]);
-        assert_eq!(c.write_secret("db/pass"), ["install", "-D", "-m", "0400", "/dev/stdin", "/run/nio/secrets/db/pass"]);
+        assert_eq!(
+            c.write_secret("db/pass"),
+            ["install", "-D", "-m", "0400", "/dev/stdin", "/run/nio/secrets/db/pass"]
+        );
         assert_eq!(
             c.build_system(commit, None, "web").last().unwrap(),
             &format!("path:/var/lib/nio/src/{commit}#nixosConfigurations.web.config.system.build.toplevel")

@@ -146,9 +146,12 @@ fn callbacks<'a>(creds: &'a GitCredentials, name: Option<&'a str>) -> git2::Remo
 }
 
 fn export(dir: &Path, url: &str, commit: &str, creds: &GitCredentials, cred_name: Option<&str>) -> Result<Vec<u8>> {
-    let oid = git2::Oid::from_str(commit).map_err(|e| Error::InvalidJob(format!("commit {commit}: {}", e.message())))?;
+    let oid =
+        git2::Oid::from_str(commit).map_err(|e| Error::InvalidJob(format!("commit {commit}: {}", e.message())))?;
     std::fs::create_dir_all(dir).map_err(|e| Error::Source(format!("cache dir {}: {e}", dir.display())))?;
-    let repo = git2::Repository::open_bare(dir).or_else(|_| git2::Repository::init_bare(dir)).map_err(|e| git_err("opening mirror", e))?;
+    let repo = git2::Repository::open_bare(dir)
+        .or_else(|_| git2::Repository::init_bare(dir))
+        .map_err(|e| git_err("opening mirror", e))?;
     if repo.find_commit(oid).is_err() {
         let mut remote = repo.remote_anonymous(url).map_err(|e| git_err("remote", e))?;
         let mut fo = git2::FetchOptions::new();

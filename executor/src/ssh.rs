@@ -97,7 +97,8 @@ pub fn openssh(key: &PublicKey) -> String {
 
 /// Parses a pinned key line (`ssh-ed25519 AAAA… [comment]`).
 pub fn parse_host_key(line: &str) -> Result<PublicKey> {
-    PublicKey::from_openssh(line.trim()).map_err(|e| Error::InvalidJob(format!("pinned host key is not an OpenSSH public key: {e}")))
+    PublicKey::from_openssh(line.trim())
+        .map_err(|e| Error::InvalidJob(format!("pinned host key is not an OpenSSH public key: {e}")))
 }
 
 /// An authenticated SSH connection to one machine.
@@ -131,7 +132,12 @@ impl SshHost {
         });
         let connecting = client::connect(config, (host, port), checker);
         let result = match tokio::time::timeout(opts.connect_timeout, connecting).await {
-            Err(_) => return Err(Error::Unreachable(format!("{host}:{port}: connect timed out after {:?}", opts.connect_timeout))),
+            Err(_) => {
+                return Err(Error::Unreachable(format!(
+                    "{host}:{port}: connect timed out after {:?}",
+                    opts.connect_timeout
+                )));
+            }
             Ok(r) => r,
         };
         let seen_key = seen.lock().ok().and_then(|s| s.clone());
@@ -148,10 +154,13 @@ impl SshHost {
         };
         let host_key = seen_key.as_ref().map(openssh).unwrap_or_default();
         let hash = handle.best_supported_rsa_hash().await.map_err(|e| Error::Session(e.to_string()))?.flatten();
-        let auth = tokio::time::timeout(opts.connect_timeout, handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(identity, hash)))
-            .await
-            .map_err(|_| Error::Unreachable(format!("{host}:{port}: authentication timed out")))?
-            .map_err(|e| Error::Session(e.to_string()))?;
+        let auth = tokio::time::timeout(
+            opts.connect_timeout,
+            handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(identity, hash)),
+        )
+        .await
+        .map_err(|_| Error::Unreachable(format!("{host}:{port}: authentication timed out")))?
+        .map_err(|e| Error::Session(e.to_string()))?;
         if !auth.success() {
             return Err(Error::AuthFailed { user: user.to_string(), identity: identity_name.to_string() });
         }
@@ -185,7 +194,8 @@ impl Host for SshHost {
     async fn exec(&self, argv: &[String], stdin: Option<Bytes>, timeout: Duration) -> Result<Output> {
         let command = nio_shared::quote::command(argv).map_err(|e| Error::InvalidJob(e.to_string()))?;
         let program = argv.first().cloned().unwrap_or_default();
-        let channel = self.handle.channel_open_session().await.map_err(|e| Error::Session(format!("opening a channel: {e}")))?;
+        let channel =
+            self.handle.channel_open_session().await.map_err(|e| Error::Session(format!("opening a channel: {e}")))?;
         channel.exec(true, command.as_bytes()).await.map_err(|e| Error::Session(format!("exec {program}: {e}")))?;
         let (mut read, write) = channel.split();
         let send = async {

@@ -43,7 +43,10 @@ pub struct Executor {
 }
 
 /// Creates the streams if missing and the site consumers, refusing to run against incompatible settings.
-pub async fn ensure_consumers(js: &jetstream::Context, cfg: &ExecutorConfig) -> Result<Vec<(SiteLimits, PullConsumer)>> {
+pub async fn ensure_consumers(
+    js: &jetstream::Context,
+    cfg: &ExecutorConfig,
+) -> Result<Vec<(SiteLimits, PullConsumer)>> {
     let nats_err = |what: &str, e: &dyn std::fmt::Display| Error::Nats(format!("{what}: {e}"));
     for want in [nio_shared::nats::jobs_stream(1), nio_shared::nats::status_stream(1)] {
         match js.get_stream(&want.name).await {
@@ -51,11 +54,17 @@ pub async fn ensure_consumers(js: &jetstream::Context, cfg: &ExecutorConfig) -> 
                 let info = s.info().await.map_err(|e| nats_err(&want.name, &e))?;
                 let diff = nio_shared::nats::stream_mismatches(&info.config, &want);
                 if !diff.is_empty() {
-                    return Err(Error::Nats(format!("stream {} exists with incompatible settings: {}", want.name, diff.join("; "))));
+                    return Err(Error::Nats(format!(
+                        "stream {} exists with incompatible settings: {}",
+                        want.name,
+                        diff.join("; ")
+                    )));
                 }
             }
             Err(_) => {
-                js.get_or_create_stream(want.clone()).await.map_err(|e| nats_err(&format!("creating stream {}", want.name), &e))?;
+                js.get_or_create_stream(want.clone())
+                    .await
+                    .map_err(|e| nats_err(&format!("creating stream {}", want.name), &e))?;
             }
         }
     }
@@ -74,7 +83,9 @@ pub async fn ensure_consumers(js: &jetstream::Context, cfg: &ExecutorConfig) -> 
                 }
                 c
             }
-            Err(_) => stream.create_consumer(want).await.map_err(|e| nats_err(&format!("creating consumer {name}"), &e))?,
+            Err(_) => {
+                stream.create_consumer(want).await.map_err(|e| nats_err(&format!("creating consumer {name}"), &e))?
+            }
         };
         out.push((site.clone(), consumer));
     }
@@ -99,7 +110,12 @@ impl IntoPull for jetstream::consumer::Config {
 
 impl Executor {
     /// Pulls and runs jobs until `shutdown`; then finishes in-flight jobs within `grace` and naks the rest.
-    pub async fn run(self: Arc<Self>, consumers: Vec<(SiteLimits, PullConsumer)>, shutdown: CancellationToken, grace: Duration) -> Result<()> {
+    pub async fn run(
+        self: Arc<Self>,
+        consumers: Vec<(SiteLimits, PullConsumer)>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> Result<()> {
         let hard = CancellationToken::new();
         let mut tasks = Vec::new();
         for (site, consumer) in consumers {
@@ -125,10 +141,22 @@ impl Executor {
         Ok(())
     }
 
-    async fn site_loop(self: Arc<Self>, site: SiteLimits, consumer: PullConsumer, shutdown: CancellationToken, hard: CancellationToken) {
+    async fn site_loop(
+        self: Arc<Self>,
+        site: SiteLimits,
+        consumer: PullConsumer,
+        shutdown: CancellationToken,
+        hard: CancellationToken,
+    ) {
         let limit = site.max_in_flight as usize;
         loop {
-            let messages = match consumer.stream().max_messages_per_batch(limit).heartbeat(Duration::from_secs(5)).messages().await {
+            let messages = match consumer
+                .stream()
+                .max_messages_per_batch(limit)
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+            {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::error!(site = %site.name, error = %e, "pulling jobs failed; retrying");
@@ -197,7 +225,13 @@ impl Executor {
         let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
         let (label, category) = match outcome {
             Ok(o) => {
-                let label = if o.skipped { "skipped" } else if o.rolled_back.is_some() { "rolled_back" } else { "succeeded" };
+                let label = if o.skipped {
+                    "skipped"
+                } else if o.rolled_back.is_some() {
+                    "rolled_back"
+                } else {
+                    "succeeded"
+                };
                 rep.finish_ok(o.clone()).instrument(span.clone()).await;
                 let _ = msg.double_ack().await;
                 (label, o.rolled_back.map_or("none", FailureCategory::as_str))
@@ -208,7 +242,12 @@ impl Executor {
             }
             Err(Failed(e)) if e.is_transient() && delivered < self.cfg.max_deliver => {
                 let delay = self.backoff(delivered);
-                rep.step(e.step(), format!("{e}; retrying in {delay:?} (attempt {delivered} of {})", self.cfg.max_deliver)).instrument(span.clone()).await;
+                rep.step(
+                    e.step(),
+                    format!("{e}; retrying in {delay:?} (attempt {delivered} of {})", self.cfg.max_deliver),
+                )
+                .instrument(span.clone())
+                .await;
                 let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
                 ("retried", e.category().as_str())
             }
@@ -221,7 +260,12 @@ impl Executor {
             }
         };
         span.record("nio.outcome", label);
-        let labels = OutcomeLabels { site: site.into(), action: job.action.as_str().into(), outcome: label.into(), category: category.into() };
+        let labels = OutcomeLabels {
+            site: site.into(),
+            action: job.action.as_str().into(),
+            outcome: label.into(),
+            category: category.into(),
+        };
         self.metrics.jobs.get_or_create(&labels).inc();
         self.metrics.job_duration.get_or_create(&metrics::site(site)).observe(start.elapsed().as_secs_f64());
         in_flight.dec();
@@ -233,7 +277,13 @@ impl Executor {
         Duration::from_secs(secs)
     }
 
-    async fn process(self: Arc<Self>, site: &str, msg: &jetstream::Message, job: Job, hard: CancellationToken) -> Result<Outcome, Failure> {
+    async fn process(
+        self: Arc<Self>,
+        site: &str,
+        msg: &jetstream::Message,
+        job: Job,
+        hard: CancellationToken,
+    ) -> Result<Outcome, Failure> {
         actions::check_job(&job).map_err(Failed)?;
         let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
         rep.event(Phase::Started, None, None, String::new()).await;
@@ -250,7 +300,11 @@ impl Executor {
                 }
             })
         };
-        let timeout = Duration::from_secs(if job.timeout_seconds > 0 { job.timeout_seconds } else { self.cfg.job_timeout_seconds });
+        let timeout = Duration::from_secs(if job.timeout_seconds > 0 {
+            job.timeout_seconds
+        } else {
+            self.cfg.job_timeout_seconds
+        });
         let work = self.clone().locked(site, &job, &rep, timeout);
         let result = tokio::select! {
             r = tokio::time::timeout(timeout, work) => match r {
@@ -279,7 +333,8 @@ impl Executor {
                 if !announced {
                     self.metrics.lock_waits.get_or_create(&metrics::site(site)).inc();
                     let holder = self.locks.holder(&key).await.unwrap_or_default();
-                    rep.step(Step::Lock, format!("machine busy ({holder}); waiting for the running job to finish")).await;
+                    rep.step(Step::Lock, format!("machine busy ({holder}); waiting for the running job to finish"))
+                        .await;
                     announced = true;
                 }
                 if Instant::now() > deadline {
@@ -291,7 +346,11 @@ impl Executor {
         .instrument(lock_span)
         .await?;
         let Some(held) = held else {
-            return Ok(Outcome { skipped: true, message: "machine busy with another job; probe skipped".into(), ..Default::default() });
+            return Ok(Outcome {
+                skipped: true,
+                message: "machine busy with another job; probe skipped".into(),
+                ..Default::default()
+            });
         };
         let result = self.connected(site, job, rep).await;
         held.release().await;
@@ -308,9 +367,19 @@ impl Executor {
         let identity = self.identities.get(&identity_name)?;
         let conn = SshConnector { exec: self, job, identity: identity.clone(), identity_name: identity_name.clone() };
         let t = Instant::now();
-        let host = SshHost::connect(&job.target.host, job.target.port, &job.target.user, job.target.host_key.as_deref(), &identity_name, identity, &self.connect)
-            .instrument(tracing::info_span!("ssh.connect", server.address = %job.target.host, server.port = job.target.port))
-            .await?;
+        let host = SshHost::connect(
+            &job.target.host,
+            job.target.port,
+            &job.target.user,
+            job.target.host_key.as_deref(),
+            &identity_name,
+            identity,
+            &self.connect,
+        )
+        .instrument(
+            tracing::info_span!("ssh.connect", server.address = %job.target.host, server.port = job.target.port),
+        )
+        .await?;
         self.metrics.ssh_connect.get_or_create(&metrics::site(site)).observe(t.elapsed().as_secs_f64());
         let seen_key = host.host_key().to_string();
         let ctx = Ctx {
@@ -320,7 +389,11 @@ impl Executor {
             seal: self.seal.as_ref(),
             progress: rep,
             quick: Duration::from_secs(120),
-            long: Duration::from_secs(if job.timeout_seconds > 0 { job.timeout_seconds } else { self.cfg.job_timeout_seconds }),
+            long: Duration::from_secs(if job.timeout_seconds > 0 {
+                job.timeout_seconds
+            } else {
+                self.cfg.job_timeout_seconds
+            }),
             kexec_tarball: self.kexec_tarball.as_deref(),
             reboot_timeout: Duration::from_secs(600),
         };
@@ -386,7 +459,13 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
         configuration: None,
         generation: 0,
         site: s.site.clone(),
-        target: nio_shared::protocol::Target { host: String::new(), port: 22, user: String::new(), identity: None, host_key: None },
+        target: nio_shared::protocol::Target {
+            host: String::new(),
+            port: 22,
+            user: String::new(),
+            identity: None,
+            host_key: None,
+        },
         source: None,
         action: if s.kind == JobKind::Probe { Action::Probe } else { Action::Switch },
         files: vec![],

@@ -147,7 +147,10 @@ impl ExecutorConfig {
             ("remote.systemProfile", &self.remote.system_profile),
         ] {
             if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.chars().any(char::is_control) {
-                errors.push(ValidationError { field: field.into(), rule: "must be an absolute path without `..`".into() });
+                errors.push(ValidationError {
+                    field: field.into(),
+                    rule: "must be an absolute path without `..`".into(),
+                });
             }
         }
         if self.max_deliver < 1 {

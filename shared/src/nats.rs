@@ -95,11 +95,18 @@ pub fn stream_mismatches(have: &stream::Config, want: &stream::Config) -> Vec<St
     if have.subjects != want.subjects {
         out.push(format!("subjects are {:?}, NIO needs {:?}", have.subjects, want.subjects));
     }
-    if have.max_messages_per_subject != want.max_messages_per_subject {
-        out.push(format!("max_msgs_per_subject is {}, NIO needs {}", have.max_messages_per_subject, want.max_messages_per_subject));
+    let per_subject = |n: i64| if n <= 0 { -1 } else { n };
+    if per_subject(have.max_messages_per_subject) != per_subject(want.max_messages_per_subject) {
+        out.push(format!(
+            "max_msgs_per_subject is {}, NIO needs {}",
+            have.max_messages_per_subject, want.max_messages_per_subject
+        ));
     }
     if have.duplicate_window < want.duplicate_window {
-        out.push(format!("duplicate window is {:?}, NIO needs at least {:?}", have.duplicate_window, want.duplicate_window));
+        out.push(format!(
+            "duplicate window is {:?}, NIO needs at least {:?}",
+            have.duplicate_window, want.duplicate_window
+        ));
     }
     if have.storage != want.storage {
         out.push(format!("storage is {:?}, NIO needs {:?}", have.storage, want.storage));

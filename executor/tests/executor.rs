@@ -1,0 +1,237 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! The executor against a real nats-server and a real OpenSSH sshd with stub NixOS tools.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nio_shared::protocol::{FailureCategory, Phase, Step};
+
+const T: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_uploads_the_source_and_runs_nixos_rebuild_with_the_exact_flake() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, commit) = git_repo(sshd.dir.path());
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 4)]), "e1"));
+    let mut j = job("web-01", &addr(0), sshd.port, "dc1", &repo, &commit);
+    j.source.as_mut().unwrap().subdir = Some("hosts".into());
+    std::fs::create_dir_all(sshd.dir.path().join("repo/hosts")).unwrap();
+    // the flake lives at the repository root here; use no subdir so the stub finds flake.nix
+    j.source.as_mut().unwrap().subdir = None;
+    j.files = vec![nio_shared::protocol::FileEntry {
+        path: "extra/motd.nix".into(),
+        content: nio_shared::protocol::FileContent::Inline { content: "{ }\n".into() },
+    }];
+    bus.publish(&j).await;
+
+    let done = bus.final_of("web-01", T).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let system = done.system.clone().unwrap();
+    assert!(system.ends_with("-nixos-system-web"), "{system}");
+    assert_eq!(done.commit.as_deref(), Some(commit.as_str()));
+    assert_eq!(done.host_key.as_deref(), Some(sshd.host_key.as_str()), "TOFU reports the key it saw");
+    assert_eq!(done.nixos_version.as_deref(), Some("25.05.20261101.abcdef0"));
+
+    let src = sshd.path(&format!("var-lib-nio/src/{commit}"));
+    assert_eq!(std::fs::read_to_string(src.join("flake.nix")).unwrap(), "{ outputs = { ... }: { }; }\n");
+    assert_eq!(std::fs::read_to_string(src.join("extra/motd.nix")).unwrap(), "{ }\n", "additional files are added");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(src.join("deploy.sh")).unwrap().permissions().mode() & 0o777,
+        0o755,
+        "executable bit kept"
+    );
+    assert_eq!(
+        std::fs::read_link(src.join("default.nix")).unwrap().to_str(),
+        Some("hosts/web/configuration.nix"),
+        "symlinks kept"
+    );
+
+    let rebuilds: Vec<_> = sshd.calls().into_iter().filter(|c| c.program == "nixos-rebuild").collect();
+    assert_eq!(rebuilds.len(), 1);
+    assert_eq!(rebuilds[0].args, format!("switch --flake path:{}#web", src.display()));
+    let phases: Vec<_> = bus.seen.iter().filter(|e| e.machine == "web-01").map(|e| e.phase).collect();
+    assert_eq!(phases.first(), Some(&Phase::Started));
+    assert!(phases.contains(&Phase::Step));
+    assert_eq!(std::fs::read_to_string(sshd.path("var-lib-nio/applied")).unwrap(), format!("{commit} {system}\n"));
+
+    // The same commit again: already there, nothing rebuilt.
+    let mut again = j.clone();
+    again.generation = 2;
+    again.id.push_str("-again");
+    bus.seen.clear();
+    bus.publish(&again).await;
+    let done = bus.final_of("web-01", T).await;
+    assert_eq!(done.phase, Phase::Skipped, "{done:?}");
+    assert_eq!(sshd.calls().iter().filter(|c| c.program == "nixos-rebuild").count(), 1);
+    assert_eq!(bus.jobs_pending().await, 0);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_host_key_runs_nothing_and_fails_permanently() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, commit) = git_repo(sshd.dir.path());
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 2)]), "e1"));
+    let mut j = job("web-01", &addr(0), sshd.port, "dc1", &repo, &commit);
+    let other = std::fs::read_to_string(sshd.path("identities/stranger.pub")).unwrap();
+    j.target.host_key = Some(other.trim().to_string());
+    bus.publish(&j).await;
+    let done = bus.final_of("web-01", T).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::HostKeyMismatch)), "{done:?}");
+    assert!(done.message.unwrap().contains("refusing to connect"));
+    assert!(sshd.calls().is_empty(), "no command ran: {:?}", sshd.calls());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bus.jobs_pending().await, 0, "termed, not redelivered");
+    assert_eq!(bus.seen.iter().filter(|e| e.phase == Phase::Started).count(), 1, "delivered once");
+
+    // the right pinned key works
+    let mut ok = job("web-02", &addr(1), sshd.port, "dc1", &repo, &commit);
+    ok.target.host_key = Some(sshd.host_key.clone());
+    bus.publish(&ok).await;
+    assert_eq!(bus.final_of("web-02", T).await.phase, Phase::Succeeded);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_hosts_are_retried_then_fail_and_refused_identities_fail_at_once() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, commit) = git_repo(sshd.dir.path());
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 2)]), "e1"));
+    // Nothing listens on 127.0.0.250 (the fixtures use 127.0.0.1-13): connection refused.
+    bus.publish(&job("gone", "127.0.0.250", 9, "dc1", &repo, &commit)).await;
+    let mut stranger = job("locked-out", &addr(0), sshd.port, "dc1", &repo, &commit);
+    stranger.target.identity = Some("stranger".into());
+    bus.publish(&stranger).await;
+
+    let auth = bus.final_of("locked-out", T).await;
+    assert_eq!((auth.phase, auth.category), (Phase::Failed, Some(FailureCategory::AuthFailed)), "{auth:?}");
+    let gone = bus.final_of("gone", T).await;
+    assert_eq!((gone.phase, gone.category), (Phase::Failed, Some(FailureCategory::Unreachable)), "{gone:?}");
+    let retries = bus
+        .seen
+        .iter()
+        .filter(|e| {
+            e.machine == "gone"
+                && e.phase == Phase::Step
+                && e.message.as_deref().is_some_and(|m| m.contains("retrying"))
+        })
+        .count();
+    assert_eq!(retries, 2, "max_deliver 3: two retries, then the final failure");
+    assert_eq!(
+        bus.seen.iter().filter(|e| e.machine == "locked-out" && e.phase == Phase::Started).count(),
+        1,
+        "auth failure is not retried"
+    );
+    assert!(sshd.calls().is_empty());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_failures_report_the_log_and_failed_health_checks_roll_back() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, commit) = git_repo(sshd.dir.path());
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 2)]), "e1"));
+
+    sshd.set("rebuild_exit", "1");
+    bus.publish(&job("broken", &addr(0), sshd.port, "dc1", &repo, &commit)).await;
+    let done = bus.final_of("broken", T).await;
+    assert_eq!(
+        (done.phase, done.category, done.step),
+        (Phase::Failed, Some(FailureCategory::BuildFailed), Some(Step::Build)),
+        "{done:?}"
+    );
+    assert!(done.log_tail.iter().any(|l| l.contains("error: builder for")), "{:?}", done.log_tail);
+
+    sshd.set("rebuild_exit", "0");
+    sshd.set("health_exit", "1");
+    let mut j = job("unhealthy", &addr(1), sshd.port, "dc1", &repo, &commit);
+    j.rollback = true;
+    bus.publish(&j).await;
+    let done = bus.final_of("unhealthy", T).await;
+    assert_eq!((done.phase, done.category), (Phase::RolledBack, Some(FailureCategory::HealthCheckFailed)), "{done:?}");
+    assert!(done.system.unwrap().ends_with("prev-system"), "back on the previous generation");
+    let calls = sshd.calls();
+    assert!(calls.iter().any(|c| c.program == "nixos-rebuild" && c.args == "switch --rollback"), "{calls:?}");
+    assert!(calls.iter().any(|c| c.program == "systemctl" && c.args == "is-system-running --wait"));
+
+    // without autoRollback the failed health check is a failure
+    let done_calls = calls.len();
+    bus.publish(&job("unhealthy2", &addr(2), sshd.port, "dc1", &repo, &commit)).await;
+    let done = bus.final_of("unhealthy2", T).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::HealthCheckFailed)), "{done:?}");
+    assert!(!sshd.calls()[done_calls..].iter().any(|c| c.args.contains("--rollback")));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_terminated_and_the_worker_keeps_going() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, commit) = git_repo(sshd.dir.path());
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 1)]), "e1"));
+    bus.publish_raw("nio.jobs.dc1.apply.test.default.poison", b"{\"v\": 99, \"garbage\": true}").await;
+    bus.publish_raw("nio.jobs.dc1.apply.test.default.junk", b"\xff not json").await;
+    bus.publish(&job("web-01", &addr(0), sshd.port, "dc1", &repo, &commit)).await;
+    let poison = bus.final_of("poison", T).await;
+    assert_eq!((poison.phase, poison.category), (Phase::Failed, Some(FailureCategory::InvalidJob)));
+    assert!(poison.message.unwrap().contains("v=99"));
+    assert_eq!(bus.final_of("junk", T).await.category, Some(FailureCategory::InvalidJob));
+    assert_eq!(bus.final_of("web-01", T).await.phase, Phase::Succeeded);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bus.jobs_pending().await, 0);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_executors_never_exceed_the_site_limit_and_never_overlap_on_a_machine() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, _) = git_repo(sshd.dir.path());
+    // one commit per job, so no job finds its machine already at its commit
+    let commits = more_commits(sshd.dir.path(), 20);
+    let mut bus = Bus::connect(&nats).await;
+    sshd.set("rebuild_sleep", "0.2");
+    let mut stops = vec![];
+    for id in ["e1", "e2", "e3"] {
+        stops.push(spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 2)]), id)));
+    }
+    // 20 jobs on 10 machines' addresses: machines m{i} and twin{i} share an address (one host, two names),
+    // so their jobs contend for one lock.
+    for i in 0..10 {
+        bus.publish(&job(&format!("m{i}"), &addr(i), sshd.port, "dc1", &repo, &commits[2 * i])).await;
+        bus.publish(&job(&format!("twin{i}"), &addr(i), sshd.port, "dc1", &repo, &commits[2 * i + 1])).await;
+    }
+    let evs =
+        bus.until(Duration::from_secs(90), |evs| evs.iter().filter(|e| e.phase.is_terminal()).count() == 20).await;
+    assert!(evs.iter().filter(|e| e.phase.is_terminal()).all(|e| e.phase == Phase::Succeeded), "all succeed");
+    let executors: std::collections::BTreeSet<_> = evs.iter().map(|e| e.executor.clone()).collect();
+    assert!(executors.len() >= 2, "work spread over executors: {executors:?}");
+    let calls = sshd.calls();
+    let rebuilds: Vec<_> = calls.iter().filter(|c| c.program == "nixos-rebuild").cloned().collect();
+    assert_eq!(rebuilds.len(), 20);
+    assert_eq!(max_concurrency(&calls, "nixos-rebuild"), 2, "the site limit holds across three executors, and is used");
+    for i in 0..10 {
+        let on_machine: Vec<_> = rebuilds.iter().filter(|c| c.host == addr(i)).cloned().collect();
+        assert!(!on_machine.is_empty(), "machine {} was rebuilt", addr(i));
+        assert_eq!(
+            max_concurrency(&on_machine, "nixos-rebuild"),
+            1,
+            "two jobs on {} overlapped: {on_machine:?}",
+            addr(i)
+        );
+    }
+    for (s, _) in stops {
+        s.cancel();
+    }
+}
