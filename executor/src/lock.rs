@@ -1,8 +1,9 @@
 //! Per-machine locks in the `NIO_LOCKS` KV bucket: created if absent, refreshed while held, released by
-//! revision. An executor that dies leaves its entry to expire after `LOCK_TTL`.
+//! revision. An executor that dies leaves its entry to expire after the bucket TTL (`lockTtlSeconds`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
@@ -14,9 +15,12 @@ use crate::error::{Error, Result};
 pub struct Locks {
     kv: kv::Store,
     holder: String,
+    refresh_every: Duration,
 }
 
-/// A held lock; refreshed in the background until released.
+/// A held lock; refreshed in the background until released. Dropping it without [`Held::release`] stops the
+/// refreshes but keeps the entry, so the machine stays locked until the TTL runs out: used when a job is
+/// abandoned while a remote command may still be running.
 pub struct Held {
     kv: kv::Store,
     key: String,
@@ -24,17 +28,32 @@ pub struct Held {
     refresher: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
 impl Locks {
     /// Opens (or creates) the bucket.
-    pub async fn open(js: &async_nats::jetstream::Context, holder: String) -> Result<Self> {
+    pub async fn open(js: &async_nats::jetstream::Context, holder: String, ttl: Duration) -> Result<Self> {
         let kv = match js.get_key_value(nio_shared::subjects::LOCKS_BUCKET).await {
             Ok(kv) => kv,
             Err(_) => js
-                .create_key_value(nio_shared::nats::locks_bucket(1))
+                .create_key_value(nio_shared::nats::locks_bucket(1, ttl))
                 .await
                 .map_err(|e| Error::Nats(format!("creating lock bucket: {e}")))?,
         };
-        Ok(Locks { kv, holder })
+        let mut stream = js
+            .get_stream(format!("KV_{}", nio_shared::subjects::LOCKS_BUCKET))
+            .await
+            .map_err(|e| Error::Nats(e.to_string()))?;
+        let actual = stream.info().await.map_err(|e| Error::Nats(e.to_string()))?.config.max_age;
+        if actual != ttl {
+            tracing::warn!(?actual, configured = ?ttl, "the lock bucket exists with another TTL; using the bucket's");
+        }
+        let ttl = if actual.is_zero() { ttl } else { actual };
+        Ok(Locks { kv, holder, refresh_every: ttl / 3 })
     }
 
     /// Takes the lock on `key` if nobody holds it.
@@ -42,8 +61,13 @@ impl Locks {
         match self.kv.create(key, Bytes::from(self.holder.clone())).await {
             Ok(rev) => {
                 let revision = Arc::new(AtomicU64::new(rev));
-                let refresher =
-                    tokio::spawn(refresh(self.kv.clone(), key.to_string(), self.holder.clone(), revision.clone()));
+                let refresher = tokio::spawn(refresh(
+                    self.kv.clone(),
+                    key.to_string(),
+                    self.holder.clone(),
+                    revision.clone(),
+                    self.refresh_every,
+                ));
                 Ok(Some(Held { kv: self.kv.clone(), key: key.to_string(), revision, refresher }))
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
@@ -57,8 +81,7 @@ impl Locks {
     }
 }
 
-async fn refresh(kv: kv::Store, key: String, holder: String, revision: Arc<AtomicU64>) {
-    let every = nio_shared::nats::LOCK_TTL / 3;
+async fn refresh(kv: kv::Store, key: String, holder: String, revision: Arc<AtomicU64>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         match kv.update(&key, Bytes::from(holder.clone()), revision.load(Ordering::SeqCst)).await {

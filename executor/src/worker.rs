@@ -141,6 +141,8 @@ impl Executor {
         Ok(())
     }
 
+    /// Pulls as many jobs as this executor has free slots for the site, in short batches, and runs each in
+    /// its own task. The broker's `max_ack_pending` caps the site across all executors.
     async fn site_loop(
         self: Arc<Self>,
         site: SiteLimits,
@@ -148,42 +150,49 @@ impl Executor {
         shutdown: CancellationToken,
         hard: CancellationToken,
     ) {
-        let limit = site.max_in_flight as usize;
+        let slots = Arc::new(tokio::sync::Semaphore::new(site.max_in_flight as usize));
+        let mut running = tokio::task::JoinSet::new();
         loop {
-            let messages = match consumer
-                .stream()
-                .max_messages_per_batch(limit)
-                .heartbeat(Duration::from_secs(5))
-                .messages()
-                .await
-            {
-                Ok(m) => m,
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                _ = shutdown.cancelled() => break,
+            };
+            let mut permits = vec![first];
+            while let Ok(p) = slots.clone().try_acquire_owned() {
+                permits.push(p);
+            }
+            let batch = consumer.batch().max_messages(permits.len()).expires(Duration::from_secs(1)).messages().await;
+            let mut batch = match batch {
+                Ok(b) => b,
                 Err(e) => {
-                    tracing::error!(site = %site.name, error = %e, "pulling jobs failed; retrying");
+                    tracing::warn!(site = %site.name, error = %e, "pulling jobs failed; retrying");
                     tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        _ = shutdown.cancelled() => break,
                     }
                 }
             };
-            let stopped = messages
-                .take_until(shutdown.cancelled())
-                .for_each_concurrent(limit, |m| {
-                    let me = self.clone();
-                    let (site, hard) = (site.name.clone(), hard.clone());
-                    async move {
-                        match m {
-                            Ok(msg) => me.handle(&site, msg, hard).await,
-                            Err(e) => tracing::warn!(%site, error = %e, "job stream error"),
-                        }
+            loop {
+                let next = tokio::select! {
+                    m = batch.next() => m,
+                    _ = shutdown.cancelled() => None,
+                };
+                let Some(m) = next else { break };
+                match m {
+                    Ok(msg) => {
+                        let Some(permit) = permits.pop() else { break };
+                        let (me, name, hard) = (self.clone(), site.name.clone(), hard.clone());
+                        running.spawn(async move {
+                            me.handle(&name, msg, hard).await;
+                            drop(permit);
+                        });
                     }
-                })
-                .await;
-            let () = stopped;
-            if shutdown.is_cancelled() {
-                return;
+                    Err(e) => tracing::warn!(site = %site.name, error = %e, "job batch error"),
+                }
             }
+            while running.try_join_next().is_some() {}
         }
+        while running.join_next().await.is_some() {}
     }
 
     /// Handles one message; never fails the worker.

@@ -235,3 +235,150 @@ async fn three_executors_never_exceed_the_site_limit_and_never_overlap_on_a_mach
         s.cancel();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_land_0400_outside_the_store_and_never_in_logs_argv_or_the_stream() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, commit) = git_repo(sshd.dir.path());
+    let mut bus = Bus::connect(&nats).await;
+    let key_file = sshd.path("seal.key");
+    std::fs::write(&key_file, nio_shared::seal::SealKey::generate()).unwrap();
+    let key = nio_shared::seal::SealKey::from_file(&key_file).unwrap();
+    let plaintext = "hunter2-correct-horse-battery";
+    let mut j = job("db-01", &addr(0), sshd.port, "dc1", &repo, &commit);
+    let ctx = nio_shared::protocol::SecretFile::seal_context("test", "default", "db-01", "postgres/password");
+    j.secrets = vec![nio_shared::protocol::SecretFile {
+        path: "postgres/password".into(),
+        sealed: key.seal(plaintext.as_bytes(), &ctx).unwrap(),
+    }];
+    let wire = String::from_utf8(j.encode()).unwrap();
+    assert!(!wire.contains(plaintext));
+
+    let log = sshd.path("executor.log");
+    let mut child = spawn_binary(
+        &sshd,
+        &nats,
+        &config(&sshd, &[("dc1", 2)]),
+        "e1",
+        &["--seal-key-file", key_file.to_str().unwrap()],
+        &log,
+    );
+    bus.publish(&j).await;
+    let done = bus.final_of("db-01", T).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+
+    use std::os::unix::fs::PermissionsExt;
+    let secret = sshd.path("run-nio-secrets/postgres/password");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), plaintext);
+    assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o400);
+    assert_eq!(std::fs::metadata(sshd.path("run-nio-secrets")).unwrap().permissions().mode() & 0o777, 0o700);
+    assert!(!sshd.path(&format!("var-lib-nio/src/{commit}/postgres")).exists(), "not in the source tree");
+
+    sigterm(&child);
+    child.wait().await.unwrap();
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.contains("job.execute") || logs.contains("executor ready"), "the log was captured");
+    assert!(!logs.contains(plaintext), "secret in executor logs");
+    let calls = std::fs::read_to_string(sshd.path("calls.log")).unwrap();
+    assert!(!calls.contains(plaintext), "secret in a command line");
+    assert!(!sshd.log().contains(plaintext));
+    let events = serde_json::to_string(&bus.seen).unwrap();
+    assert!(!events.contains(plaintext), "secret in a status event");
+    // every message still stored on the server (status stream included) is free of it
+    let mut status = bus.js.get_stream(nio_shared::subjects::STATUS_STREAM).await.unwrap();
+    let n = status.info().await.unwrap().state.last_sequence;
+    for seq in 1..=n {
+        if let Ok(m) = status.get_raw_message(seq).await {
+            assert!(!String::from_utf8_lossy(&m.payload).contains(plaintext));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_job_finishes_it_and_short_grace_returns_it_to_the_queue() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, _) = git_repo(sshd.dir.path());
+    let commits = more_commits(sshd.dir.path(), 2);
+    let mut bus = Bus::connect(&nats).await;
+    sshd.set("rebuild_sleep", "2");
+    let cfg = config(&sshd, &[("dc1", 2)]);
+
+    // Generous grace: the running job completes before the process exits.
+    let mut child = spawn_binary(&sshd, &nats, &cfg, "e1", &["--shutdown-grace", "30"], &sshd.path("e1.log"));
+    bus.publish(&job("m1", &addr(0), sshd.port, "dc1", &repo, &commits[0])).await;
+    bus.until(T, |evs| evs.iter().any(|e| e.machine == "m1" && e.step == Some(Step::Build))).await;
+    sigterm(&child);
+    let status = tokio::time::timeout(T, child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "clean exit after finishing: {status:?}");
+    assert_eq!(bus.final_of("m1", T).await.phase, Phase::Succeeded);
+
+    // Short grace: the job is handed back and another executor completes it.
+    sshd.set("rebuild_sleep", "4");
+    let mut child = spawn_binary(&sshd, &nats, &cfg, "e2", &["--shutdown-grace", "1"], &sshd.path("e2.log"));
+    bus.publish(&job("m2", &addr(1), sshd.port, "dc1", &repo, &commits[1])).await;
+    bus.until(T, |evs| evs.iter().any(|e| e.machine == "m2" && e.step == Some(Step::Build))).await;
+    sigterm(&child);
+    let status = tokio::time::timeout(T, child.wait()).await.unwrap().unwrap();
+    assert!(status.success());
+    assert!(
+        !bus.seen.iter().any(|e| e.machine == "m2" && e.phase.is_terminal()),
+        "not reported done by the stopped executor"
+    );
+    sshd.set("rebuild_sleep", "0");
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, cfg, "e3"));
+    let done = bus.final_of("m2", Duration::from_secs(60)).await;
+    assert_eq!((done.phase, done.executor.as_str()), (Phase::Succeeded, "e3"), "redelivered, not lost: {done:?}");
+    let rebuilds: Vec<_> =
+        sshd.calls().into_iter().filter(|c| c.program == "nixos-rebuild" && c.host == addr(1)).collect();
+    assert_eq!(
+        max_concurrency(&rebuilds, "nixos-rebuild"),
+        1,
+        "the abandoned rebuild and its retry never overlapped: {rebuilds:#?}\n{:#?}",
+        bus.seen
+            .iter()
+            .filter(|e| e.machine == "m2")
+            .map(|e| (e.at, &e.executor, e.phase, &e.message))
+            .collect::<Vec<_>>()
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_probes() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 2)]), "e1"));
+    let mut probe = job("p1", &addr(0), sshd.port, "dc1", "", "");
+    probe.action = nio_shared::protocol::Action::Probe;
+    probe.source = None;
+    probe.id = "probe-1".into();
+    bus.publish(&probe).await;
+    let done = bus.final_of("p1", T).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert!(done.system.unwrap().ends_with("prev-system"));
+    assert_eq!(done.nixos_version.as_deref(), Some("25.05.20261101.abcdef0"));
+
+    let mut scan = probe.clone();
+    scan.action = nio_shared::protocol::Action::Scan;
+    scan.machine = "s1".into();
+    bus.publish(&scan).await;
+    let facts = bus.final_of("s1", T).await.facts.unwrap();
+    assert_eq!(
+        (facts.system.as_deref(), facts.cpu_model.as_deref(), facts.cpu_count),
+        (Some("x86_64-linux"), Some("AMD EPYC 7302"), Some(16))
+    );
+    assert_eq!(facts.memory_bytes, Some(8_589_934_592));
+
+    // another job holds the machine: the probe does not wait
+    let kv = bus.js.get_key_value(nio_shared::subjects::LOCKS_BUCKET).await.unwrap();
+    kv.create(nio_shared::subjects::lock_key(&addr(1), sshd.port), "someone-else".into()).await.unwrap();
+    let mut busy = probe.clone();
+    busy.machine = "busy".into();
+    busy.target.host = addr(1);
+    bus.publish(&busy).await;
+    let done = bus.final_of("busy", T).await;
+    assert_eq!(done.phase, Phase::Skipped, "{done:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

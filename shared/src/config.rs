@@ -39,6 +39,9 @@ fn default_backoff() -> Vec<u64> {
 fn default_job_timeout() -> u64 {
     3600
 }
+fn default_lock_ttl() -> u64 {
+    60
+}
 
 /// Where NIO keeps its files on machines. The fleet simulator and tests use the defaults or their own roots.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -83,6 +86,10 @@ pub struct ExecutorConfig {
     /// Default job timeout in seconds, when the job does not carry one.
     #[serde(default = "default_job_timeout")]
     pub job_timeout_seconds: u64,
+    /// Seconds a machine lock outlives its holder's last refresh (an executor that died frees its machines
+    /// after this). Fixed when the lock bucket is created.
+    #[serde(default = "default_lock_ttl")]
+    pub lock_ttl_seconds: u64,
     /// Paths NIO uses on machines.
     #[serde(default)]
     pub remote: RemotePaths,
@@ -152,6 +159,9 @@ impl ExecutorConfig {
                     rule: "must be an absolute path without `..`".into(),
                 });
             }
+        }
+        if self.lock_ttl_seconds < 3 {
+            errors.push(ValidationError { field: "lockTtlSeconds".into(), rule: "must be at least 3".into() });
         }
         if self.max_deliver < 1 {
             errors.push(ValidationError { field: "maxDeliver".into(), rule: "must be at least 1".into() });

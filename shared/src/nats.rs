@@ -10,8 +10,6 @@ use crate::subjects;
 
 /// How long a duplicate job id is remembered.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
-/// How long a lock outlives its last refresh (an executor that died releases its machines after this).
-pub const LOCK_TTL: Duration = Duration::from_secs(60);
 
 /// `NIO_JOBS`: work queue, one message per machine and kind (a newer job replaces a queued older one).
 pub fn jobs_stream(replicas: usize) -> stream::Config {
@@ -43,13 +41,13 @@ pub fn status_stream(replicas: usize) -> stream::Config {
     }
 }
 
-/// `NIO_LOCKS`: one holder per machine; an entry expires `LOCK_TTL` after its last refresh.
-pub fn locks_bucket(replicas: usize) -> kv::Config {
+/// `NIO_LOCKS`: one holder per machine; an entry expires `ttl` after its last refresh.
+pub fn locks_bucket(replicas: usize, ttl: Duration) -> kv::Config {
     kv::Config {
         bucket: subjects::LOCKS_BUCKET.into(),
         description: "NIO per-machine locks".into(),
         history: 1,
-        max_age: LOCK_TTL,
+        max_age: ttl,
         storage: stream::StorageType::File,
         num_replicas: replicas.max(1),
         ..Default::default()

@@ -25,6 +25,7 @@ me=$(basename "$0")
 srv=$(echo "$SSH_CONNECTION" | cut -d' ' -f3)
 echo "start $(date +%s.%N) $$ $me ${srv:--} $*" >> "$log"
 finish() { echo "end $(date +%s.%N) $$ $me ${srv:--} $*" >> "$log"; exit "$1"; }
+trap 'finish 129' HUP TERM INT PIPE
 "#;
 
 const NIXOS_REBUILD: &str = r#"
@@ -303,6 +304,7 @@ pub fn config(sshd: &Sshd, sites: &[(&str, u32)]) -> ExecutorConfig {
         max_deliver: 3,
         backoff_seconds: vec![1],
         job_timeout_seconds: 120,
+        lock_ttl_seconds: 6,
         remote: sshd.remote_paths(),
     }
 }
@@ -434,4 +436,39 @@ impl Bus {
         let mut s = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
         s.info().await.unwrap().state.messages
     }
+}
+
+/// Runs the real `nio-executor` binary; its stderr (logs at `RUST_LOG=trace`) goes to `log`.
+pub fn spawn_binary(
+    sshd: &Sshd,
+    nats: &NatsServer,
+    cfg: &ExecutorConfig,
+    id: &str,
+    extra: &[&str],
+    log: &Path,
+) -> tokio::process::Child {
+    let cfg_path = sshd.path(&format!("executor-{id}.yaml"));
+    std::fs::write(&cfg_path, serde_json::to_string(cfg).unwrap()).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_nio-executor"))
+        .args(["--nats-url", &nats.url(), "--executor-id", id, "--connect-timeout", "3"])
+        .arg("--config")
+        .arg(&cfg_path)
+        .arg("--identities-dir")
+        .arg(sshd.path("identities"))
+        .arg("--cache-dir")
+        .arg(sshd.path(&format!("cache-{id}")))
+        .args(extra)
+        .env("RUST_LOG", "trace")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+pub fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
 }
