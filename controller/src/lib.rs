@@ -1,1 +1,207 @@
-//! Controller library (issue #4).
+//! nio-controller: turns Machines and NixosConfigurations into rebuild jobs and executor reports into status.
+//!
+//! - [`reconcile`]: NixosConfiguration reconcile and deletion; [`rollout`]: the pure planner.
+//! - [`machine`]: Machine validation and probe scheduling; [`status`]: applying executor events.
+//! - [`git`]: ref resolution; [`publish`]: job building and publishing; [`leader`]: leader election.
+#![forbid(unsafe_code)]
+
+pub mod conditions;
+pub mod error;
+pub mod git;
+pub mod http;
+pub mod leader;
+pub mod machine;
+pub mod metrics;
+pub mod publish;
+pub mod reconcile;
+pub mod rollout;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use kube::api::Api;
+use kube::runtime::{Controller, controller, watcher};
+use nio_shared::crd::{Machine, NixosConfiguration};
+use tokio_util::sync::CancellationToken;
+
+/// Everything `run` needs; the binary fills it from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub cluster: String,
+    pub nats_url: String,
+    pub nats_creds: Option<PathBuf>,
+    /// Namespaces to watch; empty = all.
+    pub namespaces: Vec<String>,
+    pub seal_key_file: Option<PathBuf>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub leader_election: bool,
+    pub lease_name: String,
+    pub lease_namespace: String,
+    pub lease_duration: Duration,
+    pub identity: String,
+    pub probe_interval: Duration,
+    pub jobs_replicas: usize,
+    pub cache_dir: PathBuf,
+    /// kube client configuration; None = from the environment (KUBECONFIG or in-cluster).
+    pub kube_config: Option<kube::Config>,
+}
+
+/// Creates the streams if missing; refuses to start against streams with incompatible settings.
+pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize) -> anyhow::Result<()> {
+    for want in [nio_shared::nats::jobs_stream(replicas), nio_shared::nats::status_stream(replicas)] {
+        match js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let info = s.info().await?;
+                let diff = nio_shared::nats::stream_mismatches(&info.config, &want);
+                anyhow::ensure!(
+                    diff.is_empty(),
+                    "stream {} exists with incompatible settings: {}",
+                    want.name,
+                    diff.join("; ")
+                );
+            }
+            Err(_) => {
+                js.get_or_create_stream(want.clone())
+                    .await
+                    .with_context(|| format!("creating stream {}", want.name))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the controller until `shutdown` (or until leadership is lost, which is an error).
+pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut opts = async_nats::ConnectOptions::new().name(format!("nio-controller {} {}", s.cluster, s.identity));
+    if let Some(c) = &s.nats_creds {
+        opts = opts.credentials_file(c).await.with_context(|| format!("reading NATS credentials {}", c.display()))?;
+    }
+    let nats = opts.connect(&s.nats_url).await.with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
+    let js = async_nats::jetstream::new(nats);
+    ensure_streams(&js, s.jobs_replicas).await?;
+    let client = match s.kube_config.clone() {
+        Some(c) => kube::Client::try_from(c)?,
+        None => kube::Client::try_default().await.context("connecting to Kubernetes")?,
+    };
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    if let Some(addr) = s.metrics_addr {
+        let bound =
+            http::serve(addr, metrics.clone(), ready.clone()).await.with_context(|| format!("binding {addr}"))?;
+        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+    }
+    let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
+    let ctx = Arc::new(reconcile::Ctx {
+        client: client.clone(),
+        cluster: s.cluster.clone(),
+        publisher: publish::Publisher { js: js.clone(), metrics: metrics.clone() },
+        seal,
+        resolver: git::Resolver::new(s.cache_dir.join("git"), Duration::from_secs(2)),
+        recorder: kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter { controller: "nio-controller".into(), instance: Some(s.identity.clone()) },
+        ),
+        metrics: metrics.clone(),
+        probe_interval: s.probe_interval,
+    });
+
+    let lost = CancellationToken::new();
+    let stop = CancellationToken::new();
+    let mut elector = None;
+    if s.leader_election {
+        let e = leader::Elector::new(client.clone(), &s.lease_namespace, &s.lease_name, &s.identity, s.lease_duration);
+        tracing::info!(identity = %s.identity, lease = %s.lease_name, "waiting to become the leader");
+        if !e.acquire(&shutdown).await {
+            return Ok(());
+        }
+        tracing::info!(identity = %s.identity, "leading");
+        elector = Some(e);
+    }
+    metrics.leader.set(1);
+    ready.store(true, Ordering::SeqCst);
+    let holder = elector.map(|e| {
+        let (lost, stop) = (lost.clone(), stop.clone());
+        tokio::spawn(async move { e.hold(lost, stop).await })
+    });
+
+    let consumer = status::consumer::open(&js, &s.cluster).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(status::consumer::run(ctx.clone(), consumer, stop.clone()));
+    let scopes: Vec<Option<String>> =
+        if s.namespaces.is_empty() { vec![None] } else { s.namespaces.iter().cloned().map(Some).collect() };
+    for ns in scopes {
+        let (configs, machines): (Api<NixosConfiguration>, Api<Machine>) = match &ns {
+            Some(n) => (Api::namespaced(client.clone(), n), Api::namespaced(client.clone(), n)),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+        let cfg_ctl = Controller::new(configs, watcher::Config::default())
+            .with_config(controller::Config::default().debounce(Duration::from_millis(300)));
+        let store = cfg_ctl.store();
+        let cfg_ctl = cfg_ctl
+            .watches(machines.clone(), watcher::Config::default(), move |m: Machine| {
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|c| reconcile::targets(c, &m))
+                    .map(|c| kube::runtime::reflector::ObjectRef::from(&*c))
+                    .collect::<Vec<_>>()
+            })
+            .graceful_shutdown_on({
+                let stop = stop.clone();
+                async move { stop.cancelled().await }
+            })
+            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(|_| async {});
+        tasks.spawn(cfg_ctl);
+        let m_ctl = Controller::new(machines, watcher::Config::default())
+            .graceful_shutdown_on({
+                let stop = stop.clone();
+                async move { stop.cancelled().await }
+            })
+            .run(machine::reconcile, machine::error_policy, ctx.clone())
+            .for_each(|_| async {});
+        tasks.spawn(m_ctl);
+    }
+    tasks.spawn(phase_gauge(client.clone(), metrics.clone(), stop.clone()));
+
+    let result = tokio::select! {
+        _ = shutdown.cancelled() => Ok(()),
+        _ = lost.cancelled() => Err(anyhow::anyhow!("lost leadership; exiting so a fresh start rejoins the election")),
+    };
+    stop.cancel();
+    ready.store(false, Ordering::SeqCst);
+    metrics.leader.set(0);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
+    if let Some(h) = holder {
+        h.abort();
+    }
+    result
+}
+
+/// Keeps `nio_controller_machines{phase}` current.
+async fn phase_gauge(client: kube::Client, metrics: Arc<metrics::Metrics>, stop: CancellationToken) {
+    let api: Api<Machine> = Api::all(client);
+    loop {
+        if let Ok(list) = api.list(&Default::default()).await {
+            let mut counts: std::collections::BTreeMap<String, i64> =
+                ["Pending", "Queued", "Applying", "Applied", "Failed"].iter().map(|p| (p.to_string(), 0)).collect();
+            for m in list.items {
+                let phase = m.status.and_then(|s| s.phase).map_or("Pending".to_string(), |p| format!("{p:?}"));
+                *counts.entry(phase).or_default() += 1;
+            }
+            for (phase, n) in counts {
+                metrics.machines.get_or_create(&metrics::PhaseLabel { phase }).set(n);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,28 +1,127 @@
 //! nio-controller: reconciles Machines and NixosConfigurations into jobs on NATS JetStream.
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
-#[derive(Parser)]
+use clap::{Parser, Subcommand};
+use nio_shared::telemetry::LogFormat;
+
+#[derive(Parser, Debug)]
 #[command(version, about = "NIO controller: turns NixosConfigurations into rebuild jobs")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// Name of this cluster; unique among the clusters sharing a NATS system.
+    #[arg(long, env = "NIO_CLUSTER_NAME")]
+    cluster_name: Option<String>,
+    /// NATS server URL.
+    #[arg(long, env = "NIO_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// NATS credentials file.
+    #[arg(long, env = "NIO_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// Namespace to watch (repeatable); default: all namespaces.
+    #[arg(long = "namespace", env = "NIO_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Key shared with the executors for sealing secrets.
+    #[arg(long, env = "NIO_SEAL_KEY_FILE")]
+    seal_key_file: Option<PathBuf>,
+    /// Address for /metrics.
+    #[arg(long, env = "NIO_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Address for /healthz and /readyz (defaults to the metrics address).
+    #[arg(long, env = "NIO_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
+    /// Elect a leader among replicas through a Lease.
+    #[arg(long, env = "NIO_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    #[arg(long, env = "NIO_LEASE_NAME", default_value = "nio-controller")]
+    lease_name: String,
+    #[arg(long, env = "NIO_LEASE_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Lease duration in seconds (a standby takes over within this after the leader stops).
+    #[arg(long, env = "NIO_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// Identity in the Lease (default: host name and process id).
+    #[arg(long, env = "NIO_IDENTITY")]
+    identity: Option<String>,
+    /// Default pollInterval for configurations (they set their own with spec.pollInterval).
+    #[arg(long, env = "NIO_DEFAULT_POLL_INTERVAL", default_value = "5m")]
+    default_poll_interval: String,
+    /// How often each Machine is probed (jittered ±10 %).
+    #[arg(long, env = "NIO_PROBE_INTERVAL", default_value = "5m")]
+    probe_interval: String,
+    /// Replicas of the NIO_JOBS and NIO_STATUS streams (1 dev, 3 prod).
+    #[arg(long, env = "NIO_JOBS_REPLICAS", default_value_t = 1)]
+    jobs_replicas: usize,
+    /// Cache directory (Git objects for SHA checks).
+    #[arg(long, env = "NIO_CACHE_DIR", default_value = "/var/cache/nio-controller")]
+    cache_dir: PathBuf,
+    #[arg(long, env = "NIO_LOG_FORMAT", value_enum, default_value = "human")]
+    log_format: LogFormat,
 }
 
-#[derive(Subcommand)]
+#[derive(Subcommand, Debug)]
 enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
 }
 
-fn main() -> anyhow::Result<()> {
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "controller".into())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Crd) => {
-            for (_, yaml) in nio_shared::crd::yaml_files()? {
-                print!("---\n{yaml}");
-            }
-            Ok(())
+    if let Some(Command::Crd) = cli.command {
+        for (_, yaml) in nio_shared::crd::yaml_files()? {
+            print!("---\n{yaml}");
         }
-        None => anyhow::bail!("the reconcile loop is not implemented yet (issue #4); only `nio-controller crd` works"),
+        return Ok(());
     }
+    let cluster =
+        cli.cluster_name.clone().ok_or_else(|| anyhow::anyhow!("--cluster-name (NIO_CLUSTER_NAME) is required"))?;
+    nio_shared::validate::dns_label("--cluster-name", &cluster)?;
+    let probe_interval = nio_shared::validate::duration("--probe-interval", &cli.probe_interval)?;
+    let _default_poll = nio_shared::validate::duration("--default-poll-interval", &cli.default_poll_interval)?;
+    let identity = cli.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let guard = nio_shared::telemetry::init(
+        "nio-controller",
+        cli.log_format,
+        &[("nio.cluster", cluster.clone()), ("nio.identity", identity.clone())],
+    )?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        on_signal.cancel();
+    });
+    let settings = nio_controller::Settings {
+        cluster,
+        nats_url: cli.nats_url,
+        nats_creds: cli.nats_creds,
+        namespaces: cli.namespaces,
+        seal_key_file: cli.seal_key_file,
+        metrics_addr: cli.metrics_addr.or(cli.health_addr),
+        leader_election: cli.leader_election,
+        lease_name: cli.lease_name,
+        lease_namespace: cli.lease_namespace,
+        lease_duration: Duration::from_secs(cli.lease_duration),
+        identity,
+        probe_interval,
+        jobs_replicas: cli.jobs_replicas,
+        cache_dir: cli.cache_dir,
+        kube_config: None,
+    };
+    let result = nio_controller::run(settings, shutdown).await;
+    tokio::task::spawn_blocking(move || guard.shutdown()).await?;
+    result
 }

@@ -177,9 +177,30 @@ pub struct MachineStatus {
     /// When the last successful apply finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_applied_time: Option<Time>,
-    /// Store path of the running system (readlink -f /run/current-system).
+    /// Store path of the running system (readlink -f /run/current-system), from the last job or probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_system: Option<String>,
+    /// Store path NIO last activated; a probe seeing another system marks the machine Drifted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_system: Option<String>,
+    /// What was last applied successfully: `{commit}/{generation}[.{secretsHash}]` of its configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_target: Option<String>,
+    /// What the job on the queue (or running) will apply, in the same form.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_target: Option<String>,
+    /// Id of the last job published for this machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_job_id: Option<String>,
+    /// Target whose job failed; it is not retried until the commit, spec or secrets change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_target: Option<String>,
+    /// Time of the newest executor event applied (RFC 3339, nanoseconds); older events are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time: Option<String>,
+    /// When the last probe was published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_probe_time: Option<Time>,
     /// Where the machine is in its current job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<MachinePhase>,

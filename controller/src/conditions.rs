@@ -1,0 +1,59 @@
+//! metav1.Condition helpers.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// Sets condition `type_`, keeping its lastTransitionTime when the status does not change.
+pub fn set(
+    conds: &mut Vec<Condition>,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    let now = time(chrono::Utc::now());
+    match conds.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = now;
+            }
+            c.status = status;
+            c.reason = reason.to_string();
+            c.message = message.to_string();
+            c.observed_generation = generation;
+        }
+        None => conds.push(Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            observed_generation: generation,
+            last_transition_time: now,
+        }),
+    }
+}
+
+/// Whether condition `type_` is True.
+pub fn is_true(conds: &[Condition], type_: &str) -> bool {
+    conds.iter().any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// The message of condition `type_`, if present.
+pub fn message<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a str> {
+    conds.iter().find(|c| c.type_ == type_).map(|c| c.message.as_str())
+}
+
+/// A Kubernetes timestamp from a chrono one.
+pub fn time(t: chrono::DateTime<chrono::Utc>) -> Time {
+    let nanos = t.timestamp_nanos_opt().unwrap_or_default();
+    Time(
+        k8s_openapi::jiff::Timestamp::from_nanosecond(i128::from(nanos))
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    )
+}
+
+/// A chrono timestamp from a Kubernetes one.
+pub fn chrono_of(t: &k8s_openapi::jiff::Timestamp) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_nanos(i64::try_from(t.as_nanosecond()).unwrap_or_default())
+}

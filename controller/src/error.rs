@@ -1,0 +1,38 @@
+//! Controller errors, each with a small fixed category (Event reason, condition reason, metric label).
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error(transparent)]
+    Git(#[from] crate::git::GitError),
+    #[error("{0}")]
+    Invalid(#[from] nio_shared::validate::Invalid),
+    #[error("Secret {namespace}/{name}: {problem}")]
+    Secret { namespace: String, name: String, problem: String },
+    #[error("sealing: {0}")]
+    Seal(#[from] nio_shared::seal::SealError),
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+    #[error("removal is waiting: {0}")]
+    RemovalPending(String),
+}
+
+impl Error {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeApi",
+            Error::Nats(_) => "Nats",
+            Error::Git(g) => g.reason(),
+            Error::Invalid(_) => "InvalidSpec",
+            Error::Secret { .. } => "SecretUnavailable",
+            Error::Seal(_) => "SealError",
+            Error::Finalizer(_) => "Finalizer",
+            Error::RemovalPending(_) => "RemovalPending",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

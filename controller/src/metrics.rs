@@ -1,0 +1,90 @@
+//! Controller metrics (DESIGN §6). Labels are bounded: kind, site, outcome, category, phase.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub kind: String,
+    pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishLabels {
+    pub site: String,
+    pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub phase: String,
+    pub action: String,
+}
+
+fn buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub reconcile_duration: Family<KindLabel, Histogram, fn() -> Histogram>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub jobs_published: Family<PublishLabels, Counter>,
+    pub status_events: Family<EventLabels, Counter>,
+    pub machines: Family<PhaseLabel, Gauge>,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("nio_controller");
+        let reconcile_duration = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(buckets);
+        let reconcile_errors = Family::<ErrorLabels, Counter>::default();
+        let jobs_published = Family::<PublishLabels, Counter>::default();
+        let status_events = Family::<EventLabels, Counter>::default();
+        let machines = Family::<PhaseLabel, Gauge>::default();
+        let leader = Gauge::default();
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Time to reconcile one object",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        registry.register("reconcile_errors", "Reconciles that failed, by kind and category", reconcile_errors.clone());
+        registry.register("jobs_published", "Jobs published, by site and action", jobs_published.clone());
+        registry.register(
+            "status_events",
+            "Executor status events applied, by phase and action",
+            status_events.clone(),
+        );
+        registry.register("machines", "Machines by phase", machines.clone());
+        registry.register("leader", "1 while this replica is the leader", leader.clone());
+        Metrics { registry, reconcile_duration, reconcile_errors, jobs_published, status_events, machines, leader }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,228 @@
+//! Building jobs from resources and publishing them on `NIO_JOBS` with dedup ids and trace context.
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use chrono::Utc;
+use nio_shared::crd::{Machine, NixosConfiguration};
+use nio_shared::protocol::{Action, FileContent, FileEntry, JOB_VERSION, Job, SecretFile, Source, Target};
+use nio_shared::seal::SealKey;
+use nio_shared::validate;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::metrics::{Metrics, PublishLabels};
+use crate::rollout::Work;
+
+/// What a configuration wants on its machines right now.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub commit: String,
+    pub generation: i64,
+    /// SecretRef file contents by path (plaintext in memory only; sealed per machine).
+    pub secrets: Vec<(String, Vec<u8>)>,
+    pub secrets_hash: Option<String>,
+}
+
+impl Desired {
+    /// `{commit}/{generation}[.{secretsHash8}]`: what a machine must have applied to be up to date.
+    pub fn target(&self) -> String {
+        match &self.secrets_hash {
+            Some(h) => format!("{}/{}.{}", self.commit, self.generation, &h[..h.len().min(8)]),
+            None => format!("{}/{}", self.commit, self.generation),
+        }
+    }
+}
+
+/// Job timeout for updates and removals.
+const UPDATE_TIMEOUT: u64 = 3600;
+/// Job timeout for full installs.
+const INSTALL_TIMEOUT: u64 = 7200;
+/// Job timeout for probes and scans.
+const PROBE_TIMEOUT: u64 = 120;
+
+fn target(m: &Machine) -> Target {
+    let host_key = m.spec.host_key.clone().or_else(|| m.status.as_ref().and_then(|s| s.host_key.clone()));
+    Target {
+        host: m.spec.ip_address.clone().unwrap_or_else(|| m.spec.hostname.clone()),
+        port: m.spec.port,
+        user: m.spec.ssh_user.clone(),
+        identity: m.spec.credential_ref.clone(),
+        host_key,
+    }
+}
+
+fn meta(m: &Machine) -> (String, String) {
+    (m.metadata.namespace.clone().unwrap_or_default(), m.metadata.name.clone().unwrap_or_default())
+}
+
+/// The job bringing `m` to `desired` for configuration `cfg`.
+pub fn apply_job(
+    cluster: &str,
+    cfg: &NixosConfiguration,
+    m: &Machine,
+    desired: &Desired,
+    work: Work,
+    seal: Option<&SealKey>,
+) -> Result<Job> {
+    let (ns, name) = meta(m);
+    let action = match work {
+        Work::Install => Action::Install,
+        Work::Update => Action::from(cfg.spec.action),
+    };
+    let attr = validate::flake_attr("spec.flake", &cfg.spec.flake).map_err(nio_shared::validate::Invalid::from)?;
+    let mut files = Vec::new();
+    for f in &cfg.spec.additional_files {
+        match f.value_type {
+            nio_shared::crd::FileValueType::Inline => files.push(FileEntry {
+                path: f.path.clone(),
+                content: FileContent::Inline { content: f.inline.clone().unwrap_or_default() },
+            }),
+            nio_shared::crd::FileValueType::NixosFacter => {
+                files.push(FileEntry { path: f.path.clone(), content: FileContent::NixosFacter })
+            }
+            nio_shared::crd::FileValueType::SecretRef => {}
+        }
+    }
+    let mut secrets = Vec::new();
+    if !desired.secrets.is_empty() {
+        let key = seal.ok_or_else(|| Error::Secret {
+            namespace: ns.clone(),
+            name: cfg.metadata.name.clone().unwrap_or_default(),
+            problem: "the configuration delivers secrets but the controller has no --seal-key-file".into(),
+        })?;
+        for (path, content) in &desired.secrets {
+            let context = SecretFile::seal_context(cluster, &ns, &name, path);
+            secrets.push(SecretFile { path: path.clone(), sealed: key.seal(content, &context)? });
+        }
+    }
+    Ok(Job {
+        v: JOB_VERSION,
+        id: format!("{cluster}/{ns}/{name}/{}/{}", desired.target(), action.as_str()),
+        cluster: cluster.to_string(),
+        namespace: ns,
+        machine: name,
+        configuration: cfg.metadata.name.clone(),
+        generation: desired.generation,
+        site: m.spec.site.clone(),
+        target: target(m),
+        source: Some(Source {
+            repo: cfg.spec.git_repo.clone(),
+            commit: desired.commit.clone(),
+            subdir: cfg.spec.configuration_subdir.clone(),
+            flake_attr: attr.to_string(),
+            credentials: cfg.spec.credentials_ref.clone(),
+        }),
+        action,
+        files,
+        secrets,
+        secrets_hash: desired.secrets_hash.clone(),
+        health_check: cfg.spec.health_check.clone(),
+        rollback: cfg.spec.auto_rollback,
+        timeout_seconds: if action == Action::Install { INSTALL_TIMEOUT } else { UPDATE_TIMEOUT },
+        enqueued_at: Utc::now(),
+    })
+}
+
+/// The job applying `onRemoveFlake` when `cfg` is deleted.
+pub fn remove_job(cluster: &str, cfg: &NixosConfiguration, m: &Machine, commit: &str) -> Result<Job> {
+    let flake = cfg.spec.on_remove_flake.clone().unwrap_or_default();
+    let attr = validate::flake_attr("spec.onRemoveFlake", &flake).map_err(nio_shared::validate::Invalid::from)?;
+    let (ns, name) = meta(m);
+    let generation = cfg.metadata.generation.unwrap_or(0);
+    Ok(Job {
+        v: JOB_VERSION,
+        id: format!("{cluster}/{ns}/{name}/{commit}/{generation}/remove"),
+        cluster: cluster.to_string(),
+        namespace: ns,
+        machine: name,
+        configuration: cfg.metadata.name.clone(),
+        generation,
+        site: m.spec.site.clone(),
+        target: target(m),
+        source: Some(Source {
+            repo: cfg.spec.git_repo.clone(),
+            commit: commit.to_string(),
+            subdir: cfg.spec.configuration_subdir.clone(),
+            flake_attr: attr.to_string(),
+            credentials: cfg.spec.credentials_ref.clone(),
+        }),
+        action: Action::Remove,
+        files: vec![],
+        secrets: vec![],
+        secrets_hash: None,
+        health_check: None,
+        rollback: false,
+        timeout_seconds: UPDATE_TIMEOUT,
+        enqueued_at: Utc::now(),
+    })
+}
+
+/// A probe (reachability, version, current system) or scan (plus hardware facts) of `m`.
+pub fn probe_job(cluster: &str, m: &Machine, action: Action) -> Job {
+    let (ns, name) = meta(m);
+    let now = Utc::now();
+    Job {
+        v: JOB_VERSION,
+        id: format!("{cluster}/{ns}/{name}/probe/{}/{}", now.timestamp(), action.as_str()),
+        cluster: cluster.to_string(),
+        namespace: ns,
+        machine: name,
+        configuration: None,
+        generation: m.metadata.generation.unwrap_or(0),
+        site: m.spec.site.clone(),
+        target: target(m),
+        source: None,
+        action,
+        files: vec![],
+        secrets: vec![],
+        secrets_hash: None,
+        health_check: None,
+        rollback: false,
+        timeout_seconds: PROBE_TIMEOUT,
+        enqueued_at: now,
+    }
+}
+
+/// Publishes jobs (one message per machine and kind; the dedup id makes republishing harmless).
+pub struct Publisher {
+    pub js: jetstream::Context,
+    pub metrics: std::sync::Arc<Metrics>,
+}
+
+impl Publisher {
+    pub async fn publish(&self, job: &Job) -> Result<()> {
+        let subject = job.subject();
+        let span = tracing::info_span!(
+            "job.publish",
+            otel.kind = "producer",
+            messaging.system = "nats",
+            messaging.destination.name = %subject,
+            nio.site = %job.site,
+            nio.action = job.action.as_str(),
+            nio.cluster = %job.cluster,
+            nio.commit = job.source.as_ref().map(|s| s.commit.as_str()).unwrap_or(""),
+        );
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", job.id.as_str());
+        {
+            let _e = span.enter();
+            nio_shared::telemetry::inject(&mut headers);
+        }
+        async {
+            let ack = self
+                .js
+                .publish_with_headers(subject, headers, Bytes::from(job.encode()))
+                .await
+                .map_err(|e| Error::Nats(e.to_string()))?;
+            ack.await.map_err(|e| Error::Nats(e.to_string()))?;
+            Ok::<_, Error>(())
+        }
+        .instrument(span)
+        .await?;
+        self.metrics
+            .jobs_published
+            .get_or_create(&PublishLabels { site: job.site.clone(), action: job.action.as_str().into() })
+            .inc();
+        Ok(())
+    }
+}

@@ -1,0 +1,567 @@
+//! NixosConfiguration reconcile: validate → resolve the ref → read secrets → plan → publish → status.
+//! Deletion applies `onRemoveFlake` before the finalizer is released.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use nio_shared::crd::{
+    FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration, NixosConfigurationStatus,
+    short_commit,
+};
+use sha2::{Digest, Sha256};
+use tracing::Instrument;
+
+use crate::conditions;
+use crate::error::{Error, Result};
+use crate::git::{GitCreds, Resolver};
+use crate::metrics::{ErrorLabels, KindLabel, Metrics};
+use crate::publish::{self, Desired, Publisher};
+use crate::rollout::{self, MachineView, Policy};
+
+/// Field manager of everything the controller writes.
+pub const MANAGER: &str = "nio-controller";
+
+/// Shared by every reconcile.
+pub struct Ctx {
+    pub client: kube::Client,
+    pub cluster: String,
+    pub publisher: Publisher,
+    pub seal: Option<nio_shared::seal::SealKey>,
+    pub resolver: Resolver,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub probe_interval: Duration,
+}
+
+impl Ctx {
+    /// Records a Kubernetes Event about `obj`; failures are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+        action: &str,
+    ) {
+        let r: ObjectReference = obj.object_ref(&());
+        let ev = KubeEvent {
+            type_: if warning { EventType::Warning } else { EventType::Normal },
+            reason: reason.to_string(),
+            note: Some(note.chars().take(1000).collect()),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &r).await {
+            tracing::debug!(error = %e, "recording an Event failed");
+        }
+    }
+}
+
+/// Label selector in its query-string form.
+pub fn selector_string(sel: &LabelSelector) -> String {
+    let mut parts: Vec<String> = sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
+    for e in sel.match_expressions.iter().flatten() {
+        let vals = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({vals})", e.key),
+            "NotIn" => format!("{} notin ({vals})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// Whether `cfg` targets machine `m` (same namespace; by name or labels).
+pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
+    if cfg.namespace() != m.namespace() {
+        return false;
+    }
+    if let Some(name) = &cfg.spec.machine_ref {
+        return m.metadata.name.as_ref() == Some(name);
+    }
+    let Some(sel) = &cfg.spec.machine_selector else { return false };
+    let labels = m.metadata.labels.clone().unwrap_or_default();
+    let ok_labels = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let ok_exprs = sel.match_expressions.iter().flatten().all(|e| {
+        let vals = e.values.clone().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            _ => !labels.contains_key(&e.key),
+        }
+    });
+    ok_labels && ok_exprs
+}
+
+async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Machine>> {
+    let ns = cfg.namespace().unwrap_or_default();
+    let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(name) = &cfg.spec.machine_ref {
+        return Ok(api.get_opt(name).await?.into_iter().collect());
+    }
+    let Some(sel) = &cfg.spec.machine_selector else { return Ok(vec![]) };
+    Ok(api.list(&ListParams::default().labels(&selector_string(sel))).await?.items)
+}
+
+async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Secret> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    api.get_opt(name).await?.ok_or_else(|| Error::Secret {
+        namespace: ns.into(),
+        name: name.into(),
+        problem: "not found".into(),
+    })
+}
+
+fn secret_value(s: &Secret, key: &str) -> Option<Vec<u8>> {
+    s.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone())
+}
+
+async fn git_creds(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<GitCreds> {
+    let Some(name) = &cfg.spec.credentials_ref else { return Ok(GitCreds::default()) };
+    let s = secret(ctx, &cfg.namespace().unwrap_or_default(), name).await?;
+    let text = |k: &str| secret_value(&s, k).map(|v| String::from_utf8_lossy(&v).trim().to_string());
+    Ok(GitCreds {
+        token: text("token"),
+        username: text("username"),
+        password: text("password"),
+        ssh_key: text("ssh-privatekey"),
+    })
+}
+
+/// Reads every SecretRef file and hashes the contents (the hash, never the content, tracks changes).
+async fn desired(ctx: &Ctx, cfg: &NixosConfiguration, commit: String) -> Result<Desired> {
+    let ns = cfg.namespace().unwrap_or_default();
+    let mut secrets = Vec::new();
+    let mut h = Sha256::new();
+    for f in cfg.spec.additional_files.iter().filter(|f| f.value_type == FileValueType::SecretRef) {
+        let Some(r) = &f.secret_ref else { continue };
+        let s = secret(ctx, &ns, &r.name).await?;
+        let value = secret_value(&s, &r.key).ok_or_else(|| Error::Secret {
+            namespace: ns.clone(),
+            name: r.name.clone(),
+            problem: format!("has no key {:?}", r.key),
+        })?;
+        h.update(f.path.as_bytes());
+        h.update([0]);
+        h.update(&value);
+        h.update([0]);
+        secrets.push((f.path.clone(), value));
+    }
+    let secrets_hash =
+        (!secrets.is_empty()).then(|| h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>());
+    Ok(Desired { commit, generation: cfg.metadata.generation.unwrap_or(0), secrets, secrets_hash })
+}
+
+/// Read-modify-write of a Machine's status with optimistic concurrency (retried on conflict).
+pub async fn update_machine_status(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    f: impl Fn(&Machine) -> Option<MachineStatus>,
+) -> Result<Option<Machine>> {
+    let api: Api<Machine> = Api::namespaced(ctx.client.clone(), ns);
+    for attempt in 0..8 {
+        let Some(m) = api.get_opt(name).await? else { return Ok(None) };
+        let Some(status) = f(&m) else { return Ok(Some(m)) };
+        let patch = serde_json::json!({
+            "apiVersion": "nixos.infra/v1alpha1",
+            "kind": "Machine",
+            "metadata": {"name": name, "resourceVersion": m.metadata.resource_version},
+            "status": status,
+        });
+        match api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
+            Ok(m) => return Ok(Some(m)),
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 7 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(None)
+}
+
+async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfigurationStatus) -> Result<()> {
+    let api: Api<NixosConfiguration> = Api::namespaced(ctx.client.clone(), &cfg.namespace().unwrap_or_default());
+    let patch =
+        serde_json::json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "status": status});
+    api.patch_status(&cfg.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+fn poll_interval(cfg: &NixosConfiguration) -> Duration {
+    nio_shared::validate::duration("spec.pollInterval", &cfg.spec.poll_interval).unwrap_or(Duration::from_secs(300))
+}
+
+/// Entry point from the kube-runtime Controller.
+pub async fn reconcile(cfg: Arc<NixosConfiguration>, ctx: Arc<Ctx>) -> Result<Action> {
+    let start = Instant::now();
+    let span = tracing::info_span!(
+        "reconcile",
+        otel.kind = "internal",
+        k8s.resource.name = %cfg.name_any(),
+        k8s.namespace.name = %cfg.namespace().unwrap_or_default(),
+        nio.cluster = %ctx.cluster,
+        nio.kind = "NixosConfiguration",
+    );
+    let ns = cfg.namespace().unwrap_or_default();
+    let api: Api<NixosConfiguration> = Api::namespaced(ctx.client.clone(), &ns);
+    let c2 = ctx.clone();
+    let result = finalizer(&api, FINALIZER, cfg, |event| async move {
+        match event {
+            Finalizer::Apply(c) => apply(&c, &c2).await,
+            Finalizer::Cleanup(c) => cleanup(&c, &c2).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics
+        .reconcile_duration
+        .get_or_create(&KindLabel { kind: "NixosConfiguration".into() })
+        .observe(start.elapsed().as_secs_f64());
+    result
+}
+
+/// Requeue policy for failed reconciles.
+pub fn error_policy(cfg: Arc<NixosConfiguration>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&ErrorLabels { kind: "NixosConfiguration".into(), category: err.category().into() })
+        .inc();
+    if matches!(err, Error::RemovalPending(_)) {
+        tracing::info!(configuration = %cfg.name_any(), "{err}");
+    } else {
+        tracing::warn!(configuration = %cfg.name_any(), error = %err, "reconcile failed");
+    }
+    Action::requeue(Duration::from_secs(5))
+}
+
+async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
+    let generation = cfg.metadata.generation;
+    let mut status = cfg.status.clone().unwrap_or_default();
+    status.observed_generation = generation;
+
+    // 1. Invalid specs publish nothing.
+    if let Err(invalid) = nio_shared::validate::configuration_spec(&cfg.spec) {
+        let msg = invalid.to_string();
+        if conditions::message(&status.conditions, "Invalid") != Some(msg.as_str()) {
+            ctx.event(cfg, true, "InvalidSpec", msg.clone(), "Validate").await;
+        }
+        conditions::set(&mut status.conditions, "Invalid", true, "InvalidSpec", &msg, generation);
+        conditions::set(
+            &mut status.conditions,
+            "Ready",
+            false,
+            "InvalidSpec",
+            "the spec is invalid; nothing is applied",
+            generation,
+        );
+        conditions::set(&mut status.conditions, "Progressing", false, "InvalidSpec", "", generation);
+        set_status(ctx, cfg, &status).await?;
+        return Ok(Action::await_change());
+    }
+    conditions::set(&mut status.conditions, "Invalid", false, "Valid", "", generation);
+    let poll = poll_interval(cfg);
+
+    // 2. Resolve the ref.
+    let resolved = match git_creds(ctx, cfg).await {
+        Ok(creds) => ctx.resolver.resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, creds).await.map_err(Error::from),
+        Err(e) => Err(e),
+    };
+    let commit = match resolved {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string();
+            if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
+                ctx.event(cfg, true, e.category(), msg.clone(), "ResolveRef").await;
+            }
+            conditions::set(&mut status.conditions, "Degraded", true, e.category(), &msg, generation);
+            conditions::set(&mut status.conditions, "Ready", false, e.category(), &msg, generation);
+            set_status(ctx, cfg, &status).await?;
+            return Ok(Action::requeue(poll.min(Duration::from_secs(60))));
+        }
+    };
+    if status.target_commit.as_deref() != Some(commit.as_str()) {
+        ctx.event(
+            cfg,
+            false,
+            "NewCommit",
+            format!("{} resolved to {}", cfg.spec.git_ref, short_commit(&commit)),
+            "ResolveRef",
+        )
+        .await;
+    }
+    status.target_commit = Some(commit.clone());
+    status.target_commit_short = Some(short_commit(&commit));
+
+    // 3. Secrets and the target.
+    let want = match desired(ctx, cfg, commit.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            let msg = e.to_string();
+            conditions::set(&mut status.conditions, "Degraded", true, e.category(), &msg, generation);
+            conditions::set(&mut status.conditions, "Ready", false, e.category(), &msg, generation);
+            set_status(ctx, cfg, &status).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    };
+    let target = want.target();
+
+    // 4. Machines and the plan.
+    let machines = targeted_machines(ctx, cfg).await?;
+    let views: Vec<MachineView> = machines
+        .iter()
+        .map(|m| {
+            let s = m.status.clone().unwrap_or_default();
+            MachineView {
+                name: m.name_any(),
+                installed: s.installed_at.is_some(),
+                applied_target: s
+                    .applied_target
+                    .filter(|_| s.applied_configuration.as_ref() == cfg.metadata.name.as_ref()),
+                queued_target: s.queued_target,
+                failed_target: s.failed_target,
+            }
+        })
+        .collect();
+    let policy = Policy {
+        full_install: cfg.spec.full_install,
+        suspend: cfg.spec.suspend,
+        pause: cfg.spec.rollout.pause,
+        max_parallel: cfg.spec.rollout.max_parallel,
+        canary: cfg.spec.rollout.canary,
+        failure_budget: cfg.spec.rollout.failure_budget,
+    };
+    let plan = rollout::plan(&target, &policy, &views);
+
+    // 5. Publish, then mark the machines Queued.
+    let mut published = 0u32;
+    for (name, work) in &plan.publish {
+        let Some(m) = machines.iter().find(|m| &m.name_any() == name) else { continue };
+        if let Err(e) = nio_shared::validate::machine_spec(&m.spec) {
+            tracing::warn!(machine = %name, error = %e, "skipping an invalid Machine");
+            continue;
+        }
+        let job = publish::apply_job(&ctx.cluster, cfg, m, &want, *work, ctx.seal.as_ref())?;
+        ctx.publisher.publish(&job).await?;
+        published += 1;
+        let (job_id, t, cfg_name) = (job.id.clone(), target.clone(), cfg.name_any());
+        update_machine_status(ctx, &m.namespace().unwrap_or_default(), name, |m| {
+            let mut s = m.status.clone().unwrap_or_default();
+            s.phase = Some(MachinePhase::Queued);
+            s.queued_target = Some(t.clone());
+            s.last_job_id = Some(job_id.clone());
+            s.has_configuration = Some(true);
+            if s.applied_configuration.is_none() {
+                s.applied_configuration = Some(cfg_name.clone());
+            }
+            Some(s)
+        })
+        .await?;
+    }
+    for m in machines.iter().filter(|m| m.status.as_ref().and_then(|s| s.has_configuration) != Some(true)) {
+        update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), |m| {
+            let mut s = m.status.clone().unwrap_or_default();
+            (s.has_configuration != Some(true)).then(|| {
+                s.has_configuration = Some(true);
+                s
+            })
+        })
+        .await?;
+    }
+
+    // 6. Status.
+    let c = plan.counts;
+    status.total = c.total;
+    status.updated = c.updated;
+    status.failed = c.failed;
+    status.in_progress = c.in_progress + published;
+    status.progress = Some(format!("{}/{}", c.updated, c.total));
+    let ready = c.total > 0 && c.updated == c.total;
+    if ready && !conditions::is_true(&status.conditions, "Ready") {
+        ctx.event(
+            cfg,
+            false,
+            "RolloutComplete",
+            format!("all {} machines run {}", c.total, short_commit(&commit)),
+            "Rollout",
+        )
+        .await;
+        status.applied_commit = Some(commit.clone());
+    }
+    if ready {
+        status.applied_commit = Some(commit.clone());
+        status.last_applied_time = machines
+            .iter()
+            .filter_map(|m| m.status.as_ref().and_then(|s| s.last_applied_time.clone()))
+            .max_by_key(|t| t.0.as_nanosecond());
+    }
+    let ready_msg = if c.total == 0 {
+        "no machine matches".to_string()
+    } else {
+        format!("{}/{} machines at {}", c.updated, c.total, short_commit(&commit))
+    };
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        ready,
+        if ready {
+            "RolloutComplete"
+        } else if c.total == 0 {
+            "NoMachines"
+        } else {
+            "RollingOut"
+        },
+        &ready_msg,
+        generation,
+    );
+    let progressing = status.in_progress > 0;
+    let hold = plan.hold.map(|h| format!("{h:?}")).unwrap_or_default();
+    conditions::set(
+        &mut status.conditions,
+        "Progressing",
+        progressing,
+        if progressing {
+            "JobsInFlight"
+        } else if hold.is_empty() {
+            "Idle"
+        } else {
+            &hold
+        },
+        &format!("{} in flight", status.in_progress),
+        generation,
+    );
+    let degraded = c.failed > 0;
+    conditions::set(
+        &mut status.conditions,
+        "Degraded",
+        degraded,
+        if degraded { "MachinesFailed" } else { "AsExpected" },
+        &if degraded { format!("{} machine(s) failed at this target", c.failed) } else { String::new() },
+        generation,
+    );
+    set_status(ctx, cfg, &status).await?;
+    Ok(Action::requeue(poll))
+}
+
+async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
+    let ns = cfg.namespace().unwrap_or_default();
+    let name = cfg.name_any();
+    let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(mref) = &cfg.spec.machine_ref
+        && api.get_opt(mref).await?.is_none()
+    {
+        ctx.event(
+            cfg,
+            false,
+            "MachineGone",
+            format!("Machine {mref} no longer exists; releasing the finalizer"),
+            "Remove",
+        )
+        .await;
+    }
+    let attached: Vec<Machine> = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|m| {
+            m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str()) || targets(cfg, m)
+        })
+        .collect();
+    let Some(_) = &cfg.spec.on_remove_flake else {
+        for m in &attached {
+            update_machine_status(ctx, &ns, &m.name_any(), |m| {
+                let mut s = m.status.clone().unwrap_or_default();
+                s.has_configuration = Some(false);
+                s.applied_configuration = None;
+                s.queued_target = None;
+                Some(s)
+            })
+            .await?;
+        }
+        return Ok(Action::await_change());
+    };
+    let commit = match &cfg.status.as_ref().and_then(|s| s.target_commit.clone()) {
+        Some(c) => c.clone(),
+        None => ctx.resolver.resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, git_creds(ctx, cfg).await?).await?,
+    };
+    let pending: Vec<&Machine> = attached
+        .iter()
+        .filter(|m| m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str()))
+        .collect();
+    if pending.is_empty() {
+        for m in &attached {
+            update_machine_status(ctx, &ns, &m.name_any(), |m| {
+                let mut s = m.status.clone().unwrap_or_default();
+                (s.has_configuration != Some(false)).then(|| {
+                    s.has_configuration = Some(false);
+                    s
+                })
+            })
+            .await?;
+        }
+        ctx.event(
+            cfg,
+            false,
+            "Removed",
+            "onRemoveFlake applied on every machine; releasing the finalizer".into(),
+            "Remove",
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let mut blocked = Vec::new();
+    for m in &pending {
+        let s = m.status.clone().unwrap_or_default();
+        let job = publish::remove_job(&ctx.cluster, cfg, m, &commit)?;
+        let t = crate::status::target_of(&job.id).unwrap_or_default();
+        if s.failed_target.as_deref() == Some(t.as_str()) {
+            let why = s
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Failed")
+                .map(|c| format!("{}: {}", c.reason, c.message))
+                .unwrap_or_default();
+            blocked.push(format!("{} ({why})", m.name_any()));
+            // Retry after a pause: a fresh job id gets past the queue's duplicate window.
+            let mut retry = job.clone();
+            retry.id = format!("{}-{}", job.id, chrono::Utc::now().timestamp() / 60);
+            ctx.publisher.publish(&retry).await?;
+            continue;
+        }
+        if s.queued_target.as_deref() == Some(t.as_str()) {
+            continue;
+        }
+        ctx.publisher.publish(&job).await?;
+        update_machine_status(ctx, &ns, &m.name_any(), |m| {
+            let mut s = m.status.clone().unwrap_or_default();
+            s.phase = Some(MachinePhase::Queued);
+            s.queued_target = Some(t.clone());
+            s.last_job_id = Some(job.id.clone());
+            Some(s)
+        })
+        .await?;
+    }
+    if !blocked.is_empty() {
+        let mut status = cfg.status.clone().unwrap_or_default();
+        let msg =
+            format!("onRemoveFlake could not be applied on {}; the finalizer stays until it is", blocked.join(", "));
+        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
+            ctx.event(cfg, true, "RemovalBlocked", msg.clone(), "Remove").await;
+        }
+        conditions::set(&mut status.conditions, "Degraded", true, "RemovalBlocked", &msg, cfg.metadata.generation);
+        set_status(ctx, cfg, &status).await?;
+    }
+    Err(Error::RemovalPending(format!("{} machine(s) still run configuration {name}", pending.len())))
+}

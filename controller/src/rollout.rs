@@ -1,0 +1,245 @@
+//! The rollout planner: a pure function from a configuration's target and its machines' state to the jobs
+//! to publish now. No client, no clock: every rule is unit-tested here.
+
+/// What a machine needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Full install (kexec, disko, nixos-install): the machine was never installed by NIO.
+    Install,
+    /// nixos-rebuild with the configuration's action.
+    Update,
+}
+
+/// A targeted machine as the planner sees it (from Machine status).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MachineView {
+    pub name: String,
+    /// A full install completed at some point (status.installedAt).
+    pub installed: bool,
+    pub applied_target: Option<String>,
+    pub queued_target: Option<String>,
+    pub failed_target: Option<String>,
+}
+
+/// The configuration side of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub full_install: bool,
+    pub suspend: bool,
+    pub pause: bool,
+    pub max_parallel: Option<u32>,
+    /// Machines updated first; the rest wait until this many are updated.
+    pub canary: Option<u32>,
+    /// Failures tolerated; beyond it no new jobs start.
+    pub failure_budget: Option<u32>,
+}
+
+/// Counts of the configuration's machines for the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    pub total: u32,
+    pub updated: u32,
+    pub failed: u32,
+    pub in_progress: u32,
+}
+
+/// Why nothing (more) is published, when that is the case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    Suspended,
+    Paused,
+    FailureBudgetExceeded,
+    WaitingForCanaries,
+    MaxParallel,
+}
+
+/// The decision.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub publish: Vec<(String, Work)>,
+    pub counts: Counts,
+    pub hold: Option<Hold>,
+}
+
+/// Decides which machines get a job for `target` now. Machines are taken in name order so plans are stable.
+pub fn plan(target: &str, policy: &Policy, machines: &[MachineView]) -> Plan {
+    let is = |t: &Option<String>| t.as_deref() == Some(target);
+    let mut counts = Counts { total: machines.len() as u32, ..Default::default() };
+    let mut candidates: Vec<&MachineView> = Vec::new();
+    for m in machines {
+        if is(&m.applied_target) {
+            counts.updated += 1;
+        } else if is(&m.failed_target) {
+            counts.failed += 1;
+        } else if is(&m.queued_target) {
+            counts.in_progress += 1;
+        } else {
+            candidates.push(m);
+        }
+    }
+    candidates.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut plan = Plan { counts, ..Default::default() };
+    let hold = if policy.suspend {
+        Some(Hold::Suspended)
+    } else if policy.pause {
+        Some(Hold::Paused)
+    } else if policy.failure_budget.is_some_and(|b| counts.failed > b) {
+        Some(Hold::FailureBudgetExceeded)
+    } else {
+        None
+    };
+    if hold.is_some() || candidates.is_empty() {
+        plan.hold = hold;
+        return plan;
+    }
+    let mut capacity = u32::MAX;
+    if let Some(m) = policy.max_parallel {
+        capacity = m.saturating_sub(counts.in_progress);
+    }
+    if let Some(c) = policy.canary
+        && counts.updated < c
+    {
+        // Only the canaries run until they have all succeeded.
+        let canary_room = c.saturating_sub(counts.updated + counts.in_progress);
+        if canary_room < capacity {
+            capacity = canary_room;
+            if capacity == 0 {
+                plan.hold = Some(Hold::WaitingForCanaries);
+                return plan;
+            }
+        }
+    }
+    if let Some(budget) = policy.failure_budget {
+        // Never more jobs in flight than the failures still tolerated, plus one.
+        let in_flight_allowed = budget.saturating_sub(counts.failed) + 1;
+        capacity = capacity.min(in_flight_allowed.saturating_sub(counts.in_progress));
+    }
+    if capacity == 0 {
+        plan.hold = Some(Hold::MaxParallel);
+        return plan;
+    }
+    for m in candidates.into_iter().take(capacity as usize) {
+        let work = if policy.full_install && !m.installed { Work::Install } else { Work::Update };
+        plan.publish.push((m.name.clone(), work));
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: &str = "c2/3";
+
+    fn m(name: &str) -> MachineView {
+        MachineView { name: name.into(), ..Default::default() }
+    }
+    fn at(name: &str, t: &str) -> MachineView {
+        MachineView { applied_target: Some(t.into()), installed: true, ..m(name) }
+    }
+    fn queued(name: &str, t: &str) -> MachineView {
+        MachineView { queued_target: Some(t.into()), ..m(name) }
+    }
+    fn failed(name: &str, t: &str) -> MachineView {
+        MachineView { failed_target: Some(t.into()), ..m(name) }
+    }
+    fn names(p: &Plan) -> Vec<&str> {
+        p.publish.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    #[test]
+    fn machines_not_at_the_target_get_a_job() {
+        let p =
+            plan(T, &Policy::default(), &[at("a", T), at("b", "c1/3"), m("c"), queued("d", T), queued("e", "c1/3")]);
+        assert_eq!(names(&p), ["b", "c", "e"]);
+        assert_eq!(p.counts, Counts { total: 5, updated: 1, failed: 0, in_progress: 1 });
+        assert_eq!(p.hold, None);
+    }
+
+    #[test]
+    fn a_new_generation_or_secret_hash_is_a_new_target() {
+        let p = plan("c2/4", &Policy::default(), &[at("a", "c2/3")]);
+        assert_eq!(names(&p), ["a"]);
+        let p = plan("c2/3.abcd1234", &Policy::default(), &[at("a", "c2/3")]);
+        assert_eq!(names(&p), ["a"]);
+    }
+
+    #[test]
+    fn failed_targets_are_not_retried_until_the_target_changes() {
+        let p = plan(T, &Policy::default(), &[failed("a", T), failed("b", "c1/3")]);
+        assert_eq!(names(&p), ["b"]);
+        assert_eq!(p.counts.failed, 1);
+    }
+
+    #[test]
+    fn full_install_runs_once_per_machine() {
+        let policy = Policy { full_install: true, ..Default::default() };
+        let installed = MachineView { installed: true, applied_target: Some("c1/3".into()), ..m("old") };
+        let p = plan(T, &policy, &[m("new"), installed]);
+        assert_eq!(p.publish, vec![("new".to_string(), Work::Install), ("old".to_string(), Work::Update)]);
+        let p = plan(T, &Policy::default(), &[m("new")]);
+        assert_eq!(p.publish, vec![("new".to_string(), Work::Update)], "no install without fullInstall");
+    }
+
+    #[test]
+    fn max_parallel_counts_jobs_in_flight() {
+        let policy = Policy { max_parallel: Some(3), ..Default::default() };
+        let p = plan(T, &policy, &[queued("a", T), m("b"), m("c"), m("d"), m("e")]);
+        assert_eq!(names(&p), ["b", "c"]);
+        let full = plan(T, &policy, &[queued("a", T), queued("b", T), queued("c", T), m("d")]);
+        assert!(full.publish.is_empty());
+        assert_eq!(full.hold, Some(Hold::MaxParallel));
+    }
+
+    #[test]
+    fn suspend_and_pause_publish_nothing_but_still_count() {
+        for (policy, hold) in [
+            (Policy { suspend: true, ..Default::default() }, Hold::Suspended),
+            (Policy { pause: true, ..Default::default() }, Hold::Paused),
+        ] {
+            let p = plan(T, &policy, &[m("a"), at("b", T)]);
+            assert!(p.publish.is_empty());
+            assert_eq!(p.hold, Some(hold));
+            assert_eq!((p.counts.total, p.counts.updated), (2, 1));
+        }
+    }
+
+    #[test]
+    fn canaries_go_first_and_alone() {
+        let policy = Policy { canary: Some(2), ..Default::default() };
+        let fleet: Vec<_> = ["a", "b", "c", "d"].iter().map(|n| m(n)).collect();
+        assert_eq!(names(&plan(T, &policy, &fleet)), ["a", "b"]);
+        let waiting = plan(T, &policy, &[queued("a", T), queued("b", T), m("c"), m("d")]);
+        assert!(waiting.publish.is_empty());
+        assert_eq!(waiting.hold, Some(Hold::WaitingForCanaries));
+        let one_done = plan(T, &policy, &[at("a", T), queued("b", T), m("c"), m("d")]);
+        assert!(one_done.publish.is_empty(), "still waiting for b");
+        let done = plan(T, &policy, &[at("a", T), at("b", T), m("c"), m("d")]);
+        assert_eq!(names(&done), ["c", "d"]);
+    }
+
+    #[test]
+    fn a_spent_failure_budget_stops_the_rollout() {
+        let policy = Policy { failure_budget: Some(1), ..Default::default() };
+        let p = plan(T, &policy, &[failed("a", T), failed("b", T), m("c")]);
+        assert!(p.publish.is_empty());
+        assert_eq!(p.hold, Some(Hold::FailureBudgetExceeded));
+        let p = plan(T, &policy, &[failed("a", T), m("b"), m("c")]);
+        assert_eq!(names(&p), ["b"], "with one failure left to tolerate, one machine at a time");
+    }
+
+    #[test]
+    fn empty_fleets_and_finished_rollouts_publish_nothing() {
+        assert_eq!(plan(T, &Policy::default(), &[]), Plan::default());
+        let p = plan(T, &Policy::default(), &[at("a", T), at("b", T)]);
+        assert!(p.publish.is_empty());
+        assert_eq!(p.counts.updated, 2);
+    }
+
+    #[test]
+    fn plans_are_stable_in_name_order() {
+        let policy = Policy { max_parallel: Some(2), ..Default::default() };
+        let p = plan(T, &policy, &[m("z"), m("b"), m("a")]);
+        assert_eq!(names(&p), ["a", "b"]);
+    }
+}
