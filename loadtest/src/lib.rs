@@ -3,5 +3,6 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod gitrepo;
 pub mod kubesim;
 pub mod nats;

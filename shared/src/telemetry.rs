@@ -115,19 +115,36 @@ pub fn tracer_provider(service_name: &str, attributes: &[(&str, String)]) -> Res
 
 /// Sets up logging (`RUST_LOG`-style filter, default `info`) and tracing for the process.
 pub fn init(service_name: &str, format: LogFormat, attributes: &[(&str, String)]) -> Result<TelemetryGuard> {
+    init_with_filter(service_name, format, attributes, "info")
+}
+
+/// [`init`] with another default log filter (used when `RUST_LOG` is unset).
+pub fn init_with_filter(
+    service_name: &str,
+    format: LogFormat,
+    attributes: &[(&str, String)],
+    default_filter: &str,
+) -> Result<TelemetryGuard> {
     global::set_text_map_propagator(TraceContextPropagator::new());
     let (provider, exporting) = tracer_provider(service_name, attributes)?;
     let tracer = provider.tracer(service_name.to_string());
     global::set_tracer_provider(provider.clone());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The log filter applies to log lines only: spans for traces are kept whatever RUST_LOG says, so trace
+    // context always propagates.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = match format {
-        LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed(),
+        LogFormat::Json => {
+            tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(filter).boxed()
+        }
     };
+    let spans = tracing_subscriber::filter::Targets::new()
+        .with_target("nio_controller", tracing::Level::INFO)
+        .with_target("nio_executor", tracing::Level::INFO)
+        .with_target("nio_shared", tracing::Level::INFO);
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
+        .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans))
         .try_init()
         .map_err(|e| Error::Telemetry(format!("a global subscriber is already set: {e}")))?;
     Ok(TelemetryGuard { provider: Some(provider), exporting })

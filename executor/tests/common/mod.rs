@@ -241,57 +241,14 @@ pub fn max_concurrency(calls: &[Call], program: &str) -> usize {
 
 /// A Git repository with an example flake; returns (file:// URL, commit).
 pub fn git_repo(dir: &Path) -> (String, String) {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(repo.join("hosts/web")).unwrap();
-    std::fs::write(repo.join("flake.nix"), "{ outputs = { ... }: { }; }\n").unwrap();
-    std::fs::write(repo.join("hosts/web/configuration.nix"), "{ services.nginx.enable = true; }\n").unwrap();
-    std::fs::write(repo.join("deploy.sh"), "#!/bin/sh\necho hi\n").unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(repo.join("deploy.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::os::unix::fs::symlink("hosts/web/configuration.nix", repo.join("default.nix")).unwrap();
-    let git = |args: &[&str]| {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .env("GIT_AUTHOR_NAME", "t")
-            .env("GIT_AUTHOR_EMAIL", "t@example.org")
-            .env("GIT_COMMITTER_NAME", "t")
-            .env("GIT_COMMITTER_EMAIL", "t@example.org")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
-    git(&["init", "-q", "-b", "main"]);
-    git(&["add", "-A"]);
-    git(&["commit", "-q", "-m", "initial"]);
-    let commit = git(&["rev-parse", "HEAD"]);
-    (format!("file://{}", repo.display()), commit)
+    let repo = nio_loadtest::gitrepo::GitRepo::create(dir).unwrap();
+    (repo.url(), repo.head().unwrap())
 }
 
 /// Adds `n` more commits to the repository made by [`git_repo`]; returns them oldest first.
 pub fn more_commits(dir: &Path, n: usize) -> Vec<String> {
-    let repo = dir.join("repo");
-    (0..n)
-        .map(|i| {
-            std::fs::write(repo.join("version.txt"), format!("{i}\n")).unwrap();
-            for args in [&["add", "-A"][..], &["commit", "-q", "-m", "bump"][..]] {
-                let out = std::process::Command::new("git")
-                    .args(args)
-                    .current_dir(&repo)
-                    .env("GIT_AUTHOR_NAME", "t")
-                    .env("GIT_AUTHOR_EMAIL", "t@example.org")
-                    .env("GIT_COMMITTER_NAME", "t")
-                    .env("GIT_COMMITTER_EMAIL", "t@example.org")
-                    .output()
-                    .unwrap();
-                assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-            }
-            let out =
-                std::process::Command::new("git").args(["rev-parse", "HEAD"]).current_dir(&repo).output().unwrap();
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        })
-        .collect()
+    let repo = nio_loadtest::gitrepo::GitRepo { path: dir.join("repo") };
+    (0..n).map(|i| repo.bump(&format!("bump {i}")).unwrap()).collect()
 }
 
 pub fn config(sshd: &Sshd, sites: &[(&str, u32)]) -> ExecutorConfig {

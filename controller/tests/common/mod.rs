@@ -1,0 +1,210 @@
+//! Fixtures: the Kubernetes API simulator, a real nats-server, a real Git repository, and helpers that play
+//! the executor's part (take jobs, publish status events).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use kube::api::{Api, PostParams};
+use nio_loadtest::gitrepo::GitRepo;
+use nio_loadtest::kubesim::{KubeSim, Options};
+use nio_loadtest::nats::NatsServer;
+use nio_shared::crd::{Machine, NixosConfiguration};
+use nio_shared::protocol::{Job, Phase, StatusEvent};
+use serde_json::json;
+
+pub struct Env {
+    pub sim: KubeSim,
+    pub client: kube::Client,
+    pub nats: NatsServer,
+    pub js: jetstream::Context,
+    pub dir: tempfile::TempDir,
+    pub repo: GitRepo,
+    pub key_file: std::path::PathBuf,
+}
+
+/// Logging and OpenTelemetry context for the in-process controller, as the binary sets them up.
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(guard) = nio_shared::telemetry::init_with_filter(
+            "nio-controller-test",
+            nio_shared::telemetry::LogFormat::Human,
+            &[],
+            "warn",
+        ) {
+            // Lives for the whole test process.
+            std::mem::forget(guard);
+        }
+    });
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        init_logs();
+        let nats = NatsServer::start().await.unwrap();
+        Self::with_nats(nats).await
+    }
+
+    pub async fn with_nats(nats: NatsServer) -> Self {
+        let sim = KubeSim::start(Options::default()).await.unwrap();
+        let client = sim.client().unwrap();
+        let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let repo = GitRepo::create(dir.path()).unwrap();
+        let key_file = dir.path().join("seal.key");
+        std::fs::write(&key_file, nio_shared::seal::SealKey::generate()).unwrap();
+        Env { sim, client, nats, js, dir, repo, key_file }
+    }
+
+    pub fn settings(&self, cluster: &str, identity: &str) -> nio_controller::Settings {
+        nio_controller::Settings {
+            cluster: cluster.into(),
+            nats_url: self.nats.url(),
+            nats_creds: None,
+            namespaces: vec![],
+            seal_key_file: Some(self.key_file.clone()),
+            metrics_addr: None,
+            leader_election: false,
+            lease_name: "nio-controller".into(),
+            lease_namespace: "default".into(),
+            lease_duration: Duration::from_secs(3),
+            identity: identity.into(),
+            probe_interval: Duration::from_secs(3600),
+            jobs_replicas: 1,
+            cache_dir: self.dir.path().join(format!("cache-{identity}")),
+            kube_config: Some(kube::Config::new(self.sim.url().parse().unwrap())),
+        }
+    }
+
+    pub fn spawn(
+        &self,
+        s: nio_controller::Settings,
+    ) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let token = tokio_util::sync::CancellationToken::new();
+        let t = token.clone();
+        (
+            token,
+            tokio::spawn(async move {
+                let r = nio_controller::run(s, t).await;
+                if let Err(e) = &r {
+                    eprintln!("controller stopped: {e:#}");
+                }
+                r
+            }),
+        )
+    }
+
+    pub async fn machine(&self, name: &str, site: &str, labels: &[(&str, &str)]) -> Machine {
+        let labels: serde_json::Map<String, serde_json::Value> =
+            labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+        let m: Machine = serde_json::from_value(json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
+            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "spec": {"hostname": format!("{name}.example.org"), "ipAddress": "127.0.0.9", "site": site}
+        }))
+        .unwrap();
+        Api::<Machine>::namespaced(self.client.clone(), "default").create(&PostParams::default(), &m).await.unwrap()
+    }
+
+    pub async fn config(&self, name: &str, spec: serde_json::Value) -> NixosConfiguration {
+        let mut full = json!({"gitRepo": self.repo.url(), "ref": "main", "flake": "#web", "pollInterval": "5s"});
+        for (k, v) in spec.as_object().unwrap() {
+            full[k] = v.clone();
+        }
+        let c: NixosConfiguration = serde_json::from_value(json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
+            "metadata": {"name": name, "namespace": "default"}, "spec": full
+        }))
+        .unwrap();
+        Api::<NixosConfiguration>::namespaced(self.client.clone(), "default")
+            .create(&PostParams::default(), &c)
+            .await
+            .unwrap()
+    }
+
+    pub fn machines(&self) -> Api<Machine> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    pub fn configs(&self) -> Api<NixosConfiguration> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+
+    /// Waits until `f` returns Some, polling every 100 ms.
+    pub async fn eventually<T, F, Fut>(&self, timeout: Duration, what: &str, f: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The job stored on `subject`, if any (without consuming it).
+    pub async fn job_on(&self, subject: &str) -> Option<(Job, async_nats::HeaderMap)> {
+        let stream = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.ok()?;
+        let m = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+        Some((Job::decode(&m.payload).unwrap(), m.headers))
+    }
+
+    /// Removes every stored job (as executors would by taking them).
+    pub async fn drain_jobs(&self) -> Vec<Job> {
+        let stream = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                "test-executor",
+                jetstream::consumer::pull::Config { durable_name: Some("test-executor".into()), ..Default::default() },
+            )
+            .await
+            .unwrap();
+        let mut out = vec![];
+        let mut batch = consumer.fetch().max_messages(1000).messages().await.unwrap();
+        while let Some(Ok(m)) = batch.next().await {
+            out.push(Job::decode(&m.payload).unwrap());
+            m.ack().await.unwrap();
+        }
+        out
+    }
+
+    pub async fn stored_jobs(&self) -> u64 {
+        let mut s = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
+        s.info().await.unwrap().state.messages
+    }
+
+    /// Publishes a status event as an executor would.
+    pub async fn report(&self, job: &Job, phase: Phase, tweak: impl FnOnce(&mut StatusEvent)) {
+        let mut ev = StatusEvent {
+            v: 1,
+            job_id: job.id.clone(),
+            cluster: job.cluster.clone(),
+            namespace: job.namespace.clone(),
+            machine: job.machine.clone(),
+            configuration: job.configuration.clone(),
+            generation: job.generation,
+            action: job.action,
+            phase,
+            step: None,
+            category: None,
+            commit: job.source.as_ref().map(|s| s.commit.clone()),
+            system: Some("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-web".into()),
+            host_key: None,
+            nixos_version: Some("25.05".into()),
+            facts: None,
+            message: None,
+            log_tail: vec![],
+            executor: "test-executor".into(),
+            started_at: chrono::Utc::now(),
+            at: chrono::Utc::now(),
+        };
+        tweak(&mut ev);
+        self.js.publish(ev.subject(), ev.encode().into()).await.unwrap().await.unwrap();
+    }
+}

@@ -1,0 +1,364 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! The controller against the Kubernetes API simulator, a real nats-server and real Git repositories.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use nio_shared::crd::MachinePhase;
+use nio_shared::protocol::{Action, FailureCategory, Phase};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(20);
+
+fn cond(
+    conds: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    t: &str,
+) -> Option<(String, String, String)> {
+    conds.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_and_configuration_publish_exactly_one_sealed_job() {
+    let env = Env::start().await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "db", "namespace": "default"}, "stringData": {"password": "s3cret-value-xyz"}}),
+    )
+    .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), "default").create(&PostParams::default(), &secret).await.unwrap();
+    env.machine("m1", "dc1", &[]).await;
+    env.config(
+        "web",
+        json!({
+            "machineRef": "m1",
+            "additionalFiles": [
+                {"path": "extra.nix", "valueType": "Inline", "inline": "{ }"},
+                {"path": "db/password", "valueType": "SecretRef", "secretRef": {"name": "db", "key": "password"}}
+            ]
+        }),
+    )
+    .await;
+    let subject = "nio.jobs.dc1.apply.prod.default.m1";
+    let (job, headers) = env.eventually(T, "the apply job", || env.job_on(subject)).await;
+    let head = env.repo.head().unwrap();
+    assert_eq!(job.source.as_ref().unwrap().commit, head);
+    assert_eq!(job.action, Action::Switch);
+    assert_eq!(job.target.host, "127.0.0.9");
+    assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()), Some(job.id.clone()));
+    assert!(job.id.starts_with(&format!("prod/default/m1/{head}/1.")), "{}", job.id);
+    let tp = headers.get("traceparent").map(|v| v.as_str().to_string()).unwrap();
+    assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+    // the secret travels sealed
+    let raw = String::from_utf8(job.encode()).unwrap();
+    assert!(!raw.contains("s3cret-value-xyz"));
+    let key = nio_shared::seal::SealKey::from_file(&env.key_file).unwrap();
+    let ctx = nio_shared::protocol::SecretFile::seal_context("prod", "default", "m1", "db/password");
+    assert_eq!(key.unseal(&job.secrets[0].sealed, &ctx).unwrap(), b"s3cret-value-xyz");
+    assert!(job.secrets_hash.is_some());
+
+    let m = env
+        .eventually(T, "phase Queued", || async {
+            let m = env.machines().get("m1").await.ok()?;
+            (m.status.as_ref()?.phase == Some(MachinePhase::Queued)).then_some(m)
+        })
+        .await;
+    assert_eq!(m.status.unwrap().last_job_id.as_deref(), Some(job.id.as_str()));
+    // the first-contact scan went to the probe slot and did not displace the apply job
+    env.eventually(T, "a scan", || env.job_on("nio.jobs.dc1.probe.prod.default.m1")).await;
+    tokio::time::sleep(Duration::from_secs(6)).await; // more than a poll interval: reconciles again
+    let (still, _) = env.job_on(subject).await.unwrap();
+    assert_eq!(still.id, job.id, "the apply job is still queued");
+    assert_eq!(env.stored_jobs().await, 2, "exactly one apply and one probe-slot job");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
+    let env = Env::start().await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let first = env.repo.head().unwrap();
+    for n in ["a", "b", "c"] {
+        env.machine(n, "dc1", &[]).await;
+    }
+    env.config("follows-main", json!({"machineRef": "a"})).await;
+    env.config("pinned", json!({"machineRef": "b", "ref": first})).await;
+    env.config("broken", json!({"machineRef": "c", "ref": "no-such-branch"})).await;
+    let (j, _) = env.eventually(T, "job for a", || env.job_on("nio.jobs.dc1.apply.prod.default.a")).await;
+    assert_eq!(j.source.unwrap().commit, first);
+    let (j, _) = env.eventually(T, "job for b", || env.job_on("nio.jobs.dc1.apply.prod.default.b")).await;
+    assert_eq!(j.source.unwrap().commit, first, "a SHA ref is used as is");
+    let broken = env
+        .eventually(T, "Degraded on the unknown ref", || async {
+            let c = env.configs().get("broken").await.ok()?;
+            let d = cond(&c.status?.conditions, "Degraded")?;
+            (d.0 == "True").then_some(d)
+        })
+        .await;
+    assert_eq!(broken.1, "UnknownRef");
+    assert!(broken.2.contains("no-such-branch"), "{}", broken.2);
+    assert!(env.job_on("nio.jobs.dc1.apply.prod.default.c").await.is_none());
+
+    // a new commit on main reaches `a` within the poll interval (5s); `b` stays pinned
+    let second = env.repo.bump("second").unwrap();
+    let (j, _) = env
+        .eventually(Duration::from_secs(15), "job with the new commit", || async {
+            let (j, h) = env.job_on("nio.jobs.dc1.apply.prod.default.a").await?;
+            (j.source.as_ref()?.commit == second).then_some((j, h))
+        })
+        .await;
+    assert_eq!(j.source.unwrap().commit, second);
+    let (b, _) = env.job_on("nio.jobs.dc1.apply.prod.default.b").await.unwrap();
+    assert_eq!(b.source.unwrap().commit, first);
+    let c = env.configs().get("follows-main").await.unwrap();
+    assert_eq!(c.status.unwrap().target_commit.as_deref(), Some(second.as_str()));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_events_drive_machine_and_configuration_status_without_regressing() {
+    let env = Env::start().await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1", "dc1", &[("role", "web")]).await;
+    env.machine("m2", "dc1", &[("role", "web")]).await;
+    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}})).await;
+    let jobs = env
+        .eventually(T, "two jobs", || async {
+            let a = env.job_on("nio.jobs.dc1.apply.prod.default.m1").await?;
+            let b = env.job_on("nio.jobs.dc1.apply.prod.default.m2").await?;
+            Some([a.0, b.0])
+        })
+        .await;
+    let t0 = chrono::Utc::now();
+    env.report(&jobs[0], Phase::Started, |e| e.at = t0).await;
+    env.report(&jobs[0], Phase::Succeeded, |e| {
+        e.at = t0 + chrono::Duration::seconds(2);
+        e.host_key = Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl".into());
+    })
+    .await;
+    // a late step and a duplicate success must not move m1 backwards
+    env.report(&jobs[0], Phase::Step, |e| e.at = t0 + chrono::Duration::seconds(1)).await;
+    env.report(&jobs[0], Phase::Started, |e| e.at = t0 + chrono::Duration::seconds(1)).await;
+    env.report(&jobs[1], Phase::Failed, |e| {
+        e.category = Some(FailureCategory::BuildFailed);
+        e.message = Some("nixos-rebuild exited with status 1".into());
+        e.system = None;
+    })
+    .await;
+    let m1 = env
+        .eventually(T, "m1 applied", || async {
+            let m = env.machines().get("m1").await.ok()?;
+            (m.status.as_ref()?.phase == Some(MachinePhase::Applied)).then_some(m)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m1 = env.machines().get("m1").await.unwrap_or(m1);
+    let s = m1.status.unwrap();
+    assert_eq!(s.phase, Some(MachinePhase::Applied), "late events did not regress the phase");
+    assert_eq!(s.applied_commit.as_deref(), Some(jobs[0].source.as_ref().unwrap().commit.as_str()));
+    assert_eq!(s.applied_commit_short.as_deref().map(str::len), Some(12));
+    assert!(s.host_key.is_some(), "trust on first use recorded the key");
+    let m2 = env
+        .eventually(T, "m2 failed", || async {
+            let m = env.machines().get("m2").await.ok()?;
+            (m.status.as_ref()?.phase == Some(MachinePhase::Failed)).then_some(m)
+        })
+        .await;
+    assert_eq!(cond(&m2.status.unwrap().conditions, "Failed").unwrap().1, "BuildFailed");
+    let c = env
+        .eventually(T, "counts", || async {
+            let c = env.configs().get("fleet").await.ok()?;
+            let s = c.status.clone()?;
+            (s.updated == 1 && s.failed == 1).then_some(c)
+        })
+        .await;
+    let s = c.status.unwrap();
+    assert_eq!((s.total, s.progress.as_deref()), (2, Some("1/2")));
+    assert_eq!(cond(&s.conditions, "Degraded").unwrap().0, "True");
+    assert_eq!(cond(&s.conditions, "Ready").unwrap().0, "False");
+    // Events for the transitions
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), "default");
+    let reasons: Vec<String> =
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    for r in ["Applying", "Applied", "HostKeyRecorded", "BuildFailed", "NewCommit"] {
+        assert!(reasons.iter().any(|x| x == r), "no {r} Event in {reasons:?}");
+    }
+    // the failed machine is not retried at the same target
+    env.drain_jobs().await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(env.job_on("nio.jobs.dc1.apply.prod.default.m2").await.is_none(), "a failed target is not republished");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_share_nats_but_each_sees_only_its_own_status() {
+    let a = Env::start().await;
+    let b = Env::with_nats(nio_loadtest::nats::NatsServer::start().await.unwrap()).await;
+    // b talks to a's NATS: one NATS, two clusters
+    let mut sb = b.settings("east", "cb");
+    sb.nats_url = a.nats.url();
+    let (stop_a, ta) = a.spawn(a.settings("west", "ca"));
+    let (stop_b, tb) = b.spawn(sb);
+    a.machine("m1", "dc1", &[]).await;
+    b.machine("m1", "dc1", &[]).await;
+    a.config("web", json!({"machineRef": "m1"})).await;
+    b.config("web", json!({"machineRef": "m1"})).await;
+    let (west, _) = a.eventually(T, "west job", || a.job_on("nio.jobs.dc1.apply.west.default.m1")).await;
+    let (east, _) = a.eventually(T, "east job", || a.job_on("nio.jobs.dc1.apply.east.default.m1")).await;
+    assert_ne!(west.id, east.id);
+    a.report(&east, Phase::Succeeded, |_| {}).await;
+    b.eventually(T, "east applied", || async {
+        let m = b.machines().get("m1").await.ok()?;
+        (m.status?.phase == Some(MachinePhase::Applied)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let west_m1 = a.machines().get("m1").await.unwrap();
+    assert_eq!(west_m1.status.unwrap().phase, Some(MachinePhase::Queued), "west did not see east's event");
+    stop_a.cancel();
+    stop_b.cancel();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machines() {
+    let env = Env::start().await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    for n in ["m1", "m2"] {
+        env.machine(n, "dc1", &[]).await;
+    }
+    env.config("web", json!({"machineRef": "m1", "onRemoveFlake": "#decommissioned"})).await;
+    env.config("web2", json!({"machineRef": "m2", "onRemoveFlake": "#decommissioned"})).await;
+    env.config("ghost", json!({"machineRef": "does-not-exist", "onRemoveFlake": "#decommissioned"})).await;
+    for (m, cfg) in [("m1", "web"), ("m2", "web2")] {
+        let subject = format!("nio.jobs.dc1.apply.prod.default.{m}");
+        let (job, _) = env.eventually(T, "apply job", || env.job_on(&subject)).await;
+        assert_eq!(job.configuration.as_deref(), Some(cfg));
+        env.report(&job, Phase::Succeeded, |_| {}).await;
+        env.eventually(T, "applied", || async {
+            (env.machines().get(m).await.ok()?.status?.phase == Some(MachinePhase::Applied)).then_some(())
+        })
+        .await;
+    }
+    env.eventually(T, "finalizers", || async {
+        let c = env.configs().get("ghost").await.ok()?;
+        c.finalizers().contains(&"nixos.infra/finalizer".to_string()).then_some(())
+    })
+    .await;
+    env.drain_jobs().await;
+
+    // Machine already gone: released at once, with an Event.
+    env.configs().delete("ghost", &DeleteParams::default()).await.unwrap();
+    env.eventually(T, "ghost gone", || async { env.configs().get_opt("ghost").await.ok()?.is_none().then_some(()) })
+        .await;
+
+    // Reachable: a remove job with the onRemoveFlake attr; the finalizer stays until it succeeds.
+    env.configs().delete("web", &DeleteParams::default()).await.unwrap();
+    let (rm, _) = env
+        .eventually(T, "remove job", || async {
+            let (j, h) = env.job_on("nio.jobs.dc1.apply.prod.default.m1").await?;
+            (j.action == Action::Remove).then_some((j, h))
+        })
+        .await;
+    assert_eq!(rm.source.as_ref().unwrap().flake_attr, "decommissioned");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(env.configs().get_opt("web").await.unwrap().is_some(), "finalizer holds until the removal succeeds");
+    env.report(&rm, Phase::Succeeded, |_| {}).await;
+    env.eventually(T, "web gone", || async { env.configs().get_opt("web").await.ok()?.is_none().then_some(()) }).await;
+    let m1 = env.machines().get("m1").await.unwrap().status.unwrap();
+    assert_eq!((m1.applied_configuration, m1.has_configuration), (None, Some(false)));
+
+    // Unreachable: the finalizer stays and the condition says why.
+    env.configs().delete("web2", &DeleteParams::default()).await.unwrap();
+    let (rm2, _) = env
+        .eventually(T, "remove job m2", || async {
+            let (j, h) = env.job_on("nio.jobs.dc1.apply.prod.default.m2").await?;
+            (j.action == Action::Remove).then_some((j, h))
+        })
+        .await;
+    env.report(&rm2, Phase::Failed, |e| {
+        e.category = Some(FailureCategory::Unreachable);
+        e.message = Some("unreachable: 127.0.0.9:22: Connection refused".into());
+    })
+    .await;
+    let c = env
+        .eventually(T, "RemovalBlocked", || async {
+            let c = env.configs().get("web2").await.ok()?;
+            let d = cond(&c.status.clone()?.conditions, "Degraded")?;
+            (d.1 == "RemovalBlocked").then_some(d)
+        })
+        .await;
+    assert!(c.2.contains("m2") && c.2.contains("Unreachable"), "{}", c.2);
+    assert!(env.configs().get_opt("web2").await.unwrap().is_some());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_publish_nothing_and_say_why() {
+    let env = Env::start().await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1", "dc1", &[]).await;
+    env.config("evil", json!({"machineRef": "m1", "flake": "#web; reboot", "configurationSubdir": "../../etc"})).await;
+    let c = env
+        .eventually(T, "Invalid condition", || async {
+            let c = env.configs().get("evil").await.ok()?;
+            let d = cond(&c.status?.conditions, "Invalid")?;
+            (d.0 == "True").then_some(d)
+        })
+        .await;
+    assert!(c.2.contains("spec.flake") && c.2.contains("spec.configurationSubdir"), "{}", c.2);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(env.job_on("nio.jobs.dc1.apply.prod.default.m1").await.is_none(), "nothing published");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), "default");
+    assert!(
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("InvalidSpec"))
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
+    let env = Env::start().await;
+    let mut s1 = env.settings("prod", "replica-1");
+    s1.leader_election = true;
+    let mut s2 = env.settings("prod", "replica-2");
+    s2.leader_election = true;
+    let (stop1, t1) = env.spawn(s1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (stop2, t2) = env.spawn(s2);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), "default");
+    let holder = || async { leases.get_opt("nio-controller").await.ok()??.spec?.holder_identity };
+    assert_eq!(env.eventually(T, "a leader", holder).await, "replica-1");
+    env.machine("m1", "dc1", &[]).await;
+    env.config("web", json!({"machineRef": "m1"})).await;
+    env.eventually(T, "job from the leader", || env.job_on("nio.jobs.dc1.apply.prod.default.m1")).await;
+    assert_eq!(holder().await.as_deref(), Some("replica-1"), "the standby did not take over while the leader lives");
+    // stop the leader: within the lease duration the standby leads and acts
+    stop1.cancel();
+    t1.await.unwrap().unwrap();
+    env.eventually(Duration::from_secs(15), "replica-2 leads", || async {
+        (holder().await? == "replica-2").then_some(())
+    })
+    .await;
+    env.machine("m2", "dc1", &[]).await;
+    env.config("web2", json!({"machineRef": "m2"})).await;
+    env.eventually(T, "job from the new leader", || env.job_on("nio.jobs.dc1.apply.prod.default.m2")).await;
+    stop2.cancel();
+    t2.await.unwrap().unwrap();
+}
