@@ -36,7 +36,12 @@ async fn switch_uploads_the_source_and_runs_nixos_rebuild_with_the_exact_flake()
     assert_eq!(done.nixos_version.as_deref(), Some("25.05.20261101.abcdef0"));
 
     let src = sshd.path(&format!("var-lib-nio/src/{commit}"));
-    assert_eq!(std::fs::read_to_string(src.join("flake.nix")).unwrap(), "{ outputs = { ... }: { }; }\n");
+    let flake = std::fs::read_to_string(sshd.dir.path().join("repo/flake.nix")).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(src.join("flake.nix")).unwrap(),
+        flake,
+        "the tree at the commit is on the machine"
+    );
     assert_eq!(std::fs::read_to_string(src.join("extra/motd.nix")).unwrap(), "{ }\n", "additional files are added");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(

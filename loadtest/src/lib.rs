@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod fleet;
 pub mod gitrepo;
 pub mod kubesim;
 pub mod nats;

@@ -16,6 +16,7 @@ pub mod error;
 pub mod nats;
 pub mod protocol;
 pub mod quote;
+pub mod remote;
 pub mod seal;
 pub mod subjects;
 pub mod telemetry;
