@@ -3,7 +3,11 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod demo;
 pub mod fleet;
 pub mod gitrepo;
 pub mod kubesim;
 pub mod nats;
+pub mod plot;
+pub mod procs;
+pub mod scenario;

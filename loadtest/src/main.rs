@@ -29,6 +29,16 @@ enum Command {
         #[arg(long, default_value = "kubesim")]
         name: String,
     },
+    /// Run NIO end to end against a simulated fleet and report throughput, latency and invariants.
+    Run(RunArgs),
+    /// NIO on its embedded default: two simulated clusters, two sites, a fleet, real NATS. Runs until Ctrl-C.
+    Demo {
+        /// Stop after the rollout instead of waiting for Ctrl-C.
+        #[arg(long)]
+        exit: bool,
+        #[arg(long, default_value_t = 40)]
+        machines: usize,
+    },
     /// Measure the simulator: creates and status patches per second with concurrent watchers.
     KubesimBench {
         #[arg(long, default_value_t = 10_000)]
@@ -38,6 +48,45 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    #[arg(long, default_value_t = 100)]
+    machines: usize,
+    #[arg(long, default_value_t = 2)]
+    sites: usize,
+    /// maxInFlight per site.
+    #[arg(long, default_value_t = 10)]
+    site_limit: u32,
+    #[arg(long, default_value_t = 1)]
+    clusters: usize,
+    #[arg(long, default_value_t = 2)]
+    executors: usize,
+    /// nixos-rebuild duration: `200ms`, `100ms..300ms` or `exp:200ms`.
+    #[arg(long, default_value = "200ms")]
+    switch_latency: nio_loadtest::fleet::Latency,
+    /// Probability that a machine's build fails.
+    #[arg(long, default_value_t = 0.0)]
+    failure_rate: f64,
+    /// Fault to inject, e.g. kill-executor@50%, restart-nats@30%, restart-controller@40% (repeatable).
+    #[arg(long)]
+    fault: Vec<nio_loadtest::scenario::Fault>,
+    /// Use this NATS instead of starting nats-server.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Seconds to wait for the rollout.
+    #[arg(long, default_value_t = 600)]
+    deadline: u64,
+    /// No progress bars.
+    #[arg(long)]
+    quiet: bool,
+    /// Keep logs and state here (default: a temporary directory).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -63,6 +112,29 @@ async fn main() -> anyhow::Result<()> {
             tokio::signal::ctrl_c().await?;
             Ok(())
         }
+        Command::Run(a) => {
+            let scenario = nio_loadtest::scenario::Scenario {
+                machines: a.machines,
+                sites: a.sites,
+                site_limit: a.site_limit,
+                clusters: a.clusters,
+                executors: a.executors,
+                switch_latency: a.switch_latency,
+                failure_rate: a.failure_rate,
+                faults: a.fault,
+                nats_url: a.nats_url,
+                deadline: std::time::Duration::from_secs(a.deadline),
+                quiet: a.quiet,
+                work_dir: a.work_dir,
+                keep_running: false,
+            };
+            let (report, _) = nio_loadtest::scenario::run(scenario, a.report.as_deref()).await?;
+            eprint!("{}", nio_loadtest::scenario::summary(&report));
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            anyhow::ensure!(report.violations.is_empty(), "{} invariant violation(s)", report.violations.len());
+            Ok(())
+        }
+        Command::Demo { exit, machines } => nio_loadtest::demo::run(machines, exit).await,
         Command::KubesimBench { objects, watchers, concurrency } => {
             let report = nio_loadtest::bench::run(objects, watchers, concurrency).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -1,0 +1,114 @@
+//! Child processes of the load test (nio-controller, nio-executor) and their CPU and memory use.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::Context as _;
+
+/// Where the NIO binaries are: `NIO_BIN_DIR`, else next to this executable (or one level up, for tests).
+pub fn bin_path(name: &str) -> anyhow::Result<PathBuf> {
+    let mut candidates = Vec::new();
+    if let Ok(d) = std::env::var("NIO_BIN_DIR") {
+        candidates.push(PathBuf::from(d).join(name));
+    }
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(dir) = exe.parent()
+    {
+        candidates.push(dir.join(name));
+        if let Some(up) = dir.parent() {
+            candidates.push(up.join(name));
+        }
+    }
+    candidates.iter().find(|p| p.exists()).cloned().with_context(|| {
+        format!("{name} not found (looked in {candidates:?}); build the workspace first or set NIO_BIN_DIR")
+    })
+}
+
+/// A supervised child process.
+pub struct Proc {
+    pub name: String,
+    pub child: tokio::process::Child,
+    pub log: PathBuf,
+    pub metrics_port: u16,
+    /// Usage sampled when the process ended (or last sampled).
+    pub last: Usage,
+}
+
+/// CPU time and peak memory of a process.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Usage {
+    pub cpu_seconds: f64,
+    pub peak_rss_mb: f64,
+}
+
+/// Reads /proc/{pid}: user+system CPU seconds and peak RSS.
+pub fn usage(pid: u32) -> Option<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // fields[0] is the state (field 3); utime and stime are fields 14 and 15.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Usage { cpu_seconds: ticks / 100.0, peak_rss_mb: hwm_kb / 1024.0 })
+}
+
+impl Proc {
+    /// Starts `binary` with `args` and `env`, logging to `{dir}/{name}.log`.
+    pub fn spawn(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        dir: &Path,
+        metrics_port: u16,
+    ) -> anyhow::Result<Self> {
+        let log = dir.join(format!("{name}.log"));
+        let mut cmd = tokio::process::Command::new(binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Proc { name: name.into(), child, log, metrics_port, last: Usage::default() })
+    }
+
+    pub fn sample(&mut self) {
+        if let Some(pid) = self.child.id()
+            && let Some(u) = usage(pid)
+        {
+            self.last = u;
+        }
+    }
+
+    /// Sends SIGKILL (a crash).
+    pub async fn kill(&mut self) {
+        self.sample();
+        let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM and waits up to `grace` for a clean exit.
+    pub async fn terminate(&mut self, grace: std::time::Duration) {
+        self.sample();
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        if tokio::time::timeout(grace, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+
+    /// The process died on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,715 @@
+//! `nio-loadtest run` and `demo`: NIO end to end on one machine — simulated clusters and fleet, a real
+//! nats-server, the real nio-controller and nio-executor binaries — with invariant checks and a report.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use kube::api::{Api, ListParams, PostParams};
+use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
+use serde_json::json;
+
+use crate::fleet::{Behaviour, Fleet, FleetOptions, Latency};
+use crate::gitrepo::GitRepo;
+use crate::kubesim::{KubeSim, Options as SimOptions};
+use crate::nats::NatsServer;
+use crate::procs::{Proc, Usage, bin_path, free_port};
+
+/// A fault injected when a share of the fleet has been updated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    KillExecutor(f64),
+    RestartNats(f64),
+    RestartController(f64),
+}
+
+impl std::str::FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (what, at) =
+            s.split_once('@').ok_or_else(|| format!("{s}: expected kind@percent, e.g. kill-executor@50%"))?;
+        let pct: f64 = at.trim_end_matches('%').parse().map_err(|_| format!("{s}: bad percentage"))?;
+        if !(0.0..=100.0).contains(&pct) {
+            return Err(format!("{s}: percentage must be 0-100"));
+        }
+        let at = pct / 100.0;
+        match what {
+            "kill-executor" => Ok(Fault::KillExecutor(at)),
+            "restart-nats" => Ok(Fault::RestartNats(at)),
+            "restart-controller" => Ok(Fault::RestartController(at)),
+            other => Err(format!("unknown fault {other}; use kill-executor, restart-nats or restart-controller")),
+        }
+    }
+}
+
+impl Fault {
+    fn at(&self) -> f64 {
+        match self {
+            Fault::KillExecutor(a) | Fault::RestartNats(a) | Fault::RestartController(a) => *a,
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub machines: usize,
+    pub sites: usize,
+    pub site_limit: u32,
+    pub clusters: usize,
+    pub executors: usize,
+    pub switch_latency: Latency,
+    pub failure_rate: f64,
+    pub faults: Vec<Fault>,
+    pub nats_url: Option<String>,
+    pub deadline: Duration,
+    pub quiet: bool,
+    pub work_dir: Option<PathBuf>,
+    /// Keep everything running after the rollout (the demo).
+    pub keep_running: bool,
+}
+
+impl Default for Scenario {
+    fn default() -> Self {
+        Scenario {
+            machines: 100,
+            sites: 2,
+            site_limit: 10,
+            clusters: 1,
+            executors: 2,
+            switch_latency: Latency::Fixed(Duration::from_millis(200)),
+            failure_rate: 0.0,
+            faults: vec![],
+            nats_url: None,
+            deadline: Duration::from_secs(600),
+            quiet: true,
+            work_dir: None,
+            keep_running: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProcReport {
+    pub name: String,
+    #[serde(flatten)]
+    pub usage: Usage,
+}
+
+/// The JSON report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub machines: usize,
+    pub sites: usize,
+    pub site_limit: u32,
+    pub clusters: usize,
+    pub executors: usize,
+    pub switch_latency_mean_ms: f64,
+    pub failure_rate: f64,
+    pub faults: Vec<String>,
+    pub updated: usize,
+    pub failed: usize,
+    pub lost: usize,
+    pub wall_s: f64,
+    pub machines_per_s: f64,
+    pub ideal_s: f64,
+    pub efficiency: f64,
+    /// Commit bump → machine reports the new commit.
+    pub latency_ms: Percentiles,
+    /// Commit bump → first SSH command on the machine.
+    pub first_command_ms: Percentiles,
+    pub max_in_flight_per_site: BTreeMap<String, usize>,
+    pub processes: Vec<ProcReport>,
+    pub nats_jobs_published: u64,
+    pub nats_status_published: u64,
+    pub violations: Vec<String>,
+    pub plot: Option<String>,
+}
+
+fn pct(mut v: Vec<f64>) -> Percentiles {
+    if v.is_empty() {
+        return Percentiles { p50: 0.0, p90: 0.0, p99: 0.0 };
+    }
+    v.sort_by(f64::total_cmp);
+    let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+    Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99) }
+}
+
+struct Cluster {
+    sim: KubeSim,
+    client: kube::Client,
+    kubeconfig: PathBuf,
+    controller: Proc,
+    name: String,
+}
+
+/// Everything running for a scenario.
+pub struct Running {
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub nats: Option<NatsServer>,
+    pub nats_url: String,
+    pub fleet: Fleet,
+    clusters: Vec<Cluster>,
+    executors: Vec<Proc>,
+    repo: GitRepo,
+    scenario: Scenario,
+    exec_args: Vec<String>,
+    ctl_args: Vec<Vec<String>>,
+}
+
+fn machine_cluster(i: usize, clusters: usize) -> usize {
+    i % clusters.max(1)
+}
+
+impl Running {
+    /// Starts NATS, the fleet, the clusters, the controllers and executors, and creates the resources.
+    pub async fn start(s: Scenario) -> anyhow::Result<Self> {
+        let (tmp, dir) = match &s.work_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                (None, d.clone())
+            }
+            None => {
+                let t = tempfile::tempdir()?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        let (nats, nats_url) = match &s.nats_url {
+            Some(u) => (None, u.clone()),
+            None => {
+                let n = NatsServer::start_in(&dir.join("nats"), 0).await?;
+                let u = n.url();
+                (Some(n), u)
+            }
+        };
+        // The executors' SSH identity; the fleet authorizes its public key.
+        let identity = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)?;
+        std::fs::create_dir_all(dir.join("identities"))?;
+        let pem = identity.to_openssh(russh::keys::ssh_key::LineEnding::LF)?;
+        std::fs::write(dir.join("identities/default"), pem.as_bytes())?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("identities/default"), std::fs::Permissions::from_mode(0o600))?;
+        std::fs::write(dir.join("identities/default.pub"), format!("{}\n", identity.public_key().to_openssh()?))?;
+        let behaviour =
+            Behaviour { switch_latency: s.switch_latency.clone(), failure_rate: s.failure_rate, ..Default::default() };
+        let fleet = Fleet::start(FleetOptions {
+            machines: s.machines,
+            sites: s.sites,
+            port: free_port()?,
+            first_address: Ipv4Addr::new(127, 1, 0, 1),
+            behaviour,
+            paths: Default::default(),
+            authorized: vec![identity.public_key().clone()],
+        })
+        .await?;
+        let repo = GitRepo::create(&dir)?;
+        std::fs::write(dir.join("seal.key"), nio_shared::seal::SealKey::generate())?;
+        let sites: Vec<serde_json::Value> = (0..s.sites)
+            .map(|i| json!({"name": Fleet::site_name(i), "maxInFlight": s.site_limit, "connectRate": 1000.0, "burst": 200}))
+            .collect();
+        let cfg = json!({"sites": sites, "ackWaitSeconds": 30, "maxDeliver": 5, "backoffSeconds": [1, 2, 5], "jobTimeoutSeconds": 600, "lockTtlSeconds": 10});
+        std::fs::write(dir.join("executor.yaml"), cfg.to_string())?;
+
+        let ctl_bin = bin_path("nio-controller")?;
+        let mut clusters = Vec::new();
+        let mut ctl_args = Vec::new();
+        for c in 0..s.clusters.max(1) {
+            let name = format!("cluster-{c}");
+            let sim = KubeSim::start(SimOptions { name: name.clone(), ..Default::default() }).await?;
+            let kubeconfig = dir.join(format!("{name}.kubeconfig"));
+            sim.write_kubeconfig(&kubeconfig)?;
+            let client = sim.client()?;
+            let args = vec![
+                "--cluster-name".into(),
+                name.clone(),
+                "--nats-url".into(),
+                nats_url.clone(),
+                "--seal-key-file".into(),
+                dir.join("seal.key").display().to_string(),
+                "--cache-dir".into(),
+                dir.join(format!("cache-{name}")).display().to_string(),
+                "--probe-interval".into(),
+                "10m".into(),
+            ];
+            let port = free_port()?;
+            let mut full = args.clone();
+            full.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
+            let controller = Proc::spawn(
+                &format!("controller-{c}"),
+                &ctl_bin,
+                &full,
+                &[("KUBECONFIG", kubeconfig.display().to_string())],
+                &dir,
+                port,
+            )?;
+            ctl_args.push(args);
+            clusters.push(Cluster { sim, client, kubeconfig, controller, name });
+        }
+        let exec_args = vec![
+            "--nats-url".into(),
+            nats_url.clone(),
+            "--config".into(),
+            dir.join("executor.yaml").display().to_string(),
+            "--identities-dir".into(),
+            dir.join("identities").display().to_string(),
+            "--seal-key-file".into(),
+            dir.join("seal.key").display().to_string(),
+            "--host-key-policy".into(),
+            "pinned".into(),
+            "--shutdown-grace".into(),
+            "5".into(),
+        ];
+        let mut running = Running {
+            dir,
+            _tmp: tmp,
+            nats,
+            nats_url,
+            fleet,
+            clusters,
+            executors: vec![],
+            repo,
+            scenario: s.clone(),
+            exec_args,
+            ctl_args,
+        };
+        for i in 0..s.executors.max(1) {
+            running.spawn_executor(i)?;
+        }
+        running.create_resources().await?;
+        Ok(running)
+    }
+
+    fn spawn_executor(&mut self, i: usize) -> anyhow::Result<()> {
+        let bin = bin_path("nio-executor")?;
+        let port = free_port()?;
+        let mut args = self.exec_args.clone();
+        args.extend([
+            "--executor-id".into(),
+            format!("executor-{i}"),
+            "--cache-dir".into(),
+            self.dir.join(format!("exec-cache-{i}")).display().to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{port}"),
+        ]);
+        let name = format!("executor-{i}-{}", self.executors.len());
+        self.executors.push(Proc::spawn(&name, &bin, &args, &[], &self.dir, port)?);
+        Ok(())
+    }
+
+    async fn create_resources(&self) -> anyhow::Result<()> {
+        for (ci, c) in self.clusters.iter().enumerate() {
+            let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.client.clone());
+            ns.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "fleet"}}))?).await?;
+            let machines: Api<Machine> = Api::namespaced(c.client.clone(), "fleet");
+            for m in self.fleet.machines.iter().filter(|m| machine_cluster(m.index, self.clusters.len()) == ci) {
+                let obj: Machine = serde_json::from_value(json!({
+                    "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
+                    "metadata": {"name": m.name, "labels": {"role": "web", "nixos.infra/site": Fleet::site_name(m.site)}},
+                    "spec": {"hostname": format!("{}.sim", m.name), "ipAddress": m.addr.ip().to_string(), "port": m.addr.port(),
+                             "site": Fleet::site_name(m.site), "hostKey": m.host_key()}
+                }))?;
+                machines.create(&PostParams::default(), &obj).await?;
+            }
+            let cfg: NixosConfiguration = serde_json::from_value(json!({
+                "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
+                "metadata": {"name": "web"},
+                "spec": {"gitRepo": self.repo.url(), "ref": "main", "flake": "#web", "pollInterval": "5s",
+                         "machineSelector": {"matchLabels": {"role": "web"}},
+                         "additionalFiles": [{"path": "extra.nix", "valueType": "Inline", "inline": "{ }"}]}
+            }))?;
+            Api::<NixosConfiguration>::namespaced(c.client.clone(), "fleet")
+                .create(&PostParams::default(), &cfg)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Machines (across clusters) whose status reports `commit`, and those failed at it.
+    async fn progress(&self, commit: &str) -> anyhow::Result<(Vec<(String, usize)>, Vec<String>)> {
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for c in &self.clusters {
+            let list = Api::<Machine>::namespaced(c.client.clone(), "fleet").list(&ListParams::default()).await?;
+            for m in list.items {
+                let s = m.status.unwrap_or_default();
+                let name = m.metadata.name.unwrap_or_default();
+                if s.applied_commit.as_deref() == Some(commit) {
+                    let idx = name.trim_start_matches("sim-").parse().unwrap_or(0);
+                    done.push((name, idx));
+                } else if s.phase == Some(MachinePhase::Failed)
+                    && s.failed_target.as_deref().is_some_and(|t| t.starts_with(commit))
+                {
+                    failed.push(name);
+                }
+            }
+        }
+        Ok((done, failed))
+    }
+
+    /// Waits until every machine reports `commit` (or failed at it), injecting faults along the way.
+    async fn rollout(
+        &mut self,
+        commit: &str,
+        faults: &[Fault],
+        bars: Option<&Bars>,
+    ) -> anyhow::Result<BTreeMap<String, Instant>> {
+        let start = Instant::now();
+        let mut seen: BTreeMap<String, Instant> = BTreeMap::new();
+        let mut pending: Vec<Fault> = faults.to_vec();
+        pending.sort_by(|a, b| a.at().total_cmp(&b.at()));
+        let n = self.fleet.machines.len();
+        loop {
+            let (done, failed) = self.progress(commit).await?;
+            let now = Instant::now();
+            for (name, idx) in &done {
+                if !seen.contains_key(name) {
+                    seen.insert(name.clone(), now);
+                    if let Some(b) = bars {
+                        b.inc(self.fleet.machines.get(*idx).map_or(0, |m| m.site));
+                    }
+                }
+            }
+            let share = done.len() as f64 / n.max(1) as f64;
+            while pending.first().is_some_and(|f| share >= f.at()) {
+                let f = pending.remove(0);
+                self.inject(&f).await?;
+            }
+            if done.len() + failed.len() >= n {
+                return Ok(seen);
+            }
+            if start.elapsed() > self.scenario.deadline {
+                return Ok(seen);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn inject(&mut self, f: &Fault) -> anyhow::Result<()> {
+        tracing::info!(?f, "injecting fault");
+        match f {
+            Fault::KillExecutor(_) => {
+                for e in self.executors.iter_mut() {
+                    if e.exited().is_none() {
+                        e.kill().await;
+                        break;
+                    }
+                }
+                // A replacement comes up, as a Deployment would bring one back.
+                let i = self.executors.len();
+                self.spawn_executor(i)?;
+            }
+            Fault::RestartNats(_) => {
+                if let Some(n) = self.nats.as_mut() {
+                    n.restart().await?;
+                }
+            }
+            Fault::RestartController(_) => {
+                let bin = bin_path("nio-controller")?;
+                for (i, c) in self.clusters.iter_mut().enumerate() {
+                    c.controller.kill().await;
+                    let port = free_port()?;
+                    let mut args = self.ctl_args[i].clone();
+                    args.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
+                    c.controller = Proc::spawn(
+                        &format!("controller-{i}-restarted"),
+                        &bin,
+                        &args,
+                        &[("KUBECONFIG", c.kubeconfig.display().to_string())],
+                        &self.dir,
+                        port,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn sample(&mut self) {
+        for c in &mut self.clusters {
+            c.controller.sample();
+        }
+        for e in &mut self.executors {
+            e.sample();
+        }
+    }
+
+    /// Kubeconfig files, one per cluster.
+    pub fn kubeconfigs(&self) -> Vec<(String, PathBuf)> {
+        self.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig.clone())).collect()
+    }
+
+    /// Metrics endpoints of the NIO processes.
+    pub fn metrics_endpoints(&self) -> Vec<(String, String)> {
+        self.clusters
+            .iter()
+            .map(|c| (c.controller.name.clone(), c.controller.metrics_port))
+            .chain(self.executors.iter().map(|e| (e.name.clone(), e.metrics_port)))
+            .map(|(n, p)| (n, format!("http://127.0.0.1:{p}/metrics")))
+            .collect()
+    }
+
+    pub fn cluster_urls(&self) -> Vec<String> {
+        self.clusters.iter().map(|c| c.sim.url()).collect()
+    }
+
+    /// Stops NIO's processes.
+    pub async fn stop(&mut self) {
+        self.sample();
+        for e in &mut self.executors {
+            e.terminate(Duration::from_secs(10)).await;
+        }
+        for c in &mut self.clusters {
+            c.controller.terminate(Duration::from_secs(10)).await;
+        }
+    }
+}
+
+/// Progress bars per site.
+pub struct Bars {
+    _multi: indicatif::MultiProgress,
+    bars: Vec<indicatif::ProgressBar>,
+}
+
+impl Bars {
+    fn new(fleet: &Fleet, sites: usize) -> Self {
+        let multi = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template("{prefix:>8} [{bar:40}] {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+        let bars = (0..sites)
+            .map(|s| {
+                let n = fleet.machines.iter().filter(|m| m.site == s).count() as u64;
+                let b = multi.add(indicatif::ProgressBar::new(n));
+                b.set_style(style.clone());
+                b.set_prefix(Fleet::site_name(s));
+                b
+            })
+            .collect();
+        Bars { _multi: multi, bars }
+    }
+
+    fn inc(&self, site: usize) {
+        if let Some(b) = self.bars.get(site) {
+            b.inc(1);
+        }
+    }
+
+    fn finish(&self) {
+        for b in &self.bars {
+            b.finish();
+        }
+    }
+}
+
+async fn stream_seq(js: &async_nats::jetstream::Context, name: &str) -> u64 {
+    match js.get_stream(name).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Runs a scenario: warm-up rollout of the first commit, then the measured rollout of a new commit.
+pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Report, Option<Running>)> {
+    let mut r = Running::start(s.clone()).await?;
+    if !s.quiet {
+        eprintln!(
+            "{} machines in {} sites, {} cluster(s), {} executor(s); NATS at {}",
+            s.machines, s.sites, s.clusters, s.executors, r.nats_url
+        );
+        eprintln!("warm-up: every machine installs the first commit");
+    }
+    let first = r.repo.head()?;
+    r.rollout(&first, &[], None).await?;
+    let js = async_nats::jetstream::new(async_nats::connect(&r.nats_url).await.context("connecting to NATS")?);
+    let jobs0 = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await;
+    let status0 = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await;
+    if let Ok(mut ops) = r.fleet.recorder.ops.lock() {
+        ops.clear();
+    }
+    let bars = (!s.quiet).then(|| Bars::new(&r.fleet, s.sites));
+    if !s.quiet {
+        eprintln!("measured rollout: bumping the commit");
+    }
+    let t0 = Instant::now();
+    let commit = r.repo.bump("load test")?;
+    let seen = r.rollout(&commit, &s.faults, bars.as_ref()).await?;
+    let wall = t0.elapsed().as_secs_f64();
+    if let Some(b) = &bars {
+        b.finish();
+    }
+    r.sample();
+    let jobs = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await.saturating_sub(jobs0);
+    let statuses = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await.saturating_sub(status0);
+    let report = analyse(&mut r, &commit, &seen, t0, wall, jobs, statuses).await?;
+    if let Some(p) = report_path {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
+    }
+    if s.keep_running {
+        return Ok((report, Some(r)));
+    }
+    r.stop().await;
+    Ok((report, None))
+}
+
+async fn analyse(
+    r: &mut Running,
+    commit: &str,
+    seen: &BTreeMap<String, Instant>,
+    t0: Instant,
+    wall: f64,
+    jobs: u64,
+    statuses: u64,
+) -> anyhow::Result<Report> {
+    let s = r.scenario.clone();
+    let mut violations = Vec::new();
+    let (done, failed) = r.progress(commit).await?;
+    let updated = done.len();
+    let lost = s.machines.saturating_sub(updated + failed.len());
+    if lost > 0 {
+        violations
+            .push(format!("{lost} machine(s) neither reached {commit} nor reported a failure before the deadline"));
+    }
+    if s.failure_rate == 0.0 && !failed.is_empty() {
+        violations.push(format!(
+            "{} machine(s) failed with no failure injected: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(5)]
+        ));
+    }
+    if let Ok(o) = r.fleet.recorder.overlaps.lock() {
+        violations.extend(o.iter().take(20).cloned());
+    }
+    let ops = r.fleet.recorder.ops.lock().map(|o| o.clone()).unwrap_or_default();
+    // Site limit: machines with a command running at once, per site.
+    let mut max_in_flight = BTreeMap::new();
+    for site in 0..s.sites {
+        let mut edges: Vec<(Instant, i64)> =
+            ops.iter().filter(|o| o.site == site).flat_map(|o| [(o.start, 1), (o.end, -1)]).collect();
+        edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let (mut cur, mut max) = (0i64, 0i64);
+        for (_, d) in edges {
+            cur += d;
+            max = max.max(cur);
+        }
+        let max = max.max(0) as usize;
+        if max > s.site_limit as usize {
+            violations.push(format!(
+                "site {} had {max} machines busy at once; its limit is {}",
+                Fleet::site_name(site),
+                s.site_limit
+            ));
+        }
+        max_in_flight.insert(Fleet::site_name(site), max);
+    }
+    // Status agrees with the fleet.
+    for c in &r.clusters {
+        let list = Api::<Machine>::namespaced(c.client.clone(), "fleet").list(&ListParams::default()).await?;
+        for m in list.items {
+            let name = m.metadata.name.clone().unwrap_or_default();
+            let Some(sim) = r.fleet.machines.iter().find(|x| x.name == name) else { continue };
+            let st = m.status.unwrap_or_default();
+            if st.applied_commit.as_deref() == Some(commit)
+                && st.current_system.as_deref() != Some(sim.current_system().as_str())
+            {
+                violations.push(format!(
+                    "{name}: status says {:?}, the machine runs {}",
+                    st.current_system,
+                    sim.current_system()
+                ));
+            }
+        }
+    }
+    let latencies: Vec<f64> = seen.values().map(|t| t.duration_since(t0).as_secs_f64() * 1000.0).collect();
+    let mut first_cmd: BTreeMap<usize, Instant> = BTreeMap::new();
+    for o in &ops {
+        first_cmd.entry(o.machine).and_modify(|t| *t = (*t).min(o.start)).or_insert(o.start);
+    }
+    let first: Vec<f64> = first_cmd.values().map(|t| t.saturating_duration_since(t0).as_secs_f64() * 1000.0).collect();
+    let mean = s.switch_latency.mean().as_secs_f64();
+    let ideal = (0..s.sites)
+        .map(|site| {
+            let n = r.fleet.machines.iter().filter(|m| m.site == site).count();
+            (n as f64 / f64::from(s.site_limit.max(1))).ceil() * mean
+        })
+        .fold(0.0, f64::max);
+    let mut processes: Vec<ProcReport> =
+        r.clusters.iter().map(|c| ProcReport { name: c.controller.name.clone(), usage: c.controller.last }).collect();
+    processes.extend(r.executors.iter().map(|e| ProcReport { name: e.name.clone(), usage: e.last }));
+    let plot = r.dir.join("rollout.svg");
+    let plotted = crate::plot::rollout_svg(&plot, &r.fleet, seen, t0, s.sites).ok().map(|_| plot.display().to_string());
+    Ok(Report {
+        machines: s.machines,
+        sites: s.sites,
+        site_limit: s.site_limit,
+        clusters: s.clusters,
+        executors: s.executors,
+        switch_latency_mean_ms: mean * 1000.0,
+        failure_rate: s.failure_rate,
+        faults: s.faults.iter().map(|f| format!("{f:?}")).collect(),
+        updated,
+        failed: failed.len(),
+        lost,
+        wall_s: wall,
+        machines_per_s: if wall > 0.0 { updated as f64 / wall } else { 0.0 },
+        ideal_s: ideal,
+        efficiency: if wall > 0.0 { ideal / wall } else { 0.0 },
+        latency_ms: pct(latencies),
+        first_command_ms: pct(first),
+        max_in_flight_per_site: max_in_flight,
+        processes,
+        nats_jobs_published: jobs,
+        nats_status_published: statuses,
+        violations,
+        plot: plotted,
+    })
+}
+
+/// Human summary of a report.
+pub fn summary(r: &Report) -> String {
+    let mut s = format!(
+        "{} machines ({} sites, limit {} per site, {} cluster(s), {} executor(s)): {} updated, {} failed, {} lost in {:.1}s\n\
+         throughput {:.1} machines/s; ideal {:.1}s → efficiency {:.0}%\n\
+         latency to applied p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms; to first command p50 {:.0} ms\n",
+        r.machines,
+        r.sites,
+        r.site_limit,
+        r.clusters,
+        r.executors,
+        r.updated,
+        r.failed,
+        r.lost,
+        r.wall_s,
+        r.machines_per_s,
+        r.ideal_s,
+        r.efficiency * 100.0,
+        r.latency_ms.p50,
+        r.latency_ms.p90,
+        r.latency_ms.p99,
+        r.first_command_ms.p50
+    );
+    for p in &r.processes {
+        s.push_str(&format!(
+            "  {:<22} cpu {:>6.2}s  peak rss {:>6.1} MB\n",
+            p.name, p.usage.cpu_seconds, p.usage.peak_rss_mb
+        ));
+    }
+    if r.violations.is_empty() {
+        s.push_str("invariants: all held\n");
+    } else {
+        s.push_str(&format!("invariants VIOLATED ({}):\n", r.violations.len()));
+        for v in &r.violations {
+            s.push_str(&format!("  - {v}\n"));
+        }
+    }
+    s
+}
