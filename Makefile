@@ -5,7 +5,7 @@ export NIO_TOOLS_DIR ?= $(HOME)/.cache/nio-tools
 export PATH := $(NIO_TOOLS_DIR)/bin:/usr/sbin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: setup test lint crds fmt demo
+.PHONY: setup test lint crds fmt demo loadtest
 
 setup:
 	@scripts/setup
@@ -25,5 +25,9 @@ fmt:
 	$(CARGO) fmt --all
 
 demo: setup
-	@echo "make demo: the simulated clusters and fleet arrive with the load-test issue (#6); not available yet." >&2
-	@exit 1
+	$(CARGO) build --workspace --bins
+	$(CARGO_TARGET_DIR)/debug/nio-loadtest demo
+
+loadtest: setup
+	$(CARGO) build --release --workspace --bins
+	$(CARGO_TARGET_DIR)/release/nio-loadtest run --machines 500 --sites 4 --site-limit 25 --executors 3 --report loadtest-report.json

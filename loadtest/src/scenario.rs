@@ -550,7 +550,13 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     r.sample();
     let jobs = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await.saturating_sub(jobs0);
     let statuses = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await.saturating_sub(status0);
-    let report = analyse(&mut r, &commit, &seen, t0, wall, jobs, statuses).await?;
+    // The plot goes next to the report, or into a work directory that outlives the run.
+    let plot = match (report_path, &s.work_dir) {
+        (Some(p), _) => Some(p.with_extension("svg")),
+        (None, Some(d)) => Some(d.join("rollout.svg")),
+        (None, None) => None,
+    };
+    let report = analyse(&mut r, &commit, &seen, t0, wall, jobs, statuses, plot.as_deref()).await?;
     if let Some(p) = report_path {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
@@ -561,6 +567,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     Ok((report, None))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn analyse(
     r: &mut Running,
     commit: &str,
@@ -569,6 +576,7 @@ async fn analyse(
     wall: f64,
     jobs: u64,
     statuses: u64,
+    plot: Option<&Path>,
 ) -> anyhow::Result<Report> {
     let s = r.scenario.clone();
     let mut violations = Vec::new();
@@ -645,8 +653,8 @@ async fn analyse(
     let mut processes: Vec<ProcReport> =
         r.clusters.iter().map(|c| ProcReport { name: c.controller.name.clone(), usage: c.controller.last }).collect();
     processes.extend(r.executors.iter().map(|e| ProcReport { name: e.name.clone(), usage: e.last }));
-    let plot = r.dir.join("rollout.svg");
-    let plotted = crate::plot::rollout_svg(&plot, &r.fleet, seen, t0, s.sites).ok().map(|_| plot.display().to_string());
+    let plotted = plot
+        .and_then(|p| crate::plot::rollout_svg(p, &r.fleet, seen, t0, s.sites).ok().map(|_| p.display().to_string()));
     Ok(Report {
         machines: s.machines,
         sites: s.sites,

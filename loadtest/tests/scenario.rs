@@ -1,0 +1,65 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! The whole of NIO on one machine: kubesim, a real nats-server, the real controller and executor binaries
+//! and a simulated fleet. Invariants must hold, with and without injected faults.
+
+use std::time::Duration;
+
+use nio_loadtest::fleet::Latency;
+use nio_loadtest::scenario::{Fault, Scenario, run};
+
+fn small() -> Scenario {
+    Scenario {
+        machines: 12,
+        sites: 2,
+        site_limit: 2,
+        clusters: 2,
+        executors: 2,
+        switch_latency: Latency::Fixed(Duration::from_millis(300)),
+        deadline: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_reaches_every_machine_within_the_site_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = run(small(), Some(&dir.path().join("report.json"))).await.unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).unwrap()).unwrap();
+    for key in ["machines_per_s", "efficiency", "latency_ms", "lost", "violations"] {
+        assert!(json.get(key).is_some(), "report has {key}");
+    }
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.failed, report.lost), (12, 0, 0));
+    for (site, n) in &report.max_in_flight_per_site {
+        assert!(*n <= 2, "{site}: {n} in flight");
+        assert_eq!(*n, 2, "{site}: the limit is used, not just respected");
+    }
+    assert!(report.machines_per_s > 0.0 && report.efficiency > 0.0 && report.efficiency <= 1.0, "{report:?}");
+    assert!(report.latency_ms.p50 <= report.latency_ms.p99);
+    assert!(report.nats_jobs_published >= 12 && report.nats_status_published >= 12 * 3);
+    assert!(
+        report.processes.iter().all(|p| p.usage.cpu_seconds > 0.0 && p.usage.peak_rss_mb > 1.0),
+        "{:?}",
+        report.processes
+    );
+    let svg = std::fs::read_to_string(report.plot.as_ref().unwrap()).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("site-0") && svg.contains("site-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_executor_and_restarting_the_controller_loses_nothing() {
+    let s = Scenario { faults: vec![Fault::KillExecutor(0.3), Fault::RestartController(0.5)], ..small() };
+    let (report, _) = run(s, None).await.unwrap();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.lost), (12, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_build_failures_are_reported_not_lost() {
+    let s = Scenario { failure_rate: 0.3, machines: 10, clusters: 1, ..small() };
+    let (report, _) = run(s, None).await.unwrap();
+    assert_eq!(report.lost, 0, "{report:#?}");
+    assert_eq!(report.updated + report.failed, 10);
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+}
