@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod compare;
 pub mod demo;
 pub mod fleet;
 pub mod gitrepo;

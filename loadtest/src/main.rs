@@ -39,6 +39,18 @@ enum Command {
         #[arg(long, default_value_t = 40)]
         machines: usize,
     },
+    /// The same rebuild command at the same concurrency pushed by NIO, parallel-ssh and ansible.
+    Compare {
+        #[arg(long, default_value_t = 100)]
+        machines: usize,
+        #[arg(long, default_value_t = 20)]
+        concurrency: usize,
+        #[arg(long, default_value = "200ms")]
+        switch_latency: nio_loadtest::fleet::Latency,
+        /// Write the rows as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Measure the simulator: creates and status patches per second with concurrent watchers.
     KubesimBench {
         #[arg(long, default_value_t = 10_000)]
@@ -132,6 +144,15 @@ async fn main() -> anyhow::Result<()> {
             eprint!("{}", nio_loadtest::scenario::summary(&report));
             println!("{}", serde_json::to_string_pretty(&report)?);
             anyhow::ensure!(report.violations.is_empty(), "{} invariant violation(s)", report.violations.len());
+            Ok(())
+        }
+        Command::Compare { machines, concurrency, switch_latency, report } => {
+            let dir = tempfile::tempdir()?;
+            let rows = nio_loadtest::compare::run(machines, concurrency, switch_latency, dir.path()).await?;
+            eprint!("{}", nio_loadtest::compare::table(&rows));
+            if let Some(p) = report {
+                std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
+            }
             Ok(())
         }
         Command::Demo { exit, machines } => nio_loadtest::demo::run(machines, exit).await,

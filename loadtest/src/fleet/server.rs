@@ -179,6 +179,23 @@ impl russh::server::Handler for Conn {
         Ok(())
     }
 
+    /// OpenSSH clients driven by peers (ansible's `-tt`) ask for a terminal; the simulator accepts and ignores it.
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col: u32,
+        _row: u32,
+        _pix_w: u32,
+        _pix_h: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
     async fn data(&mut self, channel: ChannelId, data: &[u8], _session: &mut Session) -> Result<(), Self::Error> {
         if let Some(p) = self.pending.get_mut(&channel) {
             p.stdin.extend_from_slice(data);
