@@ -20,6 +20,7 @@ lint:
 
 crds:
 	$(CARGO) run -q -p nio-shared --bin crdgen -- crds
+	$(CARGO) run -q -p nio-shared --bin crdgen -- deploy/base/crds
 
 fmt:
 	$(CARGO) fmt --all

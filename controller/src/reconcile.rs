@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -24,6 +25,9 @@ use crate::git::{GitCreds, Resolver};
 use crate::metrics::{ErrorLabels, KindLabel, Metrics};
 use crate::publish::{self, Desired, Publisher};
 use crate::rollout::{self, MachineView, Policy};
+
+/// Jobs published (and Machines marked Queued) at once by one reconcile.
+const PUBLISH_CONCURRENCY: usize = 32;
 
 /// Field manager of everything the controller writes.
 pub const MANAGER: &str = "nio-controller";
@@ -344,30 +348,42 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     };
     let plan = rollout::plan(&target, &policy, &views);
 
-    // 5. Publish, then mark the machines Queued.
-    let mut published = 0u32;
-    for (name, work) in &plan.publish {
-        let Some(m) = machines.iter().find(|m| &m.name_any() == name) else { continue };
-        if let Err(e) = nio_shared::validate::machine_spec(&m.spec) {
-            tracing::warn!(machine = %name, error = %e, "skipping an invalid Machine");
-            continue;
-        }
-        let job = publish::apply_job(&ctx.cluster, cfg, m, &want, *work, ctx.seal.as_ref())?;
-        ctx.publisher.publish(&job).await?;
-        published += 1;
-        let (job_id, t, cfg_name) = (job.id.clone(), target.clone(), cfg.name_any());
-        update_machine_status(ctx, &m.namespace().unwrap_or_default(), name, |m| {
-            let mut s = m.status.clone().unwrap_or_default();
-            s.phase = Some(MachinePhase::Queued);
-            s.queued_target = Some(t.clone());
-            s.last_job_id = Some(job_id.clone());
-            s.has_configuration = Some(true);
-            if s.applied_configuration.is_none() {
-                s.applied_configuration = Some(cfg_name.clone());
+    // 5. Publish, then mark the machines Queued; machines in parallel (the broker and the API server absorb it).
+    let outcomes: Vec<Result<bool>> = futures::stream::iter(plan.publish.clone())
+        .map(|(name, work)| {
+            let (want, target, machines) = (&want, &target, &machines);
+            async move {
+                let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(false) };
+                if let Err(e) = nio_shared::validate::machine_spec(&m.spec) {
+                    tracing::warn!(machine = %name, error = %e, "skipping an invalid Machine");
+                    return Ok(false);
+                }
+                let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
+                ctx.publisher.publish(&job).await?;
+                let cfg_name = cfg.name_any();
+                update_machine_status(ctx, &m.namespace().unwrap_or_default(), &name, |m| {
+                    let mut s = m.status.clone().unwrap_or_default();
+                    s.phase = Some(MachinePhase::Queued);
+                    s.queued_target = Some(target.clone());
+                    s.last_job_id = Some(job.id.clone());
+                    s.has_configuration = Some(true);
+                    if s.applied_configuration.is_none() {
+                        s.applied_configuration = Some(cfg_name.clone());
+                    }
+                    Some(s)
+                })
+                .await?;
+                Ok(true)
             }
-            Some(s)
         })
-        .await?;
+        .buffer_unordered(PUBLISH_CONCURRENCY)
+        .collect()
+        .await;
+    let mut published = 0u32;
+    for o in outcomes {
+        if o? {
+            published += 1;
+        }
     }
     for m in machines.iter().filter(|m| m.status.as_ref().and_then(|s| s.has_configuration) != Some(true)) {
         update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), |m| {

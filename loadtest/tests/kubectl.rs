@@ -207,3 +207,25 @@ async fn the_kubesim_command_serves_a_cluster_and_writes_a_kubeconfig() {
     assert!(names.contains("machines.nixos.infra") && names.contains("nixosconfigurations.nixos.infra"), "{names}");
     child.kill().await.unwrap();
 }
+
+#[test]
+fn deploy_overlays_build_with_kustomize() {
+    for overlay in ["deploy/overlays/dev", "deploy/overlays/prod", "deploy/multi-cluster/controller-only"] {
+        let out =
+            std::process::Command::new("kubectl").args(["kustomize", overlay]).current_dir(repo()).output().unwrap();
+        assert!(out.status.success(), "{overlay}: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        for kind in [
+            "kind: CustomResourceDefinition",
+            "name: machines.nixos.infra",
+            "name: nio-controller",
+            "kind: ClusterRole",
+        ] {
+            assert!(text.contains(kind), "{overlay} lacks {kind}");
+        }
+        assert!(
+            !text.contains("nio-executor") || text.contains("automountServiceAccountToken: false"),
+            "executors get no Kubernetes credentials"
+        );
+    }
+}

@@ -13,12 +13,16 @@ fn crds_dir() -> std::path::PathBuf {
 
 #[test]
 fn committed_crds_match_generated_yaml() {
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/crds");
     for (file, generated) in nio_shared::crd::yaml_files().unwrap() {
-        let committed = std::fs::read_to_string(crds_dir().join(file)).unwrap_or_default();
-        assert!(
-            committed == generated,
-            "crds/{file} differs from the Rust types in shared/src/crd.rs; run `make crds` and commit the result"
-        );
+        for dir in [crds_dir(), deploy.clone()] {
+            let committed = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "{}/{file} differs from the Rust types in shared/src/crd.rs; run `make crds` and commit the result",
+                dir.display()
+            );
+        }
     }
 }
 
