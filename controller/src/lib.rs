@@ -89,7 +89,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         Some(c) => kube::Client::try_from(c)?,
         None => kube::Client::try_default().await.context("connecting to Kubernetes")?,
     };
-    let metrics = Arc::new(metrics::Metrics::new());
+    let metrics = Arc::new(metrics::Metrics::new(&s.cluster));
     let ready = Arc::new(AtomicBool::new(false));
     if let Some(addr) = s.metrics_addr {
         let bound =
@@ -191,13 +191,18 @@ async fn phase_gauge(client: kube::Client, metrics: Arc<metrics::Metrics>, stop:
         if let Ok(list) = api.list(&Default::default()).await {
             let mut counts: std::collections::BTreeMap<String, i64> =
                 ["Pending", "Queued", "Applying", "Applied", "Failed"].iter().map(|p| (p.to_string(), 0)).collect();
+            let mut drifted = 0;
             for m in list.items {
+                if m.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, "Drifted")) {
+                    drifted += 1;
+                }
                 let phase = m.status.and_then(|s| s.phase).map_or("Pending".to_string(), |p| format!("{p:?}"));
                 *counts.entry(phase).or_default() += 1;
             }
             for (phase, n) in counts {
                 metrics.machines.get_or_create(&metrics::PhaseLabel { phase }).set(n);
             }
+            metrics.machines_drifted.set(drifted);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(10)) => {}

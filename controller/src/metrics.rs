@@ -29,6 +29,15 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+/// Rollout state of one configuration (configurations are few; machines are never a label).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub namespace: String,
+    pub configuration: String,
+    /// total, updated, failed, in_progress
+    pub state: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub phase: String,
@@ -46,18 +55,24 @@ pub struct Metrics {
     pub jobs_published: Family<PublishLabels, Counter>,
     pub status_events: Family<EventLabels, Counter>,
     pub machines: Family<PhaseLabel, Gauge>,
+    pub machines_drifted: Gauge,
+    pub configuration_machines: Family<ConfigLabels, Gauge>,
     pub leader: Gauge,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("nio_controller");
+    /// Metrics of the controller of `cluster` (a constant label on every series).
+    pub fn new(cluster: &str) -> Self {
+        let labels = [(std::borrow::Cow::Borrowed("cluster"), std::borrow::Cow::Owned(cluster.to_string()))];
+        let mut registry = Registry::with_prefix_and_labels("nio_controller", labels.into_iter());
         let reconcile_duration = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(buckets);
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let jobs_published = Family::<PublishLabels, Counter>::default();
         let status_events = Family::<EventLabels, Counter>::default();
         let machines = Family::<PhaseLabel, Gauge>::default();
         let leader = Gauge::default();
+        let machines_drifted = Gauge::default();
+        let configuration_machines = Family::<ConfigLabels, Gauge>::default();
         registry.register_with_unit(
             "reconcile_duration",
             "Time to reconcile one object",
@@ -72,19 +87,33 @@ impl Metrics {
             status_events.clone(),
         );
         registry.register("machines", "Machines by phase", machines.clone());
+        registry.register(
+            "machines_drifted",
+            "Machines running a system other than the one NIO applied",
+            machines_drifted.clone(),
+        );
+        registry.register(
+            "configuration_machines",
+            "Machines of each configuration by rollout state (total, updated, failed, in_progress)",
+            configuration_machines.clone(),
+        );
         registry.register("leader", "1 while this replica is the leader", leader.clone());
-        Metrics { registry, reconcile_duration, reconcile_errors, jobs_published, status_events, machines, leader }
+        Metrics {
+            registry,
+            reconcile_duration,
+            reconcile_errors,
+            jobs_published,
+            status_events,
+            machines,
+            machines_drifted,
+            configuration_machines,
+            leader,
+        }
     }
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
     }
 }

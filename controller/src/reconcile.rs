@@ -22,7 +22,7 @@ use tracing::Instrument;
 use crate::conditions;
 use crate::error::{Error, Result};
 use crate::git::{GitCreds, Resolver};
-use crate::metrics::{ErrorLabels, KindLabel, Metrics};
+use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel, Metrics};
 use crate::publish::{self, Desired, Publisher};
 use crate::rollout::{self, MachineView, Policy};
 
@@ -396,8 +396,18 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .await?;
     }
 
-    // 6. Status.
+    // 6. Status and rollout metrics.
     let c = plan.counts;
+    for (state, n) in
+        [("total", c.total), ("updated", c.updated), ("failed", c.failed), ("in_progress", c.in_progress + published)]
+    {
+        let labels = ConfigLabels {
+            namespace: cfg.namespace().unwrap_or_default(),
+            configuration: cfg.name_any(),
+            state: state.into(),
+        };
+        ctx.metrics.configuration_machines.get_or_create(&labels).set(i64::from(n));
+    }
     status.total = c.total;
     status.updated = c.updated;
     status.failed = c.failed;
@@ -473,6 +483,13 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
 async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let ns = cfg.namespace().unwrap_or_default();
     let name = cfg.name_any();
+    for state in ["total", "updated", "failed", "in_progress"] {
+        ctx.metrics.configuration_machines.remove(&ConfigLabels {
+            namespace: ns.clone(),
+            configuration: name.clone(),
+            state: state.into(),
+        });
+    }
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(mref) = &cfg.spec.machine_ref
         && api.get_opt(mref).await?.is_none()

@@ -38,6 +38,7 @@ pub struct Metrics {
     pub job_duration: HistFamily<SiteLabel>,
     pub queue_wait: HistFamily<SiteLabel>,
     pub in_flight: Family<SiteLabel, Gauge>,
+    pub queue_pending: Family<SiteLabel, Gauge>,
     pub site_limit: Family<SiteLabel, Gauge>,
     pub ratelimit_waits: Family<SiteLabel, Counter>,
     pub ratelimit_wait: HistFamily<SiteLabel>,
@@ -55,6 +56,7 @@ impl Metrics {
             job_duration: Family::new_with_constructor(job_buckets),
             queue_wait: Family::new_with_constructor(job_buckets),
             in_flight: Family::default(),
+            queue_pending: Family::default(),
             site_limit: Family::default(),
             ratelimit_waits: Family::default(),
             ratelimit_wait: Family::new_with_constructor(fast_buckets),
@@ -78,6 +80,7 @@ impl Metrics {
             m.queue_wait.clone(),
         );
         registry.register("in_flight", "Jobs this executor is working on", m.in_flight.clone());
+        registry.register("queue_pending", "Jobs waiting in NIO_JOBS for the site", m.queue_pending.clone());
         registry.register(
             "site_limit",
             "Configured maxInFlight per site (broker-enforced across executors)",
@@ -108,6 +111,19 @@ impl Metrics {
             m.status_publish_errors.clone(),
         );
         Metrics { registry, ..m }
+    }
+
+    /// Creates every per-site series at zero, so dashboards and alerts see them before the first event.
+    pub fn init_site(&self, s: &str) {
+        let l = site(s);
+        let _ = self.in_flight.get_or_create(&l);
+        let _ = self.queue_pending.get_or_create(&l);
+        let _ = self.ratelimit_waits.get_or_create(&l);
+        let _ = self.lock_waits.get_or_create(&l);
+        let _ = self.job_duration.get_or_create(&l);
+        let _ = self.queue_wait.get_or_create(&l);
+        let _ = self.ratelimit_wait.get_or_create(&l);
+        let _ = self.ssh_connect.get_or_create(&l);
     }
 
     /// Text exposition.

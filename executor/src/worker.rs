@@ -120,6 +120,13 @@ impl Executor {
         let mut tasks = Vec::new();
         for (site, consumer) in consumers {
             self.metrics.site_limit.get_or_create(&metrics::site(&site.name)).set(i64::from(site.max_in_flight));
+            self.metrics.init_site(&site.name);
+            tasks.push(tokio::spawn(pending_gauge(
+                self.metrics.clone(),
+                site.name.clone(),
+                consumer.clone(),
+                shutdown.clone(),
+            )));
             let me = self.clone();
             let (shutdown, hard) = (shutdown.clone(), hard.clone());
             tasks.push(tokio::spawn(async move { me.site_loop(site, consumer, shutdown, hard).await }));
@@ -420,6 +427,22 @@ impl Executor {
             }
             o
         })
+    }
+}
+
+/// Samples the site consumer's pending count into `nio_executor_queue_pending`.
+async fn pending_gauge(metrics: Arc<Metrics>, site: String, mut consumer: PullConsumer, stop: CancellationToken) {
+    loop {
+        if let Ok(info) = consumer.info().await {
+            metrics
+                .queue_pending
+                .get_or_create(&metrics::site(&site))
+                .set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.cancelled() => return,
+        }
     }
 }
 
