@@ -12,6 +12,7 @@ use nio_shared::seal::SealKey;
 use crate::error::{Error, Result};
 use crate::remote::{self, Commands, Host};
 use crate::source::{self, SourceCache};
+use tracing::Instrument;
 
 /// Reports progress of a job (Step events).
 pub trait Progress: Send + Sync {
@@ -279,15 +280,18 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
             });
         }
     }
-    upload(host, ctx).await?;
+    upload(host, ctx).instrument(tracing::info_span!("upload")).await?;
     let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
     ctx.progress.step(Step::Build, format!("nixos-rebuild {rebuild_action} --flake {flake}")).await;
-    let built = remote::run(host, Step::Build, ctx.cmds.rebuild(rebuild_action, &flake), None, ctx.long).await;
+    let built = remote::run(host, Step::Build, ctx.cmds.rebuild(rebuild_action, &flake), None, ctx.long)
+        .instrument(tracing::info_span!("nixos-rebuild", nio.action = rebuild_action))
+        .await;
     let activates = matches!(rebuild_action, "switch" | "test");
     let failure = match built {
         Ok(out) => {
             let tail = out.tail();
-            let checked = if activates { health(host, ctx).await } else { Ok(()) };
+            let checked =
+                if activates { health(host, ctx).instrument(tracing::info_span!("health")).await } else { Ok(()) };
             match checked {
                 Ok(()) => None,
                 Err(e) => Some((e, tail)),
@@ -303,7 +307,9 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
             return Err(err);
         }
         ctx.progress.step(Step::Rollback, format!("{err}; rolling back")).await;
-        remote::run(host, Step::Rollback, ctx.cmds.rollback(), None, ctx.long).await?;
+        remote::run(host, Step::Rollback, ctx.cmds.rollback(), None, ctx.long)
+            .instrument(tracing::info_span!("rollback"))
+            .await?;
         let after = current(host, ctx).await?;
         return Ok(Outcome {
             rolled_back: Some(err.category()),
@@ -400,10 +406,12 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
         }
         &installer
     };
-    upload_tree_only(host, ctx).await?;
+    upload_tree_only(host, ctx).instrument(tracing::info_span!("upload")).await?;
     let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
     ctx.progress.step(Step::Disko, "partitioning and formatting with disko".into()).await;
-    remote::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long).await?;
+    remote::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long)
+        .instrument(tracing::info_span!("disko"))
+        .await?;
     ctx.progress.step(Step::Install, "building the system on the target".into()).await;
     let built = remote::run(
         host,
@@ -423,7 +431,9 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
             category: FailureCategory::BuildFailed,
         });
     }
-    remote::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long).await?;
+    remote::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long)
+        .instrument(tracing::info_span!("nixos-install"))
+        .await?;
     let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
         .map_err(|e| Error::Internal(format!("generating host key: {e}")))?;
     let private = key.to_openssh(russh::keys::ssh_key::LineEnding::LF).map_err(|e| Error::Internal(e.to_string()))?;

@@ -229,6 +229,7 @@ impl Executor {
             nio.action = job.action.as_str(),
             nio.commit = job.source.as_ref().map(|s| s.commit.as_str()).unwrap_or(""),
             nio.outcome = tracing::field::Empty,
+            nio.queue_wait_ms = tracing::field::Empty,
             error.type = tracing::field::Empty,
             server.address = %job.target.host,
             messaging.system = "nats",
@@ -236,6 +237,7 @@ impl Executor {
         nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
         let queue_wait = (Utc::now() - job.enqueued_at).to_std().unwrap_or_default();
         self.metrics.queue_wait.get_or_create(&metrics::site(site)).observe(queue_wait.as_secs_f64());
+        span.record("nio.queue_wait_ms", queue_wait.as_millis() as u64);
         let outcome = self.clone().process(site, &msg, job.clone(), hard).instrument(span.clone()).await;
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
@@ -413,12 +415,14 @@ impl Executor {
             kexec_tarball: self.kexec_tarball.as_deref(),
             reboot_timeout: Duration::from_secs(600),
         };
-        let span = match job.action {
-            Action::Install => tracing::info_span!("install"),
-            Action::Probe | Action::Scan => tracing::info_span!("probe"),
-            _ => tracing::info_span!("nixos-rebuild", nio.action = job.action.as_str()),
+        let result = match job.action {
+            Action::Install => actions::run(&conn, &host, &ctx).instrument(tracing::info_span!("install")).await,
+            Action::Probe | Action::Scan => {
+                actions::run(&conn, &host, &ctx).instrument(tracing::info_span!("probe")).await
+            }
+            // update spans (upload, nixos-rebuild, health, rollback) are children of job.execute
+            _ => actions::run(&conn, &host, &ctx).await,
         };
-        let result = actions::run(&conn, &host, &ctx).instrument(span).await;
         host.close().await;
         result.map(|mut o| {
             if o.installed_host_key.is_none() && job.target.host_key.is_none() {

@@ -22,6 +22,7 @@ pub async fn run(machines: usize, exit: bool) -> anyhow::Result<()> {
         quiet: false,
         work_dir: Some(work.clone()),
         keep_running: !exit,
+        env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
     };
     eprintln!("NIO demo: state and logs in {}", work.display());
     let (report, running) = scenario::run(s, Some(&work.join("report.json"))).await?;
@@ -43,7 +44,12 @@ pub async fn run(machines: usize, exit: bool) -> anyhow::Result<()> {
     for (name, url) in running.metrics_endpoints() {
         eprintln!("  {name:<22} {url}");
     }
-    eprintln!("Traces: set OTEL_EXPORTER_OTLP_ENDPOINT before `make demo` to export them (OTLP gRPC or HTTP).");
+    match std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Ok(e) => eprintln!("Traces: exported by OTLP to {e} (service names nio-controller, nio-executor)"),
+        Err(_) => eprintln!(
+            "Traces: not exported; set OTEL_EXPORTER_OTLP_ENDPOINT (and OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf) before `make demo`"
+        ),
+    }
     eprintln!("Press Ctrl-C to stop.");
     tokio::signal::ctrl_c().await?;
     running.stop().await;

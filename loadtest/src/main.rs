@@ -139,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
                 quiet: a.quiet,
                 work_dir: a.work_dir,
                 keep_running: false,
+                env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
             };
             let (report, _) = nio_loadtest::scenario::run(scenario, a.report.as_deref()).await?;
             eprint!("{}", nio_loadtest::scenario::summary(&report));

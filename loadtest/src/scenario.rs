@@ -69,6 +69,8 @@ pub struct Scenario {
     pub work_dir: Option<PathBuf>,
     /// Keep everything running after the rollout (the demo).
     pub keep_running: bool,
+    /// Extra environment for the NIO processes (e.g. OTEL_EXPORTER_OTLP_ENDPOINT).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Scenario {
@@ -87,6 +89,7 @@ impl Default for Scenario {
             quiet: true,
             work_dir: None,
             keep_running: false,
+            env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
         }
     }
 }
@@ -245,14 +248,9 @@ impl Running {
             let port = free_port()?;
             let mut full = args.clone();
             full.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
-            let controller = Proc::spawn(
-                &format!("controller-{c}"),
-                &ctl_bin,
-                &full,
-                &[("KUBECONFIG", kubeconfig.display().to_string())],
-                &dir,
-                port,
-            )?;
+            let mut env: Vec<(&str, String)> = s.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            env.push(("KUBECONFIG", kubeconfig.display().to_string()));
+            let controller = Proc::spawn(&format!("controller-{c}"), &ctl_bin, &full, &env, &dir, port)?;
             ctl_args.push(args);
             clusters.push(Cluster { sim, client, kubeconfig, controller, name });
         }
@@ -303,7 +301,8 @@ impl Running {
             format!("127.0.0.1:{port}"),
         ]);
         let name = format!("executor-{i}-{}", self.executors.len());
-        self.executors.push(Proc::spawn(&name, &bin, &args, &[], &self.dir, port)?);
+        let env: Vec<(&str, String)> = self.scenario.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        self.executors.push(Proc::spawn(&name, &bin, &args, &env, &self.dir, port)?);
         Ok(())
     }
 
@@ -421,14 +420,11 @@ impl Running {
                     let port = free_port()?;
                     let mut args = self.ctl_args[i].clone();
                     args.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
-                    c.controller = Proc::spawn(
-                        &format!("controller-{i}-restarted"),
-                        &bin,
-                        &args,
-                        &[("KUBECONFIG", c.kubeconfig.display().to_string())],
-                        &self.dir,
-                        port,
-                    )?;
+                    let mut env: Vec<(&str, String)> =
+                        self.scenario.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                    env.push(("KUBECONFIG", c.kubeconfig.display().to_string()));
+                    c.controller =
+                        Proc::spawn(&format!("controller-{i}-restarted"), &bin, &args, &env, &self.dir, port)?;
                 }
             }
         }
