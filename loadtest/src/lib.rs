@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod compare;
+pub mod ctlbench;
 pub mod demo;
 pub mod fleet;
 pub mod gitrepo;

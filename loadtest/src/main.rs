@@ -51,6 +51,11 @@ enum Command {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// Reconcile throughput of nio-controller: N Machines, one NixosConfiguration each.
+    ControllerBench {
+        #[arg(long, default_value_t = 1000)]
+        machines: usize,
+    },
     /// Measure the simulator: creates and status patches per second with concurrent watchers.
     KubesimBench {
         #[arg(long, default_value_t = 10_000)]
@@ -154,6 +159,11 @@ async fn main() -> anyhow::Result<()> {
             if let Some(p) = report {
                 std::fs::write(p, serde_json::to_string_pretty(&rows)?)?;
             }
+            Ok(())
+        }
+        Command::ControllerBench { machines } => {
+            let report = nio_loadtest::ctlbench::run(machines).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
         Command::Demo { exit, machines } => nio_loadtest::demo::run(machines, exit).await,
