@@ -27,8 +27,15 @@ fmt:
 
 demo: setup
 	$(CARGO) build --workspace --bins
-	$(CARGO_TARGET_DIR)/debug/nio-loadtest demo
+	$(CARGO_TARGET_DIR)/debug/nio-loadtest demo $(DEMO_ARGS)
 
+# The standard scenarios (release build); reports and plots in loadtest/results/.
+LT = $(CARGO_TARGET_DIR)/release/nio-loadtest
 loadtest: setup
 	$(CARGO) build --release --workspace --bins
-	$(CARGO_TARGET_DIR)/release/nio-loadtest run --machines 500 --sites 4 --site-limit 25 --executors 3 --report loadtest-report.json
+	mkdir -p loadtest/results
+	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --report loadtest/results/1-throughput.json
+	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --report loadtest/results/2-efficiency.json
+	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --fault kill-executor@50% --report loadtest/results/3a-kill-executor.json
+	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --clusters 2 --report loadtest/results/3b-two-clusters.json
+	$(LT) compare --machines 200 --concurrency 50 --report loadtest/results/4-compare.json

@@ -31,12 +31,12 @@ enum Command {
     },
     /// Run NIO end to end against a simulated fleet and report throughput, latency and invariants.
     Run(RunArgs),
-    /// NIO on its embedded default: two simulated clusters, two sites, a fleet, real NATS. Runs until Ctrl-C.
+    /// NIO on its embedded default: two simulated clusters, 60 machines in three sites, real NATS.
     Demo {
-        /// Stop after the rollout instead of waiting for Ctrl-C.
+        /// Keep everything running after the rollout (until Ctrl-C) to explore with kubectl.
         #[arg(long)]
-        exit: bool,
-        #[arg(long, default_value_t = 40)]
+        hold: bool,
+        #[arg(long, default_value_t = 60)]
         machines: usize,
     },
     /// The same rebuild command at the same concurrency pushed by NIO, parallel-ssh and ansible.
@@ -166,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }
-        Command::Demo { exit, machines } => nio_loadtest::demo::run(machines, exit).await,
+        Command::Demo { hold, machines } => nio_loadtest::demo::run(machines, hold).await,
         Command::KubesimBench { objects, watchers, concurrency } => {
             let report = nio_loadtest::bench::run(objects, watchers, concurrency).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -17,6 +17,9 @@ use crate::kubesim::{KubeSim, Options as SimOptions};
 use crate::nats::NatsServer;
 use crate::procs::{Proc, Usage, bin_path, free_port};
 
+/// Namespace of the simulated fleet's resources in every cluster.
+pub const NS: &str = "sim";
+
 /// A fault injected when a share of the fleet has been updated.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
@@ -101,6 +104,17 @@ pub struct Percentiles {
     pub p99: f64,
 }
 
+/// One machine's line in the final table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub machine: String,
+    pub cluster: String,
+    pub site: String,
+    pub commit: String,
+    pub duration_ms: Option<f64>,
+    pub outcome: String,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProcReport {
     pub name: String,
@@ -136,6 +150,9 @@ pub struct Report {
     pub nats_status_published: u64,
     pub violations: Vec<String>,
     pub plot: Option<String>,
+    /// Per machine (only for fleets of at most 200 machines).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub rows: Vec<Row>,
 }
 
 fn pct(mut v: Vec<f64>) -> Percentiles {
@@ -309,8 +326,8 @@ impl Running {
     async fn create_resources(&self) -> anyhow::Result<()> {
         for (ci, c) in self.clusters.iter().enumerate() {
             let ns: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(c.client.clone());
-            ns.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "fleet"}}))?).await?;
-            let machines: Api<Machine> = Api::namespaced(c.client.clone(), "fleet");
+            ns.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": NS}}))?).await?;
+            let machines: Api<Machine> = Api::namespaced(c.client.clone(), NS);
             for m in self.fleet.machines.iter().filter(|m| machine_cluster(m.index, self.clusters.len()) == ci) {
                 let obj: Machine = serde_json::from_value(json!({
                     "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
@@ -327,9 +344,7 @@ impl Running {
                          "machineSelector": {"matchLabels": {"role": "web"}},
                          "additionalFiles": [{"path": "extra.nix", "valueType": "Inline", "inline": "{ }"}]}
             }))?;
-            Api::<NixosConfiguration>::namespaced(c.client.clone(), "fleet")
-                .create(&PostParams::default(), &cfg)
-                .await?;
+            Api::<NixosConfiguration>::namespaced(c.client.clone(), NS).create(&PostParams::default(), &cfg).await?;
         }
         Ok(())
     }
@@ -339,7 +354,7 @@ impl Running {
         let mut done = Vec::new();
         let mut failed = Vec::new();
         for c in &self.clusters {
-            let list = Api::<Machine>::namespaced(c.client.clone(), "fleet").list(&ListParams::default()).await?;
+            let list = Api::<Machine>::namespaced(c.client.clone(), NS).list(&ListParams::default()).await?;
             for m in list.items {
                 let s = m.status.unwrap_or_default();
                 let name = m.metadata.name.unwrap_or_default();
@@ -594,18 +609,13 @@ async fn analyse(
         violations.extend(o.iter().take(20).cloned());
     }
     let ops = r.fleet.recorder.ops.lock().map(|o| o.clone()).unwrap_or_default();
+    for m in invariants::overlapping_machines(&ops) {
+        violations.push(format!("sim-{m} ran two commands at once"));
+    }
     // Site limit: machines with a command running at once, per site.
     let mut max_in_flight = BTreeMap::new();
     for site in 0..s.sites {
-        let mut edges: Vec<(Instant, i64)> =
-            ops.iter().filter(|o| o.site == site).flat_map(|o| [(o.start, 1), (o.end, -1)]).collect();
-        edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-        let (mut cur, mut max) = (0i64, 0i64);
-        for (_, d) in edges {
-            cur += d;
-            max = max.max(cur);
-        }
-        let max = max.max(0) as usize;
+        let max = invariants::max_concurrent(&ops, site);
         if max > s.site_limit as usize {
             violations.push(format!(
                 "site {} had {max} machines busy at once; its limit is {}",
@@ -616,8 +626,9 @@ async fn analyse(
         max_in_flight.insert(Fleet::site_name(site), max);
     }
     // Status agrees with the fleet.
+    let mut rows = Vec::new();
     for c in &r.clusters {
-        let list = Api::<Machine>::namespaced(c.client.clone(), "fleet").list(&ListParams::default()).await?;
+        let list = Api::<Machine>::namespaced(c.client.clone(), NS).list(&ListParams::default()).await?;
         for m in list.items {
             let name = m.metadata.name.clone().unwrap_or_default();
             let Some(sim) = r.fleet.machines.iter().find(|x| x.name == name) else { continue };
@@ -630,6 +641,16 @@ async fn analyse(
                     st.current_system,
                     sim.current_system()
                 ));
+            }
+            if s.machines <= 200 {
+                rows.push(Row {
+                    machine: name.clone(),
+                    cluster: c.name.clone(),
+                    site: Fleet::site_name(sim.site),
+                    commit: st.applied_commit_short.clone().unwrap_or_default(),
+                    duration_ms: seen.get(&name).map(|t| t.duration_since(t0).as_secs_f64() * 1000.0),
+                    outcome: st.phase.map_or("Pending".into(), |p| format!("{p:?}")),
+                });
             }
         }
     }
@@ -675,7 +696,26 @@ async fn analyse(
         nats_status_published: statuses,
         violations,
         plot: plotted,
+        rows,
     })
+}
+
+/// The per-machine table (machine, cluster, site, commit, duration, outcome).
+pub fn table(r: &Report) -> String {
+    let mut rows = r.rows.clone();
+    rows.sort_by(|a, b| a.cluster.cmp(&b.cluster).then(a.site.cmp(&b.site)).then(a.machine.cmp(&b.machine)));
+    let mut s = format!(
+        "{:<10} {:<10} {:<8} {:<13} {:>9}  {}\n",
+        "MACHINE", "CLUSTER", "SITE", "COMMIT", "DURATION", "OUTCOME"
+    );
+    for row in rows {
+        let d = row.duration_ms.map_or("-".to_string(), |d| format!("{:.1}s", d / 1000.0));
+        s.push_str(&format!(
+            "{:<10} {:<10} {:<8} {:<13} {:>9}  {}\n",
+            row.machine, row.cluster, row.site, row.commit, d, row.outcome
+        ));
+    }
+    s
 }
 
 /// Human summary of a report.
@@ -716,4 +756,72 @@ pub fn summary(r: &Report) -> String {
         }
     }
     s
+}
+
+/// The invariant checks over recorded operations, separated so they can be tested on planted histories.
+pub mod invariants {
+    use std::time::Instant;
+
+    use crate::fleet::Op;
+
+    /// Most operations running at once in `site`.
+    pub fn max_concurrent(ops: &[Op], site: usize) -> usize {
+        let mut edges: Vec<(Instant, i64)> =
+            ops.iter().filter(|o| o.site == site).flat_map(|o| [(o.start, 1), (o.end, -1)]).collect();
+        edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let (mut cur, mut max) = (0i64, 0i64);
+        for (_, d) in edges {
+            cur += d;
+            max = max.max(cur);
+        }
+        max.max(0) as usize
+    }
+
+    /// Machines on which two operations overlapped in time.
+    pub fn overlapping_machines(ops: &[Op]) -> Vec<usize> {
+        let mut by_machine: std::collections::BTreeMap<usize, Vec<&Op>> = Default::default();
+        for o in ops {
+            by_machine.entry(o.machine).or_default().push(o);
+        }
+        by_machine
+            .into_iter()
+            .filter(|(_, ops)| {
+                let mut ops = ops.clone();
+                ops.sort_by_key(|o| o.start);
+                ops.windows(2).any(|w| w[1].start < w[0].end)
+            })
+            .map(|(m, _)| m)
+            .collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::time::Duration;
+
+        use super::*;
+
+        fn op(machine: usize, site: usize, from_ms: u64, to_ms: u64, t0: Instant) -> Op {
+            Op {
+                machine,
+                site,
+                program: "nixos-rebuild".into(),
+                start: t0 + Duration::from_millis(from_ms),
+                end: t0 + Duration::from_millis(to_ms),
+                status: 0,
+            }
+        }
+
+        #[test]
+        fn a_planted_overlap_and_a_planted_limit_breach_are_caught() {
+            let t0 = Instant::now();
+            let clean = vec![op(0, 0, 0, 10, t0), op(0, 0, 10, 20, t0), op(1, 0, 5, 15, t0), op(2, 1, 0, 30, t0)];
+            assert!(overlapping_machines(&clean).is_empty());
+            assert_eq!(max_concurrent(&clean, 0), 2);
+            let mut planted = clean.clone();
+            planted.push(op(1, 0, 12, 18, t0)); // machine 1 runs two commands at once
+            assert_eq!(overlapping_machines(&planted), vec![1]);
+            planted.push(op(3, 0, 6, 9, t0)); // three busy in site 0
+            assert_eq!(max_concurrent(&planted, 0), 3);
+        }
+    }
 }

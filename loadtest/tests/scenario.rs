@@ -47,9 +47,29 @@ async fn a_rollout_reaches_every_machine_within_the_site_limits() {
     assert!(svg.contains("<svg") && svg.contains("site-0") && svg.contains("site-1"));
 }
 
+/// The CI-sized load test: 200 machines, 4 sites, 2 executors, one executor killed mid-rollout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_an_executor_and_restarting_the_controller_loses_nothing() {
-    let s = Scenario { faults: vec![Fault::KillExecutor(0.3), Fault::RestartController(0.5)], ..small() };
+async fn two_hundred_machines_survive_an_executor_kill_with_every_invariant() {
+    let s = Scenario {
+        machines: 200,
+        sites: 4,
+        site_limit: 10,
+        clusters: 1,
+        executors: 2,
+        switch_latency: Latency::Fixed(Duration::from_millis(100)),
+        faults: vec![Fault::KillExecutor(0.5)],
+        deadline: Duration::from_secs(300),
+        ..Default::default()
+    };
+    let (report, _) = run(s, None).await.unwrap();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.lost), (200, 0));
+    assert!(report.max_in_flight_per_site.values().all(|n| *n <= 10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_the_controller_and_nats_loses_nothing() {
+    let s = Scenario { faults: vec![Fault::RestartNats(0.3), Fault::RestartController(0.5)], ..small() };
     let (report, _) = run(s, None).await.unwrap();
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
     assert_eq!((report.updated, report.lost), (12, 0));

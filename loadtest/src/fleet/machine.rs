@@ -342,3 +342,67 @@ pub fn run(
     };
     (out, quick)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State::new("t", PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap())
+    }
+
+    fn argv(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn unknown_commands_and_flags_are_rejected_like_the_real_tools() {
+        let (p, b) = (RemotePaths::default(), Behaviour::default());
+        let mut s = state();
+        let (out, _) = run(&mut s, &p, &b, &argv(&["rm", "-rf", "/"]), b"");
+        assert_eq!(out.status, 127);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+        let (out, _) =
+            run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--fast", "--flake", "path:/x#web"]), b"");
+        assert_eq!(out.status, 2, "unknown nixos-rebuild flag");
+        let (out, _) = run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--flake", "path:/nowhere#web"]), b"");
+        assert_eq!(out.status, 1, "no flake.nix at the path");
+        let (out, _) =
+            run(&mut s, &p, &b, &argv(&["tar", "-x", "--no-same-owner", "-f", "-", "-C", "/nowhere"]), b"junk");
+        assert_eq!(out.status, 2);
+    }
+
+    #[test]
+    fn an_uploaded_tree_can_be_switched_to_and_rolled_back() {
+        let (p, b) =
+            (RemotePaths::default(), Behaviour { switch_latency: "0ms".parse().unwrap(), ..Default::default() });
+        let mut s = state();
+        let before = s.current_system.clone();
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, "flake.nix", &b"{ }"[..]).unwrap();
+        let tar = tar.into_inner().unwrap();
+        run(&mut s, &p, &b, &argv(&["mkdir", "-p", "/var/lib/nio/src/abc"]), b"");
+        let (out, _) = run(
+            &mut s,
+            &p,
+            &b,
+            &argv(&["tar", "-x", "--no-same-owner", "-f", "-", "-C", "/var/lib/nio/src/abc"]),
+            &tar,
+        );
+        assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stderr));
+        let (out, _) =
+            run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--flake", "path:/var/lib/nio/src/abc#web"]), b"");
+        assert_eq!(out.status, 0);
+        assert!(s.current_system.ends_with("nixos-system-web") && s.current_system != before);
+        let (out, _) = run(&mut s, &p, &b, &argv(&["readlink", "-f", "/run/current-system"]), b"");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), s.current_system);
+        run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--rollback"]), b"");
+        assert_eq!(s.current_system, before);
+        let (out, _) =
+            run(&mut s, &p, &b, &argv(&["install", "-D", "-m", "0400", "/dev/stdin", "/run/nio/secrets/k"]), b"secret");
+        assert_eq!((out.status, s.files["/run/nio/secrets/k"].mode), (0, 0o400));
+    }
+}

@@ -1,0 +1,116 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! Full installs and removals against the fleet simulator, which implements the install command surface
+//! (kexec → disko → nix build → nixos-install → host key → reboot).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use nio_loadtest::fleet::{Fleet, FleetOptions};
+use nio_shared::protocol::{Action, Phase};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_remove_switches_away() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, commit) = git_repo(dir.path());
+    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap();
+    std::fs::create_dir_all(dir.path().join("identities")).unwrap();
+    std::fs::write(
+        dir.path().join("identities/default"),
+        key.to_openssh(russh::keys::ssh_key::LineEnding::LF).unwrap().as_bytes(),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fleet = Fleet::start(FleetOptions {
+        machines: 1,
+        port,
+        first_address: std::net::Ipv4Addr::new(127, 3, 0, 1),
+        authorized: vec![key.public_key().clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let m = fleet.machines[0].clone();
+    let original_key = m.host_key();
+    // a kexec tarball: what nixos-images ships, reduced to its entry point
+    let mut tb = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(10);
+    h.set_mode(0o755);
+    tb.append_data(&mut h, "run", &b"#!/bin/sh\n"[..]).unwrap();
+    std::fs::write(dir.path().join("kexec.tar"), tb.into_inner().unwrap()).unwrap();
+
+    let mut bus = Bus::connect(&nats).await;
+    let cfg = nio_shared::config::ExecutorConfig {
+        sites: vec![nio_shared::config::SiteLimits {
+            name: "site-0".into(),
+            max_in_flight: 2,
+            connect_rate: 100.0,
+            burst: 10,
+        }],
+        ack_wait_seconds: 30,
+        max_deliver: 3,
+        backoff_seconds: vec![1],
+        job_timeout_seconds: 120,
+        lock_ttl_seconds: 6,
+        remote: Default::default(),
+    };
+    let settings = nio_executor::Settings {
+        nats_url: nats.url(),
+        nats_creds: None,
+        config: cfg,
+        identities_dir: dir.path().join("identities"),
+        git_credentials_dir: None,
+        cache_dir: dir.path().join("cache"),
+        executor_id: "e1".into(),
+        seal_key_file: None,
+        metrics_addr: None,
+        host_key_policy: nio_executor::ssh::HostKeyPolicy::Pinned,
+        kexec_tarball: Some(dir.path().join("kexec.tar")),
+        connect_timeout: Duration::from_secs(3),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let (stop, task) = spawn_executor(settings);
+
+    let mut install = job("sim-0", &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
+    install.action = Action::Install;
+    install.target.host_key = Some(original_key.clone());
+    install.id = format!("test/default/sim-0/{commit}/1/install");
+    bus.publish(&install).await;
+    let done = bus.final_of("sim-0", Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let new_key = done.host_key.clone().unwrap();
+    assert_ne!(new_key, original_key.trim(), "a fresh host key was installed and reported");
+    assert_eq!(m.host_key().trim(), new_key, "the installed system presents the reported key");
+    {
+        let s = m.state.lock().unwrap();
+        assert!(s.installed && !s.in_installer, "booted into the installed system");
+        assert_eq!(Some(s.current_system.clone()), done.system, "the verified system is the one installed");
+        assert!(s.boot_id >= 3, "kexec and reboot happened");
+    }
+    let steps: Vec<_> = bus.seen.iter().filter_map(|e| e.step).collect();
+    for s in [
+        nio_shared::protocol::Step::Kexec,
+        nio_shared::protocol::Step::Disko,
+        nio_shared::protocol::Step::Install,
+        nio_shared::protocol::Step::Reboot,
+    ] {
+        assert!(steps.contains(&s), "no {s:?} step reported: {steps:?}");
+    }
+
+    // Removal applies onRemoveFlake (here `decommissioned`) with the now-pinned key.
+    bus.seen.clear();
+    let mut remove = job("sim-0", &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
+    remove.action = Action::Remove;
+    remove.target.host_key = Some(new_key);
+    remove.source.as_mut().unwrap().flake_attr = "decommissioned".into();
+    remove.id = format!("test/default/sim-0/{commit}/1/remove");
+    bus.publish(&remove).await;
+    let done = bus.final_of("sim-0", Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert!(m.current_system().ends_with("nixos-system-decommissioned"), "{}", m.current_system());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
