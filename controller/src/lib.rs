@@ -46,6 +46,8 @@ pub struct Settings {
     pub lease_duration: Duration,
     pub identity: String,
     pub probe_interval: Duration,
+    /// pollInterval of configurations that set none.
+    pub default_poll_interval: Duration,
     pub jobs_replicas: usize,
     pub cache_dir: PathBuf,
     /// kube client configuration; None = from the environment (KUBECONFIG or in-cluster).
@@ -109,6 +111,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         ),
         metrics: metrics.clone(),
         probe_interval: s.probe_interval,
+        default_poll: s.default_poll_interval,
     });
 
     let lost = CancellationToken::new();

@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         cli.cluster_name.clone().ok_or_else(|| anyhow::anyhow!("--cluster-name (NIO_CLUSTER_NAME) is required"))?;
     nio_shared::validate::dns_label("--cluster-name", &cluster)?;
     let probe_interval = nio_shared::validate::duration("--probe-interval", &cli.probe_interval)?;
-    let _default_poll = nio_shared::validate::duration("--default-poll-interval", &cli.default_poll_interval)?;
+    let default_poll_interval = nio_shared::validate::duration("--default-poll-interval", &cli.default_poll_interval)?;
     let identity = cli.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
     let guard = nio_shared::telemetry::init(
         "nio-controller",
@@ -117,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         lease_duration: Duration::from_secs(cli.lease_duration),
         identity,
         probe_interval,
+        default_poll_interval,
         jobs_replicas: cli.jobs_replicas,
         cache_dir: cli.cache_dir,
         kube_config: None,

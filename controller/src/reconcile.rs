@@ -42,6 +42,8 @@ pub struct Ctx {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub probe_interval: Duration,
+    /// Poll interval of configurations that set none.
+    pub default_poll: Duration,
 }
 
 impl Ctx {
@@ -199,8 +201,12 @@ async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfigura
     Ok(())
 }
 
-fn poll_interval(cfg: &NixosConfiguration) -> Duration {
-    nio_shared::validate::duration("spec.pollInterval", &cfg.spec.poll_interval).unwrap_or(Duration::from_secs(300))
+fn poll_interval(cfg: &NixosConfiguration, default: Duration) -> Duration {
+    cfg.spec
+        .poll_interval
+        .as_deref()
+        .and_then(|p| nio_shared::validate::duration("spec.pollInterval", p).ok())
+        .unwrap_or(default)
 }
 
 /// Entry point from the kube-runtime Controller.
@@ -275,7 +281,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         return Ok(Action::await_change());
     }
     conditions::set(&mut status.conditions, "Invalid", false, "Valid", "", generation);
-    let poll = poll_interval(cfg);
+    let poll = poll_interval(cfg, ctx.default_poll);
 
     // 2. Resolve the ref.
     let resolved = match git_creds(ctx, cfg).await {

@@ -81,12 +81,15 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
     let env = Env::start().await;
-    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let mut settings = env.settings("prod", "c1");
+    settings.default_poll_interval = Duration::from_secs(5);
+    let (stop, task) = env.spawn(settings);
     let first = env.repo.head().unwrap();
     for n in ["a", "b", "c"] {
         env.machine(n, "dc1", &[]).await;
     }
-    env.config("follows-main", json!({"machineRef": "a"})).await;
+    // no pollInterval: the controller's --default-poll-interval (5s here) applies
+    env.config("follows-main", json!({"machineRef": "a", "pollInterval": null})).await;
     env.config("pinned", json!({"machineRef": "b", "ref": first})).await;
     env.config("broken", json!({"machineRef": "c", "ref": "no-such-branch"})).await;
     let (j, _) = env.eventually(T, "job for a", || env.job_on("nio.jobs.dc1.apply.prod.default.a")).await;

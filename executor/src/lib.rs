@@ -39,6 +39,8 @@ pub struct Settings {
     pub executor_id: String,
     pub seal_key_file: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
+    /// Separate address for /healthz and /readyz (they are also served on the metrics address).
+    pub health_addr: Option<SocketAddr>,
     pub host_key_policy: ssh::HostKeyPolicy,
     pub kexec_tarball: Option<PathBuf>,
     pub connect_timeout: Duration,
@@ -85,6 +87,10 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     if let Some(addr) = s.metrics_addr {
         let bound = http::serve(addr, exec.clone()).await.with_context(|| format!("binding metrics address {addr}"))?;
         tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
+    }
+    if let Some(addr) = s.health_addr.filter(|a| Some(*a) != s.metrics_addr) {
+        let bound = http::serve(addr, exec.clone()).await.with_context(|| format!("binding health address {addr}"))?;
+        tracing::info!(%bound, "serving /healthz, /readyz");
     }
     tracing::info!(id = %s.executor_id, sites = ?s.config.sites.iter().map(|x| &x.name).collect::<Vec<_>>(), "executor ready");
     exec.run(consumers, shutdown, s.shutdown_grace).await?;

@@ -37,6 +37,9 @@ struct Cli {
     /// Address for /metrics, /healthz and /readyz.
     #[arg(long, env = "NIO_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// Address for /healthz and /readyz only (default: served on the metrics address).
+    #[arg(long, env = "NIO_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
     /// What to do when a machine has no pinned host key.
     #[arg(long, env = "NIO_HOST_KEY_POLICY", value_enum, default_value = "tofu")]
     host_key_policy: HostKeyPolicy,
@@ -95,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         executor_id: id,
         seal_key_file: cli.seal_key_file,
         metrics_addr: cli.metrics_addr,
+        health_addr: cli.health_addr,
         host_key_policy: cli.host_key_policy,
         kexec_tarball: cli.kexec_tarball,
         connect_timeout: Duration::from_secs(cli.connect_timeout),

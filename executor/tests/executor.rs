@@ -387,3 +387,23 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executors_disagreeing_on_a_site_limit_are_refused_at_start() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let first = config(&sshd, &[("dc1", 2)]);
+    nio_executor::worker::ensure_consumers(&js, &first).await.unwrap();
+    nio_executor::worker::ensure_consumers(&js, &first).await.expect("the same limits again are fine");
+    let other = config(&sshd, &[("dc1", 3)]);
+    let err =
+        nio_executor::worker::ensure_consumers(&js, &other).await.err().expect("a different maxInFlight is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("maxInFlight") && msg.contains("2") && msg.contains("3"), "{msg}");
+    // and the binary reports it and exits non-zero
+    let log = sshd.path("refused.log");
+    let mut child = spawn_binary(&sshd, &nats, &other, "e9", &[], &log);
+    let status = tokio::time::timeout(T, child.wait()).await.unwrap().unwrap();
+    assert!(!status.success());
+    assert!(std::fs::read_to_string(&log).unwrap().contains("maxInFlight"));
+}

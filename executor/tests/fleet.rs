@@ -67,6 +67,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
         executor_id: "e1".into(),
         seal_key_file: None,
         metrics_addr: None,
+        health_addr: None,
         host_key_policy: nio_executor::ssh::HostKeyPolicy::Pinned,
         kexec_tarball: Some(dir.path().join("kexec.tar")),
         connect_timeout: Duration::from_secs(3),

@@ -28,9 +28,6 @@ fn default_ssh_user() -> String {
 fn default_site() -> String {
     "default".into()
 }
-fn default_poll_interval() -> String {
-    "5m".into()
-}
 fn default_true() -> bool {
     true
 }
@@ -410,10 +407,10 @@ pub struct NixosConfigurationSpec {
     /// Roll back to the previous generation when activation or the health check fails.
     #[serde(default)]
     pub auto_rollback: bool,
-    /// How often the ref is re-resolved, e.g. "30s", "5m", "1h".
-    #[serde(default = "default_poll_interval")]
+    /// How often the ref is re-resolved, e.g. "30s", "5m", "1h". Unset: the controller's --default-poll-interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"))]
-    pub poll_interval: String,
+    pub poll_interval: Option<String>,
     /// Stop publishing new jobs for this configuration.
     #[serde(default)]
     pub suspend: bool,

@@ -489,10 +489,12 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
             c.check(fail("spec.healthCheck.timeoutSeconds", "must be at least 1"));
         }
     }
-    match duration("spec.pollInterval", &spec.poll_interval) {
-        Ok(d) if d < MIN_POLL_INTERVAL => c.check(fail("spec.pollInterval", "must be at least 5s")),
-        Ok(_) => {}
-        Err(e) => c.check(Err(e)),
+    if let Some(p) = &spec.poll_interval {
+        match duration("spec.pollInterval", p) {
+            Ok(d) if d < MIN_POLL_INTERVAL => c.check(fail("spec.pollInterval", "must be at least 5s")),
+            Ok(_) => {}
+            Err(e) => c.check(Err(e)),
+        }
     }
     if spec.rollout.max_parallel == Some(0) {
         c.check(fail("spec.rollout.maxParallel", "must be at least 1"));

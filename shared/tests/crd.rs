@@ -109,6 +109,6 @@ fn schema_defaults_match_the_design() {
     }))
     .unwrap();
     assert_eq!(c.spec.action, nio_shared::crd::RebuildAction::Switch);
-    assert_eq!(c.spec.poll_interval, "5m");
+    assert_eq!(c.spec.poll_interval, None, "unset: the controller default applies");
     assert!(!c.spec.full_install && !c.spec.suspend && !c.spec.auto_rollback);
 }

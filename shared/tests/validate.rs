@@ -123,8 +123,8 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
         }),
         ("spec.machineRef", |c| c.machine_ref = None),
         ("spec.machineRef", |c| c.machine_ref = Some("web 01".into())),
-        ("spec.pollInterval", |c| c.poll_interval = "1s".into()),
-        ("spec.pollInterval", |c| c.poll_interval = "five minutes".into()),
+        ("spec.pollInterval", |c| c.poll_interval = Some("1s".into())),
+        ("spec.pollInterval", |c| c.poll_interval = Some("five minutes".into())),
         ("spec.credentialsRef", |c| c.credentials_ref = Some("../other".into())),
         ("spec.healthCheck.command[1]", |c| {
             c.health_check = Some(nio_shared::crd::HealthCheck {

@@ -72,6 +72,7 @@ impl Env {
             lease_duration: Duration::from_secs(3),
             identity: identity.into(),
             probe_interval: Duration::from_secs(3600),
+            default_poll_interval: Duration::from_secs(300),
             jobs_replicas: 1,
             cache_dir: self.dir.path().join(format!("cache-{identity}")),
             kube_config: Some(kube::Config::new(self.sim.url().parse().unwrap())),
@@ -113,6 +114,8 @@ impl Env {
         for (k, v) in spec.as_object().unwrap() {
             full[k] = v.clone();
         }
+        // `null` removes a default (e.g. pollInterval, to use the controller's --default-poll-interval).
+        full.as_object_mut().unwrap().retain(|_, v| !v.is_null());
         let c: NixosConfiguration = serde_json::from_value(json!({
             "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
             "metadata": {"name": name, "namespace": "default"}, "spec": full

@@ -277,6 +277,7 @@ pub fn settings(sshd: &Sshd, nats: &NatsServer, cfg: ExecutorConfig, id: &str) -
         executor_id: id.into(),
         seal_key_file: None,
         metrics_addr: None,
+        health_addr: None,
         host_key_policy: nio_executor::ssh::HostKeyPolicy::Tofu,
         kexec_tarball: None,
         connect_timeout: Duration::from_secs(3),
