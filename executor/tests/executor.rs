@@ -396,8 +396,9 @@ async fn executors_disagreeing_on_a_site_limit_are_refused_at_start() {
     nio_executor::worker::ensure_consumers(&js, &first).await.unwrap();
     nio_executor::worker::ensure_consumers(&js, &first).await.expect("the same limits again are fine");
     let other = config(&sshd, &[("dc1", 3)]);
-    let err =
-        nio_executor::worker::ensure_consumers(&js, &other).await.err().expect("a different maxInFlight is refused");
+    let Err(err) = nio_executor::worker::ensure_consumers(&js, &other).await else {
+        panic!("a different maxInFlight is refused")
+    };
     let msg = err.to_string();
     assert!(msg.contains("maxInFlight") && msg.contains("2") && msg.contains("3"), "{msg}");
     // and the binary reports it and exits non-zero
