@@ -519,8 +519,9 @@ impl Reporter {
         Reporter { exec, job, started_at: Utc::now(), span }
     }
 
-    async fn event(&self, phase: Phase, step: Option<Step>, category: Option<FailureCategory>, message: String) {
-        self.publish(StatusEvent {
+    /// An event of this job with nothing but its identity and `phase` filled in.
+    fn base(&self, phase: Phase) -> StatusEvent {
+        StatusEvent {
             v: STATUS_VERSION,
             job_id: self.job.id.clone(),
             cluster: self.job.cluster.clone(),
@@ -530,20 +531,24 @@ impl Reporter {
             generation: self.job.generation,
             action: self.job.action,
             phase,
-            step,
-            category,
+            step: None,
+            category: None,
             commit: self.job.source.as_ref().map(|s| s.commit.clone()),
             system: None,
             host_key: None,
             nixos_version: None,
             facts: None,
-            message: Some(message).filter(|m| !m.is_empty()),
+            message: None,
             log_tail: vec![],
             executor: self.exec.id.clone(),
             started_at: self.started_at,
             at: Utc::now(),
-        })
-        .await;
+        }
+    }
+
+    async fn event(&self, phase: Phase, step: Option<Step>, category: Option<FailureCategory>, message: String) {
+        let ev = StatusEvent { step, category, message: Some(message).filter(|m| !m.is_empty()), ..self.base(phase) };
+        self.publish(ev).await;
     }
 
     async fn publish(&self, ev: StatusEvent) {
@@ -574,58 +579,31 @@ impl Reporter {
         } else {
             Phase::Succeeded
         };
-        let step = o.rolled_back.map(|_| Step::Rollback);
-        self.publish(StatusEvent {
-            v: STATUS_VERSION,
-            job_id: self.job.id.clone(),
-            cluster: self.job.cluster.clone(),
-            namespace: self.job.namespace.clone(),
-            machine: self.job.machine.clone(),
-            configuration: self.job.configuration.clone(),
-            generation: self.job.generation,
-            action: self.job.action,
-            phase,
-            step,
+        let base = self.base(phase);
+        let ev = StatusEvent {
+            step: o.rolled_back.map(|_| Step::Rollback),
             category: o.rolled_back,
-            commit: o.commit.or_else(|| self.job.source.as_ref().map(|s| s.commit.clone())),
+            commit: o.commit.or(base.commit.clone()),
             system: o.system,
             host_key: o.installed_host_key,
             nixos_version: o.nixos_version,
             facts: o.facts,
             message: Some(o.message).filter(|m| !m.is_empty()),
             log_tail: o.log_tail,
-            executor: self.exec.id.clone(),
-            started_at: self.started_at,
-            at: Utc::now(),
-        })
-        .await;
+            ..base
+        };
+        self.publish(ev).await;
     }
 
     async fn finish_failed(&self, step: Step, category: FailureCategory, message: String, log_tail: Vec<String>) {
-        self.publish(StatusEvent {
-            v: STATUS_VERSION,
-            job_id: self.job.id.clone(),
-            cluster: self.job.cluster.clone(),
-            namespace: self.job.namespace.clone(),
-            machine: self.job.machine.clone(),
-            configuration: self.job.configuration.clone(),
-            generation: self.job.generation,
-            action: self.job.action,
-            phase: Phase::Failed,
+        let ev = StatusEvent {
             step: Some(step),
             category: Some(category),
-            commit: self.job.source.as_ref().map(|s| s.commit.clone()),
-            system: None,
-            host_key: None,
-            nixos_version: None,
-            facts: None,
             message: Some(message),
             log_tail,
-            executor: self.exec.id.clone(),
-            started_at: self.started_at,
-            at: Utc::now(),
-        })
-        .await;
+            ..self.base(Phase::Failed)
+        };
+        self.publish(ev).await;
     }
 }
 

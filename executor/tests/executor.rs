@@ -72,7 +72,7 @@ async fn switch_uploads_the_source_and_runs_nixos_rebuild_with_the_exact_flake()
     let done = bus.final_of("web-01", T).await;
     assert_eq!(done.phase, Phase::Skipped, "{done:?}");
     assert_eq!(sshd.calls().iter().filter(|c| c.program == "nixos-rebuild").count(), 1);
-    assert_eq!(bus.jobs_pending().await, 0);
+    assert_eq!(bus.jobs_drained().await, 0);
     stop.cancel();
     task.await.unwrap().unwrap();
 }
@@ -92,7 +92,7 @@ async fn wrong_host_key_runs_nothing_and_fails_permanently() {
     assert!(done.message.unwrap().contains("refusing to connect"));
     assert!(sshd.calls().is_empty(), "no command ran: {:?}", sshd.calls());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(bus.jobs_pending().await, 0, "termed, not redelivered");
+    assert_eq!(bus.jobs_drained().await, 0, "termed, not redelivered");
     assert_eq!(bus.seen.iter().filter(|e| e.phase == Phase::Started).count(), 1, "delivered once");
 
     // the right pinned key works
@@ -194,7 +194,7 @@ async fn poison_messages_are_terminated_and_the_worker_keeps_going() {
     assert_eq!(bus.final_of("junk", T).await.category, Some(FailureCategory::InvalidJob));
     assert_eq!(bus.final_of("web-01", T).await.phase, Phase::Succeeded);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(bus.jobs_pending().await, 0);
+    assert_eq!(bus.jobs_drained().await, 0);
     stop.cancel();
     task.await.unwrap().unwrap();
 }

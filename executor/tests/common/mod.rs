@@ -390,6 +390,18 @@ impl Bus {
         evs.into_iter().rev().find(|e| e.machine == machine && e.phase.is_terminal()).unwrap()
     }
 
+    /// Waits (up to 5 s) for the stream to drain: executors ack just after reporting the final status.
+    pub async fn jobs_drained(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let n = self.jobs_pending().await;
+            if n == 0 || Instant::now() > deadline {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn jobs_pending(&self) -> u64 {
         let mut s = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
         s.info().await.unwrap().state.messages
