@@ -163,8 +163,16 @@ impl Resolver {
         Resolver { cache_dir, ttl, answers: Mutex::new(HashMap::new()) }
     }
 
-    pub async fn resolve(&self, url: &str, reference: &str, creds: GitCreds) -> Result<String, GitError> {
-        let key = (url.to_string(), reference.to_string());
+    /// Resolves `reference`; answers are shared for a short while, except across different `refresh`
+    /// tokens (the configuration's refresh annotation), so a refresh request always asks the remote.
+    pub async fn resolve(
+        &self,
+        url: &str,
+        reference: &str,
+        refresh: &str,
+        creds: GitCreds,
+    ) -> Result<String, GitError> {
+        let key = (url.to_string(), format!("{reference}\n{refresh}"));
         if let Ok(a) = self.answers.lock()
             && let Some((at, r)) = a.get(&key)
             && at.elapsed() < self.ttl
@@ -177,6 +185,8 @@ impl Resolver {
                 Err(GitError::Unreachable { url: url.to_string(), message: format!("resolver task: {e}") })
             });
         if let Ok(mut a) = self.answers.lock() {
+            let ttl = self.ttl;
+            a.retain(|_, (at, _)| at.elapsed() < ttl);
             a.insert(key, (Instant::now(), result.clone()));
         }
         result

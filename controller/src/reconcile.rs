@@ -201,6 +201,15 @@ async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfigura
     Ok(())
 }
 
+/// The refresh annotation's value ("" when absent).
+fn refresh_token(cfg: &NixosConfiguration) -> &str {
+    cfg.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(nio_shared::crd::REFRESH_ANNOTATION))
+        .map_or("", String::as_str)
+}
+
 fn poll_interval(cfg: &NixosConfiguration, default: Duration) -> Duration {
     cfg.spec
         .poll_interval
@@ -285,7 +294,11 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
 
     // 2. Resolve the ref.
     let resolved = match git_creds(ctx, cfg).await {
-        Ok(creds) => ctx.resolver.resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, creds).await.map_err(Error::from),
+        Ok(creds) => ctx
+            .resolver
+            .resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, refresh_token(cfg), creds)
+            .await
+            .map_err(Error::from),
         Err(e) => Err(e),
     };
     let commit = match resolved {
@@ -533,7 +546,11 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     };
     let commit = match &cfg.status.as_ref().and_then(|s| s.target_commit.clone()) {
         Some(c) => c.clone(),
-        None => ctx.resolver.resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, git_creds(ctx, cfg).await?).await?,
+        None => {
+            ctx.resolver
+                .resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, refresh_token(cfg), git_creds(ctx, cfg).await?)
+                .await?
+        }
     };
     let pending: Vec<&Machine> = attached
         .iter()

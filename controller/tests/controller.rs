@@ -118,6 +118,20 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
     assert_eq!(j.source.unwrap().commit, second);
     let (b, _) = env.job_on("nio.jobs.dc1.apply.prod.default.b").await.unwrap();
     assert_eq!(b.source.unwrap().commit, first);
+
+    // A configuration polling hourly picks a new commit up at once when its refresh annotation changes (what a
+    // Git webhook does).
+    env.machine("d", "dc1", &[]).await;
+    env.config("hourly", json!({"machineRef": "d", "pollInterval": "1h"})).await;
+    env.eventually(T, "job for d", || env.job_on("nio.jobs.dc1.apply.prod.default.d")).await;
+    let third = env.repo.bump("third").unwrap();
+    let patch = json!({"metadata": {"annotations": {"nixos.infra/refresh": third}}});
+    env.configs().patch("hourly", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    env.eventually(Duration::from_secs(5), "the refreshed commit", || async {
+        let (j, _) = env.job_on("nio.jobs.dc1.apply.prod.default.d").await?;
+        (j.source.as_ref()?.commit == third).then_some(())
+    })
+    .await;
     let c = env.configs().get("follows-main").await.unwrap();
     assert_eq!(c.status.unwrap().target_commit.as_deref(), Some(second.as_str()));
     stop.cancel();

@@ -553,6 +553,13 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     }
     let t0 = Instant::now();
     let commit = r.repo.bump("load test")?;
+    // Announce the push as a Git webhook would (pollInterval remains the fallback).
+    for c in &r.clusters {
+        let patch = json!({"metadata": {"annotations": {nio_shared::crd::REFRESH_ANNOTATION: commit}}});
+        Api::<NixosConfiguration>::namespaced(c.client.clone(), NS)
+            .patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await?;
+    }
     let seen = r.rollout(&commit, &s.faults, bars.as_ref()).await?;
     let wall = t0.elapsed().as_secs_f64();
     if let Some(b) = &bars {

@@ -16,6 +16,9 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "nixos.infra";
 /// API version of the resources in this module.
 pub const VERSION: &str = "v1alpha1";
+/// Annotation on a NixosConfiguration: set it to a new value (a Git webhook can put the pushed commit or a
+/// timestamp there) to re-resolve the ref now rather than at the next pollInterval.
+pub const REFRESH_ANNOTATION: &str = "nixos.infra/refresh";
 /// Finalizer the controller puts on configurations so removal runs `onRemoveFlake` first.
 pub const FINALIZER: &str = "nixos.infra/finalizer";
 
