@@ -368,14 +368,14 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let plan = rollout::plan(&target, &policy, &views);
 
     // 5. Publish, then mark the machines Queued; machines in parallel (the broker and the API server absorb it).
-    let outcomes: Vec<Result<bool>> = futures::stream::iter(plan.publish.clone())
+    let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(plan.publish.clone())
         .map(|(name, work)| {
             let (want, target, machines) = (&want, &target, &machines);
             async move {
-                let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(false) };
+                let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
                 if let Err(e) = nio_shared::validate::machine_spec(&m.spec) {
                     tracing::warn!(machine = %name, error = %e, "skipping an invalid Machine");
-                    return Ok(false);
+                    return Ok(None);
                 }
                 let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
                 ctx.publisher.publish(&job).await?;
@@ -392,19 +392,25 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
                     Some(s)
                 })
                 .await?;
-                Ok(true)
+                Ok(Some(name))
             }
         })
         .buffer_unordered(PUBLISH_CONCURRENCY)
         .collect()
         .await;
-    let mut published = 0u32;
+    // Machines just queued had hasConfiguration set with their job; only the others need a write (and a read).
+    let mut queued = std::collections::BTreeSet::new();
     for o in outcomes {
-        if o? {
-            published += 1;
+        if let Some(name) = o? {
+            queued.insert(name);
         }
     }
-    for m in machines.iter().filter(|m| m.status.as_ref().and_then(|s| s.has_configuration) != Some(true)) {
+    let published = queued.len() as u32;
+    for m in machines
+        .iter()
+        .filter(|m| m.status.as_ref().and_then(|s| s.has_configuration) != Some(true))
+        .filter(|m| !queued.contains(&m.name_any()))
+    {
         update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             (s.has_configuration != Some(true)).then(|| {

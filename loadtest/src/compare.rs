@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context as _;
 
@@ -140,7 +140,6 @@ pub async fn run(machines: usize, concurrency: usize, latency: Latency, dir: &Pa
         succeeded: ok,
         vs_nio: wall / report.wall_s.max(1e-9),
     });
-    let _ = Duration::ZERO;
     Ok(rows)
 }
 
