@@ -1,11 +1,13 @@
-//! Resolving a configuration's `ref` to a commit without cloning: `ls-remote` with git2, credentials from the
-//! configuration's Secret (never put in a URL, never logged). A full SHA is accepted after checking it exists.
+//! Resolving a configuration's `ref` to a commit without cloning: `ls-remote` with git2 over file, HTTPS or SSH,
+//! credentials and server identity from the configuration's Secret ([`nio_shared::gitauth`]; never put in a URL,
+//! never logged). A full SHA is accepted after checking it exists.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use nio_shared::gitauth::{self, GitAuth, GitFailure, Refusal};
 use sha2::{Digest, Sha256};
 
 /// Why a ref could not be resolved.
@@ -15,6 +17,8 @@ pub enum GitError {
     Unreachable { url: String, message: String },
     #[error("{url} refused the credentials from credentialsRef")]
     AuthFailed { url: String },
+    #[error("{url} is not the trusted server: {message}")]
+    Untrusted { url: String, message: String },
     #[error("ref {reference:?} does not exist in {url}")]
     UnknownRef { url: String, reference: String },
 }
@@ -25,72 +29,32 @@ impl GitError {
         match self {
             GitError::Unreachable { .. } => "GitUnreachable",
             GitError::AuthFailed { .. } => "GitAuthFailed",
+            GitError::Untrusted { .. } => "GitServerUntrusted",
             GitError::UnknownRef { .. } => "UnknownRef",
         }
     }
 }
 
-/// Git credentials read from a Secret (keys `token`, `username`/`password`, `ssh-privatekey`).
-#[derive(Clone, Default)]
-pub struct GitCreds {
-    pub token: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub ssh_key: Option<String>,
-}
-
-impl std::fmt::Debug for GitCreds {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GitCreds(<redacted>)")
-    }
-}
-
-impl GitCreds {
-    fn is_empty(&self) -> bool {
-        self.token.is_none() && self.username.is_none() && self.ssh_key.is_none()
-    }
-}
-
-fn callbacks(creds: &GitCreds) -> git2::RemoteCallbacks<'_> {
-    let mut cb = git2::RemoteCallbacks::new();
-    let mut tries = 0;
-    cb.credentials(move |_url, username, allowed| {
-        tries += 1;
-        if tries > 2 || creds.is_empty() {
-            return Err(git2::Error::from_str("authentication required"));
-        }
-        if allowed.contains(git2::CredentialType::SSH_KEY)
-            && let Some(k) = &creds.ssh_key
-        {
-            return git2::Cred::ssh_key_from_memory(username.unwrap_or("git"), None, k, None);
-        }
-        if let Some(t) = &creds.token {
-            return git2::Cred::userpass_plaintext(creds.username.as_deref().unwrap_or("x-access-token"), t);
-        }
-        match (&creds.username, &creds.password) {
-            (Some(u), Some(p)) => git2::Cred::userpass_plaintext(u, p),
-            _ => Err(git2::Error::from_str("no usable credentials")),
-        }
-    });
-    cb
-}
-
 fn classify(url: &str, e: &git2::Error) -> GitError {
-    if e.class() == git2::ErrorClass::Http && e.message().contains("401")
-        || e.code() == git2::ErrorCode::Auth
-        || e.message().contains("authentication")
-    {
-        GitError::AuthFailed { url: url.to_string() }
-    } else {
-        GitError::Unreachable { url: url.to_string(), message: e.message().to_string() }
+    explain(url, e, &Refusal::default())
+}
+
+fn explain(url: &str, e: &git2::Error, refusal: &Refusal) -> GitError {
+    let url = url.to_string();
+    match gitauth::explain(e, refusal) {
+        (GitFailure::AuthFailed, _) => GitError::AuthFailed { url },
+        (GitFailure::UntrustedServer, message) => GitError::Untrusted { url, message },
+        (GitFailure::Unreachable, message) => GitError::Unreachable { url, message },
     }
 }
 
 /// `ls-remote`: every advertised ref and its commit (annotated tags peeled).
-fn ls_remote(url: &str, creds: &GitCreds) -> Result<Vec<(String, String)>, GitError> {
+fn ls_remote(url: &str, creds: &GitAuth) -> Result<Vec<(String, String)>, GitError> {
     let mut remote = git2::Remote::create_detached(url).map_err(|e| classify(url, &e))?;
-    let conn =
-        remote.connect_auth(git2::Direction::Fetch, Some(callbacks(creds)), None).map_err(|e| classify(url, &e))?;
+    let refusal = Refusal::default();
+    let conn = remote
+        .connect_auth(git2::Direction::Fetch, Some(creds.callbacks(url, &refusal)), None)
+        .map_err(|e| explain(url, &e, &refusal))?;
     let heads = conn.list().map_err(|e| classify(url, &e))?;
     Ok(heads.iter().map(|h| (h.name().to_string(), h.oid().to_string())).collect())
 }
@@ -99,7 +63,7 @@ fn ls_remote(url: &str, creds: &GitCreds) -> Result<Vec<(String, String)>, GitEr
 fn sha_exists(
     url: &str,
     sha: &str,
-    creds: &GitCreds,
+    creds: &GitAuth,
     heads: &[(String, String)],
     cache: &Path,
 ) -> Result<bool, GitError> {
@@ -116,20 +80,21 @@ fn sha_exists(
         return Ok(true);
     }
     let mut remote = repo.remote_anonymous(url).map_err(|e| classify(url, &e))?;
+    let refusal = Refusal::default();
     let mut fo = git2::FetchOptions::new();
-    fo.remote_callbacks(callbacks(creds));
+    fo.remote_callbacks(creds.callbacks(url, &refusal));
     if remote.fetch(&[sha], Some(&mut fo), None).is_err() {
         let mut fo = git2::FetchOptions::new();
-        fo.remote_callbacks(callbacks(creds));
+        fo.remote_callbacks(creds.callbacks(url, &refusal));
         remote
             .fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut fo), None)
-            .map_err(|e| classify(url, &e))?;
+            .map_err(|e| explain(url, &e, &refusal))?;
     }
     Ok(repo.find_commit(oid).is_ok())
 }
 
 /// Resolves `reference` (branch, tag, full ref name or full SHA) in `url` to a commit SHA.
-pub fn resolve_blocking(url: &str, reference: &str, creds: &GitCreds, cache: &Path) -> Result<String, GitError> {
+pub fn resolve_blocking(url: &str, reference: &str, creds: &GitAuth, cache: &Path) -> Result<String, GitError> {
     let heads = ls_remote(url, creds)?;
     let unknown = || GitError::UnknownRef { url: url.to_string(), reference: reference.to_string() };
     if nio_shared::validate::is_full_sha(reference) {
@@ -165,14 +130,8 @@ impl Resolver {
 
     /// Resolves `reference`; answers are shared for a short while, except across different `refresh`
     /// tokens (the configuration's refresh annotation), so a refresh request always asks the remote.
-    pub async fn resolve(
-        &self,
-        url: &str,
-        reference: &str,
-        refresh: &str,
-        creds: GitCreds,
-    ) -> Result<String, GitError> {
-        let key = (url.to_string(), format!("{reference}\n{refresh}"));
+    pub async fn resolve(&self, url: &str, reference: &str, refresh: &str, creds: GitAuth) -> Result<String, GitError> {
+        let key = (url.to_string(), format!("{reference}\n{refresh}\n{}", creds.fingerprint()));
         if let Ok(a) = self.answers.lock()
             && let Some((at, r)) = a.get(&key)
             && at.elapsed() < self.ttl

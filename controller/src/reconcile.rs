@@ -21,10 +21,11 @@ use tracing::Instrument;
 
 use crate::conditions;
 use crate::error::{Error, Result};
-use crate::git::{GitCreds, Resolver};
+use crate::git::Resolver;
 use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel, Metrics};
 use crate::publish::{self, Desired, Publisher};
 use crate::rollout::{self, MachineView, Policy};
+use nio_shared::gitauth::GitAuth;
 
 /// Jobs published (and Machines marked Queued) at once by one reconcile.
 const PUBLISH_CONCURRENCY: usize = 32;
@@ -131,16 +132,10 @@ fn secret_value(s: &Secret, key: &str) -> Option<Vec<u8>> {
     s.data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone())
 }
 
-async fn git_creds(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<GitCreds> {
-    let Some(name) = &cfg.spec.credentials_ref else { return Ok(GitCreds::default()) };
+async fn git_creds(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<GitAuth> {
+    let Some(name) = &cfg.spec.credentials_ref else { return Ok(GitAuth::default()) };
     let s = secret(ctx, &cfg.namespace().unwrap_or_default(), name).await?;
-    let text = |k: &str| secret_value(&s, k).map(|v| String::from_utf8_lossy(&v).trim().to_string());
-    Ok(GitCreds {
-        token: text("token"),
-        username: text("username"),
-        password: text("password"),
-        ssh_key: text("ssh-privatekey"),
-    })
+    Ok(GitAuth::from_entries(|k| secret_value(&s, k)))
 }
 
 /// Reads every SecretRef file and hashes the contents (the hash, never the content, tracks changes).

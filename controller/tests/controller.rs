@@ -138,6 +138,92 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
     task.await.unwrap().unwrap();
 }
 
+async fn create_secret(env: &Env, name: &str, data: serde_json::Value) {
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default"}, "stringData": data}))
+            .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), "default").create(&PostParams::default(), &secret).await.unwrap();
+}
+
+/// HTTPS (Apache + git http-backend, private CA, basic auth) and SSH (sshd + git-upload-pack, pinned host key)
+/// remotes resolve with the credentials Secret; wrong passwords, untrusted certificates and unknown host keys
+/// each degrade the configuration with their own reason and publish nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
+    use nio_loadtest::gitserve::{HttpsGitServer, SshGitServer, TestCa};
+    let env = Env::start().await;
+    let served = tempfile::tempdir().unwrap();
+    let repo = nio_loadtest::gitrepo::GitRepo::create(served.path()).unwrap();
+    let head = repo.head().unwrap();
+    let https = HttpsGitServer::start(served.path(), &[("x-access-token", "tok-123"), ("alice", "pw-alice")]).unwrap();
+    let ssh = SshGitServer::start().unwrap();
+    let other_ca = TestCa::create(served.path(), "other").unwrap();
+    let ca = String::from_utf8(https.ca.ca_pem.clone()).unwrap();
+    let wrong_host = nio_loadtest::gitserve::SshGitServer::start().unwrap();
+    let cases = [
+        ("https-token", json!({"token": "tok-123", "ca.crt": ca}), https.url("repo")),
+        ("https-user", json!({"username": "alice", "password": "pw-alice", "ca.crt": ca}), https.url("repo")),
+        ("https-wrong-pw", json!({"username": "alice", "password": "nope", "ca.crt": ca}), https.url("repo")),
+        (
+            "https-other-ca",
+            json!({"token": "tok-123", "ca.crt": String::from_utf8(other_ca.ca_pem).unwrap()}),
+            https.url("repo"),
+        ),
+        ("https-system-ca", json!({"token": "tok-123"}), https.url("repo")),
+        ("ssh-key", json!({"ssh-privatekey": ssh.client_key, "known_hosts": ssh.known_hosts}), ssh.url(repo.path())),
+        (
+            "ssh-changed-host-key",
+            json!({"ssh-privatekey": ssh.client_key, "known_hosts": wrong_host.known_hosts.replace(
+                &format!(":{}", wrong_host.port), &format!(":{}", ssh.port))}),
+            ssh.url(repo.path()),
+        ),
+        ("ssh-no-known-hosts", json!({"ssh-privatekey": ssh.client_key}), ssh.url(repo.path())),
+        (
+            "ssh-wrong-key",
+            json!({"ssh-privatekey": wrong_host.client_key, "known_hosts": ssh.known_hosts}),
+            ssh.url(repo.path()),
+        ),
+    ];
+    for (name, data, _) in &cases {
+        create_secret(&env, name, data.clone()).await;
+    }
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    for (name, _, url) in &cases {
+        env.machine(name, "dc1", &[]).await;
+        env.config(name, json!({"machineRef": name, "gitRepo": url, "credentialsRef": name})).await;
+    }
+    for ok in ["https-token", "https-user", "ssh-key"] {
+        let subject = format!("nio.jobs.dc1.apply.prod.default.{ok}");
+        let (job, _) = env.eventually(T, ok, || env.job_on(&subject)).await;
+        let source = job.source.unwrap();
+        assert_eq!(source.commit, head, "{ok}");
+        assert_eq!(source.credentials.as_deref(), Some(ok), "the executor is told which credentials to use");
+        assert!(!source.repo.contains("tok-123") && !source.repo.contains("pw-alice"), "no secret in the URL");
+    }
+    for (bad, reason, says) in [
+        ("https-wrong-pw", "GitAuthFailed", "refused the credentials"),
+        ("https-other-ca", "GitServerUntrusted", "not trusted by ca.crt"),
+        ("https-system-ca", "GitServerUntrusted", "certificate"),
+        ("ssh-changed-host-key", "GitServerUntrusted", "does not match known_hosts"),
+        ("ssh-no-known-hosts", "GitServerUntrusted", "no known_hosts"),
+        ("ssh-wrong-key", "GitAuthFailed", "refused the credentials"),
+    ] {
+        let d = env
+            .eventually(T, bad, || async {
+                let c = env.configs().get(bad).await.ok()?;
+                let d = cond(&c.status?.conditions, "Degraded")?;
+                (d.0 == "True").then_some(d)
+            })
+            .await;
+        assert_eq!(d.1, reason, "{bad}: {d:?}");
+        assert!(d.2.contains(says), "{bad}: {}", d.2);
+        assert!(!d.2.contains("tok-123") && !d.2.contains("pw-alice"), "{bad} leaks a secret: {}", d.2);
+        assert!(env.job_on(&format!("nio.jobs.dc1.apply.prod.default.{bad}")).await.is_none(), "{bad} published");
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_events_drive_machine_and_configuration_status_without_regressing() {
     let env = Env::start().await;

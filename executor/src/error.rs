@@ -24,6 +24,8 @@ pub enum Error {
     Identity(String),
     #[error("source: {0}")]
     Source(String),
+    #[error("source: {0}")]
+    SourceUnreachable(String),
     #[error("{step:?} failed: `{program}` {how}")]
     Command { step: Step, program: String, how: String, tail: Vec<String>, category: FailureCategory },
     #[error("{step:?} timed out after {after:?}")]
@@ -47,7 +49,7 @@ impl Error {
             Error::HostKeyMismatch { .. } | Error::HostKeyNotPinned => FailureCategory::HostKeyMismatch,
             Error::Unreachable(_) | Error::Session(_) => FailureCategory::Unreachable,
             Error::AuthFailed { .. } | Error::Identity(_) => FailureCategory::AuthFailed,
-            Error::Source(_) => FailureCategory::SourceUnavailable,
+            Error::Source(_) | Error::SourceUnreachable(_) => FailureCategory::SourceUnavailable,
             Error::Command { category, .. } => *category,
             Error::Timeout { .. } => FailureCategory::Timeout,
             Error::InvalidJob(_) => FailureCategory::InvalidJob,
@@ -57,7 +59,10 @@ impl Error {
 
     /// Whether retrying later may succeed (network trouble, a busy lock) as opposed to a definite answer.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Unreachable(_) | Error::Session(_) | Error::LockBusy | Error::Nats(_))
+        matches!(
+            self,
+            Error::Unreachable(_) | Error::Session(_) | Error::SourceUnreachable(_) | Error::LockBusy | Error::Nats(_)
+        )
     }
 
     /// The step the error belongs to.
@@ -69,7 +74,7 @@ impl Error {
             | Error::AuthFailed { .. }
             | Error::Identity(_)
             | Error::Session(_) => Step::Connect,
-            Error::Source(_) => Step::Upload,
+            Error::Source(_) | Error::SourceUnreachable(_) => Step::Upload,
             Error::Command { step, .. } | Error::Timeout { step, .. } => *step,
             Error::LockBusy => Step::Lock,
             _ => Step::Connect,

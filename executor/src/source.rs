@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use nio_shared::gitauth::{self, GitAuth, GitFailure, Refusal};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -14,7 +15,8 @@ const TAR_FOOTER: usize = 1024;
 /// Commits whose exported tree is kept in memory.
 const TAR_CACHE: usize = 16;
 
-/// Git read credentials by name, from `{dir}/{name}/{token|username|password|ssh-privatekey}`.
+/// Git read credentials by name: the [`nio_shared::gitauth`] keys as files in `{dir}/{name}/` (a Kubernetes
+/// Secret mounted as a volume has exactly this shape).
 #[derive(Debug, Clone, Default)]
 pub struct GitCredentials {
     dir: Option<PathBuf>,
@@ -25,9 +27,23 @@ impl GitCredentials {
         GitCredentials { dir }
     }
 
-    fn read(&self, name: &str, key: &str) -> Option<String> {
-        let dir = self.dir.as_ref()?;
-        std::fs::read_to_string(dir.join(name).join(key)).ok().map(|s| s.trim().to_string())
+    /// The credentials named `name` (none when the job names none).
+    fn auth(&self, name: Option<&str>) -> Result<GitAuth> {
+        let Some(name) = name else { return Ok(GitAuth::default()) };
+        let Some(dir) = &self.dir else {
+            return Err(Error::Source(format!(
+                "the job uses Git credentials {name:?} but the executor has no --git-credentials-dir"
+            )));
+        };
+        let auth = GitAuth::from_entries(|k| std::fs::read(dir.join(name).join(k)).ok());
+        if auth.is_empty() {
+            return Err(Error::Source(format!(
+                "no Git credentials {name:?} in {} (expected files named {})",
+                dir.display(),
+                gitauth::KEYS.join(", ")
+            )));
+        }
+        Ok(auth)
     }
 }
 
@@ -120,29 +136,13 @@ pub fn upload(commit: &str, tree: &[u8], extra: &[(String, Vec<u8>)]) -> Result<
     Ok(Upload { tar, digest: digest.finalize().iter().map(|b| format!("{b:02x}")).collect() })
 }
 
-fn callbacks<'a>(creds: &'a GitCredentials, name: Option<&'a str>) -> git2::RemoteCallbacks<'a> {
-    let mut cb = git2::RemoteCallbacks::new();
-    let mut tries = 0;
-    cb.credentials(move |_url, username, allowed| {
-        tries += 1;
-        let Some(name) = name else { return git2::Cred::default() };
-        if tries > 2 {
-            return Err(git2::Error::from_str("credentials rejected"));
-        }
-        if allowed.contains(git2::CredentialType::SSH_KEY)
-            && let Some(key) = creds.read(name, "ssh-privatekey")
-        {
-            return git2::Cred::ssh_key_from_memory(username.unwrap_or("git"), None, &key, None);
-        }
-        if let Some(token) = creds.read(name, "token") {
-            return git2::Cred::userpass_plaintext("x-access-token", &token);
-        }
-        match (creds.read(name, "username"), creds.read(name, "password")) {
-            (Some(u), Some(p)) => git2::Cred::userpass_plaintext(&u, &p),
-            _ => Err(git2::Error::from_str("no usable credentials (token, username/password or ssh-privatekey)")),
-        }
-    });
-    cb
+fn fetch_err(url: &str, e: &git2::Error, refusal: &Refusal) -> Error {
+    let (failure, why) = gitauth::explain(e, refusal);
+    let msg = format!("fetching {url}: {why}");
+    match failure {
+        GitFailure::Unreachable => Error::SourceUnreachable(msg),
+        GitFailure::AuthFailed | GitFailure::UntrustedServer => Error::Source(msg),
+    }
 }
 
 fn export(dir: &Path, url: &str, commit: &str, creds: &GitCredentials, cred_name: Option<&str>) -> Result<Vec<u8>> {
@@ -153,15 +153,17 @@ fn export(dir: &Path, url: &str, commit: &str, creds: &GitCredentials, cred_name
         .or_else(|_| git2::Repository::init_bare(dir))
         .map_err(|e| git_err("opening mirror", e))?;
     if repo.find_commit(oid).is_err() {
+        let auth = creds.auth(cred_name)?;
         let mut remote = repo.remote_anonymous(url).map_err(|e| git_err("remote", e))?;
+        let refusal = Refusal::default();
         let mut fo = git2::FetchOptions::new();
-        fo.remote_callbacks(callbacks(creds, cred_name));
+        fo.remote_callbacks(auth.callbacks(url, &refusal));
         remote
             .fetch(&["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"], Some(&mut fo), None)
-            .map_err(|e| git_err(&format!("fetching {url}"), e))?;
+            .map_err(|e| fetch_err(url, &e, &refusal))?;
         if repo.find_commit(oid).is_err() {
             let mut fo = git2::FetchOptions::new();
-            fo.remote_callbacks(callbacks(creds, cred_name));
+            fo.remote_callbacks(auth.callbacks(url, &refusal));
             let _ = remote.fetch(&[commit], Some(&mut fo), None);
         }
     }

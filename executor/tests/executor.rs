@@ -77,6 +77,74 @@ async fn switch_uploads_the_source_and_runs_nixos_rebuild_with_the_exact_flake()
     task.await.unwrap().unwrap();
 }
 
+/// Sources fetched over HTTPS (Apache + git http-backend, private CA, token) and SSH (sshd, key + known_hosts)
+/// with the credentials named in the job; an unknown Git host key or missing credentials fail the job before any
+/// command runs on the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sources_come_over_https_and_ssh_with_named_credentials_and_untrusted_servers_are_refused() {
+    use nio_loadtest::gitserve::{HttpsGitServer, SshGitServer};
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let served = tempfile::tempdir().unwrap();
+    let repo = nio_loadtest::gitrepo::GitRepo::create(served.path()).unwrap();
+    let commit = repo.head().unwrap();
+    let https = HttpsGitServer::start(served.path(), &[("x-access-token", "tok-123")]).unwrap();
+    let (git_ssh, stranger) = (SshGitServer::start().unwrap(), SshGitServer::start().unwrap());
+    let creds = tempfile::tempdir().unwrap();
+    let write = |name: &str, key: &str, value: &[u8]| {
+        std::fs::create_dir_all(creds.path().join(name)).unwrap();
+        std::fs::write(creds.path().join(name).join(key), value).unwrap();
+    };
+    write("https", "token", b"tok-123\n");
+    write("https", "ca.crt", &https.ca.ca_pem);
+    write("ssh", "ssh-privatekey", git_ssh.client_key.as_bytes());
+    write("ssh", "known_hosts", git_ssh.known_hosts.as_bytes());
+    write("ssh-bad", "ssh-privatekey", git_ssh.client_key.as_bytes());
+    let impostor = stranger.known_hosts.replace(&format!(":{}", stranger.port), &format!(":{}", git_ssh.port));
+    write("ssh-bad", "known_hosts", impostor.as_bytes());
+    let mut bus = Bus::connect(&nats).await;
+    let mut s = settings(&sshd, &nats, config(&sshd, &[("dc1", 4)]), "e1");
+    s.git_credentials_dir = Some(creds.path().to_path_buf());
+    let (stop, task) = spawn_executor(s);
+    let ssh_url = git_ssh.url(repo.path());
+    // Another repository for the failures: a commit already fetched is served from the mirror without asking
+    // the server again (objects are content-addressed), so these must need a fetch.
+    let other = tempfile::tempdir().unwrap();
+    let other_url = git_ssh.url(nio_loadtest::gitrepo::GitRepo::create(other.path()).unwrap().path());
+    for (i, (machine, url, cred)) in [
+        ("web-https", https.url("repo"), "https"),
+        ("web-ssh", ssh_url.clone(), "ssh"),
+        ("web-impostor", other_url.clone(), "ssh-bad"),
+        ("web-nocreds", https.url("elsewhere"), "missing"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut j = job(machine, &addr(i), sshd.port, "dc1", &url, &commit);
+        j.source.as_mut().unwrap().credentials = Some(cred.into());
+        bus.publish(&j).await;
+    }
+    for ok in ["web-https", "web-ssh"] {
+        let done = bus.final_of(ok, T).await;
+        assert_eq!(done.phase, Phase::Succeeded, "{ok}: {done:?}");
+    }
+    let flake = std::fs::read_to_string(repo.path().join("flake.nix")).unwrap();
+    let shipped = sshd.path(&format!("var-lib-nio/src/{commit}/flake.nix"));
+    assert_eq!(std::fs::read_to_string(shipped).unwrap(), flake, "the fetched tree is on the machine");
+    for (bad, says) in
+        [("web-impostor", "does not match known_hosts"), ("web-nocreds", "no Git credentials \"missing\"")]
+    {
+        let done = bus.final_of(bad, T).await;
+        assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::SourceUnavailable)), "{bad}");
+        let msg = done.message.unwrap_or_default();
+        assert!(msg.contains(says), "{bad}: {msg}");
+        assert!(!msg.contains("tok-123") && !msg.contains("PRIVATE KEY"), "{bad} leaks a credential: {msg}");
+    }
+    let rebuilds = sshd.calls().into_iter().filter(|c| c.program == "nixos-rebuild").count();
+    assert_eq!(rebuilds, 2, "only the two trusted sources were built");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_host_key_runs_nothing_and_fails_permanently() {
     let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
@@ -206,7 +274,7 @@ async fn three_executors_never_exceed_the_site_limit_and_never_overlap_on_a_mach
     // one commit per job, so no job finds its machine already at its commit
     let commits = more_commits(sshd.dir.path(), 20);
     let mut bus = Bus::connect(&nats).await;
-    sshd.set("rebuild_sleep", "0.2");
+    sshd.set("rebuild_sleep", "0.8");
     let mut stops = vec![];
     for id in ["e1", "e2", "e3"] {
         stops.push(spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 2)]), id)));
@@ -384,6 +452,33 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     bus.publish(&busy).await;
     let done = bus.final_of("busy", T).await;
     assert_eq!(done.phase, Phase::Skipped, "{done:?}");
+
+    // A machine without nixos-facter (the shell answers 127): the built-in fact script reads this host.
+    std::fs::remove_file(sshd.path("bin/nixos-facter")).unwrap();
+    let mut bare = scan.clone();
+    bare.machine = "s2".into();
+    bare.id = "scan-2".into();
+    bus.publish(&bare).await;
+    let done = bus.final_of("s2", T).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let facts = done.facts.unwrap();
+    assert_eq!(facts.source.as_deref(), Some("nio-facts"));
+    assert_eq!(facts.system, Some(format!("{}-linux", std::env::consts::ARCH)));
+    let nproc = std::process::Command::new("nproc").output().unwrap().stdout;
+    let cpus: u32 = String::from_utf8_lossy(&nproc).trim().parse().unwrap();
+    assert_eq!(facts.cpu_count, Some(cpus));
+    let mem_kb: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(facts.memory_bytes, Some(mem_kb * 1024));
+    assert!(facts.network_interfaces.iter().any(|n| n.starts_with("lo ")), "{:?}", facts.network_interfaces);
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -8,6 +8,7 @@ pub mod ctlbench;
 pub mod demo;
 pub mod fleet;
 pub mod gitrepo;
+pub mod gitserve;
 pub mod kubesim;
 pub mod nats;
 pub mod plot;

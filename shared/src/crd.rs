@@ -372,8 +372,9 @@ pub struct NixosConfigurationSpec {
     #[serde(rename = "ref")]
     #[schemars(length(min = 1, max = 255))]
     pub git_ref: String,
-    /// Secret in the same namespace with Git credentials: `token` (HTTP) or `username`/`password`, or
-    /// `ssh-privatekey` for ssh:// remotes.
+    /// Secret in the same namespace with Git credentials: `token` or `username`/`password` (HTTPS basic),
+    /// `ca.crt` (PEM CA of a private HTTPS server), or `ssh-privatekey` with `known_hosts` (required: the
+    /// server's host keys) for ssh:// and `user@host:path` remotes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_ref: Option<String>,
     /// Flake output to build, as `#attr` or `.#attr` (attr under nixosConfigurations).

@@ -7,12 +7,14 @@
 //! - [`quote`]: the one place an argument vector becomes a remote shell string.
 //! - [`seal`]: authenticated encryption of Secret contents carried in jobs.
 //! - [`config`]: the executor's site configuration file.
+//! - [`gitauth`]: Git credentials and server identity (CA, known_hosts) for the controller and executor.
 //! - [`telemetry`]: tracing/OpenTelemetry set-up and trace-context propagation over NATS headers.
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod crd;
 pub mod error;
+pub mod gitauth;
 pub mod nats;
 pub mod protocol;
 pub mod quote;

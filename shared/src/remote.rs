@@ -12,7 +12,7 @@ fn v(args: &[&str]) -> Vec<String> {
 /// Constant fact-gathering script used by `scan` when nixos-facter is absent. It takes no input.
 pub const FACT_SCRIPT: &str = "echo system=$(uname -m)-linux; echo cpus=$(nproc); \
 sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1 | sed 's/^/cpu=/'; \
-awk '/MemTotal/ {print \"memory=\" $2*1024}' /proc/meminfo; \
+awk '/MemTotal/ {printf \"memory=%.0f\\n\", $2*1024}' /proc/meminfo; \
 lsblk -bdno NAME,SIZE 2>/dev/null | sed 's/^/disk=/'; \
 for n in /sys/class/net/*; do echo \"nic=${n##*/} $(cat $n/address)\"; done; \
 echo virt=$(systemd-detect-virt 2>/dev/null || echo none)";

@@ -417,6 +417,19 @@ pub fn spawn_binary(
     extra: &[&str],
     log: &Path,
 ) -> tokio::process::Child {
+    spawn_binary_logging(sshd, nats, cfg, id, extra, log, "trace")
+}
+
+/// [`spawn_binary`] with the given `RUST_LOG`.
+pub fn spawn_binary_logging(
+    sshd: &Sshd,
+    nats: &NatsServer,
+    cfg: &ExecutorConfig,
+    id: &str,
+    extra: &[&str],
+    log: &Path,
+    rust_log: &str,
+) -> tokio::process::Child {
     let cfg_path = sshd.path(&format!("executor-{id}.yaml"));
     std::fs::write(&cfg_path, serde_json::to_string(cfg).unwrap()).unwrap();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_nio-executor"))
@@ -428,7 +441,7 @@ pub fn spawn_binary(
         .arg("--cache-dir")
         .arg(sshd.path(&format!("cache-{id}")))
         .args(extra)
-        .env("RUST_LOG", "trace")
+        .env("RUST_LOG", rust_log)
         .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
