@@ -4,7 +4,8 @@
 //! machine and commit (so every job does the whole work: connect, read the current system, upload the tree,
 //! `nixos-rebuild switch`, health check, write the marker), starts the executor, and reports as JSON: jobs/s
 //! from executor start to the last final status, per-job latency percentiles, executor CPU and peak RSS, and
-//! the most rebuilds seen running at once.
+//! the most rebuilds seen running at once. Every machine has its own loopback address (one OpenSSH
+//! configuration; past 12 addresses further sshd processes serve it, as OpenSSH listens on 16 at most).
 //!
 //! ```sh
 //! cargo bench -p nio-executor --bench sshd -- --jobs 300 --site-limit 50
@@ -28,6 +29,10 @@ struct Args {
     /// The site's maxInFlight.
     #[arg(long, default_value_t = 50)]
     site_limit: u32,
+    /// Distinct machine addresses (default: one per job). The fixture's sshd listens on 12; more are served by
+    /// further sshd processes with the same configuration (OpenSSH listens on at most 16 addresses each).
+    #[arg(long)]
+    addresses: Option<usize>,
     /// Seconds the stub nixos-rebuild sleeps (0: as fast as the stub runs).
     #[arg(long, default_value = "0")]
     rebuild_sleep: String,
@@ -47,6 +52,45 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// `wanted` loopback addresses on `sshd.port`: the fixture's, then 127.0.2.x… served by more sshd processes
+/// with the fixture's configuration (same keys, stubs and state directory).
+async fn addresses(sshd: &Sshd, wanted: usize) -> (Vec<String>, Vec<tokio::process::Child>) {
+    let mut all: Vec<String> = (0..ADDRESSES.min(wanted)).map(addr).collect();
+    let base = std::fs::read_to_string(sshd.path("sshd_config")).unwrap();
+    let base: String = base
+        .lines()
+        .filter(|l| !l.starts_with("ListenAddress") && !l.starts_with("PidFile"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let mut children = Vec::new();
+    let extra: Vec<String> =
+        (0..wanted.saturating_sub(all.len())).map(|i| format!("127.0.{}.{}", 2 + i / 250, 1 + i % 250)).collect();
+    for (n, chunk) in extra.chunks(16).enumerate() {
+        let listen: String = chunk.iter().map(|a| format!("ListenAddress {a}:{}\n", sshd.port)).collect();
+        let cfg = sshd.path(&format!("sshd_config.{n}"));
+        std::fs::write(&cfg, format!("{listen}PidFile {}\n{base}", sshd.path(&format!("sshd.{n}.pid")).display()))
+            .unwrap();
+        let child = tokio::process::Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&cfg)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(sshd.path(&format!("sshd.{n}.log"))).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        children.push(child);
+        for a in chunk {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while tokio::net::TcpStream::connect((a.as_str(), sshd.port)).await.is_err() {
+                assert!(Instant::now() < deadline, "sshd on {a} did not start");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        all.extend(chunk.iter().cloned());
+    }
+    (all, children)
+}
+
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
@@ -56,10 +100,12 @@ async fn main() {
     let (repo, first) = git_repo(sshd.dir.path());
     let mut commits = vec![first];
     commits.extend(more_commits(sshd.dir.path(), args.jobs.saturating_sub(1)));
+    let wanted = args.addresses.unwrap_or(args.jobs).max(1);
+    let (addresses, _more_sshds) = addresses(&sshd, wanted).await;
     let mut bus = Bus::connect(&nats).await;
     for (i, commit) in commits.iter().enumerate() {
         let machine = format!("m{i:05}");
-        bus.publish(&job(&machine, &addr(i % ADDRESSES), sshd.port, "dc1", &repo, commit)).await;
+        bus.publish(&job(&machine, &addresses[i % addresses.len()], sshd.port, "dc1", &repo, commit)).await;
     }
     let mut cfg = config(&sshd, &[("dc1", args.site_limit)]);
     cfg.ack_wait_seconds = 60;
@@ -88,6 +134,11 @@ async fn main() {
     peak_rss = peak_rss.max(usage.peak_rss_mb);
     let finals: Vec<_> = bus.seen.iter().filter(|e| e.phase.is_terminal()).collect();
     let succeeded = finals.iter().filter(|e| e.phase == Phase::Succeeded).count();
+    let mut failures = std::collections::BTreeMap::<String, usize>::new();
+    for f in finals.iter().filter(|e| e.phase != Phase::Succeeded) {
+        let what = format!("{:?} {:?}: {}", f.phase, f.category, f.message.as_deref().unwrap_or(""));
+        *failures.entry(what).or_default() += 1;
+    }
     // Per job: its Started event to its final event.
     let mut run_s: Vec<f64> = finals
         .iter()
@@ -104,8 +155,10 @@ async fn main() {
     let report = serde_json::json!({
         "jobs": n,
         "site_limit": args.site_limit,
+        "addresses": addresses.len(),
         "rebuild_sleep_s": args.rebuild_sleep,
         "succeeded": succeeded,
+        "failures": failures,
         "wall_s": wall,
         "jobs_per_s": n as f64 / wall,
         "job_run_s": {"p50": percentile(&run_s, 0.5), "p95": percentile(&run_s, 0.95), "p99": percentile(&run_s, 0.99), "max": run_s.last()},
@@ -113,6 +166,12 @@ async fn main() {
         "executor": {"cpu_s": usage.cpu_seconds, "peak_rss_mb": peak_rss, "cpu_ms_per_job": usage.cpu_seconds * 1000.0 / n as f64},
         "max_concurrent_rebuilds": max_concurrency(&sshd.calls(), "nixos-rebuild"),
     });
+    // The slowest job's events, to see where its time went.
+    if let Some(slow) = finals.iter().max_by_key(|f| f.at) {
+        for e in bus.seen.iter().filter(|e| e.job_id == slow.job_id) {
+            eprintln!("{} {:?} {:?} {}", e.at.format("%T%.3f"), e.phase, e.step, e.message.as_deref().unwrap_or(""));
+        }
+    }
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");
     if let Some(p) = args.report {

@@ -75,6 +75,25 @@ impl Locks {
         }
     }
 
+    /// Returns when `key` is released (or expires), or after `max`, whichever is first: a waiting job takes
+    /// the machine as soon as the running one lets go instead of polling.
+    pub async fn wait_released(&self, key: &str, max: Duration) {
+        use futures::StreamExt as _;
+        let released = async {
+            // The watch starts with the key's latest entry, so a release just before it is seen too.
+            let Ok(mut w) = self.kv.watch(key).await else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return;
+            };
+            while let Some(Ok(e)) = w.next().await {
+                if matches!(e.operation, kv::Operation::Delete | kv::Operation::Purge) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, released).await;
+    }
+
     /// Who holds `key`, if anyone.
     pub async fn holder(&self, key: &str) -> Option<String> {
         self.kv.get(key).await.ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned())

@@ -358,7 +358,7 @@ impl Executor {
                 if Instant::now() > deadline {
                     return Err(Error::LockBusy);
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                self.locks.wait_released(&key, Duration::from_secs(2)).await;
             }
         }
         .instrument(lock_span)

@@ -129,7 +129,7 @@ impl Sshd {
         let config = format!(
             "{listen}ListenAddress 127.0.0.1:{port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin yes\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile {d}/sshd.pid\n\
-             SetEnv PATH={d}/bin:/usr/local/bin:/usr/bin:/bin NIO_STUB_DIR={d}\nMaxStartups 200:30:400\nMaxSessions 200\nLogLevel ERROR\n",
+             SetEnv PATH={d}/bin:/usr/local/bin:/usr/bin:/bin NIO_STUB_DIR={d} HOME={d}\nMaxStartups 200:30:400\nMaxSessions 200\nLogLevel ERROR\n",
             d = d.display()
         );
         std::fs::write(d.join("sshd_config"), config).unwrap();
