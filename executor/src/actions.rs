@@ -102,16 +102,38 @@ pub async fn run<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
 struct Current {
     version: Option<String>,
     system: Option<String>,
+    /// The applied marker (`{commit} {system}`), when there is one.
+    applied: Option<String>,
 }
 
+/// Reads the version, current system and applied marker in one command ([`remote::Commands::state`]).
 async fn current<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Current> {
-    let v = remote::run(host, Step::Probe, ctx.cmds.nixos_version(), None, ctx.quick).await?;
-    let version = serde_json::from_slice::<serde_json::Value>(&v.stdout)
+    let out = remote::run(host, Step::Probe, ctx.cmds.state(), None, ctx.quick).await?;
+    let parts = nio_shared::remote::parse_state(&String::from_utf8_lossy(&out.stdout));
+    let failed = |program: &str, how: String| Error::Command {
+        step: Step::Probe,
+        program: program.into(),
+        how,
+        tail: out.tail(),
+        category: FailureCategory::CommandFailed,
+    };
+    let [(version, vs), (system, ss), (applied, ms)] = parts.as_slice() else {
+        return Err(failed("sh", format!("printed {} of 3 state reports", parts.len())));
+    };
+    for (program, status) in [("nixos-version", vs), ("readlink", ss)] {
+        if *status != 0 {
+            return Err(failed(program, format!("exited with status {status}")));
+        }
+    }
+    let version = serde_json::from_str::<serde_json::Value>(version)
         .ok()
         .and_then(|j| j.get("nixosVersion").and_then(|s| s.as_str()).map(str::to_string))
-        .or_else(|| Some(v.stdout_str()).filter(|s| !s.is_empty()));
-    let s = remote::run(host, Step::Probe, ctx.cmds.current_system(), None, ctx.quick).await?;
-    Ok(Current { version, system: Some(s.stdout_str()).filter(|s| !s.is_empty()) })
+        .or_else(|| Some(version.clone()).filter(|s| !s.is_empty()));
+    Ok(Current {
+        version,
+        system: Some(system.clone()).filter(|s| !s.is_empty()),
+        applied: Some(applied.clone()).filter(|_| *ms == 0),
+    })
 }
 
 async fn probe<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
@@ -215,15 +237,8 @@ async fn upload<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> 
         let dir = ctx.cmds.src_dir(&src.commit);
         remote::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
         let size = up.tar.len();
+        // The stream ends with the completion marker: no separate command writes it.
         remote::run(host, Step::Upload, ctx.cmds.extract(&dir), Some(Bytes::from(up.tar)), ctx.long).await?;
-        remote::run(
-            host,
-            Step::Upload,
-            ctx.cmds.write_src_marker(&src.commit),
-            Some(Bytes::from(up.digest)),
-            ctx.quick,
-        )
-        .await?;
         ctx.progress.step(Step::Upload, format!("uploaded {size} bytes of source at {}", &src.commit)).await;
     }
     write_secrets(host, ctx).await
@@ -267,9 +282,8 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
         a => a.as_str(),
     };
     if job.action == Action::Switch {
-        let marker = host.exec(&ctx.cmds.read_applied(), None, ctx.quick).await?;
         let expected = format!("{} {}", src.commit, cur.system.clone().unwrap_or_default());
-        if marker.success() && marker.stdout_str() == expected && job.secrets.is_empty() {
+        if cur.applied.as_deref() == Some(expected.as_str()) && job.secrets.is_empty() {
             return Ok(Outcome {
                 skipped: true,
                 commit: Some(src.commit.clone()),
@@ -321,7 +335,11 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
         });
     }
     let system = match rebuild_action {
-        "switch" | "test" => current(host, ctx).await?.system,
+        // Only the new system path is needed (the version was read before).
+        "switch" | "test" => {
+            Some(remote::run(host, Step::Activate, ctx.cmds.current_system(), None, ctx.quick).await?.stdout_str())
+                .filter(|s| !s.is_empty())
+        }
         "boot" => Some(remote::run(host, Step::Activate, ctx.cmds.boot_system(), None, ctx.quick).await?.stdout_str()),
         _ => cur.system.clone(),
     };

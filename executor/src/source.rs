@@ -112,28 +112,38 @@ impl SourceCache {
     }
 }
 
-/// Builds a job's upload: the commit's tree plus `extra` files (path, content), and a digest of both.
+/// Name of the completion marker, the upload's last tar entry: holding the digest, it exists only once every
+/// entry before it was extracted (so no separate command writes it).
+pub const MARKER: &str = ".nio-complete";
+
+/// Builds a job's upload: the commit's tree plus `extra` files (path, content), and a digest of both, which
+/// the stream ends with as [`MARKER`].
 pub fn upload(commit: &str, tree: &[u8], extra: &[(String, Vec<u8>)]) -> Result<Upload> {
     let mut digest = Sha256::new();
     digest.update(commit.as_bytes());
     let mut tar = Vec::with_capacity(tree.len() + 4096);
     tar.extend_from_slice(tree);
     let mut b = tar::Builder::new(Vec::new());
-    for (path, content) in extra {
-        digest.update(path.as_bytes());
-        digest.update([0]);
-        digest.update(content);
+    let mut add = |path: &str, content: &[u8]| {
         let mut h = tar::Header::new_gnu();
         h.set_size(content.len() as u64);
         h.set_mode(0o644);
         h.set_uid(0);
         h.set_gid(0);
         h.set_entry_type(tar::EntryType::Regular);
-        b.append_data(&mut h, path, content.as_slice()).map_err(|e| Error::Source(format!("adding {path}: {e}")))?;
+        b.append_data(&mut h, path, content).map_err(|e| Error::Source(format!("adding {path}: {e}")))
+    };
+    for (path, content) in extra {
+        digest.update(path.as_bytes());
+        digest.update([0]);
+        digest.update(content);
+        add(path, content)?;
     }
+    let digest: String = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    add(MARKER, digest.as_bytes())?;
     let extra_tar = b.into_inner().map_err(|e| Error::Source(e.to_string()))?;
     tar.extend_from_slice(&extra_tar);
-    Ok(Upload { tar, digest: digest.finalize().iter().map(|b| format!("{b:02x}")).collect() })
+    Ok(Upload { tar, digest })
 }
 
 fn fetch_err(url: &str, e: &git2::Error, refusal: &Refusal) -> Error {

@@ -43,6 +43,8 @@ async fn switch_uploads_the_source_and_runs_nixos_rebuild_with_the_exact_flake()
         "the tree at the commit is on the machine"
     );
     assert_eq!(std::fs::read_to_string(src.join("extra/motd.nix")).unwrap(), "{ }\n", "additional files are added");
+    let marker = std::fs::read_to_string(src.join(".nio-complete")).unwrap();
+    assert_eq!(marker.len(), 64, "the upload ends with its digest as the completion marker: {marker:?}");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
         std::fs::metadata(src.join("deploy.sh")).unwrap().permissions().mode() & 0o777,

@@ -17,6 +17,28 @@ lsblk -bdno NAME,SIZE 2>/dev/null | sed 's/^/disk=/'; \
 for n in /sys/class/net/*; do echo \"nic=${n##*/} $(cat $n/address)\"; done; \
 echo virt=$(systemd-detect-virt 2>/dev/null || echo none)";
 
+/// What a job reads first, in one round trip: `nixos-version --json`, the current system (`readlink -f "$1"`)
+/// and the applied marker (`cat "$2"`), each followed by a line `@@nio-status N` with its exit status. Fixed
+/// text; the paths travel as positional arguments.
+pub const STATE_SCRIPT: &str = "nixos-version --json; s=$?; echo; echo \"@@nio-status $s\"; \
+readlink -f \"$1\"; s=$?; echo; echo \"@@nio-status $s\"; \
+cat \"$2\" 2>/dev/null; s=$?; echo; echo \"@@nio-status $s\"";
+
+/// Splits [`STATE_SCRIPT`]'s output into each command's (trimmed output, exit status).
+pub fn parse_state(stdout: &str) -> Vec<(String, i32)> {
+    let mut parts = Vec::new();
+    let mut text = String::new();
+    for line in stdout.lines() {
+        if let Some(status) = line.strip_prefix("@@nio-status ") {
+            parts.push((std::mem::take(&mut text).trim().to_string(), status.trim().parse().unwrap_or(-1)));
+        } else {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    parts
+}
+
 /// Argument vectors of every remote command.
 #[derive(Debug, Clone)]
 pub struct Commands {
@@ -24,6 +46,10 @@ pub struct Commands {
 }
 
 impl Commands {
+    /// Runs [`STATE_SCRIPT`] (version, current system, applied marker).
+    pub fn state(&self) -> Vec<String> {
+        v(&["sh", "-c", STATE_SCRIPT, "nio-state", &self.paths.current_system, &self.applied_marker()])
+    }
     pub fn nixos_version(&self) -> Vec<String> {
         v(&["nixos-version", "--json"])
     }
@@ -49,12 +75,9 @@ impl Commands {
     pub fn mkdir(&self, dir: &str) -> Vec<String> {
         v(&["mkdir", "-p", dir])
     }
+    /// The upload's completion marker (the tar stream's last entry, holding its digest).
     pub fn read_src_marker(&self, commit: &str) -> Vec<String> {
         v(&["cat", &format!("{}/.nio-complete", self.src_dir(commit))])
-    }
-    /// Written with the upload digest on stdin once extraction finished.
-    pub fn write_src_marker(&self, commit: &str) -> Vec<String> {
-        v(&["tee", &format!("{}/.nio-complete", self.src_dir(commit))])
     }
     /// Extracts a tar stream from stdin into `dir`.
     pub fn extract(&self, dir: &str) -> Vec<String> {

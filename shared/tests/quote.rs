@@ -60,3 +60,43 @@ proptest! {
         prop_assert_eq!(through_shell(&argv), argv);
     }
 }
+
+/// The one-round-trip state script, run by a real `sh` exactly as a machine would (quoted argv): each part's
+/// output and exit status come back separately, also when a command is missing or a file is absent.
+#[test]
+fn the_state_script_reports_each_command_with_its_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("bin")).unwrap();
+    std::fs::create_dir_all(d.join("store/sys-1")).unwrap();
+    std::os::unix::fs::symlink(d.join("store/sys-1"), d.join("current system")).unwrap();
+    let paths = nio_shared::config::RemotePaths {
+        state_dir: d.join("state").display().to_string(),
+        current_system: d.join("current system").display().to_string(),
+        ..Default::default()
+    };
+    let cmds = nio_shared::remote::Commands { paths };
+    let run = |path: &str| {
+        let line = nio_shared::quote::command(&cmds.state()).unwrap();
+        let out = std::process::Command::new("sh").arg("-c").arg(&line).env("PATH", path).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        nio_shared::remote::parse_state(&String::from_utf8_lossy(&out.stdout))
+    };
+    // Not NixOS (no nixos-version), no marker yet.
+    let bare = format!("{}:/usr/bin:/bin", d.join("bin").display());
+    let parts = run(&bare);
+    assert_eq!(parts.len(), 3, "{parts:?}");
+    assert_eq!(parts[0].1, 127, "{parts:?}");
+    assert_eq!(parts[1], (d.join("store/sys-1").display().to_string(), 0));
+    assert_ne!(parts[2].1, 0, "no marker: {parts:?}");
+    // NixOS with a marker.
+    let version = d.join("bin/nixos-version");
+    std::fs::write(&version, "#!/bin/sh\necho '{\"nixosVersion\":\"25.05\"}'\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&version, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::create_dir_all(d.join("state")).unwrap();
+    std::fs::write(d.join("state/applied"), "abc /nix/store/x\n").unwrap();
+    let parts = run(&bare);
+    assert_eq!(parts[0], ("{\"nixosVersion\":\"25.05\"}".to_string(), 0));
+    assert_eq!(parts[2], ("abc /nix/store/x".to_string(), 0));
+}

@@ -242,6 +242,21 @@ pub fn run(
         ("nixos-facter", []) => ok(
             "{\"version\":1,\"system\":\"x86_64-linux\",\"virtualisation\":\"kvm\",\"hardware\":{\"cpu\":[{\"model_name\":\"Simulated CPU\",\"units\":8}],\"memory\":[{\"resources\":[{\"type\":\"phys_mem\",\"range\":17179869184}]}],\"disk\":[{\"unix_device_name\":\"/dev/vda\"}],\"network_interface\":[{\"unix_device_name\":\"eth0\"}]}}\n",
         ),
+        ("sh", ["-c", script, "nio-state", current, marker]) if *script == nio_shared::remote::STATE_SCRIPT => {
+            // What `sh` does with the script: each command, then its exit status on a line of its own.
+            let mut stdout = Vec::new();
+            let mut stderr = Vec::new();
+            for cmd in [vec!["nixos-version", "--json"], vec!["readlink", "-f", current], vec!["cat", marker]] {
+                let argv: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
+                let (o, _) = run(state, paths, behaviour, &argv, b"");
+                stdout.extend_from_slice(&o.stdout);
+                stdout.extend_from_slice(format!("\n@@nio-status {}\n", o.status).as_bytes());
+                if cmd[0] != "cat" {
+                    stderr.extend_from_slice(&o.stderr);
+                }
+            }
+            Output { status: 0, stdout, stderr, reboot: false }
+        }
         ("sh", ["-c", script]) if *script == crate::fleet::FACT_SCRIPT => ok(
             "system=x86_64-linux\ncpus=8\ncpu=Simulated CPU\nmemory=17179869184\ndisk=vda 53687091200\nnic=eth0 52:54:00:00:00:01\nvirt=kvm\n",
         ),
