@@ -323,15 +323,14 @@ pub mod consumer {
             if stop.is_cancelled() {
                 return;
             }
-            let batch = match consumer.batch().max_messages(256).expires(Duration::from_secs(1)).messages().await {
-                Ok(b) => b,
+            let msgs = match next_events(&consumer).await {
+                Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(error = %e, "pulling status events failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             };
-            let msgs: Vec<jetstream::Message> = batch.filter_map(|m| async { m.ok() }).collect().await;
             if msgs.is_empty() {
                 continue;
             }
@@ -367,6 +366,28 @@ pub mod consumer {
             futures::future::join_all(work).await;
         }
     }
+
+    /// Up to [`BATCH`] status events: whatever is waiting now, without waiting for a batch to fill; when none
+    /// is, blocks up to a second for the first one (so a lone event is applied at once, and a burst in
+    /// batches).
+    async fn next_events(consumer: &PullConsumer) -> anyhow::Result<Vec<jetstream::Message>> {
+        let waiting = |n: usize| async move {
+            let batch = consumer.fetch().max_messages(n).messages().await?;
+            anyhow::Ok(batch.filter_map(|m| async { m.ok() }).collect::<Vec<_>>().await)
+        };
+        let mut msgs = waiting(BATCH).await?;
+        if msgs.is_empty() {
+            let first = consumer.batch().max_messages(1).expires(Duration::from_secs(1)).messages().await?;
+            msgs = first.filter_map(|m| async { m.ok() }).collect().await;
+            if !msgs.is_empty() {
+                msgs.extend(waiting(BATCH - 1).await?);
+            }
+        }
+        Ok(msgs)
+    }
+
+    /// Most status events applied in one round.
+    const BATCH: usize = 256;
 
     /// Applies one event to its Machine and records the Events it calls for.
     pub async fn apply(ctx: &Ctx, ev: &StatusEvent) -> Result<()> {

@@ -23,6 +23,10 @@ use crate::lock::Locks;
 use crate::metrics::{self, Metrics, OutcomeLabels};
 use crate::remote::Commands;
 use crate::source::SourceCache;
+
+/// How long a pull request waits at the broker for jobs. Freed slots open new requests at once, so this only
+/// sets how often an idle executor asks again.
+const PULL_EXPIRES: Duration = Duration::from_secs(2);
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
 
 /// Everything the workers share.
@@ -148,8 +152,10 @@ impl Executor {
         Ok(())
     }
 
-    /// Pulls as many jobs as this executor has free slots for the site, in short batches, and runs each in
-    /// its own task. The broker's `max_ack_pending` caps the site across all executors.
+    /// Keeps pull requests outstanding for every free slot of the site: each freed slot goes into a new
+    /// request at once (several requests may wait at the broker together), so a slot never idles while jobs
+    /// are queued. Each job runs in its own task. The broker's `max_ack_pending` caps the site across all
+    /// executors.
     async fn site_loop(
         self: Arc<Self>,
         site: SiteLimits,
@@ -158,7 +164,7 @@ impl Executor {
         hard: CancellationToken,
     ) {
         let slots = Arc::new(tokio::sync::Semaphore::new(site.max_in_flight as usize));
-        let mut running = tokio::task::JoinSet::new();
+        let tasks = tokio_util::task::TaskTracker::new();
         loop {
             let first = tokio::select! {
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -168,38 +174,51 @@ impl Executor {
             while let Ok(p) = slots.clone().try_acquire_owned() {
                 permits.push(p);
             }
-            let batch = consumer.batch().max_messages(permits.len()).expires(Duration::from_secs(1)).messages().await;
+            let batch = consumer.batch().max_messages(permits.len()).expires(PULL_EXPIRES).messages().await;
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::warn!(site = %site.name, error = %e, "pulling jobs failed; retrying");
+                    drop(permits);
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                         _ = shutdown.cancelled() => break,
                     }
                 }
             };
-            loop {
-                let next = tokio::select! {
-                    m = batch.next() => m,
-                    _ = shutdown.cancelled() => None,
-                };
-                let Some(m) = next else { break };
-                match m {
-                    Ok(msg) => {
-                        let Some(permit) = permits.pop() else { break };
-                        let (me, name, hard) = (self.clone(), site.name.clone(), hard.clone());
-                        running.spawn(async move {
-                            me.handle(&name, msg, hard).await;
-                            drop(permit);
-                        });
+            // Hand this request's messages to jobs while the loop goes on to request for the next freed slot.
+            let (me, name, hard, shutdown, spawner) =
+                (self.clone(), site.name.clone(), hard.clone(), shutdown.clone(), tasks.clone());
+            tasks.spawn(async move {
+                loop {
+                    let next = tokio::select! {
+                        m = batch.next() => m,
+                        _ = shutdown.cancelled() => None,
+                    };
+                    let Some(m) = next else { break };
+                    match m {
+                        Ok(msg) => {
+                            let Some(permit) = permits.pop() else { break };
+                            let (me, name, hard) = (me.clone(), name.clone(), hard.clone());
+                            spawner.spawn(async move {
+                                me.handle(&name, msg, hard).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(e) => tracing::warn!(site = %name, error = %e, "job batch error"),
                     }
-                    Err(e) => tracing::warn!(site = %site.name, error = %e, "job batch error"),
                 }
-            }
-            while running.try_join_next().is_some() {}
+                if shutdown.is_cancelled() {
+                    // Jobs already on their way to this executor go back to the queue now, not after ack_wait.
+                    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(50), batch.next()).await {
+                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                    }
+                }
+                // Slots this request did not fill are free again when it ends.
+            });
         }
-        while running.join_next().await.is_some() {}
+        tasks.close();
+        tasks.wait().await;
     }
 
     /// Handles one message; never fails the worker.

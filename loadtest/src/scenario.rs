@@ -99,6 +99,8 @@ impl Default for Scenario {
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Percentiles {
+    /// The earliest (for `first_command_ms`: how fast NIO reacted to the push).
+    pub min: f64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -157,11 +159,11 @@ pub struct Report {
 
 fn pct(mut v: Vec<f64>) -> Percentiles {
     if v.is_empty() {
-        return Percentiles { p50: 0.0, p90: 0.0, p99: 0.0 };
+        return Percentiles { min: 0.0, p50: 0.0, p90: 0.0, p99: 0.0 };
     }
     v.sort_by(f64::total_cmp);
     let at = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
-    Percentiles { p50: at(0.5), p90: at(0.9), p99: at(0.99) }
+    Percentiles { min: v[0], p50: at(0.5), p90: at(0.9), p99: at(0.99) }
 }
 
 struct Cluster {
