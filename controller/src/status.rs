@@ -371,14 +371,18 @@ pub mod consumer {
     /// is, blocks up to a second for the first one (so a lone event is applied at once, and a burst in
     /// batches).
     async fn next_events(consumer: &PullConsumer) -> anyhow::Result<Vec<jetstream::Message>> {
+        // A no-wait fetch has no expiry of its own: bound it, keeping whatever arrived (a request lost while
+        // NATS restarts must not stall the consumer).
         let waiting = |n: usize| async move {
             let batch = consumer.fetch().max_messages(n).messages().await?;
-            anyhow::Ok(batch.filter_map(|m| async { m.ok() }).collect::<Vec<_>>().await)
+            let within = tokio::time::sleep(Duration::from_secs(3));
+            anyhow::Ok(batch.take_until(within).filter_map(|m| async { m.ok() }).collect::<Vec<_>>().await)
         };
         let mut msgs = waiting(BATCH).await?;
         if msgs.is_empty() {
             let first = consumer.batch().max_messages(1).expires(Duration::from_secs(1)).messages().await?;
-            msgs = first.filter_map(|m| async { m.ok() }).collect().await;
+            let within = tokio::time::sleep(Duration::from_secs(3));
+            msgs = first.take_until(within).filter_map(|m| async { m.ok() }).collect().await;
             if !msgs.is_empty() {
                 msgs.extend(waiting(BATCH - 1).await?);
             }
