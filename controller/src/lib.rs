@@ -27,7 +27,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use kube::api::Api;
 use kube::runtime::{Controller, controller, watcher};
-use nio_shared::crd::{Machine, NixosConfiguration};
+use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
 use tokio_util::sync::CancellationToken;
 
 /// Everything `run` needs; the binary fills it from flags and environment.
@@ -143,11 +143,22 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
             Some(n) => (Api::namespaced(client.clone(), n), Api::namespaced(client.clone(), n)),
             None => (Api::all(client.clone()), Api::all(client.clone())),
         };
+        // A short trailing debounce coalesces bursts of Machine updates without delaying a spec or refresh
+        // change by much.
         let cfg_ctl = Controller::new(configs, watcher::Config::default())
-            .with_config(controller::Config::default().debounce(Duration::from_millis(300)));
+            .with_config(controller::Config::default().debounce(Duration::from_millis(100)));
         let store = cfg_ctl.store();
         let cfg_ctl = cfg_ctl
             .watches(machines.clone(), watcher::Config::default(), move |m: Machine| {
+                // A machine queued or applying changes nothing the configuration acts on (its own writes and
+                // progress events); its end, a new machine, a label change or a deletion does.
+                let busy = matches!(
+                    m.status.as_ref().and_then(|s| s.phase.clone()),
+                    Some(MachinePhase::Queued | MachinePhase::Applying)
+                ) && m.metadata.deletion_timestamp.is_none();
+                if busy {
+                    return Vec::new();
+                }
                 store
                     .state()
                     .into_iter()

@@ -300,6 +300,47 @@ async fn status_events_drive_machine_and_configuration_status_without_regressing
     task.await.unwrap().unwrap();
 }
 
+/// `rollout.maxParallel: 1` over three machines: one job at a time, and each machine's success (reported as
+/// an executor would) releases the next at once, not at the next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_parallel_releases_the_next_machine_when_one_finishes() {
+    let env = Env::start().await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    for m in ["r1", "r2", "r3"] {
+        env.machine(m, "dc1", &[("tier", "batch")]).await;
+    }
+    env.config(
+        "batched",
+        json!({"machineSelector": {"matchLabels": {"tier": "batch"}}, "rollout": {"maxParallel": 1}, "pollInterval": "1h"}),
+    )
+    .await;
+    let mut done = Vec::new();
+    for round in 0..3 {
+        let jobs = env
+            .eventually(T, "the next job", || async {
+                let applies: Vec<_> =
+                    env.drain_jobs().await.into_iter().filter(|j| j.action == Action::Switch).collect();
+                (!applies.is_empty()).then_some(applies)
+            })
+            .await;
+        assert_eq!(jobs.len(), 1, "round {round}: one machine at a time: {jobs:?}");
+        let job = &jobs[0];
+        assert!(!done.contains(&job.machine), "round {round}: {} again", job.machine);
+        env.report(job, Phase::Started, |_| {}).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            env.drain_jobs().await.iter().all(|j| j.action != Action::Switch),
+            "round {round}: a second job while one runs"
+        );
+        env.report(job, Phase::Succeeded, |_| {}).await;
+        done.push(job.machine.clone());
+    }
+    done.sort();
+    assert_eq!(done, ["r1", "r2", "r3"]);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clusters_share_nats_but_each_sees_only_its_own_status() {
     let a = Env::start().await;
