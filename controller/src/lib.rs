@@ -153,7 +153,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
                 // A machine queued or applying changes nothing the configuration acts on (its own writes and
                 // progress events); its end, a new machine, a label change or a deletion does.
                 let busy = matches!(
-                    m.status.as_ref().and_then(|s| s.phase.clone()),
+                    m.status.as_ref().and_then(|s| s.phase),
                     Some(MachinePhase::Queued | MachinePhase::Applying)
                 ) && m.metadata.deletion_timestamp.is_none();
                 if busy {
