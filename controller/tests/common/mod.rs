@@ -160,7 +160,8 @@ impl Env {
 
     /// Removes every stored job (as executors would by taking them).
     pub async fn drain_jobs(&self) -> Vec<Job> {
-        let stream = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
+        // Before the controller has created the stream there is nothing to drain.
+        let Ok(stream) = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await else { return vec![] };
         let consumer: jetstream::consumer::PullConsumer = stream
             .get_or_create_consumer(
                 "test-executor",
