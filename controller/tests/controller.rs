@@ -179,6 +179,11 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         ),
         ("ssh-no-known-hosts", json!({"ssh-privatekey": ssh.client_key}), ssh.url(repo.path())),
         (
+            "ssh-user-from-secret",
+            json!({"ssh-privatekey": ssh.client_key, "known_hosts": ssh.known_hosts, "username": ssh.user}),
+            format!("ssh://127.0.0.1:{}{}", ssh.port, repo.path().display()),
+        ),
+        (
             "ssh-wrong-key",
             json!({"ssh-privatekey": wrong_host.client_key, "known_hosts": ssh.known_hosts}),
             ssh.url(repo.path()),
@@ -192,7 +197,7 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         env.machine(name, "dc1", &[]).await;
         env.config(name, json!({"machineRef": name, "gitRepo": url, "credentialsRef": name})).await;
     }
-    for ok in ["https-token", "https-user", "ssh-key"] {
+    for ok in ["https-token", "https-user", "ssh-key", "ssh-user-from-secret"] {
         let subject = format!("nio.jobs.dc1.apply.prod.default.{ok}");
         let (job, _) = env.eventually(T, ok, || env.job_on(&subject)).await;
         let source = job.source.unwrap();

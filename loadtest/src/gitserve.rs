@@ -226,7 +226,8 @@ pub struct SshGitServer {
     pub client_key: String,
     /// A `known_hosts` line for the server.
     pub known_hosts: String,
-    user: String,
+    /// The account the key logs in as (the current user).
+    pub user: String,
     _dir: tempfile::TempDir,
 }
 

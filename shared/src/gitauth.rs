@@ -7,7 +7,7 @@
 //! |------------------|-------------------------------------------------------------------------------|
 //! | `token`          | HTTPS: HTTP basic with user `username` (default `x-access-token`)             |
 //! | `username`, `password` | HTTPS: HTTP basic                                                       |
-//! | `ssh-privatekey` | `ssh://` and `user@host:path` remotes (OpenSSH PEM, unencrypted)               |
+//! | `ssh-privatekey` | `ssh://` and `user@host:path` remotes (OpenSSH PEM, unencrypted); the SSH user is the URL's, else `username`, else `git` |
 //! | `known_hosts`    | SSH: the server's host keys (OpenSSH format, plain or hashed names); required   |
 //! | `ca.crt`         | HTTPS: PEM CA certificates that issue the server's certificate (private CAs)   |
 //!
@@ -94,10 +94,15 @@ impl GitAuth {
             if tries > 2 {
                 return Err(refusal.set(auth_error("the remote rejected the credentials from credentialsRef")));
             }
+            // SSH user: the URL's, else `username` from the credentials, else `git`.
+            let ssh_user = username.or(self.username.as_deref()).unwrap_or("git");
+            if allowed.contains(git2::CredentialType::USERNAME) {
+                return git2::Cred::username(ssh_user);
+            }
             if allowed.contains(git2::CredentialType::SSH_KEY)
                 && let Some(k) = &self.ssh_key
             {
-                return git2::Cred::ssh_key_from_memory(username.unwrap_or("git"), None, k, None);
+                return git2::Cred::ssh_key_from_memory(ssh_user, None, k, None);
             }
             if allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) {
                 if let Some(t) = &self.token {
