@@ -24,10 +24,11 @@ use crate::metrics::{self, Metrics, OutcomeLabels};
 use crate::remote::Commands;
 use crate::source::SourceCache;
 
+use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
+
 /// How long a pull request waits at the broker for jobs. Freed slots open new requests at once, so this only
 /// sets how often an idle executor asks again.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
-use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
 
 /// Everything the workers share.
 pub struct Executor {
