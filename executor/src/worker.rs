@@ -23,7 +23,6 @@ use crate::lock::Locks;
 use crate::metrics::{self, Metrics, OutcomeLabels};
 use crate::remote::Commands;
 use crate::source::SourceCache;
-
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
 
 /// How long a pull request waits at the broker for jobs. Freed slots open new requests at once, so this only
