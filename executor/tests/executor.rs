@@ -108,20 +108,31 @@ async fn sources_come_over_https_and_ssh_with_named_credentials_and_untrusted_se
     s.git_credentials_dir = Some(creds.path().to_path_buf());
     let (stop, task) = spawn_executor(s);
     let ssh_url = git_ssh.url(repo.path());
+    // A Git server that is down: nothing listens on this port.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     // Another repository for the failures: a commit already fetched is served from the mirror without asking
     // the server again (objects are content-addressed), so these must need a fetch.
     let other = tempfile::tempdir().unwrap();
-    let other_url = git_ssh.url(nio_loadtest::gitrepo::GitRepo::create(other.path()).unwrap().path());
+    let other_repo = nio_loadtest::gitrepo::GitRepo::create(other.path()).unwrap();
+    // (A fresh repository made the same second has the very same commit id: bump it to differ.)
+    let (other_url, other_commit) = (git_ssh.url(other_repo.path()), other_repo.bump("other").unwrap());
     for (i, (machine, url, cred)) in [
         ("web-https", https.url("repo"), "https"),
         ("web-ssh", ssh_url.clone(), "ssh"),
         ("web-impostor", other_url.clone(), "ssh-bad"),
         ("web-nocreds", https.url("elsewhere"), "missing"),
+        ("web-gitdown", format!("https://127.0.0.1:{dead}/git/repo"), "https"),
     ]
     .into_iter()
     .enumerate()
     {
-        let mut j = job(machine, &addr(i), sshd.port, "dc1", &url, &commit);
+        // The failures ask for a commit the machines are not at (else the job is skipped before any fetch).
+        let commit = if machine.starts_with("web-") && !matches!(machine, "web-https" | "web-ssh") {
+            &other_commit
+        } else {
+            &commit
+        };
+        let mut j = job(machine, &addr(i), sshd.port, "dc1", &url, commit);
         j.source.as_mut().unwrap().credentials = Some(cred.into());
         bus.publish(&j).await;
     }
@@ -141,6 +152,11 @@ async fn sources_come_over_https_and_ssh_with_named_credentials_and_untrusted_se
         assert!(msg.contains(says), "{bad}: {msg}");
         assert!(!msg.contains("tok-123") && !msg.contains("PRIVATE KEY"), "{bad} leaks a credential: {msg}");
     }
+    // A Git server that is down is worth retrying: redelivered with backoff, then failed after maxDeliver.
+    let down = bus.final_of("web-gitdown", T).await;
+    assert_eq!((down.phase, down.category), (Phase::Failed, Some(FailureCategory::SourceUnavailable)));
+    let starts = bus.seen.iter().filter(|e| e.machine == "web-gitdown" && e.phase == Phase::Started).count();
+    assert_eq!(starts, 3, "delivered maxDeliver (3) times");
     let rebuilds = sshd.calls().into_iter().filter(|c| c.program == "nixos-rebuild").count();
     assert_eq!(rebuilds, 2, "only the two trusted sources were built");
     stop.cancel();
