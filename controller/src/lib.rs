@@ -200,8 +200,24 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
 
 /// Keeps `nio_controller_machines{phase}` current.
 async fn phase_gauge(client: kube::Client, metrics: Arc<metrics::Metrics>, stop: CancellationToken) {
+    let configs: Api<NixosConfiguration> = Api::all(client.clone());
     let api: Api<Machine> = Api::all(client);
+    let mut reasons_seen = std::collections::BTreeSet::new();
     loop {
+        if let Ok(list) = configs.list(&Default::default()).await {
+            let mut degraded: std::collections::BTreeMap<String, i64> =
+                reasons_seen.iter().map(|r: &String| (r.clone(), 0)).collect();
+            for c in list.items {
+                let conds = c.status.map(|s| s.conditions).unwrap_or_default();
+                if let Some(d) = conds.iter().find(|d| d.type_ == "Degraded" && d.status == "True") {
+                    *degraded.entry(d.reason.clone()).or_default() += 1;
+                }
+            }
+            for (reason, n) in degraded {
+                metrics.configurations_degraded.get_or_create(&metrics::ReasonLabel { reason: reason.clone() }).set(n);
+                reasons_seen.insert(reason);
+            }
+        }
         if let Ok(list) = api.list(&Default::default()).await {
             let mut counts: std::collections::BTreeMap<String, i64> =
                 ["Pending", "Queued", "Applying", "Applied", "Failed"].iter().map(|p| (p.to_string(), 0)).collect();

@@ -38,6 +38,13 @@ pub struct ConfigLabels {
     pub state: String,
 }
 
+/// Why configurations are Degraded (the condition's reason: GitUnreachable, GitAuthFailed, GitServerUntrusted,
+/// UnknownRef, SecretUnavailable, …).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EventLabels {
     pub phase: String,
@@ -57,6 +64,7 @@ pub struct Metrics {
     pub machines: Family<PhaseLabel, Gauge>,
     pub machines_drifted: Gauge,
     pub configuration_machines: Family<ConfigLabels, Gauge>,
+    pub configurations_degraded: Family<ReasonLabel, Gauge>,
     pub leader: Gauge,
 }
 
@@ -73,6 +81,7 @@ impl Metrics {
         let leader = Gauge::default();
         let machines_drifted = Gauge::default();
         let configuration_machines = Family::<ConfigLabels, Gauge>::default();
+        let configurations_degraded = Family::<ReasonLabel, Gauge>::default();
         registry.register_with_unit(
             "reconcile_duration",
             "Time to reconcile one object",
@@ -97,6 +106,11 @@ impl Metrics {
             "Machines of each configuration by rollout state (total, updated, failed, in_progress)",
             configuration_machines.clone(),
         );
+        registry.register(
+            "configurations_degraded",
+            "Configurations whose Degraded condition is true, by reason",
+            configurations_degraded.clone(),
+        );
         registry.register("leader", "1 while this replica is the leader", leader.clone());
         Metrics {
             registry,
@@ -107,6 +121,7 @@ impl Metrics {
             machines,
             machines_drifted,
             configuration_machines,
+            configurations_degraded,
             leader,
         }
     }

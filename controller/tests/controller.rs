@@ -192,7 +192,10 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
     for (name, data, _) in &cases {
         create_secret(&env, name, data.clone()).await;
     }
-    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let mut settings = env.settings("prod", "c1");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    let (stop, task) = env.spawn(settings);
     for (name, _, url) in &cases {
         env.machine(name, "dc1", &[]).await;
         env.config(name, json!({"machineRef": name, "gitRepo": url, "credentialsRef": name})).await;
@@ -225,6 +228,29 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         assert!(!d.2.contains("tok-123") && !d.2.contains("pw-alice"), "{bad} leaks a secret: {}", d.2);
         assert!(env.job_on(&format!("nio.jobs.dc1.apply.prod.default.{bad}")).await.is_none(), "{bad} published");
     }
+    // What an alert sees: degraded configurations by reason (refreshed every 10 s).
+    let scrape = || async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port)).await.ok()?;
+        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
+        let mut body = String::new();
+        c.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    let want = [("GitAuthFailed", 2), ("GitServerUntrusted", 4)];
+    env.eventually(Duration::from_secs(30), "degraded configurations in /metrics", || async {
+        let body = scrape().await?;
+        want.iter()
+            .all(|(reason, n)| {
+                body.lines().any(|l| {
+                    l.starts_with("nio_controller_configurations_degraded{")
+                        && l.contains(&format!("reason=\"{reason}\""))
+                        && l.ends_with(&format!(" {n}"))
+                })
+            })
+            .then_some(())
+    })
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
 }
