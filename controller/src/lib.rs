@@ -8,7 +8,6 @@
 pub mod conditions;
 pub mod error;
 pub mod git;
-pub mod http;
 pub mod leader;
 pub mod machine;
 pub mod metrics;
@@ -40,6 +39,8 @@ pub struct Settings {
     pub namespaces: Vec<String>,
     pub seal_key_file: Option<PathBuf>,
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve /healthz and /readyz here too (when it differs from `metrics_addr`).
+    pub health_addr: Option<SocketAddr>,
     pub leader_election: bool,
     pub lease_name: String,
     pub lease_namespace: String,
@@ -54,30 +55,6 @@ pub struct Settings {
     pub kube_config: Option<kube::Config>,
 }
 
-/// Creates the streams if missing; refuses to start against streams with incompatible settings.
-pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize) -> anyhow::Result<()> {
-    for want in [nio_shared::nats::jobs_stream(replicas), nio_shared::nats::status_stream(replicas)] {
-        match js.get_stream(&want.name).await {
-            Ok(mut s) => {
-                let info = s.info().await?;
-                let diff = nio_shared::nats::stream_mismatches(&info.config, &want);
-                anyhow::ensure!(
-                    diff.is_empty(),
-                    "stream {} exists with incompatible settings: {}",
-                    want.name,
-                    diff.join("; ")
-                );
-            }
-            Err(_) => {
-                js.get_or_create_stream(want.clone())
-                    .await
-                    .with_context(|| format!("creating stream {}", want.name))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Runs the controller until `shutdown` (or until leadership is lost, which is an error).
 pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut opts = async_nats::ConnectOptions::new().name(format!("nio-controller {} {}", s.cluster, s.identity));
@@ -86,18 +63,25 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let nats = opts.connect(&s.nats_url).await.with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
     let js = async_nats::jetstream::new(nats);
-    ensure_streams(&js, s.jobs_replicas).await?;
+    nio_shared::nats::ensure_streams(&js, s.jobs_replicas).await?;
     let client = match s.kube_config.clone() {
         Some(c) => kube::Client::try_from(c)?,
         None => kube::Client::try_default().await.context("connecting to Kubernetes")?,
     };
     let metrics = Arc::new(metrics::Metrics::new(&s.cluster));
     let ready = Arc::new(AtomicBool::new(false));
-    if let Some(addr) = s.metrics_addr {
-        let bound =
-            http::serve(addr, metrics.clone(), ready.clone()).await.with_context(|| format!("binding {addr}"))?;
-        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
-    }
+    let probes = nio_shared::http::Probes {
+        metrics: Arc::new({
+            let m = metrics.clone();
+            move || m.encode()
+        }),
+        ready: Arc::new({
+            let r = ready.clone();
+            move || r.load(Ordering::SeqCst)
+        }),
+        ready_text: ("leading", "standby"),
+    };
+    nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
     let ctx = Arc::new(reconcile::Ctx {
         client: client.clone(),

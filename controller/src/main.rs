@@ -67,12 +67,6 @@ enum Command {
     Crd,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "controller".into())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -87,7 +81,10 @@ async fn main() -> anyhow::Result<()> {
     nio_shared::validate::dns_label("--cluster-name", &cluster)?;
     let probe_interval = nio_shared::validate::duration("--probe-interval", &cli.probe_interval)?;
     let default_poll_interval = nio_shared::validate::duration("--default-poll-interval", &cli.default_poll_interval)?;
-    let identity = cli.identity.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+    let identity = cli
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", nio_shared::http::hostname("controller"), std::process::id()));
     let guard = nio_shared::telemetry::init(
         "nio-controller",
         cli.log_format,
@@ -110,7 +107,8 @@ async fn main() -> anyhow::Result<()> {
         nats_creds: cli.nats_creds,
         namespaces: cli.namespaces,
         seal_key_file: cli.seal_key_file,
-        metrics_addr: cli.metrics_addr.or(cli.health_addr),
+        metrics_addr: cli.metrics_addr,
+        health_addr: cli.health_addr,
         leader_election: cli.leader_election,
         lease_name: cli.lease_name,
         lease_namespace: cli.lease_namespace,

@@ -193,7 +193,7 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         create_secret(&env, name, data.clone()).await;
     }
     let mut settings = env.settings("prod", "c1");
-    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let metrics_port = free_port();
     settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
     let (stop, task) = env.spawn(settings);
     for (name, _, url) in &cases {
@@ -229,17 +229,9 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         assert!(env.job_on(&format!("nio.jobs.dc1.apply.prod.default.{bad}")).await.is_none(), "{bad} published");
     }
     // What an alert sees: degraded configurations by reason (refreshed every 10 s).
-    let scrape = || async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port)).await.ok()?;
-        c.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").await.ok()?;
-        let mut body = String::new();
-        c.read_to_string(&mut body).await.ok()?;
-        Some(body)
-    };
     let want = [("GitAuthFailed", 2), ("GitServerUntrusted", 4)];
     env.eventually(Duration::from_secs(30), "degraded configurations in /metrics", || async {
-        let body = scrape().await?;
+        let (_, body) = http_get(metrics_port, "/metrics").await?;
         want.iter()
             .all(|(reason, n)| {
                 body.lines().any(|l| {
@@ -510,10 +502,14 @@ async fn invalid_specs_publish_nothing_and_say_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
     let env = Env::start().await;
+    // Health endpoints only (no metrics address): /readyz tells the leader from the standby.
+    let (h1, h2) = (free_port(), free_port());
     let mut s1 = env.settings("prod", "replica-1");
     s1.leader_election = true;
+    s1.health_addr = Some(([127, 0, 0, 1], h1).into());
     let mut s2 = env.settings("prod", "replica-2");
     s2.leader_election = true;
+    s2.health_addr = Some(([127, 0, 0, 1], h2).into());
     let (stop1, t1) = env.spawn(s1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (stop2, t2) = env.spawn(s2);
@@ -524,11 +520,18 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
     env.config("web", json!({"machineRef": "m1"})).await;
     env.eventually(T, "job from the leader", || env.job_on("nio.jobs.dc1.apply.prod.default.m1")).await;
     assert_eq!(holder().await.as_deref(), Some("replica-1"), "the standby did not take over while the leader lives");
+    assert_eq!(http_get(h1, "/readyz").await, Some((200, "leading".into())));
+    assert_eq!(http_get(h2, "/readyz").await, Some((503, "standby".into())));
+    assert_eq!(http_get(h2, "/healthz").await, Some((200, "ok".into())), "a standby is alive, just not ready");
     // stop the leader: within the lease duration the standby leads and acts
     stop1.cancel();
     t1.await.unwrap().unwrap();
     env.eventually(Duration::from_secs(15), "replica-2 leads", || async {
         (holder().await? == "replica-2").then_some(())
+    })
+    .await;
+    env.eventually(T, "replica-2 ready", || async {
+        (http_get(h2, "/readyz").await? == (200, "leading".into())).then_some(())
     })
     .await;
     env.machine("m2", "dc1", &[]).await;

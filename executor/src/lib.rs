@@ -8,7 +8,6 @@
 
 pub mod actions;
 pub mod error;
-pub mod http;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
@@ -84,14 +83,18 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         kexec_tarball,
         ready: AtomicBool::new(false),
     });
-    if let Some(addr) = s.metrics_addr {
-        let bound = http::serve(addr, exec.clone()).await.with_context(|| format!("binding metrics address {addr}"))?;
-        tracing::info!(%bound, "serving /metrics, /healthz, /readyz");
-    }
-    if let Some(addr) = s.health_addr.filter(|a| Some(*a) != s.metrics_addr) {
-        let bound = http::serve(addr, exec.clone()).await.with_context(|| format!("binding health address {addr}"))?;
-        tracing::info!(%bound, "serving /healthz, /readyz");
-    }
+    let probes = nio_shared::http::Probes {
+        metrics: Arc::new({
+            let e = exec.clone();
+            move || e.metrics.encode()
+        }),
+        ready: Arc::new({
+            let e = exec.clone();
+            move || e.ready.load(std::sync::atomic::Ordering::SeqCst)
+        }),
+        ready_text: ("ready", "not ready"),
+    };
+    nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     tracing::info!(id = %s.executor_id, sites = ?s.config.sites.iter().map(|x| &x.name).collect::<Vec<_>>(), "executor ready");
     exec.run(consumers, shutdown, s.shutdown_grace).await?;
     Ok(())

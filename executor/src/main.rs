@@ -22,7 +22,8 @@ struct Cli {
     /// Directory of SSH private keys, one file per identity name (Machine spec.credentialRef; `default` otherwise).
     #[arg(long, env = "NIO_IDENTITIES_DIR")]
     identities_dir: PathBuf,
-    /// Directory of Git credentials: {name}/token, {name}/username + password, or {name}/ssh-privatekey.
+    /// Directory of Git credentials by credentialsRef name: {name}/token, username, password, ssh-privatekey,
+    /// known_hosts, ca.crt (a Secret mounted as a directory).
     #[arg(long, env = "NIO_GIT_CREDENTIALS_DIR")]
     git_credentials_dir: Option<PathBuf>,
     /// Cache directory (Git mirrors).
@@ -57,16 +58,10 @@ struct Cli {
     log_format: LogFormat,
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "executor".into())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let id = cli.executor_id.clone().unwrap_or_else(hostname);
+    let id = cli.executor_id.clone().unwrap_or_else(|| nio_shared::http::hostname("executor"));
     let config = nio_shared::config::ExecutorConfig::load(&cli.config)?;
     let sites = config.sites.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(",");
     let guard = nio_shared::telemetry::init(

@@ -24,6 +24,9 @@ pub enum Error {
     /// A configuration file could not be read or parsed.
     #[error("config {path}: {message}")]
     Config { path: String, message: String },
+    /// A NATS stream could not be created, or exists with settings NIO cannot work with.
+    #[error("NATS: {0}")]
+    Nats(String),
 }
 
 impl Error {
@@ -36,6 +39,7 @@ impl Error {
             Error::Quote(_) => "InvalidArgument",
             Error::Telemetry(_) => "Telemetry",
             Error::Config { .. } => "InvalidConfig",
+            Error::Nats(_) => "Nats",
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`seal`]: authenticated encryption of Secret contents carried in jobs.
 //! - [`config`]: the executor's site configuration file.
 //! - [`gitauth`]: Git credentials and server identity (CA, known_hosts) for the controller and executor.
+//! - [`http`]: the `/metrics`, `/healthz` and `/readyz` endpoints both binaries serve.
 //! - [`telemetry`]: tracing/OpenTelemetry set-up and trace-context propagation over NATS headers.
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod crd;
 pub mod error;
 pub mod gitauth;
+pub mod http;
 pub mod nats;
 pub mod protocol;
 pub mod quote;

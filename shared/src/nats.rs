@@ -84,6 +84,33 @@ pub fn status_consumer(cluster: &str) -> consumer::pull::Config {
     }
 }
 
+/// Creates `NIO_JOBS` and `NIO_STATUS` when missing; an existing stream whose critical settings differ is an
+/// error saying what differs (both binaries refuse to start against it).
+pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize) -> crate::Result<()> {
+    use crate::Error;
+    for want in [jobs_stream(replicas), status_stream(replicas)] {
+        match js.get_stream(&want.name).await {
+            Ok(mut s) => {
+                let info = s.info().await.map_err(|e| Error::Nats(format!("{}: {e}", want.name)))?;
+                let diff = stream_mismatches(&info.config, &want);
+                if !diff.is_empty() {
+                    return Err(Error::Nats(format!(
+                        "stream {} exists with incompatible settings: {}",
+                        want.name,
+                        diff.join("; ")
+                    )));
+                }
+            }
+            Err(_) => {
+                js.get_or_create_stream(want.clone())
+                    .await
+                    .map_err(|e| Error::Nats(format!("creating stream {}: {e}", want.name)))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Differences in the settings NIO relies on between an existing stream and the wanted one.
 pub fn stream_mismatches(have: &stream::Config, want: &stream::Config) -> Vec<String> {
     let mut out = Vec::new();

@@ -66,6 +66,7 @@ impl Env {
             namespaces: vec![],
             seal_key_file: Some(self.key_file.clone()),
             metrics_addr: None,
+            health_addr: None,
             leader_election: false,
             lease_name: "nio-controller".into(),
             lease_namespace: "default".into(),
@@ -211,4 +212,21 @@ impl Env {
         tweak(&mut ev);
         self.js.publish(ev.subject(), ev.encode().into()).await.unwrap().await.unwrap();
     }
+}
+
+/// A free loopback port (for the controller's HTTP endpoints).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `GET path` on a loopback port: (status code, body), or None when nothing answers.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).await.ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    Some((status, body))
 }
