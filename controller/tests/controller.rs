@@ -193,7 +193,7 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         create_secret(&env, name, data.clone()).await;
     }
     let mut settings = env.settings("prod", "c1");
-    let metrics_port = free_port();
+    let metrics_port = nio_loadtest::procs::free_port().unwrap();
     settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
     let (stop, task) = env.spawn(settings);
     for (name, _, url) in &cases {
@@ -503,7 +503,7 @@ async fn invalid_specs_publish_nothing_and_say_why() {
 async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
     let env = Env::start().await;
     // Health endpoints only (no metrics address): /readyz tells the leader from the standby.
-    let (h1, h2) = (free_port(), free_port());
+    let (h1, h2) = (nio_loadtest::procs::free_port().unwrap(), nio_loadtest::procs::free_port().unwrap());
     let mut s1 = env.settings("prod", "replica-1");
     s1.leader_election = true;
     s1.health_addr = Some(([127, 0, 0, 1], h1).into());

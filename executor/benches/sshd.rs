@@ -70,7 +70,7 @@ async fn addresses(sshd: &Sshd, wanted: usize) -> (Vec<String>, Vec<tokio::proce
         let cfg = sshd.path(&format!("sshd_config.{n}"));
         std::fs::write(&cfg, format!("{listen}PidFile {}\n{base}", sshd.path(&format!("sshd.{n}.pid")).display()))
             .unwrap();
-        let child = tokio::process::Command::new("/usr/sbin/sshd")
+        let child = tokio::process::Command::new(nio_loadtest::procs::sshd_binary())
             .args(["-D", "-e", "-f"])
             .arg(&cfg)
             .stdin(std::process::Stdio::null())

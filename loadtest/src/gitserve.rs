@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+use crate::procs::{free_port, keygen, sshd_binary};
 
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
@@ -231,11 +229,6 @@ pub struct SshGitServer {
     _dir: tempfile::TempDir,
 }
 
-fn keygen(path: &Path) -> anyhow::Result<String> {
-    run(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"]).arg(path))?;
-    Ok(std::fs::read_to_string(path.with_extension("pub"))?.trim().to_string())
-}
-
 impl SshGitServer {
     pub fn start() -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
@@ -252,8 +245,7 @@ impl SshGitServer {
             d = d.display()
         );
         std::fs::write(d.join("sshd_config"), conf)?;
-        let sshd = if Path::new("/usr/sbin/sshd").exists() { "/usr/sbin/sshd" } else { "sshd" };
-        let child = Command::new(sshd)
+        let child = Command::new(sshd_binary())
             .args(["-D", "-e", "-f"])
             .arg(d.join("sshd_config"))
             .stdin(Stdio::null())

@@ -112,3 +112,19 @@ impl Proc {
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
+
+/// OpenSSH's server binary (Debian puts it outside a normal user's PATH).
+pub fn sshd_binary() -> &'static str {
+    if Path::new("/usr/sbin/sshd").exists() { "/usr/sbin/sshd" } else { "sshd" }
+}
+
+/// Makes an ed25519 key pair at `path` (and `path.pub`) with `ssh-keygen`; returns the public key line.
+pub fn keygen(path: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
+        .arg(path)
+        .output()
+        .context("ssh-keygen (install openssh-client: make setup)")?;
+    anyhow::ensure!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(std::fs::read_to_string(path.with_extension("pub"))?.trim().to_string())
+}

@@ -214,11 +214,6 @@ impl Env {
     }
 }
 
-/// A free loopback port (for the controller's HTTP endpoints).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// `GET path` on a loopback port: (status code, body), or None when nothing answers.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

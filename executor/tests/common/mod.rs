@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use futures::StreamExt;
 pub use nio_loadtest::nats::NatsServer;
+use nio_loadtest::procs::{free_port, keygen, sshd_binary};
 use nio_shared::config::{ExecutorConfig, RemotePaths, SiteLimits};
 use nio_shared::protocol::{Action, Job, StatusEvent, Target};
 
@@ -82,24 +83,6 @@ pub struct Sshd {
     pub host_key: String,
 }
 
-fn keygen(path: &Path) -> String {
-    let out = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "", "-f"])
-        .arg(path)
-        .output()
-        .expect("ssh-keygen (install openssh-client: make setup)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read_to_string(path.with_extension("pub")).unwrap().trim().to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn sshd_binary() -> &'static str {
-    if Path::new("/usr/sbin/sshd").exists() { "/usr/sbin/sshd" } else { "sshd" }
-}
-
 impl Sshd {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -108,9 +91,9 @@ impl Sshd {
             std::fs::create_dir_all(d.join(sub)).unwrap();
         }
         std::os::unix::fs::symlink(d.join("store/prev-system"), d.join("current-system")).unwrap();
-        let host_key = keygen(&d.join("host_key"));
-        let client = keygen(&d.join("identities/default"));
-        keygen(&d.join("identities/stranger"));
+        let host_key = keygen(&d.join("host_key")).unwrap();
+        let client = keygen(&d.join("identities/default")).unwrap();
+        keygen(&d.join("identities/stranger")).unwrap();
         std::fs::write(d.join("authorized_keys"), format!("{client}\n")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         for (name, body) in [
@@ -124,7 +107,7 @@ impl Sshd {
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         std::fs::create_dir_all("/run/sshd").unwrap();
-        let port = free_port();
+        let port = free_port().unwrap();
         let listen: String = (0..ADDRESSES).map(|i| format!("ListenAddress {}:{port}\n", addr(i))).collect();
         let config = format!(
             "{listen}ListenAddress 127.0.0.1:{port}\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPermitRootLogin yes\n\
