@@ -120,6 +120,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     let consumer = status::consumer::open(&js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(status::consumer::run(ctx.clone(), consumer, stop.clone()));
+    let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
     let scopes: Vec<Option<String>> =
         if s.namespaces.is_empty() { vec![None] } else { s.namespaces.iter().cloned().map(Some).collect() };
     for ns in scopes {
@@ -132,6 +133,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         let cfg_ctl = Controller::new(configs, watcher::Config::default())
             .with_config(controller::Config::default().debounce(Duration::from_millis(100)));
         let store = cfg_ctl.store();
+        config_stores.push(store.clone());
         let cfg_ctl = cfg_ctl
             .watches(machines.clone(), watcher::Config::default(), move |m: Machine| {
                 // A machine queued or applying changes nothing the configuration acts on (its own writes and
@@ -157,7 +159,9 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
             .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
             .for_each(|_| async {});
         tasks.spawn(cfg_ctl);
-        let m_ctl = Controller::new(machines, watcher::Config::default())
+        let m_ctl = Controller::new(machines, watcher::Config::default());
+        machine_stores.push(m_ctl.store());
+        let m_ctl = m_ctl
             .graceful_shutdown_on({
                 let stop = stop.clone();
                 async move { stop.cancelled().await }
@@ -166,7 +170,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
             .for_each(|_| async {});
         tasks.spawn(m_ctl);
     }
-    tasks.spawn(phase_gauge(client.clone(), metrics.clone(), stop.clone()));
+    tasks.spawn(phase_gauge(config_stores, machine_stores, metrics.clone(), stop.clone()));
 
     let result = tokio::select! {
         _ = shutdown.cancelled() => Ok(()),
@@ -182,44 +186,44 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     result
 }
 
-/// Keeps `nio_controller_machines{phase}` current.
-async fn phase_gauge(client: kube::Client, metrics: Arc<metrics::Metrics>, stop: CancellationToken) {
-    let configs: Api<NixosConfiguration> = Api::all(client.clone());
-    let api: Api<Machine> = Api::all(client);
+/// Keeps `nio_controller_machines{phase}`, `machines_drifted` and `configurations_degraded{reason}` current,
+/// from the controllers' caches (no API requests), for the namespaces this controller watches.
+async fn phase_gauge(
+    configs: Vec<kube::runtime::reflector::Store<NixosConfiguration>>,
+    machines: Vec<kube::runtime::reflector::Store<Machine>>,
+    metrics: Arc<metrics::Metrics>,
+    stop: CancellationToken,
+) {
     let mut reasons_seen = std::collections::BTreeSet::new();
     loop {
-        if let Ok(list) = configs.list(&Default::default()).await {
-            let mut degraded: std::collections::BTreeMap<String, i64> =
-                reasons_seen.iter().map(|r: &String| (r.clone(), 0)).collect();
-            for c in list.items {
-                let conds = c.status.map(|s| s.conditions).unwrap_or_default();
-                if let Some(d) = conds.iter().find(|d| d.type_ == "Degraded" && d.status == "True") {
-                    *degraded.entry(d.reason.clone()).or_default() += 1;
-                }
-            }
-            for (reason, n) in degraded {
-                metrics.configurations_degraded.get_or_create(&metrics::ReasonLabel { reason: reason.clone() }).set(n);
-                reasons_seen.insert(reason);
+        let mut degraded: std::collections::BTreeMap<String, i64> =
+            reasons_seen.iter().map(|r: &String| (r.clone(), 0)).collect();
+        for c in configs.iter().flat_map(|s| s.state()) {
+            let conds = c.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+            if let Some(d) = conds.iter().find(|d| d.type_ == "Degraded" && d.status == "True") {
+                *degraded.entry(d.reason.clone()).or_default() += 1;
             }
         }
-        if let Ok(list) = api.list(&Default::default()).await {
-            let mut counts: std::collections::BTreeMap<String, i64> =
-                ["Pending", "Queued", "Applying", "Applied", "Failed"].iter().map(|p| (p.to_string(), 0)).collect();
-            let mut drifted = 0;
-            for m in list.items {
-                if m.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, "Drifted")) {
-                    drifted += 1;
-                }
-                let phase = m.status.and_then(|s| s.phase).map_or("Pending".to_string(), |p| format!("{p:?}"));
-                *counts.entry(phase).or_default() += 1;
-            }
-            for (phase, n) in counts {
-                metrics.machines.get_or_create(&metrics::PhaseLabel { phase }).set(n);
-            }
-            metrics.machines_drifted.set(drifted);
+        for (reason, n) in degraded {
+            metrics.configurations_degraded.get_or_create(&metrics::ReasonLabel { reason: reason.clone() }).set(n);
+            reasons_seen.insert(reason);
         }
+        let mut counts: std::collections::BTreeMap<String, i64> =
+            ["Pending", "Queued", "Applying", "Applied", "Failed"].iter().map(|p| (p.to_string(), 0)).collect();
+        let mut drifted = 0;
+        for m in machines.iter().flat_map(|s| s.state()) {
+            if m.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, "Drifted")) {
+                drifted += 1;
+            }
+            let phase = m.status.as_ref().and_then(|s| s.phase).map_or("Pending".to_string(), |p| format!("{p:?}"));
+            *counts.entry(phase).or_default() += 1;
+        }
+        for (phase, n) in counts {
+            metrics.machines.get_or_create(&metrics::PhaseLabel { phase }).set(n);
+        }
+        metrics.machines_drifted.set(drifted);
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = stop.cancelled() => return,
         }
     }

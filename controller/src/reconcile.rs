@@ -188,6 +188,20 @@ pub async fn update_machine_status(
     Ok(None)
 }
 
+/// Marks a machine Queued for `job` (of rollout target `target`), unless an executor already reported this
+/// target's outcome: a fast executor can finish before the controller's write lands, and marking the machine
+/// Queued then would hide its result for good.
+pub fn mark_queued(s: &mut MachineStatus, target: &str, job_id: &str, action: nio_shared::protocol::Action) {
+    s.last_job_id = Some(job_id.to_string());
+    let reported = s.applied_target.as_deref() == Some(target)
+        || s.failed_target.as_deref() == Some(target)
+        || (action == nio_shared::protocol::Action::Remove && s.has_configuration == Some(false));
+    if !reported {
+        s.phase = Some(MachinePhase::Queued);
+        s.queued_target = Some(target.to_string());
+    }
+}
+
 async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfigurationStatus) -> Result<()> {
     let api: Api<NixosConfiguration> = Api::namespaced(ctx.client.clone(), &cfg.namespace().unwrap_or_default());
     let patch =
@@ -377,9 +391,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
                 let cfg_name = cfg.name_any();
                 update_machine_status(ctx, &m.namespace().unwrap_or_default(), &name, |m| {
                     let mut s = m.status.clone().unwrap_or_default();
-                    s.phase = Some(MachinePhase::Queued);
-                    s.queued_target = Some(target.clone());
-                    s.last_job_id = Some(job.id.clone());
+                    mark_queued(&mut s, target, &job.id, job.action);
                     s.has_configuration = Some(true);
                     if s.applied_configuration.is_none() {
                         s.applied_configuration = Some(cfg_name.clone());
@@ -603,9 +615,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         ctx.publisher.publish(&job).await?;
         update_machine_status(ctx, &ns, &m.name_any(), |m| {
             let mut s = m.status.clone().unwrap_or_default();
-            s.phase = Some(MachinePhase::Queued);
-            s.queued_target = Some(t.clone());
-            s.last_job_id = Some(job.id.clone());
+            mark_queued(&mut s, &t, &job.id, job.action);
             Some(s)
         })
         .await?;
@@ -621,4 +631,50 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         set_status(ctx, cfg, &status).await?;
     }
     Err(Error::RemovalPending(format!("{} machine(s) still run configuration {name}", pending.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nio_shared::protocol::Action;
+
+    #[test]
+    fn a_result_that_landed_before_the_queued_mark_is_kept() {
+        // fresh machine: Queued
+        let mut s = MachineStatus::default();
+        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        assert_eq!((s.phase, s.queued_target.as_deref()), (Some(MachinePhase::Queued), Some("c1/1")));
+        // the executor's Succeeded for this target was applied first: the machine stays Applied
+        let mut s = MachineStatus {
+            phase: Some(MachinePhase::Applied),
+            applied_target: Some("c1/1".into()),
+            ..Default::default()
+        };
+        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        assert_eq!(
+            (s.phase, s.queued_target, s.last_job_id.as_deref()),
+            (Some(MachinePhase::Applied), None, Some("job-1"))
+        );
+        // ... or Failed
+        let mut s = MachineStatus {
+            phase: Some(MachinePhase::Failed),
+            failed_target: Some("c1/1".into()),
+            ..Default::default()
+        };
+        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        assert_eq!(s.phase, Some(MachinePhase::Failed));
+        // an older applied target does not count
+        let mut s = MachineStatus {
+            phase: Some(MachinePhase::Applied),
+            applied_target: Some("c0/1".into()),
+            ..Default::default()
+        };
+        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        assert_eq!(s.phase, Some(MachinePhase::Queued));
+        // a removal already reported
+        let mut s =
+            MachineStatus { phase: Some(MachinePhase::Applied), has_configuration: Some(false), ..Default::default() };
+        mark_queued(&mut s, "c1/1", "rm-1", Action::Remove);
+        assert_eq!(s.phase, Some(MachinePhase::Applied));
+    }
 }

@@ -1,7 +1,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
-//! The controller against the Kubernetes API simulator, a real nats-server and real Git repositories.
+//! The controller against a real nats-server and real Git repositories, each test on both kubesim and a real
+//! kube-apiserver (where the controller runs with the ServiceAccount and RBAC of `deploy/base`).
 
 mod common;
+
+nio_loadtest::on_both!(
+    a_machine_and_configuration_publish_exactly_one_sealed_job,
+    new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade,
+    authenticated_https_and_ssh_remotes_use_the_credentials_secret,
+    status_events_drive_machine_and_configuration_status_without_regressing,
+    max_parallel_releases_the_next_machine_when_one_finishes,
+    two_clusters_share_nats_but_each_sees_only_its_own_status,
+    deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machines,
+    invalid_specs_publish_nothing_and_say_why,
+    one_of_two_replicas_leads_and_a_standby_takes_over,
+);
 
 use std::time::Duration;
 
@@ -22,15 +35,13 @@ fn cond(
     conds.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_machine_and_configuration_publish_exactly_one_sealed_job() {
-    let env = Env::start().await;
+async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Backend) {
+    let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    let secret: Secret = serde_json::from_value(
-        json!({"metadata": {"name": "db", "namespace": "default"}, "stringData": {"password": "s3cret-value-xyz"}}),
-    )
-    .unwrap();
-    Api::<Secret>::namespaced(env.client.clone(), "default").create(&PostParams::default(), &secret).await.unwrap();
+    let secret: Secret =
+        serde_json::from_value(json!({"metadata": {"name": "db"}, "stringData": {"password": "s3cret-value-xyz"}}))
+            .unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.unwrap();
     env.machine("m1", "dc1", &[]).await;
     env.config(
         "web",
@@ -43,21 +54,21 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job() {
         }),
     )
     .await;
-    let subject = "nio.jobs.dc1.apply.prod.default.m1";
-    let (job, headers) = env.eventually(T, "the apply job", || env.job_on(subject)).await;
+    let subject = env.subject("dc1", "apply", "prod", "m1");
+    let (job, headers) = env.eventually(T, "the apply job", || env.job_on(&subject)).await;
     let head = env.repo.head().unwrap();
     assert_eq!(job.source.as_ref().unwrap().commit, head);
     assert_eq!(job.action, Action::Switch);
     assert_eq!(job.target.host, "127.0.0.9");
     assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()), Some(job.id.clone()));
-    assert!(job.id.starts_with(&format!("prod/default/m1/{head}/1.")), "{}", job.id);
+    assert!(job.id.starts_with(&format!("prod/{}/m1/{head}/1.", env.ns)), "{}", job.id);
     let tp = headers.get("traceparent").map(|v| v.as_str().to_string()).unwrap();
     assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
     // the secret travels sealed
     let raw = String::from_utf8(job.encode()).unwrap();
     assert!(!raw.contains("s3cret-value-xyz"));
     let key = nio_shared::seal::SealKey::from_file(&env.key_file).unwrap();
-    let ctx = nio_shared::protocol::SecretFile::seal_context("prod", "default", "m1", "db/password");
+    let ctx = nio_shared::protocol::SecretFile::seal_context("prod", &env.ns, "m1", "db/password");
     assert_eq!(key.unseal(&job.secrets[0].sealed, &ctx).unwrap(), b"s3cret-value-xyz");
     assert!(job.secrets_hash.is_some());
 
@@ -69,18 +80,17 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job() {
         .await;
     assert_eq!(m.status.unwrap().last_job_id.as_deref(), Some(job.id.as_str()));
     // the first-contact scan went to the probe slot and did not displace the apply job
-    env.eventually(T, "a scan", || env.job_on("nio.jobs.dc1.probe.prod.default.m1")).await;
+    env.eventually(T, "a scan", || env.job_on(env.subject("dc1", "probe", "prod", "m1"))).await;
     tokio::time::sleep(Duration::from_secs(6)).await; // more than a poll interval: reconciles again
-    let (still, _) = env.job_on(subject).await.unwrap();
+    let (still, _) = env.job_on(&subject).await.unwrap();
     assert_eq!(still.id, job.id, "the apply job is still queued");
     assert_eq!(env.stored_jobs().await, 2, "exactly one apply and one probe-slot job");
     stop.cancel();
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
-    let env = Env::start().await;
+async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade(backend: Backend) {
+    let env = Env::start(backend).await;
     let mut settings = env.settings("prod", "c1");
     settings.default_poll_interval = Duration::from_secs(5);
     let (stop, task) = env.spawn(settings);
@@ -92,9 +102,9 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
     env.config("follows-main", json!({"machineRef": "a", "pollInterval": null})).await;
     env.config("pinned", json!({"machineRef": "b", "ref": first})).await;
     env.config("broken", json!({"machineRef": "c", "ref": "no-such-branch"})).await;
-    let (j, _) = env.eventually(T, "job for a", || env.job_on("nio.jobs.dc1.apply.prod.default.a")).await;
+    let (j, _) = env.eventually(T, "job for a", || env.job_on(env.subject("dc1", "apply", "prod", "a"))).await;
     assert_eq!(j.source.unwrap().commit, first);
-    let (j, _) = env.eventually(T, "job for b", || env.job_on("nio.jobs.dc1.apply.prod.default.b")).await;
+    let (j, _) = env.eventually(T, "job for b", || env.job_on(env.subject("dc1", "apply", "prod", "b"))).await;
     assert_eq!(j.source.unwrap().commit, first, "a SHA ref is used as is");
     let broken = env
         .eventually(T, "Degraded on the unknown ref", || async {
@@ -105,30 +115,30 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
         .await;
     assert_eq!(broken.1, "UnknownRef");
     assert!(broken.2.contains("no-such-branch"), "{}", broken.2);
-    assert!(env.job_on("nio.jobs.dc1.apply.prod.default.c").await.is_none());
+    assert!(env.job_on(env.subject("dc1", "apply", "prod", "c")).await.is_none());
 
     // a new commit on main reaches `a` within the poll interval (5s); `b` stays pinned
     let second = env.repo.bump("second").unwrap();
     let (j, _) = env
         .eventually(Duration::from_secs(15), "job with the new commit", || async {
-            let (j, h) = env.job_on("nio.jobs.dc1.apply.prod.default.a").await?;
+            let (j, h) = env.job_on(env.subject("dc1", "apply", "prod", "a")).await?;
             (j.source.as_ref()?.commit == second).then_some((j, h))
         })
         .await;
     assert_eq!(j.source.unwrap().commit, second);
-    let (b, _) = env.job_on("nio.jobs.dc1.apply.prod.default.b").await.unwrap();
+    let (b, _) = env.job_on(env.subject("dc1", "apply", "prod", "b")).await.unwrap();
     assert_eq!(b.source.unwrap().commit, first);
 
     // A configuration polling hourly picks a new commit up at once when its refresh annotation changes (what a
     // Git webhook does).
     env.machine("d", "dc1", &[]).await;
     env.config("hourly", json!({"machineRef": "d", "pollInterval": "1h"})).await;
-    env.eventually(T, "job for d", || env.job_on("nio.jobs.dc1.apply.prod.default.d")).await;
+    env.eventually(T, "job for d", || env.job_on(env.subject("dc1", "apply", "prod", "d"))).await;
     let third = env.repo.bump("third").unwrap();
     let patch = json!({"metadata": {"annotations": {"nixos.infra/refresh": third}}});
     env.configs().patch("hourly", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
     env.eventually(Duration::from_secs(5), "the refreshed commit", || async {
-        let (j, _) = env.job_on("nio.jobs.dc1.apply.prod.default.d").await?;
+        let (j, _) = env.job_on(env.subject("dc1", "apply", "prod", "d")).await?;
         (j.source.as_ref()?.commit == third).then_some(())
     })
     .await;
@@ -139,19 +149,16 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade() {
 }
 
 async fn create_secret(env: &Env, name: &str, data: serde_json::Value) {
-    let secret: Secret =
-        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "default"}, "stringData": data}))
-            .unwrap();
-    Api::<Secret>::namespaced(env.client.clone(), "default").create(&PostParams::default(), &secret).await.unwrap();
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap();
+    Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.unwrap();
 }
 
 /// HTTPS (Apache + git http-backend, private CA, basic auth) and SSH (sshd + git-upload-pack, pinned host key)
 /// remotes resolve with the credentials Secret; wrong passwords, untrusted certificates and unknown host keys
 /// each degrade the configuration with their own reason and publish nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
+async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret(backend: Backend) {
     use nio_loadtest::gitserve::{HttpsGitServer, SshGitServer, TestCa};
-    let env = Env::start().await;
+    let env = Env::start(backend).await;
     let served = tempfile::tempdir().unwrap();
     let repo = nio_loadtest::gitrepo::GitRepo::create(served.path()).unwrap();
     let head = repo.head().unwrap();
@@ -201,7 +208,7 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         env.config(name, json!({"machineRef": name, "gitRepo": url, "credentialsRef": name})).await;
     }
     for ok in ["https-token", "https-user", "ssh-key", "ssh-user-from-secret"] {
-        let subject = format!("nio.jobs.dc1.apply.prod.default.{ok}");
+        let subject = env.subject("dc1", "apply", "prod", ok);
         let (job, _) = env.eventually(T, ok, || env.job_on(&subject)).await;
         let source = job.source.unwrap();
         assert_eq!(source.commit, head, "{ok}");
@@ -226,7 +233,7 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
         assert_eq!(d.1, reason, "{bad}: {d:?}");
         assert!(d.2.contains(says), "{bad}: {}", d.2);
         assert!(!d.2.contains("tok-123") && !d.2.contains("pw-alice"), "{bad} leaks a secret: {}", d.2);
-        assert!(env.job_on(&format!("nio.jobs.dc1.apply.prod.default.{bad}")).await.is_none(), "{bad} published");
+        assert!(env.job_on(env.subject("dc1", "apply", "prod", bad)).await.is_none(), "{bad} published");
     }
     // What an alert sees: degraded configurations by reason (refreshed every 10 s).
     let want = [("GitAuthFailed", 2), ("GitServerUntrusted", 4)];
@@ -247,17 +254,16 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_events_drive_machine_and_configuration_status_without_regressing() {
-    let env = Env::start().await;
+async fn status_events_drive_machine_and_configuration_status_without_regressing(backend: Backend) {
+    let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     env.machine("m1", "dc1", &[("role", "web")]).await;
     env.machine("m2", "dc1", &[("role", "web")]).await;
     env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}})).await;
     let jobs = env
         .eventually(T, "two jobs", || async {
-            let a = env.job_on("nio.jobs.dc1.apply.prod.default.m1").await?;
-            let b = env.job_on("nio.jobs.dc1.apply.prod.default.m2").await?;
+            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
+            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
             Some([a.0, b.0])
         })
         .await;
@@ -309,7 +315,7 @@ async fn status_events_drive_machine_and_configuration_status_without_regressing
     assert_eq!(cond(&s.conditions, "Degraded").unwrap().0, "True");
     assert_eq!(cond(&s.conditions, "Ready").unwrap().0, "False");
     // Events for the transitions
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), "default");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
     let reasons: Vec<String> =
         events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
     for r in ["Applying", "Applied", "HostKeyRecorded", "BuildFailed", "NewCommit"] {
@@ -318,16 +324,18 @@ async fn status_events_drive_machine_and_configuration_status_without_regressing
     // the failed machine is not retried at the same target
     env.drain_jobs().await;
     tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(env.job_on("nio.jobs.dc1.apply.prod.default.m2").await.is_none(), "a failed target is not republished");
+    assert!(
+        env.job_on(env.subject("dc1", "apply", "prod", "m2")).await.is_none(),
+        "a failed target is not republished"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 }
 
 /// `rollout.maxParallel: 1` over three machines: one job at a time, and each machine's success (reported as
 /// an executor would) releases the next at once, not at the next poll.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn max_parallel_releases_the_next_machine_when_one_finishes() {
-    let env = Env::start().await;
+async fn max_parallel_releases_the_next_machine_when_one_finishes(backend: Backend) {
+    let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     for m in ["r1", "r2", "r3"] {
         env.machine(m, "dc1", &[("tier", "batch")]).await;
@@ -364,10 +372,9 @@ async fn max_parallel_releases_the_next_machine_when_one_finishes() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clusters_share_nats_but_each_sees_only_its_own_status() {
-    let a = Env::start().await;
-    let b = Env::with_nats(nio_loadtest::nats::NatsServer::start().await.unwrap()).await;
+async fn two_clusters_share_nats_but_each_sees_only_its_own_status(backend: Backend) {
+    let a = Env::start(backend).await;
+    let b = Env::with_nats(backend, nio_loadtest::nats::NatsServer::start().await.unwrap()).await;
     // b talks to a's NATS: one NATS, two clusters
     let mut sb = b.settings("east", "cb");
     sb.nats_url = a.nats.url();
@@ -377,8 +384,8 @@ async fn two_clusters_share_nats_but_each_sees_only_its_own_status() {
     b.machine("m1", "dc1", &[]).await;
     a.config("web", json!({"machineRef": "m1"})).await;
     b.config("web", json!({"machineRef": "m1"})).await;
-    let (west, _) = a.eventually(T, "west job", || a.job_on("nio.jobs.dc1.apply.west.default.m1")).await;
-    let (east, _) = a.eventually(T, "east job", || a.job_on("nio.jobs.dc1.apply.east.default.m1")).await;
+    let (west, _) = a.eventually(T, "west job", || a.job_on(a.subject("dc1", "apply", "west", "m1"))).await;
+    let (east, _) = a.eventually(T, "east job", || a.job_on(b.subject("dc1", "apply", "east", "m1"))).await;
     assert_ne!(west.id, east.id);
     a.report(&east, Phase::Succeeded, |_| {}).await;
     b.eventually(T, "east applied", || async {
@@ -395,9 +402,8 @@ async fn two_clusters_share_nats_but_each_sees_only_its_own_status() {
     tb.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machines() {
-    let env = Env::start().await;
+async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machines(backend: Backend) {
+    let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     for n in ["m1", "m2"] {
         env.machine(n, "dc1", &[]).await;
@@ -406,7 +412,7 @@ async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machi
     env.config("web2", json!({"machineRef": "m2", "onRemoveFlake": "#decommissioned"})).await;
     env.config("ghost", json!({"machineRef": "does-not-exist", "onRemoveFlake": "#decommissioned"})).await;
     for (m, cfg) in [("m1", "web"), ("m2", "web2")] {
-        let subject = format!("nio.jobs.dc1.apply.prod.default.{m}");
+        let subject = env.subject("dc1", "apply", "prod", m);
         let (job, _) = env.eventually(T, "apply job", || env.job_on(&subject)).await;
         assert_eq!(job.configuration.as_deref(), Some(cfg));
         env.report(&job, Phase::Succeeded, |_| {}).await;
@@ -431,7 +437,7 @@ async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machi
     env.configs().delete("web", &DeleteParams::default()).await.unwrap();
     let (rm, _) = env
         .eventually(T, "remove job", || async {
-            let (j, h) = env.job_on("nio.jobs.dc1.apply.prod.default.m1").await?;
+            let (j, h) = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
             (j.action == Action::Remove).then_some((j, h))
         })
         .await;
@@ -447,7 +453,7 @@ async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machi
     env.configs().delete("web2", &DeleteParams::default()).await.unwrap();
     let (rm2, _) = env
         .eventually(T, "remove job m2", || async {
-            let (j, h) = env.job_on("nio.jobs.dc1.apply.prod.default.m2").await?;
+            let (j, h) = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
             (j.action == Action::Remove).then_some((j, h))
         })
         .await;
@@ -469,9 +475,8 @@ async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machi
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_specs_publish_nothing_and_say_why() {
-    let env = Env::start().await;
+async fn invalid_specs_publish_nothing_and_say_why(backend: Backend) {
+    let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     env.machine("m1", "dc1", &[]).await;
     env.config("evil", json!({"machineRef": "m1", "flake": "#web; reboot", "configurationSubdir": "../../etc"})).await;
@@ -484,8 +489,8 @@ async fn invalid_specs_publish_nothing_and_say_why() {
         .await;
     assert!(c.2.contains("spec.flake") && c.2.contains("spec.configurationSubdir"), "{}", c.2);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(env.job_on("nio.jobs.dc1.apply.prod.default.m1").await.is_none(), "nothing published");
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), "default");
+    assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none(), "nothing published");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
     assert!(
         events
             .list(&ListParams::default())
@@ -499,9 +504,8 @@ async fn invalid_specs_publish_nothing_and_say_why() {
     task.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
-    let env = Env::start().await;
+async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
+    let env = Env::start(backend).await;
     // Health endpoints only (no metrics address): /readyz tells the leader from the standby.
     let (h1, h2) = (nio_loadtest::procs::free_port().unwrap(), nio_loadtest::procs::free_port().unwrap());
     let mut s1 = env.settings("prod", "replica-1");
@@ -513,12 +517,12 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
     let (stop1, t1) = env.spawn(s1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (stop2, t2) = env.spawn(s2);
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(env.client.clone(), "default");
-    let holder = || async { leases.get_opt("nio-controller").await.ok()??.spec?.holder_identity };
+    let (leases, lease) = (env.leases(), env.lease_name());
+    let holder = || async { leases.get_opt(&lease).await.ok()??.spec?.holder_identity };
     assert_eq!(env.eventually(T, "a leader", holder).await, "replica-1");
     env.machine("m1", "dc1", &[]).await;
     env.config("web", json!({"machineRef": "m1"})).await;
-    env.eventually(T, "job from the leader", || env.job_on("nio.jobs.dc1.apply.prod.default.m1")).await;
+    env.eventually(T, "job from the leader", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
     assert_eq!(holder().await.as_deref(), Some("replica-1"), "the standby did not take over while the leader lives");
     assert_eq!(http_get(h1, "/readyz").await, Some((200, "leading".into())));
     assert_eq!(http_get(h2, "/readyz").await, Some((503, "standby".into())));
@@ -536,7 +540,7 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over() {
     .await;
     env.machine("m2", "dc1", &[]).await;
     env.config("web2", json!({"machineRef": "m2"})).await;
-    env.eventually(T, "job from the new leader", || env.job_on("nio.jobs.dc1.apply.prod.default.m2")).await;
+    env.eventually(T, "job from the new leader", || env.job_on(env.subject("dc1", "apply", "prod", "m2"))).await;
     stop2.cancel();
     t2.await.unwrap().unwrap();
 }

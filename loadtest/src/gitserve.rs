@@ -93,6 +93,16 @@ impl TestCa {
         ]))?;
         Ok(TestCa { ca_pem: std::fs::read(p("ca.crt"))?, cert: p("server.crt"), key: p("server.key") })
     }
+
+    /// The server certificate (for `127.0.0.1` and `localhost`), PEM.
+    pub fn cert_path(&self) -> &Path {
+        &self.cert
+    }
+
+    /// The server certificate's private key, PEM.
+    pub fn key_path(&self) -> &Path {
+        &self.key
+    }
 }
 
 const APACHE_MODULES: [(&str, &str); 11] = [

@@ -1,5 +1,6 @@
-//! NIO without a cluster or machines: the Kubernetes API simulator ([`kubesim`]), and (later) the fleet
-//! simulator, load test and demo.
+//! NIO without a cluster or machines: the Kubernetes API simulator ([`kubesim`]), the fleet simulator
+//! ([`fleet`]), the load test ([`scenario`]) and the demo; and the real things tests check them against: a
+//! real etcd + kube-apiserver ([`realkube`]), nats-server ([`nats`]), Git servers ([`gitserve`]).
 #![forbid(unsafe_code)]
 
 pub mod bench;
@@ -13,4 +14,6 @@ pub mod kubesim;
 pub mod nats;
 pub mod plot;
 pub mod procs;
+pub mod realkube;
 pub mod scenario;
+pub mod testkube;

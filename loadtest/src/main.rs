@@ -29,6 +29,22 @@ enum Command {
         #[arg(long, default_value = "kubesim")]
         name: String,
     },
+    /// Start a real control plane (etcd + kube-apiserver built by `make setup`) on loopback with TLS, RBAC,
+    /// a service-account issuer and priority and fairness, install NIO's CRDs, and serve until interrupted.
+    Realkube {
+        /// Write an admin kubeconfig here.
+        #[arg(long, env = "NIO_REALKUBE_KUBECONFIG")]
+        kubeconfig: PathBuf,
+        /// Address for the apiserver (loopback; port 0 picks a free port).
+        #[arg(long, env = "NIO_REALKUBE_LISTEN", default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// Directory of CRD YAML to install (default: crds/ of the checkout; `none` installs nothing).
+        #[arg(long)]
+        crds: Option<PathBuf>,
+        /// Keep etcd's data and the logs here (default: a temporary directory, removed at exit).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Run NIO end to end against a simulated fleet and report throughput, latency and invariants.
     Run(RunArgs),
     /// NIO on its embedded default: two simulated clusters, 60 machines in three sites, real NATS.
@@ -127,6 +143,31 @@ async fn main() -> anyhow::Result<()> {
                 kubeconfig.map_or("-".into(), |p| p.display().to_string())
             );
             tokio::signal::ctrl_c().await?;
+            Ok(())
+        }
+        Command::Realkube { kubeconfig, listen, crds, dir } => {
+            anyhow::ensure!(listen.ip().is_loopback(), "--listen must be a loopback address");
+            let tmp = tempfile::tempdir()?;
+            let dir = dir.unwrap_or_else(|| tmp.path().join("realkube"));
+            let kube = nio_loadtest::realkube::RealKube::start(&dir, listen.port()).await?;
+            kube.write_kubeconfig(&kubeconfig)?;
+            let crds = match crds {
+                Some(p) if p.as_os_str() == "none" => None,
+                Some(p) => Some(p),
+                None => kubesim::default_crds_dir(),
+            };
+            if let Some(crds) = crds {
+                let n = nio_loadtest::realkube::install_crds(&kube.client().await?, &crds).await?;
+                eprintln!("installed {n} CRDs from {}", crds.display());
+            }
+            println!(
+                "kube-apiserver serving {} (kubeconfig: {}, data: {})",
+                kube.endpoint.url,
+                kubeconfig.display(),
+                dir.display()
+            );
+            nio_loadtest::procs::until_stopped().await;
+            drop(kube);
             Ok(())
         }
         Command::Run(a) => {

@@ -16,7 +16,9 @@ pub struct NatsServer {
 }
 
 fn binary() -> String {
-    std::env::var("NIO_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+    std::env::var("NIO_NATS_SERVER").ok().unwrap_or_else(|| {
+        crate::procs::tool_path("nats-server").map_or("nats-server".into(), |p| p.display().to_string())
+    })
 }
 
 impl NatsServer {

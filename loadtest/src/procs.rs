@@ -108,6 +108,24 @@ impl Proc {
     }
 }
 
+/// The tools directory `make setup` installs into: `$NIO_TOOLS_DIR/bin`, default `~/.cache/nio-tools/bin`.
+pub fn tools_bin_dir() -> PathBuf {
+    match std::env::var_os("NIO_TOOLS_DIR") {
+        Some(d) => PathBuf::from(d).join("bin"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/nio-tools/bin"),
+    }
+}
+
+/// A tool installed by `make setup`: from the tools directory, else from `PATH`. None when neither has it.
+pub fn tool_path(name: &str) -> Option<PathBuf> {
+    let in_tools = tools_bin_dir().join(name);
+    if in_tools.is_file() {
+        return Some(in_tools);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
 /// A free TCP port on loopback.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -127,4 +145,18 @@ pub fn keygen(path: &Path) -> anyhow::Result<String> {
         .context("ssh-keygen (install openssh-client: make setup)")?;
     anyhow::ensure!(out.status.success(), "ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
     Ok(std::fs::read_to_string(path.with_extension("pub"))?.trim().to_string())
+}
+
+/// Waits for Ctrl-C, SIGTERM or SIGHUP: how a user or a supervisor asks a foreground command to stop.
+pub async fn until_stopped() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (signal(SignalKind::terminate()), signal(SignalKind::hangup())) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = hup.recv() => {}
+    }
 }

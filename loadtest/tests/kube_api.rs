@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
-//! kube-rs against the Kubernetes API simulator: what a controller relies on behaves as on a real API server.
+//! kube-rs against the Kubernetes API simulator and a real kube-apiserver, from the same test bodies: what a
+//! controller relies on behaves the same on both (a divergence is a kubesim bug).
 
 use std::time::Duration;
 
@@ -9,6 +10,8 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, W
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use nio_loadtest::kubesim::{KubeSim, Options};
+use nio_loadtest::on_both;
+use nio_loadtest::testkube::{Backend, TestCluster};
 use nio_shared::crd::{Machine, MachinePhase, MachineSpec, MachineStatus, NixosConfiguration};
 use serde_json::json;
 
@@ -17,6 +20,29 @@ async fn cluster() -> (KubeSim, kube::Client) {
     let client = sim.client().unwrap();
     (sim, client)
 }
+
+/// A cluster of `backend` and an API of `K` in the test's own namespace.
+async fn on<K>(backend: Backend) -> (TestCluster, Api<K>)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    let c = TestCluster::start(backend).await.unwrap();
+    let api = c.api::<K>();
+    (c, api)
+}
+
+on_both!(
+    crud_defaults_generation_and_optimistic_concurrency,
+    invalid_objects_get_422_naming_the_field,
+    namespaces_must_exist_and_dry_run_stores_nothing,
+    merge_json_and_server_side_apply_patches,
+    status_subresource_is_separate_from_the_spec,
+    finalizer_helper_runs_apply_then_cleanup,
+    watch_resumes_from_a_version,
+    label_filtered_watches_see_only_matching_objects,
+    secrets_string_data_becomes_data,
+    generate_name_leases_and_both_event_apis,
+);
 
 fn machine(name: &str) -> Machine {
     let spec: MachineSpec =
@@ -31,10 +57,8 @@ fn api_error(e: kube::Error) -> (u16, String, String) {
     }
 }
 
-#[tokio::test]
-async fn crud_defaults_generation_and_optimistic_concurrency() {
-    let (_sim, client) = cluster().await;
-    let api: Api<Machine> = Api::namespaced(client, "default");
+async fn crud_defaults_generation_and_optimistic_concurrency(backend: Backend) {
+    let (_c, api) = on::<Machine>(backend).await;
     let created = api.create(&PostParams::default(), &machine("m1")).await.unwrap();
     assert_eq!(created.metadata.generation, Some(1));
     assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
@@ -60,10 +84,8 @@ async fn crud_defaults_generation_and_optimistic_concurrency() {
     assert_eq!(api_error(api.get("m1").await.unwrap_err()).0, 404);
 }
 
-#[tokio::test]
-async fn invalid_objects_get_422_naming_the_field() {
-    let (_sim, client) = cluster().await;
-    let api: Api<Machine> = Api::namespaced(client, "default");
+async fn invalid_objects_get_422_naming_the_field(backend: Backend) {
+    let (c, api) = on::<Machine>(backend).await;
     let mut m = machine("bad");
     m.spec.site = "Not A Label".into();
     let (code, reason, message) = api_error(api.create(&PostParams::default(), &m).await.unwrap_err());
@@ -71,7 +93,7 @@ async fn invalid_objects_get_422_naming_the_field() {
     assert!(message.contains("spec.site"), "{message}");
     // a missing required field
     let dynamic: Api<kube::api::DynamicObject> =
-        Api::namespaced_with(api.clone().into_client(), "default", &kube::api::ApiResource::erase::<Machine>(&()));
+        Api::namespaced_with(c.client.clone(), &c.namespace, &kube::api::ApiResource::erase::<Machine>(&()));
     let obj: kube::api::DynamicObject = serde_json::from_value(json!({
         "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "metadata": {"name": "nohost"}, "spec": {"port": 22}
     }))
@@ -83,26 +105,22 @@ async fn invalid_objects_get_422_naming_the_field() {
     assert!(api.list(&ListParams::default()).await.unwrap().items.is_empty());
 }
 
-#[tokio::test]
-async fn namespaces_must_exist_and_dry_run_stores_nothing() {
-    let (_sim, client) = cluster().await;
-    let api: Api<Machine> = Api::namespaced(client.clone(), "nowhere");
-    assert_eq!(api_error(api.create(&PostParams::default(), &machine("m")).await.unwrap_err()).0, 404);
-    let api: Api<Machine> = Api::namespaced(client.clone(), "default");
+async fn namespaces_must_exist_and_dry_run_stores_nothing(backend: Backend) {
+    let (c, api) = on::<Machine>(backend).await;
+    let nowhere: Api<Machine> = Api::namespaced(c.client.clone(), "nowhere");
+    assert_eq!(api_error(nowhere.create(&PostParams::default(), &machine("m")).await.unwrap_err()).0, 404);
     let pp = PostParams { dry_run: true, ..Default::default() };
     let dry = api.create(&pp, &machine("dry")).await.unwrap();
     assert_eq!(dry.spec.port, 22);
     assert_eq!(api_error(api.get("dry").await.unwrap_err()).0, 404);
-    let nss: Api<Namespace> = Api::all(client);
+    let nss: Api<Namespace> = Api::all(c.client.clone());
     let names: Vec<_> =
         nss.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|n| n.metadata.name).collect();
-    assert!(names.contains(&"default".to_string()));
+    assert!(names.contains(&"default".to_string()) && names.contains(&c.namespace), "{names:?}");
 }
 
-#[tokio::test]
-async fn merge_json_and_server_side_apply_patches() {
-    let (_sim, client) = cluster().await;
-    let api: Api<Machine> = Api::namespaced(client, "default");
+async fn merge_json_and_server_side_apply_patches(backend: Backend) {
+    let (_c, api) = on::<Machine>(backend).await;
     api.create(&PostParams::default(), &machine("m1")).await.unwrap();
     let m = api
         .patch("m1", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"role": "web"}}})))
@@ -118,10 +136,18 @@ async fn merge_json_and_server_side_apply_patches() {
     // server-side apply creates missing objects; alice then owns spec.site and bob changing it conflicts
     let alice = PatchParams::apply("alice");
     let m = api
-        .patch("m3", &alice, &Patch::Apply(json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "spec": {"hostname": "m3.example.org", "site": "dc2"}})))
+        .patch("m3", &alice, &Patch::Apply(json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "metadata": {"name": "m3"}, "spec": {"hostname": "m3.example.org", "site": "dc2"}})))
         .await
         .unwrap();
     assert_eq!(m.metadata.generation, Some(1));
+    // creating by apply needs the name in the body, not only in the URL
+    let (code, _, message) = api_error(
+        api.patch("m4", &alice, &Patch::Apply(json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "spec": {"hostname": "m4.example.org"}})))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 400, "{message}");
+    assert!(message.contains("name must be provided"), "{message}");
     assert_eq!(m.spec.site, "dc2");
     let managers: Vec<_> = m.metadata.managed_fields.unwrap().into_iter().filter_map(|f| f.manager).collect();
     assert!(managers.contains(&"alice".to_string()), "{managers:?}");
@@ -147,10 +173,8 @@ async fn merge_json_and_server_side_apply_patches() {
     assert_eq!(m.spec.credential_ref, None, "a field its only manager stopped applying is removed");
 }
 
-#[tokio::test]
-async fn status_subresource_is_separate_from_the_spec() {
-    let (_sim, client) = cluster().await;
-    let api: Api<Machine> = Api::namespaced(client, "default");
+async fn status_subresource_is_separate_from_the_spec(backend: Backend) {
+    let (_c, api) = on::<Machine>(backend).await;
     let mut m = machine("m1");
     m.status = Some(MachineStatus { phase: Some(MachinePhase::Applied), ..Default::default() });
     let created = api.create(&PostParams::default(), &m).await.unwrap();
@@ -189,12 +213,10 @@ async fn status_subresource_is_separate_from_the_spec() {
     assert_eq!((s.discoverable, s.applied_commit.as_deref()), (Some(true), Some("abc")));
 }
 
-#[tokio::test]
-async fn finalizer_helper_runs_apply_then_cleanup() {
-    let (_sim, client) = cluster().await;
-    let api: Api<NixosConfiguration> = Api::namespaced(client, "default");
+async fn finalizer_helper_runs_apply_then_cleanup(backend: Backend) {
+    let (_c, api) = on::<NixosConfiguration>(backend).await;
     let c: NixosConfiguration = serde_json::from_value(json!({
-        "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": "c1", "namespace": "default"},
+        "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": "c1"},
         "spec": {"gitRepo": "https://example.org/r.git", "ref": "main", "flake": "#web", "machineRef": "m1"}
     }))
     .unwrap();
@@ -227,10 +249,8 @@ async fn finalizer_helper_runs_apply_then_cleanup() {
     assert_eq!(*seen.lock().unwrap(), ["apply", "cleanup"]);
 }
 
-#[tokio::test]
-async fn watch_resumes_from_a_version_and_old_versions_are_gone() {
-    let sim = KubeSim::start(Options { history: 5, ..Default::default() }).await.unwrap();
-    let api: Api<Machine> = Api::namespaced(sim.client().unwrap(), "default");
+async fn watch_resumes_from_a_version(backend: Backend) {
+    let (_c, api) = on::<Machine>(backend).await;
     let first = api.create(&PostParams::default(), &machine("w0")).await.unwrap();
     let rv0 = first.metadata.resource_version.clone().unwrap();
     api.create(&PostParams::default(), &machine("w1")).await.unwrap();
@@ -240,7 +260,16 @@ async fn watch_resumes_from_a_version_and_old_versions_are_gone() {
         Some(WatchEvent::Added(m)) => assert_eq!(m.metadata.name.as_deref(), Some("w1")),
         other => panic!("expected w1 added, got {other:?}"),
     }
-    for i in 2..12 {
+}
+
+/// kubesim only: forcing a real etcd to compact is not what this test is about.
+#[tokio::test]
+async fn watches_from_versions_older_than_the_history_are_gone() {
+    let sim = KubeSim::start(Options { history: 5, ..Default::default() }).await.unwrap();
+    let api: Api<Machine> = Api::namespaced(sim.client().unwrap(), "default");
+    let first = api.create(&PostParams::default(), &machine("w0")).await.unwrap();
+    let rv0 = first.metadata.resource_version.clone().unwrap();
+    for i in 1..12 {
         api.create(&PostParams::default(), &machine(&format!("w{i}"))).await.unwrap();
     }
     let mut stale = api.watch(&WatchParams::default().timeout(5), &rv0).await.unwrap().boxed();
@@ -251,6 +280,25 @@ async fn watch_resumes_from_a_version_and_old_versions_are_gone() {
     }
 }
 
+async fn label_filtered_watches_see_only_matching_objects(backend: Backend) {
+    let (_c, api) = on::<Machine>(backend).await;
+    let wp = WatchParams::default().labels("role=web").timeout(10);
+    let mut stream = api.watch(&wp, "0").await.unwrap().boxed();
+    let mut m = machine("db");
+    api.create(&PostParams::default(), &m).await.unwrap();
+    m = machine("web");
+    m.metadata.labels = Some([("role".to_string(), "web".to_string())].into());
+    api.create(&PostParams::default(), &m).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await.unwrap().unwrap() {
+            Some(WatchEvent::Bookmark(_)) => continue,
+            Some(WatchEvent::Added(m)) => break assert_eq!(m.metadata.name.as_deref(), Some("web")),
+            other => panic!("expected web added, got {other:?}"),
+        }
+    }
+}
+
+/// kubesim only: the real server sends bookmarks about once a minute.
 #[tokio::test]
 async fn watches_send_bookmarks_and_label_filtered_events() {
     let sim =
@@ -278,10 +326,8 @@ async fn watches_send_bookmarks_and_label_filtered_events() {
     assert!(bookmark);
 }
 
-#[tokio::test]
-async fn secrets_string_data_becomes_data() {
-    let (_sim, client) = cluster().await;
-    let api: Api<Secret> = Api::namespaced(client, "default");
+async fn secrets_string_data_becomes_data(backend: Backend) {
+    let (_c, api) = on::<Secret>(backend).await;
     let s: Secret = serde_json::from_value(json!({"metadata": {"name": "s"}, "stringData": {"token": "abc"}})).unwrap();
     let created = api.create(&PostParams::default(), &s).await.unwrap();
     assert_eq!(created.data.unwrap()["token"].0, b"abc");
@@ -303,10 +349,8 @@ async fn two_clusters_in_one_process_are_independent() {
     assert!(a.store().resource_version() != 0 && b.store().resource_version() != 0);
 }
 
-#[tokio::test]
-async fn generate_name_leases_and_both_event_apis() {
-    let (_sim, client) = cluster().await;
-    let api: Api<Machine> = Api::namespaced(client.clone(), "default");
+async fn generate_name_leases_and_both_event_apis(backend: Backend) {
+    let (c, api) = on::<Machine>(backend).await;
     let mut m = machine("");
     m.metadata.name = None;
     m.metadata.generate_name = Some("gen-".into());
@@ -316,7 +360,7 @@ async fn generate_name_leases_and_both_event_apis() {
     assert!(na.starts_with("gen-") && nb.starts_with("gen-") && na != nb, "{na} {nb}");
 
     use k8s_openapi::api::coordination::v1::Lease;
-    let leases: Api<Lease> = Api::namespaced(client.clone(), "default");
+    let leases: Api<Lease> = c.api();
     let lease: Lease = serde_json::from_value(
         json!({"metadata": {"name": "nio-controller"}, "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}}),
     )
@@ -335,12 +379,32 @@ async fn generate_name_leases_and_both_event_apis() {
 
     use k8s_openapi::api::core::v1::Event as CoreEvent;
     use k8s_openapi::api::events::v1::Event as NewEvent;
-    let core: Api<CoreEvent> = Api::namespaced(client.clone(), "default");
-    let ev: CoreEvent = serde_json::from_value(json!({"metadata": {"generateName": "m1."}, "reason": "Applied", "message": "ok", "involvedObject": {"kind": "Machine", "name": "m1"}})).unwrap();
+    let core: Api<CoreEvent> = c.api();
+    let ev: CoreEvent = serde_json::from_value(json!({"metadata": {"generateName": "m1."}, "reason": "Applied", "message": "ok", "involvedObject": {"kind": "Machine", "name": "m1", "namespace": c.namespace}})).unwrap();
     core.create(&PostParams::default(), &ev).await.unwrap();
-    let newer: Api<NewEvent> = Api::namespaced(client, "default");
-    let ev: NewEvent = serde_json::from_value(json!({"metadata": {"name": "m1.1"}, "reason": "Applied", "note": "ok", "action": "Apply", "reportingController": "nio", "reportingInstance": "x", "eventTime": "2026-11-25T00:00:00.000000Z"})).unwrap();
+    // the involved object must be in the Event's namespace
+    let mut elsewhere = ev.clone();
+    elsewhere.involved_object.namespace = Some("kube-system".into());
+    let (code, _, message) = api_error(core.create(&PostParams::default(), &elsewhere).await.unwrap_err());
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("involvedObject.namespace"), "{message}");
+    let newer: Api<NewEvent> = c.api();
+    let ev: NewEvent = serde_json::from_value(json!({"metadata": {"name": "m1.1"}, "type": "Normal", "reason": "Applied", "note": "ok", "action": "Apply", "reportingController": "nio", "reportingInstance": "x", "eventTime": "2026-11-25T00:00:00.000000Z", "regarding": {"kind": "Machine", "name": "m1", "namespace": c.namespace}})).unwrap();
     newer.create(&PostParams::default(), &ev).await.unwrap();
-    assert_eq!(core.list(&ListParams::default()).await.unwrap().items.len(), 1);
-    assert_eq!(newer.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    // a note is at most 1024 bytes (not characters): 600 two-byte characters are too many
+    let mut long = ev.clone();
+    long.metadata.name = Some("m1.2".into());
+    long.note = Some("é".repeat(600));
+    let (code, _, message) = api_error(newer.create(&PostParams::default(), &long).await.unwrap_err());
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("at most 1024"), "{message}");
+    // one resource in two shapes: what `kubectl get events` (core/v1) shows includes what a controller
+    // recorded through events.k8s.io/v1, and the other way round
+    let core_list = core.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(core_list.len(), 2);
+    let recorded = core_list.iter().find(|e| e.metadata.name.as_deref() == Some("m1.1")).unwrap();
+    assert_eq!((recorded.message.as_deref(), recorded.involved_object.name.as_deref()), (Some("ok"), Some("m1")));
+    let newer_list = newer.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(newer_list.len(), 2);
+    assert!(newer_list.iter().any(|e| e.note.as_deref() == Some("ok") && e.regarding.is_some()));
 }

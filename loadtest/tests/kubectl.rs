@@ -1,27 +1,49 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
-//! The real `kubectl` against the simulator, as a user would drive it.
+//! The real `kubectl` as a user would drive it, against the simulator and a real kube-apiserver (a fresh
+//! control plane per test: these tests install CRDs and cluster-wide objects like a user on a new cluster).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nio_loadtest::kubesim::{KubeSim, Options};
+use nio_loadtest::on_both;
+use nio_loadtest::realkube::RealKube;
+use nio_loadtest::testkube::Backend;
 
 struct Kubectl {
     dir: tempfile::TempDir,
-    _sim: KubeSim,
+    _sim: Option<KubeSim>,
+    _real: Option<RealKube>,
 }
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+on_both!(
+    apply_crds_and_examples_then_get_shows_printer_columns,
+    explain_and_server_side_validation,
+    delete_waits_for_finalizers_and_watch_sees_updates,
+);
+
 impl Kubectl {
-    async fn start() -> Self {
+    async fn start(backend: Backend) -> Self {
         // No CRDs at start: the test installs them with kubectl like a user would.
-        let sim = KubeSim::start(Options { crds_dir: None, ..Default::default() }).await.unwrap();
         let dir = tempfile::tempdir().unwrap();
-        sim.write_kubeconfig(&dir.path().join("kubeconfig")).unwrap();
-        Kubectl { dir, _sim: sim }
+        let kubeconfig = dir.path().join("kubeconfig");
+        let (sim, real) = match backend {
+            Backend::Sim => {
+                let sim = KubeSim::start(Options { crds_dir: None, ..Default::default() }).await.unwrap();
+                sim.write_kubeconfig(&kubeconfig).unwrap();
+                (Some(sim), None)
+            }
+            Backend::Real => {
+                let real = RealKube::start(&dir.path().join("realkube"), 0).await.unwrap();
+                real.write_kubeconfig(&kubeconfig).unwrap();
+                (None, Some(real))
+            }
+        };
+        Kubectl { dir, _sim: sim, _real: real }
     }
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
@@ -56,9 +78,8 @@ impl Kubectl {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apply_crds_and_examples_then_get_shows_printer_columns() {
-    let k = Kubectl::start().await;
+async fn apply_crds_and_examples_then_get_shows_printer_columns(backend: Backend) {
+    let k = Kubectl::start(backend).await;
     let out = k.ok(&["apply", "-f", "crds/"]).await;
     assert!(out.contains("customresourcedefinition.apiextensions.k8s.io/machines.nixos.infra created"), "{out}");
     let out = k.ok(&["apply", "-f", "examples/"]).await;
@@ -99,10 +120,17 @@ async fn apply_crds_and_examples_then_get_shows_printer_columns() {
     assert_eq!(out, "cmVwbGFjZS13aXRoLWEtcmVhZC1vbmx5LXRva2Vu");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn explain_and_server_side_validation() {
-    let k = Kubectl::start().await;
+async fn explain_and_server_side_validation(backend: Backend) {
+    let k = Kubectl::start(backend).await;
     k.ok(&["apply", "-f", "crds/"]).await;
+    // as a user must on any cluster: a new CRD is served once Established, and explain finds it once the
+    // apiserver has published its OpenAPI (a moment later)
+    k.ok(&["wait", "--for=condition=Established", "crd/machines.nixos.infra", "crd/nixosconfigurations.nixos.infra"])
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !k.run(&["explain", "machine.spec.hostname"]).await.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let out = k.ok(&["explain", "machine.spec.hostname"]).await;
     assert!(out.contains("DNS host name of the machine"), "{out}");
     let out = k.ok(&["explain", "nixosconfiguration.spec.action"]).await;
@@ -124,9 +152,8 @@ async fn explain_and_server_side_validation() {
     assert_eq!(out, "22 root default");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_waits_for_finalizers_and_watch_sees_updates() {
-    let k = Kubectl::start().await;
+async fn delete_waits_for_finalizers_and_watch_sees_updates(backend: Backend) {
+    let k = Kubectl::start(backend).await;
     k.ok(&["apply", "-f", "crds/"]).await;
     k.ok(&["apply", "-f", "examples/00-namespace.yaml", "-f", "examples/10-machines.yaml"]).await;
 
@@ -228,4 +255,101 @@ fn deploy_overlays_build_with_kustomize() {
             "executors get no Kubernetes credentials"
         );
     }
+}
+
+/// Every overlay in deploy/ is accepted by a real apiserver (`kubectl apply --server-side --dry-run=server`):
+/// schema, RBAC objects, Deployments and StatefulSets as the apiserver validates them, not only as kustomize
+/// builds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_deploy_overlay_passes_a_server_side_dry_run_on_a_real_apiserver() {
+    let real = nio_loadtest::testkube::shared_real().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, real.endpoint.kubeconfig()).unwrap();
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("HOME", dir.path())
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) =
+        kubectl(&["apply", "--server-side", "-f", "loadtest/tests/fixtures/prometheus-operator-crds.yaml"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
+    ]);
+    assert!(ok, "{err}");
+    for overlay in
+        ["deploy/base", "deploy/overlays/dev", "deploy/overlays/prod", "deploy/multi-cluster/controller-only"]
+    {
+        let (ok, out, err) =
+            kubectl(&["apply", "--server-side", "--force-conflicts", "--dry-run=server", "-k", overlay]);
+        assert!(ok, "{overlay} rejected by the apiserver:\n{out}\n{err}");
+        assert!(out.contains("deployment.apps/nio-controller serverside-applied (server dry run)"), "{overlay}: {out}");
+    }
+}
+
+/// `nio-loadtest realkube` serves a real control plane with NIO's CRDs, and SIGTERM stops it and its etcd and
+/// apiserver (no orphans) and removes its data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_realkube_command_serves_a_cluster_and_stops_cleanly_on_sigterm() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let data = dir.path().join("data");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nio-loadtest"))
+        .args(["realkube", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .arg("--dir")
+        .arg(&data)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(90), lines.next_line()).await.unwrap().unwrap().unwrap();
+    assert!(first.starts_with("kube-apiserver serving https://127.0.0.1:"), "{first}");
+    let out = tokio::process::Command::new("kubectl")
+        .args(["get", "crds", "-o", "name", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    let names = String::from_utf8_lossy(&out.stdout);
+    assert!(names.contains("machines.nixos.infra") && names.contains("nixosconfigurations.nixos.infra"), "{names}");
+    // the admin is authenticated and authorized through RBAC (system:masters); an anonymous request is not
+    let out = tokio::process::Command::new("kubectl")
+        .args(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "nio-admin");
+    let pids = |name: &str| {
+        let out = std::process::Command::new("pgrep")
+            .args(["-a", "-f", &format!("bin/{name} .*{}", data.display())])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.lines().count(), text)
+    };
+    assert_eq!((pids("etcd").0, pids("kube-apiserver").0), (1, 1), "{:?}", (pids("etcd"), pids("kube-apiserver")));
+    std::process::Command::new("kill").args(["-TERM", &child.id().unwrap().to_string()]).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "{status}");
+    assert_eq!((pids("etcd").0, pids("kube-apiserver").0), (0, 0), "etcd and the apiserver stop with the command");
+    assert!(!data.exists(), "its data is removed");
 }

@@ -8,15 +8,20 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use nio_loadtest::gitrepo::GitRepo;
-use nio_loadtest::kubesim::{KubeSim, Options};
 use nio_loadtest::nats::NatsServer;
+pub use nio_loadtest::testkube::Backend;
+use nio_loadtest::testkube::TestCluster;
 use nio_shared::crd::{Machine, NixosConfiguration};
 use nio_shared::protocol::{Job, Phase, StatusEvent};
 use serde_json::json;
 
 pub struct Env {
-    pub sim: KubeSim,
+    /// kubesim or the real apiserver; the test's objects live in `ns`, its own namespace.
+    pub kube: TestCluster,
     pub client: kube::Client,
+    pub ns: String,
+    /// What the controller connects with (on the real apiserver: the ServiceAccount of `deploy/base`).
+    pub controller_config: kube::Config,
     pub nats: NatsServer,
     pub js: jetstream::Context,
     pub dir: tempfile::TempDir,
@@ -41,21 +46,23 @@ pub fn init_logs() {
 }
 
 impl Env {
-    pub async fn start() -> Self {
+    pub async fn start(backend: Backend) -> Self {
         init_logs();
         let nats = NatsServer::start().await.unwrap();
-        Self::with_nats(nats).await
+        Self::with_nats(backend, nats).await
     }
 
-    pub async fn with_nats(nats: NatsServer) -> Self {
-        let sim = KubeSim::start(Options::default()).await.unwrap();
-        let client = sim.client().unwrap();
+    pub async fn with_nats(backend: Backend, nats: NatsServer) -> Self {
+        let kube = TestCluster::start(backend).await.unwrap();
+        let client = kube.client.clone();
+        let ns = kube.namespace.clone();
+        let controller_config = kube.controller_config().await.unwrap();
         let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
         let dir = tempfile::tempdir().unwrap();
         let repo = GitRepo::create(dir.path()).unwrap();
         let key_file = dir.path().join("seal.key");
         std::fs::write(&key_file, nio_shared::seal::SealKey::generate()).unwrap();
-        Env { sim, client, nats, js, dir, repo, key_file }
+        Env { kube, client, ns, controller_config, nats, js, dir, repo, key_file }
     }
 
     pub fn settings(&self, cluster: &str, identity: &str) -> nio_controller::Settings {
@@ -63,20 +70,20 @@ impl Env {
             cluster: cluster.into(),
             nats_url: self.nats.url(),
             nats_creds: None,
-            namespaces: vec![],
+            namespaces: vec![self.ns.clone()],
             seal_key_file: Some(self.key_file.clone()),
             metrics_addr: None,
             health_addr: None,
             leader_election: false,
-            lease_name: "nio-controller".into(),
-            lease_namespace: "default".into(),
+            lease_name: self.lease_name(),
+            lease_namespace: self.kube.lease_namespace().into(),
             lease_duration: Duration::from_secs(3),
             identity: identity.into(),
             probe_interval: Duration::from_secs(3600),
             default_poll_interval: Duration::from_secs(300),
             jobs_replicas: 1,
             cache_dir: self.dir.path().join(format!("cache-{identity}")),
-            kube_config: Some(kube::Config::new(self.sim.url().parse().unwrap())),
+            kube_config: Some(self.controller_config.clone()),
         }
     }
 
@@ -103,11 +110,11 @@ impl Env {
             labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
         let m: Machine = serde_json::from_value(json!({
             "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
-            "metadata": {"name": name, "namespace": "default", "labels": labels},
+            "metadata": {"name": name, "labels": labels},
             "spec": {"hostname": format!("{name}.example.org"), "ipAddress": "127.0.0.9", "site": site}
         }))
         .unwrap();
-        Api::<Machine>::namespaced(self.client.clone(), "default").create(&PostParams::default(), &m).await.unwrap()
+        self.machines().create(&PostParams::default(), &m).await.unwrap()
     }
 
     pub async fn config(&self, name: &str, spec: serde_json::Value) -> NixosConfiguration {
@@ -119,21 +126,32 @@ impl Env {
         full.as_object_mut().unwrap().retain(|_, v| !v.is_null());
         let c: NixosConfiguration = serde_json::from_value(json!({
             "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
-            "metadata": {"name": name, "namespace": "default"}, "spec": full
+            "metadata": {"name": name}, "spec": full
         }))
         .unwrap();
-        Api::<NixosConfiguration>::namespaced(self.client.clone(), "default")
-            .create(&PostParams::default(), &c)
-            .await
-            .unwrap()
+        self.configs().create(&PostParams::default(), &c).await.unwrap()
     }
 
     pub fn machines(&self) -> Api<Machine> {
-        Api::namespaced(self.client.clone(), "default")
+        self.kube.api()
     }
 
     pub fn configs(&self) -> Api<NixosConfiguration> {
-        Api::namespaced(self.client.clone(), "default")
+        self.kube.api()
+    }
+
+    /// The leader-election Lease of this test's controllers (one per test: tests share a real apiserver).
+    pub fn lease_name(&self) -> String {
+        format!("nio-controller-{}", self.ns)
+    }
+
+    pub fn leases(&self) -> Api<k8s_openapi::api::coordination::v1::Lease> {
+        Api::namespaced(self.client.clone(), self.kube.lease_namespace())
+    }
+
+    /// The subject of `machine`'s job of `kind` (`apply`, `probe`) published by `cluster`.
+    pub fn subject(&self, site: &str, kind: &str, cluster: &str, machine: &str) -> String {
+        format!("nio.jobs.{site}.{kind}.{cluster}.{}.{machine}", nio_shared::subjects::token(&self.ns))
     }
 
     /// Waits until `f` returns Some, polling every 100 ms.
@@ -153,7 +171,8 @@ impl Env {
     }
 
     /// The job stored on `subject`, if any (without consuming it).
-    pub async fn job_on(&self, subject: &str) -> Option<(Job, async_nats::HeaderMap)> {
+    pub async fn job_on(&self, subject: impl AsRef<str>) -> Option<(Job, async_nats::HeaderMap)> {
+        let subject = subject.as_ref();
         let stream = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.ok()?;
         let m = stream.get_last_raw_message_by_subject(subject).await.ok()?;
         Some((Job::decode(&m.payload).unwrap(), m.headers))

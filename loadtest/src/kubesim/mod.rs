@@ -133,16 +133,21 @@ impl Drop for KubeSim {
     }
 }
 
-/// Registers every CRD in `dir/*.yaml`.
-pub fn load_crds(store: &Store, dir: &Path) -> anyhow::Result<usize> {
-    let mut n = 0;
+/// `dir/*.yaml` and `dir/*.yml`, sorted.
+pub fn yaml_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
         .collect();
     files.sort();
-    for f in files {
+    Ok(files)
+}
+
+/// Registers every CRD in `dir/*.yaml`.
+pub fn load_crds(store: &Store, dir: &Path) -> anyhow::Result<usize> {
+    let mut n = 0;
+    for f in yaml_files(dir)? {
         let text = std::fs::read_to_string(&f)?;
         let docs: Vec<Value> =
             serde_saphyr::from_multiple(&text).with_context(|| format!("parsing {}", f.display()))?;

@@ -488,6 +488,10 @@ impl Store {
                 return Err(self.invalid(rt, name, causes));
             }
         }
+        let causes = builtin_rules(rt, old.map(|o| &**o), &new);
+        if !causes.is_empty() {
+            return Err(self.invalid(rt, name, causes));
+        }
         if rt.kind == "Secret" {
             secret_string_data(&mut new);
         }
@@ -529,6 +533,13 @@ impl Store {
                 }
             }
         }
+        // Like etcd3's GuaranteedUpdate: a write that changes nothing (timestamps of managedFields aside) stores
+        // nothing, keeps the resourceVersion and notifies no watcher.
+        if let Some(o) = old
+            && unchanged(o, &new)
+        {
+            return Ok((o.clone(), warnings));
+        }
         if opts.dry_run {
             return Ok((Arc::new(new), warnings));
         }
@@ -543,7 +554,9 @@ impl Store {
             return Ok((new, warnings));
         }
         st.objects.entry(key.clone()).or_default().insert((ns.to_string(), name.to_string()), new.clone());
-        self.emit(st, WatchEvent::new(rv, key, if old.is_some() { "MODIFIED" } else { "ADDED" }, new.clone()));
+        let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        self.emit(st, WatchEvent::new(rv, key, kind, new.clone()));
+        self.mirror_event(st, rt, ns, name, &new, kind);
         if let Some(types) = crd_types {
             let plural_group = types.first().map(|t| (t.group.clone(), t.plural.clone()));
             st.types
@@ -652,6 +665,11 @@ impl Store {
                     None => {
                         if scope == Scope::Status {
                             return Err(ApiError::not_found(rt, name));
+                        }
+                        if meta_str(body, "name").is_none() {
+                            return Err(ApiError::bad_request(format!(
+                                "the name of the object ({name} based on URL) was undeterminable: name must be provided"
+                            )));
                         }
                         let mut new = new;
                         meta_mut(&mut new).insert("name".into(), json!(name));
@@ -808,6 +826,7 @@ impl Store {
         let new = Arc::new(new);
         st.objects.entry(key.clone()).or_default().remove(&(ns.to_string(), name.to_string()));
         self.emit(st, WatchEvent::new(rv, key, "DELETED", new.clone()));
+        self.mirror_event(st, rt, ns, name, &new, "DELETED");
         self.after_delete(st, rt, ns, &new);
         Ok(new)
     }
@@ -840,6 +859,28 @@ impl Store {
     }
 
     /// Side effects of an object leaving the store.
+    /// core/v1 and events.k8s.io/v1 Events are one resource in two shapes (as on the real server): a write to
+    /// either is visible, converted, through the other.
+    fn mirror_event(&self, st: &mut State, rt: &ResourceType, ns: &str, name: &str, obj: &Value, kind: &'static str) {
+        if rt.kind != "Event" || !(rt.group.is_empty() || rt.group == "events.k8s.io") {
+            return;
+        }
+        let (other_key, converted) = if rt.group.is_empty() {
+            ("events.k8s.io/events".to_string(), convert_event(obj, true))
+        } else {
+            ("/events".to_string(), convert_event(obj, false))
+        };
+        let converted = Arc::new(converted);
+        let entry = st.objects.entry(other_key.clone()).or_default();
+        if kind == "DELETED" {
+            entry.remove(&(ns.to_string(), name.to_string()));
+        } else {
+            entry.insert((ns.to_string(), name.to_string()), converted.clone());
+        }
+        let rv = st.rv;
+        self.emit(st, WatchEvent::new(rv, other_key, kind, converted));
+    }
+
     fn after_delete(&self, st: &mut State, rt: &ResourceType, ns: &str, obj: &Value) {
         if rt.kind == "CustomResourceDefinition" {
             if let (Some(group), Some(plural)) = (
@@ -884,6 +925,106 @@ fn json_patch_ops(target: &Value, body: &Value) -> ApiResult<json_patch::Patch> 
         .cloned()
         .collect();
     serde_json::from_value(Value::Array(kept)).map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))
+}
+
+/// core/v1 Event field ↔ events.k8s.io/v1 Event field.
+const EVENT_FIELDS: [(&str, &str); 7] = [
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+];
+
+/// An Event in the other API's shape: to events.k8s.io/v1 when `to_new`, else to core/v1.
+fn convert_event(obj: &Value, to_new: bool) -> Value {
+    let mut out = obj.clone();
+    let Some(m) = out.as_object_mut() else { return out };
+    for (core, new) in EVENT_FIELDS {
+        let (from, to) = if to_new { (core, new) } else { (new, core) };
+        if let Some(v) = m.remove(from) {
+            m.insert(to.into(), v);
+        }
+    }
+    m.insert("apiVersion".into(), json!(if to_new { "events.k8s.io/v1" } else { "v1" }));
+    out
+}
+
+/// Whether `new` is `old` apart from its resourceVersion and the times in managedFields.
+fn unchanged(old: &Value, new: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("resourceVersion");
+            if let Some(Value::Array(entries)) = m.get_mut("managedFields") {
+                for e in entries.iter_mut().filter_map(Value::as_object_mut) {
+                    e.remove("time");
+                }
+            }
+        }
+        v
+    };
+    strip(old) == strip(new)
+}
+
+/// Rules the real apiserver enforces on every object or on built-in kinds, beyond the schema.
+fn builtin_rules(rt: &ResourceType, old: Option<&Value>, new: &Value) -> Vec<Value> {
+    let mut causes = Vec::new();
+    let list = |v: &Value| -> Vec<String> {
+        v.pointer("/metadata/finalizers")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|f| f.as_str().map(String::from)).collect())
+            .unwrap_or_default()
+    };
+    if let Some(o) = old
+        && o.pointer("/metadata/deletionTimestamp").is_some()
+    {
+        let before = list(o);
+        if list(new).iter().any(|f| !before.contains(f)) {
+            causes.push(cause(
+                "FieldValueForbidden",
+                "metadata.finalizers",
+                "Forbidden: no new finalizers can be added if the object is being deleted",
+            ));
+        }
+    }
+    if rt.kind == "Event" {
+        // ValidateEventCreate: the involved object (core/v1) or `regarding` (events.k8s.io/v1) is in the
+        // Event's namespace; events.k8s.io also requires a type and caps the note at 1024 bytes.
+        let new_api = rt.group == "events.k8s.io";
+        let ns = meta_str(new, "namespace").unwrap_or("");
+        let pointer = if new_api { "/regarding/namespace" } else { "/involvedObject/namespace" };
+        let involved = new.pointer(pointer).and_then(Value::as_str).unwrap_or("");
+        let ok = if involved.is_empty() { ns.is_empty() || ns == "default" } else { involved == ns };
+        if !ok {
+            causes.push(cause(
+                "FieldValueInvalid",
+                "involvedObject.namespace",
+                &format!("Invalid value: \"{involved}\": does not match event.namespace"),
+            ));
+        }
+        if new_api {
+            let ty = new.get("type").and_then(Value::as_str).unwrap_or("");
+            if ty != "Normal" && ty != "Warning" {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    "type",
+                    &format!("Invalid value: \"{ty}\": has invalid value: {ty}"),
+                ));
+            }
+            let note = new.get("note").and_then(Value::as_str).unwrap_or("");
+            if note.len() > 1024 {
+                causes.push(cause(
+                    "FieldValueInvalid",
+                    "message",
+                    "Invalid value: \"\": can have at most 1024 characters",
+                ));
+            }
+        }
+    }
+    causes
 }
 
 fn cause(reason: &str, field: &str, message: &str) -> Value {
