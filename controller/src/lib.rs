@@ -55,7 +55,8 @@ pub struct Settings {
     pub kube_config: Option<kube::Config>,
 }
 
-/// Runs the controller until `shutdown` (or until leadership is lost, which is an error).
+/// Runs the controller until `shutdown`: as a candidate for the lease, as the leader (reconciling, publishing,
+/// consuming status) while it holds it, and as a candidate again if it loses it.
 pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut opts = async_nats::ConnectOptions::new().name(format!("nio-controller {} {}", s.cluster, s.identity));
     if let Some(c) = &s.nats_creds {
@@ -69,17 +70,16 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         None => kube::Client::try_default().await.context("connecting to Kubernetes")?,
     };
     let metrics = Arc::new(metrics::Metrics::new(&s.cluster));
-    let ready = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::default());
     let probes = nio_shared::http::Probes {
         metrics: Arc::new({
             let m = metrics.clone();
             move || m.encode()
         }),
         ready: Arc::new({
-            let r = ready.clone();
-            move || r.load(Ordering::SeqCst)
+            let h = health.clone();
+            move || h.readiness()
         }),
-        ready_text: ("leading", "standby"),
     };
     nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
@@ -98,26 +98,95 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         default_poll: s.default_poll_interval,
     });
 
-    let lost = CancellationToken::new();
-    let stop = CancellationToken::new();
-    let mut elector = None;
-    if s.leader_election {
-        let e = leader::Elector::new(client.clone(), &s.lease_namespace, &s.lease_name, &s.identity, s.lease_duration);
-        tracing::info!(identity = %s.identity, lease = %s.lease_name, "waiting to become the leader");
-        if !e.acquire(&shutdown).await {
-            return Ok(());
-        }
-        tracing::info!(identity = %s.identity, "leading");
-        elector = Some(e);
-    }
-    metrics.leader.set(1);
-    ready.store(true, Ordering::SeqCst);
-    let holder = elector.map(|e| {
-        let (lost, stop) = (lost.clone(), stop.clone());
-        tokio::spawn(async move { e.hold(lost, stop).await })
+    let elector = s.leader_election.then(|| {
+        let timing = leader::Timing::for_lease(s.lease_duration);
+        leader::Elector::new(client.clone(), &s.lease_namespace, &s.lease_name, &s.identity, timing)
     });
+    // A standby is ready (healthy, able to take over): readiness never depends on leadership, or a rolling
+    // update would wait forever for a new replica that cannot lead while the old one holds the lease.
+    health.started.store(true, Ordering::SeqCst);
+    loop {
+        if let Some(e) = &elector {
+            tracing::info!(identity = %s.identity, lease = %s.lease_name, "waiting to become the leader");
+            if !e.acquire(&shutdown).await {
+                return Ok(());
+            }
+            tracing::info!(identity = %s.identity, "leading");
+        }
+        health.leading.store(true, Ordering::SeqCst);
+        metrics.leader.set(1);
+        match lead(&s, &ctx, &js, &client, &metrics, &health, elector.as_ref(), &shutdown).await? {
+            leader::TermEnd::Stopped => {
+                if let Some(e) = &elector {
+                    e.release().await;
+                }
+                return Ok(());
+            }
+            leader::TermEnd::Lost => {
+                tracing::warn!(identity = %s.identity, "lost leadership; standing by to lead again");
+            }
+        }
+    }
+}
 
-    let consumer = status::consumer::open(&js, &s.cluster).await?;
+/// What `/readyz` reports: the process is up, and (while leading) its watches can list.
+#[derive(Debug, Default)]
+pub struct Health {
+    started: AtomicBool,
+    leading: AtomicBool,
+    /// Kinds whose watch last failed (cleared when that controller next reconciles).
+    failing_watches: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
+}
+
+impl Health {
+    fn readiness(&self) -> (bool, String) {
+        if !self.started.load(Ordering::SeqCst) {
+            return (false, "starting".into());
+        }
+        let failing = self.failing_watches.lock().map(|f| f.iter().copied().collect::<Vec<_>>()).unwrap_or_default();
+        if self.leading.load(Ordering::SeqCst) && !failing.is_empty() {
+            return (false, format!("leading; cannot watch {}", failing.join(", ")));
+        }
+        (true, if self.leading.load(Ordering::SeqCst) { "leading".into() } else { "standby".into() })
+    }
+
+    fn watch_result<T, E: std::fmt::Display>(
+        &self,
+        kind: &'static str,
+        metrics: &metrics::Metrics,
+        r: &Result<T, controller::Error<E, watcher::Error>>,
+    ) {
+        let Ok(mut failing) = self.failing_watches.lock() else { return };
+        match r {
+            Err(controller::Error::QueueError(e)) => {
+                if failing.insert(kind) {
+                    // The error text only: kube's own log line carries the whole response body.
+                    tracing::error!(kind, error = %e, "watch failed; /readyz reports it until the watch recovers");
+                }
+                metrics.watch_errors.get_or_create(&metrics::KindLabel { kind: kind.into() }).inc();
+            }
+            _ => {
+                failing.remove(kind);
+            }
+        }
+    }
+}
+
+/// One term as leader: runs the controllers, the status consumer and the gauges until the lease is lost or
+/// `shutdown`.
+#[allow(clippy::too_many_arguments)]
+async fn lead(
+    s: &Settings,
+    ctx: &Arc<reconcile::Ctx>,
+    js: &async_nats::jetstream::Context,
+    client: &kube::Client,
+    metrics: &Arc<metrics::Metrics>,
+    health: &Arc<Health>,
+    elector: Option<&leader::Elector>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<leader::TermEnd> {
+    let stop = CancellationToken::new();
+    let consumer = status::consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(status::consumer::run(ctx.clone(), consumer, stop.clone()));
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
@@ -157,7 +226,13 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
                 async move { stop.cancelled().await }
             })
             .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-            .for_each(|_| async {});
+            .for_each({
+                let (health, metrics) = (health.clone(), metrics.clone());
+                move |r| {
+                    health.watch_result("NixosConfiguration", &metrics, &r);
+                    async {}
+                }
+            });
         tasks.spawn(cfg_ctl);
         let m_ctl = Controller::new(machines, watcher::Config::default());
         machine_stores.push(m_ctl.store());
@@ -167,23 +242,36 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
                 async move { stop.cancelled().await }
             })
             .run(machine::reconcile, machine::error_policy, ctx.clone())
-            .for_each(|_| async {});
+            .for_each({
+                let (health, metrics) = (health.clone(), metrics.clone());
+                move |r| {
+                    health.watch_result("Machine", &metrics, &r);
+                    async {}
+                }
+            });
         tasks.spawn(m_ctl);
     }
     tasks.spawn(phase_gauge(config_stores, machine_stores, metrics.clone(), stop.clone()));
 
-    let result = tokio::select! {
-        _ = shutdown.cancelled() => Ok(()),
-        _ = lost.cancelled() => Err(anyhow::anyhow!("lost leadership; exiting so a fresh start rejoins the election")),
+    let end = match elector {
+        Some(e) => e.hold(shutdown).await,
+        None => {
+            shutdown.cancelled().await;
+            leader::TermEnd::Stopped
+        }
     };
+    // Stop acting before anything else: a replica that lost the lease must not publish.
     stop.cancel();
-    ready.store(false, Ordering::SeqCst);
+    health.leading.store(false, Ordering::SeqCst);
     metrics.leader.set(0);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} }).await;
-    if let Some(h) = holder {
-        h.abort();
+    if tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!("controllers did not stop within 10 s; abandoning them");
+        tasks.abort_all();
     }
-    result
+    Ok(end)
 }
 
 /// Keeps `nio_controller_machines{phase}`, `machines_drifted` and `configurations_degraded{reason}` current,

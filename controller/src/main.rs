@@ -39,7 +39,9 @@ struct Cli {
     lease_name: String,
     #[arg(long, env = "NIO_LEASE_NAMESPACE", default_value = "default")]
     lease_namespace: String,
-    /// Lease duration in seconds (a standby takes over within this after the leader stops).
+    /// Lease duration in seconds. The leader renews every 2/15 of it and steps down when it cannot renew for
+    /// 2/3 of it (client-go's 15 s / 10 s / 2 s); a standby takes over a lease unchanged for this long, or at
+    /// once when the leader released it on shutdown.
     #[arg(long, env = "NIO_LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
     /// Identity in the Lease (default: host name and process id).

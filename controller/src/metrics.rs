@@ -66,6 +66,7 @@ pub struct Metrics {
     pub configuration_machines: Family<ConfigLabels, Gauge>,
     pub configurations_degraded: Family<ReasonLabel, Gauge>,
     pub leader: Gauge,
+    pub watch_errors: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -79,6 +80,7 @@ impl Metrics {
         let status_events = Family::<EventLabels, Counter>::default();
         let machines = Family::<PhaseLabel, Gauge>::default();
         let leader = Gauge::default();
+        let watch_errors = Family::<KindLabel, Counter>::default();
         let machines_drifted = Gauge::default();
         let configuration_machines = Family::<ConfigLabels, Gauge>::default();
         let configurations_degraded = Family::<ReasonLabel, Gauge>::default();
@@ -112,6 +114,14 @@ impl Metrics {
             configurations_degraded.clone(),
         );
         registry.register("leader", "1 while this replica is the leader", leader.clone());
+        registry.register(
+            "watch_errors",
+            "Failed list/watch calls by kind (e.g. an object that does not decode); /readyz is 503 meanwhile",
+            watch_errors.clone(),
+        );
+        for kind in ["NixosConfiguration", "Machine"] {
+            let _ = watch_errors.get_or_create(&KindLabel { kind: kind.into() }).get();
+        }
         Metrics {
             registry,
             reconcile_duration,
@@ -123,6 +133,7 @@ impl Metrics {
             configuration_machines,
             configurations_degraded,
             leader,
+            watch_errors,
         }
     }
 

@@ -5,6 +5,7 @@
 mod common;
 
 nio_loadtest::on_both!(
+    a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_over,
     a_machine_and_configuration_publish_exactly_one_sealed_job,
     new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade,
     authenticated_https_and_ssh_remotes_use_the_credentials_secret,
@@ -525,15 +526,19 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
     env.eventually(T, "job from the leader", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
     assert_eq!(holder().await.as_deref(), Some("replica-1"), "the standby did not take over while the leader lives");
     assert_eq!(http_get(h1, "/readyz").await, Some((200, "leading".into())));
-    assert_eq!(http_get(h2, "/readyz").await, Some((503, "standby".into())));
-    assert_eq!(http_get(h2, "/healthz").await, Some((200, "ok".into())), "a standby is alive, just not ready");
-    // stop the leader: within the lease duration the standby leads and acts
+    // A standby is ready (it could take over): readiness never waits for leadership, or a rolling update
+    // would never see its new replica Ready while the old one leads.
+    assert_eq!(http_get(h2, "/readyz").await, Some((200, "standby".into())));
+    assert_eq!(http_get(h2, "/healthz").await, Some((200, "ok".into())));
+    // stop the leader: it releases the lease, and the standby leads and acts at once (not a lease later)
     stop1.cancel();
     t1.await.unwrap().unwrap();
+    let released = std::time::Instant::now();
     env.eventually(Duration::from_secs(15), "replica-2 leads", || async {
         (holder().await? == "replica-2").then_some(())
     })
     .await;
+    assert!(released.elapsed() < Duration::from_secs(2), "took over {:?} after the release", released.elapsed());
     env.eventually(T, "replica-2 ready", || async {
         (http_get(h2, "/readyz").await? == (200, "leading".into())).then_some(())
     })
@@ -542,5 +547,71 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
     env.config("web2", json!({"machineRef": "m2"})).await;
     env.eventually(T, "job from the new leader", || env.job_on(env.subject("dc1", "apply", "prod", "m2"))).await;
     stop2.cancel();
+    t2.await.unwrap().unwrap();
+}
+
+/// The leader's connection to the apiserver hangs (a proxy stops forwarding): it must stop acting before the
+/// standby can consider the lease expired (never two leaders), the standby takes over within the lease
+/// duration plus a retry, and the old leader stays up as a standby instead of crashing.
+async fn a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_over(backend: Backend) {
+    let env = Env::start(backend).await;
+    let upstream: std::net::SocketAddr = {
+        let url = env.controller_config.cluster_url.clone();
+        format!("{}:{}", url.host().unwrap(), url.port_u16().unwrap()).parse().unwrap()
+    };
+    let proxy = nio_loadtest::netfault::StallProxy::start(upstream).await.unwrap();
+    let (m1, m2) = (nio_loadtest::procs::free_port().unwrap(), nio_loadtest::procs::free_port().unwrap());
+    let mut s1 = env.settings("prod", "replica-1");
+    s1.leader_election = true;
+    s1.metrics_addr = Some(([127, 0, 0, 1], m1).into());
+    let mut via_proxy = env.controller_config.clone();
+    let scheme = via_proxy.cluster_url.scheme_str().unwrap_or("http").to_string();
+    via_proxy.cluster_url = format!("{scheme}://{}", proxy.addr).parse().unwrap();
+    s1.kube_config = Some(via_proxy);
+    let mut s2 = env.settings("prod", "replica-2");
+    s2.leader_election = true;
+    s2.metrics_addr = Some(([127, 0, 0, 1], m2).into());
+    let (leases, lease) = (env.leases(), env.lease_name());
+    let holder = || async { leases.get_opt(&lease).await.ok()??.spec?.holder_identity };
+    let leads = |port: u16| async move {
+        let (_, body) = http_get(port, "/metrics").await?;
+        body.lines().find(|l| l.starts_with("nio_controller_leader{")).map(|l| l.ends_with(" 1"))
+    };
+    let (stop1, t1) = env.spawn(s1);
+    env.eventually(T, "replica-1 leads", || async { (holder().await? == "replica-1").then_some(()) }).await;
+    let (stop2, t2) = env.spawn(s2);
+    env.eventually(T, "replica-2 stands by", || async { (!leads(m2).await?).then_some(()) }).await;
+
+    proxy.stall(true);
+    let cut = std::time::Instant::now();
+    let (mut stepped_down, mut took_over) = (None, None);
+    while cut.elapsed() < Duration::from_secs(20) && (stepped_down.is_none() || took_over.is_none()) {
+        if stepped_down.is_none() && leads(m1).await == Some(false) {
+            stepped_down = Some(cut.elapsed());
+        }
+        if took_over.is_none() && leads(m2).await == Some(true) {
+            took_over = Some(cut.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (down, up) = (stepped_down.expect("replica-1 never stepped down"), took_over.expect("replica-2 never led"));
+    assert!(down < up, "two leaders: replica-2 led at {up:?}, replica-1 stepped down only at {down:?}");
+    // lease 3 s (renew deadline 2 s): the leader stops within the lease; the standby waits a full lease after
+    // it last saw the record change
+    assert!(down < Duration::from_secs(3), "stepped down after {down:?}");
+    assert!(up <= Duration::from_secs(3) + Duration::from_secs(2), "took over after {up:?}");
+    assert_eq!(holder().await.as_deref(), Some("replica-2"));
+
+    // the connection heals: replica-1 is still running, as a ready standby
+    proxy.stall(false);
+    assert!(!t1.is_finished(), "losing the lease must not end the process");
+    env.eventually(T, "replica-1 ready as a standby", || async {
+        (http_get(m1, "/readyz").await? == (200, "standby".into())).then_some(())
+    })
+    .await;
+    assert_eq!(holder().await.as_deref(), Some("replica-2"), "no flapping back");
+    stop1.cancel();
+    stop2.cancel();
+    t1.await.unwrap().unwrap();
     t2.await.unwrap().unwrap();
 }

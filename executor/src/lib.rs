@@ -90,9 +90,11 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         }),
         ready: Arc::new({
             let e = exec.clone();
-            move || e.ready.load(std::sync::atomic::Ordering::SeqCst)
+            move || {
+                let ok = e.ready.load(std::sync::atomic::Ordering::SeqCst);
+                (ok, if ok { "ready" } else { "not ready" }.to_string())
+            }
         }),
-        ready_text: ("ready", "not ready"),
     };
     nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     tracing::info!(id = %s.executor_id, sites = ?s.config.sites.iter().map(|x| &x.name).collect::<Vec<_>>(), "executor ready");

@@ -12,6 +12,7 @@ pub mod gitrepo;
 pub mod gitserve;
 pub mod kubesim;
 pub mod nats;
+pub mod netfault;
 pub mod plot;
 pub mod procs;
 pub mod realkube;

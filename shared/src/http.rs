@@ -12,14 +12,12 @@ use axum::routing::get;
 pub struct Probes {
     /// The OpenMetrics text for `/metrics`.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
-    /// Whether `/readyz` answers 200.
-    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
-    /// `/readyz` bodies when ready and when not (e.g. "leading" / "standby").
-    pub ready_text: (&'static str, &'static str),
+    /// Whether `/readyz` answers 200, and the body that says why (e.g. "leading", "standby").
+    pub ready: Arc<dyn Fn() -> (bool, String) + Send + Sync>,
 }
 
 fn router(p: Probes) -> axum::Router {
-    let Probes { metrics, ready, ready_text: (yes, no) } = p;
+    let Probes { metrics, ready } = p;
     axum::Router::new()
         .route(
             "/metrics",
@@ -32,8 +30,9 @@ fn router(p: Probes) -> axum::Router {
         .route(
             "/readyz",
             get(move || {
-                let answer = if ready() { (StatusCode::OK, yes) } else { (StatusCode::SERVICE_UNAVAILABLE, no) };
-                async move { answer.into_response() }
+                let (ok, text) = ready();
+                let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                async move { (code, text).into_response() }
             }),
         )
 }
