@@ -61,14 +61,28 @@ impl Ctx {
         let ev = KubeEvent {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.to_string(),
-            note: Some(note.chars().take(1000).collect()),
+            note: Some(event_note(&note)),
             action: action.to_string(),
             secondary: None,
         };
         if let Err(e) = self.recorder.publish(&ev, &r).await {
-            tracing::debug!(error = %e, "recording an Event failed");
+            tracing::warn!(error = %e, reason, "recording an Event failed");
         }
     }
+}
+
+/// The apiserver refuses Event notes over 1024 bytes (bytes, not characters): cut longer ones on a character
+/// boundary and mark the cut.
+pub fn event_note(note: &str) -> String {
+    const MAX: usize = 1024;
+    if note.len() <= MAX {
+        return note.to_string();
+    }
+    let mut end = MAX - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
 }
 
 /// Label selector in its query-string form.
@@ -637,6 +651,18 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
 mod tests {
     use super::*;
     use nio_shared::protocol::Action;
+
+    #[test]
+    fn event_notes_fit_1024_bytes_and_cut_on_a_character_boundary() {
+        assert_eq!(event_note("short"), "short");
+        let exact = "a".repeat(1024);
+        assert_eq!(event_note(&exact), exact);
+        for long in ["é".repeat(800), "a".repeat(5000), format!("a{}", "€".repeat(500)), "🦀".repeat(300)] {
+            let cut = event_note(&long);
+            assert!(cut.len() <= 1024 && cut.len() > 1000, "{} bytes", cut.len());
+            assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
+        }
+    }
 
     #[test]
     fn a_result_that_landed_before_the_queued_mark_is_kept() {

@@ -5,6 +5,7 @@
 mod common;
 
 nio_loadtest::on_both!(
+    a_failure_with_a_long_utf8_log_still_gets_its_event,
     a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_over,
     a_machine_and_configuration_publish_exactly_one_sealed_job,
     new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade,
@@ -614,4 +615,29 @@ async fn a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_o
     stop2.cancel();
     t1.await.unwrap().unwrap();
     t2.await.unwrap().unwrap();
+}
+
+/// Build output is often UTF-8 and long: the Warning Event still lands (the apiserver caps notes at 1024 bytes).
+async fn a_failure_with_a_long_utf8_log_still_gets_its_event(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1", "dc1", &[]).await;
+    env.config("web", json!({"machineRef": "m1"})).await;
+    let (job, _) = env.eventually(T, "the job", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
+    let message = format!("error: builder for '/nix/store/…-étoile.drv' failed: {}", "ünïcödé ".repeat(150));
+    env.report(&job, Phase::Failed, |e| {
+        e.category = Some(FailureCategory::BuildFailed);
+        e.message = Some(message.clone());
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let note = env
+        .eventually(T, "the BuildFailed Event", || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items.into_iter().find(|e| e.reason.as_deref() == Some("BuildFailed"))?.note
+        })
+        .await;
+    assert!(note.len() <= 1024 && note.contains("étoile") && note.ends_with('…'), "{} bytes: {note}", note.len());
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
