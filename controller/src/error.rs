@@ -12,6 +12,13 @@ pub enum Error {
     Invalid(#[from] nio_shared::validate::Invalid),
     #[error("Secret {namespace}/{name}: {problem}")]
     Secret { namespace: String, name: String, problem: String },
+    #[error(
+        "Secret {namespace}/{name} has not opted in: NIO reads only Secrets labelled {label}={value} \
+         (kubectl label secret -n {namespace} {name} {label}={value})",
+        label = nio_shared::crd::SECRET_OPT_IN_LABEL,
+        value = nio_shared::crd::SECRET_OPT_IN_VALUE
+    )]
+    SecretNotPermitted { namespace: String, name: String },
     #[error("sealing: {0}")]
     Seal(#[from] nio_shared::seal::SealError),
     #[error("finalizer: {0}")]
@@ -28,6 +35,7 @@ impl Error {
             Error::Git(g) => g.reason(),
             Error::Invalid(_) => "InvalidSpec",
             Error::Secret { .. } => "SecretUnavailable",
+            Error::SecretNotPermitted { .. } => "SecretNotPermitted",
             Error::Seal(_) => "SealError",
             Error::Finalizer(_) => "Finalizer",
             Error::RemovalPending(_) => "RemovalPending",

@@ -24,6 +24,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::{Controller, controller, watcher};
 use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
@@ -96,6 +98,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics: metrics.clone(),
         probe_interval: s.probe_interval,
         default_poll: s.default_poll_interval,
+        written: Default::default(),
     });
 
     let elector = s.leader_election.then(|| {
@@ -186,10 +189,19 @@ async fn lead(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<leader::TermEnd> {
     let stop = CancellationToken::new();
+    // Another replica may have written status while this one stood by.
+    if let Ok(mut w) = ctx.written.lock() {
+        w.clear();
+    }
     let consumer = status::consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(status::consumer::run(ctx.clone(), consumer, stop.clone()));
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
+    let secret_watch = watcher::Config::default().labels(&format!(
+        "{}={}",
+        nio_shared::crd::SECRET_OPT_IN_LABEL,
+        nio_shared::crd::SECRET_OPT_IN_VALUE
+    ));
     let scopes: Vec<Option<String>> =
         if s.namespaces.is_empty() { vec![None] } else { s.namespaces.iter().cloned().map(Some).collect() };
     for ns in scopes {
@@ -202,7 +214,12 @@ async fn lead(
         let cfg_ctl = Controller::new(configs, watcher::Config::default())
             .with_config(controller::Config::default().debounce(Duration::from_millis(100)));
         let store = cfg_ctl.store();
+        let cfg_ctl_store = store.clone();
         config_stores.push(store.clone());
+        let secrets: Api<Secret> = match &ns {
+            Some(n) => Api::namespaced(client.clone(), n),
+            None => Api::all(client.clone()),
+        };
         let cfg_ctl = cfg_ctl
             .watches(machines.clone(), watcher::Config::default(), move |m: Machine| {
                 // A machine queued or applying changes nothing the configuration acts on (its own writes and
@@ -214,12 +231,32 @@ async fn lead(
                 if busy {
                     return Vec::new();
                 }
+                // The configurations that select it now, and the one it last ran (its labels may have moved
+                // it out of that one's selector).
+                let applied = m.status.as_ref().and_then(|s| s.applied_configuration.clone());
                 store
                     .state()
                     .into_iter()
-                    .filter(|c| reconcile::targets(c, &m))
+                    .filter(|c| {
+                        reconcile::targets(c, &m)
+                            || (c.namespace() == m.namespace() && applied.as_deref() == c.metadata.name.as_deref())
+                    })
                     .map(|c| kube::runtime::reflector::ObjectRef::from(&*c))
                     .collect::<Vec<_>>()
+            })
+            // A Secret a configuration reads changed (content, or its opt-in label): re-read it now, not at
+            // the next poll. Only opted-in Secrets are watched; one losing the label shows as deleted.
+            .watches(secrets, secret_watch.clone(), {
+                let store = cfg_ctl_store.clone();
+                move |secret: Secret| {
+                    let (ns, name) = (secret.namespace(), secret.name_any());
+                    store
+                        .state()
+                        .into_iter()
+                        .filter(|c| c.namespace() == ns && reconcile::secrets_read(c).any(|s| s == name))
+                        .map(|c| kube::runtime::reflector::ObjectRef::from(&*c))
+                        .collect::<Vec<_>>()
+                }
             })
             .graceful_shutdown_on({
                 let stop = stop.clone();
@@ -251,7 +288,7 @@ async fn lead(
             });
         tasks.spawn(m_ctl);
     }
-    tasks.spawn(phase_gauge(config_stores, machine_stores, metrics.clone(), stop.clone()));
+    tasks.spawn(phase_gauge(config_stores, machine_stores, ctx.clone(), stop.clone()));
 
     let end = match elector {
         Some(e) => e.hold(shutdown).await,
@@ -275,15 +312,23 @@ async fn lead(
 }
 
 /// Keeps `nio_controller_machines{phase}`, `machines_drifted` and `configurations_degraded{reason}` current,
-/// from the controllers' caches (no API requests), for the namespaces this controller watches.
+/// from the controllers' caches (no API requests), for the namespaces this controller watches; forgets the
+/// status written to deleted configurations.
 async fn phase_gauge(
     configs: Vec<kube::runtime::reflector::Store<NixosConfiguration>>,
     machines: Vec<kube::runtime::reflector::Store<Machine>>,
-    metrics: Arc<metrics::Metrics>,
+    ctx: Arc<reconcile::Ctx>,
     stop: CancellationToken,
 ) {
+    let metrics = ctx.metrics.clone();
     let mut reasons_seen = std::collections::BTreeSet::new();
     loop {
+        // Forget the status written to configurations that are gone.
+        let live: std::collections::HashSet<String> =
+            configs.iter().flat_map(|s| s.state()).filter_map(|c| c.metadata.uid.clone()).collect();
+        if let Ok(mut w) = ctx.written.lock() {
+            w.retain(|uid, _| live.contains(uid));
+        }
         let mut degraded: std::collections::BTreeMap<String, i64> =
             reasons_seen.iter().map(|r: &String| (r.clone(), 0)).collect();
         for c in configs.iter().flat_map(|s| s.state()) {

@@ -45,6 +45,10 @@ pub struct Ctx {
     pub probe_interval: Duration,
     /// Poll interval of configurations that set none.
     pub default_poll: Duration,
+    /// The status this replica last wrote to each configuration (by uid). The cache a reconcile starts from can
+    /// be older than our own last write; computing from it would repeat NewCommit/RolloutComplete Events and
+    /// reset lastTransitionTime. Cleared at the start of each term as leader.
+    pub written: std::sync::Mutex<std::collections::HashMap<String, NixosConfigurationStatus>>,
 }
 
 impl Ctx {
@@ -117,7 +121,9 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
             "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
             "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
             "Exists" => labels.contains_key(&e.key),
-            _ => !labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            // Validation rejects other operators; should one get here, it selects nothing.
+            _ => false,
         }
     });
     ok_labels && ok_exprs
@@ -130,16 +136,26 @@ async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Ma
         return Ok(api.get_opt(name).await?.into_iter().collect());
     }
     let Some(sel) = &cfg.spec.machine_selector else { return Ok(vec![]) };
-    Ok(api.list(&ListParams::default().labels(&selector_string(sel))).await?.items)
+    // The apiserver narrows the list; `targets` decides, so the fleet is the same one every trigger computes.
+    let listed = api.list(&ListParams::default().labels(&selector_string(sel))).await?.items;
+    Ok(listed.into_iter().filter(|m| targets(cfg, m)).collect())
 }
 
+/// A Secret of the configuration's namespace that opted in to being read by NIO.
 async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Secret> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    api.get_opt(name).await?.ok_or_else(|| Error::Secret {
+    let s = api.get_opt(name).await?.ok_or_else(|| Error::Secret {
         namespace: ns.into(),
         name: name.into(),
         problem: "not found".into(),
-    })
+    })?;
+    let opted_in =
+        s.metadata.labels.as_ref().and_then(|l| l.get(nio_shared::crd::SECRET_OPT_IN_LABEL)).map(String::as_str)
+            == Some(nio_shared::crd::SECRET_OPT_IN_VALUE);
+    if !opted_in {
+        return Err(Error::SecretNotPermitted { namespace: ns.into(), name: name.into() });
+    }
+    Ok(s)
 }
 
 fn secret_value(s: &Secret, key: &str) -> Option<Vec<u8>> {
@@ -150,6 +166,17 @@ async fn git_creds(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<GitAuth> {
     let Some(name) = &cfg.spec.credentials_ref else { return Ok(GitAuth::default()) };
     let s = secret(ctx, &cfg.namespace().unwrap_or_default(), name).await?;
     Ok(GitAuth::from_entries(|k| secret_value(&s, k)))
+}
+
+/// The Secrets a configuration reads (credentialsRef and SecretRef files).
+pub fn secrets_read(cfg: &NixosConfiguration) -> impl Iterator<Item = &str> {
+    cfg.spec.credentials_ref.as_deref().into_iter().chain(
+        cfg.spec
+            .additional_files
+            .iter()
+            .filter(|f| f.value_type == FileValueType::SecretRef)
+            .filter_map(|f| f.secret_ref.as_ref().map(|r| r.name.as_str())),
+    )
 }
 
 /// Reads every SecretRef file and hashes the contents (the hash, never the content, tracks changes).
@@ -216,11 +243,25 @@ pub fn mark_queued(s: &mut MachineStatus, target: &str, job_id: &str, action: ni
     }
 }
 
+/// The latest status of `cfg`: what this replica last wrote, else what the cache holds.
+fn latest_status(ctx: &Ctx, cfg: &NixosConfiguration) -> NixosConfigurationStatus {
+    let uid = cfg.metadata.uid.clone().unwrap_or_default();
+    ctx.written.lock().ok().and_then(|w| w.get(&uid).cloned()).or_else(|| cfg.status.clone()).unwrap_or_default()
+}
+
+/// Writes `status` unless it is what the configuration already has (a write that changes nothing would still
+/// cost a request and, on some servers, wake every watcher).
 async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfigurationStatus) -> Result<()> {
+    if latest_status(ctx, cfg) == *status {
+        return Ok(());
+    }
     let api: Api<NixosConfiguration> = Api::namespaced(ctx.client.clone(), &cfg.namespace().unwrap_or_default());
     let patch =
         serde_json::json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "status": status});
     api.patch_status(&cfg.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
+    if let (Ok(mut w), Some(uid)) = (ctx.written.lock(), cfg.metadata.uid.clone()) {
+        w.insert(uid, status.clone());
+    }
     Ok(())
 }
 
@@ -290,7 +331,7 @@ pub fn error_policy(cfg: Arc<NixosConfiguration>, err: &Error, ctx: Arc<Ctx>) ->
 
 async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let generation = cfg.metadata.generation;
-    let mut status = cfg.status.clone().unwrap_or_default();
+    let mut status = latest_status(ctx, cfg);
     status.observed_generation = generation;
 
     // 1. Invalid specs publish nothing.
@@ -355,6 +396,9 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         Ok(d) => d,
         Err(e) => {
             let msg = e.to_string();
+            if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
+                ctx.event(cfg, true, e.category(), msg.clone(), "ReadSecrets").await;
+            }
             conditions::set(&mut status.conditions, "Degraded", true, e.category(), &msg, generation);
             conditions::set(&mut status.conditions, "Ready", false, e.category(), &msg, generation);
             set_status(ctx, cfg, &status).await?;
@@ -635,7 +679,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .await?;
     }
     if !blocked.is_empty() {
-        let mut status = cfg.status.clone().unwrap_or_default();
+        let mut status = latest_status(ctx, cfg);
         let msg =
             format!("onRemoveFlake could not be applied on {}; the finalizer stays until it is", blocked.join(", "));
         if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {

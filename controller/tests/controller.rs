@@ -5,6 +5,9 @@
 mod common;
 
 nio_loadtest::on_both!(
+    rollout_events_are_recorded_once_and_conditions_keep_their_transition_time,
+    secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once,
+    a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once,
     a_failure_with_a_long_utf8_log_still_gets_its_event,
     a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_over,
     a_machine_and_configuration_publish_exactly_one_sealed_job,
@@ -41,7 +44,7 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Bac
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     let secret: Secret =
-        serde_json::from_value(json!({"metadata": {"name": "db"}, "stringData": {"password": "s3cret-value-xyz"}}))
+        serde_json::from_value(json!({"metadata": {"name": "db", "labels": {"nixos.infra/usable-by": "nio"}}, "stringData": {"password": "s3cret-value-xyz"}}))
             .unwrap();
     Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.unwrap();
     env.machine("m1", "dc1", &[]).await;
@@ -151,7 +154,10 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade(backen
 }
 
 async fn create_secret(env: &Env, name: &str, data: serde_json::Value) {
-    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data})).unwrap();
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": name, "labels": {"nixos.infra/usable-by": "nio"}}, "stringData": data}),
+    )
+    .unwrap();
     Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.unwrap();
 }
 
@@ -638,6 +644,139 @@ async fn a_failure_with_a_long_utf8_log_still_gets_its_event(backend: Backend) {
         })
         .await;
     assert!(note.len() <= 1024 && note.contains("étoile") && note.ends_with('…'), "{} bytes: {note}", note.len());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Only Secrets labelled nixos.infra/usable-by=nio are read (else anyone who may create a configuration could
+/// ship any Secret of the namespace anywhere); labelling one, or changing its content, is acted on at once,
+/// not at the next poll.
+async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let unlabelled = |name: &str, key: &str, value: &str| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: value}})).unwrap()
+    };
+    secrets.create(&PostParams::default(), &unlabelled("db", "password", "hunter2")).await.unwrap();
+    secrets.create(&PostParams::default(), &unlabelled("git", "token", "tok")).await.unwrap();
+    env.machine("m1", "dc1", &[]).await;
+    env.machine("m2", "dc1", &[]).await;
+    let file =
+        json!([{"path": "db/password", "valueType": "SecretRef", "secretRef": {"name": "db", "key": "password"}}]);
+    env.config("web", json!({"machineRef": "m1", "additionalFiles": file, "pollInterval": "1h"})).await;
+    env.config("creds", json!({"machineRef": "m2", "credentialsRef": "git", "pollInterval": "1h"})).await;
+    for (cfg, secret) in [("web", "db"), ("creds", "git")] {
+        let d = env
+            .eventually(T, "Degraded", || async {
+                let d = cond(&env.configs().get(cfg).await.ok()?.status?.conditions, "Degraded")?;
+                (d.0 == "True").then_some(d)
+            })
+            .await;
+        assert_eq!(d.1, "SecretNotPermitted", "{cfg}: {d:?}");
+        assert!(d.2.contains(secret) && d.2.contains("nixos.infra/usable-by=nio"), "{cfg}: {}", d.2);
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let reasons: Vec<String> =
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "SecretNotPermitted"), "{reasons:?}");
+    assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none(), "nothing was shipped");
+
+    // opting in: the job follows at once (pollInterval is an hour)
+    let label = json!({"metadata": {"labels": {"nixos.infra/usable-by": "nio"}}});
+    secrets.patch("db", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label)).await.unwrap();
+    let (job, _) = env
+        .eventually(Duration::from_secs(5), "the job", || env.job_on(env.subject("dc1", "apply", "prod", "m1")))
+        .await;
+    let first_hash = job.secrets_hash.clone().unwrap();
+    // a new password: a new job (new secrets hash) at once
+    let change = json!({"stringData": {"password": "correct horse battery staple"}});
+    secrets.patch("db", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&change)).await.unwrap();
+    env.eventually(Duration::from_secs(5), "a job for the new secret", || async {
+        let (j, _) = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
+        (j.secrets_hash.as_deref()? != first_hash).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Relabelling a machine out of a fleet's selector updates that fleet at once (not at its next poll).
+async fn a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1", "dc1", &[("role", "web")]).await;
+    env.machine("m2", "dc1", &[("role", "web")]).await;
+    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h"})).await;
+    let jobs = env
+        .eventually(T, "two jobs", || async {
+            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
+            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
+            Some([a.0, b.0])
+        })
+        .await;
+    for j in &jobs {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    env.eventually(T, "2/2", || async {
+        (env.configs().get("fleet").await.ok()?.status?.progress.as_deref()? == "2/2").then_some(())
+    })
+    .await;
+    let relabel = json!({"metadata": {"labels": {"role": "db"}}});
+    env.machines().patch("m2", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&relabel)).await.unwrap();
+    env.eventually(Duration::from_secs(5), "1/1", || async {
+        (env.configs().get("fleet").await.ok()?.status?.progress.as_deref()? == "1/1").then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Reconciles keep coming after a rollout (machine updates, polls); each must start from the status the
+/// controller last wrote, not a cache that may lag it: no second NewCommit or RolloutComplete Event, and Ready
+/// keeps the time it turned true.
+async fn rollout_events_are_recorded_once_and_conditions_keep_their_transition_time(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1", "dc1", &[("role", "web")]).await;
+    env.machine("m2", "dc1", &[("role", "web")]).await;
+    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}})).await;
+    let jobs = env
+        .eventually(T, "two jobs", || async {
+            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
+            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
+            Some([a.0, b.0])
+        })
+        .await;
+    for j in &jobs {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    let ready_since = || async {
+        let c = env.configs().get("fleet").await.ok()?;
+        let ready = c.status?.conditions.into_iter().find(|c| c.type_ == "Ready" && c.status == "True")?;
+        Some(ready.last_transition_time)
+    };
+    let since = env.eventually(T, "Ready", ready_since).await;
+    // churn: every machine update reconciles the fleet again, and so does the 5 s poll
+    for i in 0..10 {
+        let p = json!({"metadata": {"labels": {"churn": i.to_string()}}});
+        env.machines()
+            .patch(["m1", "m2"][i % 2], &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&p))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(ready_since().await, Some(since), "Ready kept its transition time");
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let list = events.list(&ListParams::default()).await.unwrap().items;
+    let count = |reason: &str| -> i32 {
+        list.iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum()
+    };
+    assert_eq!((count("NewCommit"), count("RolloutComplete")), (1, 1), "each recorded once");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -42,6 +42,7 @@ on_both!(
     label_filtered_watches_see_only_matching_objects,
     secrets_string_data_becomes_data,
     generate_name_leases_and_both_event_apis,
+    integers_and_strings_a_user_sets_are_bounded_by_the_schema,
 );
 
 fn machine(name: &str) -> Machine {
@@ -407,4 +408,43 @@ async fn generate_name_leases_and_both_event_apis(backend: Backend) {
     let newer_list = newer.list(&ListParams::default()).await.unwrap().items;
     assert_eq!(newer_list.len(), 2);
     assert!(newer_list.iter().any(|e| e.note.as_deref() == Some("ok") && e.regarding.is_some()));
+}
+
+/// `format: uint32` alone bounds nothing on a real apiserver (it drops unknown formats): without `maximum` a
+/// value above 2^32 is stored and then every LIST of configurations fails to decode. Each integer and string a
+/// user sets has a bound the server enforces.
+async fn integers_and_strings_a_user_sets_are_bounded_by_the_schema(backend: Backend) {
+    let (c, _api) = on::<NixosConfiguration>(backend).await;
+    let dynamic: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(c.client.clone(), &c.namespace, &kube::api::ApiResource::erase::<NixosConfiguration>(&()));
+    let with = |name: &str, extra: serde_json::Value| -> kube::api::DynamicObject {
+        let mut spec =
+            json!({"gitRepo": "https://example.org/r.git", "ref": "main", "flake": "#web", "machineRef": "m1"});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": name}, "spec": spec
+        }))
+        .unwrap()
+    };
+    for (name, extra, field) in [
+        ("huge-parallel", json!({"rollout": {"maxParallel": 99_999_999_999u64}}), "spec.rollout.maxParallel"),
+        ("huge-canary", json!({"rollout": {"canary": 4_294_967_296u64}}), "spec.rollout.canary"),
+        ("huge-budget", json!({"rollout": {"failureBudget": 10_000_000}}), "spec.rollout.failureBudget"),
+        ("long-remove", json!({"onRemoveFlake": format!("#{}", "a".repeat(300))}), "spec.onRemoveFlake"),
+        ("long-subdir", json!({"configurationSubdir": "a/".repeat(600)}), "spec.configurationSubdir"),
+    ] {
+        let (code, _, message) =
+            api_error(dynamic.create(&PostParams::default(), &with(name, extra)).await.unwrap_err());
+        assert_eq!(code, 422, "{name}: {message}");
+        assert!(message.contains(field), "{name}: {message}");
+    }
+    // in range: stored, and every configuration still lists
+    dynamic
+        .create(&PostParams::default(), &with("fine", json!({"rollout": {"maxParallel": 1_000_000}})))
+        .await
+        .unwrap();
+    let typed: Api<NixosConfiguration> = c.api();
+    assert_eq!(typed.list(&ListParams::default()).await.unwrap().items.len(), 1);
 }

@@ -21,6 +21,11 @@ pub const VERSION: &str = "v1alpha1";
 pub const REFRESH_ANNOTATION: &str = "nixos.infra/refresh";
 /// Finalizer the controller puts on configurations so removal runs `onRemoveFlake` first.
 pub const FINALIZER: &str = "nixos.infra/finalizer";
+/// The label a Secret needs (with value [`SECRET_OPT_IN_VALUE`]) before NIO reads it. Without it, anyone who may
+/// create a NixosConfiguration in a namespace could have any Secret there shipped to a machine of their choice
+/// or sent as Git credentials to any URL (a confused deputy).
+pub const SECRET_OPT_IN_LABEL: &str = "nixos.infra/usable-by";
+pub const SECRET_OPT_IN_VALUE: &str = "nio";
 
 fn default_port() -> u16 {
     22
@@ -84,6 +89,7 @@ pub struct MachineSpec {
     pub hostname: String,
     /// IP address to connect to (preferred over hostname when set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 45))]
     pub ip_address: Option<String>,
     /// SSH port on the machine.
     #[serde(default = "default_port")]
@@ -99,10 +105,12 @@ pub struct MachineSpec {
     pub site: String,
     /// Name of the SSH identity (held by the executors, never stored in the cluster) used to log in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub credential_ref: Option<String>,
     /// Pinned OpenSSH public host key ("ssh-ed25519 AAAA..."). When absent, the key seen on the first
     /// connection is recorded in status.hostKey and pinned from then on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 8192))]
     pub host_key: Option<String>,
 }
 
@@ -280,8 +288,9 @@ pub struct AdditionalFile {
     pub path: String,
     /// Where the content comes from.
     pub value_type: FileValueType,
-    /// Content for valueType Inline.
+    /// Content for valueType Inline (at most 256 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
     pub inline: Option<String>,
     /// Secret key for valueType SecretRef.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,13 +303,15 @@ pub struct AdditionalFile {
 pub struct RolloutSpec {
     /// Most machines of this configuration updated at once (site limits still apply). Unset: no extra limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1000000))]
     pub max_parallel: Option<u32>,
     /// Number of machines updated first; the rest wait until they succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000000))]
     pub canary: Option<u32>,
     /// Failed machines tolerated before the rollout stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000000))]
     pub failure_budget: Option<u32>,
     /// Hold the rollout: jobs in flight finish, no new ones start.
     #[serde(default)]
@@ -316,6 +327,7 @@ pub struct HealthCheck {
     pub enabled: bool,
     /// Command as an argument vector; empty means `systemctl is-system-running --wait`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub command: Vec<String>,
     /// Seconds to wait for the check before it counts as failed.
     #[serde(default = "default_health_timeout")]
@@ -376,15 +388,18 @@ pub struct NixosConfigurationSpec {
     /// `ca.crt` (PEM CA of a private HTTPS server), or `ssh-privatekey` with `known_hosts` (required: the
     /// server's host keys) for ssh:// and `user@host:path` remotes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub credentials_ref: Option<String>,
     /// Flake output to build, as `#attr` or `.#attr` (attr under nixosConfigurations).
     #[schemars(length(min = 2, max = 256))]
     pub flake: String,
     /// Directory inside the repository that holds flake.nix (relative, no "..").
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 1024))]
     pub configuration_subdir: Option<String>,
     /// Name of one Machine in the same namespace. Exactly one of machineRef and machineSelector is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub machine_ref: Option<String>,
     /// Label selector over Machines in the same namespace (fleet mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -395,9 +410,11 @@ pub struct NixosConfigurationSpec {
     pub full_install: bool,
     /// Flake output (`#attr`) applied to a machine when this configuration is deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2, max = 256))]
     pub on_remove_flake: Option<String>,
     /// Extra files placed in the source tree or delivered as secrets.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
     pub additional_files: Vec<AdditionalFile>,
     /// nixos-rebuild action used for updates.
     #[serde(default)]
@@ -413,7 +430,7 @@ pub struct NixosConfigurationSpec {
     pub auto_rollback: bool,
     /// How often the ref is re-resolved, e.g. "30s", "5m", "1h". Unset: the controller's --default-poll-interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(pattern(r"^([0-9]+(ms|s|m|h))+$"))]
+    #[schemars(length(max = 32), pattern(r"^([0-9]+(ms|s|m|h))+$"))]
     pub poll_interval: Option<String>,
     /// Stop publishing new jobs for this configuration.
     #[serde(default)]

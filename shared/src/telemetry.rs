@@ -131,7 +131,12 @@ pub fn init_with_filter(
     global::set_tracer_provider(provider.clone());
     // The log filter applies to log lines only: spans for traces are kept whatever RUST_LOG says, so trace
     // context always propagates.
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // kube-client logs the whole response body (every object of a LIST, Secrets included) at warn when it
+    // cannot decode it; the controller reports such failures itself, without the body.
+    if let Ok(quiet) = "kube_client::client=error".parse() {
+        filter = filter.add_directive(quiet);
+    }
     let fmt = match format {
         LogFormat::Human => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(filter).boxed(),
         LogFormat::Json => {

@@ -9,6 +9,8 @@ use std::net::IpAddr;
 
 use base64::Engine as _;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
 use crate::crd::{FileValueType, MachineSpec, NixosConfigurationSpec};
 
 /// Longest relative path accepted (configurationSubdir, additionalFiles paths).
@@ -150,6 +152,10 @@ pub fn git_repo(field: &str, s: &str) -> Check {
     if s.chars().any(char::is_whitespace) {
         return fail(field, "repository URL must not contain whitespace");
     }
+    if s.split('/').next().is_some_and(|head| head.contains("::")) {
+        // git's remote-helper syntax (`ext::cmd`, `fd::…`) runs programs; never a plain repository
+        return fail(field, "remote-helper syntax `transport::address` is not allowed; use https, ssh, git or file");
+    }
     if !s.contains("://") {
         // scp-like syntax: [user@]host:path
         let Some((userhost, path)) = s.split_once(':') else {
@@ -185,6 +191,10 @@ pub fn git_repo(field: &str, s: &str) -> Check {
     }
     if url.scheme() != "file" && url.host_str().is_none_or(str::is_empty) {
         return fail(field, "repository URL needs a host");
+    }
+    if url.host_str().is_some_and(|h| h.starts_with('-')) || url.username().starts_with('-') {
+        // a transport would take `-oProxyCommand=…` for an option
+        return fail(field, "repository host and user must not start with `-`");
     }
     Ok(())
 }
@@ -400,6 +410,11 @@ impl Collector {
             self.0.push(e);
         }
     }
+    fn merge(&mut self, r: Result<(), Invalid>) {
+        if let Err(Invalid(errors)) = r {
+            self.0.extend(errors);
+        }
+    }
     fn finish(self) -> Result<(), Invalid> {
         if self.0.is_empty() { Ok(()) } else { Err(Invalid(self.0)) }
     }
@@ -426,6 +441,78 @@ pub fn machine_spec(spec: &MachineSpec) -> Result<(), Invalid> {
     c.finish()
 }
 
+/// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters, alphanumeric
+/// at both ends, with `-`, `_` and `.` inside (what the apiserver accepts).
+pub fn label_key(field: &str, key: &str) -> Check {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix
+        && dns_subdomain(field, p).is_err()
+    {
+        return fail(field, format!("label key {key:?}: the prefix must be a DNS subdomain"));
+    }
+    if name.is_empty() || !label_value_chars(name) {
+        return fail(
+            field,
+            format!("label key {key:?}: name must be 1-63 characters, alphanumeric at both ends, with - _ . inside"),
+        );
+    }
+    Ok(())
+}
+
+fn label_value_chars(v: &str) -> bool {
+    v.len() <= 63
+        && v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && v.chars().next().is_none_or(|c| c.is_ascii_alphanumeric())
+        && v.chars().last().is_none_or(|c| c.is_ascii_alphanumeric())
+}
+
+/// A label value: empty, or at most 63 characters, alphanumeric at both ends, with `-`, `_` and `.` inside.
+pub fn label_value(field: &str, v: &str) -> Check {
+    if label_value_chars(v) {
+        Ok(())
+    } else {
+        fail(field, format!("label value {v:?}: at most 63 characters, alphanumeric at both ends, - _ . inside"))
+    }
+}
+
+/// A label selector as the apiserver reads it: valid keys and values, and an operator it knows (an unknown
+/// operator must never quietly select another set of machines).
+pub fn label_selector(field: &str, sel: &LabelSelector) -> Result<(), Invalid> {
+    let mut c = Collector::default();
+    for (k, v) in sel.match_labels.iter().flatten() {
+        c.check(label_key(&format!("{field}.matchLabels"), k));
+        c.check(label_value(&format!("{field}.matchLabels[{k}]"), v));
+    }
+    for (i, e) in sel.match_expressions.iter().flatten().enumerate() {
+        let f = format!("{field}.matchExpressions[{i}]");
+        c.check(label_key(&format!("{f}.key"), &e.key));
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" | "NotIn" => {
+                if values.is_empty() {
+                    c.check(fail(&format!("{f}.values"), "In and NotIn need at least one value"));
+                }
+                for (j, v) in values.iter().enumerate() {
+                    c.check(label_value(&format!("{f}.values[{j}]"), v));
+                }
+            }
+            "Exists" | "DoesNotExist" => {
+                if !values.is_empty() {
+                    c.check(fail(&format!("{f}.values"), "Exists and DoesNotExist take no values"));
+                }
+            }
+            other => c.check(fail(
+                &format!("{f}.operator"),
+                format!("unknown operator {other:?}; use In, NotIn, Exists or DoesNotExist"),
+            )),
+        }
+    }
+    c.finish()
+}
+
 /// Validates a NixosConfiguration spec; every broken rule is reported.
 pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> {
     let mut c = Collector::default();
@@ -440,7 +527,7 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
     }
     match (&spec.machine_ref, &spec.machine_selector) {
         (Some(name), None) => c.check(dns_subdomain("spec.machineRef", name)),
-        (None, Some(_)) => {}
+        (None, Some(sel)) => c.merge(label_selector("spec.machineSelector", sel)),
         (Some(_), Some(_)) => c.check(fail("spec.machineRef", "set either machineRef or machineSelector, not both")),
         (None, None) => c.check(fail("spec.machineRef", "set machineRef (one machine) or machineSelector (a fleet)")),
     }

@@ -4,6 +4,7 @@
 use nio_shared::crd::{AdditionalFile, FileValueType, MachineSpec, NixosConfigurationSpec, SecretKeyRef};
 use nio_shared::validate::{self, Invalid};
 use proptest::prelude::*;
+use serde_json::json;
 
 fn config() -> NixosConfigurationSpec {
     serde_json::from_value(serde_json::json!({
@@ -14,6 +15,10 @@ fn config() -> NixosConfigurationSpec {
 
 fn machine() -> MachineSpec {
     serde_json::from_value(serde_json::json!({"hostname": "web-01.dc1.example.org"})).unwrap()
+}
+
+fn selector(v: serde_json::Value) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+    serde_json::from_value(v).unwrap()
 }
 
 fn rejected(spec: &NixosConfigurationSpec) -> Invalid {
@@ -38,6 +43,16 @@ fn upstream_style_examples_are_accepted() {
         c.configuration_subdir = sub.map(Into::into);
         assert_eq!(validate::configuration_spec(&c), Ok(()), "{repo} {r} {flake}");
     }
+    let mut fleet = config();
+    fleet.machine_ref = None;
+    fleet.machine_selector = Some(selector(json!({
+        "matchLabels": {"app.kubernetes.io/part-of": "web", "env": ""},
+        "matchExpressions": [
+            {"key": "rack", "operator": "DoesNotExist"},
+            {"key": "example.org/tier", "operator": "NotIn", "values": ["db", "cache_1"]},
+        ]
+    })));
+    assert_eq!(validate::configuration_spec(&fleet), Ok(()));
     for host in ["web-01", "web-01.dc1.example.org", "10.0.0.1", "fd00::1", "::1"] {
         let mut m = machine();
         m.hostname = host.into();
@@ -126,6 +141,42 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
         ("spec.pollInterval", |c| c.poll_interval = Some("1s".into())),
         ("spec.pollInterval", |c| c.poll_interval = Some("five minutes".into())),
         ("spec.credentialsRef", |c| c.credentials_ref = Some("../other".into())),
+        ("spec.gitRepo", |c| c.git_repo = "ext::/path/to/cmd".into()),
+        ("spec.gitRepo", |c| c.git_repo = "fd::17".into()),
+        ("spec.gitRepo", |c| c.git_repo = "ssh://-oProxyCommand=touch%20x/repo.git".into()),
+        ("spec.gitRepo", |c| c.git_repo = "ssh://-oProxyCommand@example.org/repo.git".into()),
+        ("spec.onRemoveFlake", |c| c.on_remove_flake = Some(format!("#{}", "a".repeat(300)))),
+        ("spec.machineSelector.matchExpressions[0].operator", |c| {
+            c.machine_ref = None;
+            c.machine_selector =
+                Some(selector(json!({"matchExpressions": [{"key": "role", "operator": "NotExists"}]})));
+        }),
+        ("spec.machineSelector.matchExpressions[0].key", |c| {
+            c.machine_ref = None;
+            c.machine_selector = Some(selector(json!({"matchExpressions": [{"key": "!role", "operator": "Exists"}]})));
+        }),
+        ("spec.machineSelector.matchExpressions[0].values", |c| {
+            c.machine_ref = None;
+            c.machine_selector = Some(selector(json!({"matchExpressions": [{"key": "role", "operator": "In"}]})));
+        }),
+        ("spec.machineSelector.matchExpressions[0].values", |c| {
+            c.machine_ref = None;
+            c.machine_selector =
+                Some(selector(json!({"matchExpressions": [{"key": "role", "operator": "Exists", "values": ["x"]}]})));
+        }),
+        ("spec.machineSelector.matchExpressions[0].values[0]", |c| {
+            c.machine_ref = None;
+            c.machine_selector =
+                Some(selector(json!({"matchExpressions": [{"key": "role", "operator": "In", "values": ["a b"]}]})));
+        }),
+        ("spec.machineSelector.matchLabels", |c| {
+            c.machine_ref = None;
+            c.machine_selector = Some(selector(json!({"matchLabels": {"bad key!": "x"}})));
+        }),
+        ("spec.machineSelector.matchLabels[role]", |c| {
+            c.machine_ref = None;
+            c.machine_selector = Some(selector(json!({"matchLabels": {"role": "-web"}})));
+        }),
         ("spec.healthCheck.command[1]", |c| {
             c.health_check = Some(nio_shared::crd::HealthCheck {
                 enabled: true,

@@ -34,7 +34,8 @@ pub struct Options {
     pub listen: SocketAddr,
     /// Directory of CRD YAML files registered at start.
     pub crds_dir: Option<PathBuf>,
-    /// Watch events kept for resuming watches; older resourceVersions get 410 Gone.
+    /// Watch events kept for resuming watches; older resourceVersions get 410 Gone (as after etcd compacts).
+    /// Bounded: each event holds the object as it was, so history is most of the simulator's memory.
     pub history: usize,
     /// Interval between watch bookmarks for watches that ask for them.
     pub bookmark_interval: Duration,
@@ -46,7 +47,7 @@ impl Default for Options {
             name: "kubesim".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             crds_dir: default_crds_dir(),
-            history: 200_000,
+            history: 50_000,
             bookmark_interval: Duration::from_secs(5),
         }
     }
