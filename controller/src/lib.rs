@@ -26,8 +26,8 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::Api;
-use kube::runtime::{Controller, controller, watcher};
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
 use tokio_util::sync::CancellationToken;
 
@@ -132,6 +132,115 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     }
 }
 
+/// An API of `K` that lists and watches it as untyped objects, so each is decoded on its own.
+fn untyped<K>(client: &kube::Client, ns: Option<&str>) -> Api<DynamicObject>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let ar = ApiResource::erase::<K>(&());
+    match ns {
+        Some(n) => Api::namespaced_with(client.clone(), n, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
+}
+
+/// A watch of `K` that decodes objects one at a time. An object that does not decode (say, stored before the
+/// CRD bounded one of its fields) is skipped and reported (log line naming it, `undecodable_objects_total`,
+/// a Warning Event on it); every other object is still watched. A typed watch would fail the whole LIST and
+/// stop reconciling everything.
+fn decoded<K>(
+    api: Api<DynamicObject>,
+    ctx: Arc<reconcile::Ctx>,
+    kind: &'static str,
+) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + Send + 'static,
+{
+    watcher(api, watcher::Config::default()).filter_map(move |ev| {
+        let ctx = ctx.clone();
+        async move {
+            let decode = |o: DynamicObject| -> Option<K> {
+                match o.clone().try_parse::<K>() {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        report_undecodable(&ctx, kind, &o, &e.to_string());
+                        None
+                    }
+                }
+            };
+            match ev {
+                Ok(watcher::Event::Apply(o)) => decode(o).map(|k| Ok(watcher::Event::Apply(k))),
+                Ok(watcher::Event::InitApply(o)) => decode(o).map(|k| Ok(watcher::Event::InitApply(k))),
+                Ok(watcher::Event::Delete(o)) => decode(o).map(|k| Ok(watcher::Event::Delete(k))),
+                Ok(watcher::Event::Init) => Some(Ok(watcher::Event::Init)),
+                Ok(watcher::Event::InitDone) => Some(Ok(watcher::Event::InitDone)),
+                Err(e) => Some(Err(e)),
+            }
+        }
+    })
+}
+
+fn report_undecodable(ctx: &Arc<reconcile::Ctx>, kind: &'static str, o: &DynamicObject, error: &str) {
+    let (ns, name) = (o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default());
+    tracing::warn!(kind, namespace = %ns, name = %name, error, "skipping an object that does not decode; fix or delete it");
+    ctx.metrics.undecodable.get_or_create(&metrics::KindLabel { kind: kind.into() }).inc();
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(format!("{}/{}", nio_shared::crd::GROUP, nio_shared::crd::VERSION)),
+        kind: Some(kind.into()),
+        name: Some(name),
+        namespace: Some(ns),
+        uid: o.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let (ctx, note) = (ctx.clone(), format!("NIO cannot read this {kind} and ignores it until it is fixed: {error}"));
+    tokio::spawn(async move { ctx.event_on(&reference, true, "Undecodable", note, "Watch").await });
+}
+
+/// Every change to a Machine (a deletion shows as a machine being deleted), for mapping to configurations.
+fn machine_touches(
+    api: Api<DynamicObject>,
+    ctx: Arc<reconcile::Ctx>,
+) -> impl futures::Stream<Item = Result<Machine, watcher::Error>> + Send + 'static {
+    decoded::<Machine>(api, ctx, "Machine").default_backoff().filter_map(|ev| async move {
+        match ev {
+            Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => Some(Ok(m)),
+            Ok(watcher::Event::Delete(mut m)) => {
+                if m.metadata.deletion_timestamp.is_none() {
+                    m.metadata.deletion_timestamp =
+                        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
+                }
+                Some(Ok(m))
+            }
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        }
+    })
+}
+
+/// A hash of what a rollout plan reads from a Machine: labels, spec (generation), deletion, and the targets in
+/// its status.
+fn plan_fingerprint(m: &Machine) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.metadata.labels.hash(&mut h);
+    m.metadata.generation.hash(&mut h);
+    m.metadata.deletion_timestamp.is_some().hash(&mut h);
+    if let Some(s) = &m.status {
+        (&s.applied_target, &s.applied_configuration, &s.queued_target, &s.failed_target).hash(&mut h);
+        (s.installed_at.is_some(), s.has_configuration, s.phase.map(|p| p as u8)).hash(&mut h);
+    }
+    h.finish()
+}
+
+/// What the caches keep of an object: not its managedFields nor kubectl's last-applied copy (together often
+/// more than the object itself), which the controller never reads.
+fn slim<K: kube::Resource>(o: &mut K) {
+    o.meta_mut().managed_fields = None;
+    if let Some(a) = o.meta_mut().annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
 /// What `/readyz` reports: the process is up, and (while leading) its watches can list.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -195,7 +304,6 @@ async fn lead(
     }
     let consumer = status::consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(status::consumer::run(ctx.clone(), consumer, stop.clone()));
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
     let secret_watch = watcher::Config::default().labels(&format!(
         "{}={}",
@@ -205,30 +313,47 @@ async fn lead(
     let scopes: Vec<Option<String>> =
         if s.namespaces.is_empty() { vec![None] } else { s.namespaces.iter().cloned().map(Some).collect() };
     for ns in scopes {
-        let (configs, machines): (Api<NixosConfiguration>, Api<Machine>) = match &ns {
-            Some(n) => (Api::namespaced(client.clone(), n), Api::namespaced(client.clone(), n)),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
+        let (configs, machines) =
+            (untyped::<NixosConfiguration>(client, ns.as_deref()), untyped::<Machine>(client, ns.as_deref()));
         // A short trailing debounce coalesces bursts of Machine updates without delaying a spec or refresh
         // change by much.
-        let cfg_ctl = Controller::new(configs, watcher::Config::default())
+        let (store, writer) = reflector::store();
+        let cfg_stream = decoded::<NixosConfiguration>(configs, ctx.clone(), "NixosConfiguration")
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer)
+            .applied_objects();
+        let cfg_ctl = Controller::for_stream(cfg_stream, store.clone())
             .with_config(controller::Config::default().debounce(Duration::from_millis(100)));
-        let store = cfg_ctl.store();
         let cfg_ctl_store = store.clone();
         config_stores.push(store.clone());
         let secrets: Api<Secret> = match &ns {
             Some(n) => Api::namespaced(client.clone(), n),
             None => Api::all(client.clone()),
         };
+        // Machine changes that can change a plan: not probe times, facts or progress steps (a fleet's
+        // reconcile lists its machines; re-running it for each of those would cost a LIST per status write).
+        let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
         let cfg_ctl = cfg_ctl
-            .watches(machines.clone(), watcher::Config::default(), move |m: Machine| {
+            .watches_stream(machine_touches(machines.clone(), ctx.clone()), move |m: Machine| {
+                let fingerprint = plan_fingerprint(&m);
+                let changed = seen
+                    .lock()
+                    .map(|mut s| {
+                        if m.metadata.deletion_timestamp.is_some() {
+                            s.remove(&m.uid().unwrap_or_default());
+                            return true;
+                        }
+                        s.insert(m.uid().unwrap_or_default(), fingerprint) != Some(fingerprint)
+                    })
+                    .unwrap_or(true);
                 // A machine queued or applying changes nothing the configuration acts on (its own writes and
                 // progress events); its end, a new machine, a label change or a deletion does.
                 let busy = matches!(
                     m.status.as_ref().and_then(|s| s.phase),
                     Some(MachinePhase::Queued | MachinePhase::Applying)
                 ) && m.metadata.deletion_timestamp.is_none();
-                if busy {
+                if busy || !changed {
                     return Vec::new();
                 }
                 // The configurations that select it now, and the one it last ran (its labels may have moved
@@ -271,8 +396,14 @@ async fn lead(
                 }
             });
         tasks.spawn(cfg_ctl);
-        let m_ctl = Controller::new(machines, watcher::Config::default());
-        machine_stores.push(m_ctl.store());
+        let (m_store, m_writer) = reflector::store();
+        let m_stream = decoded::<Machine>(machines, ctx.clone(), "Machine")
+            .default_backoff()
+            .modify(slim)
+            .reflect(m_writer)
+            .applied_objects();
+        let m_ctl = Controller::for_stream(m_stream, m_store.clone());
+        machine_stores.push(m_store);
         let m_ctl = m_ctl
             .graceful_shutdown_on({
                 let stop = stop.clone();
@@ -288,6 +419,7 @@ async fn lead(
             });
         tasks.spawn(m_ctl);
     }
+    tasks.spawn(status::consumer::run(ctx.clone(), consumer, machine_stores.clone(), stop.clone()));
     tasks.spawn(phase_gauge(config_stores, machine_stores, ctx.clone(), stop.clone()));
 
     let end = match elector {

@@ -42,7 +42,7 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         let known = m.status.as_ref().and_then(|s| conditions::message(&s.conditions, "Invalid").map(str::to_string));
         if known.as_deref() != Some(msg.as_str()) {
             ctx.event(m, true, "InvalidSpec", msg.clone(), "Validate").await;
-            update_machine_status(ctx, &ns, &name, |m| {
+            update_machine_status(ctx, &ns, &name, Some(m), |m| {
                 let mut s = m.status.clone().unwrap_or_default();
                 conditions::set(&mut s.conditions, "Invalid", true, "InvalidSpec", &msg, generation);
                 s.observed_generation = generation;
@@ -54,7 +54,7 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
     }
     let status = m.status.clone().unwrap_or_default();
     if conditions::is_true(&status.conditions, "Invalid") {
-        update_machine_status(ctx, &ns, &name, |m| {
+        update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             conditions::set(&mut s.conditions, "Invalid", false, "Valid", "", generation);
             Some(s)
@@ -71,7 +71,7 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         let action = if status.hardware_facts.is_none() { JobAction::Scan } else { JobAction::Probe };
         let job = crate::publish::probe_job(&ctx.cluster, m, action);
         ctx.publisher.publish(&job).await?;
-        update_machine_status(ctx, &ns, &name, |m| {
+        update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             s.last_probe_time = Some(conditions::time(chrono::Utc::now()));
             Some(s)

@@ -67,6 +67,7 @@ pub struct Metrics {
     pub configurations_degraded: Family<ReasonLabel, Gauge>,
     pub leader: Gauge,
     pub watch_errors: Family<KindLabel, Counter>,
+    pub undecodable: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -81,6 +82,7 @@ impl Metrics {
         let machines = Family::<PhaseLabel, Gauge>::default();
         let leader = Gauge::default();
         let watch_errors = Family::<KindLabel, Counter>::default();
+        let undecodable = Family::<KindLabel, Counter>::default();
         let machines_drifted = Gauge::default();
         let configuration_machines = Family::<ConfigLabels, Gauge>::default();
         let configurations_degraded = Family::<ReasonLabel, Gauge>::default();
@@ -119,8 +121,14 @@ impl Metrics {
             "Failed list/watch calls by kind (e.g. an object that does not decode); /readyz is 503 meanwhile",
             watch_errors.clone(),
         );
+        registry.register(
+            "undecodable_objects",
+            "Watch events carrying an object that does not decode (skipped; the object has a Warning Event)",
+            undecodable.clone(),
+        );
         for kind in ["NixosConfiguration", "Machine"] {
             let _ = watch_errors.get_or_create(&KindLabel { kind: kind.into() }).get();
+            let _ = undecodable.get_or_create(&KindLabel { kind: kind.into() }).get();
         }
         Metrics {
             registry,
@@ -134,6 +142,7 @@ impl Metrics {
             configurations_degraded,
             leader,
             watch_errors,
+            undecodable,
         }
     }
 

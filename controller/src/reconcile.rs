@@ -61,7 +61,11 @@ impl Ctx {
         note: String,
         action: &str,
     ) {
-        let r: ObjectReference = obj.object_ref(&());
+        self.event_on(&obj.object_ref(&()), warning, reason, note, action).await;
+    }
+
+    /// Records a Kubernetes Event about the object `r` refers to; failures are logged, never fatal.
+    pub async fn event_on(&self, r: &ObjectReference, warning: bool, reason: &str, note: String, action: &str) {
         let ev = KubeEvent {
             type_: if warning { EventType::Warning } else { EventType::Normal },
             reason: reason.to_string(),
@@ -69,7 +73,7 @@ impl Ctx {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &r).await {
+        if let Err(e) = self.recorder.publish(&ev, r).await {
             tracing::warn!(error = %e, reason, "recording an Event failed");
         }
     }
@@ -113,7 +117,8 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
         return m.metadata.name.as_ref() == Some(name);
     }
     let Some(sel) = &cfg.spec.machine_selector else { return false };
-    let labels = m.metadata.labels.clone().unwrap_or_default();
+    let empty = std::collections::BTreeMap::new();
+    let labels = m.metadata.labels.as_ref().unwrap_or(&empty);
     let ok_labels = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     let ok_exprs = sel.match_expressions.iter().flatten().all(|e| {
         let vals = e.values.clone().unwrap_or_default();
@@ -203,16 +208,27 @@ async fn desired(ctx: &Ctx, cfg: &NixosConfiguration, commit: String) -> Result<
     Ok(Desired { commit, generation: cfg.metadata.generation.unwrap_or(0), secrets, secrets_hash })
 }
 
-/// Read-modify-write of a Machine's status with optimistic concurrency (retried on conflict).
+/// Read-modify-write of a Machine's status with optimistic concurrency (retried on conflict). `known` is a copy
+/// the caller already has (from the cache or a list): the first attempt writes from it with its
+/// resourceVersion as precondition, and only a conflict costs a GET. A rollout thus costs one request per
+/// machine write instead of two.
 pub async fn update_machine_status(
     ctx: &Ctx,
     ns: &str,
     name: &str,
+    known: Option<&Machine>,
     f: impl Fn(&Machine) -> Option<MachineStatus>,
 ) -> Result<Option<Machine>> {
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), ns);
+    let mut known = known.filter(|m| m.metadata.resource_version.is_some()).cloned();
     for attempt in 0..8 {
-        let Some(m) = api.get_opt(name).await? else { return Ok(None) };
+        let m = match known.take() {
+            Some(m) => m,
+            None => match api.get_opt(name).await? {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
         let Some(status) = f(&m) else { return Ok(Some(m)) };
         let patch = serde_json::json!({
             "apiVersion": "nixos.infra/v1alpha1",
@@ -223,6 +239,7 @@ pub async fn update_machine_status(
         match api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
             Ok(m) => return Ok(Some(m)),
             Err(kube::Error::Api(e)) if e.code == 409 && attempt < 7 => continue,
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
             Err(e) => return Err(e.into()),
         }
     }
@@ -447,7 +464,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
                 let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
                 ctx.publisher.publish(&job).await?;
                 let cfg_name = cfg.name_any();
-                update_machine_status(ctx, &m.namespace().unwrap_or_default(), &name, |m| {
+                update_machine_status(ctx, &m.namespace().unwrap_or_default(), &name, Some(m), |m| {
                     let mut s = m.status.clone().unwrap_or_default();
                     mark_queued(&mut s, target, &job.id, job.action);
                     s.has_configuration = Some(true);
@@ -476,7 +493,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .filter(|m| m.status.as_ref().and_then(|s| s.has_configuration) != Some(true))
         .filter(|m| !queued.contains(&m.name_any()))
     {
-        update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), |m| {
+        update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             (s.has_configuration != Some(true)).then(|| {
                 s.has_configuration = Some(true);
@@ -604,7 +621,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .collect();
     let Some(_) = &cfg.spec.on_remove_flake else {
         for m in &attached {
-            update_machine_status(ctx, &ns, &m.name_any(), |m| {
+            update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {
                 let mut s = m.status.clone().unwrap_or_default();
                 s.has_configuration = Some(false);
                 s.applied_configuration = None;
@@ -629,7 +646,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .collect();
     if pending.is_empty() {
         for m in &attached {
-            update_machine_status(ctx, &ns, &m.name_any(), |m| {
+            update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {
                 let mut s = m.status.clone().unwrap_or_default();
                 (s.has_configuration != Some(false)).then(|| {
                     s.has_configuration = Some(false);
@@ -671,7 +688,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             continue;
         }
         ctx.publisher.publish(&job).await?;
-        update_machine_status(ctx, &ns, &m.name_any(), |m| {
+        update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             mark_queued(&mut s, &t, &job.id, job.action);
             Some(s)

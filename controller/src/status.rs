@@ -317,8 +317,14 @@ pub mod consumer {
             .await?)
     }
 
-    /// Runs until `stop`.
-    pub async fn run(ctx: Arc<Ctx>, consumer: PullConsumer, stop: CancellationToken) {
+    /// Runs until `stop`. `machines` are the controllers' caches: an event is written from the cached Machine
+    /// (with its resourceVersion as precondition), so it costs one request unless the cache is behind.
+    pub async fn run(
+        ctx: Arc<Ctx>,
+        consumer: PullConsumer,
+        machines: Vec<kube::runtime::reflector::Store<nio_shared::crd::Machine>>,
+        stop: CancellationToken,
+    ) {
         loop {
             if stop.is_cancelled() {
                 return;
@@ -345,14 +351,17 @@ pub mod consumer {
                     }
                 }
             }
-            let work = groups.into_values().map(|group| {
+            let work = groups.into_iter().map(|((ns, name), group)| {
                 let ctx = ctx.clone();
+                let reference = kube::runtime::reflector::ObjectRef::new(&name).within(&ns);
+                let mut known = machines.iter().find_map(|s| s.get(&reference)).map(|m| (*m).clone());
                 async move {
                     for (msg, ev) in group {
                         let span = tracing::info_span!("status.apply", otel.kind = "consumer", nio.cluster = %ev.cluster, nio.phase = ?ev.phase, nio.action = ev.action.as_str());
                         nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
-                        match apply(&ctx, &ev).instrument(span).await {
-                            Ok(()) => {
+                        match apply(&ctx, &ev, known.take()).instrument(span).await {
+                            Ok(latest) => {
+                                known = latest;
                                 let _ = msg.ack().await;
                             }
                             Err(e) => {
@@ -393,17 +402,22 @@ pub mod consumer {
     /// Most status events applied in one round.
     const BATCH: usize = 256;
 
-    /// Applies one event to its Machine and records the Events it calls for.
-    pub async fn apply(ctx: &Ctx, ev: &StatusEvent) -> Result<()> {
+    /// Applies one event to its Machine (starting from `known`, a recent copy, when there is one) and records
+    /// the Events it calls for; returns the Machine as written.
+    pub async fn apply(
+        ctx: &Ctx,
+        ev: &StatusEvent,
+        known: Option<nio_shared::crd::Machine>,
+    ) -> Result<Option<nio_shared::crd::Machine>> {
         if ev.cluster != ctx.cluster {
-            return Ok(());
+            return Ok(None);
         }
         ctx.metrics
             .status_events
             .get_or_create(&EventLabels { phase: format!("{:?}", ev.phase), action: ev.action.as_str().into() })
             .inc();
         let notes: Mutex<Vec<Note>> = Mutex::new(Vec::new());
-        let updated = update_machine_status(ctx, &ev.namespace, &ev.machine, |m| {
+        let updated = update_machine_status(ctx, &ev.namespace, &ev.machine, known.as_ref(), |m| {
             let status = m.status.clone().unwrap_or_default();
             // Progress steps of a machine already marked Applying change nothing worth a write.
             if ev.phase == Phase::Step && status.phase == Some(MachinePhase::Applying) {
@@ -418,13 +432,13 @@ pub mod consumer {
         .await?;
         let Some(machine) = updated else {
             tracing::info!(machine = %ev.machine, namespace = %ev.namespace, "status event for a Machine that no longer exists");
-            return Ok(());
+            return Ok(None);
         };
         let notes = notes.into_inner().unwrap_or_default();
         for n in notes {
             ctx.event(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
         }
         tracing::debug!(machine = %machine.name_any(), phase = ?ev.phase, "status applied");
-        Ok(())
+        Ok(Some(machine))
     }
 }

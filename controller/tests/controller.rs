@@ -5,6 +5,7 @@
 mod common;
 
 nio_loadtest::on_both!(
+    one_object_that_does_not_decode_is_skipped_and_named_and_the_rest_reconcile,
     rollout_events_are_recorded_once_and_conditions_keep_their_transition_time,
     secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once,
     a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once,
@@ -777,6 +778,55 @@ async fn rollout_events_are_recorded_once_and_conditions_keep_their_transition_t
             .sum()
     };
     assert_eq!((count("NewCommit"), count("RolloutComplete")), (1, 1), "each recorded once");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A configuration stored before the CRD bounded `maxParallel` holds a value the controller cannot decode. It
+/// must cost only itself: the other configurations reconcile, the bad one gets a Warning Event naming the
+/// problem, and the controller stays ready.
+async fn one_object_that_does_not_decode_is_skipped_and_named_and_the_rest_reconcile(backend: Backend) {
+    init_logs();
+    let old_crds = tempfile::tempdir().unwrap();
+    for f in ["machine.yaml", "nixosconfiguration.yaml"] {
+        let text = std::fs::read_to_string(nio_loadtest::testkube::repo_root().join("crds").join(f)).unwrap();
+        let unbounded: String =
+            text.lines().filter(|l| !l.trim_start().starts_with("maximum:")).map(|l| format!("{l}\n")).collect();
+        std::fs::write(old_crds.path().join(f), unbounded).unwrap();
+    }
+    let kube = TestCluster::start_with_crds(backend, old_crds.path()).await.unwrap();
+    let env = Env::with_cluster(kube, nio_loadtest::nats::NatsServer::start().await.unwrap()).await;
+    env.machine("m1", "dc1", &[]).await;
+    env.machine("m2", "dc1", &[]).await;
+    let untyped: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        env.client.clone(),
+        &env.ns,
+        &kube::api::ApiResource::erase::<nio_shared::crd::NixosConfiguration>(&()),
+    );
+    let bad: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": "bad"},
+        "spec": {"gitRepo": env.repo.url(), "ref": "main", "flake": "#web", "machineRef": "m1",
+                 "rollout": {"maxParallel": 99_999_999_999u64}}
+    }))
+    .unwrap();
+    untyped.create(&PostParams::default(), &bad).await.unwrap();
+    env.config("good", json!({"machineRef": "m2"})).await;
+    let h = nio_loadtest::procs::free_port().unwrap();
+    let mut settings = env.settings("prod", "c1");
+    settings.health_addr = Some(([127, 0, 0, 1], h).into());
+    let (stop, task) = env.spawn(settings);
+    env.eventually(T, "the good configuration's job", || env.job_on(env.subject("dc1", "apply", "prod", "m2"))).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let note = env
+        .eventually(T, "the Undecodable Event", || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            let e = list.items.into_iter().find(|e| e.reason.as_deref() == Some("Undecodable"))?;
+            (e.regarding.as_ref()?.name.as_deref() == Some("bad")).then_some(e.note?)
+        })
+        .await;
+    assert!(note.contains("99999999999") || note.contains("u32"), "{note}");
+    assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none());
+    assert_eq!(http_get(h, "/readyz").await, Some((200, "leading".into())));
     stop.cancel();
     task.await.unwrap().unwrap();
 }

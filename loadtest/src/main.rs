@@ -71,6 +71,18 @@ enum Command {
     ControllerBench {
         #[arg(long, default_value_t = 1000)]
         machines: usize,
+        /// Fleet configurations selecting the machines by label; 0: one configuration per machine.
+        #[arg(long, default_value_t = 0)]
+        configurations: usize,
+        /// `sim` (kubesim) or `real` (etcd + kube-apiserver from `make setup`; reports API requests by verb).
+        #[arg(long, default_value = "sim", value_parser = ["sim", "real"])]
+        backend: String,
+        /// Seconds to watch the idle controller after the rollout (steady-state requests).
+        #[arg(long, default_value_t = 0)]
+        steady: u64,
+        /// Keep the controller's log and final metrics here.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
     },
     /// Measure the simulator: creates and status patches per second with concurrent watchers.
     KubesimBench {
@@ -202,8 +214,20 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::ControllerBench { machines } => {
-            let report = nio_loadtest::ctlbench::run(machines).await?;
+        Command::ControllerBench { machines, configurations, backend, steady, work_dir } => {
+            let backend = if backend == "real" {
+                nio_loadtest::testkube::Backend::Real
+            } else {
+                nio_loadtest::testkube::Backend::Sim
+            };
+            let bench = nio_loadtest::ctlbench::CtlBench {
+                machines,
+                configurations,
+                backend,
+                steady: std::time::Duration::from_secs(steady),
+                work_dir,
+            };
+            let report = nio_loadtest::ctlbench::run(bench).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

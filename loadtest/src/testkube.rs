@@ -31,6 +31,8 @@ pub struct TestCluster {
     /// The real control plane, when `backend` is `Real`.
     pub endpoint: Option<Endpoint>,
     sim: Option<KubeSim>,
+    /// A control plane of the test's own (see [`TestCluster::start_with_crds`]).
+    own: Option<(RealKube, tempfile::TempDir)>,
 }
 
 /// The test binary's real control plane.
@@ -105,14 +107,37 @@ pub fn shared_real() -> anyhow::Result<SharedReal> {
 
 impl TestCluster {
     pub async fn start(backend: Backend) -> anyhow::Result<Self> {
+        Self::start_in(backend, None).await
+    }
+
+    /// A cluster of its own with the CRDs of `crds` (say, an older version of NIO's) instead of `crds/`. On the
+    /// real backend that is a fresh control plane (a few seconds), with admin credentials only.
+    pub async fn start_with_crds(backend: Backend, crds: &std::path::Path) -> anyhow::Result<Self> {
+        Self::start_in(backend, Some(crds)).await
+    }
+
+    async fn start_in(backend: Backend, crds: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-        let (mut config, endpoint, sim) = match backend {
-            Backend::Sim => {
-                let sim = KubeSim::start(Options::default()).await?;
+        let mut own = None;
+        let (mut config, endpoint, sim) = match (backend, crds) {
+            (Backend::Sim, _) => {
+                let opts = match crds {
+                    Some(dir) => Options { crds_dir: Some(dir.to_path_buf()), ..Default::default() },
+                    None => Options::default(),
+                };
+                let sim = KubeSim::start(opts).await?;
                 (kube::Config::new(sim.url().parse()?), None, Some(sim))
             }
-            Backend::Real => {
+            (Backend::Real, None) => {
                 let endpoint = shared_real()?.endpoint;
+                (endpoint.config().await?, Some(endpoint), None)
+            }
+            (Backend::Real, Some(dir)) => {
+                let tmp = tempfile::tempdir()?;
+                let kube = RealKube::start(&tmp.path().join("realkube"), 0).await?;
+                crate::realkube::install_crds(&kube.client().await?, dir).await?;
+                let endpoint = kube.endpoint.clone();
+                own = Some((kube, tmp));
                 (endpoint.config().await?, Some(endpoint), None)
             }
         };
@@ -126,7 +151,7 @@ impl TestCluster {
             .create(&PostParams::default(), &ns)
             .await
             .context("creating the test namespace")?;
-        Ok(TestCluster { backend, namespace, config, client, endpoint, sim })
+        Ok(TestCluster { backend, namespace, config, client, endpoint, sim, own })
     }
 
     /// An admin kubeconfig whose context's namespace is the test's.
@@ -143,18 +168,18 @@ impl TestCluster {
     /// What the controller runs with: on the real apiserver the `nio-controller` ServiceAccount's token,
     /// bound only by `deploy/base`'s RBAC (so a permission missing there fails the test); on kubesim, admin.
     pub async fn controller_config(&self) -> anyhow::Result<kube::Config> {
-        match &self.endpoint {
-            Some(e) => e.config_for(&shared_real()?.controller_token, &self.namespace).await,
-            None => Ok(self.config.clone()),
+        match (&self.endpoint, &self.own) {
+            (Some(e), None) => e.config_for(&shared_real()?.controller_token, &self.namespace).await,
+            _ => Ok(self.config.clone()),
         }
     }
 
     /// The namespace the controller's leader-election Lease lives in (`deploy/base` grants Leases only in
     /// `nio-system`).
     pub fn lease_namespace(&self) -> &str {
-        match self.backend {
-            Backend::Real => "nio-system",
-            Backend::Sim => &self.namespace,
+        match (self.backend, &self.own) {
+            (Backend::Real, None) => "nio-system",
+            _ => &self.namespace,
         }
     }
 

@@ -10,7 +10,7 @@ use kube::api::{Api, PostParams};
 use nio_loadtest::gitrepo::GitRepo;
 use nio_loadtest::nats::NatsServer;
 pub use nio_loadtest::testkube::Backend;
-use nio_loadtest::testkube::TestCluster;
+pub use nio_loadtest::testkube::TestCluster;
 use nio_shared::crd::{Machine, NixosConfiguration};
 use nio_shared::protocol::{Job, Phase, StatusEvent};
 use serde_json::json;
@@ -53,7 +53,10 @@ impl Env {
     }
 
     pub async fn with_nats(backend: Backend, nats: NatsServer) -> Self {
-        let kube = TestCluster::start(backend).await.unwrap();
+        Self::with_cluster(TestCluster::start(backend).await.unwrap(), nats).await
+    }
+
+    pub async fn with_cluster(kube: TestCluster, nats: NatsServer) -> Self {
         let client = kube.client.clone();
         let ns = kube.namespace.clone();
         let controller_config = kube.controller_config().await.unwrap();
@@ -233,14 +236,4 @@ impl Env {
     }
 }
 
-/// `GET path` on a loopback port: (status code, body), or None when nothing answers.
-pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await.ok()?;
-    let mut text = String::new();
-    c.read_to_string(&mut text).await.ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
-    Some((status, body))
-}
+pub use nio_loadtest::procs::http_get;
