@@ -5,6 +5,7 @@
 mod common;
 
 nio_loadtest::on_both!(
+    an_idle_controller_writes_nothing_and_stops_reconciling,
     one_object_that_does_not_decode_is_skipped_and_named_and_the_rest_reconcile,
     rollout_events_are_recorded_once_and_conditions_keep_their_transition_time,
     secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once,
@@ -827,6 +828,58 @@ async fn one_object_that_does_not_decode_is_skipped_and_named_and_the_rest_recon
     assert!(note.contains("99999999999") || note.contains("u32"), "{note}");
     assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none());
     assert_eq!(http_get(h, "/readyz").await, Some((200, "leading".into())));
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Once a rollout is done, an idle controller neither writes (no new resourceVersion on any object) nor keeps
+/// reconciling its own writes (seen under kubesim: 7-9 reconciles a second per configuration, forever).
+async fn an_idle_controller_writes_nothing_and_stops_reconciling(backend: Backend) {
+    let env = Env::start(backend).await;
+    let port = nio_loadtest::procs::free_port().unwrap();
+    let mut settings = env.settings("prod", "c1");
+    settings.metrics_addr = Some(([127, 0, 0, 1], port).into());
+    let (stop, task) = env.spawn(settings);
+    env.machine("m1", "dc1", &[("role", "web")]).await;
+    env.machine("m2", "dc1", &[("role", "web")]).await;
+    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h"})).await;
+    let jobs = env
+        .eventually(T, "two jobs", || async {
+            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
+            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
+            Some([a.0, b.0])
+        })
+        .await;
+    for j in &jobs {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    env.eventually(T, "Ready", || async {
+        let c = env.configs().get("fleet").await.ok()?;
+        cond(&c.status?.conditions, "Ready").filter(|r| r.0 == "True")
+    })
+    .await;
+    let versions = || async {
+        let mut v = vec![env.configs().get("fleet").await.unwrap().metadata.resource_version.unwrap()];
+        for m in ["m1", "m2"] {
+            v.push(env.machines().get(m).await.unwrap().metadata.resource_version.unwrap());
+        }
+        v
+    };
+    let reconciles = || async {
+        let (_, body) = http_get(port, "/metrics").await.unwrap();
+        body.lines()
+            .find(|l| {
+                l.starts_with("nio_controller_reconcile_duration_seconds_count{") && l.contains("NixosConfiguration")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await; // the last status write's own watch event settles
+    let (before, count) = (versions().await, reconciles().await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(versions().await, before, "an idle controller wrote something");
+    let more = reconciles().await - count;
+    assert!(more <= 1, "{more} reconciles in 3 s of idling");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

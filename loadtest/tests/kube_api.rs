@@ -290,13 +290,24 @@ async fn label_filtered_watches_see_only_matching_objects(backend: Backend) {
     m = machine("web");
     m.metadata.labels = Some([("role".to_string(), "web".to_string())].into());
     api.create(&PostParams::default(), &m).await.unwrap();
-    loop {
+    let mut next = async || loop {
         match tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await.unwrap().unwrap() {
             Some(WatchEvent::Bookmark(_)) => continue,
-            Some(WatchEvent::Added(m)) => break assert_eq!(m.metadata.name.as_deref(), Some("web")),
-            other => panic!("expected web added, got {other:?}"),
+            Some(WatchEvent::Added(m)) => break ("ADDED", m.metadata.name.unwrap()),
+            Some(WatchEvent::Modified(m)) => break ("MODIFIED", m.metadata.name.unwrap()),
+            Some(WatchEvent::Deleted(m)) => break ("DELETED", m.metadata.name.unwrap()),
+            other => panic!("unexpected {other:?}"),
         }
-    }
+    };
+    assert_eq!(next().await, ("ADDED", "web".into()));
+    // a change that moves an object out of the selection is a DELETED for this watch, into it an ADDED
+    let relabel = |role: &str| Patch::Merge(json!({"metadata": {"labels": {"role": role}}}));
+    api.patch("web", &PatchParams::default(), &relabel("db")).await.unwrap();
+    assert_eq!(next().await, ("DELETED", "web".into()));
+    api.patch("db", &PatchParams::default(), &relabel("web")).await.unwrap();
+    assert_eq!(next().await, ("ADDED", "db".into()));
+    api.patch("db", &PatchParams::default(), &Patch::Merge(json!({"spec": {"port": 2222}}))).await.unwrap();
+    assert_eq!(next().await, ("MODIFIED", "db".into()));
 }
 
 /// kubesim only: the real server sends bookmarks about once a minute.

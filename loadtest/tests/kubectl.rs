@@ -21,6 +21,7 @@ fn repo() -> PathBuf {
 }
 
 on_both!(
+    get_events_shows_what_a_controller_recorded_through_events_k8s_io,
     apply_crds_and_examples_then_get_shows_printer_columns,
     explain_and_server_side_validation,
     delete_waits_for_finalizers_and_watch_sees_updates,
@@ -352,4 +353,22 @@ async fn the_realkube_command_serves_a_cluster_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "{status}");
     assert_eq!((pids("etcd").0, pids("kube-apiserver").0), (0, 0), "etcd and the apiserver stop with the command");
     assert!(!data.exists(), "its data is removed");
+}
+
+/// Controllers record Events through events.k8s.io/v1; users read them with `kubectl get events` (core/v1):
+/// one resource, two shapes.
+async fn get_events_shows_what_a_controller_recorded_through_events_k8s_io(backend: Backend) {
+    let k = Kubectl::start(backend).await;
+    let ev = k.dir.path().join("event.yaml");
+    std::fs::write(
+        &ev,
+        "apiVersion: events.k8s.io/v1\nkind: Event\nmetadata: {name: web-01.1, namespace: default}\n\
+         type: Warning\nreason: BuildFailed\nnote: switch abc123 failed\naction: ApplyStatus\n\
+         reportingController: nio-controller\nreportingInstance: c1\neventTime: 2026-11-26T10:00:00.000000Z\n\
+         regarding: {apiVersion: nixos.infra/v1alpha1, kind: Machine, name: web-01, namespace: default}\n",
+    )
+    .unwrap();
+    k.ok(&["apply", "-f", ev.to_str().unwrap()]).await;
+    let out = k.ok(&["get", "events", "-n", "default", "-o", "jsonpath={.items[*].reason} {.items[*].message}"]).await;
+    assert_eq!(out, "BuildFailed switch abc123 failed");
 }

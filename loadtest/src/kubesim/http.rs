@@ -411,28 +411,28 @@ fn watch(
     };
     let (tx, out_rx) = mpsc::channel::<Result<Bytes, Infallible>>(256);
     let key = rt.key();
-    let keep = move |ev: &WatchEvent| -> bool {
-        ev.key == key
-            && ns.as_deref().is_none_or(|n| ev.namespace() == n)
-            && labels.matches(&ev.object)
-            && fields.matches(&ev.object)
-    };
+    let scoped = move |ev: &WatchEvent| -> bool { ev.key == key && ns.as_deref().is_none_or(|n| ev.namespace() == n) };
+    let selected = move |o: &Value| -> bool { labels.matches(o) && fields.matches(o) };
     let render = {
         let rt = rt.clone();
-        move |ev: &WatchEvent| -> Bytes {
+        move |ev: &WatchEvent| -> Option<Bytes> {
+            if !scoped(ev) {
+                return None;
+            }
             if table {
+                let kind = ev.kind_through(&selected)?;
                 let t = table::table(&rt, &[&ev.object], None, &include);
-                Bytes::from(format!("{}\n", json!({"type": ev.kind, "object": t})))
+                Some(Bytes::from(format!("{}\n", json!({"type": kind, "object": t}))))
             } else {
-                ev.json_line()
+                ev.seen_through(&selected)
             }
         }
     };
     let interval = sim.bookmark_interval;
     tokio::spawn(async move {
         let mut last_rv = start_rv;
-        for ev in initial.iter().filter(|e| keep(e)) {
-            if tx.send(Ok(render(ev))).await.is_err() {
+        for line in initial.iter().filter_map(|e| render(e)) {
+            if tx.send(Ok(line)).await.is_err() {
                 return;
             }
         }
@@ -444,7 +444,7 @@ fn watch(
                     Ok(ev) => {
                         if ev.rv <= start_rv { continue; }
                         last_rv = last_rv.max(ev.rv);
-                        if keep(&ev) && tx.send(Ok(render(&ev))).await.is_err() { return; }
+                        if let Some(line) = render(&ev) && tx.send(Ok(line)).await.is_err() { return; }
                     }
                     // A watcher that falls behind is closed; the client resumes from its last resourceVersion.
                     Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,

@@ -97,27 +97,58 @@ pub struct WatchEvent {
     pub key: String,
     pub kind: &'static str,
     pub object: Arc<Value>,
+    /// The object before a MODIFIED event (a selector watch turns it into ADDED or DELETED when the change
+    /// moves the object into or out of the selection).
+    pub prev: Option<Arc<Value>>,
     line: OnceLock<Bytes>,
 }
 
 impl WatchEvent {
     fn new(rv: u64, key: String, kind: &'static str, object: Arc<Value>) -> Arc<Self> {
-        Arc::new(WatchEvent { rv, key, kind, object, line: OnceLock::new() })
+        Arc::new(WatchEvent { rv, key, kind, object, prev: None, line: OnceLock::new() })
+    }
+
+    fn modified(rv: u64, key: String, object: Arc<Value>, prev: Option<Arc<Value>>) -> Arc<Self> {
+        Arc::new(WatchEvent { rv, key, kind: "MODIFIED", object, prev, line: OnceLock::new() })
     }
 
     /// `{"type":..,"object":..}\n`, serialised on first use.
     pub fn json_line(&self) -> Bytes {
-        self.line
-            .get_or_init(|| {
-                let mut buf = Vec::with_capacity(256);
-                buf.extend_from_slice(b"{\"type\":\"");
-                buf.extend_from_slice(self.kind.as_bytes());
-                buf.extend_from_slice(b"\",\"object\":");
-                let _ = serde_json::to_writer(&mut buf, &*self.object);
-                buf.extend_from_slice(b"}\n");
-                Bytes::from(buf)
-            })
-            .clone()
+        self.line.get_or_init(|| Self::line_of(self.kind, &self.object)).clone()
+    }
+
+    /// The event's type as a watch that selects with `matches` sees it: a modification that moves the object
+    /// into the selection is ADDED, out of it DELETED (as the apiserver's watch cache does); None when the object
+    /// is not selected before or after.
+    pub fn kind_through(&self, matches: impl Fn(&Value) -> bool) -> Option<&'static str> {
+        let now = matches(&self.object);
+        match (self.kind, &self.prev) {
+            ("MODIFIED", Some(prev)) => match (matches(prev), now) {
+                (true, true) => Some("MODIFIED"),
+                (false, true) => Some("ADDED"),
+                (true, false) => Some("DELETED"),
+                (false, false) => None,
+            },
+            (kind, _) => now.then_some(kind),
+        }
+    }
+
+    /// The line a watch that selects with `matches` receives, if any.
+    pub fn seen_through(&self, matches: impl Fn(&Value) -> bool) -> Option<Bytes> {
+        match self.kind_through(matches)? {
+            k if k == self.kind => Some(self.json_line()),
+            k => Some(Self::line_of(k, &self.object)),
+        }
+    }
+
+    fn line_of(kind: &str, object: &Value) -> Bytes {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend_from_slice(b"{\"type\":\"");
+        buf.extend_from_slice(kind.as_bytes());
+        buf.extend_from_slice(b"\",\"object\":");
+        let _ = serde_json::to_writer(&mut buf, object);
+        buf.extend_from_slice(b"}\n");
+        Bytes::from(buf)
     }
 
     pub fn namespace(&self) -> &str {
@@ -555,7 +586,11 @@ impl Store {
         }
         st.objects.entry(key.clone()).or_default().insert((ns.to_string(), name.to_string()), new.clone());
         let kind = if old.is_some() { "MODIFIED" } else { "ADDED" };
-        self.emit(st, WatchEvent::new(rv, key, kind, new.clone()));
+        let ev = match old {
+            Some(o) => WatchEvent::modified(rv, key, new.clone(), Some(o.clone())),
+            None => WatchEvent::new(rv, key, kind, new.clone()),
+        };
+        self.emit(st, ev);
         self.mirror_event(st, rt, ns, name, &new, kind);
         if let Some(types) = crd_types {
             let plural_group = types.first().map(|t| (t.group.clone(), t.plural.clone()));
@@ -815,7 +850,7 @@ impl Store {
             }
             let new = Arc::new(new);
             st.objects.entry(key.clone()).or_default().insert((ns.to_string(), name.to_string()), new.clone());
-            self.emit(st, WatchEvent::new(rv, key, "MODIFIED", new.clone()));
+            self.emit(st, WatchEvent::modified(rv, key, new.clone(), Some(old.clone())));
             if rt.kind == "Namespace" {
                 self.delete_namespace_contents(st, name);
             }
