@@ -276,12 +276,25 @@ fn resource(
                 .map_err(ApiError::bad_request)?;
             let fields = FieldSelector::parse(q.get("fieldSelector").map_or("", String::as_str))
                 .map_err(ApiError::bad_request)?;
-            let (items, rv) = store.list(&rt, ns, |o| labels.matches(o) && fields.matches(o));
+            let (mut items, mut rv) = store.list(&rt, ns, |o| labels.matches(o) && fields.matches(o));
+            let mut page = Page::default();
+            if let Some(token) = q.get("continue").filter(|t| !t.is_empty()) {
+                let (snapshot, after) = Page::decode(token)?;
+                rv = snapshot;
+                items.retain(|o| object_key(o) > after);
+            }
+            if let Some(limit) = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0)
+                && items.len() > limit
+            {
+                page.remaining = items.len() - limit;
+                items.truncate(limit);
+                page.next = items.last().map(|o| Page::encode(rv, &object_key(o)));
+            }
             if table {
                 let refs: Vec<&Value> = items.iter().map(|a| &**a).collect();
                 return ok(&table::table(&rt, &refs, Some(rv.to_string()), include));
             }
-            Ok(Routed::Response(list_response(&rt, &items, rv)))
+            Ok(Routed::Response(list_response(&rt, &items, rv, &page)))
         }
         (Method::GET, Some(n)) => respond(200, &*store.get(&rt, ns, n)?, &[]),
         (Method::POST, None) => {
@@ -346,7 +359,7 @@ fn resource(
                     deleted.push(d);
                 }
             }
-            Ok(Routed::Response(list_response(&rt, &deleted, store.resource_version())))
+            Ok(Routed::Response(list_response(&rt, &deleted, store.resource_version(), &Page::default())))
         }
         _ => Err(ApiError::new(
             405,
@@ -356,12 +369,47 @@ fn resource(
     }
 }
 
+/// Where a paged LIST (`limit`) stops: the `continue` token and how many items are left.
+#[derive(Default)]
+struct Page {
+    next: Option<String>,
+    remaining: usize,
+}
+
+impl Page {
+    /// The token names the list's resourceVersion and the last (namespace, name) returned. Unlike etcd, later
+    /// pages read current data, not a snapshot at that version.
+    fn encode(rv: u64, after: &(String, String)) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(json!({"rv": rv, "ns": after.0, "name": after.1}).to_string())
+    }
+
+    fn decode(token: &str) -> Result<(u64, (String, String)), ApiError> {
+        use base64::Engine as _;
+        let bad = || ApiError::bad_request("continue key is not valid: incorrect encoded start resourceVersion");
+        let bytes = base64::engine::general_purpose::STANDARD.decode(token).map_err(|_| bad())?;
+        let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string).ok_or_else(bad);
+        Ok((v.get("rv").and_then(Value::as_u64).ok_or_else(bad)?, (text("ns")?, text("name")?)))
+    }
+}
+
+/// The order the store keeps (and lists) objects in.
+fn object_key(o: &Value) -> (String, String) {
+    let meta = |k: &str| o.pointer(&format!("/metadata/{k}")).and_then(Value::as_str).unwrap_or("").to_string();
+    (meta("namespace"), meta("name"))
+}
+
 /// A `{Kind}List`, serialised item by item without cloning the stored objects.
-fn list_response(rt: &ResourceType, items: &[Arc<Value>], rv: u64) -> Response {
+fn list_response(rt: &ResourceType, items: &[Arc<Value>], rv: u64, page: &Page) -> Response {
     let mut buf = Vec::with_capacity(items.len() * 512 + 128);
+    let paging = match &page.next {
+        Some(token) => format!(",\"continue\":\"{token}\",\"remainingItemCount\":{}", page.remaining),
+        None => String::new(),
+    };
     buf.extend_from_slice(
         format!(
-            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{rv}\"}},\"items\":[",
+            "{{\"kind\":\"{}List\",\"apiVersion\":\"{}\",\"metadata\":{{\"resourceVersion\":\"{rv}\"{paging}}},\"items\":[",
             rt.kind,
             rt.api_version()
         )
