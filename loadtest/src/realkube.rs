@@ -29,7 +29,12 @@ pub struct Endpoint {
     pub url: String,
     pub ca_pem: Vec<u8>,
     pub admin_token: String,
+    /// The token of [`TESTER`], a user with no permissions but what RBAC objects grant it.
+    pub tester_token: String,
 }
+
+/// A user without any group beyond `system:authenticated`, for tests of what RBAC grants.
+pub const TESTER: &str = "nio-tester";
 
 impl Endpoint {
     /// A kubeconfig for `user` with `token` (the admin's by default), namespace `namespace`.
@@ -131,8 +136,12 @@ impl RealKube {
             .context("openssl (make setup installs it)")?;
         anyhow::ensure!(out.status.success(), "openssl genpkey: {}", String::from_utf8_lossy(&out.stderr));
         let admin_token = uuid::Uuid::new_v4().simple().to_string();
+        let tester_token = uuid::Uuid::new_v4().simple().to_string();
         let tokens = dir.join("tokens.csv");
-        std::fs::write(&tokens, format!("{admin_token},{ADMIN_USER},{ADMIN_USER},\"system:masters\"\n"))?;
+        std::fs::write(
+            &tokens,
+            format!("{admin_token},{ADMIN_USER},{ADMIN_USER},\"system:masters\"\n{tester_token},{TESTER},{TESTER}\n"),
+        )?;
         let api_args: Vec<String> = vec![
             format!("--etcd-servers={etcd_url}"),
             "--bind-address=127.0.0.1".into(),
@@ -161,7 +170,8 @@ impl RealKube {
                 return Err(e);
             }
         };
-        let endpoint = Endpoint { url: format!("https://127.0.0.1:{port}"), ca_pem: ca.ca_pem.clone(), admin_token };
+        let endpoint =
+            Endpoint { url: format!("https://127.0.0.1:{port}"), ca_pem: ca.ca_pem.clone(), admin_token, tester_token };
         let mut kube = RealKube { endpoint, dir: dir.to_path_buf(), etcd, apiserver, watchdog: None };
         kube.watchdog = Some(kube.spawn_watchdog()?);
         kube.wait_ready().await?;

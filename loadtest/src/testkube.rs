@@ -31,6 +31,8 @@ pub struct TestCluster {
     /// The real control plane, when `backend` is `Real`.
     pub endpoint: Option<Endpoint>,
     sim: Option<KubeSim>,
+    /// The bearer token of [`crate::realkube::TESTER`], a user that may do only what RBAC objects grant it.
+    pub tester_token: String,
     /// A control plane of the test's own (see [`TestCluster::start_with_crds`]).
     own: Option<(RealKube, tempfile::TempDir)>,
 }
@@ -119,12 +121,15 @@ impl TestCluster {
     async fn start_in(backend: Backend, crds: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let namespace = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let mut own = None;
+        let sim_tester = uuid::Uuid::new_v4().simple().to_string();
         let (mut config, endpoint, sim) = match (backend, crds) {
             (Backend::Sim, _) => {
-                let opts = match crds {
+                let mut opts = match crds {
                     Some(dir) => Options { crds_dir: Some(dir.to_path_buf()), ..Default::default() },
                     None => Options::default(),
                 };
+                let tester = crate::kubesim::auth::User { name: crate::realkube::TESTER.into(), groups: vec![] };
+                opts.users.insert(sim_tester.clone(), tester);
                 let sim = KubeSim::start(opts).await?;
                 (kube::Config::new(sim.url().parse()?), None, Some(sim))
             }
@@ -151,7 +156,8 @@ impl TestCluster {
             .create(&PostParams::default(), &ns)
             .await
             .context("creating the test namespace")?;
-        Ok(TestCluster { backend, namespace, config, client, endpoint, sim, own })
+        let tester_token = endpoint.as_ref().map_or(sim_tester, |e| e.tester_token.clone());
+        Ok(TestCluster { backend, namespace, config, client, endpoint, sim, tester_token, own })
     }
 
     /// An admin kubeconfig whose context's namespace is the test's.
@@ -172,6 +178,14 @@ impl TestCluster {
             (Some(e), None) => e.config_for(&shared_real()?.controller_token, &self.namespace).await,
             _ => Ok(self.config.clone()),
         }
+    }
+
+    /// A client acting as [`crate::realkube::TESTER`] (bearer token; default namespace the test's).
+    pub fn tester_client(&self) -> anyhow::Result<kube::Client> {
+        let mut config = self.config.clone();
+        config.auth_info =
+            kube::config::AuthInfo { token: Some(self.tester_token.clone().into()), ..Default::default() };
+        Ok(kube::Client::try_from(config)?)
     }
 
     /// The namespace the controller's leader-election Lease lives in (`deploy/base` grants Leases only in

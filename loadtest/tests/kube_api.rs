@@ -44,6 +44,8 @@ on_both!(
     generate_name_leases_and_both_event_apis,
     integers_and_strings_a_user_sets_are_bounded_by_the_schema,
     lists_page_with_limit_and_continue,
+    rbac_grants_exactly_what_a_role_says,
+    unknown_bearer_tokens_are_unauthorized,
 );
 
 fn machine(name: &str) -> Machine {
@@ -493,4 +495,55 @@ async fn lists_page_with_limit_and_continue(backend: Backend) {
     let (code, _, _) =
         api_error(api.list(&ListParams::default().limit(2).continue_token("not-a-token")).await.unwrap_err());
     assert_eq!(code, 400);
+}
+
+/// A user with a Role that allows reading Machines in one namespace may read them there, and nothing else:
+/// writing, other resources and other namespaces are 403 Forbidden, naming the user and the verb.
+async fn rbac_grants_exactly_what_a_role_says(backend: Backend) {
+    let (c, admin) = on::<Machine>(backend).await;
+    admin.create(&PostParams::default(), &machine("m1")).await.unwrap();
+    let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+        "metadata": {"name": "machine-reader"},
+        "rules": [{"apiGroups": ["nixos.infra"], "resources": ["machines"], "verbs": ["get", "list", "watch"]}]
+    }))
+    .unwrap();
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "tester-reads-machines"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "machine-reader"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": nio_loadtest::realkube::TESTER}]
+    }))
+    .unwrap();
+    c.api::<k8s_openapi::api::rbac::v1::Role>().create(&PostParams::default(), &role).await.unwrap();
+    c.api::<k8s_openapi::api::rbac::v1::RoleBinding>().create(&PostParams::default(), &binding).await.unwrap();
+    let tester = c.tester_client().unwrap();
+    let machines: Api<Machine> = Api::namespaced(tester.clone(), &c.namespace);
+    // RBAC changes reach the authorizer's cache a moment later on a real apiserver
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while machines.get("m1").await.is_err() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(machines.get("m1").await.unwrap().metadata.name.as_deref(), Some("m1"));
+    assert_eq!(machines.list(&ListParams::default()).await.unwrap().items.len(), 1);
+    let forbidden = |e: kube::Error| {
+        let (code, reason, message) = api_error(e);
+        assert_eq!((code, reason.as_str()), (403, "Forbidden"), "{message}");
+        message
+    };
+    let message = forbidden(machines.delete("m1", &DeleteParams::default()).await.unwrap_err());
+    assert!(message.contains(nio_loadtest::realkube::TESTER) && message.contains("delete"), "{message}");
+    forbidden(machines.create(&PostParams::default(), &machine("m2")).await.unwrap_err());
+    let status = Patch::Merge(json!({"status": {"phase": "Applied"}}));
+    forbidden(machines.patch_status("m1", &PatchParams::default(), &status).await.unwrap_err());
+    let secrets: Api<Secret> = Api::namespaced(tester.clone(), &c.namespace);
+    forbidden(secrets.list(&ListParams::default()).await.unwrap_err());
+    let elsewhere: Api<Machine> = Api::namespaced(tester, "default");
+    forbidden(elsewhere.list(&ListParams::default()).await.unwrap_err());
+}
+
+async fn unknown_bearer_tokens_are_unauthorized(backend: Backend) {
+    let (mut c, _api) = on::<Machine>(backend).await;
+    c.tester_token = "not-a-token-anyone-has".into();
+    let machines: Api<Machine> = Api::namespaced(c.tester_client().unwrap(), &c.namespace);
+    let (code, _, _) = api_error(machines.list(&ListParams::default()).await.unwrap_err());
+    assert_eq!(code, 401);
 }

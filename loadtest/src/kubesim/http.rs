@@ -25,6 +25,7 @@ pub struct Sim {
     pub store: Store,
     pub bookmark_interval: Duration,
     pub server_address: String,
+    pub tokens: super::auth::Tokens,
 }
 
 type Query = HashMap<String, String>;
@@ -89,7 +90,12 @@ pub async fn handle(
     let query: Query = url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()).into_owned().collect();
     let path = uri.path().trim_matches('/');
     let segs: Vec<&str> = if path.is_empty() { vec![] } else { path.split('/').collect() };
-    match route(&sim, &method, &segs, &query, &headers, &body) {
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let user = match super::auth::authenticate(&sim.tokens, auth) {
+        Ok(u) => u,
+        Err(e) => return error(&e),
+    };
+    match route(&sim, &user, &method, &segs, &query, &headers, &body) {
         Ok(Routed::Response(r)) => r,
         Ok(Routed::Watch(rt, ns)) => watch(sim.clone(), rt, ns, &query, &headers).unwrap_or_else(|e| error(&e)),
         Err(e) => error(&e),
@@ -105,8 +111,10 @@ fn ok(v: &Value) -> Result<Routed, ApiError> {
     Ok(Routed::Response(json_response(200, v, &[])))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn route(
     sim: &Sim,
+    user: &super::auth::User,
     method: &Method,
     segs: &[&str],
     q: &Query,
@@ -159,8 +167,8 @@ fn route(
             }
             ok(&openapi::group_version_doc(&gv))
         }
-        ["api", "v1", rest @ ..] => resource(sim, "", "v1", rest, method, q, headers, body),
-        ["apis", group, version, rest @ ..] => resource(sim, group, version, rest, method, q, headers, body),
+        ["api", "v1", rest @ ..] => resource(sim, user, "", "v1", rest, method, q, headers, body),
+        ["apis", group, version, rest @ ..] => resource(sim, user, group, version, rest, method, q, headers, body),
         _ => Err(not_found()),
     }
 }
@@ -226,6 +234,7 @@ fn write_opts(q: &Query, headers: &HeaderMap) -> Result<WriteOpts, ApiError> {
 #[allow(clippy::too_many_arguments)]
 fn resource(
     sim: &Sim,
+    user: &super::auth::User,
     group: &str,
     version: &str,
     rest: &[&str],
@@ -261,6 +270,26 @@ fn resource(
     if rt.namespaced && name.is_some() && ns.is_none() {
         return Err(not_found());
     }
+    let watching = legacy_watch || q.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (method.clone(), name) {
+        (Method::GET, None) if watching => "watch",
+        (Method::GET, None) => "list",
+        (Method::GET, Some(_)) => "get",
+        (Method::POST, _) => "create",
+        (Method::PUT, _) => "update",
+        (Method::PATCH, _) => "patch",
+        (Method::DELETE, None) => "deletecollection",
+        (Method::DELETE, Some(_)) => "delete",
+        _ => "",
+    };
+    let request = super::auth::Request {
+        verb,
+        group,
+        resource: sub.map_or_else(|| plural.to_string(), |s| format!("{plural}/{s}")),
+        namespace: ns,
+        name,
+    };
+    super::auth::authorize(store, user, &request)?;
     let table = wants_table(headers);
     let include = q.get("includeObject").map(String::as_str).unwrap_or("Metadata");
     let respond = |code: u16, obj: &Value, warnings: &[String]| -> Result<Routed, ApiError> {

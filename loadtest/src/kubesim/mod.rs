@@ -5,6 +5,7 @@
 //! server-side-apply patches with field ownership, the status subresource, finalizers, schema defaulting and
 //! validation for CRDs, Table output, and dry runs.
 
+pub mod auth;
 mod fields;
 mod http;
 mod openapi;
@@ -39,6 +40,9 @@ pub struct Options {
     pub history: usize,
     /// Interval between watch bookmarks for watches that ask for them.
     pub bookmark_interval: Duration,
+    /// Bearer tokens and the users they stand for (authorized by the RBAC objects stored in the cluster;
+    /// `system:masters` may do anything). Requests without a token act as the admin.
+    pub users: auth::Tokens,
 }
 
 impl Default for Options {
@@ -49,6 +53,11 @@ impl Default for Options {
             crds_dir: default_crds_dir(),
             history: 50_000,
             bookmark_interval: Duration::from_secs(5),
+            users: [(
+                "kubesim".to_string(),
+                auth::User { name: "kubesim-admin".into(), groups: vec!["system:masters".into()] },
+            )]
+            .into(),
         }
     }
 }
@@ -77,6 +86,7 @@ impl KubeSim {
             store: Store::new(opts.history),
             bookmark_interval: opts.bookmark_interval,
             server_address: addr.to_string(),
+            tokens: opts.users.clone(),
         });
         if let Some(dir) = &opts.crds_dir {
             load_crds(&sim.store, dir)?;

@@ -104,6 +104,11 @@ impl ResourceType {
             Self::builtin("", "v1", "events", "Event", true, &["ev"]),
             Self::builtin("events.k8s.io", "v1", "events", "Event", true, &["ev"]),
             Self::builtin("coordination.k8s.io", "v1", "leases", "Lease", true, &[]),
+            Self::builtin("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"]),
+            Self::builtin("rbac.authorization.k8s.io", "v1", "roles", "Role", true, &[]),
+            Self::builtin("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true, &[]),
+            Self::builtin("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, &[]),
+            Self::builtin("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false, &[]),
             Self::builtin(
                 "apiextensions.k8s.io",
                 "v1",
