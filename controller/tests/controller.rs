@@ -267,16 +267,7 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret(backend:
 async fn status_events_drive_machine_and_configuration_status_without_regressing(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    env.machine("m1", "dc1", &[("role", "web")]).await;
-    env.machine("m2", "dc1", &[("role", "web")]).await;
-    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}})).await;
-    let jobs = env
-        .eventually(T, "two jobs", || async {
-            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
-            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
-            Some([a.0, b.0])
-        })
-        .await;
+    let jobs = env.web_fleet_of_two(json!({})).await;
     let t0 = chrono::Utc::now();
     env.report(&jobs[0], Phase::Started, |e| e.at = t0).await;
     env.report(&jobs[0], Phase::Succeeded, |e| {
@@ -707,16 +698,7 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
 async fn a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    env.machine("m1", "dc1", &[("role", "web")]).await;
-    env.machine("m2", "dc1", &[("role", "web")]).await;
-    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h"})).await;
-    let jobs = env
-        .eventually(T, "two jobs", || async {
-            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
-            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
-            Some([a.0, b.0])
-        })
-        .await;
+    let jobs = env.web_fleet_of_two(json!({"pollInterval": "1h"})).await;
     for j in &jobs {
         env.report(j, Phase::Succeeded, |_| {}).await;
     }
@@ -740,16 +722,7 @@ async fn a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once(backend: B
 async fn rollout_events_are_recorded_once_and_conditions_keep_their_transition_time(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    env.machine("m1", "dc1", &[("role", "web")]).await;
-    env.machine("m2", "dc1", &[("role", "web")]).await;
-    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}})).await;
-    let jobs = env
-        .eventually(T, "two jobs", || async {
-            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
-            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
-            Some([a.0, b.0])
-        })
-        .await;
+    let jobs = env.web_fleet_of_two(json!({})).await;
     for j in &jobs {
         env.report(j, Phase::Succeeded, |_| {}).await;
     }
@@ -840,16 +813,7 @@ async fn an_idle_controller_writes_nothing_and_stops_reconciling(backend: Backen
     let mut settings = env.settings("prod", "c1");
     settings.metrics_addr = Some(([127, 0, 0, 1], port).into());
     let (stop, task) = env.spawn(settings);
-    env.machine("m1", "dc1", &[("role", "web")]).await;
-    env.machine("m2", "dc1", &[("role", "web")]).await;
-    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h"})).await;
-    let jobs = env
-        .eventually(T, "two jobs", || async {
-            let a = env.job_on(env.subject("dc1", "apply", "prod", "m1")).await?;
-            let b = env.job_on(env.subject("dc1", "apply", "prod", "m2")).await?;
-            Some([a.0, b.0])
-        })
-        .await;
+    let jobs = env.web_fleet_of_two(json!({"pollInterval": "1h"})).await;
     for j in &jobs {
         env.report(j, Phase::Succeeded, |_| {}).await;
     }

@@ -143,6 +143,24 @@ impl Env {
         self.kube.api()
     }
 
+    /// Machines m1 and m2 (site dc1, role=web) and configuration `fleet` selecting role=web, plus `extra` spec
+    /// fields; returns the two apply jobs once both are queued.
+    pub async fn web_fleet_of_two(&self, extra: serde_json::Value) -> [Job; 2] {
+        self.machine("m1", "dc1", &[("role", "web")]).await;
+        self.machine("m2", "dc1", &[("role", "web")]).await;
+        let mut spec = json!({"machineSelector": {"matchLabels": {"role": "web"}}});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
+        }
+        self.config("fleet", spec).await;
+        self.eventually(Duration::from_secs(20), "two jobs", || async {
+            let a = self.job_on(self.subject("dc1", "apply", "prod", "m1")).await?;
+            let b = self.job_on(self.subject("dc1", "apply", "prod", "m2")).await?;
+            Some([a.0, b.0])
+        })
+        .await
+    }
+
     /// The leader-election Lease of this test's controllers (one per test: tests share a real apiserver).
     pub fn lease_name(&self) -> String {
         format!("nio-controller-{}", self.ns)
