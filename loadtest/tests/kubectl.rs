@@ -209,31 +209,46 @@ async fn delete_waits_for_finalizers_and_watch_sees_updates(backend: Backend) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_kubesim_command_serves_a_cluster_and_writes_a_kubeconfig() {
-    use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
+    let crds = repo().join("crds");
+    let args = ["kubesim", "--listen", "127.0.0.1:0", "--kubeconfig", path(&kubeconfig), "--crds", path(&crds)];
+    let (mut child, first) = serve(&args, Duration::from_secs(20)).await;
+    assert!(first.starts_with("kubesim serving http://127.0.0.1:"), "{first}");
+    let names = kubectl_at(dir.path(), &kubeconfig, &["get", "crds", "-o", "name"]).await;
+    assert!(names.contains("machines.nixos.infra") && names.contains("nixosconfigurations.nixos.infra"), "{names}");
+    child.kill().await.unwrap();
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Starts `nio-loadtest ARGS` and returns it with the first line it prints.
+async fn serve(args: &[&str], within: Duration) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nio-loadtest"))
-        .args(["kubesim", "--listen", "127.0.0.1:0", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .arg("--crds")
-        .arg(repo().join("crds"))
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
-    assert!(first.starts_with("kubesim serving http://127.0.0.1:"), "{first}");
+    let first = tokio::time::timeout(within, lines.next_line()).await.unwrap().unwrap().unwrap();
+    (child, first)
+}
+
+/// kubectl ARGS against `kubeconfig` (cache under `dir`): its stdout.
+async fn kubectl_at(dir: &Path, kubeconfig: &Path, args: &[&str]) -> String {
     let out = tokio::process::Command::new("kubectl")
-        .args(["get", "crds", "-o", "name", "--cache-dir"])
-        .arg(dir.path().join("cache"))
-        .env("KUBECONFIG", &kubeconfig)
+        .args(args)
+        .arg("--cache-dir")
+        .arg(dir.join("cache"))
+        .env("KUBECONFIG", kubeconfig)
         .output()
         .await
         .unwrap();
-    let names = String::from_utf8_lossy(&out.stdout);
-    assert!(names.contains("machines.nixos.infra") && names.contains("nixosconfigurations.nixos.infra"), "{names}");
-    child.kill().await.unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]
@@ -305,40 +320,17 @@ async fn every_deploy_overlay_passes_a_server_side_dry_run_on_a_real_apiserver()
 /// apiserver (no orphans) and removes its data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_realkube_command_serves_a_cluster_and_stops_cleanly_on_sigterm() {
-    use tokio::io::AsyncBufReadExt;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     let data = dir.path().join("data");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_nio-loadtest"))
-        .args(["realkube", "--kubeconfig"])
-        .arg(&kubeconfig)
-        .arg("--dir")
-        .arg(&data)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(90), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let (mut child, first) =
+        serve(&["realkube", "--kubeconfig", path(&kubeconfig), "--dir", path(&data)], Duration::from_secs(90)).await;
     assert!(first.starts_with("kube-apiserver serving https://127.0.0.1:"), "{first}");
-    let out = tokio::process::Command::new("kubectl")
-        .args(["get", "crds", "-o", "name", "--cache-dir"])
-        .arg(dir.path().join("cache"))
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .await
-        .unwrap();
-    let names = String::from_utf8_lossy(&out.stdout);
+    let names = kubectl_at(dir.path(), &kubeconfig, &["get", "crds", "-o", "name"]).await;
     assert!(names.contains("machines.nixos.infra") && names.contains("nixosconfigurations.nixos.infra"), "{names}");
-    // the admin is authenticated and authorized through RBAC (system:masters); an anonymous request is not
-    let out = tokio::process::Command::new("kubectl")
-        .args(["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", "--cache-dir"])
-        .arg(dir.path().join("cache"))
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .await
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "nio-admin");
+    // the admin is authenticated by its token and authorized through RBAC (system:masters)
+    let who = kubectl_at(dir.path(), &kubeconfig, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(who.await, "nio-admin");
     let pids = |name: &str| {
         let out = std::process::Command::new("pgrep")
             .args(["-a", "-f", &format!("bin/{name} .*{}", data.display())])
