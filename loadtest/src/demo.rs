@@ -76,7 +76,7 @@ pub async fn run(machines: usize, hold: bool) -> anyhow::Result<()> {
             eprintln!("  kubectl --kubeconfig {} get nixconf -A", kc.display());
         }
         eprintln!("Press Ctrl-C to stop.");
-        tokio::signal::ctrl_c().await?;
+        crate::procs::until_stopped().await;
     }
     running.stop().await;
     anyhow::ensure!(report.violations.is_empty(), "{} invariant violation(s)", report.violations.len());

@@ -154,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 sim.url(),
                 kubeconfig.map_or("-".into(), |p| p.display().to_string())
             );
-            tokio::signal::ctrl_c().await?;
+            nio_loadtest::procs::until_stopped().await;
             Ok(())
         }
         Command::Realkube { kubeconfig, listen, crds, dir } => {

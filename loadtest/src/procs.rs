@@ -74,6 +74,9 @@ impl Proc {
             cmd.env(k, v);
         }
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
+        if let Some(pid) = child.id() {
+            die_with_us(pid)?;
+        }
         Ok(Proc { name: name.into(), child, log, metrics_port, last: Usage::default() })
     }
 
@@ -171,4 +174,33 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
     Some((status, body))
+}
+
+/// Makes process `pid` (a child of ours) end when this process ends, however it ends: `kill_on_drop` covers
+/// a clean exit, but not SIGKILL or a panic that aborts. A small detached shell watches both; if we go first it
+/// sends the child SIGTERM and, a few seconds later, SIGKILL; if the child goes first it just exits (so a
+/// reused pid is never signalled).
+pub fn die_with_us(pid: u32) -> anyhow::Result<()> {
+    let script = r#"(
+while kill -0 "$1" 2>/dev/null; do
+  kill -0 "$2" 2>/dev/null || exit 0
+  sleep 0.5
+done
+kill "$2" 2>/dev/null || exit 0
+sleep 3
+kill -9 "$2" 2>/dev/null
+) </dev/null >/dev/null 2>&1 &"#;
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("nio-reaper")
+        .arg(std::process::id().to_string())
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("starting a reaper")?;
+    anyhow::ensure!(status.success(), "starting a reaper: {status}");
+    Ok(())
 }
