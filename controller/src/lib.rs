@@ -31,6 +31,11 @@ use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
 use tokio_util::sync::CancellationToken;
 
+/// Configurations reconciled at once (each publishes its machines' jobs with its own bounded concurrency).
+const CONFIG_CONCURRENCY: u16 = 16;
+/// Machines reconciled at once: bounds memory and API request rate when thousands of Machines appear together.
+const MACHINE_CONCURRENCY: u16 = 32;
+
 /// Everything `run` needs; the binary fills it from flags and environment.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -323,8 +328,9 @@ async fn lead(
             .modify(slim)
             .reflect(writer)
             .applied_objects();
-        let cfg_ctl = Controller::for_stream(cfg_stream, store.clone())
-            .with_config(controller::Config::default().debounce(Duration::from_millis(100)));
+        let cfg_ctl = Controller::for_stream(cfg_stream, store.clone()).with_config(
+            controller::Config::default().debounce(Duration::from_millis(100)).concurrency(CONFIG_CONCURRENCY),
+        );
         let cfg_ctl_store = store.clone();
         config_stores.push(store.clone());
         let secrets: Api<Secret> = match &ns {
@@ -402,7 +408,8 @@ async fn lead(
             .modify(slim)
             .reflect(m_writer)
             .applied_objects();
-        let m_ctl = Controller::for_stream(m_stream, m_store.clone());
+        let m_ctl = Controller::for_stream(m_stream, m_store.clone())
+            .with_config(controller::Config::default().concurrency(MACHINE_CONCURRENCY));
         machine_stores.push(m_store);
         let m_ctl = m_ctl
             .graceful_shutdown_on({
