@@ -425,7 +425,12 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let target = want.target();
 
     // 4. Machines and the plan.
-    let machines = targeted_machines(ctx, cfg).await?;
+    // Machines with an invalid spec get nothing (their own Invalid condition says why) and are not counted;
+    // the configuration names them.
+    let (machines, invalid): (Vec<Machine>, Vec<Machine>) = targeted_machines(ctx, cfg)
+        .await?
+        .into_iter()
+        .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
     let views: Vec<MachineView> = machines
         .iter()
         .map(|m| {
@@ -457,10 +462,6 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             let (want, target, machines) = (&want, &target, &machines);
             async move {
                 let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
-                if let Err(e) = nio_shared::validate::machine_spec(&m.spec) {
-                    tracing::warn!(machine = %name, error = %e, "skipping an invalid Machine");
-                    return Ok(None);
-                }
                 let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
                 ctx.publisher.publish(&job).await?;
                 let cfg_name = cfg.name_any();
@@ -574,15 +575,24 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         &format!("{} in flight", status.in_progress),
         generation,
     );
-    let degraded = c.failed > 0;
-    conditions::set(
-        &mut status.conditions,
-        "Degraded",
-        degraded,
-        if degraded { "MachinesFailed" } else { "AsExpected" },
-        &if degraded { format!("{} machine(s) failed at this target", c.failed) } else { String::new() },
-        generation,
-    );
+    let (reason, message) = if c.failed > 0 {
+        ("MachinesFailed", format!("{} machine(s) failed at this target", c.failed))
+    } else if !invalid.is_empty() {
+        let names: Vec<String> = invalid.iter().take(10).map(ResourceExt::name_any).collect();
+        let more = if invalid.len() > 10 { format!(" and {} more", invalid.len() - 10) } else { String::new() };
+        let msg = format!(
+            "{} selected Machine(s) have an invalid spec and get nothing: {}{more} (see their Invalid condition)",
+            invalid.len(),
+            names.join(", ")
+        );
+        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
+            ctx.event(cfg, true, "InvalidMachines", msg.clone(), "Rollout").await;
+        }
+        ("InvalidMachines", msg)
+    } else {
+        ("AsExpected", String::new())
+    };
+    conditions::set(&mut status.conditions, "Degraded", reason != "AsExpected", reason, &message, generation);
     set_status(ctx, cfg, &status).await?;
     Ok(Action::requeue(poll))
 }
@@ -619,6 +629,23 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str()) || targets(cfg, m)
         })
         .collect();
+    if cfg.spec.on_remove_flake.is_some()
+        && let Err(invalid) = nio_shared::validate::configuration_spec(&cfg.spec)
+    {
+        // Nothing can be applied from an invalid spec; say so instead of retrying quietly forever.
+        let msg = format!(
+            "onRemoveFlake cannot be applied: {invalid}; fix the spec, or remove onRemoveFlake to release the \
+             machines as they are"
+        );
+        let mut status = latest_status(ctx, cfg);
+        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
+            ctx.event(cfg, true, "RemovalBlocked", msg.clone(), "Remove").await;
+        }
+        conditions::set(&mut status.conditions, "Degraded", true, "RemovalBlocked", &msg, cfg.metadata.generation);
+        set_status(ctx, cfg, &status).await?;
+        // An error keeps the finalizer (Ok would release it with nothing applied).
+        return Err(Error::RemovalPending(msg));
+    }
     let Some(_) = &cfg.spec.on_remove_flake else {
         for m in &attached {
             update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {

@@ -5,6 +5,8 @@
 mod common;
 
 nio_loadtest::on_both!(
+    machines_with_an_invalid_spec_are_named_by_the_fleet_and_not_counted,
+    a_deleted_configuration_whose_on_remove_flake_became_invalid_says_so,
     an_idle_controller_writes_nothing_and_stops_reconciling,
     one_object_that_does_not_decode_is_skipped_and_named_and_the_rest_reconcile,
     rollout_events_are_recorded_once_and_conditions_keep_their_transition_time,
@@ -29,7 +31,7 @@ use common::*;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use nio_shared::crd::MachinePhase;
+use nio_shared::crd::{Machine, MachinePhase};
 use nio_shared::protocol::{Action, FailureCategory, Phase};
 use serde_json::json;
 
@@ -844,6 +846,69 @@ async fn an_idle_controller_writes_nothing_and_stops_reconciling(backend: Backen
     assert_eq!(versions().await, before, "an idle controller wrote something");
     let more = reconciles().await - count;
     assert!(more <= 1, "{more} reconciles in 3 s of idling");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// onRemoveFlake edited into something invalid after the configuration was applied, then the configuration
+/// deleted: it cannot be applied, and the configuration says so (condition and Event) instead of sitting in
+/// Terminating in silence; removing onRemoveFlake releases it.
+async fn a_deleted_configuration_whose_on_remove_flake_became_invalid_says_so(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1", "dc1", &[]).await;
+    env.config("web", json!({"machineRef": "m1", "onRemoveFlake": "#decommissioned"})).await;
+    let (job, _) = env.eventually(T, "the job", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
+    env.report(&job, Phase::Succeeded, |_| {}).await;
+    env.eventually(T, "applied", || async {
+        (env.machines().get("m1").await.ok()?.status?.phase == Some(MachinePhase::Applied)).then_some(())
+    })
+    .await;
+    let broken = json!({"spec": {"onRemoveFlake": "#decommissioned now"}});
+    env.configs().patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&broken)).await.unwrap();
+    env.configs().delete("web", &DeleteParams::default()).await.unwrap();
+    let d = env
+        .eventually(T, "RemovalBlocked", || async {
+            let d = cond(&env.configs().get("web").await.ok()?.status?.conditions, "Degraded")?;
+            (d.1 == "RemovalBlocked").then_some(d)
+        })
+        .await;
+    assert!(d.2.contains("spec.onRemoveFlake"), "{}", d.2);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
+    let reasons: Vec<String> =
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    assert!(reasons.iter().any(|r| r == "RemovalBlocked"), "{reasons:?}");
+    let fixed = json!({"spec": {"onRemoveFlake": null}});
+    env.configs().patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&fixed)).await.unwrap();
+    env.eventually(T, "web gone", || async { env.configs().get_opt("web").await.ok()?.is_none().then_some(()) }).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A fleet that selects a Machine whose spec is invalid neither applies to it nor counts it, and names it.
+async fn machines_with_an_invalid_spec_are_named_by_the_fleet_and_not_counted(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1", "dc1", &[("role", "web")]).await;
+    let bad: Machine = serde_json::from_value(json!({
+        "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
+        "metadata": {"name": "m2", "labels": {"role": "web"}},
+        "spec": {"hostname": "-oProxyCommand=sh", "site": "dc1"}
+    }))
+    .unwrap();
+    env.machines().create(&PostParams::default(), &bad).await.unwrap();
+    env.config("fleet", json!({"machineSelector": {"matchLabels": {"role": "web"}}})).await;
+    let (job, _) = env.eventually(T, "m1's job", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
+    env.report(&job, Phase::Succeeded, |_| {}).await;
+    let c = env
+        .eventually(T, "1/1 and Degraded", || async {
+            let s = env.configs().get("fleet").await.ok()?.status?;
+            let d = cond(&s.conditions, "Degraded")?;
+            (s.progress.as_deref() == Some("1/1") && d.1 == "InvalidMachines").then_some(d)
+        })
+        .await;
+    assert!(c.2.contains("m2") && c.0 == "True", "{c:?}");
+    assert!(env.job_on(env.subject("dc1", "apply", "prod", "m2")).await.is_none());
     stop.cancel();
     task.await.unwrap().unwrap();
 }
