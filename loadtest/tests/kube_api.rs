@@ -391,6 +391,14 @@ async fn generate_name_leases_and_both_event_apis(backend: Backend) {
         409,
         "only one replica wins a lease"
     );
+    // a lease that lasts no time is refused
+    let zero: Lease = serde_json::from_value(
+        json!({"metadata": {"name": "zero"}, "spec": {"holderIdentity": "a", "leaseDurationSeconds": 0}}),
+    )
+    .unwrap();
+    let (code, _, message) = api_error(leases.create(&PostParams::default(), &zero).await.unwrap_err());
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("spec.leaseDurationSeconds"), "{message}");
 
     use k8s_openapi::api::core::v1::Event as CoreEvent;
     use k8s_openapi::api::events::v1::Event as NewEvent;

@@ -1025,6 +1025,24 @@ fn builtin_rules(rt: &ResourceType, old: Option<&Value>, new: &Value) -> Vec<Val
             ));
         }
     }
+    if rt.kind == "Lease" && rt.group == "coordination.k8s.io" {
+        // ValidateLeaseSpec: a duration above zero, transitions not negative.
+        let int = |k: &str| new.pointer(&format!("/spec/{k}")).and_then(Value::as_i64);
+        if let Some(d) = int("leaseDurationSeconds").filter(|d| *d <= 0) {
+            causes.push(cause(
+                "FieldValueInvalid",
+                "spec.leaseDurationSeconds",
+                &format!("Invalid value: {d}: must be greater than 0"),
+            ));
+        }
+        if let Some(t) = int("leaseTransitions").filter(|t| *t < 0) {
+            causes.push(cause(
+                "FieldValueInvalid",
+                "spec.leaseTransitions",
+                &format!("Invalid value: {t}: must be greater than or equal to 0"),
+            ));
+        }
+    }
     if rt.kind == "Event" {
         // ValidateEventCreate: the involved object (core/v1) or `regarding` (events.k8s.io/v1) is in the
         // Event's namespace; events.k8s.io also requires a type and caps the note at 1024 bytes.
