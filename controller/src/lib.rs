@@ -26,7 +26,7 @@ use anyhow::Context as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, DynamicObject};
+use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta};
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
 use tokio_util::sync::CancellationToken;
@@ -165,10 +165,12 @@ where
         let ctx = ctx.clone();
         async move {
             let decode = |o: DynamicObject| -> Option<K> {
-                match o.clone().try_parse::<K>() {
+                // Only the metadata is kept aside for a report: no copy of every object on the hot path.
+                let meta = o.metadata.clone();
+                match o.try_parse::<K>() {
                     Ok(k) => Some(k),
                     Err(e) => {
-                        report_undecodable(&ctx, kind, &o, &e.to_string());
+                        report_undecodable(&ctx, kind, &meta, &e.to_string());
                         None
                     }
                 }
@@ -185,8 +187,8 @@ where
     })
 }
 
-fn report_undecodable(ctx: &Arc<reconcile::Ctx>, kind: &'static str, o: &DynamicObject, error: &str) {
-    let (ns, name) = (o.metadata.namespace.clone().unwrap_or_default(), o.metadata.name.clone().unwrap_or_default());
+fn report_undecodable(ctx: &Arc<reconcile::Ctx>, kind: &'static str, meta: &ObjectMeta, error: &str) {
+    let (ns, name) = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
     tracing::warn!(kind, namespace = %ns, name = %name, error, "skipping an object that does not decode; fix or delete it");
     ctx.metrics.undecodable.get_or_create(&metrics::KindLabel { kind: kind.into() }).inc();
     let reference = k8s_openapi::api::core::v1::ObjectReference {
@@ -194,7 +196,7 @@ fn report_undecodable(ctx: &Arc<reconcile::Ctx>, kind: &'static str, o: &Dynamic
         kind: Some(kind.into()),
         name: Some(name),
         namespace: Some(ns),
-        uid: o.metadata.uid.clone(),
+        uid: meta.uid.clone(),
         ..Default::default()
     };
     let (ctx, note) = (ctx.clone(), format!("NIO cannot read this {kind} and ignores it until it is fixed: {error}"));

@@ -97,12 +97,14 @@ pub fn event_note(note: &str) -> String {
 pub fn selector_string(sel: &LabelSelector) -> String {
     let mut parts: Vec<String> = sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
     for e in sel.match_expressions.iter().flatten() {
-        let vals = e.values.clone().unwrap_or_default().join(",");
+        let vals = e.values.as_deref().unwrap_or_default().join(",");
         parts.push(match e.operator.as_str() {
             "In" => format!("{} in ({vals})", e.key),
             "NotIn" => format!("{} notin ({vals})", e.key),
             "Exists" => e.key.clone(),
-            _ => format!("!{}", e.key),
+            "DoesNotExist" => format!("!{}", e.key),
+            // Validation rejects other operators; the list is only narrowed here and `targets` decides.
+            _ => continue,
         });
     }
     parts.join(",")
@@ -121,7 +123,7 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
     let labels = m.metadata.labels.as_ref().unwrap_or(&empty);
     let ok_labels = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
     let ok_exprs = sel.match_expressions.iter().flatten().all(|e| {
-        let vals = e.values.clone().unwrap_or_default();
+        let vals = e.values.as_deref().unwrap_or_default();
         match e.operator.as_str() {
             "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
             "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
@@ -629,23 +631,6 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str()) || targets(cfg, m)
         })
         .collect();
-    if cfg.spec.on_remove_flake.is_some()
-        && let Err(invalid) = nio_shared::validate::configuration_spec(&cfg.spec)
-    {
-        // Nothing can be applied from an invalid spec; say so instead of retrying quietly forever.
-        let msg = format!(
-            "onRemoveFlake cannot be applied: {invalid}; fix the spec, or remove onRemoveFlake to release the \
-             machines as they are"
-        );
-        let mut status = latest_status(ctx, cfg);
-        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
-            ctx.event(cfg, true, "RemovalBlocked", msg.clone(), "Remove").await;
-        }
-        conditions::set(&mut status.conditions, "Degraded", true, "RemovalBlocked", &msg, cfg.metadata.generation);
-        set_status(ctx, cfg, &status).await?;
-        // An error keeps the finalizer (Ok would release it with nothing applied).
-        return Err(Error::RemovalPending(msg));
-    }
     let Some(_) = &cfg.spec.on_remove_flake else {
         for m in &attached {
             update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {
@@ -658,14 +643,6 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             .await?;
         }
         return Ok(Action::await_change());
-    };
-    let commit = match &cfg.status.as_ref().and_then(|s| s.target_commit.clone()) {
-        Some(c) => c.clone(),
-        None => {
-            ctx.resolver
-                .resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, refresh_token(cfg), git_creds(ctx, cfg).await?)
-                .await?
-        }
     };
     let pending: Vec<&Machine> = attached
         .iter()
@@ -692,6 +669,30 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .await;
         return Ok(Action::await_change());
     }
+    if let Err(invalid) = nio_shared::validate::configuration_spec(&cfg.spec) {
+        // Machines still run it, and nothing can be applied from an invalid spec: say so instead of retrying
+        // quietly forever.
+        let msg = format!(
+            "onRemoveFlake cannot be applied: {invalid}; fix the spec, or remove onRemoveFlake to release the \
+             machines as they are"
+        );
+        let mut status = latest_status(ctx, cfg);
+        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
+            ctx.event(cfg, true, "RemovalBlocked", msg.clone(), "Remove").await;
+        }
+        conditions::set(&mut status.conditions, "Degraded", true, "RemovalBlocked", &msg, cfg.metadata.generation);
+        set_status(ctx, cfg, &status).await?;
+        // An error keeps the finalizer (Ok would release it with nothing applied).
+        return Err(Error::RemovalPending(msg));
+    }
+    let commit = match latest_status(ctx, cfg).target_commit {
+        Some(c) => c,
+        None => {
+            ctx.resolver
+                .resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, refresh_token(cfg), git_creds(ctx, cfg).await?)
+                .await?
+        }
+    };
     let mut blocked = Vec::new();
     for m in &pending {
         let s = m.status.clone().unwrap_or_default();

@@ -359,12 +359,13 @@ pub mod consumer {
                     for (msg, ev) in group {
                         let span = tracing::info_span!("status.apply", otel.kind = "consumer", nio.cluster = %ev.cluster, nio.phase = ?ev.phase, nio.action = ev.action.as_str());
                         nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
-                        match apply(&ctx, &ev, known.take()).instrument(span).await {
+                        match apply(&ctx, &ev, known.as_ref()).instrument(span).await {
                             Ok(latest) => {
                                 known = latest;
                                 let _ = msg.ack().await;
                             }
                             Err(e) => {
+                                known = None;
                                 tracing::warn!(machine = %ev.machine, error = %e, "applying a status event failed; will retry");
                                 let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
                             }
@@ -407,7 +408,7 @@ pub mod consumer {
     pub async fn apply(
         ctx: &Ctx,
         ev: &StatusEvent,
-        known: Option<nio_shared::crd::Machine>,
+        known: Option<&nio_shared::crd::Machine>,
     ) -> Result<Option<nio_shared::crd::Machine>> {
         if ev.cluster != ctx.cluster {
             return Ok(None);
@@ -417,7 +418,7 @@ pub mod consumer {
             .get_or_create(&EventLabels { phase: format!("{:?}", ev.phase), action: ev.action.as_str().into() })
             .inc();
         let notes: Mutex<Vec<Note>> = Mutex::new(Vec::new());
-        let updated = update_machine_status(ctx, &ev.namespace, &ev.machine, known.as_ref(), |m| {
+        let updated = update_machine_status(ctx, &ev.namespace, &ev.machine, known, |m| {
             let status = m.status.clone().unwrap_or_default();
             // Progress steps of a machine already marked Applying change nothing worth a write.
             if ev.phase == Phase::Step && status.phase == Some(MachinePhase::Applying) {

@@ -50,7 +50,7 @@ impl NatsServer {
             .kill_on_drop(true);
         let child = cmd.spawn().with_context(|| format!("starting {} (run `make setup` to install it)", binary()))?;
         let pid = child.id().unwrap_or_default();
-        crate::procs::die_with_us(pid)?;
+        crate::procs::die_with_us(pid, None)?;
         let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
         let deadline = Instant::now() + Duration::from_secs(20);
         let port = loop {

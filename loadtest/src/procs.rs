@@ -75,7 +75,7 @@ impl Proc {
         }
         let child = cmd.spawn().with_context(|| format!("starting {}", binary.display()))?;
         if let Some(pid) = child.id() {
-            die_with_us(pid)?;
+            die_with_us(pid, None)?;
         }
         Ok(Proc { name: name.into(), child, log, metrics_port, last: Usage::default() })
     }
@@ -178,9 +178,9 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// Makes process `pid` (a child of ours) end when this process ends, however it ends: `kill_on_drop` covers
 /// a clean exit, but not SIGKILL or a panic that aborts. A small detached shell watches both; if we go first it
-/// sends the child SIGTERM and, a few seconds later, SIGKILL; if the child goes first it just exits (so a
-/// reused pid is never signalled).
-pub fn die_with_us(pid: u32) -> anyhow::Result<()> {
+/// sends the child SIGTERM and, a few seconds later, SIGKILL, then removes `cleanup` (a directory the child
+/// wrote); if the child goes first it just exits (so a reused pid is never signalled).
+pub fn die_with_us(pid: u32, cleanup: Option<&Path>) -> anyhow::Result<()> {
     let script = r#"(
 while kill -0 "$1" 2>/dev/null; do
   kill -0 "$2" 2>/dev/null || exit 0
@@ -189,6 +189,7 @@ done
 kill "$2" 2>/dev/null || exit 0
 sleep 3
 kill -9 "$2" 2>/dev/null
+[ -z "$3" ] || rm -rf "$3"
 ) </dev/null >/dev/null 2>&1 &"#;
     let status = std::process::Command::new("sh")
         .arg("-c")
@@ -196,6 +197,7 @@ kill -9 "$2" 2>/dev/null
         .arg("nio-reaper")
         .arg(std::process::id().to_string())
         .arg(pid.to_string())
+        .arg(cleanup.unwrap_or(Path::new("")))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

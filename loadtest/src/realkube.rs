@@ -5,8 +5,8 @@
 //! garbage-collects, no namespace controller, no service-account token controller (tokens come from the
 //! TokenRequest API, which the apiserver serves itself).
 //!
-//! Processes are owned by a watchdog shell that kills them and removes their directory when the owning
-//! process exits, however it exits (a test binary never runs destructors of statics; a demo may be `kill -9`ed).
+//! Each process has a reaper ([`crate::procs::die_with_us`]) that kills it, and removes the directory, when the
+//! owning process exits, however it exits (a test binary never runs destructors of statics; a demo may be `kill -9`ed).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -62,14 +62,13 @@ impl Endpoint {
     }
 }
 
-/// A running etcd + kube-apiserver. Stopped (and its directory removed) when dropped, or by the watchdog when
+/// A running etcd + kube-apiserver. Stopped (and its directory removed) when dropped, or by their reapers when
 /// the process that started it exits.
 pub struct RealKube {
     pub endpoint: Endpoint,
     pub dir: PathBuf,
     etcd: Child,
     apiserver: Child,
-    watchdog: Option<Child>,
 }
 
 /// Whether kube-apiserver and etcd are installed (by `make setup`).
@@ -83,14 +82,17 @@ fn binary(name: &str) -> anyhow::Result<PathBuf> {
     })
 }
 
-fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
-    Command::new(bin)
+/// Starts `bin`, reaped (and `cleanup` removed) when this process ends.
+fn spawn(bin: &Path, args: &[String], log: &Path, cleanup: Option<&Path>) -> anyhow::Result<Child> {
+    let child = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(log)?)
         .stderr(std::fs::File::create(log.with_extension("err"))?)
         .spawn()
-        .with_context(|| format!("starting {}", bin.display()))
+        .with_context(|| format!("starting {}", bin.display()))?;
+    crate::procs::die_with_us(child.id(), cleanup)?;
+    Ok(child)
 }
 
 /// The errors (klog `E`/`F` lines) a component logged, else its last lines.
@@ -125,8 +127,6 @@ impl RealKube {
             // Test data: durability across power loss is not what these tests are about.
             "--unsafe-no-fsync".into(),
         ];
-        let etcd = spawn(&etcd_bin, &etcd_args, &dir.join("etcd.log"))?;
-
         let ca = TestCa::create(dir, "apiserver")?;
         let sa_key = dir.join("sa.key");
         let out = Command::new("openssl")
@@ -161,7 +161,9 @@ impl RealKube {
             "--profiling=false".into(),
             "--v=0".into(),
         ];
-        let apiserver = match spawn(&api_bin, &api_args, &dir.join("kube-apiserver.log")) {
+        // When this process ends however it ends, etcd's reaper also removes `dir`.
+        let etcd = spawn(&etcd_bin, &etcd_args, &dir.join("etcd.log"), Some(dir))?;
+        let apiserver = match spawn(&api_bin, &api_args, &dir.join("kube-apiserver.log"), None) {
             Ok(c) => c,
             Err(e) => {
                 let mut etcd = etcd;
@@ -172,29 +174,9 @@ impl RealKube {
         };
         let endpoint =
             Endpoint { url: format!("https://127.0.0.1:{port}"), ca_pem: ca.ca_pem.clone(), admin_token, tester_token };
-        let mut kube = RealKube { endpoint, dir: dir.to_path_buf(), etcd, apiserver, watchdog: None };
-        kube.watchdog = Some(kube.spawn_watchdog()?);
+        let mut kube = RealKube { endpoint, dir: dir.to_path_buf(), etcd, apiserver };
         kube.wait_ready().await?;
         Ok(kube)
-    }
-
-    /// A shell that waits for this process to exit, then stops etcd and the apiserver and removes `dir`.
-    fn spawn_watchdog(&self) -> anyhow::Result<Child> {
-        let script = r#"while kill -0 "$1" 2>/dev/null; do sleep 0.5; done
-kill "$2" "$3" 2>/dev/null; sleep 2; kill -9 "$2" "$3" 2>/dev/null; rm -rf "$4""#;
-        Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("realkube-watchdog")
-            .arg(std::process::id().to_string())
-            .arg(self.apiserver.id().to_string())
-            .arg(self.etcd.id().to_string())
-            .arg(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the control plane's watchdog")
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {
@@ -237,9 +219,8 @@ kill "$2" "$3" 2>/dev/null; sleep 2; kill -9 "$2" "$3" 2>/dev/null; rm -rf "$4""
         std::fs::write(path, self.endpoint.kubeconfig())
     }
 
-    /// Leaves the processes to the watchdog (they stop when this process exits).
-    pub fn detach(mut self) -> Endpoint {
-        self.watchdog = None;
+    /// Leaves the processes to their reapers (they stop when this process exits).
+    pub fn detach(self) -> Endpoint {
         let endpoint = self.endpoint.clone();
         std::mem::forget(self);
         endpoint
@@ -251,10 +232,6 @@ impl Drop for RealKube {
         for c in [&mut self.apiserver, &mut self.etcd] {
             let _ = c.kill();
             let _ = c.wait();
-        }
-        if let Some(mut w) = self.watchdog.take() {
-            let _ = w.kill();
-            let _ = w.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -46,6 +46,7 @@ on_both!(
     lists_page_with_limit_and_continue,
     rbac_grants_exactly_what_a_role_says,
     unknown_bearer_tokens_are_unauthorized,
+    writes_that_change_nothing_store_nothing,
 );
 
 fn machine(name: &str) -> Machine {
@@ -554,4 +555,32 @@ async fn unknown_bearer_tokens_are_unauthorized(backend: Backend) {
     let machines: Api<Machine> = Api::namespaced(c.tester_client().unwrap(), &c.namespace);
     let (code, _, _) = api_error(machines.list(&ListParams::default()).await.unwrap_err());
     assert_eq!(code, 401);
+}
+
+/// A write that changes nothing (the same status applied again, the same spec replaced) keeps the
+/// resourceVersion and wakes no watcher; a controller that re-applies its status must not trigger itself.
+async fn writes_that_change_nothing_store_nothing(backend: Backend) {
+    let (_c, api) = on::<Machine>(backend).await;
+    let created = api.create(&PostParams::default(), &machine("m1")).await.unwrap();
+    let status = Patch::Apply(json!({
+        "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "status": {"phase": "Queued", "appliedCommit": "abc"}
+    }));
+    let pp = PatchParams::apply("nio-controller").force();
+    let first = api.patch_status("m1", &pp, &status).await.unwrap();
+    let rv = first.metadata.resource_version.clone().unwrap();
+    assert_ne!(Some(&rv), created.metadata.resource_version.as_ref());
+    let mut stream = api.watch(&WatchParams::default().timeout(10), &rv).await.unwrap().boxed();
+    let again = api.patch_status("m1", &pp, &status).await.unwrap();
+    assert_eq!(again.metadata.resource_version.as_deref(), Some(rv.as_str()), "same status applied again");
+    let replaced = api.replace("m1", &PostParams::default(), &again).await.unwrap();
+    assert_eq!(replaced.metadata.resource_version.as_deref(), Some(rv.as_str()), "same object replaced");
+    // the next event a watcher sees is the next real change, not the no-ops
+    api.patch("m1", &PatchParams::default(), &Patch::Merge(json!({"spec": {"port": 2222}}))).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), stream.try_next()).await.unwrap().unwrap() {
+            Some(WatchEvent::Bookmark(_)) => continue,
+            Some(WatchEvent::Modified(m)) => break assert_eq!(m.spec.port, 2222, "a no-op write reached the watch"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }

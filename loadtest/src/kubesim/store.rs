@@ -989,19 +989,25 @@ fn convert_event(obj: &Value, to_new: bool) -> Value {
 
 /// Whether `new` is `old` apart from its resourceVersion and the times in managedFields.
 fn unchanged(old: &Value, new: &Value) -> bool {
-    let strip = |v: &Value| {
-        let mut v = v.clone();
-        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.remove("resourceVersion");
-            if let Some(Value::Array(entries)) = m.get_mut("managedFields") {
-                for e in entries.iter_mut().filter_map(Value::as_object_mut) {
-                    e.remove("time");
-                }
+    // Compared in place (this runs on every write): equal maps except under the keys `skip` ignores.
+    fn same_except(a: &Value, b: &Value, skip: impl Fn(&str, &Value, &Value) -> bool) -> bool {
+        match (a.as_object(), b.as_object()) {
+            (Some(a), Some(b)) => {
+                a.len() == b.len() && a.iter().all(|(k, av)| b.get(k).is_some_and(|bv| skip(k, av, bv) || av == bv))
             }
+            _ => a == b,
         }
-        v
+    }
+    let managed_fields = |a: &Value, b: &Value| match (a.as_array(), b.as_array()) {
+        (Some(a), Some(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_except(x, y, |k, _, _| k == "time"))
+        }
+        _ => a == b,
     };
-    strip(old) == strip(new)
+    same_except(old, new, |k, a, b| {
+        k == "metadata"
+            && same_except(a, b, |k, a, b| k == "resourceVersion" || (k == "managedFields" && managed_fields(a, b)))
+    })
 }
 
 /// Rules the real apiserver enforces on every object or on built-in kinds, beyond the schema.
