@@ -47,6 +47,7 @@ on_both!(
     rbac_grants_exactly_what_a_role_says,
     unknown_bearer_tokens_are_unauthorized,
     writes_that_change_nothing_store_nothing,
+    cel_rules_refuse_selectors_that_would_pick_the_wrong_fleet,
 );
 
 fn machine(name: &str) -> Machine {
@@ -470,6 +471,56 @@ async fn integers_and_strings_a_user_sets_are_bounded_by_the_schema(backend: Bac
         .unwrap();
     let typed: Api<NixosConfiguration> = c.api();
     assert_eq!(typed.list(&ListParams::default()).await.unwrap().items.len(), 1);
+}
+
+/// The CRD's CEL rules (`x-kubernetes-validations`): a configuration names exactly one of machineRef and
+/// machineSelector, and its selector uses a known operator, values only where the operator takes them, and
+/// valid label keys and values. Each bad spec is refused with the rule's message; nothing is stored.
+async fn cel_rules_refuse_selectors_that_would_pick_the_wrong_fleet(backend: Backend) {
+    let (c, typed) = on::<NixosConfiguration>(backend).await;
+    let dynamic: Api<kube::api::DynamicObject> =
+        Api::namespaced_with(c.client.clone(), &c.namespace, &kube::api::ApiResource::erase::<NixosConfiguration>(&()));
+    let with = |name: &str, target: serde_json::Value| -> kube::api::DynamicObject {
+        let mut spec = json!({"gitRepo": "https://example.org/r.git", "ref": "main", "flake": "#web"});
+        for (k, v) in target.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": name}, "spec": spec
+        }))
+        .unwrap()
+    };
+    let expr = |key: &str, op: &str, values: serde_json::Value| json!({"machineSelector": {"matchExpressions": [{"key": key, "operator": op, "values": values}]}});
+    for (name, target, says) in [
+        ("neither", json!({}), "exactly one of machineRef and machineSelector"),
+        ("both", json!({"machineRef": "m1", "machineSelector": {}}), "exactly one of machineRef and machineSelector"),
+        ("bad-operator", expr("role", "Matches", json!(["web"])), "Unsupported value"),
+        ("in-without-values", expr("role", "In", json!([])), "In and NotIn need at least one value"),
+        ("exists-with-values", expr("role", "Exists", json!(["web"])), "Exists and DoesNotExist take none"),
+        ("bang-key", expr("!role", "Exists", json!(null)), "key must be a valid label key"),
+        ("bad-value", expr("role", "In", json!(["web server"])), "values must be valid label values"),
+        (
+            "bad-match-labels",
+            json!({"machineSelector": {"matchLabels": {"role": "a/b"}}}),
+            "matchLabels must map valid label keys to valid label values",
+        ),
+    ] {
+        let (code, _, message) =
+            api_error(dynamic.create(&PostParams::default(), &with(name, target)).await.unwrap_err());
+        assert_eq!(code, 422, "{name}: {message}");
+        assert!(message.contains(says), "{name}: {message}");
+    }
+    for (name, target) in [
+        ("one-machine", json!({"machineRef": "m1"})),
+        ("fleet", expr("example.org/role", "NotIn", json!(["db", "web-1"]))),
+        ("all-labelled", json!({"machineSelector": {"matchLabels": {"tier": "edge"}}})),
+    ] {
+        dynamic.create(&PostParams::default(), &with(name, target)).await.unwrap();
+    }
+    let mut names: Vec<String> =
+        typed.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|c| c.metadata.name).collect();
+    names.sort();
+    assert_eq!(names, ["all-labelled", "fleet", "one-machine"]);
 }
 
 /// Large lists come in pages (kube-rs's watcher asks for 500 at a time): `limit` caps a page, `continue`

@@ -8,7 +8,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -342,7 +342,7 @@ impl Default for HealthCheck {
 }
 
 /// What to run where: a flake at a Git ref applied to one machine or a labelled fleet.
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "nixos.infra",
     version = "v1alpha1",
@@ -376,6 +376,8 @@ impl Default for HealthCheck {
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.machineRef) != has(self.machineSelector)")
+    .message("exactly one of machineRef and machineSelector must be set"))]
 pub struct NixosConfigurationSpec {
     /// Git repository holding the flake (https, http, ssh, git or file URL; no credentials in the URL).
     #[schemars(length(min = 1, max = 2048))]
@@ -403,6 +405,7 @@ pub struct NixosConfigurationSpec {
     pub machine_ref: Option<String>,
     /// Label selector over Machines in the same namespace (fleet mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "machine_selector_schema")]
     pub machine_selector: Option<LabelSelector>,
     /// Install NixOS from scratch (kexec, disko, nixos-install) on machines never installed by NIO.
     /// Runs once per machine; later commits switch.
@@ -474,6 +477,71 @@ pub struct NixosConfigurationStatus {
     /// metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// `machineSelector`'s schema: the upstream LabelSelector with the bounds and rules the apiserver then enforces
+/// (operators, values only where the operator takes them, valid label keys and values). Without them an
+/// unknown operator or a malformed key would be stored and select the wrong fleet. The bounds also keep the CEL
+/// rules' estimated cost under the apiserver's limit.
+fn machine_selector_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    use schemars::JsonSchema;
+    use serde_json::json;
+    let mut schema = LabelSelector::json_schema(generator);
+    let key_ok = "!format.qualifiedName().validate(self.key).hasValue()";
+    let rules = json!({
+        "matchExpressions": {
+            "maxItems": 32,
+            "items": {
+                "properties": {
+                    "key": {"maxLength": 317},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"maxItems": 64, "items": {"maxLength": 63}},
+                },
+                "x-kubernetes-validations": [
+                    {"rule": key_ok, "message": "key must be a valid label key (an optional DNS prefix and '/', then a name of at most 63 characters)"},
+                    {"rule": "(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+                     "message": "In and NotIn need at least one value; Exists and DoesNotExist take none"},
+                    {"rule": "!has(self.values) || self.values.all(v, !format.labelValue().validate(v).hasValue())",
+                     "message": "values must be valid label values"},
+                ],
+            },
+        },
+        "matchLabels": {
+            "maxProperties": 32,
+            "additionalProperties": {"maxLength": 63},
+            "x-kubernetes-validations": [
+                {"rule": "self.all(k, !format.qualifiedName().validate(k).hasValue() && !format.labelValue().validate(self[k]).hasValue())",
+                 "message": "matchLabels must map valid label keys to valid label values"},
+            ],
+        },
+    });
+    merge_schema(schema.ensure_object(), &rules, "properties");
+    schema.insert("nullable".into(), true.into());
+    schema
+}
+
+/// Deep-merges `extra` into the object schema `into`: each key of `extra` names a property of `into`.
+fn merge_schema(into: &mut serde_json::Map<String, serde_json::Value>, extra: &serde_json::Value, via: &str) {
+    let Some(extra) = extra.as_object() else { return };
+    let Some(target) = into.get_mut(via).and_then(serde_json::Value::as_object_mut) else { return };
+    for (name, add) in extra {
+        let Some(prop) = target.get_mut(name).and_then(serde_json::Value::as_object_mut) else { continue };
+        merge_value(prop, add);
+    }
+}
+
+fn merge_value(into: &mut serde_json::Map<String, serde_json::Value>, add: &serde_json::Value) {
+    let Some(add) = add.as_object() else { return };
+    for (k, v) in add {
+        match (into.get_mut(k), v) {
+            (Some(serde_json::Value::Object(existing)), serde_json::Value::Object(_)) if k != "enum" => {
+                merge_value(existing, v)
+            }
+            _ => {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 /// Length of the commit prefix shown in printer columns.

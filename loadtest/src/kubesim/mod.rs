@@ -6,6 +6,7 @@
 //! validation for CRDs, Table output, and dry runs.
 
 pub mod auth;
+mod cel;
 mod fields;
 mod http;
 mod openapi;

@@ -26,6 +26,8 @@ pub struct ResourceType {
     pub categories: Vec<String>,
     /// openAPIV3Schema of a CRD version; None for built-ins (stored without validation).
     pub schema: Option<Value>,
+    /// The schema's compiled CEL rules, if it has any.
+    pub rules: Option<super::cel::Rules>,
     pub status_subresource: bool,
     pub columns: Vec<Column>,
     /// Defined by a CustomResourceDefinition (as opposed to built in).
@@ -87,6 +89,7 @@ impl ResourceType {
             short_names: short.iter().map(|s| s.to_string()).collect(),
             categories: vec![],
             schema: None,
+            rules: None,
             status_subresource: false,
             columns: vec![],
             custom: false,
@@ -171,6 +174,10 @@ impl ResourceType {
                 namespaced,
                 short_names: strings(names.get("shortNames")),
                 categories: strings(names.get("categories")),
+                rules: match v.pointer("/schema/openAPIV3Schema") {
+                    Some(schema) => super::cel::compile(schema)?,
+                    None => None,
+                },
                 schema: v.pointer("/schema/openAPIV3Schema").cloned(),
                 status_subresource: v.pointer("/subresources/status").is_some(),
                 columns,

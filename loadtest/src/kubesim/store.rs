@@ -518,6 +518,12 @@ impl Store {
                     .collect();
                 return Err(self.invalid(rt, name, causes));
             }
+            if let Some(rules) = &rt.rules {
+                let causes = super::cel::check(rules, &new, old.map(|o| &**o));
+                if !causes.is_empty() {
+                    return Err(self.invalid(rt, name, causes));
+                }
+            }
         }
         let causes = builtin_rules(rt, old.map(|o| &**o), &new);
         if !causes.is_empty() {
