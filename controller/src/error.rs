@@ -25,6 +25,8 @@ pub enum Error {
     Finalizer(String),
     #[error("removal is waiting: {0}")]
     RemovalPending(String),
+    #[error("cache: {0}")]
+    CacheNotReady(&'static str),
 }
 
 impl Error {
@@ -39,6 +41,7 @@ impl Error {
             Error::Seal(_) => "SealError",
             Error::Finalizer(_) => "Finalizer",
             Error::RemovalPending(_) => "RemovalPending",
+            Error::CacheNotReady(_) => "CacheNotReady",
         }
     }
 }

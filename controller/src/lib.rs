@@ -5,6 +5,7 @@
 //! - [`git`]: ref resolution; [`publish`]: job building and publishing; [`leader`]: leader election.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod conditions;
 pub mod error;
 pub mod git;
@@ -104,6 +105,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         probe_interval: s.probe_interval,
         default_poll: s.default_poll_interval,
         written: Default::default(),
+        machines: Default::default(),
     });
 
     let elector = s.leader_election.then(|| {
@@ -203,25 +205,21 @@ fn report_undecodable(ctx: &Arc<reconcile::Ctx>, kind: &'static str, meta: &Obje
     tokio::spawn(async move { ctx.event_on(&reference, true, "Undecodable", note, "Watch").await });
 }
 
-/// Every change to a Machine (a deletion shows as a machine being deleted), for mapping to configurations.
-fn machine_touches(
-    api: Api<DynamicObject>,
-    ctx: Arc<reconcile::Ctx>,
-) -> impl futures::Stream<Item = Result<Machine, watcher::Error>> + Send + 'static {
-    decoded::<Machine>(api, ctx, "Machine").default_backoff().filter_map(|ev| async move {
-        match ev {
-            Ok(watcher::Event::Apply(m) | watcher::Event::InitApply(m)) => Some(Ok(m)),
-            Ok(watcher::Event::Delete(mut m)) => {
-                if m.metadata.deletion_timestamp.is_none() {
-                    m.metadata.deletion_timestamp =
-                        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
-                }
-                Some(Ok(m))
+/// The Machine a watch event changed, for mapping to configurations (a deletion shows as a machine being
+/// deleted).
+fn touched(ev: &watcher::Event<Machine>) -> Option<Machine> {
+    match ev {
+        watcher::Event::Apply(m) | watcher::Event::InitApply(m) => Some(m.clone()),
+        watcher::Event::Delete(m) => {
+            let mut m = m.clone();
+            if m.metadata.deletion_timestamp.is_none() {
+                m.metadata.deletion_timestamp =
+                    Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
             }
-            Ok(_) => None,
-            Err(e) => Some(Err(e)),
+            Some(m)
         }
-    })
+        _ => None,
+    }
 }
 
 /// A hash of what a rollout plan reads from a Machine: labels, spec (generation), deletion, and the targets in
@@ -309,6 +307,9 @@ async fn lead(
     if let Ok(mut w) = ctx.written.lock() {
         w.clear();
     }
+    if let Ok(mut caches) = ctx.machines.write() {
+        caches.clear();
+    }
     let consumer = status::consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
@@ -322,6 +323,37 @@ async fn lead(
     for ns in scopes {
         let (configs, machines) =
             (untyped::<NixosConfiguration>(client, ns.as_deref()), untyped::<Machine>(client, ns.as_deref()));
+        // One Machine watch feeds the Machine controller, the cache fleet reconciles read their machines from,
+        // and the configuration triggers below. A trigger is sent only after the cache holds the change, so
+        // the reconcile it causes sees it.
+        let (m_store, m_writer) = reflector::store();
+        let m_cache = Arc::new(cache::MachineCache::new(ns.clone(), m_store.clone()));
+        let (touch_tx, touch_rx) = tokio::sync::mpsc::channel::<Machine>(1024);
+        let m_stream = decoded::<Machine>(machines, ctx.clone(), "Machine")
+            .default_backoff()
+            .modify(slim)
+            .reflect(m_writer)
+            .then({
+                let m_cache = m_cache.clone();
+                move |ev| {
+                    let tx = touch_tx.clone();
+                    if let Ok(ev) = &ev {
+                        m_cache.observe(ev);
+                    }
+                    async move {
+                        if let Some(m) = ev.as_ref().ok().and_then(touched)
+                            && tx.send(m).await.is_err()
+                        {
+                            tracing::debug!("configuration controller stopped; Machine change not forwarded");
+                        }
+                        ev
+                    }
+                }
+            })
+            .applied_objects();
+        if let Ok(mut caches) = ctx.machines.write() {
+            caches.push(m_cache);
+        }
         // A short trailing debounce coalesces bursts of Machine updates without delaying a spec or refresh
         // change by much.
         let (store, writer) = reflector::store();
@@ -343,7 +375,7 @@ async fn lead(
         // reconcile lists its machines; re-running it for each of those would cost a LIST per status write).
         let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
         let cfg_ctl = cfg_ctl
-            .watches_stream(machine_touches(machines.clone(), ctx.clone()), move |m: Machine| {
+            .watches_stream(tokio_stream::wrappers::ReceiverStream::new(touch_rx).map(Ok), move |m: Machine| {
                 let fingerprint = plan_fingerprint(&m);
                 let changed = seen
                     .lock()
@@ -404,12 +436,6 @@ async fn lead(
                 }
             });
         tasks.spawn(cfg_ctl);
-        let (m_store, m_writer) = reflector::store();
-        let m_stream = decoded::<Machine>(machines, ctx.clone(), "Machine")
-            .default_backoff()
-            .modify(slim)
-            .reflect(m_writer)
-            .applied_objects();
         let m_ctl = Controller::for_stream(m_stream, m_store.clone())
             .with_config(controller::Config::default().concurrency(MACHINE_CONCURRENCY));
         machine_stores.push(m_store);
