@@ -1,12 +1,16 @@
 //! nio-controller: turns Machines and NixosConfigurations into rebuild jobs and executor reports into status.
 //!
 //! - [`reconcile`]: NixosConfiguration reconcile and deletion; [`rollout`]: the pure planner.
-//! - [`machine`]: Machine validation and probe scheduling; [`status`]: applying executor events.
+//! - [`context`]: what reconciles share and the status writes they make; [`cache`]: the Machine cache and its
+//!   label index.
+//! - [`machine`]: Machine validation and probe scheduling; [`status`]: the pure status transition;
+//!   [`status_consumer`]: applying executor events.
 //! - [`git`]: ref resolution; [`publish`]: job building and publishing; [`leader`]: leader election.
 #![forbid(unsafe_code)]
 
 pub mod cache;
 pub mod conditions;
+pub mod context;
 pub mod error;
 pub mod git;
 pub mod leader;
@@ -16,6 +20,7 @@ pub mod publish;
 pub mod reconcile;
 pub mod rollout;
 pub mod status;
+pub mod status_consumer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,7 +96,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
-    let ctx = Arc::new(reconcile::Ctx {
+    let ctx = Arc::new(context::Ctx {
         client: client.clone(),
         cluster: s.cluster.clone(),
         publisher: publish::Publisher { js: js.clone(), metrics: metrics.clone() },
@@ -157,7 +162,7 @@ where
 /// stop reconciling everything.
 fn decoded<K>(
     api: Api<DynamicObject>,
-    ctx: Arc<reconcile::Ctx>,
+    ctx: Arc<context::Ctx>,
     kind: &'static str,
 ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
@@ -189,7 +194,7 @@ where
     })
 }
 
-fn report_undecodable(ctx: &Arc<reconcile::Ctx>, kind: &'static str, meta: &ObjectMeta, error: &str) {
+fn report_undecodable(ctx: &Arc<context::Ctx>, kind: &'static str, meta: &ObjectMeta, error: &str) {
     let (ns, name) = (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default());
     tracing::warn!(kind, namespace = %ns, name = %name, error, "skipping an object that does not decode; fix or delete it");
     ctx.metrics.undecodable.get_or_create(&metrics::KindLabel { kind: kind.into() }).inc();
@@ -294,7 +299,7 @@ impl Health {
 #[allow(clippy::too_many_arguments)]
 async fn lead(
     s: &Settings,
-    ctx: &Arc<reconcile::Ctx>,
+    ctx: &Arc<context::Ctx>,
     js: &async_nats::jetstream::Context,
     client: &kube::Client,
     metrics: &Arc<metrics::Metrics>,
@@ -310,7 +315,7 @@ async fn lead(
     if let Ok(mut caches) = ctx.machines.write() {
         caches.clear();
     }
-    let consumer = status::consumer::open(js, &s.cluster).await?;
+    let consumer = status_consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
     let secret_watch = watcher::Config::default().labels(&format!(
@@ -454,7 +459,7 @@ async fn lead(
             });
         tasks.spawn(m_ctl);
     }
-    tasks.spawn(status::consumer::run(ctx.clone(), consumer, machine_stores.clone(), stop.clone()));
+    tasks.spawn(status_consumer::run(ctx.clone(), consumer, machine_stores.clone(), stop.clone()));
     tasks.spawn(phase_gauge(config_stores, machine_stores, ctx.clone(), stop.clone()));
 
     let end = match elector {
@@ -484,7 +489,7 @@ async fn lead(
 async fn phase_gauge(
     configs: Vec<kube::runtime::reflector::Store<NixosConfiguration>>,
     machines: Vec<kube::runtime::reflector::Store<Machine>>,
-    ctx: Arc<reconcile::Ctx>,
+    ctx: Arc<context::Ctx>,
     stop: CancellationToken,
 ) {
     let metrics = ctx.metrics.clone();

@@ -12,9 +12,9 @@ use rand::RngExt;
 use tracing::Instrument;
 
 use crate::conditions;
+use crate::context::{Ctx, update_machine_status};
 use crate::error::{Error, Result};
 use crate::metrics::{ErrorLabels, KindLabel};
-use crate::reconcile::{Ctx, update_machine_status};
 
 /// The probe interval with ±10 % jitter, so a fleet's probes spread out.
 fn jittered(base: Duration) -> Duration {

@@ -4,7 +4,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::Utc;
 use nio_shared::crd::{Machine, NixosConfiguration};
-use nio_shared::protocol::{Action, FileContent, FileEntry, JOB_VERSION, Job, SecretFile, Source, Target};
+use nio_shared::protocol::{Action, FileContent, FileEntry, JOB_VERSION, Job, JobId, SecretFile, Source, Target};
 use nio_shared::seal::SealKey;
 use nio_shared::validate;
 use tracing::Instrument;
@@ -97,7 +97,7 @@ pub fn apply_job(
     }
     Ok(Job {
         v: JOB_VERSION,
-        id: format!("{cluster}/{ns}/{name}/{}/{}", desired.target(), action.as_str()),
+        id: JobId::new(cluster, &ns, &name, &desired.target(), action),
         cluster: cluster.to_string(),
         namespace: ns,
         machine: name,
@@ -131,7 +131,7 @@ pub fn remove_job(cluster: &str, cfg: &NixosConfiguration, m: &Machine, commit: 
     let generation = cfg.metadata.generation.unwrap_or(0);
     Ok(Job {
         v: JOB_VERSION,
-        id: format!("{cluster}/{ns}/{name}/{commit}/{generation}/remove"),
+        id: JobId::new(cluster, &ns, &name, &format!("{commit}/{generation}"), Action::Remove),
         cluster: cluster.to_string(),
         namespace: ns,
         machine: name,
@@ -163,7 +163,7 @@ pub fn probe_job(cluster: &str, m: &Machine, action: Action) -> Job {
     let now = Utc::now();
     Job {
         v: JOB_VERSION,
-        id: format!("{cluster}/{ns}/{name}/probe/{}/{}", now.timestamp(), action.as_str()),
+        id: JobId::probe(cluster, &ns, &name, now.timestamp(), action),
         cluster: cluster.to_string(),
         namespace: ns,
         machine: name,

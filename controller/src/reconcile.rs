@@ -5,96 +5,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{ObjectReference, Secret};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::{Resource, ResourceExt};
 use nio_shared::crd::{
-    FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration, NixosConfigurationStatus,
-    short_commit,
+    FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration, short_commit,
 };
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::conditions;
+use crate::context::{Ctx, latest_status, set_status, update_machine_status};
 use crate::error::{Error, Result};
-use crate::git::Resolver;
-use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel, Metrics};
-use crate::publish::{self, Desired, Publisher};
+use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel};
+use crate::publish::{self, Desired};
 use crate::rollout::{self, MachineView, Policy};
 use nio_shared::gitauth::GitAuth;
 
 /// Jobs published (and Machines marked Queued) at once by one reconcile.
 const PUBLISH_CONCURRENCY: usize = 32;
-
-/// Field manager of everything the controller writes.
-pub const MANAGER: &str = "nio-controller";
-
-/// Shared by every reconcile.
-pub struct Ctx {
-    pub client: kube::Client,
-    pub cluster: String,
-    pub publisher: Publisher,
-    pub seal: Option<nio_shared::seal::SealKey>,
-    pub resolver: Resolver,
-    pub recorder: Recorder,
-    pub metrics: Arc<Metrics>,
-    pub probe_interval: Duration,
-    /// Poll interval of configurations that set none.
-    pub default_poll: Duration,
-    /// The status this replica last wrote to each configuration (by uid). The cache a reconcile starts from can
-    /// be older than our own last write; computing from it would repeat NewCommit/RolloutComplete Events and
-    /// reset lastTransitionTime. Cleared at the start of each term as leader.
-    pub written: std::sync::Mutex<std::collections::HashMap<String, NixosConfigurationStatus>>,
-    /// This term's Machine caches, each with the namespace its watch covers (None: all). Fleet reconciles read
-    /// their machines here: a LIST per reconcile was the largest API cost at 10,000 Machines.
-    pub machines: std::sync::RwLock<Vec<Arc<crate::cache::MachineCache>>>,
-}
-
-impl Ctx {
-    /// Records a Kubernetes Event about `obj`; failures are logged, never fatal.
-    pub async fn event<K: Resource<DynamicType = ()>>(
-        &self,
-        obj: &K,
-        warning: bool,
-        reason: &str,
-        note: String,
-        action: &str,
-    ) {
-        self.event_on(&obj.object_ref(&()), warning, reason, note, action).await;
-    }
-
-    /// Records a Kubernetes Event about the object `r` refers to; failures are logged, never fatal.
-    pub async fn event_on(&self, r: &ObjectReference, warning: bool, reason: &str, note: String, action: &str) {
-        let ev = KubeEvent {
-            type_: if warning { EventType::Warning } else { EventType::Normal },
-            reason: reason.to_string(),
-            note: Some(event_note(&note)),
-            action: action.to_string(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, r).await {
-            tracing::warn!(error = %e, reason, "recording an Event failed");
-        }
-    }
-}
-
-/// The apiserver refuses Event notes over 1024 bytes (bytes, not characters): cut longer ones on a character
-/// boundary and mark the cut.
-pub fn event_note(note: &str) -> String {
-    const MAX: usize = 1024;
-    if note.len() <= MAX {
-        return note.to_string();
-    }
-    let mut end = MAX - '…'.len_utf8();
-    while !note.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &note[..end])
-}
 
 /// Label selector in its query-string form.
 pub fn selector_string(sel: &LabelSelector) -> String {
@@ -225,48 +157,15 @@ async fn desired(ctx: &Ctx, cfg: &NixosConfiguration, commit: String) -> Result<
     Ok(Desired { commit, generation: cfg.metadata.generation.unwrap_or(0), secrets, secrets_hash })
 }
 
-/// Read-modify-write of a Machine's status with optimistic concurrency (retried on conflict). `known` is a copy
-/// the caller already has (from the cache or a list): the first attempt writes from it with its
-/// resourceVersion as precondition, and only a conflict costs a GET. A rollout thus costs one request per
-/// machine write instead of two.
-pub async fn update_machine_status(
-    ctx: &Ctx,
-    ns: &str,
-    name: &str,
-    known: Option<&Machine>,
-    f: impl Fn(&Machine) -> Option<MachineStatus>,
-) -> Result<Option<Machine>> {
-    let api: Api<Machine> = Api::namespaced(ctx.client.clone(), ns);
-    let mut known = known.filter(|m| m.metadata.resource_version.is_some()).cloned();
-    for attempt in 0..8 {
-        let m = match known.take() {
-            Some(m) => m,
-            None => match api.get_opt(name).await? {
-                Some(m) => m,
-                None => return Ok(None),
-            },
-        };
-        let Some(status) = f(&m) else { return Ok(Some(m)) };
-        let patch = serde_json::json!({
-            "apiVersion": "nixos.infra/v1alpha1",
-            "kind": "Machine",
-            "metadata": {"name": name, "resourceVersion": m.metadata.resource_version},
-            "status": status,
-        });
-        match api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await {
-            Ok(m) => return Ok(Some(m)),
-            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 7 => continue,
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(None)
-}
-
 /// Marks a machine Queued for `job` (of rollout target `target`), unless an executor already reported this
 /// target's outcome: a fast executor can finish before the controller's write lands, and marking the machine
 /// Queued then would hide its result for good.
-pub fn mark_queued(s: &mut MachineStatus, target: &str, job_id: &str, action: nio_shared::protocol::Action) {
+pub fn mark_queued(
+    s: &mut MachineStatus,
+    target: &str,
+    job_id: &nio_shared::protocol::JobId,
+    action: nio_shared::protocol::Action,
+) {
     s.last_job_id = Some(job_id.to_string());
     let reported = s.applied_target.as_deref() == Some(target)
         || s.failed_target.as_deref() == Some(target)
@@ -275,28 +174,6 @@ pub fn mark_queued(s: &mut MachineStatus, target: &str, job_id: &str, action: ni
         s.phase = Some(MachinePhase::Queued);
         s.queued_target = Some(target.to_string());
     }
-}
-
-/// The latest status of `cfg`: what this replica last wrote, else what the cache holds.
-fn latest_status(ctx: &Ctx, cfg: &NixosConfiguration) -> NixosConfigurationStatus {
-    let uid = cfg.metadata.uid.clone().unwrap_or_default();
-    ctx.written.lock().ok().and_then(|w| w.get(&uid).cloned()).or_else(|| cfg.status.clone()).unwrap_or_default()
-}
-
-/// Writes `status` unless it is what the configuration already has (a write that changes nothing would still
-/// cost a request and, on some servers, wake every watcher).
-async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfigurationStatus) -> Result<()> {
-    if latest_status(ctx, cfg) == *status {
-        return Ok(());
-    }
-    let api: Api<NixosConfiguration> = Api::namespaced(ctx.client.clone(), &cfg.namespace().unwrap_or_default());
-    let patch =
-        serde_json::json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "status": status});
-    api.patch_status(&cfg.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;
-    if let (Ok(mut w), Some(uid)) = (ctx.written.lock(), cfg.metadata.uid.clone()) {
-        w.insert(uid, status.clone());
-    }
-    Ok(())
 }
 
 /// The refresh annotation's value ("" when absent).
@@ -712,7 +589,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     for m in &pending {
         let s = m.status.clone().unwrap_or_default();
         let job = publish::remove_job(&ctx.cluster, cfg, m, &commit)?;
-        let t = crate::status::target_of(&job.id).unwrap_or_default();
+        let t = job.id.target().unwrap_or_default().to_string();
         if s.failed_target.as_deref() == Some(t.as_str()) {
             let why = s
                 .conditions
@@ -723,7 +600,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             blocked.push(format!("{} ({why})", m.name_any()));
             // Retry after a pause: a fresh job id gets past the queue's duplicate window.
             let mut retry = job.clone();
-            retry.id = format!("{}-{}", job.id, chrono::Utc::now().timestamp() / 60);
+            retry.id = job.id.retry(chrono::Utc::now().timestamp() / 60);
             ctx.publisher.publish(&retry).await?;
             continue;
         }
@@ -757,22 +634,10 @@ mod tests {
     use nio_shared::protocol::Action;
 
     #[test]
-    fn event_notes_fit_1024_bytes_and_cut_on_a_character_boundary() {
-        assert_eq!(event_note("short"), "short");
-        let exact = "a".repeat(1024);
-        assert_eq!(event_note(&exact), exact);
-        for long in ["é".repeat(800), "a".repeat(5000), format!("a{}", "€".repeat(500)), "🦀".repeat(300)] {
-            let cut = event_note(&long);
-            assert!(cut.len() <= 1024 && cut.len() > 1000, "{} bytes", cut.len());
-            assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
-        }
-    }
-
-    #[test]
     fn a_result_that_landed_before_the_queued_mark_is_kept() {
         // fresh machine: Queued
         let mut s = MachineStatus::default();
-        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        mark_queued(&mut s, "c1/1", &"job-1".into(), Action::Switch);
         assert_eq!((s.phase, s.queued_target.as_deref()), (Some(MachinePhase::Queued), Some("c1/1")));
         // the executor's Succeeded for this target was applied first: the machine stays Applied
         let mut s = MachineStatus {
@@ -780,7 +645,7 @@ mod tests {
             applied_target: Some("c1/1".into()),
             ..Default::default()
         };
-        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        mark_queued(&mut s, "c1/1", &"job-1".into(), Action::Switch);
         assert_eq!(
             (s.phase, s.queued_target, s.last_job_id.as_deref()),
             (Some(MachinePhase::Applied), None, Some("job-1"))
@@ -791,7 +656,7 @@ mod tests {
             failed_target: Some("c1/1".into()),
             ..Default::default()
         };
-        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        mark_queued(&mut s, "c1/1", &"job-1".into(), Action::Switch);
         assert_eq!(s.phase, Some(MachinePhase::Failed));
         // an older applied target does not count
         let mut s = MachineStatus {
@@ -799,12 +664,12 @@ mod tests {
             applied_target: Some("c0/1".into()),
             ..Default::default()
         };
-        mark_queued(&mut s, "c1/1", "job-1", Action::Switch);
+        mark_queued(&mut s, "c1/1", &"job-1".into(), Action::Switch);
         assert_eq!(s.phase, Some(MachinePhase::Queued));
         // a removal already reported
         let mut s =
             MachineStatus { phase: Some(MachinePhase::Applied), has_configuration: Some(false), ..Default::default() };
-        mark_queued(&mut s, "c1/1", "rm-1", Action::Remove);
+        mark_queued(&mut s, "c1/1", &"rm-1".into(), Action::Remove);
         assert_eq!(s.phase, Some(MachinePhase::Applied));
     }
 }

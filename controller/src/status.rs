@@ -19,16 +19,6 @@ fn note(warning: bool, reason: &str, message: String) -> Note {
     Note { warning, reason: reason.to_string(), message }
 }
 
-/// The target part of a job id: `{cluster}/{ns}/{machine}/{commit}/{generation}[.{hash}]/{action}` →
-/// `{commit}/{generation}[.{hash}]`.
-pub fn target_of(job_id: &str) -> Option<String> {
-    let parts: Vec<&str> = job_id.split('/').collect();
-    if parts.len() < 6 {
-        return None;
-    }
-    Some(parts[3..parts.len() - 1].join("/"))
-}
-
 fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Nanos, true)
 }
@@ -49,7 +39,7 @@ pub fn transition(
     let mut notes = Vec::new();
     s.last_event_time = Some(ts(ev.at));
     s.observed_generation = generation;
-    let target = target_of(&ev.job_id);
+    let target = ev.job_id.target().map(str::to_string);
     let commit = ev.commit.clone().unwrap_or_default();
     let short = short_commit(&commit);
 
@@ -178,6 +168,7 @@ pub fn transition(
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use nio_shared::protocol::JobId;
 
     fn spec() -> MachineSpec {
         serde_json::from_value(serde_json::json!({"hostname": "m1"})).unwrap()
@@ -186,7 +177,7 @@ mod tests {
     fn ev(phase: Phase, action: Action, secs: u32) -> StatusEvent {
         StatusEvent {
             v: 1,
-            job_id: format!("c/ns/m1/{}/3/{}", "a".repeat(40), action.as_str()),
+            job_id: JobId::new("c", "ns", "m1", &format!("{}/3", "a".repeat(40)), action),
             cluster: "c".into(),
             namespace: "ns".into(),
             machine: "m1".into(),
@@ -210,13 +201,6 @@ mod tests {
     }
 
     #[test]
-    fn job_ids_carry_the_target() {
-        assert_eq!(target_of("c/ns/m/abc/3/switch").as_deref(), Some("abc/3"));
-        assert_eq!(target_of("c/ns/m/abc/3.deadbeef/switch").as_deref(), Some("abc/3.deadbeef"));
-        assert_eq!(target_of("bogus"), None);
-    }
-
-    #[test]
     fn success_records_the_commit_and_late_events_do_not_regress() {
         let (s, notes) =
             transition(&spec(), &MachineStatus::default(), &ev(Phase::Started, Action::Switch, 1), Some(1)).unwrap();
@@ -236,7 +220,7 @@ mod tests {
         let (s, _) =
             transition(&spec(), &MachineStatus::default(), &ev(Phase::Succeeded, Action::Switch, 1), None).unwrap();
         let mut fail = ev(Phase::Failed, Action::Switch, 2);
-        fail.job_id = format!("c/ns/m1/{}/4/switch", "b".repeat(40));
+        fail.job_id = JobId::new("c", "ns", "m1", &format!("{}/4", "b".repeat(40)), Action::Switch);
         fail.commit = Some("b".repeat(40));
         fail.category = Some(FailureCategory::Unreachable);
         fail.message = Some("unreachable".into());
@@ -284,162 +268,5 @@ mod tests {
         let (s, notes) = transition(&spec(), &s, &rb, None).unwrap();
         assert_eq!(s.phase, Some(MachinePhase::Failed));
         assert_eq!(notes[0].reason, "RolledBack");
-    }
-}
-
-/// Feeds `NIO_STATUS` events of this cluster into Machine status, in order per machine.
-pub mod consumer {
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-    use std::time::Duration;
-
-    use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
-    use futures::StreamExt;
-    use kube::ResourceExt;
-    use nio_shared::crd::MachinePhase;
-    use nio_shared::protocol::{Phase, StatusEvent};
-    use tokio_util::sync::CancellationToken;
-    use tracing::Instrument;
-
-    use super::{Note, transition};
-    use crate::error::Result;
-    use crate::metrics::EventLabels;
-    use crate::reconcile::{Ctx, update_machine_status};
-
-    /// Creates (or finds) the cluster's durable status consumer.
-    pub async fn open(js: &jetstream::Context, cluster: &str) -> anyhow::Result<PullConsumer> {
-        let stream = js.get_stream(nio_shared::subjects::STATUS_STREAM).await?;
-        Ok(stream
-            .get_or_create_consumer(
-                &nio_shared::subjects::status_consumer(cluster),
-                nio_shared::nats::status_consumer(cluster),
-            )
-            .await?)
-    }
-
-    /// Runs until `stop`. `machines` are the controllers' caches: an event is written from the cached Machine
-    /// (with its resourceVersion as precondition), so it costs one request unless the cache is behind.
-    pub async fn run(
-        ctx: Arc<Ctx>,
-        consumer: PullConsumer,
-        machines: Vec<kube::runtime::reflector::Store<nio_shared::crd::Machine>>,
-        stop: CancellationToken,
-    ) {
-        loop {
-            if stop.is_cancelled() {
-                return;
-            }
-            let msgs = match next_events(&consumer).await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(error = %e, "pulling status events failed; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    continue;
-                }
-            };
-            if msgs.is_empty() {
-                continue;
-            }
-            // In order per machine, machines in parallel.
-            let mut groups: BTreeMap<(String, String), Vec<(jetstream::Message, StatusEvent)>> = BTreeMap::new();
-            for m in msgs {
-                match StatusEvent::decode(&m.payload) {
-                    Ok(ev) => groups.entry((ev.namespace.clone(), ev.machine.clone())).or_default().push((m, ev)),
-                    Err(e) => {
-                        tracing::error!(subject = %m.subject, error = %e, "terminating an undecodable status event");
-                        let _ = m.ack_with(AckKind::Term).await;
-                    }
-                }
-            }
-            let work = groups.into_iter().map(|((ns, name), group)| {
-                let ctx = ctx.clone();
-                let reference = kube::runtime::reflector::ObjectRef::new(&name).within(&ns);
-                let mut known = machines.iter().find_map(|s| s.get(&reference)).map(|m| (*m).clone());
-                async move {
-                    for (msg, ev) in group {
-                        let span = tracing::info_span!("status.apply", otel.kind = "consumer", nio.cluster = %ev.cluster, nio.phase = ?ev.phase, nio.action = ev.action.as_str());
-                        nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
-                        match apply(&ctx, &ev, known.as_ref()).instrument(span).await {
-                            Ok(latest) => {
-                                known = latest;
-                                let _ = msg.ack().await;
-                            }
-                            Err(e) => {
-                                known = None;
-                                tracing::warn!(machine = %ev.machine, error = %e, "applying a status event failed; will retry");
-                                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
-                            }
-                        }
-                    }
-                }
-            });
-            futures::future::join_all(work).await;
-        }
-    }
-
-    /// Up to [`BATCH`] status events: whatever is waiting now, without waiting for a batch to fill; when none
-    /// is, blocks up to a second for the first one (so a lone event is applied at once, and a burst in
-    /// batches).
-    async fn next_events(consumer: &PullConsumer) -> anyhow::Result<Vec<jetstream::Message>> {
-        // A no-wait fetch has no expiry of its own: bound it, keeping whatever arrived (a request lost while
-        // NATS restarts must not stall the consumer).
-        let waiting = |n: usize| async move {
-            let batch = consumer.fetch().max_messages(n).messages().await?;
-            let within = tokio::time::sleep(Duration::from_secs(3));
-            anyhow::Ok(batch.take_until(within).filter_map(|m| async { m.ok() }).collect::<Vec<_>>().await)
-        };
-        let mut msgs = waiting(BATCH).await?;
-        if msgs.is_empty() {
-            let first = consumer.batch().max_messages(1).expires(Duration::from_secs(1)).messages().await?;
-            let within = tokio::time::sleep(Duration::from_secs(3));
-            msgs = first.take_until(within).filter_map(|m| async { m.ok() }).collect().await;
-            if !msgs.is_empty() {
-                msgs.extend(waiting(BATCH - 1).await?);
-            }
-        }
-        Ok(msgs)
-    }
-
-    /// Most status events applied in one round.
-    const BATCH: usize = 256;
-
-    /// Applies one event to its Machine (starting from `known`, a recent copy, when there is one) and records
-    /// the Events it calls for; returns the Machine as written.
-    pub async fn apply(
-        ctx: &Ctx,
-        ev: &StatusEvent,
-        known: Option<&nio_shared::crd::Machine>,
-    ) -> Result<Option<nio_shared::crd::Machine>> {
-        if ev.cluster != ctx.cluster {
-            return Ok(None);
-        }
-        ctx.metrics
-            .status_events
-            .get_or_create(&EventLabels { phase: format!("{:?}", ev.phase), action: ev.action.as_str().into() })
-            .inc();
-        let notes: Mutex<Vec<Note>> = Mutex::new(Vec::new());
-        let updated = update_machine_status(ctx, &ev.namespace, &ev.machine, known, |m| {
-            let status = m.status.clone().unwrap_or_default();
-            // Progress steps of a machine already marked Applying change nothing worth a write.
-            if ev.phase == Phase::Step && status.phase == Some(MachinePhase::Applying) {
-                return None;
-            }
-            let (s, n) = transition(&m.spec, &status, ev, m.metadata.generation)?;
-            if let Ok(mut all) = notes.lock() {
-                *all = n;
-            }
-            Some(s)
-        })
-        .await?;
-        let Some(machine) = updated else {
-            tracing::info!(machine = %ev.machine, namespace = %ev.namespace, "status event for a Machine that no longer exists");
-            return Ok(None);
-        };
-        let notes = notes.into_inner().unwrap_or_default();
-        for n in notes {
-            ctx.event(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
-        }
-        tracing::debug!(machine = %machine.name_any(), phase = ?ev.phase, "status applied");
-        Ok(Some(machine))
     }
 }

@@ -69,8 +69,8 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Bac
     assert_eq!(job.source.as_ref().unwrap().commit, head);
     assert_eq!(job.action, Action::Switch);
     assert_eq!(job.target.host, "127.0.0.9");
-    assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()), Some(job.id.clone()));
-    assert!(job.id.starts_with(&format!("prod/{}/m1/{head}/1.", env.ns)), "{}", job.id);
+    assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()), Some(job.id.to_string()));
+    assert!(job.id.as_str().starts_with(&format!("prod/{}/m1/{head}/1.", env.ns)), "{}", job.id);
     let tp = headers.get("traceparent").map(|v| v.as_str().to_string()).unwrap();
     assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
     // the secret travels sealed

@@ -507,7 +507,7 @@ pub struct Reporter {
 fn undecodable_job(s: &subjects::JobSubject) -> Job {
     Job {
         v: nio_shared::protocol::JOB_VERSION,
-        id: String::new(),
+        id: String::new().into(),
         cluster: s.cluster.clone(),
         namespace: s.namespace.clone(),
         machine: s.machine.clone(),

@@ -68,7 +68,7 @@ async fn switch_uploads_the_source_and_runs_nixos_rebuild_with_the_exact_flake()
     // The same commit again: already there, nothing rebuilt.
     let mut again = j.clone();
     again.generation = 2;
-    again.id.push_str("-again");
+    again.id = again.id.retry(2);
     bus.seen.clear();
     bus.publish(&again).await;
     let done = bus.final_of("web-01", T).await;
@@ -443,7 +443,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     let mut probe = job("p1", &addr(0), sshd.port, "dc1", "", "");
     probe.action = nio_shared::protocol::Action::Probe;
     probe.source = None;
-    probe.id = "probe-1".into();
+    probe.id = nio_shared::protocol::JobId::probe("test", "default", "p1", 1, probe.action);
     bus.publish(&probe).await;
     let done = bus.final_of("p1", T).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
@@ -453,6 +453,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     let mut scan = probe.clone();
     scan.action = nio_shared::protocol::Action::Scan;
     scan.machine = "s1".into();
+    scan.id = nio_shared::protocol::JobId::probe("test", "default", "s1", 1, scan.action);
     bus.publish(&scan).await;
     let facts = bus.final_of("s1", T).await.facts.unwrap();
     assert_eq!(
@@ -466,6 +467,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     kv.create(nio_shared::subjects::lock_key(&addr(1), sshd.port), "someone-else".into()).await.unwrap();
     let mut busy = probe.clone();
     busy.machine = "busy".into();
+    busy.id = nio_shared::protocol::JobId::probe("test", "default", "busy", 1, busy.action);
     busy.target.host = addr(1);
     bus.publish(&busy).await;
     let done = bus.final_of("busy", T).await;
@@ -475,7 +477,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     std::fs::remove_file(sshd.path("bin/nixos-facter")).unwrap();
     let mut bare = scan.clone();
     bare.machine = "s2".into();
-    bare.id = "scan-2".into();
+    bare.id = nio_shared::protocol::JobId::probe("test", "default", "s2", 2, bare.action);
     bus.publish(&bare).await;
     let done = bus.final_of("s2", T).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");

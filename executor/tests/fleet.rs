@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use nio_loadtest::fleet::{Fleet, FleetOptions};
-use nio_shared::protocol::{Action, Phase};
+use nio_shared::protocol::{Action, JobId, Phase};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_remove_switches_away() {
@@ -78,7 +78,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     let mut install = job("sim-0", &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
     install.action = Action::Install;
     install.target.host_key = Some(original_key.clone());
-    install.id = format!("test/default/sim-0/{commit}/1/install");
+    install.id = JobId::new("test", "default", "sim-0", &format!("{commit}/1"), Action::Install);
     bus.publish(&install).await;
     let done = bus.final_of("sim-0", Duration::from_secs(60)).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
@@ -107,7 +107,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     remove.action = Action::Remove;
     remove.target.host_key = Some(new_key);
     remove.source.as_mut().unwrap().flake_attr = "decommissioned".into();
-    remove.id = format!("test/default/sim-0/{commit}/1/remove");
+    remove.id = JobId::new("test", "default", "sim-0", &format!("{commit}/1"), Action::Remove);
     bus.publish(&remove).await;
     let done = bus.final_of("sim-0", Duration::from_secs(60)).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");

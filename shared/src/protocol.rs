@@ -172,14 +172,69 @@ impl SecretFile {
     }
 }
 
+/// A job's id, also its `Nats-Msg-Id` (so a republished job is deduplicated by the stream):
+/// `{cluster}/{namespace}/{machine}/{target}/{action}`. The target is what the job brings the machine to:
+/// `{commit}/{generation}[.{files hash}]` for an apply, `{commit}/{generation}` for a removal, and
+/// `probe/{unix seconds}` for a probe or scan. A retry appends `-{n}` so it gets past the duplicate window.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+#[serde(transparent)]
+pub struct JobId(String);
+
+impl JobId {
+    /// The id of a job bringing `machine` to `target` with `action`.
+    pub fn new(cluster: &str, namespace: &str, machine: &str, target: &str, action: Action) -> Self {
+        JobId(format!("{cluster}/{namespace}/{machine}/{target}/{}", action.as_str()))
+    }
+
+    /// A probe or scan started at `unix_seconds`.
+    pub fn probe(cluster: &str, namespace: &str, machine: &str, unix_seconds: i64, action: Action) -> Self {
+        Self::new(cluster, namespace, machine, &format!("probe/{unix_seconds}"), action)
+    }
+
+    /// The same job under a fresh id (attempt `n`).
+    pub fn retry(&self, n: i64) -> Self {
+        JobId(format!("{}-{n}", self.0))
+    }
+
+    /// The target part (see the type's docs); None for an id of another shape.
+    pub fn target(&self) -> Option<&str> {
+        let mut parts = self.0.splitn(4, '/');
+        let rest = parts.nth(3)?;
+        let (target, _action) = rest.rsplit_once('/')?;
+        (!target.is_empty()).then_some(target)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<String> for JobId {
+    fn from(s: String) -> Self {
+        JobId(s)
+    }
+}
+
+impl From<&str> for JobId {
+    fn from(s: &str) -> Self {
+        JobId(s.to_string())
+    }
+}
+
 /// A rebuild, install, removal, probe or scan of one machine.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Job {
     /// Wire-format version ([`JOB_VERSION`]).
     pub v: u32,
-    /// Unique id; also the `Nats-Msg-Id` for apply jobs.
-    pub id: String,
+    /// Unique id; also the `Nats-Msg-Id`.
+    pub id: JobId,
     pub cluster: String,
     pub namespace: String,
     pub machine: String,
@@ -302,7 +357,7 @@ impl FailureCategory {
 pub struct StatusEvent {
     /// Wire-format version ([`STATUS_VERSION`]).
     pub v: u32,
-    pub job_id: String,
+    pub job_id: JobId,
     pub cluster: String,
     pub namespace: String,
     pub machine: String,
@@ -363,19 +418,6 @@ impl Job {
     pub fn encode(&self) -> Vec<u8> {
         // Serialising plain structs of strings and numbers cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
-    }
-
-    /// The `Nats-Msg-Id` used for deduplication.
-    pub fn msg_id(&self) -> String {
-        let commit = self.source.as_ref().map_or("-", |s| s.commit.as_str());
-        crate::subjects::job_msg_id(
-            &self.cluster,
-            &self.namespace,
-            &self.machine,
-            commit,
-            self.generation,
-            self.action.as_str(),
-        )
     }
 
     /// The subject this job is published on.

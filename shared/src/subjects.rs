@@ -68,18 +68,6 @@ pub fn lock_key(host: &str, port: u16) -> String {
     format!("{}_{port}", host.replace(':', "-"))
 }
 
-/// Deduplication id of a job: `{cluster}/{namespace}/{machine}/{commit}/{generation}/{action}`.
-pub fn job_msg_id(
-    cluster: &str,
-    namespace: &str,
-    machine: &str,
-    commit: &str,
-    generation: i64,
-    action: &str,
-) -> String {
-    format!("{cluster}/{namespace}/{machine}/{commit}/{generation}/{action}")
-}
-
 /// A job subject taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobSubject {

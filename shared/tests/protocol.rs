@@ -14,7 +14,7 @@ fn golden(name: &str) -> std::path::PathBuf {
 fn job() -> Job {
     Job {
         v: JOB_VERSION,
-        id: "prod/fleet/web-01/0123456789abcdef0123456789abcdef01234567/3/switch".into(),
+        id: JobId::new("prod", "fleet", "web-01", "0123456789abcdef0123456789abcdef01234567/3", Action::Switch),
         cluster: "prod".into(),
         namespace: "fleet".into(),
         machine: "web-01".into(),
@@ -152,9 +152,29 @@ fn subjects_follow_the_design() {
     assert_eq!(status_consumer("prod"), "controller-prod");
     assert_eq!(lock_key("10.0.0.11", 22), "10.0.0.11_22");
     assert_eq!(lock_key("fd00::1", 2222), "fd00--1_2222");
-    assert_eq!(j.msg_id(), "prod/fleet/web-01/0123456789abcdef0123456789abcdef01234567/3/switch");
     assert_eq!(Action::Scan.kind(), JobKind::Probe);
     assert_eq!(Action::Install.kind(), JobKind::Apply);
+}
+
+/// One id format for every kind of job, and the target (what the job brings the machine to) read back from it,
+/// also from a retry's id.
+#[test]
+fn job_ids_name_their_target_for_every_kind_of_job() {
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let apply = JobId::new("prod", "fleet", "web-01", &format!("{commit}/3.deadbeef"), Action::Switch);
+    assert_eq!(apply.as_str(), format!("prod/fleet/web-01/{commit}/3.deadbeef/switch"));
+    assert_eq!(apply.target(), Some(&*format!("{commit}/3.deadbeef")));
+    let remove = JobId::new("prod", "fleet", "web-01", &format!("{commit}/4"), Action::Remove);
+    assert_eq!(remove.target(), Some(&*format!("{commit}/4")));
+    assert_eq!(remove.retry(29_000_000).target(), Some(&*format!("{commit}/4")));
+    assert_ne!(remove.retry(1), remove, "a retry gets past the duplicate window");
+    let probe = JobId::probe("prod", "fleet", "web-01", 1_790_000_000, Action::Scan);
+    assert_eq!(probe.as_str(), "prod/fleet/web-01/probe/1790000000/scan");
+    assert_eq!(probe.target(), Some("probe/1790000000"));
+    assert_eq!(JobId::from("bogus".to_string()).target(), None);
+    assert_eq!(JobId::from("c/ns/m/switch".to_string()).target(), None);
+    // on the wire it is the plain string
+    assert_eq!(serde_json::to_value(&apply).unwrap(), serde_json::json!(apply.as_str()));
 }
 
 #[test]

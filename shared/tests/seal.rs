@@ -64,7 +64,7 @@ fn sealed_job_json_never_contains_the_plaintext() {
     let ctx = SecretFile::seal_context("prod", "fleet", "web-01", "db.pass");
     let job = Job {
         v: 1,
-        id: "j".into(),
+        id: "j".to_string().into(),
         cluster: "prod".into(),
         namespace: "fleet".into(),
         machine: "web-01".into(),

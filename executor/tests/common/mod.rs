@@ -11,7 +11,7 @@ use futures::StreamExt;
 pub use nio_loadtest::nats::NatsServer;
 use nio_loadtest::procs::{free_port, keygen, sshd_binary};
 use nio_shared::config::{ExecutorConfig, RemotePaths, SiteLimits};
-use nio_shared::protocol::{Action, Job, StatusEvent, Target};
+use nio_shared::protocol::{Action, Job, JobId, StatusEvent, Target};
 
 /// Loopback addresses the sshd listens on; each is a distinct "machine" (distinct lock key).
 pub const ADDRESSES: usize = 12;
@@ -293,7 +293,7 @@ pub fn spawn_executor(
 pub fn job(machine: &str, host: &str, port: u16, site: &str, repo: &str, commit: &str) -> Job {
     Job {
         v: 1,
-        id: format!("test/default/{machine}/{commit}/1/switch"),
+        id: JobId::new("test", "default", machine, &format!("{commit}/1"), Action::Switch),
         cluster: "test".into(),
         namespace: "default".into(),
         machine: machine.into(),
@@ -338,7 +338,7 @@ impl Bus {
 
     pub async fn publish(&self, job: &Job) {
         let mut h = async_nats::HeaderMap::new();
-        h.insert("Nats-Msg-Id", job.msg_id().as_str());
+        h.insert("Nats-Msg-Id", job.id.as_str());
         self.js.publish_with_headers(job.subject(), h, job.encode().into()).await.unwrap().await.unwrap();
     }
 

@@ -1,0 +1,155 @@
+//! Feeds `NIO_STATUS` events of this cluster into Machine status, in order per machine.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::StreamExt;
+use kube::ResourceExt;
+use nio_shared::crd::MachinePhase;
+use nio_shared::protocol::{Phase, StatusEvent};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::context::{Ctx, update_machine_status};
+use crate::error::Result;
+use crate::metrics::EventLabels;
+use crate::status::{Note, transition};
+
+/// Creates (or finds) the cluster's durable status consumer.
+pub async fn open(js: &jetstream::Context, cluster: &str) -> anyhow::Result<PullConsumer> {
+    let stream = js.get_stream(nio_shared::subjects::STATUS_STREAM).await?;
+    Ok(stream
+        .get_or_create_consumer(
+            &nio_shared::subjects::status_consumer(cluster),
+            nio_shared::nats::status_consumer(cluster),
+        )
+        .await?)
+}
+
+/// Runs until `stop`. `machines` are the controllers' caches: an event is written from the cached Machine
+/// (with its resourceVersion as precondition), so it costs one request unless the cache is behind.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    consumer: PullConsumer,
+    machines: Vec<kube::runtime::reflector::Store<nio_shared::crd::Machine>>,
+    stop: CancellationToken,
+) {
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let msgs = match next_events(&consumer).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "pulling status events failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if msgs.is_empty() {
+            continue;
+        }
+        // In order per machine, machines in parallel.
+        let mut groups: BTreeMap<(String, String), Vec<(jetstream::Message, StatusEvent)>> = BTreeMap::new();
+        for m in msgs {
+            match StatusEvent::decode(&m.payload) {
+                Ok(ev) => groups.entry((ev.namespace.clone(), ev.machine.clone())).or_default().push((m, ev)),
+                Err(e) => {
+                    tracing::error!(subject = %m.subject, error = %e, "terminating an undecodable status event");
+                    let _ = m.ack_with(AckKind::Term).await;
+                }
+            }
+        }
+        let work = groups.into_iter().map(|((ns, name), group)| {
+            let ctx = ctx.clone();
+            let reference = kube::runtime::reflector::ObjectRef::new(&name).within(&ns);
+            let mut known = machines.iter().find_map(|s| s.get(&reference)).map(|m| (*m).clone());
+            async move {
+                for (msg, ev) in group {
+                    let span = tracing::info_span!("status.apply", otel.kind = "consumer", nio.cluster = %ev.cluster, nio.phase = ?ev.phase, nio.action = ev.action.as_str());
+                    nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
+                    match apply(&ctx, &ev, known.as_ref()).instrument(span).await {
+                        Ok(latest) => {
+                            known = latest;
+                            let _ = msg.ack().await;
+                        }
+                        Err(e) => {
+                            known = None;
+                            tracing::warn!(machine = %ev.machine, error = %e, "applying a status event failed; will retry");
+                            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                        }
+                    }
+                }
+            }
+        });
+        futures::future::join_all(work).await;
+    }
+}
+
+/// Up to [`BATCH`] status events: whatever is waiting now, without waiting for a batch to fill; when none
+/// is, blocks up to a second for the first one (so a lone event is applied at once, and a burst in
+/// batches).
+async fn next_events(consumer: &PullConsumer) -> anyhow::Result<Vec<jetstream::Message>> {
+    // A no-wait fetch has no expiry of its own: bound it, keeping whatever arrived (a request lost while
+    // NATS restarts must not stall the consumer).
+    let waiting = |n: usize| async move {
+        let batch = consumer.fetch().max_messages(n).messages().await?;
+        let within = tokio::time::sleep(Duration::from_secs(3));
+        anyhow::Ok(batch.take_until(within).filter_map(|m| async { m.ok() }).collect::<Vec<_>>().await)
+    };
+    let mut msgs = waiting(BATCH).await?;
+    if msgs.is_empty() {
+        let first = consumer.batch().max_messages(1).expires(Duration::from_secs(1)).messages().await?;
+        let within = tokio::time::sleep(Duration::from_secs(3));
+        msgs = first.take_until(within).filter_map(|m| async { m.ok() }).collect().await;
+        if !msgs.is_empty() {
+            msgs.extend(waiting(BATCH - 1).await?);
+        }
+    }
+    Ok(msgs)
+}
+
+/// Most status events applied in one round.
+const BATCH: usize = 256;
+
+/// Applies one event to its Machine (starting from `known`, a recent copy, when there is one) and records
+/// the Events it calls for; returns the Machine as written.
+pub async fn apply(
+    ctx: &Ctx,
+    ev: &StatusEvent,
+    known: Option<&nio_shared::crd::Machine>,
+) -> Result<Option<nio_shared::crd::Machine>> {
+    if ev.cluster != ctx.cluster {
+        return Ok(None);
+    }
+    ctx.metrics
+        .status_events
+        .get_or_create(&EventLabels { phase: format!("{:?}", ev.phase), action: ev.action.as_str().into() })
+        .inc();
+    let notes: Mutex<Vec<Note>> = Mutex::new(Vec::new());
+    let updated = update_machine_status(ctx, &ev.namespace, &ev.machine, known, |m| {
+        let status = m.status.clone().unwrap_or_default();
+        // Progress steps of a machine already marked Applying change nothing worth a write.
+        if ev.phase == Phase::Step && status.phase == Some(MachinePhase::Applying) {
+            return None;
+        }
+        let (s, n) = transition(&m.spec, &status, ev, m.metadata.generation)?;
+        if let Ok(mut all) = notes.lock() {
+            *all = n;
+        }
+        Some(s)
+    })
+    .await?;
+    let Some(machine) = updated else {
+        tracing::info!(machine = %ev.machine, namespace = %ev.namespace, "status event for a Machine that no longer exists");
+        return Ok(None);
+    };
+    let notes = notes.into_inner().unwrap_or_default();
+    for n in notes {
+        ctx.event(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
+    }
+    tracing::debug!(machine = %machine.name_any(), phase = ?ev.phase, "status applied");
+    Ok(Some(machine))
+}
