@@ -55,7 +55,13 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     let client = opts.connect(&s.nats_url).await.with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
     let js = async_nats::jetstream::new(client);
     let consumers = worker::ensure_consumers(&js, &s.config).await?;
-    let locks = lock::Locks::open(&js, s.executor_id.clone(), Duration::from_secs(s.config.lock_ttl_seconds)).await?;
+    let locks = lock::Locks::open(
+        &js,
+        s.executor_id.clone(),
+        Duration::from_secs(s.config.lock_ttl_seconds),
+        s.config.stream_replicas,
+    )
+    .await?;
     let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
     let kexec_tarball = match &s.kexec_tarball {
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading kexec tarball {}", p.display()))?),

@@ -36,11 +36,16 @@ impl Drop for Held {
 
 impl Locks {
     /// Opens (or creates) the bucket.
-    pub async fn open(js: &async_nats::jetstream::Context, holder: String, ttl: Duration) -> Result<Self> {
+    pub async fn open(
+        js: &async_nats::jetstream::Context,
+        holder: String,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Self> {
         let kv = match js.get_key_value(nio_shared::subjects::LOCKS_BUCKET).await {
             Ok(kv) => kv,
             Err(_) => js
-                .create_key_value(nio_shared::nats::locks_bucket(1, ttl))
+                .create_key_value(nio_shared::nats::locks_bucket(replicas, ttl))
                 .await
                 .map_err(|e| Error::Nats(format!("creating lock bucket: {e}")))?,
         };

@@ -52,26 +52,7 @@ pub async fn ensure_consumers(
     cfg: &ExecutorConfig,
 ) -> Result<Vec<(SiteLimits, PullConsumer)>> {
     let nats_err = |what: &str, e: &dyn std::fmt::Display| Error::Nats(format!("{what}: {e}"));
-    for want in [nio_shared::nats::jobs_stream(1), nio_shared::nats::status_stream(1)] {
-        match js.get_stream(&want.name).await {
-            Ok(mut s) => {
-                let info = s.info().await.map_err(|e| nats_err(&want.name, &e))?;
-                let diff = nio_shared::nats::stream_mismatches(&info.config, &want);
-                if !diff.is_empty() {
-                    return Err(Error::Nats(format!(
-                        "stream {} exists with incompatible settings: {}",
-                        want.name,
-                        diff.join("; ")
-                    )));
-                }
-            }
-            Err(_) => {
-                js.get_or_create_stream(want.clone())
-                    .await
-                    .map_err(|e| nats_err(&format!("creating stream {}", want.name), &e))?;
-            }
-        }
-    }
+    nio_shared::nats::ensure_streams(js, cfg.stream_replicas).await.map_err(|e| Error::Nats(e.to_string()))?;
     let stream = js.get_stream(subjects::JOBS_STREAM).await.map_err(|e| nats_err("jobs stream", &e))?;
     let mut out = Vec::new();
     for site in &cfg.sites {

@@ -55,6 +55,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
         backoff_seconds: vec![1],
         job_timeout_seconds: 120,
         lock_ttl_seconds: 6,
+        stream_replicas: 1,
         remote: Default::default(),
     };
     let settings = nio_executor::Settings {

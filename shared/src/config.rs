@@ -39,6 +39,9 @@ fn default_backoff() -> Vec<u64> {
 fn default_job_timeout() -> u64 {
     3600
 }
+fn default_stream_replicas() -> usize {
+    1
+}
 fn default_lock_ttl() -> u64 {
     60
 }
@@ -90,6 +93,10 @@ pub struct ExecutorConfig {
     /// after this). Fixed when the lock bucket is created.
     #[serde(default = "default_lock_ttl")]
     pub lock_ttl_seconds: u64,
+    /// Replicas of the NIO_JOBS and NIO_STATUS streams and the NIO_LOCKS bucket when this executor is the one
+    /// that creates them: 1 on a single NATS server, 3 on a cluster (as the controller's `--jobs-replicas`).
+    #[serde(default = "default_stream_replicas")]
+    pub stream_replicas: usize,
     /// Paths NIO uses on machines.
     #[serde(default)]
     pub remote: RemotePaths,
@@ -119,6 +126,12 @@ impl ExecutorConfig {
         let mut errors = Vec::new();
         if self.sites.is_empty() {
             errors.push(ValidationError { field: "sites".into(), rule: "at least one site is needed".into() });
+        }
+        if !(1..=5).contains(&self.stream_replicas) {
+            errors.push(ValidationError {
+                field: "streamReplicas".into(),
+                rule: "must be 1 to 5 (JetStream's limit)".into(),
+            });
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, s) in self.sites.iter().enumerate() {

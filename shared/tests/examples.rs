@@ -125,4 +125,10 @@ fn executor_config_errors_name_the_field() {
     assert!(err.contains("sites[0].name") && err.contains("sites[0].maxInFlight"), "{err}");
     let err = ExecutorConfig::from_yaml("sites: []\nbogus: 1\n").unwrap_err().to_string();
     assert!(err.contains("bogus"), "{err}");
+    let err = ExecutorConfig::from_yaml("sites:\n  - name: dc1\n    maxInFlight: 5\nstreamReplicas: 7\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("streamReplicas"), "{err}");
+    let cfg = ExecutorConfig::from_yaml("sites:\n  - name: dc1\n    maxInFlight: 5\nstreamReplicas: 3\n").unwrap();
+    assert_eq!(cfg.stream_replicas, 3);
 }

@@ -245,6 +245,7 @@ pub fn config(sshd: &Sshd, sites: &[(&str, u32)]) -> ExecutorConfig {
         backoff_seconds: vec![1],
         job_timeout_seconds: 120,
         lock_ttl_seconds: 6,
+        stream_replicas: 1,
         remote: sshd.remote_paths(),
     }
 }
