@@ -1,6 +1,18 @@
-//! metav1.Condition helpers.
+//! metav1.Condition helpers, and the Events that report condition changes.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// A Kubernetes Event to record about the object whose status changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
+}
+
+pub fn note(warning: bool, reason: &str, message: String) -> Note {
+    Note { warning, reason: reason.to_string(), message }
+}
 
 /// Sets condition `type_`, keeping its lastTransitionTime when the status does not change.
 pub fn set(

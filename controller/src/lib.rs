@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod conditions;
+pub mod config_status;
 pub mod context;
 pub mod error;
 pub mod git;

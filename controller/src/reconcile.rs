@@ -12,12 +12,13 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use nio_shared::crd::{
-    FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration, short_commit,
+    FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration, NixosConfigurationStatus,
 };
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
 use crate::conditions;
+use crate::config_status;
 use crate::context::{Ctx, latest_status, set_status, update_machine_status};
 use crate::error::{Error, Result};
 use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel};
@@ -242,90 +243,110 @@ pub fn error_policy(cfg: Arc<NixosConfiguration>, err: &Error, ctx: Arc<Ctx>) ->
 
 async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let generation = cfg.metadata.generation;
-    let mut status = latest_status(ctx, cfg);
-    status.observed_generation = generation;
+    let previous = latest_status(ctx, cfg);
 
     // 1. Invalid specs publish nothing.
     if let Err(invalid) = nio_shared::validate::configuration_spec(&cfg.spec) {
-        let msg = invalid.to_string();
-        if conditions::message(&status.conditions, "Invalid") != Some(msg.as_str()) {
-            ctx.event(cfg, true, "InvalidSpec", msg.clone(), "Validate").await;
-        }
-        conditions::set(&mut status.conditions, "Invalid", true, "InvalidSpec", &msg, generation);
-        conditions::set(
-            &mut status.conditions,
-            "Ready",
-            false,
-            "InvalidSpec",
-            "the spec is invalid; nothing is applied",
-            generation,
-        );
-        conditions::set(&mut status.conditions, "Progressing", false, "InvalidSpec", "", generation);
-        set_status(ctx, cfg, &status).await?;
+        let (status, notes) = config_status::invalid(&previous, &invalid.to_string(), generation);
+        write_status(ctx, cfg, &status, notes, "Validate").await?;
         return Ok(Action::await_change());
     }
-    conditions::set(&mut status.conditions, "Invalid", false, "Valid", "", generation);
     let poll = poll_interval(cfg, ctx.default_poll);
 
     // 2. Resolve the ref.
-    let resolved = match git_creds(ctx, cfg).await {
-        Ok(creds) => ctx
-            .resolver
-            .resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, refresh_token(cfg), creds)
-            .await
-            .map_err(Error::from),
-        Err(e) => Err(e),
-    };
-    let commit = match resolved {
+    let commit = match resolve(ctx, cfg).await {
         Ok(c) => c,
         Err(e) => {
-            let msg = e.to_string();
-            if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
-                ctx.event(cfg, true, e.category(), msg.clone(), "ResolveRef").await;
-            }
-            conditions::set(&mut status.conditions, "Degraded", true, e.category(), &msg, generation);
-            conditions::set(&mut status.conditions, "Ready", false, e.category(), &msg, generation);
-            set_status(ctx, cfg, &status).await?;
+            let (status, notes) = config_status::degraded(&previous, e.category(), &e.to_string(), generation);
+            write_status(ctx, cfg, &status, notes, "ResolveRef").await?;
             return Ok(Action::requeue(poll.min(Duration::from_secs(60))));
         }
     };
-    if status.target_commit.as_deref() != Some(commit.as_str()) {
-        ctx.event(
-            cfg,
-            false,
-            "NewCommit",
-            format!("{} resolved to {}", cfg.spec.git_ref, short_commit(&commit)),
-            "ResolveRef",
-        )
-        .await;
-    }
-    status.target_commit = Some(commit.clone());
-    status.target_commit_short = Some(short_commit(&commit));
+    let (resolved, notes) = config_status::resolved(&previous, &cfg.spec.git_ref, &commit, generation);
+    record(ctx, cfg, notes, "ResolveRef").await;
 
     // 3. Secrets and the target.
     let want = match desired(ctx, cfg, commit.clone()).await {
         Ok(d) => d,
         Err(e) => {
-            let msg = e.to_string();
-            if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
-                ctx.event(cfg, true, e.category(), msg.clone(), "ReadSecrets").await;
-            }
-            conditions::set(&mut status.conditions, "Degraded", true, e.category(), &msg, generation);
-            conditions::set(&mut status.conditions, "Ready", false, e.category(), &msg, generation);
-            set_status(ctx, cfg, &status).await?;
+            let (status, notes) = config_status::degraded(&resolved, e.category(), &e.to_string(), generation);
+            write_status(ctx, cfg, &status, notes, "ReadSecrets").await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
     let target = want.target();
 
-    // 4. Machines and the plan.
-    // Machines with an invalid spec get nothing (their own Invalid condition says why) and are not counted;
-    // the configuration names them.
+    // 4. Machines and the plan. Machines with an invalid spec get nothing (their own Invalid condition says
+    // why) and are not counted; the configuration names them.
     let (machines, invalid): (Vec<Machine>, Vec<Machine>) = targeted_machines(ctx, cfg)
         .await?
         .into_iter()
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
-    let views: Vec<MachineView> = machines
+    let plan = rollout::plan(&target, &policy(cfg), &views(cfg, &machines));
+
+    // 5. Publish, then mark the machines Queued.
+    let queued = publish_plan(ctx, cfg, &want, &target, &machines, &plan.publish).await?;
+    mark_has_configuration(ctx, &machines, &queued).await?;
+
+    // 6. Status and rollout metrics.
+    let invalid_machines: Vec<String> = invalid.iter().map(ResourceExt::name_any).collect();
+    let step = config_status::Rollout {
+        commit: &commit,
+        counts: plan.counts,
+        published: queued.len() as u32,
+        hold: plan.hold,
+        invalid_machines: &invalid_machines,
+        last_applied: machines
+            .iter()
+            .filter_map(|m| m.status.as_ref().and_then(|s| s.last_applied_time.clone()))
+            .max_by_key(|t| t.0.as_nanosecond()),
+    };
+    let (status, notes) = config_status::configuration_status(&resolved, &step, generation);
+    set_rollout_metrics(ctx, cfg, &status);
+    write_status(ctx, cfg, &status, notes, "Rollout").await?;
+    Ok(Action::requeue(poll))
+}
+
+/// Resolves the configuration's ref with its credentials.
+async fn resolve(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<String> {
+    let creds = git_creds(ctx, cfg).await?;
+    Ok(ctx.resolver.resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, refresh_token(cfg), creds).await?)
+}
+
+/// Records `notes` about `cfg`.
+async fn record(ctx: &Ctx, cfg: &NixosConfiguration, notes: Vec<conditions::Note>, action: &str) {
+    for n in notes {
+        ctx.event(cfg, n.warning, &n.reason, n.message, action).await;
+    }
+}
+
+/// Records `notes`, then writes `status` (unless it changes nothing).
+async fn write_status(
+    ctx: &Ctx,
+    cfg: &NixosConfiguration,
+    status: &NixosConfigurationStatus,
+    notes: Vec<conditions::Note>,
+    action: &str,
+) -> Result<()> {
+    record(ctx, cfg, notes, action).await;
+    set_status(ctx, cfg, status).await
+}
+
+/// The planner's view of the configuration.
+fn policy(cfg: &NixosConfiguration) -> Policy {
+    Policy {
+        full_install: cfg.spec.full_install,
+        suspend: cfg.spec.suspend,
+        pause: cfg.spec.rollout.pause,
+        max_parallel: cfg.spec.rollout.max_parallel,
+        canary: cfg.spec.rollout.canary,
+        failure_budget: cfg.spec.rollout.failure_budget,
+    }
+}
+
+/// The planner's view of the machines: a target counts as applied only if this configuration applied it.
+fn views(cfg: &NixosConfiguration, machines: &[Machine]) -> Vec<MachineView> {
+    machines
         .iter()
         .map(|m| {
             let s = m.status.clone().unwrap_or_default();
@@ -339,50 +360,56 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
                 failed_target: s.failed_target,
             }
         })
-        .collect();
-    let policy = Policy {
-        full_install: cfg.spec.full_install,
-        suspend: cfg.spec.suspend,
-        pause: cfg.spec.rollout.pause,
-        max_parallel: cfg.spec.rollout.max_parallel,
-        canary: cfg.spec.rollout.canary,
-        failure_budget: cfg.spec.rollout.failure_budget,
-    };
-    let plan = rollout::plan(&target, &policy, &views);
+        .collect()
+}
 
-    // 5. Publish, then mark the machines Queued; machines in parallel (the broker and the API server absorb it).
-    let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(plan.publish.clone())
-        .map(|(name, work)| {
-            let (want, target, machines) = (&want, &target, &machines);
-            async move {
-                let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
-                let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
-                ctx.publisher.publish(&job).await?;
-                let cfg_name = cfg.name_any();
-                update_machine_status(ctx, &m.namespace().unwrap_or_default(), &name, Some(m), |m| {
-                    let mut s = m.status.clone().unwrap_or_default();
-                    mark_queued(&mut s, target, &job.id, job.action);
-                    s.has_configuration = Some(true);
-                    if s.applied_configuration.is_none() {
-                        s.applied_configuration = Some(cfg_name.clone());
-                    }
-                    Some(s)
-                })
-                .await?;
-                Ok(Some(name))
-            }
+/// Publishes the plan's jobs and marks each machine Queued, machines in parallel (the broker and the API server
+/// absorb it). Returns the machines queued.
+async fn publish_plan(
+    ctx: &Ctx,
+    cfg: &NixosConfiguration,
+    want: &Desired,
+    target: &str,
+    machines: &[Machine],
+    publish: &[(String, rollout::Work)],
+) -> Result<std::collections::BTreeSet<String>> {
+    let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
+        .map(|(name, work)| async move {
+            let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
+            let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
+            ctx.publisher.publish(&job).await?;
+            let cfg_name = cfg.name_any();
+            update_machine_status(ctx, &m.namespace().unwrap_or_default(), &name, Some(m), |m| {
+                let mut s = m.status.clone().unwrap_or_default();
+                mark_queued(&mut s, target, &job.id, job.action);
+                s.has_configuration = Some(true);
+                if s.applied_configuration.is_none() {
+                    s.applied_configuration = Some(cfg_name.clone());
+                }
+                Some(s)
+            })
+            .await?;
+            Ok(Some(name))
         })
         .buffer_unordered(PUBLISH_CONCURRENCY)
         .collect()
         .await;
-    // Machines just queued had hasConfiguration set with their job; only the others need a write (and a read).
     let mut queued = std::collections::BTreeSet::new();
     for o in outcomes {
         if let Some(name) = o? {
             queued.insert(name);
         }
     }
-    let published = queued.len() as u32;
+    Ok(queued)
+}
+
+/// Sets hasConfiguration on the machines that lack it. Machines just queued had it set with their job, so only
+/// the others cost a write.
+async fn mark_has_configuration(
+    ctx: &Ctx,
+    machines: &[Machine],
+    queued: &std::collections::BTreeSet<String>,
+) -> Result<()> {
     for m in machines
         .iter()
         .filter(|m| m.status.as_ref().and_then(|s| s.has_configuration) != Some(true))
@@ -397,11 +424,12 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         })
         .await?;
     }
+    Ok(())
+}
 
-    // 6. Status and rollout metrics.
-    let c = plan.counts;
-    for (state, n) in
-        [("total", c.total), ("updated", c.updated), ("failed", c.failed), ("in_progress", c.in_progress + published)]
+/// `nio_controller_configuration_machines{state}` from the status just computed.
+fn set_rollout_metrics(ctx: &Ctx, cfg: &NixosConfiguration, s: &NixosConfigurationStatus) {
+    for (state, n) in [("total", s.total), ("updated", s.updated), ("failed", s.failed), ("in_progress", s.in_progress)]
     {
         let labels = ConfigLabels {
             namespace: cfg.namespace().unwrap_or_default(),
@@ -410,85 +438,6 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         };
         ctx.metrics.configuration_machines.get_or_create(&labels).set(i64::from(n));
     }
-    status.total = c.total;
-    status.updated = c.updated;
-    status.failed = c.failed;
-    status.in_progress = c.in_progress + published;
-    status.progress = Some(format!("{}/{}", c.updated, c.total));
-    let ready = c.total > 0 && c.updated == c.total;
-    if ready && !conditions::is_true(&status.conditions, "Ready") {
-        ctx.event(
-            cfg,
-            false,
-            "RolloutComplete",
-            format!("all {} machines run {}", c.total, short_commit(&commit)),
-            "Rollout",
-        )
-        .await;
-        status.applied_commit = Some(commit.clone());
-    }
-    if ready {
-        status.applied_commit = Some(commit.clone());
-        status.last_applied_time = machines
-            .iter()
-            .filter_map(|m| m.status.as_ref().and_then(|s| s.last_applied_time.clone()))
-            .max_by_key(|t| t.0.as_nanosecond());
-    }
-    let ready_msg = if c.total == 0 {
-        "no machine matches".to_string()
-    } else {
-        format!("{}/{} machines at {}", c.updated, c.total, short_commit(&commit))
-    };
-    conditions::set(
-        &mut status.conditions,
-        "Ready",
-        ready,
-        if ready {
-            "RolloutComplete"
-        } else if c.total == 0 {
-            "NoMachines"
-        } else {
-            "RollingOut"
-        },
-        &ready_msg,
-        generation,
-    );
-    let progressing = status.in_progress > 0;
-    let hold = plan.hold.map(|h| format!("{h:?}")).unwrap_or_default();
-    conditions::set(
-        &mut status.conditions,
-        "Progressing",
-        progressing,
-        if progressing {
-            "JobsInFlight"
-        } else if hold.is_empty() {
-            "Idle"
-        } else {
-            &hold
-        },
-        &format!("{} in flight", status.in_progress),
-        generation,
-    );
-    let (reason, message) = if c.failed > 0 {
-        ("MachinesFailed", format!("{} machine(s) failed at this target", c.failed))
-    } else if !invalid.is_empty() {
-        let names: Vec<String> = invalid.iter().take(10).map(ResourceExt::name_any).collect();
-        let more = if invalid.len() > 10 { format!(" and {} more", invalid.len() - 10) } else { String::new() };
-        let msg = format!(
-            "{} selected Machine(s) have an invalid spec and get nothing: {}{more} (see their Invalid condition)",
-            invalid.len(),
-            names.join(", ")
-        );
-        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
-            ctx.event(cfg, true, "InvalidMachines", msg.clone(), "Rollout").await;
-        }
-        ("InvalidMachines", msg)
-    } else {
-        ("AsExpected", String::new())
-    };
-    conditions::set(&mut status.conditions, "Degraded", reason != "AsExpected", reason, &message, generation);
-    set_status(ctx, cfg, &status).await?;
-    Ok(Action::requeue(poll))
 }
 
 async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {

@@ -5,19 +5,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use nio_shared::crd::{MachinePhase, MachineSpec, MachineStatus, short_commit};
 use nio_shared::protocol::{Action, FailureCategory, JobKind, Phase, StatusEvent};
 
-use crate::conditions;
-
-/// A Kubernetes Event to record about the machine.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Note {
-    pub warning: bool,
-    pub reason: String,
-    pub message: String,
-}
-
-fn note(warning: bool, reason: &str, message: String) -> Note {
-    Note { warning, reason: reason.to_string(), message }
-}
+use crate::conditions::{self, Note, note};
 
 fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Nanos, true)

@@ -12,10 +12,11 @@ use nio_shared::protocol::{Phase, StatusEvent};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::conditions::Note;
 use crate::context::{Ctx, update_machine_status};
 use crate::error::Result;
 use crate::metrics::EventLabels;
-use crate::status::{Note, transition};
+use crate::status::transition;
 
 /// Creates (or finds) the cluster's durable status consumer.
 pub async fn open(js: &jetstream::Context, cluster: &str) -> anyhow::Result<PullConsumer> {

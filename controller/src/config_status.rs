@@ -1,0 +1,339 @@
+//! A NixosConfiguration's status and Events, decided without I/O: each function takes the previous status
+//! (what this replica last wrote) and what the reconcile found, and returns the new status and the Events to
+//! record. An Event is returned only when the situation it reports is new, so a reconcile that repeats
+//! itself records nothing twice. The reconcile does the reads, the writes and the recording.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use nio_shared::crd::{NixosConfigurationStatus, short_commit};
+
+use crate::conditions::{self, Note, note};
+use crate::rollout::{Counts, Hold};
+
+/// The spec is invalid: nothing is applied until it changes.
+pub fn invalid(
+    previous: &NixosConfigurationStatus,
+    message: &str,
+    generation: Option<i64>,
+) -> (NixosConfigurationStatus, Vec<Note>) {
+    let mut s = observed(previous, generation);
+    let mut notes = Vec::new();
+    if conditions::message(&s.conditions, "Invalid") != Some(message) {
+        notes.push(note(true, "InvalidSpec", message.to_string()));
+    }
+    let c = &mut s.conditions;
+    conditions::set(c, "Invalid", true, "InvalidSpec", message, generation);
+    conditions::set(c, "Ready", false, "InvalidSpec", "the spec is invalid; nothing is applied", generation);
+    conditions::set(c, "Progressing", false, "InvalidSpec", "", generation);
+    (s, notes)
+}
+
+/// Something the rollout needs is unavailable (the Git ref, a Secret): Degraded with `reason`, Ready false.
+/// Counts and the target stay as they were.
+pub fn degraded(
+    previous: &NixosConfigurationStatus,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> (NixosConfigurationStatus, Vec<Note>) {
+    let mut s = observed(previous, generation);
+    let mut notes = Vec::new();
+    if conditions::message(&s.conditions, "Degraded") != Some(message) {
+        notes.push(note(true, reason, message.to_string()));
+    }
+    conditions::set(&mut s.conditions, "Degraded", true, reason, message, generation);
+    conditions::set(&mut s.conditions, "Ready", false, reason, message, generation);
+    (s, notes)
+}
+
+/// The spec is valid and `git_ref` resolved to `commit`.
+pub fn resolved(
+    previous: &NixosConfigurationStatus,
+    git_ref: &str,
+    commit: &str,
+    generation: Option<i64>,
+) -> (NixosConfigurationStatus, Vec<Note>) {
+    let mut s = observed(previous, generation);
+    conditions::set(&mut s.conditions, "Invalid", false, "Valid", "", generation);
+    let mut notes = Vec::new();
+    if s.target_commit.as_deref() != Some(commit) {
+        notes.push(note(false, "NewCommit", format!("{git_ref} resolved to {}", short_commit(commit))));
+    }
+    s.target_commit = Some(commit.to_string());
+    s.target_commit_short = Some(short_commit(commit));
+    (s, notes)
+}
+
+/// What a rollout step found and did.
+#[derive(Debug, Clone, Default)]
+pub struct Rollout<'a> {
+    pub commit: &'a str,
+    /// The planner's counts before this step published.
+    pub counts: Counts,
+    /// Jobs this step published.
+    pub published: u32,
+    /// Why the planner holds back, if it does.
+    pub hold: Option<Hold>,
+    /// Selected Machines whose spec is invalid (they get nothing and are not counted).
+    pub invalid_machines: &'a [String],
+    /// The latest lastAppliedTime of the machines.
+    pub last_applied: Option<Time>,
+}
+
+/// How many invalid Machines a message names before it says "and N more".
+const NAMED: usize = 10;
+
+/// The status after a rollout step: counts, Ready (RolloutComplete once every machine runs the commit),
+/// Progressing (jobs in flight, or why the rollout holds) and Degraded (failed or invalid machines).
+pub fn configuration_status(
+    previous: &NixosConfigurationStatus,
+    r: &Rollout,
+    generation: Option<i64>,
+) -> (NixosConfigurationStatus, Vec<Note>) {
+    let mut s = observed(previous, generation);
+    let mut notes = Vec::new();
+    let c = r.counts;
+    let short = short_commit(r.commit);
+    s.total = c.total;
+    s.updated = c.updated;
+    s.failed = c.failed;
+    s.in_progress = c.in_progress + r.published;
+    s.progress = Some(format!("{}/{}", c.updated, c.total));
+
+    let ready = c.total > 0 && c.updated == c.total;
+    if ready && !conditions::is_true(&s.conditions, "Ready") {
+        notes.push(note(false, "RolloutComplete", format!("all {} machines run {short}", c.total)));
+    }
+    if ready {
+        s.applied_commit = Some(r.commit.to_string());
+        s.last_applied_time = r.last_applied.clone();
+    }
+    let (reason, message) = match (ready, c.total) {
+        (true, _) => ("RolloutComplete", format!("{}/{} machines at {short}", c.updated, c.total)),
+        (false, 0) => ("NoMachines", "no machine matches".to_string()),
+        (false, _) => ("RollingOut", format!("{}/{} machines at {short}", c.updated, c.total)),
+    };
+    conditions::set(&mut s.conditions, "Ready", ready, reason, &message, generation);
+
+    let progressing = s.in_progress > 0;
+    let hold = r.hold.map(|h| format!("{h:?}"));
+    let reason = match (&hold, progressing) {
+        (_, true) => "JobsInFlight",
+        (Some(h), false) => h.as_str(),
+        (None, false) => "Idle",
+    };
+    let message = format!("{} in flight", s.in_progress);
+    conditions::set(&mut s.conditions, "Progressing", progressing, reason, &message, generation);
+
+    let (reason, message) = if c.failed > 0 {
+        ("MachinesFailed", format!("{} machine(s) failed at this target", c.failed))
+    } else if !r.invalid_machines.is_empty() {
+        let n = r.invalid_machines.len();
+        let more = if n > NAMED { format!(" and {} more", n - NAMED) } else { String::new() };
+        let names = r.invalid_machines.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", ");
+        let msg = format!(
+            "{n} selected Machine(s) have an invalid spec and get nothing: {names}{more} (see their Invalid condition)"
+        );
+        if conditions::message(&s.conditions, "Degraded") != Some(msg.as_str()) {
+            notes.push(note(true, "InvalidMachines", msg.clone()));
+        }
+        ("InvalidMachines", msg)
+    } else {
+        ("AsExpected", String::new())
+    };
+    conditions::set(&mut s.conditions, "Degraded", reason != "AsExpected", reason, &message, generation);
+    (s, notes)
+}
+
+fn observed(previous: &NixosConfigurationStatus, generation: Option<i64>) -> NixosConfigurationStatus {
+    NixosConfigurationStatus { observed_generation: generation, ..previous.clone() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const C1: &str = "1111111111111111111111111111111111111111";
+    const C2: &str = "2222222222222222222222222222222222222222";
+
+    fn cond(s: &NixosConfigurationStatus, t: &str) -> (String, String, String) {
+        let c = s.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition"));
+        (c.status.clone(), c.reason.clone(), c.message.clone())
+    }
+
+    fn reasons(notes: &[Note]) -> Vec<&str> {
+        notes.iter().map(|n| n.reason.as_str()).collect()
+    }
+
+    fn counts(total: u32, updated: u32, failed: u32, in_progress: u32) -> Counts {
+        Counts { total, updated, failed, in_progress }
+    }
+
+    #[test]
+    fn rollout_steps_set_counts_conditions_and_events() {
+        struct Case {
+            name: &'static str,
+            counts: Counts,
+            published: u32,
+            hold: Option<Hold>,
+            invalid: Vec<String>,
+            ready: &'static str,
+            progressing: (&'static str, &'static str),
+            degraded: (&'static str, &'static str),
+            events: Vec<&'static str>,
+        }
+        let cases = [
+            Case {
+                name: "first step publishes",
+                counts: counts(3, 0, 0, 0),
+                published: 3,
+                hold: None,
+                invalid: vec![],
+                ready: "RollingOut",
+                progressing: ("True", "JobsInFlight"),
+                degraded: ("False", "AsExpected"),
+                events: vec![],
+            },
+            Case {
+                name: "all updated",
+                counts: counts(3, 3, 0, 0),
+                published: 0,
+                hold: None,
+                invalid: vec![],
+                ready: "RolloutComplete",
+                progressing: ("False", "Idle"),
+                degraded: ("False", "AsExpected"),
+                events: vec!["RolloutComplete"],
+            },
+            Case {
+                name: "nothing selected",
+                counts: counts(0, 0, 0, 0),
+                published: 0,
+                hold: None,
+                invalid: vec![],
+                ready: "NoMachines",
+                progressing: ("False", "Idle"),
+                degraded: ("False", "AsExpected"),
+                events: vec![],
+            },
+            Case {
+                name: "paused",
+                counts: counts(3, 1, 0, 0),
+                published: 0,
+                hold: Some(Hold::Paused),
+                invalid: vec![],
+                ready: "RollingOut",
+                progressing: ("False", "Paused"),
+                degraded: ("False", "AsExpected"),
+                events: vec![],
+            },
+            Case {
+                name: "over the failure budget",
+                counts: counts(3, 1, 2, 0),
+                published: 0,
+                hold: Some(Hold::FailureBudgetExceeded),
+                invalid: vec![],
+                ready: "RollingOut",
+                progressing: ("False", "FailureBudgetExceeded"),
+                degraded: ("True", "MachinesFailed"),
+                events: vec![],
+            },
+            Case {
+                name: "invalid machines are named",
+                counts: counts(1, 1, 0, 0),
+                published: 0,
+                hold: None,
+                invalid: vec!["m2".into()],
+                ready: "RolloutComplete",
+                progressing: ("False", "Idle"),
+                degraded: ("True", "InvalidMachines"),
+                events: vec!["RolloutComplete", "InvalidMachines"],
+            },
+        ];
+        for case in cases {
+            let (before, _) = resolved(&NixosConfigurationStatus::default(), "main", C1, Some(1));
+            let step = Rollout {
+                commit: C1,
+                counts: case.counts,
+                published: case.published,
+                hold: case.hold,
+                invalid_machines: &case.invalid,
+                last_applied: None,
+            };
+            let (s, notes) = configuration_status(&before, &step, Some(1));
+            let n = case.name;
+            assert_eq!(cond(&s, "Ready").1, case.ready, "{n}");
+            let p = cond(&s, "Progressing");
+            assert_eq!((p.0.as_str(), p.1.as_str()), case.progressing, "{n}");
+            let d = cond(&s, "Degraded");
+            assert_eq!((d.0.as_str(), d.1.as_str()), case.degraded, "{n}");
+            assert_eq!(reasons(&notes), case.events, "{n}");
+            assert_eq!(s.in_progress, case.counts.in_progress + case.published, "{n}");
+            assert_eq!(s.progress, Some(format!("{}/{}", case.counts.updated, case.counts.total)), "{n}");
+            assert_eq!(s.observed_generation, Some(1), "{n}");
+            // the same step again records nothing new and changes nothing
+            let (again, notes) = configuration_status(&s, &step, Some(1));
+            assert!(notes.is_empty(), "{n}: {:?}", reasons(&notes));
+            assert_eq!(again, s, "{n}");
+        }
+    }
+
+    #[test]
+    fn the_applied_commit_moves_only_when_every_machine_runs_the_new_one() {
+        let (s, _) = resolved(&NixosConfigurationStatus::default(), "main", C1, Some(1));
+        let done = Rollout { commit: C1, counts: counts(2, 2, 0, 0), ..Default::default() };
+        let (s, _) = configuration_status(&s, &done, Some(1));
+        assert_eq!(s.applied_commit.as_deref(), Some(C1));
+        let (s, notes) = resolved(&s, "main", C2, Some(1));
+        assert_eq!(reasons(&notes), ["NewCommit"]);
+        assert_eq!(notes[0].message, "main resolved to 222222222222");
+        let half = Rollout { commit: C2, counts: counts(2, 1, 0, 1), ..Default::default() };
+        let (s, notes) = configuration_status(&s, &half, Some(1));
+        assert!(notes.is_empty());
+        assert_eq!(s.applied_commit.as_deref(), Some(C1), "not every machine runs C2 yet");
+        assert_eq!(cond(&s, "Ready").0, "False");
+        let done = Rollout { commit: C2, counts: counts(2, 2, 0, 0), ..Default::default() };
+        let (s, notes) = configuration_status(&s, &done, Some(1));
+        assert_eq!(reasons(&notes), ["RolloutComplete"]);
+        assert_eq!(s.applied_commit.as_deref(), Some(C2));
+        // the same commit resolved again is not news
+        assert!(resolved(&s, "main", C2, Some(1)).1.is_empty());
+    }
+
+    #[test]
+    fn invalid_and_degraded_report_once_per_message_and_keep_the_counts() {
+        let (s, _) = resolved(&NixosConfigurationStatus::default(), "main", C1, Some(1));
+        let (s, _) = configuration_status(
+            &s,
+            &Rollout { commit: C1, counts: counts(2, 2, 0, 0), ..Default::default() },
+            Some(1),
+        );
+        let (d, notes) = degraded(&s, "GitUnreachable", "cannot reach the repo", Some(2));
+        assert_eq!(reasons(&notes), ["GitUnreachable"]);
+        assert_eq!(cond(&d, "Degraded"), ("True".into(), "GitUnreachable".into(), "cannot reach the repo".into()));
+        assert_eq!(cond(&d, "Ready").0, "False");
+        assert_eq!((d.total, d.updated, d.target_commit.as_deref()), (2, 2, Some(C1)), "what was known stays");
+        assert_eq!(d.observed_generation, Some(2));
+        assert!(degraded(&d, "GitUnreachable", "cannot reach the repo", Some(2)).1.is_empty());
+        assert_eq!(reasons(&degraded(&d, "GitUnreachable", "still down: timeout", Some(2)).1), ["GitUnreachable"]);
+
+        let (i, notes) = invalid(&s, "spec.flake: bad", Some(3));
+        assert_eq!(reasons(&notes), ["InvalidSpec"]);
+        assert_eq!(cond(&i, "Invalid").0, "True");
+        assert_eq!(cond(&i, "Ready").1, "InvalidSpec");
+        assert_eq!(cond(&i, "Progressing").0, "False");
+        assert!(invalid(&i, "spec.flake: bad", Some(3)).1.is_empty());
+        // fixed: Valid again
+        let (v, _) = resolved(&i, "main", C1, Some(4));
+        assert_eq!(cond(&v, "Invalid"), ("False".into(), "Valid".into(), String::new()));
+    }
+
+    #[test]
+    fn many_invalid_machines_are_named_up_to_ten() {
+        let names: Vec<String> = (0..13).map(|i| format!("m{i:02}")).collect();
+        let step = Rollout { commit: C1, counts: counts(1, 0, 0, 0), invalid_machines: &names, ..Default::default() };
+        let (s, _) = configuration_status(&NixosConfigurationStatus::default(), &step, None);
+        let msg = cond(&s, "Degraded").2;
+        assert!(msg.starts_with("13 selected Machine(s)") && msg.contains("m09 and 3 more"), "{msg}");
+        assert!(!msg.contains("m10"), "{msg}");
+    }
+}
