@@ -59,7 +59,7 @@ pub async fn run(
                 Ok(ev) => groups.entry((ev.namespace.clone(), ev.machine.clone())).or_default().push((m, ev)),
                 Err(e) => {
                     tracing::error!(subject = %m.subject, error = %e, "terminating an undecodable status event");
-                    let _ = m.ack_with(AckKind::Term).await;
+                    nio_shared::nats::ack(&m, AckKind::Term).await;
                 }
             }
         }
@@ -74,12 +74,12 @@ pub async fn run(
                     match apply(&ctx, &ev, known.as_ref()).instrument(span).await {
                         Ok(latest) => {
                             known = latest;
-                            let _ = msg.ack().await;
+                            nio_shared::nats::ack(&msg, AckKind::Ack).await;
                         }
                         Err(e) => {
                             known = None;
                             tracing::warn!(machine = %ev.machine, error = %e, "applying a status event failed; will retry");
-                            let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(2)))).await;
+                            nio_shared::nats::ack(&msg, AckKind::Nak(Some(Duration::from_secs(2)))).await;
                         }
                     }
                 }

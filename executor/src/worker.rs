@@ -192,7 +192,7 @@ impl Executor {
                 if shutdown.is_cancelled() {
                     // Jobs already on their way to this executor go back to the queue now, not after ack_wait.
                     while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_millis(50), batch.next()).await {
-                        let _ = msg.ack_with(AckKind::Nak(None)).await;
+                        nio_shared::nats::ack(&msg, AckKind::Nak(None)).await;
                     }
                 }
                 // Slots this request did not fill are free again when it ends.
@@ -216,7 +216,7 @@ impl Executor {
                     let rep = Reporter::new(self.clone(), undecodable_job(&s), None);
                     rep.finish_failed(Step::Lock, FailureCategory::InvalidJob, e.to_string(), vec![]).await;
                 }
-                let _ = msg.ack_with(AckKind::Term).await;
+                nio_shared::nats::ack(&msg, AckKind::Term).await;
                 in_flight.dec();
                 return;
             }
@@ -241,42 +241,29 @@ impl Executor {
         let outcome = self.clone().process(site, &msg, job.clone(), hard).instrument(span.clone()).await;
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
-        let (label, category) = match outcome {
-            Ok(o) => {
-                let label = if o.skipped {
-                    "skipped"
-                } else if o.rolled_back.is_some() {
-                    "rolled_back"
-                } else {
-                    "succeeded"
-                };
-                rep.finish_ok(o.clone()).instrument(span.clone()).await;
-                let _ = msg.double_ack().await;
-                (label, o.rolled_back.map_or("none", FailureCategory::as_str))
+        let settlement = settle(&outcome, delivered, self.cfg.max_deliver, &self.cfg.backoff_seconds);
+        match (&settlement, outcome) {
+            (_, Ok(o)) => rep.finish_ok(o).instrument(span.clone()).await,
+            (Settlement::Retry { delay, .. }, Err(Failed(e))) => {
+                let attempt = format!("attempt {delivered} of {}", self.cfg.max_deliver);
+                rep.step(e.step(), format!("{e}; retrying in {delay:?} ({attempt})")).instrument(span.clone()).await
             }
-            Err(Cancelled) => {
-                let _ = msg.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                ("requeued", "none")
-            }
-            Err(Failed(e)) if e.is_transient() && delivered < self.cfg.max_deliver => {
-                let delay = self.backoff(delivered);
-                rep.step(
-                    e.step(),
-                    format!("{e}; retrying in {delay:?} (attempt {delivered} of {})", self.cfg.max_deliver),
-                )
-                .instrument(span.clone())
-                .await;
-                let _ = msg.ack_with(AckKind::Nak(Some(delay))).await;
-                ("retried", e.category().as_str())
-            }
-            Err(Failed(e)) => {
+            (Settlement::Fail { .. }, Err(Failed(e))) => {
                 span.record("error.type", e.category().as_str());
                 tracing::warn!(parent: &span, machine = %job.machine, error = %e, "job failed");
-                rep.finish_failed(e.step(), e.category(), e.to_string(), e.tail()).instrument(span.clone()).await;
-                let _ = msg.ack_with(AckKind::Term).await;
-                ("failed", e.category().as_str())
+                rep.finish_failed(e.step(), e.category(), e.to_string(), e.tail()).instrument(span.clone()).await
             }
-        };
+            (_, Err(_)) => {}
+        }
+        // Succeeded jobs wait for the broker to confirm the ack: a lost one would run the job again.
+        if matches!(settlement, Settlement::Done { .. }) {
+            if let Err(e) = msg.double_ack().await {
+                tracing::warn!(parent: &span, error = %e, "the broker did not confirm a finished job's ack");
+            }
+        } else {
+            nio_shared::nats::ack(&msg, settlement.ack()).await;
+        }
+        let (label, category) = settlement.labels();
         span.record("nio.outcome", label);
         let labels = OutcomeLabels {
             site: site.into(),
@@ -287,12 +274,6 @@ impl Executor {
         self.metrics.jobs.get_or_create(&labels).inc();
         self.metrics.job_duration.get_or_create(&metrics::site(site)).observe(start.elapsed().as_secs_f64());
         in_flight.dec();
-    }
-
-    fn backoff(&self, delivered: i64) -> Duration {
-        let idx = usize::try_from(delivered.saturating_sub(1)).unwrap_or(0);
-        let secs = self.cfg.backoff_seconds.get(idx).or(self.cfg.backoff_seconds.last()).copied().unwrap_or(5);
-        Duration::from_secs(secs)
     }
 
     async fn process(
@@ -447,6 +428,65 @@ async fn pending_gauge(metrics: Arc<Metrics>, site: String, mut consumer: PullCo
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+/// What becomes of a job's message once it ran, and how the job is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Finished (succeeded, skipped, or failed and rolled back): acknowledged. `outcome` labels it;
+    /// `category` is the rollback's cause, if any.
+    Done { outcome: &'static str, category: &'static str },
+    /// Stopped by shutdown before it finished: back to the queue at once for another executor.
+    Requeue,
+    /// A transient failure with deliveries left: redelivered after `delay`.
+    Retry { delay: Duration, category: &'static str },
+    /// A definite failure, or the last delivery of a transient one: terminated and reported Failed.
+    Fail { category: &'static str },
+}
+
+impl Settlement {
+    /// The acknowledgement that carries it out.
+    pub fn ack(&self) -> AckKind {
+        match self {
+            Settlement::Done { .. } => AckKind::Ack,
+            Settlement::Requeue => AckKind::Nak(Some(Duration::from_secs(1))),
+            Settlement::Retry { delay, .. } => AckKind::Nak(Some(*delay)),
+            Settlement::Fail { .. } => AckKind::Term,
+        }
+    }
+
+    /// The `outcome` and `category` labels of `nio_executor_jobs_total`.
+    pub fn labels(&self) -> (&'static str, &'static str) {
+        match *self {
+            Settlement::Done { outcome, category } => (outcome, category),
+            Settlement::Requeue => ("requeued", "none"),
+            Settlement::Retry { category, .. } => ("retried", category),
+            Settlement::Fail { category } => ("failed", category),
+        }
+    }
+}
+
+/// Decides the settlement of a job from its outcome and its delivery count (`delivered`, 1 for the first).
+/// Transient failures are retried `max_deliver` times in all, after the `backoff` delays (seconds, the last
+/// repeating).
+fn settle(outcome: &Result<Outcome, Failure>, delivered: i64, max_deliver: i64, backoff: &[u64]) -> Settlement {
+    match outcome {
+        Ok(o) => {
+            let outcome = match (o.skipped, o.rolled_back) {
+                (true, _) => "skipped",
+                (false, Some(_)) => "rolled_back",
+                (false, None) => "succeeded",
+            };
+            Settlement::Done { outcome, category: o.rolled_back.map_or("none", FailureCategory::as_str) }
+        }
+        Err(Cancelled) => Settlement::Requeue,
+        Err(Failed(e)) if e.is_transient() && delivered < max_deliver => {
+            let idx = usize::try_from(delivered.saturating_sub(1)).unwrap_or(0);
+            let secs = backoff.get(idx).or(backoff.last()).copied().unwrap_or(5);
+            Settlement::Retry { delay: Duration::from_secs(secs), category: e.category().as_str() }
+        }
+        Err(Failed(e)) => Settlement::Fail { category: e.category().as_str() },
     }
 }
 
@@ -610,5 +650,101 @@ impl Reporter {
 impl Progress for Reporter {
     async fn step(&self, step: Step, message: String) {
         self.event(Phase::Step, Some(step), None, message).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(e: Error) -> Result<Outcome, Failure> {
+        Err(Failed(e))
+    }
+
+    /// (case, outcome, delivery, settlement, ack)
+    type Case = (&'static str, Result<Outcome, Failure>, i64, Settlement, AckKind);
+
+    #[test]
+    fn outcomes_settle_into_ack_requeue_retry_or_term() {
+        let backoff = [5, 15, 60];
+        let ok = |skipped, rolled_back| Ok(Outcome { skipped, rolled_back, ..Default::default() });
+        let cases: Vec<Case> = vec![
+            (
+                "succeeded",
+                ok(false, None),
+                1,
+                Settlement::Done { outcome: "succeeded", category: "none" },
+                AckKind::Ack,
+            ),
+            ("skipped", ok(true, None), 1, Settlement::Done { outcome: "skipped", category: "none" }, AckKind::Ack),
+            (
+                "rolled back after a failed health check: finished, not retried",
+                ok(false, Some(FailureCategory::HealthCheckFailed)),
+                1,
+                Settlement::Done { outcome: "rolled_back", category: "HealthCheckFailed" },
+                AckKind::Ack,
+            ),
+            (
+                "shutdown: back to the queue at once",
+                Err(Cancelled),
+                1,
+                Settlement::Requeue,
+                AckKind::Nak(Some(Duration::from_secs(1))),
+            ),
+            (
+                "unreachable, first delivery: first backoff",
+                failed(Error::Unreachable("refused".into())),
+                1,
+                Settlement::Retry { delay: Duration::from_secs(5), category: "Unreachable" },
+                AckKind::Nak(Some(Duration::from_secs(5))),
+            ),
+            (
+                "busy lock, third delivery: third backoff",
+                failed(Error::LockBusy),
+                3,
+                Settlement::Retry { delay: Duration::from_secs(60), category: "Internal" },
+                AckKind::Nak(Some(Duration::from_secs(60))),
+            ),
+            (
+                "past the listed delays: the last one repeats",
+                failed(Error::Session("reset".into())),
+                4,
+                Settlement::Retry { delay: Duration::from_secs(60), category: "Unreachable" },
+                AckKind::Nak(Some(Duration::from_secs(60))),
+            ),
+            (
+                "transient on the last delivery: failed for good",
+                failed(Error::Unreachable("refused".into())),
+                5,
+                Settlement::Fail { category: "Unreachable" },
+                AckKind::Term,
+            ),
+            (
+                "a wrong host key is never retried",
+                failed(Error::HostKeyMismatch { expected: "a".into(), seen: "b".into() }),
+                1,
+                Settlement::Fail { category: "HostKeyMismatch" },
+                AckKind::Term,
+            ),
+            (
+                "an invalid job is never retried",
+                failed(Error::InvalidJob("bad attr".into())),
+                1,
+                Settlement::Fail { category: "InvalidJob" },
+                AckKind::Term,
+            ),
+        ];
+        for (name, outcome, delivered, want, ack) in cases {
+            let got = settle(&outcome, delivered, 5, &backoff);
+            assert_eq!(got, want, "{name}");
+            assert_eq!(format!("{:?}", got.ack()), format!("{ack:?}"), "{name}");
+        }
+        assert_eq!(
+            settle(&failed(Error::Unreachable("x".into())), 1, 5, &[]),
+            Settlement::Retry { delay: Duration::from_secs(5), category: "Unreachable" },
+            "no delays configured: 5 s"
+        );
+        assert_eq!(Settlement::Requeue.labels(), ("requeued", "none"));
+        assert_eq!(Settlement::Fail { category: "Unreachable" }.labels(), ("failed", "Unreachable"));
     }
 }

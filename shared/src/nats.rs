@@ -84,6 +84,14 @@ pub fn status_consumer(cluster: &str) -> consumer::pull::Config {
     }
 }
 
+/// Acknowledges `msg` with `kind`, logging an error rather than failing: the broker redelivers a message whose
+/// ack was lost after its ack wait, so a lost ack costs a duplicate delivery, never a job.
+pub async fn ack(msg: &async_nats::jetstream::Message, kind: async_nats::jetstream::AckKind) {
+    if let Err(e) = msg.ack_with(kind).await {
+        tracing::warn!(subject = %msg.subject, ?kind, error = %e, "acknowledging a message failed; it will be redelivered");
+    }
+}
+
 /// Creates `NIO_JOBS` and `NIO_STATUS` when missing; an existing stream whose critical settings differ is an
 /// error saying what differs (both binaries refuse to start against it).
 pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize) -> crate::Result<()> {
