@@ -34,6 +34,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
 use tokio_util::sync::CancellationToken;
@@ -319,23 +320,17 @@ async fn lead(
     let consumer = status_consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
-    let secret_watch = watcher::Config::default().labels(&format!(
-        "{}={}",
-        nio_shared::crd::SECRET_OPT_IN_LABEL,
-        nio_shared::crd::SECRET_OPT_IN_VALUE
-    ));
     let scopes: Vec<Option<String>> =
         if s.namespaces.is_empty() { vec![None] } else { s.namespaces.iter().cloned().map(Some).collect() };
+    let term = Term { ctx, client, metrics, health, stop: &stop };
     for ns in scopes {
-        let (configs, machines) =
-            (untyped::<NixosConfiguration>(client, ns.as_deref()), untyped::<Machine>(client, ns.as_deref()));
         // One Machine watch feeds the Machine controller, the cache fleet reconciles read their machines from,
-        // and the configuration triggers below. A trigger is sent only after the cache holds the change, so
-        // the reconcile it causes sees it.
+        // and the configuration triggers. A trigger is sent only after the cache holds the change, so the
+        // reconcile it causes sees it.
         let (m_store, m_writer) = reflector::store();
         let m_cache = Arc::new(cache::MachineCache::new(ns.clone(), m_store.clone()));
         let (touch_tx, touch_rx) = tokio::sync::mpsc::channel::<Machine>(1024);
-        let m_stream = decoded::<Machine>(machines, ctx.clone(), "Machine")
+        let m_stream = decoded::<Machine>(untyped::<Machine>(client, ns.as_deref()), ctx.clone(), "Machine")
             .default_backoff()
             .modify(slim)
             .reflect(m_writer)
@@ -360,105 +355,14 @@ async fn lead(
         if let Ok(mut caches) = ctx.machines.write() {
             caches.push(m_cache);
         }
-        // A short trailing debounce coalesces bursts of Machine updates without delaying a spec or refresh
-        // change by much.
-        let (store, writer) = reflector::store();
-        let cfg_stream = decoded::<NixosConfiguration>(configs, ctx.clone(), "NixosConfiguration")
-            .default_backoff()
-            .modify(slim)
-            .reflect(writer)
-            .applied_objects();
-        let cfg_ctl = Controller::for_stream(cfg_stream, store.clone()).with_config(
-            controller::Config::default().debounce(Duration::from_millis(100)).concurrency(CONFIG_CONCURRENCY),
-        );
-        let cfg_ctl_store = store.clone();
-        config_stores.push(store.clone());
-        let secrets: Api<Secret> = match &ns {
-            Some(n) => Api::namespaced(client.clone(), n),
-            None => Api::all(client.clone()),
-        };
-        // Machine changes that can change a plan: not probe times, facts or progress steps (a fleet's
-        // reconcile lists its machines; re-running it for each of those would cost a LIST per status write).
-        let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
-        let cfg_ctl = cfg_ctl
-            .watches_stream(tokio_stream::wrappers::ReceiverStream::new(touch_rx).map(Ok), move |m: Machine| {
-                let fingerprint = plan_fingerprint(&m);
-                let changed = seen
-                    .lock()
-                    .map(|mut s| {
-                        if m.metadata.deletion_timestamp.is_some() {
-                            s.remove(&m.uid().unwrap_or_default());
-                            return true;
-                        }
-                        s.insert(m.uid().unwrap_or_default(), fingerprint) != Some(fingerprint)
-                    })
-                    .unwrap_or(true);
-                // A machine queued or applying changes nothing the configuration acts on (its own writes and
-                // progress events); its end, a new machine, a label change or a deletion does.
-                let busy = matches!(
-                    m.status.as_ref().and_then(|s| s.phase),
-                    Some(MachinePhase::Queued | MachinePhase::Applying)
-                ) && m.metadata.deletion_timestamp.is_none();
-                if busy || !changed {
-                    return Vec::new();
-                }
-                // The configurations that select it now, and the one it last ran (its labels may have moved
-                // it out of that one's selector).
-                let applied = m.status.as_ref().and_then(|s| s.applied_configuration.clone());
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|c| {
-                        reconcile::targets(c, &m)
-                            || (c.namespace() == m.namespace() && applied.as_deref() == c.metadata.name.as_deref())
-                    })
-                    .map(|c| kube::runtime::reflector::ObjectRef::from(&*c))
-                    .collect::<Vec<_>>()
-            })
-            // A Secret a configuration reads changed (content, or its opt-in label): re-read it now, not at
-            // the next poll. Only opted-in Secrets are watched; one losing the label shows as deleted.
-            .watches(secrets, secret_watch.clone(), {
-                let store = cfg_ctl_store.clone();
-                move |secret: Secret| {
-                    let (ns, name) = (secret.namespace(), secret.name_any());
-                    store
-                        .state()
-                        .into_iter()
-                        .filter(|c| c.namespace() == ns && reconcile::secrets_read(c).any(|s| s == name))
-                        .map(|c| kube::runtime::reflector::ObjectRef::from(&*c))
-                        .collect::<Vec<_>>()
-                }
-            })
-            .graceful_shutdown_on({
-                let stop = stop.clone();
-                async move { stop.cancelled().await }
-            })
-            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
-            .for_each({
-                let (health, metrics) = (health.clone(), metrics.clone());
-                move |r| {
-                    health.watch_result("NixosConfiguration", &metrics, &r);
-                    async {}
-                }
-            });
-        tasks.spawn(cfg_ctl);
+        config_stores.push(term.spawn_configuration_controller(&mut tasks, ns.as_deref(), touch_rx));
         let m_ctl = Controller::for_stream(m_stream, m_store.clone())
-            .with_config(controller::Config::default().concurrency(MACHINE_CONCURRENCY));
-        machine_stores.push(m_store);
-        let m_ctl = m_ctl
-            .graceful_shutdown_on({
-                let stop = stop.clone();
-                async move { stop.cancelled().await }
-            })
+            .with_config(controller::Config::default().concurrency(MACHINE_CONCURRENCY))
+            .graceful_shutdown_on(stop.clone().cancelled_owned())
             .run(machine::reconcile, machine::error_policy, ctx.clone())
-            .for_each({
-                let (health, metrics) = (health.clone(), metrics.clone());
-                move |r| {
-                    health.watch_result("Machine", &metrics, &r);
-                    async {}
-                }
-            });
+            .for_each(term.watch_reporter("Machine"));
         tasks.spawn(m_ctl);
+        machine_stores.push(m_store);
     }
     tasks.spawn(status_consumer::run(ctx.clone(), consumer, machine_stores.clone(), stop.clone()));
     tasks.spawn(phase_gauge(config_stores, machine_stores, ctx.clone(), stop.clone()));
@@ -482,6 +386,121 @@ async fn lead(
         tasks.abort_all();
     }
     Ok(end)
+}
+
+/// What one term as leader shares among its controllers.
+struct Term<'a> {
+    ctx: &'a Arc<context::Ctx>,
+    client: &'a kube::Client,
+    metrics: &'a Arc<metrics::Metrics>,
+    health: &'a Arc<Health>,
+    stop: &'a CancellationToken,
+}
+
+impl Term<'_> {
+    /// Reports each reconcile result of the `kind` controller to /readyz and the watch error metric.
+    fn watch_reporter<T, E: std::fmt::Display>(
+        &self,
+        kind: &'static str,
+    ) -> impl FnMut(Result<T, controller::Error<E, watcher::Error>>) -> std::future::Ready<()> + use<T, E> {
+        let (health, metrics) = (self.health.clone(), self.metrics.clone());
+        move |r| {
+            health.watch_result(kind, &metrics, &r);
+            std::future::ready(())
+        }
+    }
+
+    /// Spawns the NixosConfiguration controller of namespace `ns` (None: all): triggered by its own watch,
+    /// by the Machine changes `touches` forwards and by opted-in Secrets. Returns its cache.
+    fn spawn_configuration_controller(
+        &self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        ns: Option<&str>,
+        touches: tokio::sync::mpsc::Receiver<Machine>,
+    ) -> reflector::Store<NixosConfiguration> {
+        let (ctx, client) = (self.ctx, self.client);
+        let (store, writer) = reflector::store();
+        let stream =
+            decoded::<NixosConfiguration>(untyped::<NixosConfiguration>(client, ns), ctx.clone(), "NixosConfiguration")
+                .default_backoff()
+                .modify(slim)
+                .reflect(writer)
+                .applied_objects();
+        let secrets: Api<Secret> = match ns {
+            Some(n) => Api::namespaced(client.clone(), n),
+            None => Api::all(client.clone()),
+        };
+        let opted_in = watcher::Config::default().labels(&format!(
+            "{}={}",
+            nio_shared::crd::SECRET_OPT_IN_LABEL,
+            nio_shared::crd::SECRET_OPT_IN_VALUE
+        ));
+        // A short trailing debounce coalesces bursts of Machine updates without delaying a spec or refresh
+        // change by much.
+        let config = controller::Config::default().debounce(Duration::from_millis(100)).concurrency(CONFIG_CONCURRENCY);
+        let ctl = Controller::for_stream(stream, store.clone())
+            .with_config(config)
+            .watches_stream(
+                tokio_stream::wrappers::ReceiverStream::new(touches).map(Ok),
+                configurations_touched(store.clone()),
+            )
+            // A Secret a configuration reads changed (content, or its opt-in label): re-read it now, not at
+            // the next poll. Only opted-in Secrets are watched; one losing the label shows as deleted.
+            .watches(secrets, opted_in, {
+                let store = store.clone();
+                move |secret: Secret| {
+                    let (ns, name) = (secret.namespace(), secret.name_any());
+                    let reads =
+                        |c: &NixosConfiguration| c.namespace() == ns && reconcile::secrets_read(c).any(|s| s == name);
+                    store.state().into_iter().filter(|c| reads(c)).map(|c| ObjectRef::from(&*c)).collect::<Vec<_>>()
+                }
+            })
+            .graceful_shutdown_on(self.stop.clone().cancelled_owned())
+            .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+            .for_each(self.watch_reporter("NixosConfiguration"));
+        tasks.spawn(ctl);
+        store
+    }
+}
+
+/// Maps a Machine change to the configurations to reconcile: those that select it now and the one it last ran
+/// (its labels may have moved it out of that one's selector). Only changes that can change a plan count: not
+/// probe times, facts or progress steps, and nothing while the machine is queued or applying (its own writes
+/// and progress events); its end, a new machine, a label change or a deletion does.
+fn configurations_touched(
+    store: reflector::Store<NixosConfiguration>,
+) -> impl Fn(Machine) -> Vec<ObjectRef<NixosConfiguration>> {
+    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+    move |m: Machine| {
+        let fingerprint = plan_fingerprint(&m);
+        let deleted = m.metadata.deletion_timestamp.is_some();
+        let changed = seen
+            .lock()
+            .map(|mut s| {
+                let uid = m.uid().unwrap_or_default();
+                if deleted {
+                    s.remove(&uid);
+                    return true;
+                }
+                s.insert(uid, fingerprint) != Some(fingerprint)
+            })
+            .unwrap_or(true);
+        let busy =
+            matches!(m.status.as_ref().and_then(|s| s.phase), Some(MachinePhase::Queued | MachinePhase::Applying))
+                && !deleted;
+        if busy || !changed {
+            return Vec::new();
+        }
+        let applied = m.status.as_ref().and_then(|s| s.applied_configuration.clone());
+        let ran =
+            |c: &NixosConfiguration| c.namespace() == m.namespace() && applied.as_deref() == c.metadata.name.as_deref();
+        store
+            .state()
+            .into_iter()
+            .filter(|c| reconcile::targets(c, &m) || ran(c))
+            .map(|c| ObjectRef::from(&*c))
+            .collect()
+    }
 }
 
 /// Keeps `nio_controller_machines{phase}`, `machines_drifted` and `configurations_degraded{reason}` current,
