@@ -444,112 +444,95 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let ns = cfg.namespace().unwrap_or_default();
     let name = cfg.name_any();
     for state in ["total", "updated", "failed", "in_progress"] {
-        ctx.metrics.configuration_machines.remove(&ConfigLabels {
-            namespace: ns.clone(),
-            configuration: name.clone(),
-            state: state.into(),
-        });
+        let labels = ConfigLabels { namespace: ns.clone(), configuration: name.clone(), state: state.into() };
+        ctx.metrics.configuration_machines.remove(&labels);
     }
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(mref) = &cfg.spec.machine_ref
         && api.get_opt(mref).await?.is_none()
     {
-        ctx.event(
-            cfg,
-            false,
-            "MachineGone",
-            format!("Machine {mref} no longer exists; releasing the finalizer"),
-            "Remove",
-        )
-        .await;
+        let note = format!("Machine {mref} no longer exists; releasing the finalizer");
+        ctx.event(cfg, false, "MachineGone", note, "Remove").await;
     }
-    let attached: Vec<Machine> = api
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|m| {
-            m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str()) || targets(cfg, m)
-        })
-        .collect();
-    let Some(_) = &cfg.spec.on_remove_flake else {
-        for m in &attached {
-            update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {
-                let mut s = m.status.clone().unwrap_or_default();
-                s.has_configuration = Some(false);
-                s.applied_configuration = None;
-                s.queued_target = None;
-                Some(s)
-            })
-            .await?;
-        }
+    // A fresh LIST, not the cache: a machine that just applied this configuration must not be missed.
+    let runs_it =
+        |m: &Machine| m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str());
+    let attached: Vec<Machine> =
+        api.list(&ListParams::default()).await?.items.into_iter().filter(|m| runs_it(m) || targets(cfg, m)).collect();
+    if cfg.spec.on_remove_flake.is_none() {
+        release(ctx, &ns, &attached, true).await?;
         return Ok(Action::await_change());
-    };
-    let pending: Vec<&Machine> = attached
-        .iter()
-        .filter(|m| m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str()))
-        .collect();
+    }
+    let pending: Vec<&Machine> = attached.iter().filter(|m| runs_it(m)).collect();
     if pending.is_empty() {
-        for m in &attached {
-            update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {
-                let mut s = m.status.clone().unwrap_or_default();
-                (s.has_configuration != Some(false)).then(|| {
-                    s.has_configuration = Some(false);
-                    s
-                })
-            })
-            .await?;
-        }
-        ctx.event(
-            cfg,
-            false,
-            "Removed",
-            "onRemoveFlake applied on every machine; releasing the finalizer".into(),
-            "Remove",
-        )
-        .await;
+        release(ctx, &ns, &attached, false).await?;
+        let note = "onRemoveFlake applied on every machine; releasing the finalizer".to_string();
+        ctx.event(cfg, false, "Removed", note, "Remove").await;
         return Ok(Action::await_change());
     }
     if let Err(invalid) = nio_shared::validate::configuration_spec(&cfg.spec) {
         // Machines still run it, and nothing can be applied from an invalid spec: say so instead of retrying
-        // quietly forever.
+        // quietly forever. An error keeps the finalizer (Ok would release it with nothing applied).
         let msg = format!(
             "onRemoveFlake cannot be applied: {invalid}; fix the spec, or remove onRemoveFlake to release the \
              machines as they are"
         );
-        let mut status = latest_status(ctx, cfg);
-        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
-            ctx.event(cfg, true, "RemovalBlocked", msg.clone(), "Remove").await;
-        }
-        conditions::set(&mut status.conditions, "Degraded", true, "RemovalBlocked", &msg, cfg.metadata.generation);
-        set_status(ctx, cfg, &status).await?;
-        // An error keeps the finalizer (Ok would release it with nothing applied).
+        removal_blocked(ctx, cfg, &msg).await?;
         return Err(Error::RemovalPending(msg));
     }
     let commit = match latest_status(ctx, cfg).target_commit {
         Some(c) => c,
-        None => {
-            ctx.resolver
-                .resolve(&cfg.spec.git_repo, &cfg.spec.git_ref, refresh_token(cfg), git_creds(ctx, cfg).await?)
-                .await?
-        }
+        None => resolve(ctx, cfg).await?,
     };
+    let blocked = publish_removals(ctx, cfg, &ns, &pending, &commit).await?;
+    if !blocked.is_empty() {
+        let msg =
+            format!("onRemoveFlake could not be applied on {}; the finalizer stays until it is", blocked.join(", "));
+        removal_blocked(ctx, cfg, &msg).await?;
+    }
+    Err(Error::RemovalPending(format!("{} machine(s) still run configuration {name}", pending.len())))
+}
+
+/// Marks `machines` as no longer having this configuration; `detach` also forgets that they ran it (no
+/// onRemoveFlake: they keep what they run, unmanaged).
+async fn release(ctx: &Ctx, ns: &str, machines: &[Machine], detach: bool) -> Result<()> {
+    for m in machines {
+        update_machine_status(ctx, ns, &m.name_any(), Some(m), |m| {
+            let mut s = m.status.clone().unwrap_or_default();
+            if detach {
+                s.applied_configuration = None;
+                s.queued_target = None;
+            } else if s.has_configuration == Some(false) {
+                return None;
+            }
+            s.has_configuration = Some(false);
+            Some(s)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Publishes the onRemoveFlake job of each machine that still runs the configuration and marks it Queued.
+/// Machines whose removal failed are retried after a pause and returned, named with the failure.
+async fn publish_removals(
+    ctx: &Ctx,
+    cfg: &NixosConfiguration,
+    ns: &str,
+    pending: &[&Machine],
+    commit: &str,
+) -> Result<Vec<String>> {
     let mut blocked = Vec::new();
-    for m in &pending {
+    for m in pending {
         let s = m.status.clone().unwrap_or_default();
-        let job = publish::remove_job(&ctx.cluster, cfg, m, &commit)?;
+        let job = publish::remove_job(&ctx.cluster, cfg, m, commit)?;
         let t = job.id.target().unwrap_or_default().to_string();
         if s.failed_target.as_deref() == Some(t.as_str()) {
-            let why = s
-                .conditions
-                .iter()
-                .find(|c| c.type_ == "Failed")
-                .map(|c| format!("{}: {}", c.reason, c.message))
-                .unwrap_or_default();
+            let failed = s.conditions.iter().find(|c| c.type_ == "Failed");
+            let why = failed.map(|c| format!("{}: {}", c.reason, c.message)).unwrap_or_default();
             blocked.push(format!("{} ({why})", m.name_any()));
             // Retry after a pause: a fresh job id gets past the queue's duplicate window.
-            let mut retry = job.clone();
-            retry.id = job.id.retry(chrono::Utc::now().timestamp() / 60);
+            let retry = nio_shared::protocol::Job { id: job.id.retry(chrono::Utc::now().timestamp() / 60), ..job };
             ctx.publisher.publish(&retry).await?;
             continue;
         }
@@ -557,24 +540,21 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             continue;
         }
         ctx.publisher.publish(&job).await?;
-        update_machine_status(ctx, &ns, &m.name_any(), Some(m), |m| {
+        update_machine_status(ctx, ns, &m.name_any(), Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             mark_queued(&mut s, &t, &job.id, job.action);
             Some(s)
         })
         .await?;
     }
-    if !blocked.is_empty() {
-        let mut status = latest_status(ctx, cfg);
-        let msg =
-            format!("onRemoveFlake could not be applied on {}; the finalizer stays until it is", blocked.join(", "));
-        if conditions::message(&status.conditions, "Degraded") != Some(msg.as_str()) {
-            ctx.event(cfg, true, "RemovalBlocked", msg.clone(), "Remove").await;
-        }
-        conditions::set(&mut status.conditions, "Degraded", true, "RemovalBlocked", &msg, cfg.metadata.generation);
-        set_status(ctx, cfg, &status).await?;
-    }
-    Err(Error::RemovalPending(format!("{} machine(s) still run configuration {name}", pending.len())))
+    Ok(blocked)
+}
+
+/// Degraded/RemovalBlocked with `msg` (and an Event when the message is new).
+async fn removal_blocked(ctx: &Ctx, cfg: &NixosConfiguration, msg: &str) -> Result<()> {
+    let (status, notes) =
+        config_status::degraded(&latest_status(ctx, cfg), "RemovalBlocked", msg, cfg.metadata.generation);
+    write_status(ctx, cfg, &status, notes, "Remove").await
 }
 
 #[cfg(test)]
