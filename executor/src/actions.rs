@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nio_shared::crd::HardwareFacts;
-use nio_shared::protocol::{Action, FailureCategory, FileContent, Job, SecretFile, Step};
+use nio_shared::protocol::{Action, FailureCategory, FileContent, Job, SecretFile, Source, Step};
 use nio_shared::seal::SealKey;
 
 use crate::error::{Error, Result};
@@ -110,12 +110,8 @@ struct Current {
 async fn current<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Current> {
     let out = remote::run(host, Step::Probe, ctx.cmds.state(), None, ctx.quick).await?;
     let parts = nio_shared::remote::parse_state(&String::from_utf8_lossy(&out.stdout));
-    let failed = |program: &str, how: String| Error::Command {
-        step: Step::Probe,
-        program: program.into(),
-        how,
-        tail: out.tail(),
-        category: FailureCategory::CommandFailed,
+    let failed = |program: &str, how: String| {
+        Error::command(Step::Probe, program, how, FailureCategory::CommandFailed).with_tail(out.tail())
     };
     let [(version, vs), (system, ss), (applied, ms)] = parts.as_slice() else {
         return Err(failed("sh", format!("printed {} of 3 state reports", parts.len())));
@@ -198,12 +194,9 @@ pub fn facts_from_script(out: &str) -> HardwareFacts {
 async fn scan<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
     let facter = host.exec(&ctx.cmds.facter(), None, ctx.quick).await?;
     let facts = if facter.success() {
-        let json: serde_json::Value = serde_json::from_slice(&facter.stdout).map_err(|e| Error::Command {
-            step: Step::Scan,
-            program: "nixos-facter".into(),
-            how: format!("printed something that is not JSON: {e}"),
-            tail: facter.tail(),
-            category: FailureCategory::CommandFailed,
+        let json: serde_json::Value = serde_json::from_slice(&facter.stdout).map_err(|e| {
+            let how = format!("printed something that is not JSON: {e}");
+            Error::command(Step::Scan, "nixos-facter", how, FailureCategory::CommandFailed).with_tail(facter.tail())
         })?;
         facts_from_facter(&json)
     } else {
@@ -381,110 +374,21 @@ async fn wait_for<C: Connector, P: Progress>(
 }
 
 async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx<'_, P>) -> Result<Outcome> {
-    let job = ctx.job;
-    let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
-    let release = remote::run(first, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
-    let in_installer = String::from_utf8_lossy(&release.stdout).lines().any(|l| l.trim() == "VARIANT_ID=installer");
-    let installer;
-    let host: &C::Host = if in_installer {
-        ctx.progress.step(Step::Kexec, "already in the installer".into()).await;
-        first
-    } else {
-        let tarball = ctx.kexec_tarball.ok_or_else(|| Error::Command {
-            step: Step::Kexec,
-            program: "kexec".into(),
-            how: "cannot run: this executor has no --kexec-tarball".into(),
-            tail: vec![],
-            category: FailureCategory::CommandFailed,
-        })?;
-        remote::run(first, Step::Kexec, ctx.cmds.mkdir(ctx.cmds.kexec_dir()), None, ctx.quick).await?;
-        remote::run(
-            first,
-            Step::Kexec,
-            ctx.cmds.extract(ctx.cmds.kexec_dir()),
-            Some(Bytes::copy_from_slice(tarball)),
-            ctx.long,
-        )
-        .await?;
-        ctx.progress.step(Step::Kexec, "booting the installer with kexec".into()).await;
-        // The connection drops as the machine kexecs; an error here is expected.
-        let _ = first.exec(&ctx.cmds.kexec_run(), None, ctx.quick).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        // The installer has a fresh, unknown host key: trust on first use for this phase only.
-        installer = wait_for(conn, None, ctx, "installer").await?;
-        let release = remote::run(&installer, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
-        if !String::from_utf8_lossy(&release.stdout).lines().any(|l| l.trim() == "VARIANT_ID=installer") {
-            return Err(Error::Command {
-                step: Step::Kexec,
-                program: "kexec".into(),
-                how: "the machine came back but is not running the installer".into(),
-                tail: vec![],
-                category: FailureCategory::CommandFailed,
-            });
-        }
-        &installer
-    };
+    let src = ctx.job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
+    let installer = boot_installer(conn, first, ctx).await?;
+    let host = installer.as_ref().unwrap_or(first);
     upload_tree_only(host, ctx).instrument(tracing::info_span!("upload")).await?;
-    let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
-    ctx.progress.step(Step::Disko, "partitioning and formatting with disko".into()).await;
-    remote::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long)
-        .instrument(tracing::info_span!("disko"))
-        .await?;
-    ctx.progress.step(Step::Install, "building the system on the target".into()).await;
-    let built = remote::run(
-        host,
-        Step::Install,
-        ctx.cmds.build_system(&src.commit, src.subdir.as_deref(), &src.flake_attr),
-        None,
-        ctx.long,
-    )
-    .await?;
-    let system = built.stdout_str().lines().last().unwrap_or_default().to_string();
-    if !system.starts_with("/nix/store/") {
-        return Err(Error::Command {
-            step: Step::Install,
-            program: "nix".into(),
-            how: format!("printed no store path ({system:?})"),
-            tail: built.tail(),
-            category: FailureCategory::BuildFailed,
-        });
-    }
-    remote::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long)
-        .instrument(tracing::info_span!("nixos-install"))
-        .await?;
-    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
-        .map_err(|e| Error::Internal(format!("generating host key: {e}")))?;
-    let private = key.to_openssh(russh::keys::ssh_key::LineEnding::LF).map_err(|e| Error::Internal(e.to_string()))?;
-    let public = crate::ssh::openssh(key.public_key());
-    remote::run(
-        host,
-        Step::Install,
-        ctx.cmds.install_host_key(true),
-        Some(Bytes::from(private.as_bytes().to_vec())),
-        ctx.quick,
-    )
-    .await?;
-    remote::run(
-        host,
-        Step::Install,
-        ctx.cmds.install_host_key(false),
-        Some(Bytes::from(format!("{public}\n"))),
-        ctx.quick,
-    )
-    .await?;
+    let system = install_system(host, ctx, src).await?;
+    let public = install_host_key(host, ctx).await?;
     ctx.progress.step(Step::Reboot, "rebooting into the installed system".into()).await;
+    // The connection drops as the machine reboots; an error here is expected.
     let _ = host.exec(&ctx.cmds.reboot(), None, ctx.quick).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let booted = wait_for(conn, Some(&public), ctx, "installed system").await?;
     let cur = current(&booted, ctx).await?;
     if cur.system.as_deref() != Some(system.as_str()) {
-        return Err(Error::Command {
-            step: Step::Reboot,
-            program: "readlink".into(),
-            how: format!("the machine booted {:?}, not the installed {system}", cur.system),
-            tail: vec![],
-            category: FailureCategory::ActivationFailed,
-        });
+        let how = format!("the machine booted {:?}, not the installed {system}", cur.system);
+        return Err(Error::command(Step::Reboot, "readlink", how, FailureCategory::ActivationFailed));
     }
     write_secrets(&booted, ctx).await?;
     let line = format!("{} {system}\n", src.commit);
@@ -498,6 +402,78 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
         message: "installed".into(),
         ..Default::default()
     })
+}
+
+/// Whether `host` runs the NixOS installer (`VARIANT_ID=installer` in /etc/os-release).
+async fn runs_installer<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<bool> {
+    let release = remote::run(host, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
+    Ok(String::from_utf8_lossy(&release.stdout).lines().any(|l| l.trim() == "VARIANT_ID=installer"))
+}
+
+/// Boots the installer with kexec unless the machine already runs it; returns the installer's connection
+/// (None: `first` is the installer).
+async fn boot_installer<C: Connector, P: Progress>(
+    conn: &C,
+    first: &C::Host,
+    ctx: &Ctx<'_, P>,
+) -> Result<Option<C::Host>> {
+    if runs_installer(first, ctx).await? {
+        ctx.progress.step(Step::Kexec, "already in the installer".into()).await;
+        return Ok(None);
+    }
+    let tarball = ctx.kexec_tarball.ok_or_else(|| {
+        let how = "cannot run: this executor has no --kexec-tarball";
+        Error::command(Step::Kexec, "kexec", how, FailureCategory::CommandFailed)
+    })?;
+    remote::run(first, Step::Kexec, ctx.cmds.mkdir(ctx.cmds.kexec_dir()), None, ctx.quick).await?;
+    let tar = Some(Bytes::copy_from_slice(tarball));
+    remote::run(first, Step::Kexec, ctx.cmds.extract(ctx.cmds.kexec_dir()), tar, ctx.long).await?;
+    ctx.progress.step(Step::Kexec, "booting the installer with kexec".into()).await;
+    // The connection drops as the machine kexecs; an error here is expected.
+    let _ = first.exec(&ctx.cmds.kexec_run(), None, ctx.quick).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The installer has a fresh, unknown host key: trust on first use for this phase only.
+    let installer = wait_for(conn, None, ctx, "installer").await?;
+    if !runs_installer(&installer, ctx).await? {
+        let how = "the machine came back but is not running the installer";
+        return Err(Error::command(Step::Kexec, "kexec", how, FailureCategory::CommandFailed));
+    }
+    Ok(Some(installer))
+}
+
+/// Partitions with disko, builds the system and runs nixos-install; returns the system's store path.
+async fn install_system<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>, src: &Source) -> Result<String> {
+    let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
+    ctx.progress.step(Step::Disko, "partitioning and formatting with disko".into()).await;
+    remote::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long)
+        .instrument(tracing::info_span!("disko"))
+        .await?;
+    ctx.progress.step(Step::Install, "building the system on the target".into()).await;
+    let build = ctx.cmds.build_system(&src.commit, src.subdir.as_deref(), &src.flake_attr);
+    let built = remote::run(host, Step::Install, build, None, ctx.long).await?;
+    let system = built.stdout_str().lines().last().unwrap_or_default().to_string();
+    if !system.starts_with("/nix/store/") {
+        let how = format!("printed no store path ({system:?})");
+        return Err(Error::command(Step::Install, "nix", how, FailureCategory::BuildFailed).with_tail(built.tail()));
+    }
+    remote::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long)
+        .instrument(tracing::info_span!("nixos-install"))
+        .await?;
+    Ok(system)
+}
+
+/// Generates the installed system's SSH host key here and writes it into the new system, so the executor
+/// knows (and pins) the key the machine will boot with. Returns the public key line.
+async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<String> {
+    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+        .map_err(|e| Error::Internal(format!("generating host key: {e}")))?;
+    let private = key.to_openssh(russh::keys::ssh_key::LineEnding::LF).map_err(|e| Error::Internal(e.to_string()))?;
+    let public = crate::ssh::openssh(key.public_key());
+    let private = Some(Bytes::from(private.as_bytes().to_vec()));
+    remote::run(host, Step::Install, ctx.cmds.install_host_key(true), private, ctx.quick).await?;
+    let public_line = Some(Bytes::from(format!("{public}\n")));
+    remote::run(host, Step::Install, ctx.cmds.install_host_key(false), public_line, ctx.quick).await?;
+    Ok(public)
 }
 
 /// Upload for installs: the tree and files, but secrets only after the installed system booted.

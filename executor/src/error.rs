@@ -43,6 +43,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// A command at `step` that did not do what NIO needs; `how` says what it did instead.
+    pub fn command(step: Step, program: &str, how: impl Into<String>, category: FailureCategory) -> Self {
+        Error::Command { step, program: program.into(), how: how.into(), tail: Vec::new(), category }
+    }
+
+    /// The same error carrying the command's last output lines.
+    pub fn with_tail(mut self, lines: Vec<String>) -> Self {
+        if let Error::Command { tail, .. } = &mut self {
+            *tail = lines;
+        }
+        self
+    }
+
     /// Failure category reported in status.
     pub fn category(&self) -> FailureCategory {
         match self {

@@ -86,11 +86,5 @@ pub async fn run<H: Host>(
         (Step::Activate, _) => FailureCategory::ActivationFailed,
         _ => FailureCategory::CommandFailed,
     };
-    Err(Error::Command {
-        step,
-        program: argv.first().cloned().unwrap_or_default(),
-        how: out.how(),
-        tail: out.tail(),
-        category,
-    })
+    Err(Error::command(step, argv.first().map_or("", String::as_str), out.how(), category).with_tail(out.tail()))
 }
