@@ -285,7 +285,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let plan = rollout::plan(&target, &policy(cfg), &views(cfg, &machines));
 
     // 5. Publish, then mark the machines Queued.
-    let queued = publish_plan(ctx, cfg, &want, &target, &machines, &plan.publish).await?;
+    let queued = publish_plan(ctx, cfg, &want, &machines, &plan.publish).await?;
     mark_has_configuration(ctx, &machines, &queued).await?;
 
     // 6. Status and rollout metrics.
@@ -369,7 +369,6 @@ async fn publish_plan(
     ctx: &Ctx,
     cfg: &NixosConfiguration,
     want: &Desired,
-    target: &str,
     machines: &[Machine],
     publish: &[(String, rollout::Work)],
 ) -> Result<std::collections::BTreeSet<String>> {
@@ -377,18 +376,7 @@ async fn publish_plan(
         .map(|(name, work)| async move {
             let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
             let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
-            ctx.publisher.publish(&job).await?;
-            let cfg_name = cfg.name_any();
-            update_machine_status(ctx, &m.namespace().unwrap_or_default(), &name, Some(m), |m| {
-                let mut s = m.status.clone().unwrap_or_default();
-                mark_queued(&mut s, target, &job.id, job.action);
-                s.has_configuration = Some(true);
-                if s.applied_configuration.is_none() {
-                    s.applied_configuration = Some(cfg_name.clone());
-                }
-                Some(s)
-            })
-            .await?;
+            publish_and_queue(ctx, m, &job, Some(&cfg.name_any())).await?;
             Ok(Some(name))
         })
         .buffer_unordered(PUBLISH_CONCURRENCY)
@@ -484,7 +472,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         Some(c) => c,
         None => resolve(ctx, cfg).await?,
     };
-    let blocked = publish_removals(ctx, cfg, &ns, &pending, &commit).await?;
+    let blocked = publish_removals(ctx, cfg, &pending, &commit).await?;
     if !blocked.is_empty() {
         let msg =
             format!("onRemoveFlake could not be applied on {}; the finalizer stays until it is", blocked.join(", "));
@@ -518,7 +506,6 @@ async fn release(ctx: &Ctx, ns: &str, machines: &[Machine], detach: bool) -> Res
 async fn publish_removals(
     ctx: &Ctx,
     cfg: &NixosConfiguration,
-    ns: &str,
     pending: &[&Machine],
     commit: &str,
 ) -> Result<Vec<String>> {
@@ -539,15 +526,29 @@ async fn publish_removals(
         if s.queued_target.as_deref() == Some(t.as_str()) {
             continue;
         }
-        ctx.publisher.publish(&job).await?;
-        update_machine_status(ctx, ns, &m.name_any(), Some(m), |m| {
-            let mut s = m.status.clone().unwrap_or_default();
-            mark_queued(&mut s, &t, &job.id, job.action);
-            Some(s)
-        })
-        .await?;
+        publish_and_queue(ctx, m, &job, None).await?;
     }
     Ok(blocked)
+}
+
+/// Publishes `job` for `m` and marks the machine Queued for it; `claim` also records that the configuration
+/// of that name manages the machine (when no other one did).
+async fn publish_and_queue(ctx: &Ctx, m: &Machine, job: &nio_shared::protocol::Job, claim: Option<&str>) -> Result<()> {
+    ctx.publisher.publish(job).await?;
+    let target = job.id.target().unwrap_or_default();
+    update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), Some(m), |m| {
+        let mut s = m.status.clone().unwrap_or_default();
+        mark_queued(&mut s, target, &job.id, job.action);
+        if let Some(name) = claim {
+            s.has_configuration = Some(true);
+            if s.applied_configuration.is_none() {
+                s.applied_configuration = Some(name.to_string());
+            }
+        }
+        Some(s)
+    })
+    .await?;
+    Ok(())
 }
 
 /// Degraded/RemovalBlocked with `msg` (and an Event when the message is new).

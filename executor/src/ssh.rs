@@ -109,15 +109,15 @@ pub struct SshHost {
 
 impl SshHost {
     /// Connects, verifies the host key before anything else, and authenticates.
+    /// `identity` is the key and the name it is known by (for errors).
     pub async fn connect(
-        host: &str,
-        port: u16,
-        user: &str,
+        target: &nio_shared::protocol::Target,
         pinned: Option<&str>,
-        identity_name: &str,
-        identity: Arc<PrivateKey>,
+        identity: (&str, Arc<PrivateKey>),
         opts: &ConnectOptions,
     ) -> Result<Self> {
+        let (host, port, user) = (target.host.as_str(), target.port, target.user.as_str());
+        let (identity_name, identity) = identity;
         let expected = pinned.map(parse_host_key).transpose()?;
         if expected.is_none() && opts.policy == HostKeyPolicy::Pinned {
             return Err(Error::HostKeyNotPinned);

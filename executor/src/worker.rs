@@ -299,11 +299,7 @@ impl Executor {
                 }
             })
         };
-        let timeout = Duration::from_secs(if job.timeout_seconds > 0 {
-            job.timeout_seconds
-        } else {
-            self.cfg.job_timeout_seconds
-        });
+        let timeout = self.job_timeout(&job);
         let work = self.clone().locked(site, &job, &rep, timeout);
         let result = tokio::select! {
             r = tokio::time::timeout(timeout, work) => match r {
@@ -314,6 +310,12 @@ impl Executor {
         };
         ticker.abort();
         result
+    }
+
+    /// The job's own timeout, else the executor's default.
+    fn job_timeout(&self, job: &Job) -> Duration {
+        let secs = if job.timeout_seconds > 0 { job.timeout_seconds } else { self.cfg.job_timeout_seconds };
+        Duration::from_secs(secs)
     }
 
     async fn locked(self: Arc<Self>, site: &str, job: &Job, rep: &Reporter, timeout: Duration) -> Result<Outcome> {
@@ -366,19 +368,8 @@ impl Executor {
         let identity = self.identities.get(&identity_name)?;
         let conn = SshConnector { exec: self, job, identity: identity.clone(), identity_name: identity_name.clone() };
         let t = Instant::now();
-        let host = SshHost::connect(
-            &job.target.host,
-            job.target.port,
-            &job.target.user,
-            job.target.host_key.as_deref(),
-            &identity_name,
-            identity,
-            &self.connect,
-        )
-        .instrument(
-            tracing::info_span!("ssh.connect", server.address = %job.target.host, server.port = job.target.port),
-        )
-        .await?;
+        let span = tracing::info_span!("ssh.connect", server.address = %job.target.host, server.port = job.target.port);
+        let host = conn.open(job.target.host_key.as_deref(), false).instrument(span).await?;
         self.metrics.ssh_connect.get_or_create(&metrics::site(site)).observe(t.elapsed().as_secs_f64());
         let seen_key = host.host_key().to_string();
         let ctx = Ctx {
@@ -388,11 +379,7 @@ impl Executor {
             seal: self.seal.as_ref(),
             progress: rep,
             quick: Duration::from_secs(120),
-            long: Duration::from_secs(if job.timeout_seconds > 0 {
-                job.timeout_seconds
-            } else {
-                self.cfg.job_timeout_seconds
-            }),
+            long: self.job_timeout(job),
             kexec_tarball: self.kexec_tarball.as_deref(),
             reboot_timeout: Duration::from_secs(600),
         };
@@ -504,15 +491,23 @@ struct SshConnector<'a> {
     identity_name: String,
 }
 
+impl SshConnector<'_> {
+    /// Connects to the job's machine expecting `host_key`; `tofu` trusts whatever key it presents (a freshly
+    /// booted installer or system whose key is not known yet), whatever the executor's policy.
+    async fn open(&self, host_key: Option<&str>, tofu: bool) -> Result<SshHost> {
+        let mut opts = self.exec.connect.clone();
+        if tofu {
+            opts.policy = HostKeyPolicy::Tofu;
+        }
+        let identity = (self.identity_name.as_str(), self.identity.clone());
+        SshHost::connect(&self.job.target, host_key, identity, &opts).await
+    }
+}
+
 impl Connector for SshConnector<'_> {
     type Host = SshHost;
     async fn connect(&self, host_key: Option<&str>) -> Result<SshHost> {
-        let mut opts = self.exec.connect.clone();
-        if host_key.is_none() {
-            opts.policy = HostKeyPolicy::Tofu;
-        }
-        let t = &self.job.target;
-        SshHost::connect(&t.host, t.port, &t.user, host_key, &self.identity_name, self.identity.clone(), &opts).await
+        self.open(host_key, host_key.is_none()).await
     }
 }
 
