@@ -4,8 +4,8 @@
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("NATS: {0}")]
-    Nats(String),
+    #[error("NATS: publishing a job: {0}")]
+    Publish(#[from] async_nats::jetstream::context::PublishError),
     #[error(transparent)]
     Git(#[from] crate::git::GitError),
     #[error("{0}")]
@@ -22,7 +22,7 @@ pub enum Error {
     #[error("sealing: {0}")]
     Seal(#[from] nio_shared::seal::SealError),
     #[error("finalizer: {0}")]
-    Finalizer(String),
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("removal is waiting: {0}")]
     RemovalPending(String),
     #[error("cache: {0}")]
@@ -33,7 +33,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubeApi",
-            Error::Nats(_) => "Nats",
+            Error::Publish(_) => "Nats",
             Error::Git(g) => g.reason(),
             Error::Invalid(_) => "InvalidSpec",
             Error::Secret { .. } => "SecretUnavailable",

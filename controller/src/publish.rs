@@ -209,12 +209,8 @@ impl Publisher {
             nio_shared::telemetry::inject(&mut headers);
         }
         async {
-            let ack = self
-                .js
-                .publish_with_headers(subject, headers, Bytes::from(job.encode()))
-                .await
-                .map_err(|e| Error::Nats(e.to_string()))?;
-            ack.await.map_err(|e| Error::Nats(e.to_string()))?;
+            let ack = self.js.publish_with_headers(subject, headers, Bytes::from(job.encode())).await?;
+            ack.await?;
             Ok::<_, Error>(())
         }
         .instrument(span)

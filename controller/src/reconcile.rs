@@ -218,7 +218,7 @@ pub async fn reconcile(cfg: Arc<NixosConfiguration>, ctx: Arc<Ctx>) -> Result<Ac
     .await
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
-        other => Error::Finalizer(other.to_string()),
+        other => Error::Finalizer(Box::new(other)),
     });
     ctx.metrics
         .reconcile_duration

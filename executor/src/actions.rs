@@ -262,6 +262,7 @@ async fn health<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> 
         return Ok(());
     }
     let argv = if hc.command.is_empty() { ctx.cmds.default_health() } else { hc.command.clone() };
+    ctx.progress.step(Step::Health, format!("health check: {}", argv.join(" "))).await;
     remote::run(host, Step::Health, argv, None, Duration::from_secs(u64::from(hc.timeout_seconds))).await?;
     Ok(())
 }
@@ -466,8 +467,10 @@ async fn install_system<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>, src: &
 /// knows (and pins) the key the machine will boot with. Returns the public key line.
 async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<String> {
     let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
-        .map_err(|e| Error::Internal(format!("generating host key: {e}")))?;
-    let private = key.to_openssh(russh::keys::ssh_key::LineEnding::LF).map_err(|e| Error::Internal(e.to_string()))?;
+        .map_err(|e| Error::internal("generating host key", Some(e.into())))?;
+    let private = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| Error::internal("encoding host key", Some(e.into())))?;
     let public = crate::ssh::openssh(key.public_key());
     let private = Some(Bytes::from(private.as_bytes().to_vec()));
     remote::run(host, Step::Install, ctx.cmds.install_host_key(true), private, ctx.quick).await?;

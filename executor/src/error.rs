@@ -30,19 +30,46 @@ pub enum Error {
     Command { step: Step, program: String, how: String, tail: Vec<String>, category: FailureCategory },
     #[error("{step:?} timed out after {after:?}")]
     Timeout { step: Step, after: Duration },
-    #[error("SSH session: {0}")]
-    Session(String),
+    #[error("SSH session: {what}: {source}")]
+    Session {
+        what: String,
+        #[source]
+        source: russh::Error,
+    },
     #[error("lock busy: another executor is working on this machine")]
     LockBusy,
     #[error("invalid job: {0}")]
     InvalidJob(String),
-    #[error("NATS: {0}")]
-    Nats(String),
-    #[error("{0}")]
-    Internal(String),
+    #[error("NATS: {what}{}", nio_shared::error::cause(source))]
+    Nats {
+        what: String,
+        #[source]
+        source: Option<nio_shared::error::BoxError>,
+    },
+    #[error("{what}{}", nio_shared::error::cause(source))]
+    Internal {
+        what: String,
+        #[source]
+        source: Option<nio_shared::error::BoxError>,
+    },
 }
 
 impl Error {
+    /// A NATS failure while doing `what`, keeping its cause.
+    pub fn nats(what: impl Into<String>, source: impl Into<nio_shared::error::BoxError>) -> Self {
+        Error::Nats { what: what.into(), source: Some(source.into()) }
+    }
+
+    /// The SSH session failed while doing `what`.
+    pub fn session(what: impl Into<String>, source: russh::Error) -> Self {
+        Error::Session { what: what.into(), source }
+    }
+
+    /// A failure inside the executor (not the machine's, not the job's), keeping its cause if it has one.
+    pub fn internal(what: impl Into<String>, source: Option<nio_shared::error::BoxError>) -> Self {
+        Error::Internal { what: what.into(), source }
+    }
+
     /// A command at `step` that did not do what NIO needs; `how` says what it did instead.
     pub fn command(step: Step, program: &str, how: impl Into<String>, category: FailureCategory) -> Self {
         Error::Command { step, program: program.into(), how: how.into(), tail: Vec::new(), category }
@@ -60,13 +87,13 @@ impl Error {
     pub fn category(&self) -> FailureCategory {
         match self {
             Error::HostKeyMismatch { .. } | Error::HostKeyNotPinned => FailureCategory::HostKeyMismatch,
-            Error::Unreachable(_) | Error::Session(_) => FailureCategory::Unreachable,
+            Error::Unreachable(_) | Error::Session { .. } => FailureCategory::Unreachable,
             Error::AuthFailed { .. } | Error::Identity(_) => FailureCategory::AuthFailed,
             Error::Source(_) | Error::SourceUnreachable(_) => FailureCategory::SourceUnavailable,
             Error::Command { category, .. } => *category,
             Error::Timeout { .. } => FailureCategory::Timeout,
             Error::InvalidJob(_) => FailureCategory::InvalidJob,
-            Error::LockBusy | Error::Nats(_) | Error::Internal(_) => FailureCategory::Internal,
+            Error::LockBusy | Error::Nats { .. } | Error::Internal { .. } => FailureCategory::Internal,
         }
     }
 
@@ -74,7 +101,11 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Error::Unreachable(_) | Error::Session(_) | Error::SourceUnreachable(_) | Error::LockBusy | Error::Nats(_)
+            Error::Unreachable(_)
+                | Error::Session { .. }
+                | Error::SourceUnreachable(_)
+                | Error::LockBusy
+                | Error::Nats { .. }
         )
     }
 
@@ -86,7 +117,7 @@ impl Error {
             | Error::Unreachable(_)
             | Error::AuthFailed { .. }
             | Error::Identity(_)
-            | Error::Session(_) => Step::Connect,
+            | Error::Session { .. } => Step::Connect,
             Error::Source(_) | Error::SourceUnreachable(_) => Step::Upload,
             Error::Command { step, .. } | Error::Timeout { step, .. } => *step,
             Error::LockBusy => Step::Lock,

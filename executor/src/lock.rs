@@ -47,13 +47,13 @@ impl Locks {
             Err(_) => js
                 .create_key_value(nio_shared::nats::locks_bucket(replicas, ttl))
                 .await
-                .map_err(|e| Error::Nats(format!("creating lock bucket: {e}")))?,
+                .map_err(|e| Error::nats("creating lock bucket", e))?,
         };
         let mut stream = js
             .get_stream(format!("KV_{}", nio_shared::subjects::LOCKS_BUCKET))
             .await
-            .map_err(|e| Error::Nats(e.to_string()))?;
-        let actual = stream.info().await.map_err(|e| Error::Nats(e.to_string()))?.config.max_age;
+            .map_err(|e| Error::nats("lock bucket stream", e))?;
+        let actual = stream.info().await.map_err(|e| Error::nats("lock bucket info", e))?.config.max_age;
         if actual != ttl {
             tracing::warn!(?actual, configured = ?ttl, "the lock bucket exists with another TTL; using the bucket's");
         }
@@ -76,7 +76,7 @@ impl Locks {
                 Ok(Some(Held { kv: self.kv.clone(), key: key.to_string(), revision, refresher }))
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(Error::Nats(format!("lock {key}: {e}"))),
+            Err(e) => Err(Error::nats(format!("lock {key}"), e)),
         }
     }
 

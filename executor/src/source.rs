@@ -83,7 +83,7 @@ impl SourceCache {
             return Ok(t);
         }
         let lock = {
-            let mut locks = self.repo_locks.lock().map_err(|_| Error::Internal("source lock poisoned".into()))?;
+            let mut locks = self.repo_locks.lock().map_err(|_| Error::internal("source lock poisoned", None))?;
             locks.entry(repo.to_string()).or_default().clone()
         };
         let _guard = lock.lock().await;
@@ -96,7 +96,7 @@ impl SourceCache {
         let cred_name = credentials.map(str::to_string);
         let tar = tokio::task::spawn_blocking(move || export(&dir, &repo_url, &commit_s, &creds, cred_name.as_deref()))
             .await
-            .map_err(|e| Error::Internal(format!("source export task: {e}")))??;
+            .map_err(|e| Error::internal("source export task", Some(e.into())))??;
         let tar = Arc::new(tar);
         if let Ok(mut tars) = self.tars.lock() {
             tars.push((key, tar.clone()));

@@ -45,7 +45,7 @@ impl Identities {
     /// The private key called `name`.
     pub fn get(&self, name: &str) -> Result<Arc<PrivateKey>> {
         nio_shared::validate::identity_name("identity", name).map_err(|e| Error::InvalidJob(e.to_string()))?;
-        if let Some(k) = self.cache.lock().map_err(|_| Error::Internal("identity cache poisoned".into()))?.get(name) {
+        if let Some(k) = self.cache.lock().map_err(|_| Error::internal("identity cache poisoned", None))?.get(name) {
             return Ok(k.clone());
         }
         let path = self.dir.join(name);
@@ -153,14 +153,18 @@ impl SshHost {
             Err(e) => return Err(Error::Unreachable(format!("{host}:{port}: SSH handshake failed: {e}"))),
         };
         let host_key = seen_key.as_ref().map(openssh).unwrap_or_default();
-        let hash = handle.best_supported_rsa_hash().await.map_err(|e| Error::Session(e.to_string()))?.flatten();
+        let hash = handle
+            .best_supported_rsa_hash()
+            .await
+            .map_err(|e| Error::session("negotiating the RSA hash", e))?
+            .flatten();
         let auth = tokio::time::timeout(
             opts.connect_timeout,
             handle.authenticate_publickey(user, PrivateKeyWithHashAlg::new(identity, hash)),
         )
         .await
         .map_err(|_| Error::Unreachable(format!("{host}:{port}: authentication timed out")))?
-        .map_err(|e| Error::Session(e.to_string()))?;
+        .map_err(|e| Error::session("authenticating", e))?;
         if !auth.success() {
             return Err(Error::AuthFailed { user: user.to_string(), identity: identity_name.to_string() });
         }
@@ -194,15 +198,14 @@ impl Host for SshHost {
     async fn exec(&self, argv: &[String], stdin: Option<Bytes>, timeout: Duration) -> Result<Output> {
         let command = nio_shared::quote::command(argv).map_err(|e| Error::InvalidJob(e.to_string()))?;
         let program = argv.first().cloned().unwrap_or_default();
-        let channel =
-            self.handle.channel_open_session().await.map_err(|e| Error::Session(format!("opening a channel: {e}")))?;
-        channel.exec(true, command.as_bytes()).await.map_err(|e| Error::Session(format!("exec {program}: {e}")))?;
+        let channel = self.handle.channel_open_session().await.map_err(|e| Error::session("opening a channel", e))?;
+        channel.exec(true, command.as_bytes()).await.map_err(|e| Error::session(format!("exec {program}"), e))?;
         let (mut read, write) = channel.split();
         let send = async {
             if let Some(data) = stdin {
-                write.data_bytes(data).await.map_err(|e| Error::Session(format!("sending input to {program}: {e}")))?;
+                write.data_bytes(data).await.map_err(|e| Error::session(format!("sending input to {program}"), e))?;
             }
-            write.eof().await.map_err(|e| Error::Session(e.to_string()))
+            write.eof().await.map_err(|e| Error::session("closing the input", e))
         };
         let receive = async {
             let mut out = Output::default();

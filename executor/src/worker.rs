@@ -51,9 +51,8 @@ pub async fn ensure_consumers(
     js: &jetstream::Context,
     cfg: &ExecutorConfig,
 ) -> Result<Vec<(SiteLimits, PullConsumer)>> {
-    let nats_err = |what: &str, e: &dyn std::fmt::Display| Error::Nats(format!("{what}: {e}"));
-    nio_shared::nats::ensure_streams(js, cfg.stream_replicas).await.map_err(|e| Error::Nats(e.to_string()))?;
-    let stream = js.get_stream(subjects::JOBS_STREAM).await.map_err(|e| nats_err("jobs stream", &e))?;
+    nio_shared::nats::ensure_streams(js, cfg.stream_replicas).await.map_err(|e| Error::nats("streams", e))?;
+    let stream = js.get_stream(subjects::JOBS_STREAM).await.map_err(|e| Error::nats("jobs stream", e))?;
     let mut out = Vec::new();
     for site in &cfg.sites {
         let want = nio_shared::nats::site_consumer(site, cfg);
@@ -61,15 +60,15 @@ pub async fn ensure_consumers(
         let consumer: PullConsumer = match stream.get_consumer(&name).await {
             Ok(c) => {
                 let mut c: PullConsumer = c;
-                let info = c.info().await.map_err(|e| nats_err(&name, &e))?;
+                let info = c.info().await.map_err(|e| Error::nats(name.clone(), e))?;
                 let diff = nio_shared::nats::consumer_mismatches(&info.config.clone().into_pull(), &want);
                 if !diff.is_empty() {
-                    return Err(Error::Nats(format!("site {}: {}", site.name, diff.join("; "))));
+                    return Err(Error::Nats { what: format!("site {}: {}", site.name, diff.join("; ")), source: None });
                 }
                 c
             }
             Err(_) => {
-                stream.create_consumer(want).await.map_err(|e| nats_err(&format!("creating consumer {name}"), &e))?
+                stream.create_consumer(want).await.map_err(|e| Error::nats(format!("creating consumer {name}"), e))?
             }
         };
         out.push((site.clone(), consumer));
@@ -304,7 +303,7 @@ impl Executor {
         let result = tokio::select! {
             r = tokio::time::timeout(timeout, work) => match r {
                 Ok(r) => r.map_err(Failed),
-                Err(_) => Err(Failed(Error::Timeout { step: Step::Build, after: timeout })),
+                Err(_) => Err(Failed(Error::Timeout { step: rep.current_step(), after: timeout })),
             },
             _ = hard.cancelled() => Err(Cancelled),
         };
@@ -517,6 +516,8 @@ pub struct Reporter {
     job: Job,
     started_at: chrono::DateTime<Utc>,
     span: Option<tracing::Span>,
+    /// The step last reported: where a job that runs out of time was.
+    step: std::sync::Mutex<Step>,
 }
 
 /// A stand-in job for reporting about a message whose body could not be decoded: identity from the subject.
@@ -551,7 +552,7 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
 
 impl Reporter {
     fn new(exec: Arc<Executor>, job: Job, span: Option<tracing::Span>) -> Self {
-        Reporter { exec, job, started_at: Utc::now(), span }
+        Reporter { exec, job, started_at: Utc::now(), span, step: std::sync::Mutex::new(Step::Lock) }
     }
 
     /// An event of this job with nothing but its identity and `phase` filled in.
@@ -581,7 +582,15 @@ impl Reporter {
         }
     }
 
+    /// The step last reported.
+    fn current_step(&self) -> Step {
+        self.step.lock().map_or(Step::Lock, |s| *s)
+    }
+
     async fn event(&self, phase: Phase, step: Option<Step>, category: Option<FailureCategory>, message: String) {
+        if let (Some(s), Ok(mut last)) = (step, self.step.lock()) {
+            *last = s;
+        }
         let ev = StatusEvent { step, category, message: Some(message).filter(|m| !m.is_empty()), ..self.base(phase) };
         self.publish(ev).await;
     }
@@ -702,7 +711,7 @@ mod tests {
             ),
             (
                 "past the listed delays: the last one repeats",
-                failed(Error::Session("reset".into())),
+                failed(Error::session("exec", russh::Error::Disconnect)),
                 4,
                 Settlement::Retry { delay: Duration::from_secs(60), category: "Unreachable" },
                 AckKind::Nak(Some(Duration::from_secs(60))),

@@ -261,6 +261,19 @@ async fn build_failures_report_the_log_and_failed_health_checks_roll_back() {
     let done = bus.final_of("unhealthy2", T).await;
     assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::HealthCheckFailed)), "{done:?}");
     assert!(!sshd.calls()[done_calls..].iter().any(|c| c.args.contains("--rollback")));
+
+    // a job that runs out of time says in which step
+    sshd.set("health_exit", "0");
+    sshd.set("health_sleep", "30");
+    let mut slow = job("slow", &addr(3), sshd.port, "dc1", &repo, &commit);
+    slow.timeout_seconds = 3;
+    bus.publish(&slow).await;
+    let done = bus.final_of("slow", T).await;
+    assert_eq!(
+        (done.phase, done.category, done.step),
+        (Phase::Failed, Some(FailureCategory::Timeout), Some(Step::Health)),
+        "{done:?}"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 }

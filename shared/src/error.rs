@@ -25,8 +25,28 @@ pub enum Error {
     #[error("config {path}: {message}")]
     Config { path: String, message: String },
     /// A NATS stream could not be created, or exists with settings NIO cannot work with.
-    #[error("NATS: {0}")]
-    Nats(String),
+    #[error("NATS: {what}{}", cause(source))]
+    Nats {
+        what: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+/// Any error, as a cause kept by another.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `": {cause}"`, or nothing: for messages that must carry their cause's text (status messages, Events) while
+/// the error also keeps the cause itself as its `source`.
+pub fn cause(source: &Option<BoxError>) -> String {
+    source.as_ref().map(|e| format!(": {e}")).unwrap_or_default()
+}
+
+impl Error {
+    /// A NATS failure while doing `what`, keeping its cause.
+    pub fn nats(what: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Error::Nats { what: what.into(), source: Some(source.into()) }
+    }
 }
 
 impl Error {
@@ -39,7 +59,7 @@ impl Error {
             Error::Quote(_) => "InvalidArgument",
             Error::Telemetry(_) => "Telemetry",
             Error::Config { .. } => "InvalidConfig",
-            Error::Nats(_) => "Nats",
+            Error::Nats { .. } => "Nats",
         }
     }
 }

@@ -99,20 +99,17 @@ pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize
     for want in [jobs_stream(replicas), status_stream(replicas)] {
         match js.get_stream(&want.name).await {
             Ok(mut s) => {
-                let info = s.info().await.map_err(|e| Error::Nats(format!("{}: {e}", want.name)))?;
+                let info = s.info().await.map_err(|e| Error::nats(format!("reading stream {}", want.name), e))?;
                 let diff = stream_mismatches(&info.config, &want);
                 if !diff.is_empty() {
-                    return Err(Error::Nats(format!(
-                        "stream {} exists with incompatible settings: {}",
-                        want.name,
-                        diff.join("; ")
-                    )));
+                    let what = format!("stream {} exists with incompatible settings: {}", want.name, diff.join("; "));
+                    return Err(Error::Nats { what, source: None });
                 }
             }
             Err(_) => {
                 js.get_or_create_stream(want.clone())
                     .await
-                    .map_err(|e| Error::Nats(format!("creating stream {}: {e}", want.name)))?;
+                    .map_err(|e| Error::nats(format!("creating stream {}", want.name), e))?;
             }
         }
     }

@@ -63,6 +63,7 @@ finish 0
 
 const SYSTEMCTL: &str = r#"
 if [ "$1" = "is-system-running" ]; then
+  sleep "$(cat "$NIO_STUB_DIR/health_sleep" 2>/dev/null || echo 0)"
   code=$(cat "$NIO_STUB_DIR/health_exit" 2>/dev/null || echo 0)
   [ "$code" = 0 ] && echo running || echo degraded
   finish "$code"
@@ -141,7 +142,7 @@ impl Sshd {
         self.dir.path().join(p)
     }
 
-    /// Sets a stub behaviour file (rebuild_exit, rebuild_sleep, health_exit).
+    /// Sets a stub behaviour file (rebuild_exit, rebuild_sleep, health_exit, health_sleep).
     pub fn set(&self, name: &str, value: &str) {
         std::fs::write(self.path(name), value).unwrap();
     }
