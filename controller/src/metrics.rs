@@ -1,4 +1,4 @@
-//! Controller metrics (DESIGN §6). Labels are bounded: kind, site, outcome, category, phase.
+//! Controller metrics (docs/design.md §7). Labels are bounded: kind, site, outcome, category, phase.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

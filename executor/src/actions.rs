@@ -1,4 +1,4 @@
-//! What each job action does on a machine (DESIGN §4): update (switch/boot/test/dry-activate), remove,
+//! What each job action does on a machine (docs/design.md §4): update (switch/boot/test/dry-activate), remove,
 //! install (kexec → disko → nixos-install → host key → reboot → verify), probe and scan.
 
 use std::future::Future;
@@ -10,7 +10,7 @@ use nio_shared::protocol::{Action, FailureCategory, FileContent, Job, SecretFile
 use nio_shared::seal::SealKey;
 
 use crate::error::{Error, Result};
-use crate::remote::{self, Commands, Host};
+use crate::host::{self, Commands, Host};
 use crate::source::{self, SourceCache};
 use tracing::Instrument;
 
@@ -42,8 +42,8 @@ pub struct Outcome {
     pub log_tail: Vec<String>,
 }
 
-/// Everything an action needs besides the machine.
-pub struct Ctx<'a, P: Progress> {
+/// One run of a job: everything an action needs besides the machine.
+pub struct JobRun<'a, P: Progress> {
     pub job: &'a Job,
     pub cmds: &'a Commands,
     pub sources: &'a SourceCache,
@@ -90,7 +90,7 @@ pub fn check_job(job: &Job) -> Result<()> {
 }
 
 /// Runs the job's action.
-pub async fn run<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+pub async fn run<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &JobRun<'_, P>) -> Result<Outcome> {
     match ctx.job.action {
         Action::Probe => probe(first, ctx).await,
         Action::Scan => scan(first, ctx).await,
@@ -106,9 +106,9 @@ struct Current {
     applied: Option<String>,
 }
 
-/// Reads the version, current system and applied marker in one command ([`remote::Commands::state`]).
-async fn current<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Current> {
-    let out = remote::run(host, Step::Probe, ctx.cmds.state(), None, ctx.quick).await?;
+/// Reads the version, current system and applied marker in one command ([`host::Commands::state`]).
+async fn current<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Current> {
+    let out = host::run(host, Step::Probe, ctx.cmds.state(), None, ctx.quick).await?;
     let parts = nio_shared::remote::parse_state(&String::from_utf8_lossy(&out.stdout));
     let failed = |program: &str, how: String| {
         Error::command(Step::Probe, program, how, FailureCategory::CommandFailed).with_tail(out.tail())
@@ -132,7 +132,7 @@ async fn current<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Cur
     })
 }
 
-async fn probe<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+async fn probe<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Outcome> {
     let cur = current(host, ctx).await?;
     Ok(Outcome { system: cur.system, nixos_version: cur.version, message: "reachable".into(), ..Default::default() })
 }
@@ -191,7 +191,7 @@ pub fn facts_from_script(out: &str) -> HardwareFacts {
     f
 }
 
-async fn scan<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+async fn scan<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Outcome> {
     let facter = host.exec(&ctx.cmds.facter(), None, ctx.quick).await?;
     let facts = if facter.success() {
         let json: serde_json::Value = serde_json::from_slice(&facter.stdout).map_err(|e| {
@@ -200,7 +200,7 @@ async fn scan<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcom
         })?;
         facts_from_facter(&json)
     } else {
-        let out = remote::run(host, Step::Scan, ctx.cmds.fact_script(), None, ctx.quick).await?;
+        let out = host::run(host, Step::Scan, ctx.cmds.fact_script(), None, ctx.quick).await?;
         facts_from_script(&String::from_utf8_lossy(&out.stdout))
     };
     Ok(Outcome { facts: Some(facts), message: "hardware scanned".into(), ..Default::default() })
@@ -208,7 +208,7 @@ async fn scan<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcom
 
 /// Uploads the source tree (plus additional files) unless the machine already has this exact upload, and
 /// writes the job's secrets.
-async fn upload<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+async fn upload<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
     let job = ctx.job;
     let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
     let tree = ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?;
@@ -217,7 +217,7 @@ async fn upload<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> 
         match &f.content {
             FileContent::Inline { content } => extra.push((f.path.clone(), content.as_bytes().to_vec())),
             FileContent::NixosFacter => {
-                let out = remote::run(host, Step::Scan, ctx.cmds.facter(), None, ctx.long).await?;
+                let out = host::run(host, Step::Scan, ctx.cmds.facter(), None, ctx.long).await?;
                 extra.push((f.path.clone(), out.stdout));
             }
         }
@@ -228,16 +228,16 @@ async fn upload<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> 
         ctx.progress.step(Step::Upload, "source already on the machine".into()).await;
     } else {
         let dir = ctx.cmds.src_dir(&src.commit);
-        remote::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
+        host::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
         let size = up.tar.len();
         // The stream ends with the completion marker: no separate command writes it.
-        remote::run(host, Step::Upload, ctx.cmds.extract(&dir), Some(Bytes::from(up.tar)), ctx.long).await?;
+        host::run(host, Step::Upload, ctx.cmds.extract(&dir), Some(Bytes::from(up.tar)), ctx.long).await?;
         ctx.progress.step(Step::Upload, format!("uploaded {size} bytes of source at {}", &src.commit)).await;
     }
     write_secrets(host, ctx).await
 }
 
-async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
     let job = ctx.job;
     if job.secrets.is_empty() {
         return Ok(());
@@ -245,29 +245,29 @@ async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Resu
     let key = ctx
         .seal
         .ok_or_else(|| Error::InvalidJob("job carries secrets but this executor has no --seal-key-file".into()))?;
-    remote::run(host, Step::Upload, ctx.cmds.secrets_dir(), None, ctx.quick).await?;
+    host::run(host, Step::Upload, ctx.cmds.secrets_dir(), None, ctx.quick).await?;
     for s in &job.secrets {
         let context = SecretFile::seal_context(&job.cluster, &job.namespace, &job.machine, &s.path);
         let plain =
             key.unseal(&s.sealed, &context).map_err(|e| Error::InvalidJob(format!("secret {}: {e}", s.path)))?;
-        remote::run(host, Step::Upload, ctx.cmds.write_secret(&s.path), Some(Bytes::from(plain)), ctx.quick).await?;
+        host::run(host, Step::Upload, ctx.cmds.write_secret(&s.path), Some(Bytes::from(plain)), ctx.quick).await?;
     }
     ctx.progress.step(Step::Upload, format!("{} secret(s) written", job.secrets.len())).await;
     Ok(())
 }
 
-async fn health<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+async fn health<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
     let hc = ctx.job.health_check.clone().unwrap_or_default();
     if !hc.enabled {
         return Ok(());
     }
     let argv = if hc.command.is_empty() { ctx.cmds.default_health() } else { hc.command.clone() };
     ctx.progress.step(Step::Health, format!("health check: {}", argv.join(" "))).await;
-    remote::run(host, Step::Health, argv, None, Duration::from_secs(u64::from(hc.timeout_seconds))).await?;
+    host::run(host, Step::Health, argv, None, Duration::from_secs(u64::from(hc.timeout_seconds))).await?;
     Ok(())
 }
 
-async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+async fn update<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Outcome> {
     let job = ctx.job;
     let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
     let cur = current(host, ctx).await?;
@@ -291,7 +291,7 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
     upload(host, ctx).instrument(tracing::info_span!("upload")).await?;
     let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
     ctx.progress.step(Step::Build, format!("nixos-rebuild {rebuild_action} --flake {flake}")).await;
-    let built = remote::run(host, Step::Build, ctx.cmds.rebuild(rebuild_action, &flake), None, ctx.long)
+    let built = host::run(host, Step::Build, ctx.cmds.rebuild(rebuild_action, &flake), None, ctx.long)
         .instrument(tracing::info_span!("nixos-rebuild", nio.action = rebuild_action))
         .await;
     let activates = matches!(rebuild_action, "switch" | "test");
@@ -315,7 +315,7 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
             return Err(err);
         }
         ctx.progress.step(Step::Rollback, format!("{err}; rolling back")).await;
-        remote::run(host, Step::Rollback, ctx.cmds.rollback(), None, ctx.long)
+        host::run(host, Step::Rollback, ctx.cmds.rollback(), None, ctx.long)
             .instrument(tracing::info_span!("rollback"))
             .await?;
         let after = current(host, ctx).await?;
@@ -331,15 +331,15 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
     let system = match rebuild_action {
         // Only the new system path is needed (the version was read before).
         "switch" | "test" => {
-            Some(remote::run(host, Step::Activate, ctx.cmds.current_system(), None, ctx.quick).await?.stdout_str())
+            Some(host::run(host, Step::Activate, ctx.cmds.current_system(), None, ctx.quick).await?.stdout_str())
                 .filter(|s| !s.is_empty())
         }
-        "boot" => Some(remote::run(host, Step::Activate, ctx.cmds.boot_system(), None, ctx.quick).await?.stdout_str()),
+        "boot" => Some(host::run(host, Step::Activate, ctx.cmds.boot_system(), None, ctx.quick).await?.stdout_str()),
         _ => cur.system.clone(),
     };
     if rebuild_action == "switch" {
         let line = format!("{} {}\n", src.commit, system.clone().unwrap_or_default());
-        remote::run(host, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
+        host::run(host, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
     }
     Ok(Outcome {
         commit: Some(src.commit.clone()),
@@ -354,7 +354,7 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<Outc
 async fn wait_for<C: Connector, P: Progress>(
     conn: &C,
     host_key: Option<&str>,
-    ctx: &Ctx<'_, P>,
+    ctx: &JobRun<'_, P>,
     what: &str,
 ) -> Result<C::Host> {
     let deadline = tokio::time::Instant::now() + ctx.reboot_timeout;
@@ -374,7 +374,7 @@ async fn wait_for<C: Connector, P: Progress>(
     }
 }
 
-async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx<'_, P>) -> Result<Outcome> {
+async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &JobRun<'_, P>) -> Result<Outcome> {
     let src = ctx.job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
     let installer = boot_installer(conn, first, ctx).await?;
     let host = installer.as_ref().unwrap_or(first);
@@ -393,8 +393,8 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
     }
     write_secrets(&booted, ctx).await?;
     let line = format!("{} {system}\n", src.commit);
-    remote::run(&booted, Step::Activate, ctx.cmds.mkdir(&ctx.cmds.paths.state_dir), None, ctx.quick).await?;
-    remote::run(&booted, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
+    host::run(&booted, Step::Activate, ctx.cmds.mkdir(&ctx.cmds.paths.state_dir), None, ctx.quick).await?;
+    host::run(&booted, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
     Ok(Outcome {
         commit: Some(src.commit.clone()),
         system: Some(system),
@@ -406,8 +406,8 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Ctx
 }
 
 /// Whether `host` runs the NixOS installer (`VARIANT_ID=installer` in /etc/os-release).
-async fn runs_installer<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<bool> {
-    let release = remote::run(host, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
+async fn runs_installer<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<bool> {
+    let release = host::run(host, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
     Ok(String::from_utf8_lossy(&release.stdout).lines().any(|l| l.trim() == "VARIANT_ID=installer"))
 }
 
@@ -416,7 +416,7 @@ async fn runs_installer<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Res
 async fn boot_installer<C: Connector, P: Progress>(
     conn: &C,
     first: &C::Host,
-    ctx: &Ctx<'_, P>,
+    ctx: &JobRun<'_, P>,
 ) -> Result<Option<C::Host>> {
     if runs_installer(first, ctx).await? {
         ctx.progress.step(Step::Kexec, "already in the installer".into()).await;
@@ -426,9 +426,9 @@ async fn boot_installer<C: Connector, P: Progress>(
         let how = "cannot run: this executor has no --kexec-tarball";
         Error::command(Step::Kexec, "kexec", how, FailureCategory::CommandFailed)
     })?;
-    remote::run(first, Step::Kexec, ctx.cmds.mkdir(ctx.cmds.kexec_dir()), None, ctx.quick).await?;
+    host::run(first, Step::Kexec, ctx.cmds.mkdir(ctx.cmds.kexec_dir()), None, ctx.quick).await?;
     let tar = Some(Bytes::copy_from_slice(tarball));
-    remote::run(first, Step::Kexec, ctx.cmds.extract(ctx.cmds.kexec_dir()), tar, ctx.long).await?;
+    host::run(first, Step::Kexec, ctx.cmds.extract(ctx.cmds.kexec_dir()), tar, ctx.long).await?;
     ctx.progress.step(Step::Kexec, "booting the installer with kexec".into()).await;
     // The connection drops as the machine kexecs; an error here is expected.
     let _ = first.exec(&ctx.cmds.kexec_run(), None, ctx.quick).await;
@@ -443,21 +443,21 @@ async fn boot_installer<C: Connector, P: Progress>(
 }
 
 /// Partitions with disko, builds the system and runs nixos-install; returns the system's store path.
-async fn install_system<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>, src: &Source) -> Result<String> {
+async fn install_system<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>, src: &Source) -> Result<String> {
     let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
     ctx.progress.step(Step::Disko, "partitioning and formatting with disko".into()).await;
-    remote::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long)
+    host::run(host, Step::Disko, ctx.cmds.disko(&flake), None, ctx.long)
         .instrument(tracing::info_span!("disko"))
         .await?;
     ctx.progress.step(Step::Install, "building the system on the target".into()).await;
     let build = ctx.cmds.build_system(&src.commit, src.subdir.as_deref(), &src.flake_attr);
-    let built = remote::run(host, Step::Install, build, None, ctx.long).await?;
+    let built = host::run(host, Step::Install, build, None, ctx.long).await?;
     let system = built.stdout_str().lines().last().unwrap_or_default().to_string();
     if !system.starts_with("/nix/store/") {
         let how = format!("printed no store path ({system:?})");
         return Err(Error::command(Step::Install, "nix", how, FailureCategory::BuildFailed).with_tail(built.tail()));
     }
-    remote::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long)
+    host::run(host, Step::Install, ctx.cmds.nixos_install(&system), None, ctx.long)
         .instrument(tracing::info_span!("nixos-install"))
         .await?;
     Ok(system)
@@ -465,7 +465,7 @@ async fn install_system<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>, src: &
 
 /// Generates the installed system's SSH host key here and writes it into the new system, so the executor
 /// knows (and pins) the key the machine will boot with. Returns the public key line.
-async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<String> {
+async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<String> {
     let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
         .map_err(|e| Error::internal("generating host key", Some(e.into())))?;
     let private = key
@@ -473,17 +473,17 @@ async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> R
         .map_err(|e| Error::internal("encoding host key", Some(e.into())))?;
     let public = crate::ssh::openssh(key.public_key());
     let private = Some(Bytes::from(private.as_bytes().to_vec()));
-    remote::run(host, Step::Install, ctx.cmds.install_host_key(true), private, ctx.quick).await?;
+    host::run(host, Step::Install, ctx.cmds.install_host_key(true), private, ctx.quick).await?;
     let public_line = Some(Bytes::from(format!("{public}\n")));
-    remote::run(host, Step::Install, ctx.cmds.install_host_key(false), public_line, ctx.quick).await?;
+    host::run(host, Step::Install, ctx.cmds.install_host_key(false), public_line, ctx.quick).await?;
     Ok(public)
 }
 
 /// Upload for installs: the tree and files, but secrets only after the installed system booted.
-async fn upload_tree_only<H: Host, P: Progress>(host: &H, ctx: &Ctx<'_, P>) -> Result<()> {
+async fn upload_tree_only<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
     let mut job = ctx.job.clone();
     job.secrets.clear();
-    let inner = Ctx {
+    let inner = JobRun {
         job: &job,
         cmds: ctx.cmds,
         sources: ctx.sources,

@@ -8,10 +8,10 @@
 
 pub mod actions;
 pub mod error;
+pub mod host;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
-pub mod remote;
 pub mod source;
 pub mod ssh;
 pub mod worker;
@@ -70,7 +70,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     let exec = Arc::new(worker::Executor {
         js,
         limits: limits::ConnectLimits::new(&s.config.sites),
-        cmds: remote::Commands { paths: s.config.remote.clone() },
+        cmds: host::Commands { paths: s.config.remote.clone() },
         cfg: s.config.clone(),
         id: s.executor_id.clone(),
         locks,

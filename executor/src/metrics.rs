@@ -1,4 +1,4 @@
-//! Executor metrics (DESIGN §6). Labels are bounded: site, outcome, category — never machine names.
+//! Executor metrics (docs/design.md §7). Labels are bounded: site, outcome, category — never machine names.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;

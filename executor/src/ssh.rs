@@ -12,7 +12,7 @@ use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCerti
 use russh::{ChannelMsg, Sig};
 
 use crate::error::{Error, Result};
-use crate::remote::{Host, Output};
+use crate::host::{Host, Output};
 
 /// What to do when a job carries no pinned host key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -16,12 +16,12 @@ use nio_shared::subjects;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::actions::{self, Connector, Ctx, Outcome, Progress};
+use crate::actions::{self, Connector, JobRun, Outcome, Progress};
 use crate::error::{Error, Result};
+use crate::host::Commands;
 use crate::limits::ConnectLimits;
 use crate::lock::Locks;
 use crate::metrics::{self, Metrics, OutcomeLabels};
-use crate::remote::Commands;
 use crate::source::SourceCache;
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
 
@@ -371,7 +371,7 @@ impl Executor {
         let host = conn.open(job.target.host_key.as_deref(), false).instrument(span).await?;
         self.metrics.ssh_connect.get_or_create(&metrics::site(site)).observe(t.elapsed().as_secs_f64());
         let seen_key = host.host_key().to_string();
-        let ctx = Ctx {
+        let ctx = JobRun {
             job,
             cmds: &self.cmds,
             sources: &self.sources,

@@ -1,4 +1,4 @@
-//! JetStream stream, consumer and bucket settings (DESIGN §3), as data. Controllers and executors both
+//! JetStream stream, consumer and bucket settings (docs/design.md §3), as data. Controllers and executors both
 //! create-or-verify these; the settings are defined once, here.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Job and status messages on NATS (DESIGN §3). Bodies are JSON with a version field `v`; a message with an
+//! Job and status messages on NATS (docs/design.md §3). Bodies are JSON with a version field `v`; a message with an
 //! unknown version, action, phase or step is rejected with a clear error, never guessed at.
 
 use chrono::{DateTime, Utc};

@@ -1,4 +1,4 @@
-//! The remote command surface (DESIGN §4): every command NIO runs on a machine, as an argument vector.
+//! The remote command surface (docs/design.md §4): every command NIO runs on a machine, as an argument vector.
 //!
 //! Nothing here builds a shell string: executors quote each vector once with [`crate::quote::command`]. The
 //! fleet simulator implements exactly these commands, so both sides share this module.

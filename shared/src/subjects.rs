@@ -1,4 +1,4 @@
-//! NATS names: subjects, streams, consumers, lock keys and message ids (DESIGN §3).
+//! NATS names: subjects, streams, consumers and lock keys (docs/design.md §3).
 //!
 //! Subject tokens are Kubernetes names with `.` replaced by `_`; Kubernetes names never contain `_`, so the
 //! mapping is reversible.

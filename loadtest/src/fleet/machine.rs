@@ -1,4 +1,4 @@
-//! One simulated NixOS machine: its state and the remote command surface of DESIGN §4, parsed the way the
+//! One simulated NixOS machine: its state and the remote command surface of docs/design.md §4, parsed the way the
 //! real tools parse their arguments. Unknown commands exit 127, bad flags exit 2.
 
 use std::collections::{BTreeMap, BTreeSet};

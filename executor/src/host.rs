@@ -1,7 +1,7 @@
-//! The remote command surface (DESIGN §4): every command NIO runs on a machine, as an argument vector.
-//!
-//! Nothing here builds a shell string: [`Host::exec`] implementations quote the vector once with
-//! `nio_shared::quote`. The fleet simulator implements exactly these commands.
+//! A machine as the executor sees it: the [`Host`] trait (one SSH implementation in `ssh.rs`), what a command
+//! returned, and running one step's command with its failure classified. The commands themselves are
+//! [`nio_shared::remote::Commands`] (docs/design.md §4); nothing here builds a shell string: [`Host::exec`]
+//! implementations quote each vector once with `nio_shared::quote`.
 
 use std::future::Future;
 use std::time::Duration;
