@@ -14,10 +14,37 @@ pub fn note(warning: bool, reason: &str, message: String) -> Note {
     Note { warning, reason: reason.to_string(), message }
 }
 
+/// The condition types NIO sets. NixosConfiguration: Ready, Progressing, Degraded, Invalid. Machine: Invalid,
+/// Failed, Drifted, HostKeyMismatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    Ready,
+    Progressing,
+    Degraded,
+    Invalid,
+    Failed,
+    Drifted,
+    HostKeyMismatch,
+}
+
+impl Type {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Type::Ready => "Ready",
+            Type::Progressing => "Progressing",
+            Type::Degraded => "Degraded",
+            Type::Invalid => "Invalid",
+            Type::Failed => "Failed",
+            Type::Drifted => "Drifted",
+            Type::HostKeyMismatch => "HostKeyMismatch",
+        }
+    }
+}
+
 /// Sets condition `type_`, keeping its lastTransitionTime when the status does not change.
 pub fn set(
     conds: &mut Vec<Condition>,
-    type_: &str,
+    type_: Type,
     status: bool,
     reason: &str,
     message: &str,
@@ -25,6 +52,7 @@ pub fn set(
 ) {
     let status = if status { "True" } else { "False" }.to_string();
     let now = time(chrono::Utc::now());
+    let type_ = type_.as_str();
     match conds.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
             if c.status != status {
@@ -47,13 +75,13 @@ pub fn set(
 }
 
 /// Whether condition `type_` is True.
-pub fn is_true(conds: &[Condition], type_: &str) -> bool {
-    conds.iter().any(|c| c.type_ == type_ && c.status == "True")
+pub fn is_true(conds: &[Condition], type_: Type) -> bool {
+    conds.iter().any(|c| c.type_ == type_.as_str() && c.status == "True")
 }
 
 /// The message of condition `type_`, if present.
-pub fn message<'a>(conds: &'a [Condition], type_: &str) -> Option<&'a str> {
-    conds.iter().find(|c| c.type_ == type_).map(|c| c.message.as_str())
+pub fn message(conds: &[Condition], type_: Type) -> Option<&str> {
+    conds.iter().find(|c| c.type_ == type_.as_str()).map(|c| c.message.as_str())
 }
 
 /// A Kubernetes timestamp from a chrono one.

@@ -6,7 +6,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use nio_shared::crd::{NixosConfigurationStatus, short_commit};
 
-use crate::conditions::{self, Note, note};
+use crate::conditions::{self, Note, Type, note};
 use crate::rollout::{Counts, Hold};
 
 /// The spec is invalid: nothing is applied until it changes.
@@ -17,13 +17,13 @@ pub fn invalid(
 ) -> (NixosConfigurationStatus, Vec<Note>) {
     let mut s = observed(previous, generation);
     let mut notes = Vec::new();
-    if conditions::message(&s.conditions, "Invalid") != Some(message) {
+    if conditions::message(&s.conditions, Type::Invalid) != Some(message) {
         notes.push(note(true, "InvalidSpec", message.to_string()));
     }
     let c = &mut s.conditions;
-    conditions::set(c, "Invalid", true, "InvalidSpec", message, generation);
-    conditions::set(c, "Ready", false, "InvalidSpec", "the spec is invalid; nothing is applied", generation);
-    conditions::set(c, "Progressing", false, "InvalidSpec", "", generation);
+    conditions::set(c, Type::Invalid, true, "InvalidSpec", message, generation);
+    conditions::set(c, Type::Ready, false, "InvalidSpec", "the spec is invalid; nothing is applied", generation);
+    conditions::set(c, Type::Progressing, false, "InvalidSpec", "", generation);
     (s, notes)
 }
 
@@ -37,11 +37,11 @@ pub fn degraded(
 ) -> (NixosConfigurationStatus, Vec<Note>) {
     let mut s = observed(previous, generation);
     let mut notes = Vec::new();
-    if conditions::message(&s.conditions, "Degraded") != Some(message) {
+    if conditions::message(&s.conditions, Type::Degraded) != Some(message) {
         notes.push(note(true, reason, message.to_string()));
     }
-    conditions::set(&mut s.conditions, "Degraded", true, reason, message, generation);
-    conditions::set(&mut s.conditions, "Ready", false, reason, message, generation);
+    conditions::set(&mut s.conditions, Type::Degraded, true, reason, message, generation);
+    conditions::set(&mut s.conditions, Type::Ready, false, reason, message, generation);
     (s, notes)
 }
 
@@ -53,7 +53,7 @@ pub fn resolved(
     generation: Option<i64>,
 ) -> (NixosConfigurationStatus, Vec<Note>) {
     let mut s = observed(previous, generation);
-    conditions::set(&mut s.conditions, "Invalid", false, "Valid", "", generation);
+    conditions::set(&mut s.conditions, Type::Invalid, false, "Valid", "", generation);
     let mut notes = Vec::new();
     if s.target_commit.as_deref() != Some(commit) {
         notes.push(note(false, "NewCommit", format!("{git_ref} resolved to {}", short_commit(commit))));
@@ -100,7 +100,7 @@ pub fn configuration_status(
     s.progress = Some(format!("{}/{}", c.updated, c.total));
 
     let ready = c.total > 0 && c.updated == c.total;
-    if ready && !conditions::is_true(&s.conditions, "Ready") {
+    if ready && !conditions::is_true(&s.conditions, Type::Ready) {
         notes.push(note(false, "RolloutComplete", format!("all {} machines run {short}", c.total)));
     }
     if ready {
@@ -112,7 +112,7 @@ pub fn configuration_status(
         (false, 0) => ("NoMachines", "no machine matches".to_string()),
         (false, _) => ("RollingOut", format!("{}/{} machines at {short}", c.updated, c.total)),
     };
-    conditions::set(&mut s.conditions, "Ready", ready, reason, &message, generation);
+    conditions::set(&mut s.conditions, Type::Ready, ready, reason, &message, generation);
 
     let progressing = s.in_progress > 0;
     let hold = r.hold.map(|h| format!("{h:?}"));
@@ -122,7 +122,7 @@ pub fn configuration_status(
         (None, false) => "Idle",
     };
     let message = format!("{} in flight", s.in_progress);
-    conditions::set(&mut s.conditions, "Progressing", progressing, reason, &message, generation);
+    conditions::set(&mut s.conditions, Type::Progressing, progressing, reason, &message, generation);
 
     let (reason, message) = if c.failed > 0 {
         ("MachinesFailed", format!("{} machine(s) failed at this target", c.failed))
@@ -133,14 +133,14 @@ pub fn configuration_status(
         let msg = format!(
             "{n} selected Machine(s) have an invalid spec and get nothing: {names}{more} (see their Invalid condition)"
         );
-        if conditions::message(&s.conditions, "Degraded") != Some(msg.as_str()) {
+        if conditions::message(&s.conditions, Type::Degraded) != Some(msg.as_str()) {
             notes.push(note(true, "InvalidMachines", msg.clone()));
         }
         ("InvalidMachines", msg)
     } else {
         ("AsExpected", String::new())
     };
-    conditions::set(&mut s.conditions, "Degraded", reason != "AsExpected", reason, &message, generation);
+    conditions::set(&mut s.conditions, Type::Degraded, reason != "AsExpected", reason, &message, generation);
     (s, notes)
 }
 

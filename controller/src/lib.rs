@@ -525,7 +525,8 @@ async fn phase_gauge(
             reasons_seen.iter().map(|r: &String| (r.clone(), 0)).collect();
         for c in configs.iter().flat_map(|s| s.state()) {
             let conds = c.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-            if let Some(d) = conds.iter().find(|d| d.type_ == "Degraded" && d.status == "True") {
+            if let Some(d) = conds.iter().find(|d| d.type_ == conditions::Type::Degraded.as_str() && d.status == "True")
+            {
                 *degraded.entry(d.reason.clone()).or_default() += 1;
             }
         }
@@ -534,13 +535,13 @@ async fn phase_gauge(
             reasons_seen.insert(reason);
         }
         let mut counts: std::collections::BTreeMap<String, i64> =
-            ["Pending", "Queued", "Applying", "Applied", "Failed"].iter().map(|p| (p.to_string(), 0)).collect();
+            MachinePhase::ALL.iter().map(|p| (p.as_str().to_string(), 0)).collect();
         let mut drifted = 0;
         for m in machines.iter().flat_map(|s| s.state()) {
-            if m.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, "Drifted")) {
+            if m.status.as_ref().is_some_and(|s| conditions::is_true(&s.conditions, conditions::Type::Drifted)) {
                 drifted += 1;
             }
-            let phase = m.status.as_ref().and_then(|s| s.phase).map_or("Pending".to_string(), |p| format!("{p:?}"));
+            let phase = m.status.as_ref().and_then(|s| s.phase).unwrap_or_default().as_str().to_string();
             *counts.entry(phase).or_default() += 1;
         }
         for (phase, n) in counts {

@@ -11,7 +11,7 @@ use nio_shared::protocol::Action as JobAction;
 use rand::RngExt;
 use tracing::Instrument;
 
-use crate::conditions;
+use crate::conditions::{self, Type};
 use crate::context::{Ctx, update_machine_status};
 use crate::error::{Error, Result};
 use crate::metrics::{ErrorLabels, KindLabel};
@@ -39,12 +39,13 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
     let generation = m.metadata.generation;
     if let Err(invalid) = nio_shared::validate::machine_spec(&m.spec) {
         let msg = invalid.to_string();
-        let known = m.status.as_ref().and_then(|s| conditions::message(&s.conditions, "Invalid").map(str::to_string));
+        let known =
+            m.status.as_ref().and_then(|s| conditions::message(&s.conditions, Type::Invalid).map(str::to_string));
         if known.as_deref() != Some(msg.as_str()) {
             ctx.event(m, true, "InvalidSpec", msg.clone(), "Validate").await;
             update_machine_status(ctx, &ns, &name, Some(m), |m| {
                 let mut s = m.status.clone().unwrap_or_default();
-                conditions::set(&mut s.conditions, "Invalid", true, "InvalidSpec", &msg, generation);
+                conditions::set(&mut s.conditions, Type::Invalid, true, "InvalidSpec", &msg, generation);
                 s.observed_generation = generation;
                 Some(s)
             })
@@ -53,10 +54,10 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let status = m.status.clone().unwrap_or_default();
-    if conditions::is_true(&status.conditions, "Invalid") {
+    if conditions::is_true(&status.conditions, Type::Invalid) {
         update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
-            conditions::set(&mut s.conditions, "Invalid", false, "Valid", "", generation);
+            conditions::set(&mut s.conditions, Type::Invalid, false, "Valid", "", generation);
             Some(s)
         })
         .await?;

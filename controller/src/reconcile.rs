@@ -515,7 +515,7 @@ async fn publish_removals(
         let job = publish::remove_job(&ctx.cluster, cfg, m, commit)?;
         let t = job.id.target().unwrap_or_default().to_string();
         if s.failed_target.as_deref() == Some(t.as_str()) {
-            let failed = s.conditions.iter().find(|c| c.type_ == "Failed");
+            let failed = s.conditions.iter().find(|c| c.type_ == conditions::Type::Failed.as_str());
             let why = failed.map(|c| format!("{}: {}", c.reason, c.message)).unwrap_or_default();
             blocked.push(format!("{} ({why})", m.name_any()));
             // Retry after a pause: a fresh job id gets past the queue's duplicate window.

@@ -5,7 +5,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use nio_shared::crd::{MachinePhase, MachineSpec, MachineStatus, short_commit};
 use nio_shared::protocol::{Action, FailureCategory, JobKind, Phase, StatusEvent};
 
-use crate::conditions::{self, Note, note};
+use crate::conditions::{self, Note, Type, note};
 
 fn ts(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Nanos, true)
@@ -42,10 +42,10 @@ pub fn transition(
     }
     if ev.category == Some(FailureCategory::HostKeyMismatch) {
         let msg = ev.message.clone().unwrap_or_default();
-        if !conditions::is_true(&s.conditions, "HostKeyMismatch") {
+        if !conditions::is_true(&s.conditions, Type::HostKeyMismatch) {
             notes.push(note(true, "HostKeyMismatch", msg.clone()));
         }
-        conditions::set(&mut s.conditions, "HostKeyMismatch", true, "HostKeyMismatch", &msg, generation);
+        conditions::set(&mut s.conditions, Type::HostKeyMismatch, true, "HostKeyMismatch", &msg, generation);
     }
 
     match (ev.action.kind(), ev.phase) {
@@ -65,8 +65,8 @@ pub fn transition(
                 s.queued_target = None;
             }
             s.failed_target = None;
-            conditions::set(&mut s.conditions, "Failed", false, "Applied", "", generation);
-            conditions::set(&mut s.conditions, "HostKeyMismatch", false, "HostKeyMatches", "", generation);
+            conditions::set(&mut s.conditions, Type::Failed, false, "Applied", "", generation);
+            conditions::set(&mut s.conditions, Type::HostKeyMismatch, false, "HostKeyMatches", "", generation);
             if ev.action == Action::Remove {
                 s.applied_configuration = None;
                 s.applied_target = None;
@@ -82,7 +82,7 @@ pub fn transition(
                 if ev.system.is_some() && matches!(ev.action, Action::Switch | Action::Test | Action::Install) {
                     s.applied_system = ev.system.clone();
                     s.current_system = ev.system.clone();
-                    conditions::set(&mut s.conditions, "Drifted", false, "RunningAppliedSystem", "", generation);
+                    conditions::set(&mut s.conditions, Type::Drifted, false, "RunningAppliedSystem", "", generation);
                 }
                 if ev.action == Action::Install {
                     s.installed_at = Some(conditions::time(ev.at));
@@ -109,7 +109,7 @@ pub fn transition(
                 ev.category.map_or("Failed", FailureCategory::as_str)
             };
             let msg = ev.message.clone().unwrap_or_default();
-            conditions::set(&mut s.conditions, "Failed", true, reason, &msg, generation);
+            conditions::set(&mut s.conditions, Type::Failed, true, reason, &msg, generation);
             if matches!(ev.category, Some(FailureCategory::Unreachable)) {
                 s.discoverable = Some(false);
             }
@@ -125,13 +125,13 @@ pub fn transition(
             }
             if let (Some(cur), Some(applied)) = (&s.current_system, &s.applied_system) {
                 let drifted = cur != applied;
-                if drifted && !conditions::is_true(&s.conditions, "Drifted") {
+                if drifted && !conditions::is_true(&s.conditions, Type::Drifted) {
                     notes.push(note(true, "Drifted", format!("running {cur}, but NIO applied {applied}")));
                 }
                 let msg = if drifted { format!("running {cur}, but NIO applied {applied}") } else { String::new() };
                 conditions::set(
                     &mut s.conditions,
-                    "Drifted",
+                    Type::Drifted,
                     drifted,
                     if drifted { "SystemChanged" } else { "RunningAppliedSystem" },
                     &msg,
@@ -249,7 +249,7 @@ mod tests {
         let mut probe = ev(Phase::Succeeded, Action::Probe, 2);
         probe.system = Some("/nix/store/zzz-hand-made".into());
         let (s, notes) = transition(&spec(), &s, &probe, None).unwrap();
-        assert!(conditions::is_true(&s.conditions, "Drifted"));
+        assert!(conditions::is_true(&s.conditions, Type::Drifted));
         assert_eq!(notes[0].reason, "Drifted");
         let mut rb = ev(Phase::RolledBack, Action::Switch, 3);
         rb.category = Some(FailureCategory::HealthCheckFailed);

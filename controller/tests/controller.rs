@@ -90,9 +90,12 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Bac
     assert_eq!(m.status.unwrap().last_job_id.as_deref(), Some(job.id.as_str()));
     // the first-contact scan went to the probe slot and did not displace the apply job
     env.eventually(T, "a scan", || env.job_on(env.subject("dc1", "probe", "prod", "m1"))).await;
-    tokio::time::sleep(Duration::from_secs(6)).await; // more than a poll interval: reconciles again
-    let (still, _) = env.job_on(&subject).await.unwrap();
-    assert_eq!(still.id, job.id, "the apply job is still queued");
+    // longer than the 5 s poll interval: the configuration reconciles again in between
+    env.never(Duration::from_secs(6), "the queued apply job was replaced", || async {
+        let (still, _) = env.job_on(&subject).await?;
+        (still.id != job.id).then_some(still.id)
+    })
+    .await;
     assert_eq!(env.stored_jobs().await, 2, "exactly one apply and one probe-slot job");
     stop.cancel();
     task.await.unwrap().unwrap();
@@ -292,10 +295,12 @@ async fn status_events_drive_machine_and_configuration_status_without_regressing
             (m.status.as_ref()?.phase == Some(MachinePhase::Applied)).then_some(m)
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let m1 = env.machines().get("m1").await.unwrap_or(m1);
-    let s = m1.status.unwrap();
-    assert_eq!(s.phase, Some(MachinePhase::Applied), "late events did not regress the phase");
+    env.never(Duration::from_secs(1), "a late event regressed the phase", || async {
+        let phase = env.machines().get("m1").await.ok()?.status?.phase;
+        (phase != Some(MachinePhase::Applied)).then_some(phase)
+    })
+    .await;
+    let s = env.machines().get("m1").await.unwrap_or(m1).status.unwrap();
     assert_eq!(s.applied_commit.as_deref(), Some(jobs[0].source.as_ref().unwrap().commit.as_str()));
     assert_eq!(s.applied_commit_short.as_deref().map(str::len), Some(12));
     assert!(s.host_key.is_some(), "trust on first use recorded the key");
@@ -326,11 +331,11 @@ async fn status_events_drive_machine_and_configuration_status_without_regressing
     }
     // the failed machine is not retried at the same target
     env.drain_jobs().await;
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    assert!(
-        env.job_on(env.subject("dc1", "apply", "prod", "m2")).await.is_none(),
-        "a failed target is not republished"
-    );
+    // longer than the 5 s poll interval: the configuration reconciles again in between
+    env.never(Duration::from_secs(6), "a failed target was republished", || {
+        env.job_on(env.subject("dc1", "apply", "prod", "m2"))
+    })
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
 }
@@ -361,11 +366,11 @@ async fn max_parallel_releases_the_next_machine_when_one_finishes(backend: Backe
         let job = &jobs[0];
         assert!(!done.contains(&job.machine), "round {round}: {} again", job.machine);
         env.report(job, Phase::Started, |_| {}).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(
-            env.drain_jobs().await.iter().all(|j| j.action != Action::Switch),
-            "round {round}: a second job while one runs"
-        );
+        env.never(Duration::from_millis(500), &format!("round {round}: a second job while one runs"), || async {
+            let second: Vec<_> = env.drain_jobs().await.into_iter().filter(|j| j.action == Action::Switch).collect();
+            (!second.is_empty()).then_some(second)
+        })
+        .await;
         env.report(job, Phase::Succeeded, |_| {}).await;
         done.push(job.machine.clone());
     }
@@ -396,9 +401,11 @@ async fn two_clusters_share_nats_but_each_sees_only_its_own_status(backend: Back
         (m.status?.phase == Some(MachinePhase::Applied)).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let west_m1 = a.machines().get("m1").await.unwrap();
-    assert_eq!(west_m1.status.unwrap().phase, Some(MachinePhase::Queued), "west did not see east's event");
+    a.never(Duration::from_secs(1), "west applied east's status event", || async {
+        let phase = a.machines().get("m1").await.ok()?.status?.phase;
+        (phase != Some(MachinePhase::Queued)).then_some(phase)
+    })
+    .await;
     stop_a.cancel();
     stop_b.cancel();
     ta.await.unwrap().unwrap();
@@ -445,8 +452,10 @@ async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machi
         })
         .await;
     assert_eq!(rm.source.as_ref().unwrap().flake_attr, "decommissioned");
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(env.configs().get_opt("web").await.unwrap().is_some(), "finalizer holds until the removal succeeds");
+    env.never(Duration::from_secs(1), "the finalizer was released before the removal succeeded", || async {
+        env.configs().get_opt("web").await.unwrap().is_none().then_some("web is gone")
+    })
+    .await;
     env.report(&rm, Phase::Succeeded, |_| {}).await;
     env.eventually(T, "web gone", || async { env.configs().get_opt("web").await.ok()?.is_none().then_some(()) }).await;
     let m1 = env.machines().get("m1").await.unwrap().status.unwrap();
@@ -491,8 +500,10 @@ async fn invalid_specs_publish_nothing_and_say_why(backend: Backend) {
         })
         .await;
     assert!(c.2.contains("spec.flake") && c.2.contains("spec.configurationSubdir"), "{}", c.2);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none(), "nothing published");
+    env.never(Duration::from_secs(2), "a job was published for an invalid spec", || {
+        env.job_on(env.subject("dc1", "apply", "prod", "m1"))
+    })
+    .await;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
     assert!(
         events
@@ -518,11 +529,10 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
     s2.leader_election = true;
     s2.health_addr = Some(([127, 0, 0, 1], h2).into());
     let (stop1, t1) = env.spawn(s1);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (stop2, t2) = env.spawn(s2);
     let (leases, lease) = (env.leases(), env.lease_name());
     let holder = || async { leases.get_opt(&lease).await.ok()??.spec?.holder_identity };
     assert_eq!(env.eventually(T, "a leader", holder).await, "replica-1");
+    let (stop2, t2) = env.spawn(s2);
     env.machine("m1", "dc1", &[]).await;
     env.config("web", json!({"machineRef": "m1"})).await;
     env.eventually(T, "job from the leader", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
@@ -743,8 +753,12 @@ async fn rollout_events_are_recorded_once_and_conditions_keep_their_transition_t
             .unwrap();
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    assert_eq!(ready_since().await, Some(since), "Ready kept its transition time");
+    // and past one more poll
+    env.never(Duration::from_secs(6), "Ready changed its transition time", || async {
+        let now = ready_since().await;
+        (now.as_ref() != Some(&since)).then_some(now)
+    })
+    .await;
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
     let list = events.list(&ListParams::default()).await.unwrap().items;
     let count = |reason: &str| -> i32 {

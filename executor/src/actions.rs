@@ -271,10 +271,9 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<O
     let job = ctx.job;
     let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
     let cur = current(host, ctx).await?;
-    let rebuild_action = match job.action {
-        Action::Remove => "switch",
-        a => a.as_str(),
-    };
+    // A removal switches to the onRemoveFlake system.
+    let rebuild = if job.action == Action::Remove { Action::Switch } else { job.action };
+    let rebuild_action = rebuild.as_str();
     if job.action == Action::Switch {
         let expected = format!("{} {}", src.commit, cur.system.clone().unwrap_or_default());
         if cur.applied.as_deref() == Some(expected.as_str()) && job.secrets.is_empty() {
@@ -294,7 +293,7 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<O
     let built = host::run(host, Step::Build, ctx.cmds.rebuild(rebuild_action, &flake), None, ctx.long)
         .instrument(tracing::info_span!("nixos-rebuild", nio.action = rebuild_action))
         .await;
-    let activates = matches!(rebuild_action, "switch" | "test");
+    let activates = matches!(rebuild, Action::Switch | Action::Test);
     let failure = match built {
         Ok(out) => {
             let tail = out.tail();
@@ -328,16 +327,18 @@ async fn update<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<O
             ..Default::default()
         });
     }
-    let system = match rebuild_action {
+    let system = match rebuild {
         // Only the new system path is needed (the version was read before).
-        "switch" | "test" => {
+        Action::Switch | Action::Test => {
             Some(host::run(host, Step::Activate, ctx.cmds.current_system(), None, ctx.quick).await?.stdout_str())
                 .filter(|s| !s.is_empty())
         }
-        "boot" => Some(host::run(host, Step::Activate, ctx.cmds.boot_system(), None, ctx.quick).await?.stdout_str()),
+        Action::Boot => {
+            Some(host::run(host, Step::Activate, ctx.cmds.boot_system(), None, ctx.quick).await?.stdout_str())
+        }
         _ => cur.system.clone(),
     };
-    if rebuild_action == "switch" {
+    if rebuild == Action::Switch {
         let line = format!("{} {}\n", src.commit, system.clone().unwrap_or_default());
         host::run(host, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
     }

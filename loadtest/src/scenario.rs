@@ -658,7 +658,7 @@ async fn analyse(
                     site: Fleet::site_name(sim.site),
                     commit: st.applied_commit_short.clone().unwrap_or_default(),
                     duration_ms: seen.get(&name).map(|t| t.duration_since(t0).as_secs_f64() * 1000.0),
-                    outcome: st.phase.map_or("Pending".into(), |p| format!("{p:?}")),
+                    outcome: st.phase.unwrap_or_default().as_str().into(),
                 });
             }
         }

@@ -130,6 +130,27 @@ pub enum MachinePhase {
     Failed,
 }
 
+impl MachinePhase {
+    pub const ALL: [MachinePhase; 5] = [
+        MachinePhase::Pending,
+        MachinePhase::Queued,
+        MachinePhase::Applying,
+        MachinePhase::Applied,
+        MachinePhase::Failed,
+    ];
+
+    /// The phase as written in status and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachinePhase::Pending => "Pending",
+            MachinePhase::Queued => "Queued",
+            MachinePhase::Applying => "Applying",
+            MachinePhase::Applied => "Applied",
+            MachinePhase::Failed => "Failed",
+        }
+    }
+}
+
 /// Hardware facts gathered by a `scan` job. Bounded in size.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]

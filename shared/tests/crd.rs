@@ -112,3 +112,12 @@ fn schema_defaults_match_the_design() {
     assert_eq!(c.spec.poll_interval, None, "unset: the controller default applies");
     assert!(!c.spec.full_install && !c.spec.suspend && !c.spec.auto_rollback);
 }
+
+/// The phase names used as metric labels and in printer columns are the ones written in status.
+#[test]
+fn machine_phase_names_are_the_status_values() {
+    for p in nio_shared::crd::MachinePhase::ALL {
+        assert_eq!(serde_json::to_value(p).unwrap(), serde_json::json!(p.as_str()));
+    }
+    assert_eq!(nio_shared::crd::MachinePhase::default().as_str(), "Pending");
+}

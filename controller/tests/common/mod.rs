@@ -191,6 +191,22 @@ impl Env {
         }
     }
 
+    /// Asserts that `f` returns None for all of `period` (it proves a negative, so it has to wait), polling every
+    /// 100 ms and failing as soon as `what` happens.
+    pub async fn never<T: std::fmt::Debug, F, Fut>(&self, period: Duration, what: &str, f: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let end = Instant::now() + period;
+        while Instant::now() < end {
+            if let Some(v) = f().await {
+                panic!("{what}: {v:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The job stored on `subject`, if any (without consuming it).
     pub async fn job_on(&self, subject: impl AsRef<str>) -> Option<(Job, async_nats::HeaderMap)> {
         let subject = subject.as_ref();
