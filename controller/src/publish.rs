@@ -4,7 +4,7 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::Utc;
 use nio_shared::crd::{Machine, NixosConfiguration};
-use nio_shared::protocol::{Action, FileContent, FileEntry, JOB_VERSION, Job, JobId, SecretFile, Source, Target};
+use nio_shared::protocol::{Action, Endpoint, FileContent, FileEntry, JOB_VERSION, Job, JobId, SecretFile, Source};
 use nio_shared::seal::SealKey;
 use nio_shared::validate;
 use tracing::Instrument;
@@ -40,9 +40,10 @@ const INSTALL_TIMEOUT: u64 = 7200;
 /// Job timeout for probes and scans.
 const PROBE_TIMEOUT: u64 = 120;
 
-fn target(m: &Machine) -> Target {
+/// How to reach `m`: its IP address (else host name), port, user, identity and pinned host key.
+fn endpoint(m: &Machine) -> Endpoint {
     let host_key = m.spec.host_key.clone().or_else(|| m.status.as_ref().and_then(|s| s.host_key.clone()));
-    Target {
+    Endpoint {
         host: m.spec.ip_address.clone().unwrap_or_else(|| m.spec.hostname.clone()),
         port: m.spec.port,
         user: m.spec.ssh_user.clone(),
@@ -104,7 +105,7 @@ pub fn apply_job(
         configuration: cfg.metadata.name.clone(),
         generation: desired.generation,
         site: m.spec.site.clone(),
-        target: target(m),
+        endpoint: endpoint(m),
         source: Some(Source {
             repo: cfg.spec.git_repo.clone(),
             commit: desired.commit.clone(),
@@ -138,7 +139,7 @@ pub fn remove_job(cluster: &str, cfg: &NixosConfiguration, m: &Machine, commit: 
         configuration: cfg.metadata.name.clone(),
         generation,
         site: m.spec.site.clone(),
-        target: target(m),
+        endpoint: endpoint(m),
         source: Some(Source {
             repo: cfg.spec.git_repo.clone(),
             commit: commit.to_string(),
@@ -170,7 +171,7 @@ pub fn probe_job(cluster: &str, m: &Machine, action: Action) -> Job {
         configuration: None,
         generation: m.metadata.generation.unwrap_or(0),
         site: m.spec.site.clone(),
-        target: target(m),
+        endpoint: endpoint(m),
         source: None,
         action,
         files: vec![],

@@ -68,7 +68,7 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Bac
     let head = env.repo.head().unwrap();
     assert_eq!(job.source.as_ref().unwrap().commit, head);
     assert_eq!(job.action, Action::Switch);
-    assert_eq!(job.target.host, "127.0.0.9");
+    assert_eq!(job.endpoint.host, "127.0.0.9");
     assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()), Some(job.id.to_string()));
     assert!(job.id.as_str().starts_with(&format!("prod/{}/m1/{head}/1.", env.ns)), "{}", job.id);
     let tp = headers.get("traceparent").map(|v| v.as_str().to_string()).unwrap();

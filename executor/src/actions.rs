@@ -63,9 +63,9 @@ pub struct JobRun<'a, P: Progress> {
 pub fn check_job(job: &Job) -> Result<()> {
     use nio_shared::validate as v;
     let inv = |e: v::ValidationError| Error::InvalidJob(e.to_string());
-    v::hostname("target.host", &job.target.host).map_err(inv)?;
-    v::ssh_user("target.user", &job.target.user).map_err(inv)?;
-    if let Some(id) = &job.target.identity {
+    v::hostname("target.host", &job.endpoint.host).map_err(inv)?;
+    v::ssh_user("target.user", &job.endpoint.user).map_err(inv)?;
+    if let Some(id) = &job.endpoint.identity {
         v::identity_name("target.identity", id).map_err(inv)?;
     }
     if let Some(src) = &job.source {

@@ -111,12 +111,12 @@ impl SshHost {
     /// Connects, verifies the host key before anything else, and authenticates.
     /// `identity` is the key and the name it is known by (for errors).
     pub async fn connect(
-        target: &nio_shared::protocol::Target,
+        endpoint: &nio_shared::protocol::Endpoint,
         pinned: Option<&str>,
         identity: (&str, Arc<PrivateKey>),
         opts: &ConnectOptions,
     ) -> Result<Self> {
-        let (host, port, user) = (target.host.as_str(), target.port, target.user.as_str());
+        let (host, port, user) = (endpoint.host.as_str(), endpoint.port, endpoint.user.as_str());
         let (identity_name, identity) = identity;
         let expected = pinned.map(parse_host_key).transpose()?;
         if expected.is_none() && opts.policy == HostKeyPolicy::Pinned {

@@ -230,7 +230,7 @@ impl Executor {
             nio.outcome = tracing::field::Empty,
             nio.queue_wait_ms = tracing::field::Empty,
             error.type = tracing::field::Empty,
-            server.address = %job.target.host,
+            server.address = %job.endpoint.host,
             messaging.system = "nats",
         );
         nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
@@ -318,7 +318,7 @@ impl Executor {
     }
 
     async fn locked(self: Arc<Self>, site: &str, job: &Job, rep: &Reporter, timeout: Duration) -> Result<Outcome> {
-        let key = subjects::lock_key(&job.target.host, job.target.port);
+        let key = subjects::lock_key(&job.endpoint.host, job.endpoint.port);
         let lock_span = tracing::info_span!("lock", nio.lock = %key);
         let deadline = Instant::now() + timeout;
         let held = async {
@@ -363,12 +363,13 @@ impl Executor {
             self.metrics.ratelimit_waits.get_or_create(&metrics::site(site)).inc();
         }
         self.metrics.ratelimit_wait.get_or_create(&metrics::site(site)).observe(waited.as_secs_f64());
-        let identity_name = job.target.identity.clone().unwrap_or_else(|| crate::ssh::DEFAULT_IDENTITY.to_string());
+        let identity_name = job.endpoint.identity.clone().unwrap_or_else(|| crate::ssh::DEFAULT_IDENTITY.to_string());
         let identity = self.identities.get(&identity_name)?;
         let conn = SshConnector { exec: self, job, identity: identity.clone(), identity_name: identity_name.clone() };
         let t = Instant::now();
-        let span = tracing::info_span!("ssh.connect", server.address = %job.target.host, server.port = job.target.port);
-        let host = conn.open(job.target.host_key.as_deref(), false).instrument(span).await?;
+        let span =
+            tracing::info_span!("ssh.connect", server.address = %job.endpoint.host, server.port = job.endpoint.port);
+        let host = conn.open(job.endpoint.host_key.as_deref(), false).instrument(span).await?;
         self.metrics.ssh_connect.get_or_create(&metrics::site(site)).observe(t.elapsed().as_secs_f64());
         let seen_key = host.host_key().to_string();
         let ctx = JobRun {
@@ -392,7 +393,7 @@ impl Executor {
         };
         host.close().await;
         result.map(|mut o| {
-            if o.installed_host_key.is_none() && job.target.host_key.is_none() {
+            if o.installed_host_key.is_none() && job.endpoint.host_key.is_none() {
                 // Trust on first use: report the key so the controller pins it.
                 o.installed_host_key = Some(seen_key);
             }
@@ -499,7 +500,7 @@ impl SshConnector<'_> {
             opts.policy = HostKeyPolicy::Tofu;
         }
         let identity = (self.identity_name.as_str(), self.identity.clone());
-        SshHost::connect(&self.job.target, host_key, identity, &opts).await
+        SshHost::connect(&self.job.endpoint, host_key, identity, &opts).await
     }
 }
 
@@ -531,7 +532,7 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
         configuration: None,
         generation: 0,
         site: s.site.clone(),
-        target: nio_shared::protocol::Target {
+        endpoint: nio_shared::protocol::Endpoint {
             host: String::new(),
             port: 22,
             user: String::new(),

@@ -171,7 +171,7 @@ async fn wrong_host_key_runs_nothing_and_fails_permanently() {
     let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 2)]), "e1"));
     let mut j = job("web-01", &addr(0), sshd.port, "dc1", &repo, &commit);
     let other = std::fs::read_to_string(sshd.path("identities/stranger.pub")).unwrap();
-    j.target.host_key = Some(other.trim().to_string());
+    j.endpoint.host_key = Some(other.trim().to_string());
     bus.publish(&j).await;
     let done = bus.final_of("web-01", T).await;
     assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::HostKeyMismatch)), "{done:?}");
@@ -183,7 +183,7 @@ async fn wrong_host_key_runs_nothing_and_fails_permanently() {
 
     // the right pinned key works
     let mut ok = job("web-02", &addr(1), sshd.port, "dc1", &repo, &commit);
-    ok.target.host_key = Some(sshd.host_key.clone());
+    ok.endpoint.host_key = Some(sshd.host_key.clone());
     bus.publish(&ok).await;
     assert_eq!(bus.final_of("web-02", T).await.phase, Phase::Succeeded);
     stop.cancel();
@@ -199,7 +199,7 @@ async fn unreachable_hosts_are_retried_then_fail_and_refused_identities_fail_at_
     // Nothing listens on 127.0.0.250 (the fixtures use 127.0.0.1-13): connection refused.
     bus.publish(&job("gone", "127.0.0.250", 9, "dc1", &repo, &commit)).await;
     let mut stranger = job("locked-out", &addr(0), sshd.port, "dc1", &repo, &commit);
-    stranger.target.identity = Some("stranger".into());
+    stranger.endpoint.identity = Some("stranger".into());
     bus.publish(&stranger).await;
 
     let auth = bus.final_of("locked-out", T).await;
@@ -481,7 +481,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     let mut busy = probe.clone();
     busy.machine = "busy".into();
     busy.id = nio_shared::protocol::JobId::probe("test", "default", "busy", 1, busy.action);
-    busy.target.host = addr(1);
+    busy.endpoint.host = addr(1);
     bus.publish(&busy).await;
     let done = bus.final_of("busy", T).await;
     assert_eq!(done.phase, Phase::Skipped, "{done:?}");

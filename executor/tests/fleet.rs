@@ -78,7 +78,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
 
     let mut install = job("sim-0", &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
     install.action = Action::Install;
-    install.target.host_key = Some(original_key.clone());
+    install.endpoint.host_key = Some(original_key.clone());
     install.id = JobId::new("test", "default", "sim-0", &format!("{commit}/1"), Action::Install);
     bus.publish(&install).await;
     let done = bus.final_of("sim-0", Duration::from_secs(60)).await;
@@ -106,7 +106,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     bus.seen.clear();
     let mut remove = job("sim-0", &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
     remove.action = Action::Remove;
-    remove.target.host_key = Some(new_key);
+    remove.endpoint.host_key = Some(new_key);
     remove.source.as_mut().unwrap().flake_attr = "decommissioned".into();
     remove.id = JobId::new("test", "default", "sim-0", &format!("{commit}/1"), Action::Remove);
     bus.publish(&remove).await;

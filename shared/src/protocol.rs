@@ -105,10 +105,11 @@ impl JobKind {
     }
 }
 
-/// How to reach the machine.
+/// How to reach the machine over SSH. (Not to be confused with a rollout target, the commit and generation a job
+/// brings the machine to.)
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub struct Target {
+pub struct Endpoint {
     /// IP address or host name to connect to.
     pub host: String,
     pub port: u16,
@@ -245,7 +246,9 @@ pub struct Job {
     #[serde(default)]
     pub generation: i64,
     pub site: String,
-    pub target: Target,
+    /// On the wire as `target`.
+    #[serde(rename = "target")]
+    pub endpoint: Endpoint,
     /// Source tree to apply (None for probes and scans).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Source>,

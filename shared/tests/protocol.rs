@@ -21,7 +21,7 @@ fn job() -> Job {
         configuration: Some("web".into()),
         generation: 3,
         site: "dc1".into(),
-        target: Target {
+        endpoint: Endpoint {
             host: "10.0.0.11".into(),
             port: 22,
             user: "root".into(),

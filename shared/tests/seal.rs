@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
 //! Sealed secrets open only with the right key and context, and never show their plaintext.
 
-use nio_shared::protocol::{Action, Job, SecretFile, Target};
+use nio_shared::protocol::{Action, Endpoint, Job, SecretFile};
 use nio_shared::seal::{SealError, SealKey};
 
 fn key() -> SealKey {
@@ -71,7 +71,7 @@ fn sealed_job_json_never_contains_the_plaintext() {
         configuration: None,
         generation: 1,
         site: "dc1".into(),
-        target: Target { host: "h".into(), port: 22, user: "root".into(), identity: None, host_key: None },
+        endpoint: Endpoint { host: "h".into(), port: 22, user: "root".into(), identity: None, host_key: None },
         source: None,
         action: Action::Switch,
         files: vec![],

@@ -11,7 +11,7 @@ use futures::StreamExt;
 pub use nio_loadtest::nats::NatsServer;
 use nio_loadtest::procs::{free_port, keygen, sshd_binary};
 use nio_shared::config::{ExecutorConfig, RemotePaths, SiteLimits};
-use nio_shared::protocol::{Action, Job, JobId, StatusEvent, Target};
+use nio_shared::protocol::{Action, Endpoint, Job, JobId, StatusEvent};
 
 /// Loopback addresses the sshd listens on; each is a distinct "machine" (distinct lock key).
 pub const ADDRESSES: usize = 12;
@@ -302,7 +302,7 @@ pub fn job(machine: &str, host: &str, port: u16, site: &str, repo: &str, commit:
         configuration: Some("web".into()),
         generation: 1,
         site: site.into(),
-        target: Target { host: host.into(), port, user: "root".into(), identity: None, host_key: None },
+        endpoint: Endpoint { host: host.into(), port, user: "root".into(), identity: None, host_key: None },
         source: Some(nio_shared::protocol::Source {
             repo: repo.into(),
             commit: commit.into(),
