@@ -77,7 +77,10 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     if let Some(c) = &s.nats_creds {
         opts = opts.credentials_file(c).await.with_context(|| format!("reading NATS credentials {}", c.display()))?;
     }
-    let nats = opts.connect(&s.nats_url).await.with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
+    let nats = opts
+        .connect(nio_shared::nats::servers(&s.nats_url))
+        .await
+        .with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
     let js = async_nats::jetstream::new(nats);
     nio_shared::nats::ensure_streams(&js, s.jobs_replicas).await?;
     let client = match s.kube_config.clone() {

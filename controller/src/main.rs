@@ -14,7 +14,7 @@ struct Cli {
     /// Name of this cluster; unique among the clusters sharing a NATS system.
     #[arg(long, env = "NIO_CLUSTER_NAME")]
     cluster_name: Option<String>,
-    /// NATS server URL.
+    /// NATS server URL, or the URLs of a cluster's servers separated by commas.
     #[arg(long, env = "NIO_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// NATS credentials file.

@@ -52,7 +52,10 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     if let Some(c) = &s.nats_creds {
         opts = opts.credentials_file(c).await.with_context(|| format!("reading NATS credentials {}", c.display()))?;
     }
-    let client = opts.connect(&s.nats_url).await.with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
+    let client = opts
+        .connect(nio_shared::nats::servers(&s.nats_url))
+        .await
+        .with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
     let js = async_nats::jetstream::new(client);
     let consumers = worker::ensure_consumers(&js, &s.config).await?;
     let locks = lock::Locks::open(

@@ -10,7 +10,7 @@ use nio_shared::telemetry::LogFormat;
 #[derive(Parser, Debug)]
 #[command(version, about = "NIO executor: applies rebuild jobs to machines over SSH")]
 struct Cli {
-    /// NATS server URL.
+    /// NATS server URL, or the URLs of a cluster's servers separated by commas.
     #[arg(long, env = "NIO_NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// NATS credentials file.

@@ -185,7 +185,13 @@ impl Executor {
                                 drop(permit);
                             });
                         }
-                        Err(e) => tracing::warn!(site = %name, error = %e, "job batch error"),
+                        // The request is over (e.g. 503 while the stream's leader moves to another member of a
+                        // NATS cluster): its slots go back and the loop asks again, instead of spinning on the
+                        // error with the slots held.
+                        Err(e) => {
+                            tracing::warn!(site = %name, error = %e, "pulling jobs failed; asking again");
+                            break;
+                        }
                     }
                 }
                 if shutdown.is_cancelled() {

@@ -38,6 +38,7 @@ pub async fn run(machines: usize, hold: bool) -> anyhow::Result<()> {
         failure_rate: 0.0,
         faults: vec![],
         nats_url: None,
+        nats_nodes: 1,
         deadline: Duration::from_secs(300),
         quiet: false,
         work_dir: Some(work.clone()),

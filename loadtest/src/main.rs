@@ -114,12 +114,16 @@ struct RunArgs {
     /// Probability that a machine's build fails.
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
-    /// Fault to inject, e.g. kill-executor@50%, restart-nats@30%, restart-controller@40% (repeatable).
+    /// Fault to inject, e.g. kill-executor@50%, restart-nats@30%, restart-controller@40%, kill-nats-node@50%
+    /// (the member leading NIO_JOBS, with --nats-nodes 3) (repeatable).
     #[arg(long)]
     fault: Vec<nio_loadtest::scenario::Fault>,
     /// Use this NATS instead of starting nats-server.
     #[arg(long)]
     nats_url: Option<String>,
+    /// NATS servers to start: 1, or a JetStream cluster (3 or 5) with streams and locks on 3 replicas.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    nats_nodes: u8,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -193,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
                 failure_rate: a.failure_rate,
                 faults: a.fault,
                 nats_url: a.nats_url,
+                nats_nodes: usize::from(a.nats_nodes),
                 deadline: std::time::Duration::from_secs(a.deadline),
                 quiet: a.quiet,
                 work_dir: a.work_dir,

@@ -1,4 +1,5 @@
-//! A real `nats-server -js` on loopback, started and stopped by tests, the load test and the demo.
+//! A real `nats-server -js` on loopback, started and stopped by tests, the load test and the demo: one server, or
+//! a JetStream cluster of several (routes on loopback, one store each).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -13,6 +14,8 @@ pub struct NatsServer {
     store: PathBuf,
     _dir: Option<tempfile::TempDir>,
     log: PathBuf,
+    /// Arguments beyond the single-server ones (a cluster member's name and routes), kept for restarts.
+    extra: Vec<String>,
 }
 
 fn binary() -> String {
@@ -32,6 +35,14 @@ impl NatsServer {
 
     /// Starts a server storing JetStream data under `dir`, on `port` (0: a free one).
     pub async fn start_in(dir: &Path, port: u16) -> anyhow::Result<Self> {
+        let s = Self::spawn(dir, port, Vec::new()).await?;
+        s.wait_ready().await?;
+        Ok(s)
+    }
+
+    /// Starts the process and waits until it listens (not until JetStream is ready: a cluster member is not
+    /// ready before enough of the others run).
+    async fn spawn(dir: &Path, port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
         let store = dir.join("jetstream");
         let ports_dir = dir.join("ports");
         std::fs::create_dir_all(&ports_dir)?;
@@ -44,6 +55,7 @@ impl NatsServer {
             .arg(&ports_dir)
             .arg("-l")
             .arg(&log)
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -64,9 +76,7 @@ impl NatsServer {
             anyhow::ensure!(Instant::now() < deadline, "nats-server did not start; see {}", log.display());
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let s = NatsServer { child: Some(child), port, store, _dir: None, log };
-        s.wait_ready().await?;
-        Ok(s)
+        Ok(NatsServer { child: Some(child), port, store, _dir: None, log, extra })
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -98,13 +108,67 @@ impl NatsServer {
         }
     }
 
-    /// Restarts on the same port with the same JetStream store.
+    /// Restarts on the same port with the same JetStream store (and, in a cluster, the same name and routes).
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await;
         let dir = self.store.parent().map(Path::to_path_buf).unwrap_or_default();
-        let fresh = Self::start_in(&dir, self.port).await?;
-        let mut fresh = fresh;
+        let mut fresh = Self::spawn(&dir, self.port, self.extra.clone()).await?;
+        fresh.wait_ready().await?;
         self.child = fresh.child.take();
         Ok(())
+    }
+
+    /// Whether the process runs (it was not killed).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A JetStream cluster on loopback: `n` servers named `nio-0` … with routes to each other. Clients take
+/// [`NatsCluster::urls`] (all members, comma-separated).
+pub struct NatsCluster {
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` members storing their data under `dir/node-{i}` and waits until JetStream answers on each.
+    pub async fn start_in(dir: &Path, n: usize) -> anyhow::Result<Self> {
+        let client: Vec<u16> = (0..n).map(|_| crate::procs::free_port()).collect::<anyhow::Result<_>>()?;
+        let routes: Vec<u16> = (0..n).map(|_| crate::procs::free_port()).collect::<anyhow::Result<_>>()?;
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let others: Vec<String> =
+                (0..n).filter(|j| *j != i).map(|j| format!("nats://127.0.0.1:{}", routes[j])).collect();
+            let extra = vec![
+                "--server_name".into(),
+                format!("nio-{i}"),
+                "--cluster_name".into(),
+                "nio".into(),
+                "--cluster".into(),
+                format!("nats://127.0.0.1:{}", routes[i]),
+                "--routes".into(),
+                others.join(","),
+            ];
+            nodes.push(NatsServer::spawn(&dir.join(format!("node-{i}")), client[i], extra).await?);
+        }
+        for node in &nodes {
+            node.wait_ready().await?;
+        }
+        Ok(NatsCluster { nodes })
+    }
+
+    /// Every member's URL, comma-separated (what `--nats-url` takes).
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    /// The member that leads `stream` now, asked of any running member.
+    pub async fn stream_leader(&self, stream: &str) -> anyhow::Result<usize> {
+        let live: Vec<String> = self.nodes.iter().filter(|n| n.running()).map(NatsServer::url).collect();
+        let js = async_nats::jetstream::new(async_nats::connect(live).await?);
+        let info = js.get_stream(stream).await?.info().await?.clone();
+        let leader = info.cluster.and_then(|c| c.leader).context("the stream has no leader")?;
+        let i = leader.strip_prefix("nio-").and_then(|i| i.parse().ok()).context("unknown member name")?;
+        Ok(i)
     }
 }

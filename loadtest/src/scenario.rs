@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::fleet::{Behaviour, Fleet, FleetOptions, Latency};
 use crate::gitrepo::GitRepo;
 use crate::kubesim::{KubeSim, Options as SimOptions};
-use crate::nats::NatsServer;
+use crate::nats::{NatsCluster, NatsServer};
 use crate::procs::{Proc, Usage, bin_path, free_port};
 
 /// Namespace of the simulated fleet's resources in every cluster.
@@ -26,6 +26,8 @@ pub enum Fault {
     KillExecutor(f64),
     RestartNats(f64),
     RestartController(f64),
+    /// Kills (for good) the cluster member that leads `NIO_JOBS` (needs `nats_nodes` ≥ 3).
+    KillNatsNode(f64),
 }
 
 impl std::str::FromStr for Fault {
@@ -42,7 +44,10 @@ impl std::str::FromStr for Fault {
             "kill-executor" => Ok(Fault::KillExecutor(at)),
             "restart-nats" => Ok(Fault::RestartNats(at)),
             "restart-controller" => Ok(Fault::RestartController(at)),
-            other => Err(format!("unknown fault {other}; use kill-executor, restart-nats or restart-controller")),
+            "kill-nats-node" => Ok(Fault::KillNatsNode(at)),
+            other => Err(format!(
+                "unknown fault {other}; use kill-executor, restart-nats, restart-controller or kill-nats-node"
+            )),
         }
     }
 }
@@ -50,7 +55,7 @@ impl std::str::FromStr for Fault {
 impl Fault {
     fn at(&self) -> f64 {
         match self {
-            Fault::KillExecutor(a) | Fault::RestartNats(a) | Fault::RestartController(a) => *a,
+            Fault::KillExecutor(a) | Fault::RestartNats(a) | Fault::RestartController(a) | Fault::KillNatsNode(a) => *a,
         }
     }
 }
@@ -67,6 +72,9 @@ pub struct Scenario {
     pub failure_rate: f64,
     pub faults: Vec<Fault>,
     pub nats_url: Option<String>,
+    /// NATS servers to start when no `nats_url` is given: 1, or a JetStream cluster of 3 (or 5) with every
+    /// stream and the lock bucket replicated on 3.
+    pub nats_nodes: usize,
     pub deadline: Duration,
     pub quiet: bool,
     pub work_dir: Option<PathBuf>,
@@ -88,6 +96,7 @@ impl Default for Scenario {
             failure_rate: 0.0,
             faults: vec![],
             nats_url: None,
+            nats_nodes: 1,
             deadline: Duration::from_secs(600),
             quiet: true,
             work_dir: None,
@@ -135,6 +144,8 @@ pub struct Report {
     pub switch_latency_mean_ms: f64,
     pub failure_rate: f64,
     pub faults: Vec<String>,
+    /// Per fault: the longest time after it in which no machine finished (the stall it caused), in ms.
+    pub fault_stalls_ms: Vec<f64>,
     pub updated: usize,
     pub failed: usize,
     pub lost: usize,
@@ -179,7 +190,10 @@ pub struct Running {
     pub dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     pub nats: Option<NatsServer>,
+    pub nats_cluster: Option<NatsCluster>,
     pub nats_url: String,
+    /// When each fault was injected.
+    injected: Vec<Instant>,
     pub fleet: Fleet,
     clusters: Vec<Cluster>,
     executors: Vec<Proc>,
@@ -207,14 +221,20 @@ impl Running {
                 (Some(t), p)
             }
         };
-        let (nats, nats_url) = match &s.nats_url {
-            Some(u) => (None, u.clone()),
+        let (nats, nats_cluster, nats_url) = match &s.nats_url {
+            Some(u) => (None, None, u.clone()),
+            None if s.nats_nodes > 1 => {
+                let c = NatsCluster::start_in(&dir.join("nats"), s.nats_nodes).await?;
+                let u = c.urls();
+                (None, Some(c), u)
+            }
             None => {
                 let n = NatsServer::start_in(&dir.join("nats"), 0).await?;
                 let u = n.url();
-                (Some(n), u)
+                (Some(n), None, u)
             }
         };
+        let replicas = if s.nats_nodes > 1 { 3 } else { 1 };
         // The executors' SSH identity; the fleet authorizes its public key.
         let identity = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)?;
         std::fs::create_dir_all(dir.join("identities"))?;
@@ -240,7 +260,7 @@ impl Running {
         let sites: Vec<serde_json::Value> = (0..s.sites)
             .map(|i| json!({"name": Fleet::site_name(i), "maxInFlight": s.site_limit, "connectRate": 1000.0, "burst": 200}))
             .collect();
-        let cfg = json!({"sites": sites, "ackWaitSeconds": 30, "maxDeliver": 5, "backoffSeconds": [1, 2, 5], "jobTimeoutSeconds": 600, "lockTtlSeconds": 10});
+        let cfg = json!({"sites": sites, "ackWaitSeconds": 30, "maxDeliver": 5, "backoffSeconds": [1, 2, 5], "jobTimeoutSeconds": 600, "lockTtlSeconds": 10, "streamReplicas": replicas});
         std::fs::write(dir.join("executor.yaml"), cfg.to_string())?;
 
         let ctl_bin = bin_path("nio-controller")?;
@@ -263,6 +283,8 @@ impl Running {
                 dir.join(format!("cache-{name}")).display().to_string(),
                 "--probe-interval".into(),
                 "10m".into(),
+                "--jobs-replicas".into(),
+                replicas.to_string(),
             ];
             let port = free_port()?;
             let mut full = args.clone();
@@ -291,7 +313,9 @@ impl Running {
             dir,
             _tmp: tmp,
             nats,
+            nats_cluster,
             nats_url,
+            injected: Vec::new(),
             fleet,
             clusters,
             executors: vec![],
@@ -413,6 +437,7 @@ impl Running {
 
     async fn inject(&mut self, f: &Fault) -> anyhow::Result<()> {
         tracing::info!(?f, "injecting fault");
+        self.injected.push(Instant::now());
         match f {
             Fault::KillExecutor(_) => {
                 for e in self.executors.iter_mut() {
@@ -428,6 +453,14 @@ impl Running {
             Fault::RestartNats(_) => {
                 if let Some(n) = self.nats.as_mut() {
                     n.restart().await?;
+                }
+            }
+            Fault::KillNatsNode(_) => {
+                let c = self.nats_cluster.as_mut().context("kill-nats-node needs a NATS cluster (--nats-nodes 3)")?;
+                let leader = c.stream_leader(nio_shared::subjects::JOBS_STREAM).await?;
+                tracing::info!(node = leader, "killing the NIO_JOBS leader's NATS server");
+                if let Some(node) = c.nodes.get_mut(leader) {
+                    node.kill().await;
                 }
             }
             Fault::RestartController(_) => {
@@ -543,7 +576,8 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     }
     let first = r.repo.head()?;
     r.rollout(&first, &[], None).await?;
-    let js = async_nats::jetstream::new(async_nats::connect(&r.nats_url).await.context("connecting to NATS")?);
+    let servers = nio_shared::nats::servers(&r.nats_url);
+    let js = async_nats::jetstream::new(async_nats::connect(servers).await.context("connecting to NATS")?);
     let jobs0 = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await;
     let status0 = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await;
     if let Ok(mut ops) = r.fleet.recorder.ops.lock() {
@@ -690,6 +724,7 @@ async fn analyse(
         switch_latency_mean_ms: mean * 1000.0,
         failure_rate: s.failure_rate,
         faults: s.faults.iter().map(|f| format!("{f:?}")).collect(),
+        fault_stalls_ms: r.injected.iter().map(|at| stall_after(*at, seen)).collect(),
         updated,
         failed: failed.len(),
         lost,
@@ -707,6 +742,20 @@ async fn analyse(
         plot: plotted,
         rows,
     })
+}
+
+/// The longest time, from `at` until the last machine finished, in which no machine finished (ms): the stall a
+/// fault injected at `at` caused.
+fn stall_after(at: Instant, seen: &BTreeMap<String, Instant>) -> f64 {
+    let mut times: Vec<Instant> = seen.values().filter(|t| **t >= at).copied().collect();
+    times.sort();
+    let mut last = at;
+    let mut longest = Duration::ZERO;
+    for t in times {
+        longest = longest.max(t.duration_since(last));
+        last = t;
+    }
+    longest.as_secs_f64() * 1000.0
 }
 
 /// The per-machine table (machine, cluster, site, commit, duration, outcome).

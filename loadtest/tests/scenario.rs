@@ -83,3 +83,16 @@ async fn injected_build_failures_are_reported_not_lost() {
     assert_eq!(report.updated + report.failed, 10);
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
 }
+
+/// A 3-member JetStream cluster (streams and the lock bucket on 3 replicas; every NIO process is given all three
+/// URLs) loses the member that leads NIO_JOBS mid-rollout, for good: nothing is lost, no machine runs two
+/// operations at once, no site goes over its limit, and the rollout completes on the two members left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_cluster_losing_the_jobs_leader_loses_nothing() {
+    let s = Scenario { machines: 24, nats_nodes: 3, faults: vec![Fault::KillNatsNode(0.4)], ..small() };
+    let (report, _) = run(s, None).await.unwrap();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.failed, report.lost), (24, 0, 0), "{report:#?}");
+    assert_eq!(report.fault_stalls_ms.len(), 1, "the fault was injected and its stall measured");
+    assert!(report.max_in_flight_per_site.values().all(|n| *n <= 2));
+}

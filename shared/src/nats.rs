@@ -84,6 +84,12 @@ pub fn status_consumer(cluster: &str) -> consumer::pull::Config {
     }
 }
 
+/// The servers of a `--nats-url`: one URL, or several separated by commas (the members of a cluster; the
+/// client connects to any that answers and learns the others from it).
+pub fn servers(urls: &str) -> Vec<String> {
+    urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(str::to_string).collect()
+}
+
 /// Acknowledges `msg` with `kind`, logging an error rather than failing: the broker redelivers a message whose
 /// ack was lost after its ack wait, so a lost ack costs a duplicate delivery, never a job.
 pub async fn ack(msg: &async_nats::jetstream::Message, kind: async_nats::jetstream::AckKind) {
