@@ -364,3 +364,58 @@ async fn get_events_shows_what_a_controller_recorded_through_events_k8s_io(backe
     let out = k.ok(&["get", "events", "-n", "default", "-o", "jsonpath={.items[*].reason} {.items[*].message}"]).await;
     assert_eq!(out, "BuildFailed switch abc123 failed");
 }
+
+/// The prod overlay runs NATS as a 3-member JetStream cluster that NIO uses as such: each member's config (as the
+/// real nats-server reads it, with its pod name) is valid and routes to all three; the StatefulSet has three pods
+/// behind a headless Service; controllers and executors are given every member and replicate on 3.
+#[test]
+fn the_prod_overlay_runs_nats_as_a_jetstream_cluster_of_three() {
+    let out = std::process::Command::new("kubectl")
+        .args(["kustomize", "deploy/overlays/prod"])
+        .current_dir(repo())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let find = |kind: &str, name: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name}"))
+            .clone()
+    };
+    let sts = find("StatefulSet", "nats");
+    assert_eq!(sts["spec"]["replicas"], 3);
+    let headless = find("Service", sts["spec"]["serviceName"].as_str().unwrap());
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+
+    let conf = find("ConfigMap", "nats-config")["data"]["nats.conf"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nats.conf");
+    std::fs::write(&path, &conf).unwrap();
+    let nats = nio_loadtest::procs::tool_path("nats-server").expect("nats-server (make setup)");
+    for pod in ["nats-0", "nats-1", "nats-2"] {
+        let check =
+            std::process::Command::new(&nats).arg("-c").arg(&path).arg("-t").env("POD_NAME", pod).output().unwrap();
+        assert!(
+            check.status.success(),
+            "{pod}: {}{}",
+            String::from_utf8_lossy(&check.stdout),
+            String::from_utf8_lossy(&check.stderr)
+        );
+        assert!(conf.contains(&format!("nats://{pod}.nats-headless:6222")), "a route to {pod}");
+    }
+
+    let env = |deployment: &str, var: &str| -> String {
+        let d = find("Deployment", deployment);
+        let env = d["spec"]["template"]["spec"]["containers"][0]["env"].as_array().unwrap().clone();
+        let e = env.iter().find(|e| e["name"] == var).unwrap_or_else(|| panic!("{deployment} has no {var}"));
+        e["value"].as_str().unwrap_or_default().to_string()
+    };
+    for deployment in ["nio-controller", "nio-executor"] {
+        let urls = nio_shared::nats::servers(&env(deployment, "NIO_NATS_URL"));
+        assert_eq!(urls.len(), 3, "{deployment}: {urls:?}");
+    }
+    assert_eq!(env("nio-controller", "NIO_JOBS_REPLICAS"), "3");
+    let sites = find("ConfigMap", "nio-executor-sites")["data"]["sites.yaml"].as_str().unwrap().to_string();
+    assert_eq!(nio_shared::config::ExecutorConfig::from_yaml(&sites).unwrap().stream_replicas, 3);
+}
