@@ -20,13 +20,14 @@ use crate::status::transition;
 
 /// Creates (or finds) the cluster's durable status consumer.
 pub async fn open(js: &jetstream::Context, cluster: &str) -> anyhow::Result<PullConsumer> {
-    let stream = js.get_stream(nio_shared::subjects::STATUS_STREAM).await?;
-    Ok(stream
-        .get_or_create_consumer(
-            &nio_shared::subjects::status_consumer(cluster),
-            nio_shared::nats::status_consumer(cluster),
-        )
-        .await?)
+    let name = nio_shared::subjects::status_consumer(cluster);
+    let consumer = nio_shared::nats::retrying(&format!("consumer {name}"), || async {
+        let stream = js.get_stream(nio_shared::subjects::STATUS_STREAM).await?;
+        Ok(stream.get_or_create_consumer(&name, nio_shared::nats::status_consumer(cluster)).await?)
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("opening the status consumer {name}: {e}"))?;
+    Ok(consumer)
 }
 
 /// Runs until `stop`. `machines` are the controllers' caches: an event is written from the cached Machine

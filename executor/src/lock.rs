@@ -42,13 +42,14 @@ impl Locks {
         ttl: Duration,
         replicas: usize,
     ) -> Result<Self> {
-        let kv = match js.get_key_value(nio_shared::subjects::LOCKS_BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(nio_shared::nats::locks_bucket(replicas, ttl))
-                .await
-                .map_err(|e| Error::nats("creating lock bucket", e))?,
-        };
+        let kv = nio_shared::nats::retrying("lock bucket", || async {
+            match js.get_key_value(nio_shared::subjects::LOCKS_BUCKET).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => Ok(js.create_key_value(nio_shared::nats::locks_bucket(replicas, ttl)).await?),
+            }
+        })
+        .await
+        .map_err(|e| Error::nats("creating lock bucket", e))?;
         let mut stream = js
             .get_stream(format!("KV_{}", nio_shared::subjects::LOCKS_BUCKET))
             .await

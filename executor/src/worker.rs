@@ -52,25 +52,28 @@ pub async fn ensure_consumers(
     cfg: &ExecutorConfig,
 ) -> Result<Vec<(SiteLimits, PullConsumer)>> {
     nio_shared::nats::ensure_streams(js, cfg.stream_replicas).await.map_err(|e| Error::nats("streams", e))?;
-    let stream = js.get_stream(subjects::JOBS_STREAM).await.map_err(|e| Error::nats("jobs stream", e))?;
+    let stream =
+        nio_shared::nats::retrying("stream NIO_JOBS", || async { Ok(js.get_stream(subjects::JOBS_STREAM).await?) })
+            .await
+            .map_err(|e| Error::nats("jobs stream", e))?;
     let mut out = Vec::new();
     for site in &cfg.sites {
         let want = nio_shared::nats::site_consumer(site, cfg);
         let name = subjects::site_consumer(&site.name);
-        let consumer: PullConsumer = match stream.get_consumer(&name).await {
-            Ok(c) => {
-                let mut c: PullConsumer = c;
-                let info = c.info().await.map_err(|e| Error::nats(name.clone(), e))?;
-                let diff = nio_shared::nats::consumer_mismatches(&info.config.clone().into_pull(), &want);
-                if !diff.is_empty() {
-                    return Err(Error::Nats { what: format!("site {}: {}", site.name, diff.join("; ")), source: None });
-                }
-                c
-            }
-            Err(_) => {
-                stream.create_consumer(want).await.map_err(|e| Error::nats(format!("creating consumer {name}"), e))?
-            }
-        };
+        let (consumer, info) = nio_shared::nats::retrying(&format!("consumer {name}"), || async {
+            let mut c: PullConsumer = match stream.get_consumer(&name).await {
+                Ok(c) => c,
+                Err(_) => stream.create_consumer(want.clone()).await?,
+            };
+            let info = c.info().await?.clone();
+            Ok((c, info))
+        })
+        .await
+        .map_err(|e| Error::nats(format!("consumer {name}"), e))?;
+        let diff = nio_shared::nats::consumer_mismatches(&info.config.into_pull(), &want);
+        if !diff.is_empty() {
+            return Err(Error::Nats { what: format!("site {}: {}", site.name, diff.join("; ")), source: None });
+        }
         out.push((site.clone(), consumer));
     }
     Ok(out)

@@ -39,6 +39,7 @@ pub async fn run(machines: usize, hold: bool) -> anyhow::Result<()> {
         faults: vec![],
         nats_url: None,
         nats_nodes: 1,
+        poison: 0,
         deadline: Duration::from_secs(300),
         quiet: false,
         work_dir: Some(work.clone()),

@@ -121,6 +121,9 @@ struct RunArgs {
     /// Use this NATS instead of starting nats-server.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Malformed job messages to publish during the measured rollout (each must be terminated and counted).
+    #[arg(long, default_value_t = 0)]
+    poison: usize,
     /// NATS servers to start: 1, or a JetStream cluster (3 or 5) with streams and locks on 3 replicas.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     nats_nodes: u8,
@@ -198,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
                 faults: a.fault,
                 nats_url: a.nats_url,
                 nats_nodes: usize::from(a.nats_nodes),
+                poison: a.poison,
                 deadline: std::time::Duration::from_secs(a.deadline),
                 quiet: a.quiet,
                 work_dir: a.work_dir,

@@ -72,6 +72,9 @@ pub struct Scenario {
     pub failure_rate: f64,
     pub faults: Vec<Fault>,
     pub nats_url: Option<String>,
+    /// Malformed job messages (not JSON, an unknown version, oversized) published on the sites' job subjects
+    /// while the measured rollout runs.
+    pub poison: usize,
     /// NATS servers to start when no `nats_url` is given: 1, or a JetStream cluster of 3 (or 5) with every
     /// stream and the lock bucket replicated on 3.
     pub nats_nodes: usize,
@@ -96,6 +99,7 @@ impl Default for Scenario {
             failure_rate: 0.0,
             faults: vec![],
             nats_url: None,
+            poison: 0,
             nats_nodes: 1,
             deadline: Duration::from_secs(600),
             quiet: true,
@@ -144,6 +148,9 @@ pub struct Report {
     pub switch_latency_mean_ms: f64,
     pub failure_rate: f64,
     pub faults: Vec<String>,
+    /// Malformed job messages published during the rollout, and how many the executors terminated and counted.
+    pub poison_published: usize,
+    pub poison_terminated: u64,
     /// Per fault: the longest time after it in which no machine finished (the stall it caused), in ms.
     pub fault_stalls_ms: Vec<f64>,
     pub updated: usize,
@@ -495,6 +502,28 @@ impl Running {
         self.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig.clone())).collect()
     }
 
+    /// Waits (up to a minute) until the executors have terminated `expected` malformed jobs; returns how many
+    /// they counted (`nio_executor_malformed_jobs_total`, summed over the running executors).
+    async fn malformed_terminated(&self, expected: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut total = 0;
+            for e in &self.executors {
+                if let Some((_, text)) = crate::procs::http_get(e.metrics_port, "/metrics").await {
+                    total += text
+                        .lines()
+                        .find(|l| l.starts_with("nio_executor_malformed_jobs_total"))
+                        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                        .unwrap_or(0.0) as u64;
+                }
+            }
+            if total >= expected || Instant::now() > deadline {
+                return total;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Metrics endpoints of the NIO processes.
     pub fn metrics_endpoints(&self) -> Vec<(String, String)> {
         self.clusters
@@ -596,8 +625,11 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
             .patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
             .await?;
     }
+    let poison = tokio::spawn(publish_poison(js.clone(), s.sites, s.poison));
     let seen = r.rollout(&commit, &s.faults, bars.as_ref()).await?;
     let wall = t0.elapsed().as_secs_f64();
+    let poison_published = poison.await??;
+    let poison_terminated = r.malformed_terminated(poison_published as u64).await;
     if let Some(b) = &bars {
         b.finish();
     }
@@ -610,7 +642,8 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
         (None, Some(d)) => Some(d.join("rollout.svg")),
         (None, None) => None,
     };
-    let report = analyse(&mut r, &commit, &seen, t0, wall, jobs, statuses, plot.as_deref()).await?;
+    let mut report = analyse(&mut r, &commit, &seen, t0, wall, jobs, statuses, plot.as_deref()).await?;
+    (report.poison_published, report.poison_terminated) = (poison_published, poison_terminated);
     if let Some(p) = report_path {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
@@ -725,6 +758,8 @@ async fn analyse(
         failure_rate: s.failure_rate,
         faults: s.faults.iter().map(|f| format!("{f:?}")).collect(),
         fault_stalls_ms: r.injected.iter().map(|at| stall_after(*at, seen)).collect(),
+        poison_published: 0,
+        poison_terminated: 0,
         updated,
         failed: failed.len(),
         lost,
@@ -742,6 +777,42 @@ async fn analyse(
         plot: plotted,
         rows,
     })
+}
+
+/// Publishes `n` malformed job messages on the sites' apply subjects, for machines that do not exist: a third
+/// are not JSON, a third carry an unknown version, a third are 200 KB of junk. Returns how many the stream took.
+async fn publish_poison(js: async_nats::jetstream::Context, sites: usize, n: usize) -> anyhow::Result<usize> {
+    use futures::StreamExt;
+    let junk = format!("{{\"v\":1,\"id\":\"{}\"", "x".repeat(200 * 1024));
+    let published = futures::stream::iter(0..n)
+        .map(|i| {
+            let (js, junk) = (js.clone(), junk.clone());
+            async move {
+                let site = Fleet::site_name(i % sites.max(1));
+                let subject = nio_shared::subjects::job_subject(
+                    &site,
+                    nio_shared::protocol::JobKind::Apply,
+                    "cluster-0",
+                    NS,
+                    &format!("poison-{i}"),
+                );
+                let body = match i % 3 {
+                    0 => b"this is not a job {{{".to_vec(),
+                    1 => br#"{"v":99,"id":"from-the-future","action":"switch"}"#.to_vec(),
+                    _ => junk.into_bytes(),
+                };
+                js.publish(subject, body.into()).await?.await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let ok = published.iter().filter(|r| r.is_ok()).count();
+    if let Some(Err(e)) = published.into_iter().find(Result::is_err) {
+        tracing::warn!(error = %e, "publishing a poison message failed");
+    }
+    Ok(ok)
 }
 
 /// The longest time, from `at` until the last machine finished, in which no machine finished (ms): the stall a

@@ -96,3 +96,15 @@ async fn a_nats_cluster_losing_the_jobs_leader_loses_nothing() {
     assert_eq!(report.fault_stalls_ms.len(), 1, "the fault was injected and its stall measured");
     assert!(report.max_in_flight_per_site.values().all(|n| *n <= 2));
 }
+
+/// Hostile input at rate: 3,000 malformed job messages (not JSON, an unknown version, 200 KB of junk) arrive on
+/// the sites' subjects while a rollout runs. Every one is terminated and counted; the rollout is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_at_rate_are_terminated_and_counted_while_a_rollout_runs() {
+    let s = Scenario { machines: 24, clusters: 1, poison: 3000, ..small() };
+    let (report, _) = run(s, None).await.unwrap();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.failed, report.lost), (24, 0, 0), "{report:#?}");
+    assert_eq!(report.poison_published, 3000);
+    assert_eq!(report.poison_terminated, 3000, "every malformed message terminated and counted");
+}

@@ -103,23 +103,45 @@ pub async fn ack(msg: &async_nats::jetstream::Message, kind: async_nats::jetstre
 pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize) -> crate::Result<()> {
     use crate::Error;
     for want in [jobs_stream(replicas), status_stream(replicas)] {
-        match js.get_stream(&want.name).await {
-            Ok(mut s) => {
-                let info = s.info().await.map_err(|e| Error::nats(format!("reading stream {}", want.name), e))?;
-                let diff = stream_mismatches(&info.config, &want);
-                if !diff.is_empty() {
-                    let what = format!("stream {} exists with incompatible settings: {}", want.name, diff.join("; "));
-                    return Err(Error::Nats { what, source: None });
-                }
+        let info = retrying(&format!("stream {}", want.name), || async {
+            match js.get_stream(&want.name).await {
+                Ok(mut s) => Ok(s.info().await?.clone()),
+                Err(_) => Ok(js.get_or_create_stream(want.clone()).await?.info().await?.clone()),
             }
-            Err(_) => {
-                js.get_or_create_stream(want.clone())
-                    .await
-                    .map_err(|e| Error::nats(format!("creating stream {}", want.name), e))?;
-            }
+        })
+        .await
+        .map_err(|e| Error::nats(format!("creating stream {}", want.name), e))?;
+        let diff = stream_mismatches(&info.config, &want);
+        if !diff.is_empty() {
+            let what = format!("stream {} exists with incompatible settings: {}", want.name, diff.join("; "));
+            return Err(Error::Nats { what, source: None });
         }
     }
     Ok(())
+}
+
+/// Runs `f` until it succeeds, for up to about a minute (10 attempts, backing off from 250 ms to 10 s). JetStream
+/// requests time out or are refused while a cluster forms, elects a leader or sees several clients create the
+/// same stream at once; a process starting then must wait, not exit.
+pub async fn retrying<T, F, Fut>(what: &str, f: F) -> Result<T, crate::error::BoxError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::error::BoxError>>,
+{
+    let mut delay = Duration::from_millis(250);
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < 10 => {
+                tracing::warn!(what, attempt, error = %e, ?delay, "JetStream request failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Differences in the settings NIO relies on between an existing stream and the wanted one.

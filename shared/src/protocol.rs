@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crd::{HardwareFacts, HealthCheck, RebuildAction};
 use crate::seal::Sealed;
+pub use crate::subjects::JobKind;
 
 /// The job wire-format version this build reads and writes.
 pub const JOB_VERSION: u32 = 1;
@@ -83,24 +84,6 @@ impl From<RebuildAction> for Action {
             RebuildAction::Boot => Action::Boot,
             RebuildAction::Test => Action::Test,
             RebuildAction::DryActivate => Action::DryActivate,
-        }
-    }
-}
-
-/// Subject kind of a job; each kind has its own one-message-per-machine slot in the stream.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[serde(rename_all = "lowercase")]
-pub enum JobKind {
-    Apply,
-    Probe,
-}
-
-impl JobKind {
-    /// Subject token.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobKind::Apply => "apply",
-            JobKind::Probe => "probe",
         }
     }
 }

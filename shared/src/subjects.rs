@@ -3,7 +3,25 @@
 //! Subject tokens are Kubernetes names with `.` replaced by `_`; Kubernetes names never contain `_`, so the
 //! mapping is reversible.
 
-use crate::protocol::JobKind;
+use serde::{Deserialize, Serialize};
+
+/// Subject kind of a job; each kind has its own one-message-per-machine slot in the stream.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    Apply,
+    Probe,
+}
+
+impl JobKind {
+    /// Subject token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Apply => "apply",
+            JobKind::Probe => "probe",
+        }
+    }
+}
 
 /// Stream of rebuild jobs (work queue, one message per machine and kind).
 pub const JOBS_STREAM: &str = "NIO_JOBS";
