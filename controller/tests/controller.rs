@@ -51,7 +51,7 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Bac
         serde_json::from_value(json!({"metadata": {"name": "db", "labels": {"nixos.infra/usable-by": "nio"}}, "stringData": {"password": "s3cret-value-xyz"}}))
             .unwrap();
     Api::<Secret>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), &secret).await.unwrap();
-    env.machine("m1", "dc1", &[]).await;
+    env.machine("m1").create().await;
     env.config(
         "web",
         json!({
@@ -108,7 +108,7 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade(backen
     let (stop, task) = env.spawn(settings);
     let first = env.repo.head().unwrap();
     for n in ["a", "b", "c"] {
-        env.machine(n, "dc1", &[]).await;
+        env.machine(n).create().await;
     }
     // no pollInterval: the controller's --default-poll-interval (5s here) applies
     env.config("follows-main", json!({"machineRef": "a", "pollInterval": null})).await;
@@ -143,7 +143,7 @@ async fn new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade(backen
 
     // A configuration polling hourly picks a new commit up at once when its refresh annotation changes (what a
     // Git webhook does).
-    env.machine("d", "dc1", &[]).await;
+    env.machine("d").create().await;
     env.config("hourly", json!({"machineRef": "d", "pollInterval": "1h"})).await;
     env.eventually(T, "job for d", || env.job_on(env.subject("dc1", "apply", "prod", "d"))).await;
     let third = env.repo.bump("third").unwrap();
@@ -219,7 +219,7 @@ async fn authenticated_https_and_ssh_remotes_use_the_credentials_secret(backend:
     settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
     let (stop, task) = env.spawn(settings);
     for (name, _, url) in &cases {
-        env.machine(name, "dc1", &[]).await;
+        env.machine(name).create().await;
         env.config(name, json!({"machineRef": name, "gitRepo": url, "credentialsRef": name})).await;
     }
     for ok in ["https-token", "https-user", "ssh-key", "ssh-user-from-secret"] {
@@ -346,7 +346,7 @@ async fn max_parallel_releases_the_next_machine_when_one_finishes(backend: Backe
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     for m in ["r1", "r2", "r3"] {
-        env.machine(m, "dc1", &[("tier", "batch")]).await;
+        env.machine(m).label("tier", "batch").create().await;
     }
     env.config(
         "batched",
@@ -388,8 +388,8 @@ async fn two_clusters_share_nats_but_each_sees_only_its_own_status(backend: Back
     sb.nats_url = a.nats.url();
     let (stop_a, ta) = a.spawn(a.settings("west", "ca"));
     let (stop_b, tb) = b.spawn(sb);
-    a.machine("m1", "dc1", &[]).await;
-    b.machine("m1", "dc1", &[]).await;
+    a.machine("m1").create().await;
+    b.machine("m1").create().await;
     a.config("web", json!({"machineRef": "m1"})).await;
     b.config("web", json!({"machineRef": "m1"})).await;
     let (west, _) = a.eventually(T, "west job", || a.job_on(a.subject("dc1", "apply", "west", "m1"))).await;
@@ -416,7 +416,7 @@ async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machi
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     for n in ["m1", "m2"] {
-        env.machine(n, "dc1", &[]).await;
+        env.machine(n).create().await;
     }
     env.config("web", json!({"machineRef": "m1", "onRemoveFlake": "#decommissioned"})).await;
     env.config("web2", json!({"machineRef": "m2", "onRemoveFlake": "#decommissioned"})).await;
@@ -490,7 +490,7 @@ async fn deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machi
 async fn invalid_specs_publish_nothing_and_say_why(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    env.machine("m1", "dc1", &[]).await;
+    env.machine("m1").create().await;
     env.config("evil", json!({"machineRef": "m1", "flake": "#web; reboot", "configurationSubdir": "../../etc"})).await;
     let c = env
         .eventually(T, "Invalid condition", || async {
@@ -533,7 +533,7 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
     let holder = || async { leases.get_opt(&lease).await.ok()??.spec?.holder_identity };
     assert_eq!(env.eventually(T, "a leader", holder).await, "replica-1");
     let (stop2, t2) = env.spawn(s2);
-    env.machine("m1", "dc1", &[]).await;
+    env.machine("m1").create().await;
     env.config("web", json!({"machineRef": "m1"})).await;
     env.eventually(T, "job from the leader", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
     assert_eq!(holder().await.as_deref(), Some("replica-1"), "the standby did not take over while the leader lives");
@@ -555,7 +555,7 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
         (http_get(h2, "/readyz").await? == (200, "leading".into())).then_some(())
     })
     .await;
-    env.machine("m2", "dc1", &[]).await;
+    env.machine("m2").create().await;
     env.config("web2", json!({"machineRef": "m2"})).await;
     env.eventually(T, "job from the new leader", || env.job_on(env.subject("dc1", "apply", "prod", "m2"))).await;
     stop2.cancel();
@@ -632,7 +632,7 @@ async fn a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_o
 async fn a_failure_with_a_long_utf8_log_still_gets_its_event(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    env.machine("m1", "dc1", &[]).await;
+    env.machine("m1").create().await;
     env.config("web", json!({"machineRef": "m1"})).await;
     let (job, _) = env.eventually(T, "the job", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
     let message = format!("error: builder for '/nix/store/…-étoile.drv' failed: {}", "ünïcödé ".repeat(150));
@@ -665,8 +665,8 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
     };
     secrets.create(&PostParams::default(), &unlabelled("db", "password", "hunter2")).await.unwrap();
     secrets.create(&PostParams::default(), &unlabelled("git", "token", "tok")).await.unwrap();
-    env.machine("m1", "dc1", &[]).await;
-    env.machine("m2", "dc1", &[]).await;
+    env.machine("m1").create().await;
+    env.machine("m2").create().await;
     let file =
         json!([{"path": "db/password", "valueType": "SecretRef", "secretRef": {"name": "db", "key": "password"}}]);
     env.config("web", json!({"machineRef": "m1", "additionalFiles": file, "pollInterval": "1h"})).await;
@@ -786,8 +786,8 @@ async fn one_object_that_does_not_decode_is_skipped_and_named_and_the_rest_recon
     }
     let kube = TestCluster::start_with_crds(backend, old_crds.path()).await.unwrap();
     let env = Env::with_cluster(kube, nio_loadtest::nats::NatsServer::start().await.unwrap()).await;
-    env.machine("m1", "dc1", &[]).await;
-    env.machine("m2", "dc1", &[]).await;
+    env.machine("m1").create().await;
+    env.machine("m2").create().await;
     let untyped: Api<kube::api::DynamicObject> = Api::namespaced_with(
         env.client.clone(),
         &env.ns,
@@ -870,7 +870,7 @@ async fn an_idle_controller_writes_nothing_and_stops_reconciling(backend: Backen
 async fn a_deleted_configuration_whose_on_remove_flake_became_invalid_says_so(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    env.machine("m1", "dc1", &[]).await;
+    env.machine("m1").create().await;
     env.config("web", json!({"machineRef": "m1", "onRemoveFlake": "#decommissioned"})).await;
     let (job, _) = env.eventually(T, "the job", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
     env.report(&job, Phase::Succeeded, |_| {}).await;
@@ -903,7 +903,7 @@ async fn a_deleted_configuration_whose_on_remove_flake_became_invalid_says_so(ba
 async fn machines_with_an_invalid_spec_are_named_by_the_fleet_and_not_counted(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
-    env.machine("m1", "dc1", &[("role", "web")]).await;
+    env.machine("m1").label("role", "web").create().await;
     let bad: Machine = serde_json::from_value(json!({
         "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
         "metadata": {"name": "m2", "labels": {"role": "web"}},

@@ -108,16 +108,9 @@ impl Env {
         )
     }
 
-    pub async fn machine(&self, name: &str, site: &str, labels: &[(&str, &str)]) -> Machine {
-        let labels: serde_json::Map<String, serde_json::Value> =
-            labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
-        let m: Machine = serde_json::from_value(json!({
-            "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
-            "metadata": {"name": name, "labels": labels},
-            "spec": {"hostname": format!("{name}.example.org"), "ipAddress": "127.0.0.9", "site": site}
-        }))
-        .unwrap();
-        self.machines().create(&PostParams::default(), &m).await.unwrap()
+    /// A Machine to create: `env.machine("m1").label("role", "web").create().await` (site dc1 unless `.site(..)`).
+    pub fn machine(&self, name: &str) -> MachineBuilder<'_> {
+        MachineBuilder { env: self, name: name.into(), site: "dc1".into(), labels: serde_json::Map::new() }
     }
 
     pub async fn config(&self, name: &str, spec: serde_json::Value) -> NixosConfiguration {
@@ -146,8 +139,8 @@ impl Env {
     /// Machines m1 and m2 (site dc1, role=web) and configuration `fleet` selecting role=web, plus `extra` spec
     /// fields; returns the two apply jobs once both are queued.
     pub async fn web_fleet_of_two(&self, extra: serde_json::Value) -> [Job; 2] {
-        self.machine("m1", "dc1", &[("role", "web")]).await;
-        self.machine("m2", "dc1", &[("role", "web")]).await;
+        self.machine("m1").label("role", "web").create().await;
+        self.machine("m2").label("role", "web").create().await;
         let mut spec = json!({"machineSelector": {"matchLabels": {"role": "web"}}});
         for (k, v) in extra.as_object().into_iter().flatten() {
             spec[k] = v.clone();
@@ -271,3 +264,33 @@ impl Env {
 }
 
 pub use nio_loadtest::procs::http_get;
+
+/// A Machine being described for a test; [`MachineBuilder::create`] stores it.
+pub struct MachineBuilder<'a> {
+    env: &'a Env,
+    name: String,
+    site: String,
+    labels: serde_json::Map<String, serde_json::Value>,
+}
+
+impl MachineBuilder<'_> {
+    pub fn site(mut self, site: &str) -> Self {
+        self.site = site.into();
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> Self {
+        self.labels.insert(key.into(), json!(value));
+        self
+    }
+
+    pub async fn create(self) -> Machine {
+        let m: Machine = serde_json::from_value(json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "Machine",
+            "metadata": {"name": self.name, "labels": self.labels},
+            "spec": {"hostname": format!("{}.example.org", self.name), "ipAddress": "127.0.0.9", "site": self.site}
+        }))
+        .unwrap();
+        self.env.machines().create(&PostParams::default(), &m).await.unwrap()
+    }
+}
