@@ -48,6 +48,7 @@ on_both!(
     unknown_bearer_tokens_are_unauthorized,
     writes_that_change_nothing_store_nothing,
     cel_rules_refuse_selectors_that_would_pick_the_wrong_fleet,
+    server_side_apply_merges_map_lists_by_key,
 );
 
 fn machine(name: &str) -> Machine {
@@ -521,6 +522,48 @@ async fn cel_rules_refuse_selectors_that_would_pick_the_wrong_fleet(backend: Bac
         typed.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|c| c.metadata.name).collect();
     names.sort();
     assert_eq!(names, ["all-labelled", "fleet", "one-machine"]);
+}
+
+/// Server-side apply merges `additionalFiles` by path (`x-kubernetes-list-type: map`), as GitOps tools and
+/// people applying the same configuration rely on: each manager owns its own files, one that stops applying its
+/// file removes only that file, the same path with another content conflicts, and one path twice is refused.
+async fn server_side_apply_merges_map_lists_by_key(backend: Backend) {
+    let (_c, api) = on::<NixosConfiguration>(backend).await;
+    let file = |path: &str, content: &str| json!({"path": path, "valueType": "Inline", "inline": content});
+    let full = |files: serde_json::Value| {
+        json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": "web"},
+               "spec": {"gitRepo": "https://example.org/r.git", "ref": "main", "flake": "#web", "machineRef": "m1",
+                        "additionalFiles": files}})
+    };
+    let only_files = |files: serde_json::Value| {
+        json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": "web"},
+               "spec": {"additionalFiles": files}})
+    };
+    let paths = |c: NixosConfiguration| -> Vec<(String, String)> {
+        c.spec.additional_files.into_iter().map(|f| (f.path, f.inline.unwrap_or_default())).collect()
+    };
+    let apply = |manager: &str, body: serde_json::Value| {
+        let api = api.clone();
+        let params = PatchParams::apply(manager);
+        async move { api.patch("web", &params, &Patch::Apply(&body)).await }
+    };
+    apply("alice", full(json!([file("a.nix", "A")]))).await.unwrap();
+    let both = apply("bob", only_files(json!([file("b.nix", "B")]))).await.unwrap();
+    assert_eq!(paths(both), [("a.nix".into(), "A".into()), ("b.nix".into(), "B".into())], "merged by path");
+    let dropped = apply("alice", full(json!([]))).await.unwrap();
+    assert_eq!(paths(dropped), [("b.nix".into(), "B".into())], "alice's file went, bob's stayed");
+    let (code, _, message) = api_error(apply("carol", only_files(json!([file("b.nix", "C")]))).await.unwrap_err());
+    assert_eq!(code, 409, "{message}");
+    assert!(message.contains("bob"), "{message}");
+    let dup = serde_json::from_value::<NixosConfiguration>(json!({
+        "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": {"name": "dup"},
+        "spec": {"gitRepo": "https://example.org/r.git", "ref": "main", "flake": "#web", "machineRef": "m1",
+                 "additionalFiles": [file("x.nix", "1"), file("x.nix", "2")]}
+    }))
+    .unwrap();
+    let (code, _, message) = api_error(api.create(&PostParams::default(), &dup).await.unwrap_err());
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("Duplicate value"), "{message}");
 }
 
 /// Large lists come in pages (kube-rs's watcher asks for 500 at a time): `limit` caps a page, `continue`

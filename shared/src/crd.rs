@@ -242,8 +242,9 @@ pub struct MachineStatus {
     /// When a full install last completed. A full install runs once; later commits switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_at: Option<Time>,
-    /// Conditions: Reachable, Drifted, HostKeyMismatch, Failed.
+    /// Conditions: Invalid, Failed, Drifted, HostKeyMismatch (one per type).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -436,9 +437,11 @@ pub struct NixosConfigurationSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 2, max = 256))]
     pub on_remove_flake: Option<String>,
-    /// Extra files placed in the source tree or delivered as secrets.
+    /// Extra files placed in the source tree or delivered as secrets, one per path (server-side apply merges
+    /// them by path, so several managers can each own some).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["path"]))]
     pub additional_files: Vec<AdditionalFile>,
     /// nixos-rebuild action used for updates.
     #[serde(default)]
@@ -492,8 +495,9 @@ pub struct NixosConfigurationStatus {
     /// When a machine last finished applying this configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_applied_time: Option<Time>,
-    /// Conditions: Ready, Progressing, Degraded, Invalid.
+    /// Conditions: Ready, Progressing, Degraded, Invalid (one per type).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -185,6 +185,19 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome) {
                     walk(item_schema, item, &format!("{path}[{i}]"), out);
                 }
             }
+            if let Some(keys) = crate::kubesim::fields::map_keys(schema) {
+                let mut seen = std::collections::BTreeSet::new();
+                for (i, item) in items.iter().enumerate() {
+                    let key = crate::kubesim::fields::item_key(item, &keys);
+                    if !seen.insert(key.clone()) {
+                        out.causes.push(Cause {
+                            reason: "FieldValueDuplicate",
+                            field: format!("{path}[{i}]"),
+                            message: format!("Duplicate value: {}", key.trim_start_matches("k:")),
+                        });
+                    }
+                }
+            }
         }
         Value::String(s) => {
             let len = s.chars().count() as u64;

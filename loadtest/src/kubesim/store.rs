@@ -461,7 +461,7 @@ impl Store {
         }
         let scope = if rt.status_subresource { Scope::Main } else { Scope::All };
         if meta_str(&obj, "managedFields").is_none() && obj.pointer("/metadata/managedFields").is_none() {
-            fields::record_update(None, &mut obj, &opts.manager, scope, &rt.api_version(), &now());
+            fields::record_update(None, &mut obj, &opts.manager, scope, &rt.api_version(), &now(), rt.schema.as_ref());
         }
         self.commit(&mut st, rt, &ns, &name, None, obj, opts)
     }
@@ -647,7 +647,15 @@ impl Store {
         if let Some(mf) = old.pointer("/metadata/managedFields") {
             meta_mut(&mut new).insert("managedFields".into(), mf.clone());
         }
-        fields::record_update(Some(&old), &mut new, &opts.manager, effective(rt, scope), &rt.api_version(), &now());
+        fields::record_update(
+            Some(&old),
+            &mut new,
+            &opts.manager,
+            effective(rt, scope),
+            &rt.api_version(),
+            &now(),
+            rt.schema.as_ref(),
+        );
         self.commit(&mut st, rt, &nskey, name, Some(&old), new, opts)
     }
 
@@ -688,7 +696,7 @@ impl Store {
                 let mut intent = body.clone();
                 intent["apiVersion"] = json!(rt.api_version());
                 intent["kind"] = json!(rt.kind);
-                let new = fields::apply(old.as_deref(), &intent, &opts.manager, scope, force, &rt.api_version(), &now()).map_err(|conflicts| {
+                let new = fields::apply(old.as_deref(), &intent, &opts.manager, scope, force, &rt.api_version(), &now(), rt.schema.as_ref()).map_err(|conflicts| {
                     let causes: Vec<Value> = conflicts
                         .iter()
                         .map(|c| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{}\"", c.manager), "field": format!(".{}", c.path.join("."))}))
@@ -786,7 +794,15 @@ impl Store {
                 if let Some(mf) = old.pointer("/metadata/managedFields") {
                     meta_mut(&mut new).insert("managedFields".into(), mf.clone());
                 }
-                fields::record_update(Some(&old), &mut new, &opts.manager, scope, &rt.api_version(), &now());
+                fields::record_update(
+                    Some(&old),
+                    &mut new,
+                    &opts.manager,
+                    scope,
+                    &rt.api_version(),
+                    &now(),
+                    rt.schema.as_ref(),
+                );
                 self.commit(&mut st, rt, &nskey, name, Some(&old), new, opts)
             }
         }
