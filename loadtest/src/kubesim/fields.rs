@@ -135,6 +135,11 @@ fn step<'a>(cur: &'a Value, element: &str) -> Option<&'a Value> {
     }
 }
 
+/// The value at `path`, mutably.
+fn get_mut<'a>(v: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
+    path.iter().try_fold(v, |cur, k| step_mut(cur, k))
+}
+
 fn step_mut<'a>(cur: &'a mut Value, element: &str) -> Option<&'a mut Value> {
     match parse_item_key(element) {
         Some(keys) if cur.is_array() => {
@@ -160,14 +165,7 @@ pub fn remove(v: &mut Value, path: &[String]) {
         }
         return;
     }
-    let mut cur = &mut *v;
-    for k in parents {
-        match step_mut(cur, k) {
-            Some(next) => cur = next,
-            None => return,
-        }
-    }
-    if let Some(m) = cur.as_object_mut() {
+    if let Some(m) = get_mut(v, parents).and_then(Value::as_object_mut) {
         m.remove(last);
     }
     let left = get(v, parents).and_then(Value::as_object);
@@ -182,14 +180,7 @@ pub fn remove(v: &mut Value, path: &[String]) {
 fn remove_item(v: &mut Value, path: &[String]) {
     let Some((last, parents)) = path.split_last() else { return };
     let Some(keys) = parse_item_key(last) else { return };
-    let mut cur = &mut *v;
-    for k in parents {
-        match step_mut(cur, k) {
-            Some(next) => cur = next,
-            None => return,
-        }
-    }
-    if let Some(items) = cur.as_array_mut() {
+    if let Some(items) = get_mut(v, parents).and_then(Value::as_array_mut) {
         items.retain(|i| !keys.iter().all(|(k, val)| i.get(k) == Some(val)));
         if items.is_empty() && parents.len() > 1 {
             remove(v, parents);
