@@ -40,6 +40,7 @@ pub async fn run(machines: usize, hold: bool) -> anyhow::Result<()> {
         nats_url: None,
         nats_nodes: 1,
         poison: 0,
+        controller_replicas: 1,
         deadline: Duration::from_secs(300),
         quiet: false,
         work_dir: Some(work.clone()),

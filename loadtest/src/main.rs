@@ -121,6 +121,9 @@ struct RunArgs {
     /// Use this NATS instead of starting nats-server.
     #[arg(long)]
     nats_url: Option<String>,
+    /// Controller replicas per cluster (2: a leader and a standby on a 5 s Lease, for --fault kill-leader@P).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    controller_replicas: u8,
     /// Malformed job messages to publish during the measured rollout (each must be terminated and counted).
     #[arg(long, default_value_t = 0)]
     poison: usize,
@@ -202,6 +205,7 @@ async fn main() -> anyhow::Result<()> {
                 nats_url: a.nats_url,
                 nats_nodes: usize::from(a.nats_nodes),
                 poison: a.poison,
+                controller_replicas: usize::from(a.controller_replicas),
                 deadline: std::time::Duration::from_secs(a.deadline),
                 quiet: a.quiet,
                 work_dir: a.work_dir,

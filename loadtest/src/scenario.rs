@@ -28,6 +28,9 @@ pub enum Fault {
     RestartController(f64),
     /// Kills (for good) the cluster member that leads `NIO_JOBS` (needs `nats_nodes` ≥ 3).
     KillNatsNode(f64),
+    /// Kills (for good) each cluster's leading controller replica; the standby must take over (needs
+    /// `controller_replicas` 2).
+    KillLeader(f64),
 }
 
 impl std::str::FromStr for Fault {
@@ -45,8 +48,10 @@ impl std::str::FromStr for Fault {
             "restart-nats" => Ok(Fault::RestartNats(at)),
             "restart-controller" => Ok(Fault::RestartController(at)),
             "kill-nats-node" => Ok(Fault::KillNatsNode(at)),
+            "kill-leader" => Ok(Fault::KillLeader(at)),
             other => Err(format!(
-                "unknown fault {other}; use kill-executor, restart-nats, restart-controller or kill-nats-node"
+                "unknown fault {other}; use kill-executor, restart-nats, restart-controller, kill-nats-node or \
+                 kill-leader"
             )),
         }
     }
@@ -55,7 +60,11 @@ impl std::str::FromStr for Fault {
 impl Fault {
     fn at(&self) -> f64 {
         match self {
-            Fault::KillExecutor(a) | Fault::RestartNats(a) | Fault::RestartController(a) | Fault::KillNatsNode(a) => *a,
+            Fault::KillExecutor(a)
+            | Fault::RestartNats(a)
+            | Fault::RestartController(a)
+            | Fault::KillNatsNode(a)
+            | Fault::KillLeader(a) => *a,
         }
     }
 }
@@ -72,6 +81,8 @@ pub struct Scenario {
     pub failure_rate: f64,
     pub faults: Vec<Fault>,
     pub nats_url: Option<String>,
+    /// Controller replicas per cluster: 1, or 2 (a leader and a standby on a 5 s Lease).
+    pub controller_replicas: usize,
     /// Malformed job messages (not JSON, an unknown version, oversized) published on the sites' job subjects
     /// while the measured rollout runs.
     pub poison: usize,
@@ -100,6 +111,7 @@ impl Default for Scenario {
             faults: vec![],
             nats_url: None,
             poison: 0,
+            controller_replicas: 1,
             nats_nodes: 1,
             deadline: Duration::from_secs(600),
             quiet: true,
@@ -189,6 +201,8 @@ struct Cluster {
     client: kube::Client,
     kubeconfig: PathBuf,
     controller: Proc,
+    /// The second replica, when there are two (identity `{name}-1`; the first is `{name}-0`).
+    standby: Option<Proc>,
     name: String,
 }
 
@@ -293,14 +307,23 @@ impl Running {
                 "--jobs-replicas".into(),
                 replicas.to_string(),
             ];
-            let port = free_port()?;
-            let mut full = args.clone();
-            full.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}")]);
             let mut env: Vec<(&str, String)> = s.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
             env.push(("KUBECONFIG", kubeconfig.display().to_string()));
-            let controller = Proc::spawn(&format!("controller-{c}"), &ctl_bin, &full, &env, &dir, port)?;
+            let replica = |i: usize| -> anyhow::Result<Proc> {
+                let port = free_port()?;
+                let mut full = args.clone();
+                full.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}"), "--identity".into()]);
+                full.push(format!("{name}-{i}"));
+                if s.controller_replicas > 1 {
+                    full.extend(["--lease-duration".into(), "5".into()]);
+                }
+                let proc_name = if i == 0 { format!("controller-{c}") } else { format!("controller-{c}-standby") };
+                Proc::spawn(&proc_name, &ctl_bin, &full, &env, &dir, port)
+            };
+            let controller = replica(0)?;
+            let standby = if s.controller_replicas > 1 { Some(replica(1)?) } else { None };
             ctl_args.push(args);
-            clusters.push(Cluster { sim, client, kubeconfig, controller, name });
+            clusters.push(Cluster { sim, client, kubeconfig, controller, standby, name });
         }
         let exec_args = vec![
             "--nats-url".into(),
@@ -462,6 +485,18 @@ impl Running {
                     n.restart().await?;
                 }
             }
+            Fault::KillLeader(_) => {
+                for c in self.clusters.iter_mut() {
+                    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+                        Api::namespaced(c.client.clone(), "default");
+                    let holder = leases.get("nio-controller").await?.spec.and_then(|s| s.holder_identity);
+                    tracing::info!(cluster = %c.name, ?holder, "killing the leading controller");
+                    match (&mut c.standby, holder) {
+                        (Some(standby), Some(h)) if h == format!("{}-1", c.name) => standby.kill().await,
+                        _ => c.controller.kill().await,
+                    }
+                }
+            }
             Fault::KillNatsNode(_) => {
                 let c = self.nats_cluster.as_mut().context("kill-nats-node needs a NATS cluster (--nats-nodes 3)")?;
                 let leader = c.stream_leader(nio_shared::subjects::JOBS_STREAM).await?;
@@ -491,6 +526,9 @@ impl Running {
     fn sample(&mut self) {
         for c in &mut self.clusters {
             c.controller.sample();
+            if let Some(s) = c.standby.as_mut() {
+                s.sample();
+            }
         }
         for e in &mut self.executors {
             e.sample();
@@ -546,6 +584,9 @@ impl Running {
         }
         for c in &mut self.clusters {
             c.controller.terminate(Duration::from_secs(10)).await;
+            if let Some(s) = c.standby.as_mut() {
+                s.terminate(Duration::from_secs(10)).await;
+            }
         }
     }
 }
@@ -743,8 +784,12 @@ async fn analyse(
             (n as f64 / f64::from(s.site_limit.max(1))).ceil() * mean
         })
         .fold(0.0, f64::max);
-    let mut processes: Vec<ProcReport> =
-        r.clusters.iter().map(|c| ProcReport { name: c.controller.name.clone(), usage: c.controller.last }).collect();
+    let mut processes: Vec<ProcReport> = r
+        .clusters
+        .iter()
+        .flat_map(|c| std::iter::once(&c.controller).chain(c.standby.as_ref()))
+        .map(|p| ProcReport { name: p.name.clone(), usage: p.last })
+        .collect();
     processes.extend(r.executors.iter().map(|e| ProcReport { name: e.name.clone(), usage: e.last }));
     let plotted = plot
         .and_then(|p| crate::plot::rollout_svg(p, &r.fleet, seen, t0, s.sites).ok().map(|_| p.display().to_string()));

@@ -108,3 +108,17 @@ async fn poison_messages_at_rate_are_terminated_and_counted_while_a_rollout_runs
     assert_eq!(report.poison_published, 3000);
     assert_eq!(report.poison_terminated, 3000, "every malformed message terminated and counted");
 }
+
+/// Two controller replicas; the leader is killed mid-rollout (SIGKILL: no lease release). The standby takes
+/// the 5 s Lease over and finishes the rollout: nothing lost, nothing published twice into a second operation on
+/// a machine (the overlap invariant), and the stall is reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_controller_finishes_the_rollout_when_the_leader_dies() {
+    let s =
+        Scenario { machines: 24, clusters: 1, controller_replicas: 2, faults: vec![Fault::KillLeader(0.4)], ..small() };
+    let (report, _) = run(s, None).await.unwrap();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.failed, report.lost), (24, 0, 0), "{report:#?}");
+    assert_eq!(report.fault_stalls_ms.len(), 1);
+    assert!(report.processes.iter().any(|p| p.name == "controller-0-standby"), "{:?}", report.processes);
+}
