@@ -77,7 +77,9 @@ pub fn status_consumer(cluster: &str) -> consumer::pull::Config {
         description: Some(format!("NIO controller of cluster {cluster}")),
         filter_subject: subjects::cluster_status_filter(cluster),
         ack_policy: consumer::AckPolicy::Explicit,
-        ack_wait: Duration::from_secs(30),
+        // Events handed to a controller that dies come back after this: short, because a standby taking over
+        // must not wait for them (a batch is applied in well under it; applying one twice is harmless).
+        ack_wait: Duration::from_secs(10),
         max_deliver: 10,
         max_ack_pending: 10_000,
         ..Default::default()
