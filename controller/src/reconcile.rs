@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
@@ -28,23 +27,6 @@ use nio_shared::gitauth::GitAuth;
 
 /// Jobs published (and Machines marked Queued) at once by one reconcile.
 const PUBLISH_CONCURRENCY: usize = 32;
-
-/// Label selector in its query-string form.
-pub fn selector_string(sel: &LabelSelector) -> String {
-    let mut parts: Vec<String> = sel.match_labels.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect();
-    for e in sel.match_expressions.iter().flatten() {
-        let vals = e.values.as_deref().unwrap_or_default().join(",");
-        parts.push(match e.operator.as_str() {
-            "In" => format!("{} in ({vals})", e.key),
-            "NotIn" => format!("{} notin ({vals})", e.key),
-            "Exists" => e.key.clone(),
-            "DoesNotExist" => format!("!{}", e.key),
-            // Validation rejects other operators; the list is only narrowed here and `targets` decides.
-            _ => continue,
-        });
-    }
-    parts.join(",")
-}
 
 /// Whether `cfg` targets machine `m` (same namespace; by name or labels).
 pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {

@@ -51,18 +51,23 @@ pub fn check(rules: &Rules, new: &Value, old: Option<&Value>) -> Vec<Value> {
     let Err(errors) = VALIDATOR.with(|v| v.validate_compiled(&rules.0, new, old)) else { return Vec::new() };
     errors
         .iter()
-        .filter(|e| old.is_none_or(|o| o.pointer(&pointer(&e.field_path)) != new.pointer(&pointer(&e.field_path))))
-        .map(|e| {
-            let value = if new.pointer(&pointer(&e.field_path)).is_some_and(Value::is_object) {
-                "\"object\"".to_string()
-            } else {
-                new.pointer(&pointer(&e.field_path)).map(Value::to_string).unwrap_or_else(|| "null".into())
+        .filter_map(|e| {
+            let at = pointer(&e.field_path);
+            let now = new.pointer(&at);
+            // Ratcheting: a value the update left as it was does not fail it.
+            if old.is_some_and(|o| o.pointer(&at) == now) {
+                return None;
+            }
+            let value = match now {
+                Some(v) if v.is_object() => "\"object\"".to_string(),
+                Some(v) => v.to_string(),
+                None => "null".into(),
             };
-            json!({
+            Some(json!({
                 "reason": e.reason.as_deref().unwrap_or("FieldValueInvalid"),
                 "field": e.field_path,
                 "message": format!("Invalid value: {value}: {}", e.message),
-            })
+            }))
         })
         .collect()
 }
