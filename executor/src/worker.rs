@@ -189,10 +189,14 @@ impl Executor {
                             });
                         }
                         // The request is over (e.g. 503 while the stream's leader moves to another member of a
-                        // NATS cluster): its slots go back and the loop asks again, instead of spinning on the
-                        // error with the slots held.
+                        // NATS cluster): after a pause its slots go back and the loop asks again (without the
+                        // pause it would ask thousands of times a second until the new leader is elected).
                         Err(e) => {
                             tracing::warn!(site = %name, error = %e, "pulling jobs failed; asking again");
+                            tokio::select! {
+                                _ = tokio::time::sleep(PULL_ERROR_PAUSE) => {}
+                                _ = shutdown.cancelled() => {}
+                            }
                             break;
                         }
                     }
@@ -246,22 +250,43 @@ impl Executor {
         let queue_wait = (Utc::now() - job.enqueued_at).to_std().unwrap_or_default();
         self.metrics.queue_wait.get_or_create(&metrics::site(site)).observe(queue_wait.as_secs_f64());
         span.record("nio.queue_wait_ms", queue_wait.as_millis() as u64);
-        let outcome = self.clone().process(site, &msg, job.clone(), hard).instrument(span.clone()).await;
+        // Keep the message ours while the job runs and its outcome is reported.
+        let ticker = {
+            let every = Duration::from_secs(self.cfg.ack_wait_seconds.max(3) / 3);
+            let msg = msg.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if msg.ack_with(AckKind::Progress).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let outcome = self.clone().process(site, job.clone(), hard).instrument(span.clone()).await;
         let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
-        let settlement = settle(&outcome, delivered, self.cfg.max_deliver, &self.cfg.backoff_seconds);
-        match (&settlement, outcome) {
+        let mut settlement = settle(&outcome, delivered, self.cfg.max_deliver, &self.cfg.backoff_seconds);
+        let reported = match (&settlement, outcome) {
             (_, Ok(o)) => rep.finish_ok(o).instrument(span.clone()).await,
             (Settlement::Retry { delay, .. }, Err(Failed(e))) => {
                 let attempt = format!("attempt {delivered} of {}", self.cfg.max_deliver);
-                rep.step(e.step(), format!("{e}; retrying in {delay:?} ({attempt})")).instrument(span.clone()).await
+                rep.step(e.step(), format!("{e}; retrying in {delay:?} ({attempt})")).instrument(span.clone()).await;
+                true
             }
             (Settlement::Fail { .. }, Err(Failed(e))) => {
                 span.record("error.type", e.category().as_str());
                 tracing::warn!(parent: &span, machine = %job.machine, error = %e, "job failed");
                 rep.finish_failed(e.step(), e.category(), e.to_string(), e.tail()).instrument(span.clone()).await
             }
-            (_, Err(_)) => {}
+            (_, Err(_)) => true,
+        };
+        ticker.abort();
+        if !reported {
+            // The outcome never reached the controller: settling now would leave the Machine Applying for good.
+            // The job goes back to the queue; run again, it finds the host done and reports that.
+            tracing::error!(parent: &span, machine = %job.machine, "outcome not reported; returning the job to the queue");
+            settlement = Settlement::Requeue;
         }
         // Succeeded jobs wait for the broker to confirm the ack: a lost one would run the job again.
         if matches!(settlement, Settlement::Done { .. }) {
@@ -284,29 +309,10 @@ impl Executor {
         in_flight.dec();
     }
 
-    async fn process(
-        self: Arc<Self>,
-        site: &str,
-        msg: &jetstream::Message,
-        job: Job,
-        hard: CancellationToken,
-    ) -> Result<Outcome, Failure> {
+    async fn process(self: Arc<Self>, site: &str, job: Job, hard: CancellationToken) -> Result<Outcome, Failure> {
         actions::check_job(&job).map_err(Failed)?;
         let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
         rep.event(Phase::Started, None, None, String::new()).await;
-        // Keep the message ours while the job runs.
-        let ticker = {
-            let every = Duration::from_secs(self.cfg.ack_wait_seconds.max(3) / 3);
-            let msg = msg.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    if msg.ack_with(AckKind::Progress).await.is_err() {
-                        return;
-                    }
-                }
-            })
-        };
         let timeout = self.job_timeout(&job);
         let work = self.clone().locked(site, &job, &rep, timeout);
         let result = tokio::select! {
@@ -316,7 +322,6 @@ impl Executor {
             },
             _ = hard.cancelled() => Err(Cancelled),
         };
-        ticker.abort();
         result
     }
 
@@ -560,6 +565,14 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
     }
 }
 
+/// How long a site's pull request that failed keeps its slots before they ask again.
+const PULL_ERROR_PAUSE: Duration = Duration::from_millis(250);
+/// How long a progress event is retried while JetStream cannot take it: the job does not wait longer for it.
+const STEP_PATIENCE: Duration = Duration::from_secs(10);
+/// How long a job's outcome is retried (the job's message kept meanwhile) before the job goes back to the queue.
+/// A NATS cluster elects a new stream leader within seconds of losing one.
+const OUTCOME_PATIENCE: Duration = Duration::from_secs(120);
+
 impl Reporter {
     fn new(exec: Arc<Executor>, job: Job, span: Option<tracing::Span>) -> Self {
         Reporter { exec, job, started_at: Utc::now(), span, step: std::sync::Mutex::new(Step::Lock) }
@@ -602,30 +615,36 @@ impl Reporter {
             *last = s;
         }
         let ev = StatusEvent { step, category, message: Some(message).filter(|m| !m.is_empty()), ..self.base(phase) };
-        self.publish(ev).await;
+        self.publish(ev, STEP_PATIENCE).await;
     }
 
-    async fn publish(&self, ev: StatusEvent) {
+    /// Publishes `ev`, retrying for up to `patience` while JetStream cannot take it (a member lost, a leader
+    /// being elected); each event has its own `Nats-Msg-Id`, so a retry of one that did arrive is dropped by
+    /// the stream. Whether it was stored.
+    async fn publish(&self, ev: StatusEvent, patience: Duration) -> bool {
         let span = tracing::info_span!(parent: self.span.as_ref().and_then(|s| s.id()), "status.publish", otel.kind = "producer", nio.phase = ?ev.phase);
         let mut headers = async_nats::HeaderMap::new();
         {
             let _e = span.enter();
             nio_shared::telemetry::inject(&mut headers);
         }
-        let subject = ev.subject();
-        let sent = async {
-            let ack = self.exec.js.publish_with_headers(subject, headers, Bytes::from(ev.encode())).await?;
-            ack.await.map(|_| ())
-        }
+        headers.insert("Nats-Msg-Id", ev.message_id().as_str());
+        let (subject, payload) = (ev.subject(), Bytes::from(ev.encode()));
+        let sent = nio_shared::nats::retry_within("status event", patience, || async {
+            let ack = self.exec.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?;
+            Ok(ack.await.map(|_| ())?)
+        })
         .instrument(span)
         .await;
-        if let Err(e) = sent {
+        if let Err(e) = &sent {
             self.exec.metrics.status_publish_errors.inc();
             tracing::error!(machine = %ev.machine, error = %e, "publishing a status event failed");
         }
+        sent.is_ok()
     }
 
-    async fn finish_ok(&self, o: Outcome) {
+    /// Reports the outcome; whether it was stored.
+    async fn finish_ok(&self, o: Outcome) -> bool {
         let phase = if o.skipped {
             Phase::Skipped
         } else if o.rolled_back.is_some() {
@@ -646,10 +665,17 @@ impl Reporter {
             log_tail: o.log_tail,
             ..base
         };
-        self.publish(ev).await;
+        self.publish(ev, OUTCOME_PATIENCE).await
     }
 
-    async fn finish_failed(&self, step: Step, category: FailureCategory, message: String, log_tail: Vec<String>) {
+    /// Reports the failure; whether it was stored.
+    async fn finish_failed(
+        &self,
+        step: Step,
+        category: FailureCategory,
+        message: String,
+        log_tail: Vec<String>,
+    ) -> bool {
         let ev = StatusEvent {
             step: Some(step),
             category: Some(category),
@@ -657,7 +683,7 @@ impl Reporter {
             log_tail,
             ..self.base(Phase::Failed)
         };
-        self.publish(ev).await;
+        self.publish(ev, OUTCOME_PATIENCE).await
     }
 }
 

@@ -298,6 +298,32 @@ async fn poison_messages_are_terminated_and_the_worker_keeps_going() {
     task.await.unwrap().unwrap();
 }
 
+/// JetStream refuses status events for a while (as when the member leading NIO_STATUS is lost and a new leader
+/// is being elected): the job's outcome is retried, not dropped, so the Machine does not stay Applying for good,
+/// and the job is settled only once its outcome is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_refused_while_the_status_stream_is_unavailable_is_delivered_once_it_is_back() {
+    let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);
+    let (repo, commit) = git_repo(sshd.dir.path());
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&sshd, &nats, config(&sshd, &[("dc1", 1)]), "e1"));
+    sshd.set("rebuild_sleep", "1");
+    bus.publish(&job("web-01", &addr(0), sshd.port, "dc1", &repo, &commit)).await;
+    bus.until(T, |evs| evs.iter().any(|e| e.phase == Phase::Started)).await;
+    bus.drop_status().await;
+    // The rebuild finishes while there is no stream to take its outcome.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(bus.jobs_pending().await, 1, "the job is not settled while its outcome is undelivered");
+    bus.restore_status().await;
+    let done = bus.final_of("web-01", T).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert_eq!(bus.jobs_drained().await, 0);
+    let finals = bus.seen.iter().filter(|e| e.phase.is_terminal()).count();
+    assert_eq!(finals, 1, "the outcome arrives once");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_executors_never_exceed_the_site_limit_and_never_overlap_on_a_machine() {
     let (nats, sshd) = (NatsServer::start().await.unwrap(), Sshd::start().await);

@@ -122,26 +122,41 @@ pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize
     Ok(())
 }
 
-/// Runs `f` until it succeeds, for up to about a minute (10 attempts, backing off from 250 ms to 10 s). JetStream
-/// requests time out or are refused while a cluster forms, elects a leader or sees several clients create the
-/// same stream at once; a process starting then must wait, not exit.
+/// Runs `f` until it succeeds, for up to a minute. JetStream requests time out or are refused while a cluster
+/// forms, elects a leader or sees several clients create the same stream at once; a process starting then must
+/// wait, not exit.
 pub async fn retrying<T, F, Fut>(what: &str, f: F) -> Result<T, crate::error::BoxError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::error::BoxError>>,
 {
+    retry_within(what, Duration::from_secs(60), f).await
+}
+
+/// Runs `f` until it succeeds or `patience` is spent, backing off from 250 ms to 5 s between attempts (never
+/// sleeping past the patience); returns the last error.
+pub async fn retry_within<T, F, Fut>(what: &str, patience: Duration, f: F) -> Result<T, crate::error::BoxError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::error::BoxError>>,
+{
+    let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(250);
     let mut attempt = 1;
     loop {
         match f().await {
             Ok(v) => return Ok(v),
-            Err(e) if attempt < 10 => {
-                tracing::warn!(what, attempt, error = %e, ?delay, "JetStream request failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+            Err(e) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if left.is_zero() {
+                    return Err(e);
+                }
+                let pause = delay.min(left);
+                tracing::warn!(what, attempt, error = %e, ?pause, "JetStream request failed; retrying");
+                tokio::time::sleep(pause).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
                 attempt += 1;
             }
-            Err(e) => return Err(e),
         }
     }
 }
@@ -192,4 +207,38 @@ pub fn consumer_mismatches(have: &consumer::pull::Config, want: &consumer::pull:
         out.push("ack policy must be explicit".into());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_refused_during_an_election_is_retried_until_it_succeeds() {
+        let calls = AtomicU32::new(0);
+        let got = retry_within("test", Duration::from_secs(10), || async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0..=2 => Err("no stream found for given subject".into()),
+                n => Ok(n),
+            }
+        })
+        .await;
+        assert_eq!(got.ok(), Some(3), "the fourth attempt's result, after three refusals");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retrying_gives_up_with_the_last_error_once_the_patience_is_spent() {
+        let start = tokio::time::Instant::now();
+        let calls = AtomicU32::new(0);
+        let got: Result<(), _> = retry_within("test", Duration::from_secs(12), || async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err("503".into())
+        })
+        .await;
+        assert_eq!(got.map_err(|e| e.to_string()), Err("503".to_string()));
+        assert_eq!(start.elapsed(), Duration::from_secs(12), "never sleeps past the patience");
+        // 0.25 + 0.5 + 1 + 2 + 4 = 7.75 s, then 4.25 s of the last 5 s pause: 7 attempts.
+        assert_eq!(calls.load(Ordering::SeqCst), 7);
+    }
 }

@@ -427,6 +427,13 @@ impl StatusEvent {
     pub fn subject(&self) -> String {
         crate::subjects::status_subject(&self.cluster, &self.namespace, &self.machine)
     }
+
+    /// Its `Nats-Msg-Id`: the job, the phase and the moment it was made, so a republished event is dropped by
+    /// the stream and two events of a job never are.
+    pub fn message_id(&self) -> String {
+        let at = self.at.timestamp_nanos_opt().unwrap_or_else(|| self.at.timestamp_micros());
+        format!("{}.{:?}.{at}", self.job_id, self.phase)
+    }
 }
 
 /// The last lines of `output`, at most [`LOG_TAIL_LINES`] lines and [`LOG_TAIL_BYTES`] bytes, each line cut at

@@ -338,6 +338,18 @@ impl Bus {
         Bus { js, status, seen: vec![] }
     }
 
+    /// Deletes the status stream (and its consumer): JetStream refuses status events until [`Bus::restore_status`].
+    pub async fn drop_status(&self) {
+        self.js.delete_stream(nio_shared::subjects::STATUS_STREAM).await.unwrap();
+    }
+
+    /// Creates the status stream and the consumer again.
+    pub async fn restore_status(&mut self) {
+        let stream = self.js.get_or_create_stream(nio_shared::nats::status_stream(1)).await.unwrap();
+        self.status =
+            stream.get_or_create_consumer("controller-test", nio_shared::nats::status_consumer("test")).await.unwrap();
+    }
+
     pub async fn publish(&self, job: &Job) {
         let mut h = async_nats::HeaderMap::new();
         h.insert("Nats-Msg-Id", job.id.as_str());
