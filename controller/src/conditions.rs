@@ -14,8 +14,8 @@ pub fn note(warning: bool, reason: &str, message: String) -> Note {
     Note { warning, reason: reason.to_string(), message }
 }
 
-/// The condition types NIO sets. NixosConfiguration: Ready, Progressing, Degraded, Invalid. Machine: Invalid,
-/// Failed, Drifted, HostKeyMismatch.
+/// The condition types NIO sets. NixosConfiguration: Ready, Progressing, Degraded, Invalid. Machine: Ready,
+/// Invalid, Failed, Drifted, HostKeyMismatch. Both: Reconciling and Stalled (kstatus, see `kstatus.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Type {
     Ready,
@@ -25,6 +25,8 @@ pub enum Type {
     Failed,
     Drifted,
     HostKeyMismatch,
+    Reconciling,
+    Stalled,
 }
 
 impl Type {
@@ -37,6 +39,8 @@ impl Type {
             Type::Failed => "Failed",
             Type::Drifted => "Drifted",
             Type::HostKeyMismatch => "HostKeyMismatch",
+            Type::Reconciling => "Reconciling",
+            Type::Stalled => "Stalled",
         }
     }
 }

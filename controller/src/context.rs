@@ -102,7 +102,8 @@ pub async fn update_machine_status(
                 None => return Ok(None),
             },
         };
-        let Some(status) = f(&m) else { return Ok(Some(m)) };
+        let Some(mut status) = f(&m) else { return Ok(Some(m)) };
+        crate::kstatus::machine(&mut status);
         let patch = serde_json::json!({
             "apiVersion": "nixos.infra/v1alpha1",
             "kind": "Machine",
@@ -128,6 +129,9 @@ pub fn latest_status(ctx: &Ctx, cfg: &NixosConfiguration) -> NixosConfigurationS
 /// Writes `status` unless it is what the configuration already has (a write that changes nothing would still
 /// cost a request and, on some servers, wake every watcher).
 pub async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfigurationStatus) -> Result<()> {
+    let mut status = status.clone();
+    crate::kstatus::configuration(&mut status);
+    let status = &status;
     if latest_status(ctx, cfg) == *status {
         return Ok(());
     }

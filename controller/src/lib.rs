@@ -14,6 +14,7 @@ pub mod config_status;
 pub mod context;
 pub mod error;
 pub mod git;
+pub mod kstatus;
 pub mod leader;
 pub mod machine;
 pub mod metrics;

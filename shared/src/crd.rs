@@ -242,7 +242,8 @@ pub struct MachineStatus {
     /// When a full install last completed. A full install runs once; later commits switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_at: Option<Time>,
-    /// Conditions: Invalid, Failed, Drifted, HostKeyMismatch (one per type).
+    /// Conditions (one per type): Ready, Invalid, Failed, Drifted, HostKeyMismatch, and the kstatus conditions
+    /// Reconciling and Stalled, present only while True.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -495,7 +496,8 @@ pub struct NixosConfigurationStatus {
     /// When a machine last finished applying this configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_applied_time: Option<Time>,
-    /// Conditions: Ready, Progressing, Degraded, Invalid (one per type).
+    /// Conditions (one per type): Ready, Progressing, Degraded, Invalid, and the kstatus conditions Reconciling
+    /// and Stalled, present only while True.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
