@@ -154,6 +154,9 @@ mod tests {
 
     const C1: &str = "1111111111111111111111111111111111111111";
 
+    /// What a case expects: (Ready, Reconciling reason, Stalled reason).
+    type Want = (&'static str, Option<String>, Option<String>);
+
     /// (Ready, Reconciling reason, Stalled reason) as a GitOps tool reads them.
     fn read(conds: &[Condition]) -> (String, Option<String>, Option<String>) {
         let reason = |t: Type| condition(conds, t).filter(|c| c.status == "True").map(|c| c.reason.clone());
@@ -175,7 +178,7 @@ mod tests {
     fn configurations_read_as_in_progress_failed_or_current() {
         let s = |v: &str| Some(v.to_string());
         let base = NixosConfigurationStatus::default();
-        let cases: Vec<(&str, NixosConfigurationStatus, (&str, Option<String>, Option<String>))> = vec![
+        let cases: Vec<(&str, NixosConfigurationStatus, Want)> = vec![
             ("first jobs published", step(counts(3, 0, 0, 0), 3, None), ("False", s("RollingOut"), None)),
             (
                 "waiting for canaries",
