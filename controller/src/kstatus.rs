@@ -5,14 +5,19 @@
 //! while true. They are derived from the status NIO decided, at every status write, so the two views cannot
 //! disagree.
 //!
-//! | NIO's view (configuration)                  | Ready | Reconciling | Stalled | kstatus    |
-//! |---------------------------------------------|-------|-------------|---------|------------|
-//! | rolling out, waiting for canaries, paused   | False | True        |         | InProgress |
-//! | Git or a Secret unavailable (retried)       | False | True        |         | InProgress |
-//! | failure budget exceeded, machines failed    | False |             | True    | Failed     |
-//! | invalid spec                                | False |             | True    | Failed     |
-//! | suspended                                   | False |             |         | Current    |
-//! | every machine runs the commit               | True  |             |         | Current    |
+//! | NIO's view (configuration)                  | Ready | Reconciling | Stalled | kstatus    | Argo CD     |
+//! |---------------------------------------------|-------|-------------|---------|------------|-------------|
+//! | not yet observed (status defaulted by CRD)  |       |             |         | InProgress | Progressing |
+//! | rolling out, waiting for canaries           | False | True        |         | InProgress | Progressing |
+//! | paused; suspended                           | False | True; -     |         | InProgress | Suspended   |
+//! | Git or a Secret unavailable (retried)       | False | True        |         | InProgress | Degraded    |
+//! | failure budget exceeded, machines failed    | False |             | True    | Failed     | Degraded    |
+//! | invalid spec                                | False |             | True    | Failed     | Degraded    |
+//! | every machine runs the commit               | True  |             |         | Current    | Healthy     |
+//!
+//! kstatus (cli-utils v0.37) reads Ready=False without either condition as InProgress. A Machine is Ready when
+//! it runs what was applied, or when no configuration targets it; failed, rolled back, drifted, a wrong host key
+//! or an invalid spec make it Stalled.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use nio_shared::crd::{MachinePhase, MachineStatus, NixosConfigurationStatus};
@@ -51,7 +56,7 @@ fn configuration_state(s: &NixosConfigurationStatus) -> State {
     }
     if progressing == "FailureBudgetExceeded" {
         let failed = degraded.map(|d| d.message.clone()).unwrap_or_default();
-        return State::Stalled(progressing, format!("the failure budget is exceeded: {failed}"));
+        return State::Stalled(progressing, failed);
     }
     if conditions::is_true(c, Type::Ready) {
         return State::Settled;
@@ -100,7 +105,7 @@ fn machine_state(s: &MachineStatus) -> (State, bool, (String, String)) {
         }
         Some(MachinePhase::Applied) if conditions::is_true(c, Type::Drifted) => {
             let (_, m) = reason_and_message(c, Type::Drifted);
-            (State::Settled, false, ("Drifted".into(), m))
+            (State::Stalled("Drifted".into(), m.clone()), false, ("Drifted".into(), m))
         }
         Some(MachinePhase::Applied) => {
             let m = format!("running {}", s.applied_commit_short.as_deref().unwrap_or("the applied configuration"));
@@ -108,7 +113,7 @@ fn machine_state(s: &MachineStatus) -> (State, bool, (String, String)) {
         }
         _ if s.has_configuration == Some(false) => {
             let m = "no NixosConfiguration targets this machine".to_string();
-            (State::Settled, false, ("NoConfiguration".into(), m))
+            (State::Settled, true, ("NoConfiguration".into(), m))
         }
         _ => {
             let m = "waiting for its configuration's rollout".to_string();
@@ -117,7 +122,8 @@ fn machine_state(s: &MachineStatus) -> (State, bool, (String, String)) {
     }
 }
 
-/// Sets `Reconciling` and `Stalled` from `state`, removing whichever is not true.
+/// Sets `Reconciling` and `Stalled` from `state`, removing whichever is not true. Their messages start with the
+/// reason, since kstatus shows only the message.
 fn apply(conds: &mut Vec<Condition>, state: &State, generation: Option<i64>) {
     let (reconciling, stalled) = match state {
         State::Settled => (None, None),
@@ -126,7 +132,10 @@ fn apply(conds: &mut Vec<Condition>, state: &State, generation: Option<i64>) {
     };
     for (t, v) in [(Type::Reconciling, reconciling), (Type::Stalled, stalled)] {
         match v {
-            Some((reason, message)) => conditions::set(conds, t, true, reason, message, generation),
+            Some((reason, message)) => {
+                let message = if message.is_empty() { reason.clone() } else { format!("{reason}: {message}") };
+                conditions::set(conds, t, true, reason, &message, generation)
+            }
             None => conds.retain(|c| c.type_ != t.as_str()),
         }
     }
@@ -249,7 +258,7 @@ mod tests {
             (
                 "drifted",
                 with(Some(MachinePhase::Applied), Some((Type::Drifted, "SystemChanged"))),
-                ("False", None, None),
+                ("False", None, s("Drifted")),
             ),
             (
                 "build failed",
@@ -270,7 +279,7 @@ mod tests {
             (
                 "not targeted",
                 MachineStatus { has_configuration: Some(false), ..Default::default() },
-                ("False", None, None),
+                ("True", None, None),
             ),
         ];
         for (name, mut st, want) in cases {

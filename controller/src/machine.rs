@@ -54,30 +54,36 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let status = m.status.clone().unwrap_or_default();
-    if conditions::is_true(&status.conditions, Type::Invalid) {
-        update_machine_status(ctx, &ns, &name, Some(m), |m| {
-            let mut s = m.status.clone().unwrap_or_default();
-            conditions::set(&mut s.conditions, Type::Invalid, false, "Valid", "", generation);
-            Some(s)
-        })
-        .await?;
-    }
+    let was_invalid = conditions::is_true(&status.conditions, Type::Invalid);
     let interval = jittered(ctx.probe_interval);
     let since = status
         .last_probe_time
         .as_ref()
         .map(|t| (chrono::Utc::now() - conditions::chrono_of(&t.0)).to_std().unwrap_or_default());
     let busy = matches!(status.phase, Some(MachinePhase::Queued | MachinePhase::Applying));
-    if since.is_none_or(|s| s >= interval) && !busy {
+    let probe = since.is_none_or(|s| s >= interval) && !busy;
+    if probe {
         let action = if status.hardware_facts.is_none() { JobAction::Scan } else { JobAction::Probe };
         let job = crate::publish::probe_job(&ctx.cluster, m, action);
         ctx.publisher.publish(&job).await?;
+    }
+    // One write records the probe, a spec that became valid, and the generation now observed (a new Machine's
+    // first write is its first probe's).
+    if probe || was_invalid || status.observed_generation != generation {
         update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
-            s.last_probe_time = Some(conditions::time(chrono::Utc::now()));
+            if was_invalid {
+                conditions::set(&mut s.conditions, Type::Invalid, false, "Valid", "", generation);
+            }
+            if probe {
+                s.last_probe_time = Some(conditions::time(chrono::Utc::now()));
+            }
+            s.observed_generation = generation;
             Some(s)
         })
         .await?;
+    }
+    if probe {
         return Ok(Action::requeue(interval));
     }
     Ok(Action::requeue(since.map_or(interval, |s| interval.saturating_sub(s).max(Duration::from_secs(1)))))

@@ -12,6 +12,14 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// A webhook delivery: who sent it and what became of it (refreshed, no_match, ignored, duplicate,
+/// unauthorized, bad_request, too_large, rate_limited, error).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeliveryLabels {
+    pub provider: String,
+    pub outcome: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub kind: String,
@@ -68,6 +76,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub watch_errors: Family<KindLabel, Counter>,
     pub undecodable: Family<KindLabel, Counter>,
+    pub webhook_deliveries: Family<DeliveryLabels, Counter>,
 }
 
 impl Metrics {
@@ -83,6 +92,7 @@ impl Metrics {
         let leader = Gauge::default();
         let watch_errors = Family::<KindLabel, Counter>::default();
         let undecodable = Family::<KindLabel, Counter>::default();
+        let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();
         let machines_drifted = Gauge::default();
         let configuration_machines = Family::<ConfigLabels, Gauge>::default();
         let configurations_degraded = Family::<ReasonLabel, Gauge>::default();
@@ -126,6 +136,11 @@ impl Metrics {
             "Watch events carrying an object that does not decode (skipped; the object has a Warning Event)",
             undecodable.clone(),
         );
+        registry.register(
+            "webhook_deliveries",
+            "Git push webhook deliveries, by provider and outcome",
+            webhook_deliveries.clone(),
+        );
         for kind in ["NixosConfiguration", "Machine"] {
             let _ = watch_errors.get_or_create(&KindLabel { kind: kind.into() }).get();
             let _ = undecodable.get_or_create(&KindLabel { kind: kind.into() }).get();
@@ -143,6 +158,7 @@ impl Metrics {
             leader,
             watch_errors,
             undecodable,
+            webhook_deliveries,
         }
     }
 

@@ -185,7 +185,8 @@ async fn status_subresource_is_separate_from_the_spec(backend: Backend) {
     let mut m = machine("m1");
     m.status = Some(MachineStatus { phase: Some(MachinePhase::Applied), ..Default::default() });
     let created = api.create(&PostParams::default(), &m).await.unwrap();
-    assert!(created.status.is_none(), "status is dropped on create");
+    let unobserved = MachineStatus { observed_generation: Some(0), ..Default::default() };
+    assert_eq!(created.status, Some(unobserved), "status is dropped on create; the CRD's default takes its place");
 
     let st = api
         .patch_status(

@@ -19,6 +19,9 @@ pub const VERSION: &str = "v1alpha1";
 /// Annotation on a NixosConfiguration: set it to a new value (a Git webhook can put the pushed commit or a
 /// timestamp there) to re-resolve the ref now rather than at the next pollInterval.
 pub const REFRESH_ANNOTATION: &str = "nixos.infra/refresh";
+/// The W3C `traceparent` of the webhook delivery that set [`REFRESH_ANNOTATION`]: the reconcile it causes links
+/// to that trace.
+pub const REFRESH_TRACE_ANNOTATION: &str = "nixos.infra/refresh-traceparent";
 /// Finalizer the controller puts on configurations so removal runs `onRemoveFlake` first.
 pub const FINALIZER: &str = "nixos.infra/finalizer";
 /// The label a Secret needs (with value [`SECRET_OPT_IN_VALUE`]) before NIO reads it. Without it, anyone who may
@@ -181,9 +184,11 @@ pub struct HardwareFacts {
     pub source: Option<String>,
 }
 
-/// Observed state of a Machine, written by the controller from executor reports.
+/// Observed state of a Machine, written by the controller from executor reports. Defaults to
+/// `{observedGeneration: 0}`, so GitOps tools read a new Machine as in progress until NIO has looked at it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("default" = {"observedGeneration": 0}))]
 pub struct MachineStatus {
     /// Whether the last probe reached the machine over SSH.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -465,9 +470,11 @@ pub struct NixosConfigurationSpec {
     pub suspend: bool,
 }
 
-/// Observed state of a NixosConfiguration.
+/// Observed state of a NixosConfiguration. Defaults to `{observedGeneration: 0}`, so GitOps tools read a new
+/// configuration as in progress until NIO has looked at it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("default" = {"observedGeneration": 0}))]
 pub struct NixosConfigurationStatus {
     /// Commit that spec.ref resolved to on the last poll.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -263,6 +263,7 @@ impl Env {
     }
 }
 
+#[allow(unused_imports)] // not every test binary uses it
 pub use nio_loadtest::procs::http_get;
 
 /// A Machine being described for a test; [`MachineBuilder::create`] stores it.

@@ -1,0 +1,196 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! NIO as GitOps tools see it: the kstatus library (Flux's health checks, kpt) and NIO's Argo CD health checks
+//! (`deploy/argocd/*.lua`, run in Lua 5.1 as Argo CD's gopher-lua does) read NIO objects in each state on
+//! kubesim and on the real apiserver, and must agree with what NIO means.
+
+mod common;
+
+nio_loadtest::on_both!(gitops_tools_read_each_state_as_nio_means_it);
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use kube::api::{Api, ApiResource, DynamicObject};
+use nio_shared::protocol::{FailureCategory, Phase};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(20);
+
+fn repo_file(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+}
+
+/// What kstatus computes for each object: (name, status, message).
+fn kstatus(objects: &[Value]) -> Vec<(String, String, String)> {
+    let bin = nio_loadtest::procs::tool_path("nio-kstatus").expect("nio-kstatus (make setup builds it)");
+    let mut child = Command::new(bin).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(&serde_json::to_vec(objects).unwrap()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "nio-kstatus failed");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut f = l.splitn(3, '\t').map(str::to_string);
+            (f.next().unwrap(), f.next().unwrap(), f.next().unwrap_or_default())
+        })
+        .collect()
+}
+
+/// What NIO's Argo CD health check for `kind` says of `obj`: (status, message).
+fn argo_health(kind: &str, obj: &Value) -> (String, String) {
+    let script = repo_file(&format!("deploy/argocd/health-{}.lua", kind.to_lowercase()));
+    // Argo CD sets the global `obj` to the live object and reads the table the script returns.
+    let harness = "local cjson = require('cjson'); obj = cjson.decode(io.read('*a')); \
+                   local hs = dofile(os.getenv('HEALTH_LUA')); io.write(hs.status, '\\t', hs.message or '')";
+    let mut child = Command::new("lua5.1")
+        .args(["-e", harness])
+        .env("HEALTH_LUA", &script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("lua5.1 (make setup installs it)");
+    child.stdin.take().unwrap().write_all(&serde_json::to_vec(obj).unwrap()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{} failed on {obj}", script.display());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (s, m) = text.split_once('\t').unwrap();
+    (s.to_string(), m.to_string())
+}
+
+/// The object as stored, read as any client would (untyped JSON).
+async fn raw(env: &Env, kind: &str, name: &str) -> Value {
+    let ar = ApiResource {
+        group: "nixos.infra".into(),
+        version: "v1alpha1".into(),
+        api_version: "nixos.infra/v1alpha1".into(),
+        kind: kind.into(),
+        plural: format!("{}s", kind.to_lowercase()),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &ar);
+    let mut v = serde_json::to_value(api.get(name).await.unwrap()).unwrap();
+    v["apiVersion"] = json!("nixos.infra/v1alpha1");
+    v["kind"] = json!(kind);
+    v
+}
+
+/// Asserts that kstatus and Argo CD read `name` (a `kind`) as `want` = (kstatus status, Argo CD status), and that
+/// both messages say why (`why` in each).
+async fn reads_as(env: &Env, kind: &str, name: &str, want: (&str, &str), why: &str) {
+    let obj = raw(env, kind, name).await;
+    let k = kstatus(std::slice::from_ref(&obj)).remove(0);
+    let a = argo_health(kind, &obj);
+    let got = ((k.1.as_str(), a.0.as_str()), (k.2.as_str(), a.1.as_str()));
+    assert_eq!(got.0, want, "{kind} {name}: kstatus {k:?}, Argo CD {a:?}; status {:#}", obj["status"]);
+    // kstatus says "Resource is Ready" of everything Ready.
+    let k_why = k.1 == "Current" || k.2.contains(why);
+    assert!(k_why && a.1.contains(why), "{kind} {name}: messages {:?} should say {why:?}", got.1);
+}
+
+async fn gitops_tools_read_each_state_as_nio_means_it(backend: Backend) {
+    let env = Env::start(backend).await;
+    // new: nothing has looked at it yet. Without the CRDs' status default kstatus would call it Current.
+    env.machine("m-roll").label("role", "roll").create().await;
+    env.config("rolling", json!({"machineSelector": {"matchLabels": {"role": "roll"}}})).await;
+    reads_as(&env, "NixosConfiguration", "rolling", ("InProgress", "Progressing"), "generation").await;
+    reads_as(&env, "Machine", "m-roll", ("InProgress", "Progressing"), "").await;
+
+    env.machine("m-pause").label("role", "pause").create().await;
+    let paused = json!({"machineSelector": {"matchLabels": {"role": "pause"}}, "rollout": {"pause": true}});
+    env.config("paused", paused).await;
+    env.machine("m-deg").label("role", "deg").create().await;
+    let unreachable =
+        json!({"machineSelector": {"matchLabels": {"role": "deg"}}, "gitRepo": "https://127.0.0.1:9/nope.git"});
+    env.config("unreachable", unreachable).await;
+    env.machine("m-b1").label("role", "budget").create().await;
+    env.machine("m-b2").label("role", "budget").create().await;
+    let budget = json!({"machineSelector": {"matchLabels": {"role": "budget"}}, "rollout": {"maxParallel": 1, "failureBudget": 0}});
+    env.config("budget", budget).await;
+
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let job = |m: &'static str| {
+        let env = &env;
+        async move {
+            env.eventually(T, &format!("a job for {m}"), || async {
+                env.job_on(env.subject("dc1", "apply", "prod", m)).await
+            })
+            .await
+            .0
+        }
+    };
+    // progressing: a job queued, no executor has reported yet
+    let roll = job("m-roll").await;
+    env.eventually(T, "rolling observed", || async {
+        let v = raw(&env, "NixosConfiguration", "rolling").await;
+        (v["status"]["inProgress"] == json!(1)).then_some(())
+    })
+    .await;
+    reads_as(&env, "NixosConfiguration", "rolling", ("InProgress", "Progressing"), "0/1").await;
+    reads_as(&env, "Machine", "m-roll", ("InProgress", "Progressing"), "queued").await;
+    // paused by its owner: Argo CD's Suspended
+    reads_as(&env, "NixosConfiguration", "paused", ("InProgress", "Suspended"), "aused").await;
+    // Git unreachable: degraded, and retried by NIO on its own
+    reads_as(&env, "NixosConfiguration", "unreachable", ("InProgress", "Degraded"), "GitUnreachable").await;
+    // failed: over the failure budget, nothing moves until a new commit or spec
+    let b1 = job("m-b1").await;
+    env.report(&b1, Phase::Failed, |e| {
+        e.category = Some(FailureCategory::BuildFailed);
+        e.message = Some("builder for '/nix/store/…-etc.drv' failed".into());
+    })
+    .await;
+    env.eventually(T, "budget exceeded", || async {
+        let v = raw(&env, "NixosConfiguration", "budget").await;
+        (v["status"]["failed"] == json!(1)).then_some(())
+    })
+    .await;
+    reads_as(&env, "NixosConfiguration", "budget", ("Failed", "Degraded"), "FailureBudgetExceeded").await;
+    reads_as(&env, "Machine", "m-b1", ("Failed", "Degraded"), "BuildFailed").await;
+    reads_as(&env, "Machine", "m-b2", ("InProgress", "Progressing"), "Pending").await;
+    // done
+    env.report(&roll, Phase::Succeeded, |_| {}).await;
+    env.eventually(T, "rolling done", || async {
+        let v = raw(&env, "NixosConfiguration", "rolling").await;
+        (v["status"]["updated"] == json!(1)).then_some(())
+    })
+    .await;
+    reads_as(&env, "NixosConfiguration", "rolling", ("Current", "Healthy"), "1/1").await;
+    reads_as(&env, "Machine", "m-roll", ("Current", "Healthy"), "running").await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// `deploy/argocd` is a Kustomize component: added to the kustomization that installs Argo CD, its argocd-cm
+/// carries both health checks, byte for byte the scripts the test above runs, next to the settings it had.
+#[test]
+fn the_argo_cd_component_puts_both_health_checks_into_argocd_cm() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("nio-argocd");
+    std::fs::create_dir(&copy).unwrap();
+    for f in std::fs::read_dir(repo_file("deploy/argocd")).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("argocd-cm.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: argocd-cm}\ndata: {url: https://argocd.example.org}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "namespace: argocd\nresources: [argocd-cm.yaml]\ncomponents: [nio-argocd]\n",
+    )
+    .unwrap();
+    let out = Command::new("kubectl").arg("kustomize").arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cm: Value = serde_saphyr::from_str(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(cm["metadata"]["namespace"], "argocd");
+    assert_eq!(cm["data"]["url"], "https://argocd.example.org", "Argo CD's own settings stay");
+    for kind in ["NixosConfiguration", "Machine"] {
+        let script = std::fs::read_to_string(repo_file(&format!("deploy/argocd/health-{}.lua", kind.to_lowercase())));
+        let key = format!("resource.customizations.health.nixos.infra_{kind}");
+        assert_eq!(cm["data"][&key].as_str(), Some(script.unwrap().as_str()), "{key}");
+    }
+}

@@ -1,0 +1,35 @@
+-- Argo CD health check for nixos.infra/Machine (gopher-lua, Lua 5.1). Reads the conditions NIO writes
+-- (docs/gitops.md): Stalled (failed, rolled back, drifted, wrong host key, invalid) -> Degraded, Ready (runs
+-- what was applied, or nothing targets it) -> Healthy, anything else (a job queued or running) -> Progressing.
+local hs = { status = "Progressing", message = "Waiting for the NIO controller" }
+local function find(conditions, kind)
+  if conditions == nil then return nil end
+  for _, c in ipairs(conditions) do
+    if c.type == kind then return c end
+  end
+  return nil
+end
+local function is_true(c) return c ~= nil and c.status == "True" end
+
+if obj.status == nil or obj.status.observedGeneration == nil then
+  return hs
+end
+if obj.metadata.generation ~= nil and obj.status.observedGeneration ~= obj.metadata.generation then
+  hs.message = "Waiting for the NIO controller to observe generation " .. tostring(obj.metadata.generation)
+  return hs
+end
+local conditions = obj.status.conditions
+local ready = find(conditions, "Ready")
+local stalled = find(conditions, "Stalled")
+local reconciling = find(conditions, "Reconciling")
+
+if is_true(stalled) then
+  hs.status = "Degraded"
+  hs.message = stalled.message or stalled.reason
+elseif is_true(ready) then
+  hs.status = "Healthy"
+  hs.message = ready.message or ""
+elseif is_true(reconciling) then
+  hs.message = reconciling.message or reconciling.reason
+end
+return hs
