@@ -70,6 +70,8 @@ pub struct Settings {
     pub cache_dir: PathBuf,
     /// kube client configuration; None = from the environment (KUBECONFIG or in-cluster).
     pub kube_config: Option<kube::Config>,
+    /// Serve Git push webhooks (every replica does; the leader reconciles what they refresh).
+    pub webhook: Option<webhook::Settings>,
 }
 
 /// Runs the controller until `shutdown`: as a candidate for the lease, as the leader (reconciling, publishing,
@@ -102,6 +104,9 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         }),
     };
     nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
+    if let Some(w) = s.webhook.clone() {
+        webhook::serve(w, client.clone(), s.namespaces.clone(), metrics.clone()).await?;
+    }
     let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
     let ctx = Arc::new(context::Ctx {
         client: client.clone(),

@@ -59,6 +59,13 @@ struct Cli {
     /// Cache directory (Git objects for SHA checks).
     #[arg(long, env = "NIO_CACHE_DIR", default_value = "/var/cache/nio-controller")]
     cache_dir: PathBuf,
+    /// Serve Git push webhooks (GitHub, GitLab, Gitea, Forgejo, generic) at this address, path /hooks/git.
+    /// Off when unset.
+    #[arg(long, env = "NIO_WEBHOOK_ADDR", requires = "webhook_secret_file")]
+    webhook_addr: Option<SocketAddr>,
+    /// File holding the webhook secret (HMAC key; GitLab's token), e.g. a mounted Secret.
+    #[arg(long, env = "NIO_WEBHOOK_SECRET_FILE")]
+    webhook_secret_file: Option<PathBuf>,
     #[arg(long, env = "NIO_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
 }
@@ -103,6 +110,16 @@ async fn main() -> anyhow::Result<()> {
         }
         on_signal.cancel();
     });
+    let webhook = match (cli.webhook_addr, &cli.webhook_secret_file) {
+        (Some(addr), Some(file)) => {
+            let secret = std::fs::read(file)
+                .map_err(|e| anyhow::anyhow!("reading the webhook secret {}: {e}", file.display()))?;
+            let secret = secret.trim_ascii().to_vec();
+            anyhow::ensure!(secret.len() >= 16, "the webhook secret in {} is shorter than 16 bytes", file.display());
+            Some(nio_controller::webhook::Settings::new(addr, secret))
+        }
+        _ => None,
+    };
     let settings = nio_controller::Settings {
         cluster,
         nats_url: cli.nats_url,
@@ -121,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
         jobs_replicas: cli.jobs_replicas,
         cache_dir: cli.cache_dir,
         kube_config: None,
+        webhook,
     };
     let result = nio_controller::run(settings, shutdown).await;
     tokio::task::spawn_blocking(move || guard.shutdown()).await?;

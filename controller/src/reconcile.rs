@@ -168,6 +168,23 @@ fn refresh_token(cfg: &NixosConfiguration) -> &str {
         .map_or("", String::as_str)
 }
 
+/// Links the current reconcile span to the trace of the webhook delivery that asked for this refresh.
+fn link_to_refresh_request(cfg: &NixosConfiguration) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let Some(tp) = cfg.metadata.annotations.as_ref().and_then(|a| a.get(nio_shared::crd::REFRESH_TRACE_ANNOTATION))
+    else {
+        return;
+    };
+    let mut carrier = async_nats::HeaderMap::new();
+    carrier.insert("traceparent", tp.as_str());
+    let remote = nio_shared::telemetry::extract(&carrier);
+    let sc = remote.span().span_context().clone();
+    if sc.is_valid() {
+        tracing::Span::current().add_link(sc);
+    }
+}
+
 fn poll_interval(cfg: &NixosConfiguration, default: Duration) -> Duration {
     cfg.spec
         .poll_interval
@@ -244,7 +261,12 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             return Ok(Action::requeue(poll.min(Duration::from_secs(60))));
         }
     };
-    let (resolved, notes) = config_status::resolved(&previous, &cfg.spec.git_ref, &commit, generation);
+    let (mut resolved, notes) = config_status::resolved(&previous, &cfg.spec.git_ref, &commit, generation);
+    let refresh = refresh_token(cfg);
+    if !refresh.is_empty() && previous.last_handled_refresh.as_deref() != Some(refresh) {
+        link_to_refresh_request(cfg);
+        resolved.last_handled_refresh = Some(refresh.to_string());
+    }
     record(ctx, cfg, notes, "ResolveRef").await;
 
     // 3. Secrets and the target.

@@ -480,6 +480,25 @@ mod tests {
         assert!(parse(Provider::Gitea, &headers(&[("x-gitea-event", "push")]), br#"{"ref":"refs/heads/x"}"#).is_err());
     }
 
+    /// Deliveries over the rate are refused with 429 before anything else is looked at.
+    #[tokio::test]
+    async fn deliveries_over_the_rate_are_refused_with_429() {
+        let addr: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut settings = Settings::new(addr, b"0123456789abcdef".to_vec());
+        settings.per_second = NonZeroU32::MIN; // 1 a second, bursts of 2
+        // Never contacted: every delivery here is refused before the API would be.
+        let config = kube::Config::new("http://127.0.0.1:9".parse().unwrap());
+        let client = kube::Client::try_from(config).unwrap();
+        let bound = serve(settings, client, vec![], Arc::new(Metrics::new("test"))).await.unwrap();
+        let http = reqwest::Client::new();
+        let mut codes = Vec::new();
+        for _ in 0..3 {
+            let r = http.post(format!("http://{bound}{PATH}")).header("x-github-event", "push").body("{}").send();
+            codes.push(r.await.unwrap().status().as_u16());
+        }
+        assert_eq!(codes, [401, 401, 429]);
+    }
+
     #[test]
     fn delivery_ids_are_remembered_for_the_window_and_the_oldest_go_first_at_the_cap() {
         let r = Replays::new(Duration::from_secs(60), 3);

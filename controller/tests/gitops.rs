@@ -5,7 +5,10 @@
 
 mod common;
 
-nio_loadtest::on_both!(gitops_tools_read_each_state_as_nio_means_it);
+nio_loadtest::on_both!(
+    gitops_tools_read_each_state_as_nio_means_it,
+    a_signed_push_refreshes_exactly_the_configurations_that_follow_it
+);
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -193,4 +196,158 @@ fn the_argo_cd_component_puts_both_health_checks_into_argocd_cm() {
         let key = format!("resource.customizations.health.nixos.infra_{kind}");
         assert_eq!(cm["data"][&key].as_str(), Some(script.unwrap().as_str()), "{key}");
     }
+}
+
+const SECRET: &[u8] = b"webhook-secret-0123456789";
+
+fn hmac_hex(body: &[u8], key: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(body);
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Posts `body` to the webhook as Gitea does (event, delivery id, signature), with `headers` replacing any of
+/// those; returns the status code and the JSON answer.
+async fn deliver(port: u16, body: &[u8], headers: &[(&str, String)]) -> (u16, Value) {
+    let mut h: Vec<(&str, String)> = vec![
+        ("x-gitea-event", "push".into()),
+        ("x-gitea-delivery", format!("d-{}", rand_id())),
+        ("x-gitea-signature", hmac_hex(body, SECRET)),
+    ];
+    for (k, v) in headers {
+        h.retain(|(hk, _)| hk != k);
+        if !v.is_empty() {
+            h.push((k, v.clone()));
+        }
+    }
+    let mut req = reqwest::Client::new().post(format!("http://127.0.0.1:{port}/hooks/git")).body(body.to_vec());
+    for (k, v) in h {
+        req = req.header(k, v);
+    }
+    let resp = req.send().await.unwrap();
+    let code = resp.status().as_u16();
+    (code, resp.json().await.unwrap_or(Value::Null))
+}
+
+fn rand_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// Headers that replace the defaults of [`deliver`] (an empty value removes one).
+type Headers<'a> = Vec<(&'a str, String)>;
+
+/// Whether `job` applies `commit`.
+fn at(job: &nio_shared::protocol::Job, commit: &str) -> bool {
+    job.source.as_ref().is_some_and(|s| s.commit == commit)
+}
+
+fn push_body(repo: &str, git_ref: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"ref": git_ref, "after": "0000", "repository": {"clone_url": repo}})).unwrap()
+}
+
+/// A Gitea-shaped, signed push to the controller's webhook refreshes the configuration that follows the pushed
+/// repository and branch, and its machine gets a job for the new commit at once (pollInterval is an hour).
+/// Unsigned, wrongly signed, replayed, oversize, other-repository and other-branch deliveries change nothing:
+/// no annotation, no job; each is counted by outcome.
+async fn a_signed_push_refreshes_exactly_the_configurations_that_follow_it(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (hook_port, metrics_port) =
+        (nio_loadtest::procs::free_port().unwrap(), nio_loadtest::procs::free_port().unwrap());
+    let mut settings = env.settings("prod", "c1");
+    settings.webhook =
+        Some(nio_controller::webhook::Settings::new(([127, 0, 0, 1], hook_port).into(), SECRET.to_vec()));
+    settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    let (stop, task) = env.spawn(settings);
+    let other = nio_loadtest::gitrepo::GitRepo::create(&env.dir.path().join("other")).unwrap();
+    env.machine("m1").create().await;
+    env.machine("m2").create().await;
+    env.machine("m3").create().await;
+    env.config("follows", json!({"machineRef": "m1", "pollInterval": "1h"})).await;
+    env.config("other-repo", json!({"machineRef": "m2", "pollInterval": "1h", "gitRepo": other.url()})).await;
+    env.config("other-branch", json!({"machineRef": "m3", "pollInterval": "1h", "ref": "refs/heads/main-2"})).await;
+    let first = env.repo.head().unwrap();
+    let job_for = |m: &'static str| {
+        let env = &env;
+        async move { env.job_on(env.subject("dc1", "apply", "prod", m)).await.map(|j| j.0) }
+    };
+    env.eventually(T, "the first jobs", || async { job_for("m1").await.filter(|j| at(j, &first)) }).await;
+    env.eventually(T, "the webhook serving", || async {
+        let (code, _) = deliver(hook_port, b"{}", &[("x-gitea-event", "ping".into())]).await;
+        (code == 200).then_some(())
+    })
+    .await;
+    let annotations = || async {
+        let mut out = Vec::new();
+        for name in ["follows", "other-repo", "other-branch"] {
+            let c = env.configs().get(name).await.unwrap();
+            out.push(c.metadata.annotations.unwrap_or_default().get("nixos.infra/refresh").cloned());
+        }
+        out
+    };
+    let next = env.repo.bump("pushed").unwrap();
+    let body = push_body(&env.repo.url(), "refs/heads/main");
+
+    // Refused or irrelevant deliveries first: none may refresh anything.
+    let cases: Vec<(&str, Vec<u8>, Headers, u16)> = vec![
+        ("unsigned", body.clone(), vec![("x-gitea-signature", String::new())], 401),
+        ("wrong signature", body.clone(), vec![("x-gitea-signature", hmac_hex(&body, b"guessed-secret-value"))], 401),
+        ("no delivery id", body.clone(), vec![("x-gitea-delivery", String::new())], 400),
+        ("oversize", vec![b' '; 2 << 20], vec![], 413),
+        ("other repository", push_body("https://git.example.org/ops/unrelated.git", "refs/heads/main"), vec![], 200),
+        ("other branch", push_body(&env.repo.url(), "refs/heads/feature"), vec![], 200),
+    ];
+    for (name, body, headers, code) in cases {
+        let (got, answer) = deliver(hook_port, &body, &headers).await;
+        assert_eq!(got, code, "{name}: {answer}");
+        if code == 200 {
+            assert_eq!(answer["refreshed"], json!([]), "{name}");
+        }
+    }
+    assert_eq!(annotations().await, [None, None, None], "nothing was refreshed");
+
+    // The real push: answered 202 naming the one configuration; its machine gets a job for the new commit.
+    let start = std::time::Instant::now();
+    let delivery = format!("d-{}", rand_id());
+    let (code, answer) = deliver(hook_port, &body, &[("x-gitea-delivery", delivery.clone())]).await;
+    assert_eq!((code, &answer["refreshed"]), (202, &json!([format!("{}/follows", env.ns)])), "{answer}");
+    env.eventually(Duration::from_secs(5), "a job for the pushed commit", || async {
+        job_for("m1").await.filter(|j| at(j, &next))
+    })
+    .await;
+    eprintln!("push delivery to job for the new commit: {:?}", start.elapsed());
+    let token = format!("gitea:{delivery}");
+    assert_eq!(annotations().await, [Some(token.clone()), None, None]);
+    env.eventually(T, "the refresh handled", || async {
+        let c = env.configs().get("follows").await.unwrap();
+        (c.status?.last_handled_refresh.as_deref() == Some(token.as_str())).then_some(())
+    })
+    .await;
+
+    // The same delivery again (a replay) changes nothing, not even the object.
+    let before = env.configs().get("follows").await.unwrap().metadata.resource_version;
+    let (code, answer) = deliver(hook_port, &body, &[("x-gitea-delivery", delivery.clone())]).await;
+    assert_eq!((code, &answer["duplicate"]), (200, &json!(true)), "{answer}");
+    assert_eq!(env.configs().get("follows").await.unwrap().metadata.resource_version, before);
+    for (job, machine) in [(job_for("m2").await, "m2"), (job_for("m3").await, "m3")] {
+        assert!(job.is_none_or(|j| !at(&j, &next)), "{machine} got the push");
+    }
+
+    let (_, text) = http_get(metrics_port, "/metrics").await.unwrap();
+    for (outcome, n) in
+        [("unauthorized", 2), ("bad_request", 1), ("too_large", 1), ("no_match", 2), ("refreshed", 1), ("duplicate", 1)]
+    {
+        let series = format!(
+            "nio_controller_webhook_deliveries_total{{cluster=\"prod\",provider=\"gitea\",outcome=\"{outcome}\"}} {n}"
+        );
+        assert!(
+            text.contains(&series),
+            "{series} in\n{}",
+            text.lines().filter(|l| l.contains("webhook")).collect::<Vec<_>>().join("\n")
+        );
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -511,6 +511,10 @@ pub struct NixosConfigurationStatus {
     /// metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The `nixos.infra/refresh` annotation's value when the ref was last resolved: equal to the annotation once
+    /// a refresh request (a person's or a push webhook's) has been acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_refresh: Option<String>,
 }
 
 /// `machineSelector`'s schema: the upstream LabelSelector with the bounds and rules the apiserver then enforces

@@ -87,6 +87,7 @@ impl Env {
             jobs_replicas: 1,
             cache_dir: self.dir.path().join(format!("cache-{identity}")),
             kube_config: Some(self.controller_config.clone()),
+            webhook: None,
         }
     }
 
