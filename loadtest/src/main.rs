@@ -130,6 +130,10 @@ struct RunArgs {
     /// NATS servers to start: 1, or a JetStream cluster (3 or 5) with streams and locks on 3 replicas.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     nats_nodes: u8,
+    /// How the measured push reaches the controllers: the refresh annotation, or a signed push delivery to
+    /// each controller's webhook.
+    #[arg(long, value_enum, default_value = "annotation")]
+    push_via: nio_loadtest::scenario::PushVia,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -211,6 +215,7 @@ async fn main() -> anyhow::Result<()> {
                 work_dir: a.work_dir,
                 keep_running: false,
                 env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
+                push_via: a.push_via,
             };
             let (report, _) = nio_loadtest::scenario::run(scenario, a.report.as_deref()).await?;
             eprint!("{}", nio_loadtest::scenario::summary(&report));

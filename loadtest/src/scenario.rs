@@ -20,6 +20,17 @@ use crate::procs::{Proc, Usage, bin_path, free_port};
 /// Namespace of the simulated fleet's resources in every cluster.
 pub const NS: &str = "sim";
 
+/// How the measured rollout's push is announced to the controllers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PushVia {
+    /// The `nixos.infra/refresh` annotation, set through the API (as a person or a CI job would).
+    #[default]
+    Annotation,
+    /// A signed GitHub-shaped push delivery to each controller's webhook.
+    Webhook,
+}
+
 /// A fault injected when a share of the fleet has been updated.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
@@ -96,6 +107,7 @@ pub struct Scenario {
     pub keep_running: bool,
     /// Extra environment for the NIO processes (e.g. OTEL_EXPORTER_OTLP_ENDPOINT).
     pub env: Vec<(String, String)>,
+    pub push_via: PushVia,
 }
 
 impl Default for Scenario {
@@ -118,6 +130,7 @@ impl Default for Scenario {
             work_dir: None,
             keep_running: false,
             env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
+            push_via: PushVia::Annotation,
         }
     }
 }
@@ -160,6 +173,8 @@ pub struct Report {
     pub switch_latency_mean_ms: f64,
     pub failure_rate: f64,
     pub faults: Vec<String>,
+    /// How the push was announced (annotation or webhook).
+    pub push_via: PushVia,
     /// Malformed job messages published during the rollout, and how many the executors terminated and counted.
     pub poison_published: usize,
     pub poison_terminated: u64,
@@ -203,6 +218,8 @@ struct Cluster {
     controller: Proc,
     /// The second replica, when there are two (identity `{name}-1`; the first is `{name}-0`).
     standby: Option<Proc>,
+    /// The first replica's webhook port, with `--push-via webhook`.
+    webhook_port: Option<u16>,
     name: String,
 }
 
@@ -285,6 +302,8 @@ impl Running {
         std::fs::write(dir.join("executor.yaml"), cfg.to_string())?;
 
         let ctl_bin = bin_path("nio-controller")?;
+        let webhook_secret = dir.join("webhook.secret");
+        std::fs::write(&webhook_secret, format!("{:032x}", rand::random::<u128>()))?;
         let mut clusters = Vec::new();
         let mut ctl_args = Vec::new();
         for c in 0..s.clusters.max(1) {
@@ -309,9 +328,22 @@ impl Running {
             ];
             let mut env: Vec<(&str, String)> = s.env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
             env.push(("KUBECONFIG", kubeconfig.display().to_string()));
+            let mut args = args;
+            let webhook_port = match s.push_via {
+                PushVia::Webhook => Some(free_port()?),
+                PushVia::Annotation => None,
+            };
+            if let Some(p) = webhook_port {
+                // The first replica's (and a restarted one's) webhook; a standby gets its own port below.
+                args.extend(["--webhook-secret-file".into(), webhook_secret.display().to_string()]);
+                args.extend(["--webhook-addr".into(), format!("127.0.0.1:{p}")]);
+            }
             let replica = |i: usize| -> anyhow::Result<Proc> {
                 let port = free_port()?;
                 let mut full = args.clone();
+                if i > 0 && webhook_port.is_some() {
+                    full.extend(["--webhook-addr".into(), format!("127.0.0.1:{}", free_port()?)]);
+                }
                 full.extend(["--metrics-addr".into(), format!("127.0.0.1:{port}"), "--identity".into()]);
                 full.push(format!("{name}-{i}"));
                 if s.controller_replicas > 1 {
@@ -323,7 +355,7 @@ impl Running {
             let controller = replica(0)?;
             let standby = if s.controller_replicas > 1 { Some(replica(1)?) } else { None };
             ctl_args.push(args);
-            clusters.push(Cluster { sim, client, kubeconfig, controller, standby, name });
+            clusters.push(Cluster { sim, client, kubeconfig, controller, standby, webhook_port, name });
         }
         let exec_args = vec![
             "--nats-url".into(),
@@ -523,6 +555,48 @@ impl Running {
         Ok(())
     }
 
+    /// Tells every cluster's controller that `commit` was pushed: through the refresh annotation, or as a
+    /// signed GitHub push delivery to its webhook.
+    async fn announce_push(&self, commit: &str) -> anyhow::Result<()> {
+        for c in &self.clusters {
+            match c.webhook_port {
+                None => {
+                    let patch = json!({"metadata": {"annotations": {nio_shared::crd::REFRESH_ANNOTATION: commit}}});
+                    Api::<NixosConfiguration>::namespaced(c.client.clone(), NS)
+                        .patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+                        .await?;
+                }
+                Some(port) => {
+                    use hmac::{KeyInit, Mac};
+                    let secret = std::fs::read(self.dir.join("webhook.secret"))?;
+                    let body = serde_json::to_vec(&json!({
+                        "ref": "refs/heads/main", "after": commit,
+                        "repository": {"clone_url": self.repo.url()},
+                    }))?;
+                    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&secret)?;
+                    mac.update(&body);
+                    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+                    let resp = reqwest::Client::new()
+                        .post(format!("http://127.0.0.1:{port}/hooks/git"))
+                        .header("x-github-event", "push")
+                        .header("x-github-delivery", format!("{}-{commit}", c.name))
+                        .header("x-hub-signature-256", signature)
+                        .body(body)
+                        .send()
+                        .await?;
+                    let code = resp.status();
+                    anyhow::ensure!(
+                        code.as_u16() == 202,
+                        "{}'s webhook answered {code}: {}",
+                        c.name,
+                        resp.text().await?
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn sample(&mut self) {
         for c in &mut self.clusters {
             c.controller.sample();
@@ -659,13 +733,8 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     }
     let t0 = Instant::now();
     let commit = r.repo.bump("load test")?;
-    // Announce the push as a Git webhook would (pollInterval remains the fallback).
-    for c in &r.clusters {
-        let patch = json!({"metadata": {"annotations": {nio_shared::crd::REFRESH_ANNOTATION: commit}}});
-        Api::<NixosConfiguration>::namespaced(c.client.clone(), NS)
-            .patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
-            .await?;
-    }
+    // Announce the push (pollInterval remains the fallback).
+    r.announce_push(&commit).await?;
     let poison = tokio::spawn(publish_poison(js.clone(), s.sites, s.poison));
     let seen = r.rollout(&commit, &s.faults, bars.as_ref()).await?;
     let wall = t0.elapsed().as_secs_f64();
@@ -802,6 +871,7 @@ async fn analyse(
         switch_latency_mean_ms: mean * 1000.0,
         failure_rate: s.failure_rate,
         faults: s.faults.iter().map(|f| format!("{f:?}")).collect(),
+        push_via: s.push_via,
         fault_stalls_ms: r.injected.iter().map(|at| stall_after(*at, seen)).collect(),
         poison_published: 0,
         poison_terminated: 0,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use nio_loadtest::fleet::Latency;
-use nio_loadtest::scenario::{Fault, Scenario, run};
+use nio_loadtest::scenario::{Fault, PushVia, Scenario, run};
 
 fn small() -> Scenario {
     Scenario {
@@ -77,10 +77,12 @@ async fn restarting_the_controller_and_nats_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_build_failures_are_reported_not_lost() {
-    let s = Scenario { failure_rate: 0.3, machines: 10, clusters: 1, ..small() };
+    // The push reaches the controller as a signed webhook delivery (the other scenarios use the annotation).
+    let s = Scenario { failure_rate: 0.3, machines: 10, clusters: 1, push_via: PushVia::Webhook, ..small() };
     let (report, _) = run(s, None).await.unwrap();
     assert_eq!(report.lost, 0, "{report:#?}");
     assert_eq!(report.updated + report.failed, 10);
+    assert_eq!(report.push_via, PushVia::Webhook);
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
 }
 
