@@ -253,7 +253,13 @@ async fn kubectl_at(dir: &Path, kubeconfig: &Path, args: &[&str]) -> String {
 
 #[test]
 fn deploy_overlays_build_with_kustomize() {
-    for overlay in ["deploy/overlays/dev", "deploy/overlays/prod", "deploy/multi-cluster/controller-only"] {
+    for overlay in [
+        "deploy/overlays/dev",
+        "deploy/overlays/prod",
+        "deploy/multi-cluster/controller-only",
+        "deploy/gitops/clusters/eu",
+        "deploy/gitops/clusters/us",
+    ] {
         let out =
             std::process::Command::new("kubectl").args(["kustomize", overlay]).current_dir(repo()).output().unwrap();
         assert!(out.status.success(), "{overlay}: {}", String::from_utf8_lossy(&out.stderr));
@@ -270,6 +276,52 @@ fn deploy_overlays_build_with_kustomize() {
             !text.contains("nio-executor") || text.contains("automountServiceAccountToken: false"),
             "executors get no Kubernetes credentials"
         );
+    }
+}
+
+/// The GitOps example: each cluster's directory gets its own cluster name, the push webhook and its own fleet,
+/// and the Flux Kustomizations and the Argo CD ApplicationSet point at exactly those directories.
+#[test]
+fn the_gitops_example_gives_each_cluster_its_name_its_webhook_and_its_fleet() {
+    let build = |dir: &str| {
+        let out = std::process::Command::new("kubectl").args(["kustomize", dir]).current_dir(repo()).output().unwrap();
+        assert!(out.status.success(), "{dir}: {}", String::from_utf8_lossy(&out.stderr));
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        docs
+    };
+    for cluster in ["eu", "us"] {
+        let docs = build(&format!("deploy/gitops/clusters/{cluster}"));
+        let find = |kind: &str, name: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{cluster}: no {kind} {name}"))
+        };
+        let env = find("Deployment", "nio-controller")["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+        let var = |n: &str| env.as_array().unwrap().iter().find(|e| e["name"] == n).map(|e| e["value"].clone());
+        assert_eq!(var("NIO_CLUSTER_NAME"), Some(serde_json::json!(cluster)));
+        assert_eq!(var("NIO_WEBHOOK_ADDR"), Some(serde_json::json!("0.0.0.0:8080")), "{cluster}");
+        assert_eq!(find("Service", "nio-controller-webhook")["metadata"]["namespace"], "nio-system");
+        let machines: Vec<&str> =
+            docs.iter().filter(|d| d["kind"] == "Machine").filter_map(|d| d["metadata"]["name"].as_str()).collect();
+        assert_eq!(machines, [format!("web-{cluster}-01"), format!("web-{cluster}-02")], "{cluster}");
+        assert_eq!(find("NixosConfiguration", "web")["metadata"]["namespace"], "fleet");
+    }
+    for cluster in ["eu", "us"] {
+        let text = std::fs::read_to_string(repo().join(format!("deploy/gitops/flux/{cluster}.yaml"))).unwrap();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let ks = docs.iter().find(|d| d["kind"] == "Kustomization").unwrap();
+        assert_eq!(ks["spec"]["path"], format!("./deploy/gitops/clusters/{cluster}"));
+        assert_eq!(ks["spec"]["wait"], true, "Flux checks NIO objects' health (kstatus)");
+    }
+    let text = std::fs::read_to_string(repo().join("deploy/gitops/argocd/applicationset.yaml")).unwrap();
+    let set: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+    let path = set["spec"]["template"]["spec"]["source"]["path"].as_str().unwrap();
+    let values = &set["spec"]["generators"][0]["clusters"]["selector"]["matchExpressions"][0]["values"];
+    for cluster in values.as_array().unwrap() {
+        let dir = path.replace(r#"{{ index .metadata.labels "nixos.infra/cluster" }}"#, cluster.as_str().unwrap());
+        assert!(repo().join(&dir).join("kustomization.yaml").is_file(), "the ApplicationSet points at {dir}");
     }
 }
 
@@ -306,9 +358,17 @@ async fn every_deploy_overlay_passes_a_server_side_dry_run_on_a_real_apiserver()
         "crd/prometheusrules.monitoring.coreos.com",
     ]);
     assert!(ok, "{err}");
-    for overlay in
-        ["deploy/base", "deploy/overlays/dev", "deploy/overlays/prod", "deploy/multi-cluster/controller-only"]
-    {
+    // A dry run creates no namespace, and the GitOps example puts its fleet into one of its own.
+    let (ok, _, err) = kubectl(&["create", "namespace", "fleet"]);
+    assert!(ok || err.contains("AlreadyExists"), "{err}");
+    for overlay in [
+        "deploy/base",
+        "deploy/overlays/dev",
+        "deploy/overlays/prod",
+        "deploy/multi-cluster/controller-only",
+        "deploy/gitops/clusters/eu",
+        "deploy/gitops/clusters/us",
+    ] {
         let (ok, out, err) =
             kubectl(&["apply", "--server-side", "--force-conflicts", "--dry-run=server", "-k", overlay]);
         assert!(ok, "{overlay} rejected by the apiserver:\n{out}\n{err}");
