@@ -42,3 +42,4 @@ loadtest: setup
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --nats-nodes 3 --fault kill-nats-node@50% --report loadtest/results/5-nats-cluster.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --poison 10000 --report loadtest/results/6-poison.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --controller-replicas 2 --fault kill-leader@50% --report loadtest/results/7-kill-leader.json
+	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --push-via webhook --report loadtest/results/8-push-webhook.json

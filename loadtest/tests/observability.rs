@@ -78,6 +78,8 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         switch_latency: Latency::Fixed(Duration::from_millis(100)),
         deadline: Duration::from_secs(120),
         keep_running: true,
+        // The push goes through the webhook, so its panel has data too.
+        push_via: nio_loadtest::scenario::PushVia::Webhook,
         ..Default::default()
     };
     let (_report, running) = run(s, None).await.unwrap();
