@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use nio_loadtest::fleet::Latency;
-use nio_loadtest::scenario::{Scenario, run};
+use nio_loadtest::scenario::{PushVia, Scenario, run};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
@@ -24,6 +24,8 @@ struct Span {
     id: String,
     parent: String,
     attrs: BTreeMap<String, String>,
+    /// Trace ids of the span's links.
+    links: Vec<String>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -64,6 +66,7 @@ async fn receiver(spans: Arc<Mutex<Vec<Span>>>) -> u16 {
                                 id: hex(&s.span_id),
                                 parent: hex(&s.parent_span_id),
                                 attrs: s.attributes.iter().map(|a| (a.key.clone(), text(&a.value))).collect(),
+                                links: s.links.iter().map(|l| hex(&l.trace_id)).collect(),
                             });
                         }
                     }
@@ -96,6 +99,7 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
             ("OTEL_EXPORTER_OTLP_PROTOCOL".into(), "http/protobuf".into()),
             ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
         ],
+        push_via: PushVia::Webhook,
         ..Default::default()
     };
     run(s, None).await.unwrap(); // stops the processes, which flush their spans
@@ -107,6 +111,20 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
         *census.entry((s.service.clone(), s.name.clone())).or_default() += 1;
     }
     eprintln!("spans received: {census:?}");
+
+    // The measured push came as a webhook delivery: its span, and the reconcile it caused linked to it.
+    let delivery = spans
+        .iter()
+        .find(|s| s.name == "webhook.delivery" && s.attrs.get("nio.outcome").map(String::as_str) == Some("refreshed"))
+        .expect("a webhook.delivery span that refreshed a configuration");
+    assert_eq!(
+        (delivery.service.as_str(), delivery.attrs.get("nio.refreshed").map(String::as_str)),
+        ("nio-controller", Some("1"))
+    );
+    assert!(
+        spans.iter().any(|s| s.name == "reconcile" && s.links.contains(&delivery.trace)),
+        "no reconcile links to the delivery's trace"
+    );
 
     let by_id: BTreeMap<&str, &Span> = spans.iter().map(|s| (s.id.as_str(), s)).collect();
     // a successful switch: its trace must hold every step
