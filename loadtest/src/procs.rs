@@ -129,9 +129,19 @@ pub fn tool_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// A free TCP port on loopback.
+/// A free TCP port on loopback, never one this process was given before: the port is only reserved once the
+/// process it is meant for binds it, and two callers in between must not be handed the same one.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..64 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut given = GIVEN.lock().map_err(|_| anyhow::anyhow!("free_port: lock poisoned"))?;
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free port that was not handed out already")
 }
 
 /// OpenSSH's server binary (Debian puts it outside a normal user's PATH).
