@@ -4,7 +4,7 @@
 //! itself records nothing twice. The reconcile does the reads, the writes and the recording.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use nio_shared::crd::{NixosConfigurationStatus, short_commit};
+use nio_shared::crd::{NixosConfigurationStatus, WaveState, WaveStatus, short_commit};
 
 use crate::conditions::{self, Note, Type, note};
 use crate::rollout::{Counts, Hold};
@@ -67,6 +67,12 @@ pub fn resolved(
 #[derive(Debug, Clone, Default)]
 pub struct Rollout<'a> {
     pub commit: &'a str,
+    /// The target the waves roll out (`{commit}/{generation}...`).
+    pub target: &'a str,
+    /// What the waves decided (each wave's state, the current wave).
+    pub waves: Option<&'a crate::waves::Decision>,
+    /// Record an Event per wave transition (the spec has waves, not just the implicit one).
+    pub wave_events: bool,
     /// The planner's counts before this step published.
     pub counts: Counts,
     /// Jobs this step published.
@@ -99,7 +105,17 @@ pub fn configuration_status(
     s.in_progress = c.in_progress + r.published;
     s.progress = Some(format!("{}/{}", c.updated, c.total));
 
-    let ready = c.total > 0 && c.updated == c.total;
+    if let Some(d) = r.waves {
+        if r.wave_events {
+            notes.extend(wave_notes(&s, r.target, &d.statuses));
+        }
+        s.waves = d.statuses.clone();
+        s.current_wave = d.current.clone();
+        s.waves_target = Some(r.target.to_string());
+    }
+    // Done once every machine runs the commit and no wave still soaks or waits for approval.
+    let wave_open = r.waves.and_then(|d| d.current.as_deref());
+    let ready = c.total > 0 && c.updated == c.total && wave_open.is_none();
     if ready && !conditions::is_true(&s.conditions, Type::Ready) {
         notes.push(note(false, "RolloutComplete", format!("all {} machines run {short}", c.total)));
     }
@@ -110,7 +126,10 @@ pub fn configuration_status(
     let (reason, message) = match (ready, c.total) {
         (true, _) => ("RolloutComplete", format!("{}/{} machines at {short}", c.updated, c.total)),
         (false, 0) => ("NoMachines", "no machine matches".to_string()),
-        (false, _) => ("RollingOut", format!("{}/{} machines at {short}", c.updated, c.total)),
+        (false, _) => {
+            let wave = wave_open.map(|w| format!(" (wave {w})")).unwrap_or_default();
+            ("RollingOut", format!("{}/{} machines at {short}{wave}", c.updated, c.total))
+        }
     };
     conditions::set(&mut s.conditions, Type::Ready, ready, reason, &message, generation);
 
@@ -142,6 +161,23 @@ pub fn configuration_status(
     };
     conditions::set(&mut s.conditions, Type::Degraded, reason != "AsExpected", reason, &message, generation);
     (s, notes)
+}
+
+/// An Event for each wave whose state changed (against the states recorded for the same target).
+fn wave_notes(previous: &NixosConfigurationStatus, target: &str, waves: &[WaveStatus]) -> Vec<Note> {
+    let same = previous.waves_target.as_deref() == Some(target);
+    let mut notes = Vec::new();
+    for w in waves {
+        let before = previous.waves.iter().find(|p| same && p.name == w.name).map(|p| p.state);
+        if before == Some(w.state) || (before.is_none() && w.state == WaveState::Pending) {
+            continue;
+        }
+        let counts = format!("{}/{} updated, {} failed", w.updated, w.total, w.failed);
+        let detail = w.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+        let message = format!("wave {} {:?} ({counts}){detail}", w.name, w.state);
+        notes.push(note(w.state == WaveState::Failed, &format!("Wave{:?}", w.state), message));
+    }
+    notes
 }
 
 fn observed(previous: &NixosConfigurationStatus, generation: Option<i64>) -> NixosConfigurationStatus {
@@ -257,7 +293,7 @@ mod tests {
                 published: case.published,
                 hold: case.hold,
                 invalid_machines: &case.invalid,
-                last_applied: None,
+                ..Default::default()
             };
             let (s, notes) = configuration_status(&before, &step, Some(1));
             let n = case.name;

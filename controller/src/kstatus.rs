@@ -8,12 +8,13 @@
 //! | NIO's view (configuration)                  | Ready | Reconciling | Stalled | kstatus    | Argo CD     |
 //! |---------------------------------------------|-------|-------------|---------|------------|-------------|
 //! | not yet observed (status defaulted by CRD)  |       |             |         | InProgress | Progressing |
-//! | rolling out, waiting for canaries           | False | True        |         | InProgress | Progressing |
+//! | rolling out, canaries, a wave soaking       | False | True        |         | InProgress | Progressing |
+//! | a wave waiting for approval                 | False | True        |         | InProgress | Suspended   |
 //! | paused; suspended                           | False | True; -     |         | InProgress | Suspended   |
 //! | Git or a Secret unavailable (retried)       | False | True        |         | InProgress | Degraded    |
 //! | failure budget exceeded, machines failed    | False |             | True    | Failed     | Degraded    |
 //! | invalid spec                                | False |             | True    | Failed     | Degraded    |
-//! | every machine runs the commit               | True  |             |         | Current    | Healthy     |
+//! | every machine runs the commit, waves done   | True  |             |         | Current    | Healthy     |
 //!
 //! kstatus (cli-utils v0.37) reads Ready=False without either condition as InProgress. A Machine is Ready when
 //! it runs what was applied, or when no configuration targets it; failed, rolled back, drifted, a wrong host key
@@ -73,7 +74,14 @@ fn configuration_state(s: &NixosConfigurationStatus) -> State {
             format!("{} machine(s) failed at this target; a new commit or spec change retries them", s.failed);
         return State::Stalled("MachinesFailed".into(), message);
     }
-    let (reason, message) = reason_and_message(c, Type::Ready);
+    let (reason, mut message) = reason_and_message(c, Type::Ready);
+    // What the current wave waits for (a soak's end, the approval to give) says more than the counts.
+    let wave = s.waves.iter().find(|w| Some(&w.name) == s.current_wave.as_ref());
+    if let Some(m) =
+        wave.and_then(|w| w.message.clone()).filter(|_| progressing == "Soaking" || progressing == "AwaitingApproval")
+    {
+        message = format!("wave {}: {m}", s.current_wave.as_deref().unwrap_or_default());
+    }
     match progressing.as_str() {
         "" | "Idle" | "JobsInFlight" => {
             State::Reconciling(if reason.is_empty() { "Pending".into() } else { reason }, message)

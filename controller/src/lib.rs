@@ -23,6 +23,7 @@ pub mod reconcile;
 pub mod rollout;
 pub mod status;
 pub mod status_consumer;
+pub mod waves;
 pub mod webhook;
 
 use std::net::SocketAddr;

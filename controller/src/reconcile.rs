@@ -1,17 +1,20 @@
 //! NixosConfiguration reconcile: validate → resolve the ref → read secrets → plan → publish → status.
 //! Deletion applies `onRemoveFlake` before the finalizer is released.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use nio_shared::crd::{
-    FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration, NixosConfigurationStatus,
+    APPROVE_ANNOTATION, FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration,
+    NixosConfigurationStatus, OnFailure, RESUME_ANNOTATION, WaveState, WaveStatus, short_commit,
 };
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
@@ -23,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel};
 use crate::publish::{self, Desired};
 use crate::rollout::{self, MachineView, Policy};
+use crate::waves;
 use nio_shared::gitauth::GitAuth;
 
 /// Jobs published (and Machines marked Queued) at once by one reconcile.
@@ -38,20 +42,7 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
     }
     let Some(sel) = &cfg.spec.machine_selector else { return false };
     let empty = std::collections::BTreeMap::new();
-    let labels = m.metadata.labels.as_ref().unwrap_or(&empty);
-    let ok_labels = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
-    let ok_exprs = sel.match_expressions.iter().flatten().all(|e| {
-        let vals = e.values.as_deref().unwrap_or_default();
-        match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
-            // Validation rejects other operators; should one get here, it selects nothing.
-            _ => false,
-        }
-    });
-    ok_labels && ok_exprs
+    crate::waves::selector_matches(sel, m.metadata.labels.as_ref().unwrap_or(&empty))
 }
 
 /// The machines `cfg` targets, from the Machine cache (the same `targets` every trigger uses). Waits for the
@@ -286,7 +277,34 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .await?
         .into_iter()
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
-    let plan = rollout::plan(&target, &policy(cfg), &views(cfg, &machines));
+    let views = views(cfg, &machines);
+    let recorded: &[WaveStatus] =
+        if previous.waves_target.as_deref() == Some(target.as_str()) { &previous.waves } else { &[] };
+    let labelled: Vec<(String, BTreeMap<String, String>)> =
+        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
+    let short = short_commit(&commit);
+    let policy = policy(cfg, machines.len());
+    let facts = waves::Facts {
+        target: &target,
+        machines: &views,
+        recorded,
+        now: chrono::Utc::now(),
+        approved: annotation(cfg, APPROVE_ANNOTATION).and_then(|a| a.strip_suffix(&format!("@{short}"))),
+        resumed: annotation(cfg, RESUME_ANNOTATION) == Some(short.as_str()),
+        max_failures: policy.failure_budget,
+    };
+    let layout = waves::layout(&cfg.spec.rollout.waves, &labelled);
+    let mut decision = waves::decide(&layout, &facts);
+    let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
+    if cfg.spec.rollout.on_failure == OnFailure::RollbackAndHalt
+        && let Some(i) = decision.statuses.iter().position(|w| w.state == WaveState::Failed)
+        && let Some(wave) = layout.get(i)
+    {
+        let note = roll_back(ctx, cfg, &resolved, &target, wave, &machines, &views).await?;
+        if let Some(w) = decision.statuses.get_mut(i) {
+            w.message = Some(format!("{}; {note}", w.message.clone().unwrap_or_default()));
+        }
+    }
 
     // 5. Publish, then mark the machines Queued.
     let queued = publish_plan(ctx, cfg, &want, &machines, &plan.publish).await?;
@@ -296,6 +314,9 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let invalid_machines: Vec<String> = invalid.iter().map(ResourceExt::name_any).collect();
     let step = config_status::Rollout {
         commit: &commit,
+        target: &target,
+        waves: Some(&decision),
+        wave_events: !cfg.spec.rollout.waves.is_empty(),
         counts: plan.counts,
         published: queued.len() as u32,
         hold: plan.hold,
@@ -308,7 +329,50 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let (status, notes) = config_status::configuration_status(&resolved, &step, generation);
     set_rollout_metrics(ctx, cfg, &status);
     write_status(ctx, cfg, &status, notes, "Rollout").await?;
-    Ok(Action::requeue(poll))
+    // A soak ends on its own: look again then.
+    Ok(Action::requeue(decision.wake_in.map_or(poll, |w| poll.min(w + Duration::from_millis(500)))))
+}
+
+/// RollbackAndHalt: returns the failed wave's machines that ran (or tried) `target` to the last commit every
+/// machine ran (`status.appliedCommit`), at most the wave's maxUnavailable at once, waiting for jobs of
+/// `target` still running. Says how far it got.
+async fn roll_back(
+    ctx: &Ctx,
+    cfg: &NixosConfiguration,
+    status: &NixosConfigurationStatus,
+    target: &str,
+    wave: &waves::Wave,
+    machines: &[Machine],
+    views: &[MachineView],
+) -> Result<String> {
+    let Some(previous) = status.applied_commit.clone().filter(|c| !target.starts_with(&format!("{c}/"))) else {
+        return Ok("no earlier commit ran on every machine: nothing to roll back to".into());
+    };
+    let want = desired(ctx, cfg, previous.clone()).await?;
+    let back = want.target();
+    let is = |t: &Option<String>, v: &str| t.as_deref() == Some(v);
+    let mine: Vec<&MachineView> = views.iter().filter(|v| wave.machines.contains(&v.name)).collect();
+    let touched: Vec<&&MachineView> = mine
+        .iter()
+        .filter(|v| is(&v.applied_target, target) || is(&v.failed_target, target) || is(&v.queued_target, target))
+        .collect();
+    let returned = mine.iter().filter(|v| is(&v.applied_target, &back)).count();
+    let running = mine.iter().filter(|v| is(&v.queued_target, &back) && !is(&v.applied_target, &back)).count();
+    let room = wave.max_unavailable.map_or(usize::MAX, |u| (u as usize).saturating_sub(running));
+    let todo: Vec<(String, rollout::Work)> = touched
+        .iter()
+        .filter(|v| !is(&v.queued_target, target) && !is(&v.queued_target, &back))
+        .take(room)
+        .map(|v| (v.name.clone(), rollout::Work::Update))
+        .collect();
+    let queued = publish_plan(ctx, cfg, &want, machines, &todo).await?;
+    let short = short_commit(&previous);
+    Ok(format!("rolling back to {short}: {returned} returned, {} on their way", running + queued.len()))
+}
+
+/// The value of annotation `key` on `cfg`.
+fn annotation<'a>(cfg: &'a NixosConfiguration, key: &str) -> Option<&'a str> {
+    cfg.metadata.annotations.as_ref().and_then(|a| a.get(key)).map(String::as_str)
 }
 
 /// Resolves the configuration's ref with its credentials.
@@ -336,15 +400,24 @@ async fn write_status(
     set_status(ctx, cfg, status).await
 }
 
-/// The planner's view of the configuration.
-fn policy(cfg: &NixosConfiguration) -> Policy {
+/// The planner's view of the configuration, which targets `total` machines. The failure budget is
+/// `maxFailures` (a number or a percentage of the machines, rounded down), else `failureBudget`.
+fn policy(cfg: &NixosConfiguration, total: usize) -> Policy {
+    let r = &cfg.spec.rollout;
+    let max_failures = r.max_failures.as_ref().map(|v| match v {
+        IntOrString::Int(n) => u32::try_from(*n).unwrap_or(0),
+        IntOrString::String(p) => {
+            let pct: usize = p.trim_end_matches('%').parse().unwrap_or(0);
+            u32::try_from(total * pct / 100).unwrap_or(u32::MAX)
+        }
+    });
     Policy {
         full_install: cfg.spec.full_install,
         suspend: cfg.spec.suspend,
-        pause: cfg.spec.rollout.pause,
-        max_parallel: cfg.spec.rollout.max_parallel,
-        canary: cfg.spec.rollout.canary,
-        failure_budget: cfg.spec.rollout.failure_budget,
+        pause: r.pause,
+        max_parallel: r.max_parallel,
+        canary: r.canary,
+        failure_budget: max_failures.or(r.failure_budget),
     }
 }
 

@@ -51,6 +51,10 @@ pub enum Hold {
     FailureBudgetExceeded,
     WaitingForCanaries,
     MaxParallel,
+    /// The current wave is applied and soaking.
+    Soaking,
+    /// The current wave waits for a person's approval.
+    AwaitingApproval,
 }
 
 /// The decision.
@@ -63,6 +67,17 @@ pub struct Plan {
 
 /// Decides which machines get a job for `target` now. Machines are taken in name order so plans are stable.
 pub fn plan(target: &str, policy: &Policy, machines: &[MachineView]) -> Plan {
+    plan_within(target, policy, machines, None)
+}
+
+/// [`plan`] within what the waves allow: only the current wave's eligible machines, at most its room, and
+/// nothing while a wave soaks, waits for approval or has halted the rollout (the waves judge failure budgets).
+pub fn plan_within(
+    target: &str,
+    policy: &Policy,
+    machines: &[MachineView],
+    waves: Option<&crate::waves::Decision>,
+) -> Plan {
     let is = |t: &Option<String>| t.as_deref() == Some(target);
     let mut counts = Counts { total: machines.len() as u32, ..Default::default() };
     let mut candidates: Vec<&MachineView> = Vec::new();
@@ -73,7 +88,7 @@ pub fn plan(target: &str, policy: &Policy, machines: &[MachineView]) -> Plan {
             counts.failed += 1;
         } else if is(&m.queued_target) {
             counts.in_progress += 1;
-        } else {
+        } else if waves.is_none_or(|d| d.eligible.contains(&m.name)) {
             candidates.push(m);
         }
     }
@@ -83,7 +98,13 @@ pub fn plan(target: &str, policy: &Policy, machines: &[MachineView]) -> Plan {
         Some(Hold::Suspended)
     } else if policy.pause {
         Some(Hold::Paused)
-    } else if policy.failure_budget.is_some_and(|b| counts.failed > b) {
+    } else if let Some(g) = waves.and_then(|d| d.gate) {
+        Some(match g {
+            crate::waves::Gate::Soaking => Hold::Soaking,
+            crate::waves::Gate::AwaitingApproval => Hold::AwaitingApproval,
+            crate::waves::Gate::Halted => Hold::FailureBudgetExceeded,
+        })
+    } else if waves.is_none() && policy.failure_budget.is_some_and(|b| counts.failed > b) {
         Some(Hold::FailureBudgetExceeded)
     } else {
         None
@@ -92,9 +113,9 @@ pub fn plan(target: &str, policy: &Policy, machines: &[MachineView]) -> Plan {
         plan.hold = hold;
         return plan;
     }
-    let mut capacity = u32::MAX;
+    let mut capacity = waves.map_or(u32::MAX, |d| d.room);
     if let Some(m) = policy.max_parallel {
-        capacity = m.saturating_sub(counts.in_progress);
+        capacity = capacity.min(m.saturating_sub(counts.in_progress));
     }
     if let Some(c) = policy.canary
         && counts.updated < c

@@ -112,6 +112,12 @@ async fn gitops_tools_read_each_state_as_nio_means_it(backend: Backend) {
     env.machine("m-b2").label("role", "budget").create().await;
     let budget = json!({"machineSelector": {"matchLabels": {"role": "budget"}}, "rollout": {"maxParallel": 1, "failureBudget": 0}});
     env.config("budget", budget).await;
+    env.machine("m-soak").label("role", "soak").create().await;
+    let soak = json!({"machineSelector": {"matchLabels": {"role": "soak"}}, "rollout": {"waves": [{"name": "one", "soak": "1h"}]}});
+    env.config("soaking", soak).await;
+    env.machine("m-gate").label("role", "gate").create().await;
+    let gate = json!({"machineSelector": {"matchLabels": {"role": "gate"}}, "rollout": {"waves": [{"name": "one", "pause": true}]}});
+    env.config("gated", gate).await;
 
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
     let job = |m: &'static str| {
@@ -150,6 +156,17 @@ async fn gitops_tools_read_each_state_as_nio_means_it(backend: Backend) {
     })
     .await;
     reads_as(&env, "NixosConfiguration", "budget", ("Failed", "Degraded"), "FailureBudgetExceeded").await;
+    // waves: one applied and soaking, one applied and waiting for a person
+    for (m, name) in [("m-soak", "soaking"), ("m-gate", "gated")] {
+        env.report(&job(m).await, Phase::Succeeded, |_| {}).await;
+        env.eventually(T, &format!("{name} applied"), || async {
+            let v = raw(&env, "NixosConfiguration", name).await;
+            (v["status"]["waves"][0]["updated"] == json!(1)).then_some(())
+        })
+        .await;
+    }
+    reads_as(&env, "NixosConfiguration", "soaking", ("InProgress", "Progressing"), "Soaking").await;
+    reads_as(&env, "NixosConfiguration", "gated", ("InProgress", "Suspended"), "nixos.infra/approve=one@").await;
     reads_as(&env, "Machine", "m-b1", ("Failed", "Degraded"), "BuildFailed").await;
     reads_as(&env, "Machine", "m-b2", ("InProgress", "Progressing"), "Pending").await;
     // done
@@ -327,10 +344,16 @@ async fn a_signed_push_refreshes_exactly_the_configurations_that_follow_it(backe
     .await;
 
     // The same delivery again (a replay) changes nothing, not even the object.
-    let before = env.configs().get("follows").await.unwrap().metadata.resource_version;
+    // (A handled delivery would write its own trace context; the controller's status writes go on meanwhile.)
+    let trace = || async {
+        let c = env.configs().get("follows").await.unwrap();
+        c.metadata.annotations.unwrap_or_default().get("nixos.infra/refresh-traceparent").cloned()
+    };
+    let before = trace().await;
+    assert!(before.is_some());
     let (code, answer) = deliver(hook_port, &body, &[("x-gitea-delivery", delivery.clone())]).await;
     assert_eq!((code, &answer["duplicate"]), (200, &json!(true)), "{answer}");
-    assert_eq!(env.configs().get("follows").await.unwrap().metadata.resource_version, before);
+    assert_eq!(trace().await, before);
     for (job, machine) in [(job_for("m2").await, "m2"), (job_for("m3").await, "m3")] {
         assert!(job.is_none_or(|j| !at(&j, &next)), "{machine} got the push");
     }

@@ -1,5 +1,6 @@
 -- Argo CD health check for nixos.infra/NixosConfiguration (gopher-lua, Lua 5.1). Reads the conditions NIO
--- writes (docs/gitops.md): Stalled -> Degraded, Ready -> Healthy, a paused or suspended rollout -> Suspended,
+-- writes (docs/gitops.md): Stalled -> Degraded, Ready -> Healthy, a paused or suspended rollout, or a wave
+-- awaiting approval -> Suspended,
 -- Git or a Secret unavailable (Degraded, retried by NIO) -> Degraded, anything else underway -> Progressing.
 local hs = { status = "Progressing", message = "Waiting for the NIO controller" }
 local function find(conditions, kind)
@@ -37,6 +38,12 @@ elseif is_true(degraded) and degraded.reason ~= "MachinesFailed" and degraded.re
 elseif progressing ~= nil and (progressing.reason == "Paused" or progressing.reason == "Suspended") then
   hs.status = "Suspended"
   hs.message = "Rollout " .. string.lower(progressing.reason) .. " at " .. (obj.status.progress or "?") .. " machines"
+elseif progressing ~= nil and progressing.reason == "AwaitingApproval" then
+  hs.status = "Suspended"
+  hs.message = "Wave " .. (obj.status.currentWave or "?") .. " awaits approval"
+  for _, w in ipairs(obj.status.waves or {}) do
+    if w.name == obj.status.currentWave and w.message ~= nil then hs.message = w.message end
+  end
 elseif is_true(reconciling) then
   hs.message = reconciling.message or reconciling.reason
 end

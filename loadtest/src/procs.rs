@@ -32,6 +32,8 @@ pub struct Proc {
     pub metrics_port: u16,
     /// Usage sampled when the process ended (or last sampled).
     pub last: Usage,
+    /// We killed or stopped it (an exit is then no crash).
+    pub stopped: bool,
 }
 
 /// CPU time and peak memory of a process.
@@ -77,7 +79,7 @@ impl Proc {
         if let Some(pid) = child.id() {
             die_with_us(pid, None)?;
         }
-        Ok(Proc { name: name.into(), child, log, metrics_port, last: Usage::default() })
+        Ok(Proc { name: name.into(), child, log, metrics_port, last: Usage::default(), stopped: false })
     }
 
     pub fn sample(&mut self) {
@@ -90,12 +92,14 @@ impl Proc {
 
     /// Sends SIGKILL (a crash).
     pub async fn kill(&mut self) {
+        self.stopped = true;
         self.sample();
         let _ = self.child.kill().await;
     }
 
     /// Sends SIGTERM and waits up to `grace` for a clean exit.
     pub async fn terminate(&mut self, grace: std::time::Duration) {
+        self.stopped = true;
         self.sample();
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
@@ -108,6 +112,18 @@ impl Proc {
     /// The process died on its own.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// When the process ended without being killed or stopped: how, with the end of its log.
+    pub fn crashed(&mut self) -> Option<String> {
+        if self.stopped {
+            return None;
+        }
+        let status = self.exited()?;
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().filter(|l| !l.trim_start().starts_with("at ")).rev().take(8).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Some(format!("{} exited ({status}); its log ({}) ends:\n{}", self.name, self.log.display(), tail.join("\n")))
     }
 }
 

@@ -472,6 +472,7 @@ impl Running {
         pending.sort_by(|a, b| a.at().total_cmp(&b.at()));
         let n = self.fleet.machines.len();
         loop {
+            self.check_processes()?;
             let (done, failed) = self.progress(commit).await?;
             let now = Instant::now();
             for (name, idx) in &done {
@@ -495,6 +496,24 @@ impl Running {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Fails the run when a NIO process died on its own (a crash, a port taken), instead of waiting for the
+    /// deadline.
+    fn check_processes(&mut self) -> anyhow::Result<()> {
+        for c in &mut self.clusters {
+            for p in std::iter::once(&mut c.controller).chain(c.standby.as_mut()) {
+                if let Some(why) = p.crashed() {
+                    anyhow::bail!(why);
+                }
+            }
+        }
+        for e in &mut self.executors {
+            if let Some(why) = e.crashed() {
+                anyhow::bail!(why);
+            }
+        }
+        Ok(())
     }
 
     async fn inject(&mut self, f: &Fault) -> anyhow::Result<()> {

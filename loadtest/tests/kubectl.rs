@@ -105,7 +105,7 @@ async fn apply_crds_and_examples_then_get_shows_printer_columns(backend: Backend
 
     let out = k.ok(&["get", "nixconf", "-n", "fleet"]).await;
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "REF", "TARGET", "UPDATED", "READY", "AGE"]);
+    assert_eq!(header, ["NAME", "REF", "TARGET", "UPDATED", "WAVE", "ROLLOUT", "READY", "AGE"]);
 
     // short names and categories resolve through discovery
     let out = k.ok(&["get", "mach", "-n", "fleet", "-o", "name"]).await;

@@ -8,6 +8,7 @@
 #![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,12 @@ pub const REFRESH_ANNOTATION: &str = "nixos.infra/refresh";
 /// The W3C `traceparent` of the webhook delivery that set [`REFRESH_ANNOTATION`]: the reconcile it causes links
 /// to that trace.
 pub const REFRESH_TRACE_ANNOTATION: &str = "nixos.infra/refresh-traceparent";
+/// Annotation on a NixosConfiguration approving a paused wave: `<wave>@<first 12 characters of the target
+/// commit>` (naming the commit keeps an old approval from letting a later rollout through).
+pub const APPROVE_ANNOTATION: &str = "nixos.infra/approve";
+/// Annotation on a NixosConfiguration resuming a rollout halted over its failure budget: the first 12
+/// characters of the target commit.
+pub const RESUME_ANNOTATION: &str = "nixos.infra/resume";
 /// Finalizer the controller puts on configurations so removal runs `onRemoveFlake` first.
 pub const FINALIZER: &str = "nixos.infra/finalizer";
 /// The label a Secret needs (with value [`SECRET_OPT_IN_VALUE`]) before NIO reads it. Without it, anyone who may
@@ -344,6 +351,60 @@ pub struct RolloutSpec {
     /// Hold the rollout: jobs in flight finish, no new ones start.
     #[serde(default)]
     pub pause: bool,
+    /// Ordered waves: each starts once the one before it is applied, has soaked and (if it pauses) was
+    /// approved. Machines fall into the first wave whose selector matches them, or whose count still has
+    /// room, in name order; the last wave takes the rest. No waves: one wave of every machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub waves: Vec<WaveSpec>,
+    /// Failed machines tolerated over the whole rollout: a number, or a percentage of the targeted machines
+    /// (rounded down). Beyond it the rollout stops (see onFailure). `failureBudget` is the older spelling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<IntOrString>,
+    /// What a rollout over a failure budget does: Halt (no new jobs until a new commit or a resume), or
+    /// RollbackAndHalt (also return the failing wave's machines to the last commit the whole fleet ran).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// What a rollout over its failure budget does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum OnFailure {
+    #[default]
+    Halt,
+    RollbackAndHalt,
+}
+
+/// One wave of a rollout.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveSpec {
+    /// Unique within the configuration (a DNS label); shown in status and named to approve a pause.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The machines of this wave, by label (among those not taken by an earlier wave).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "wave_selector_schema")]
+    pub selector: Option<LabelSelector>,
+    /// How many machines: a number, or a percentage of the targeted machines (rounded up, at least 1). With a
+    /// selector: at most this many of those it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<IntOrString>,
+    /// Most machines of the wave updating at once: a number or a percentage of the wave (rounded down, at
+    /// least 1). Unset: no limit beyond maxParallel and the site limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+    /// Failed machines the wave tolerates: a number or a percentage of the wave (rounded down).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<IntOrString>,
+    /// How long the wave must run the commit (e.g. `10m`) before the next one starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub soak: Option<String>,
+    /// Wait for a person after the wave (and its soak): approve with the annotation
+    /// `nixos.infra/approve: <wave>@<first 12 characters of the target commit>`.
+    #[serde(default)]
+    pub pause: bool,
 }
 
 /// Check run on the machine after activation.
@@ -394,6 +455,18 @@ impl Default for HealthCheck {
         type_ = "string",
         json_path = ".status.progress",
         description = "Machines at the target commit / machines targeted"
+    ),
+    printcolumn(
+        name = "Wave",
+        type_ = "string",
+        json_path = ".status.currentWave",
+        description = "The wave rolling out now"
+    ),
+    printcolumn(
+        name = "Rollout",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Progressing\")].reason",
+        description = "What the rollout does or waits for (JobsInFlight, Soaking, AwaitingApproval, FailureBudgetExceeded, ...)"
     ),
     printcolumn(
         name = "Ready",
@@ -511,10 +584,67 @@ pub struct NixosConfigurationStatus {
     /// metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Each wave of the rollout of `targetCommit` (one wave of every machine when the spec has none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub waves: Vec<WaveStatus>,
+    /// The wave rolling out now (the first not yet Succeeded), for printer columns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_wave: Option<String>,
+    /// The target (`{commit}/{generation}...`) the waves describe; a new target starts them over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waves_target: Option<String>,
     /// The `nixos.infra/refresh` annotation's value when the ref was last resolved: equal to the annotation once
     /// a refresh request (a person's or a push webhook's) has been acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_refresh: Option<String>,
+}
+
+/// Where a wave is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum WaveState {
+    /// Waiting for the waves before it.
+    #[default]
+    Pending,
+    /// Jobs running or to start.
+    Progressing,
+    /// Applied; running the commit for `soak` before the next wave.
+    Soaking,
+    /// Applied and soaked; waiting for approval.
+    Paused,
+    /// Done: the next wave may start.
+    Succeeded,
+    /// Over its failure budget: the rollout is halted.
+    Failed,
+}
+
+/// The state of one wave.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveStatus {
+    /// The wave's name in the spec (`all` when the spec has no waves).
+    pub name: String,
+    pub state: WaveState,
+    /// Machines in the wave.
+    pub total: u32,
+    /// Machines of the wave at the target.
+    pub updated: u32,
+    /// Machines of the wave that failed at the target.
+    pub failed: u32,
+    /// Machines of the wave with a job queued or running.
+    pub in_progress: u32,
+    /// When its first job was published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    /// When every machine of it had run the commit (or failed within its budget): the soak starts here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<Time>,
+    /// When it Succeeded or Failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+    /// What it waits for, or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// `machineSelector`'s schema: the upstream LabelSelector with the bounds and rules the apiserver then enforces
@@ -522,18 +652,34 @@ pub struct NixosConfigurationStatus {
 /// unknown operator or a malformed key would be stored and select the wrong fleet. The bounds also keep the CEL
 /// rules' estimated cost under the apiserver's limit.
 fn machine_selector_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    bounded_selector_schema(generator, 32, 64)
+}
+
+/// A wave's selector: as [`machine_selector_schema`], with tighter bounds (up to 20 waves each have one, and
+/// the apiserver prices the rules by the product of every enclosing list's bound).
+fn wave_selector_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    bounded_selector_schema(generator, 8, 16)
+}
+
+/// A LabelSelector schema with CEL rules, at most `expressions` matchExpressions (and matchLabels) of at most
+/// `values` values each.
+fn bounded_selector_schema(
+    generator: &mut schemars::SchemaGenerator,
+    expressions: u32,
+    values: u32,
+) -> schemars::Schema {
     use schemars::JsonSchema;
     use serde_json::json;
     let mut schema = LabelSelector::json_schema(generator);
     let key_ok = "!format.qualifiedName().validate(self.key).hasValue()";
     let rules = json!({
         "matchExpressions": {
-            "maxItems": 32,
+            "maxItems": expressions,
             "items": {
                 "properties": {
                     "key": {"maxLength": 317},
                     "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
-                    "values": {"maxItems": 64, "items": {"maxLength": 63}},
+                    "values": {"maxItems": values, "items": {"maxLength": 63}},
                 },
                 "x-kubernetes-validations": [
                     {"rule": key_ok, "message": "key must be a valid label key (an optional DNS prefix and '/', then a name of at most 63 characters)"},
@@ -545,7 +691,7 @@ fn machine_selector_schema(generator: &mut schemars::SchemaGenerator) -> schemar
             },
         },
         "matchLabels": {
-            "maxProperties": 32,
+            "maxProperties": expressions,
             "additionalProperties": {"maxLength": 63},
             "x-kubernetes-validations": [
                 {"rule": "self.all(k, !format.qualifiedName().validate(k).hasValue() && !format.labelValue().validate(self[k]).hasValue())",

@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use base64::Engine as _;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::crd::{FileValueType, MachineSpec, NixosConfigurationSpec};
 
@@ -586,5 +587,43 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
     if spec.rollout.max_parallel == Some(0) {
         c.check(fail("spec.rollout.maxParallel", "must be at least 1"));
     }
+    if let Some(v) = &spec.rollout.max_failures {
+        c.check(count_or_percent("spec.rollout.maxFailures", v));
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, w) in spec.rollout.waves.iter().enumerate() {
+        let field = format!("spec.rollout.waves[{i}]");
+        c.check(dns_label(&format!("{field}.name"), &w.name));
+        if !names.insert(w.name.as_str()) {
+            c.check(fail(&format!("{field}.name"), "wave names must be unique"));
+        }
+        if let Some(sel) = &w.selector {
+            c.merge(label_selector(&format!("{field}.selector"), sel));
+        }
+        for (key, v) in [("count", &w.count), ("maxUnavailable", &w.max_unavailable), ("maxFailures", &w.max_failures)]
+        {
+            if let Some(v) = v {
+                c.check(count_or_percent(&format!("{field}.{key}"), v));
+            }
+        }
+        if matches!(&w.count, Some(IntOrString::Int(0))) {
+            c.check(fail(&format!("{field}.count"), "must be at least 1"));
+        }
+        if let Some(soak) = &w.soak {
+            c.check(duration(&format!("{field}.soak"), soak).map(|_| ()));
+        }
+    }
     c.finish()
+}
+
+/// A number (0 or more) or a percentage `N%` (0 to 100).
+fn count_or_percent(field: &str, v: &IntOrString) -> Check {
+    match v {
+        IntOrString::Int(n) if *n >= 0 => Ok(()),
+        IntOrString::Int(_) => fail(field, "must not be negative"),
+        IntOrString::String(s) => match s.strip_suffix('%').map(str::parse::<u32>) {
+            Some(Ok(p)) if p <= 100 => Ok(()),
+            _ => fail(field, format!("{s:?} is neither a number nor a percentage like \"10%\"")),
+        },
+    }
 }

@@ -82,7 +82,7 @@ fn printer_columns_answer_what_commit_is_where() {
     let crd = load("nixosconfiguration.yaml");
     let cols: Vec<_> =
         crd.spec.versions[0].additional_printer_columns.clone().unwrap().into_iter().map(|c| c.name).collect();
-    assert_eq!(cols, ["Ref", "Target", "Updated", "Ready", "Age"]);
+    assert_eq!(cols, ["Ref", "Target", "Updated", "Wave", "Rollout", "Ready", "Age"]);
 }
 
 #[test]

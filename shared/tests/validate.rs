@@ -298,3 +298,38 @@ proptest! {
         prop_assert!(validate::hostname("h", &s).is_err());
     }
 }
+
+#[test]
+fn rollout_waves_and_budgets_are_checked_field_by_field() {
+    let with = |rollout: serde_json::Value| {
+        let mut c = config();
+        c.rollout = serde_json::from_value(rollout).unwrap();
+        c
+    };
+    let good = with(serde_json::json!({
+        "maxFailures": "2%", "onFailure": "RollbackAndHalt",
+        "waves": [
+            {"name": "canary", "selector": {"matchLabels": {"ring": "canary"}}, "soak": "10m", "pause": true},
+            {"name": "ten", "count": "10%", "maxUnavailable": 5, "maxFailures": "2%"},
+            {"name": "rest", "maxUnavailable": "25%"}
+        ]
+    }));
+    assert_eq!(validate::configuration_spec(&good), Ok(()));
+    for (rollout, field) in [
+        (serde_json::json!({"maxFailures": "2 percent"}), "spec.rollout.maxFailures"),
+        (serde_json::json!({"maxFailures": "101%"}), "spec.rollout.maxFailures"),
+        (serde_json::json!({"maxFailures": -1}), "spec.rollout.maxFailures"),
+        (serde_json::json!({"waves": [{"name": "Canary"}]}), "spec.rollout.waves[0].name"),
+        (serde_json::json!({"waves": [{"name": "a"}, {"name": "a"}]}), "spec.rollout.waves[1].name"),
+        (serde_json::json!({"waves": [{"name": "a", "count": 0}]}), "spec.rollout.waves[0].count"),
+        (serde_json::json!({"waves": [{"name": "a", "maxUnavailable": "x%"}]}), "spec.rollout.waves[0].maxUnavailable"),
+        (serde_json::json!({"waves": [{"name": "a", "soak": "ten minutes"}]}), "spec.rollout.waves[0].soak"),
+        (
+            serde_json::json!({"waves": [{"name": "a", "selector": {"matchLabels": {"bad key!": "x"}}}]}),
+            "spec.rollout.waves[0].selector",
+        ),
+    ] {
+        let err = rejected(&with(rollout.clone())).to_string();
+        assert!(err.contains(field), "{rollout}: {err}");
+    }
+}

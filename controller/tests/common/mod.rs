@@ -229,6 +229,16 @@ impl Env {
         out
     }
 
+    /// The reasons of the Events recorded about object `name` in the test's namespace.
+    pub async fn events_for(&self, name: &str) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let list = events.list(&Default::default()).await.unwrap().items;
+        list.into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .filter_map(|e| e.reason)
+            .collect()
+    }
+
     pub async fn stored_jobs(&self) -> u64 {
         let mut s = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
         s.info().await.unwrap().state.messages

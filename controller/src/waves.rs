@@ -1,0 +1,445 @@
+//! Waves: which machines roll out when. Pure, like the planner: given the waves of the spec, the machines, the
+//! wave states last recorded for this target and the time, it decides each wave's state, the machines that may
+//! get a job now and how many, and when to look again (a soak ending). Every rule is unit-tested here.
+//!
+//! A wave starts once every wave before it Succeeded: applied (every machine at the target, or failed within
+//! the wave's budget), soaked for `soak`, and approved if it pauses. A wave over its failure budget, or any
+//! wave once the whole rollout is over `maxFailures`, Fails, and nothing after it starts (the rollout is halted)
+//! until a new commit, or the resume annotation for this commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use nio_shared::crd::{WaveSpec, WaveState, WaveStatus};
+
+use crate::conditions::{chrono_of, time};
+use crate::rollout::MachineView;
+
+/// A wave with its machines and its limits as numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Wave {
+    pub name: String,
+    pub machines: Vec<String>,
+    pub max_unavailable: Option<u32>,
+    pub max_failures: Option<u32>,
+    pub soak: Duration,
+    pub pause: bool,
+}
+
+/// `v` of `of`: a number as is, a percentage rounded up (`up`) or down.
+fn amount(v: &IntOrString, of: usize, up: bool) -> u32 {
+    match v {
+        IntOrString::Int(n) => u32::try_from(*n).unwrap_or(0),
+        IntOrString::String(s) => {
+            let pct: u64 = s.trim_end_matches('%').trim().parse().unwrap_or(0);
+            let scaled = of as u64 * pct;
+            let n = if up { scaled.div_ceil(100) } else { scaled / 100 };
+            u32::try_from(n).unwrap_or(u32::MAX)
+        }
+    }
+}
+
+/// Whether `labels` match `sel` (matchLabels and matchExpressions).
+pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let ok_labels = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let ok_exprs = sel.match_expressions.iter().flatten().all(|e| {
+        let vals = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
+            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
+            "Exists" => labels.contains_key(&e.key),
+            "DoesNotExist" => !labels.contains_key(&e.key),
+            // Validation rejects other operators; should one get here, it selects nothing.
+            _ => false,
+        }
+    });
+    ok_labels && ok_exprs
+}
+
+/// Puts each machine (name, labels) into a wave, in name order: the first wave whose selector matches it and
+/// whose count has room, or, without a selector, whose count has room; the last wave takes the rest. Without
+/// waves in the spec, one wave (`all`) has every machine. Percentages are of all machines.
+pub fn layout(spec: &[WaveSpec], machines: &[(String, BTreeMap<String, String>)]) -> Vec<Wave> {
+    let total = machines.len();
+    let mut sorted: Vec<&(String, BTreeMap<String, String>)> = machines.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    if spec.is_empty() {
+        return vec![Wave {
+            name: "all".into(),
+            machines: sorted.iter().map(|m| m.0.clone()).collect(),
+            ..Default::default()
+        }];
+    }
+    let mut waves: Vec<Wave> = spec
+        .iter()
+        .map(|w| Wave {
+            name: w.name.clone(),
+            pause: w.pause,
+            soak: w.soak.as_deref().and_then(|s| nio_shared::validate::duration("soak", s).ok()).unwrap_or_default(),
+            ..Default::default()
+        })
+        .collect();
+    let caps: Vec<Option<u32>> = spec.iter().map(|w| w.count.as_ref().map(|c| amount(c, total, true).max(1))).collect();
+    let last = spec.len() - 1;
+    for m in sorted {
+        let slot = spec.iter().enumerate().position(|(i, w)| {
+            let room = caps[i].is_none_or(|c| (waves[i].machines.len() as u32) < c);
+            let selected = w.selector.as_ref().is_none_or(|s| selector_matches(s, &m.1));
+            // A wave with neither selector nor count is the catch-all; only the last one is.
+            let bounded = w.selector.is_some() || w.count.is_some();
+            i != last && bounded && room && selected
+        });
+        waves[slot.unwrap_or(last)].machines.push(m.0.clone());
+    }
+    for (w, s) in waves.iter_mut().zip(spec) {
+        let n = w.machines.len();
+        w.max_unavailable = s.max_unavailable.as_ref().map(|v| amount(v, n, false).max(1));
+        w.max_failures = s.max_failures.as_ref().map(|v| amount(v, n, false));
+    }
+    waves
+}
+
+/// Why no (more) jobs start in the rollout's current wave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// The current wave is applied and soaking.
+    Soaking,
+    /// The current wave waits for approval.
+    AwaitingApproval,
+    /// A wave (or the whole rollout) is over its failure budget.
+    Halted,
+}
+
+/// What the waves allow now.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Decision {
+    pub statuses: Vec<WaveStatus>,
+    /// The first wave not Succeeded.
+    pub current: Option<String>,
+    /// Machines of the current wave that may get a job, and how many jobs may start now.
+    pub eligible: BTreeSet<String>,
+    pub room: u32,
+    pub gate: Option<Gate>,
+    /// The wave that Failed (halting the rollout), if one did.
+    pub failed_wave: Option<String>,
+    /// When a soak ends: look again then.
+    pub wake_in: Option<Duration>,
+}
+
+/// Everything [`decide`] reads besides the waves.
+pub struct Facts<'a> {
+    pub target: &'a str,
+    pub machines: &'a [MachineView],
+    /// The wave states recorded for `target` (empty for a new target).
+    pub recorded: &'a [WaveStatus],
+    pub now: DateTime<Utc>,
+    /// The wave approved for this target (from the approve annotation), if any.
+    pub approved: Option<&'a str>,
+    /// The resume annotation names this target's commit: failure budgets no longer stop it.
+    pub resumed: bool,
+    /// Failures tolerated over the whole rollout.
+    pub max_failures: Option<u32>,
+}
+
+/// Each wave's state and what may run now.
+pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
+    let is = |t: &Option<String>| t.as_deref() == Some(f.target);
+    let by_name: BTreeMap<&str, &MachineView> = f.machines.iter().map(|m| (m.name.as_str(), m)).collect();
+    let total_failed = f.machines.iter().filter(|m| is(&m.failed_target) && !is(&m.applied_target)).count() as u32;
+    let overall_over = !f.resumed && f.max_failures.is_some_and(|b| total_failed > b);
+    let mut d = Decision::default();
+    let mut open = true;
+    let mut stragglers = Vec::new();
+    for w in waves {
+        let prev = f.recorded.iter().find(|r| r.name == w.name);
+        let mut s = WaveStatus { name: w.name.clone(), total: w.machines.len() as u32, ..Default::default() };
+        let mut candidates = Vec::new();
+        for name in &w.machines {
+            let Some(m) = by_name.get(name.as_str()) else { continue };
+            if is(&m.applied_target) {
+                s.updated += 1;
+            } else if is(&m.failed_target) {
+                s.failed += 1;
+            } else if is(&m.queued_target) {
+                s.in_progress += 1;
+            } else {
+                candidates.push(name.clone());
+            }
+        }
+        s.started_at = prev.and_then(|p| p.started_at.clone());
+        s.applied_at = prev.and_then(|p| p.applied_at.clone());
+        s.finished_at = prev.and_then(|p| p.finished_at.clone());
+        if !open {
+            s.state = WaveState::Pending;
+            d.statuses.push(s);
+            continue;
+        }
+        if s.started_at.is_none() && (s.in_progress > 0 || s.failed > 0 || !candidates.is_empty()) {
+            s.started_at = Some(time(f.now));
+        }
+        let was_failed = prev.is_some_and(|p| p.state == WaveState::Failed);
+        let over_wave = w.max_failures.is_some_and(|b| s.failed > b);
+        if !f.resumed && (was_failed || over_wave || overall_over) {
+            s.state = WaveState::Failed;
+            s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
+            s.message = Some(match (over_wave, w.max_failures) {
+                (true, Some(b)) => format!("{} of {} machines failed (the wave tolerates {b})", s.failed, s.total),
+                _ if overall_over => format!(
+                    "{total_failed} machines failed in the rollout (it tolerates {})",
+                    f.max_failures.unwrap_or_default()
+                ),
+                // The failure as first recorded (what the reconcile appended after "; " is redone each time).
+                _ => prev
+                    .and_then(|p| p.message.as_deref())
+                    .and_then(|m| m.split("; ").next())
+                    .map_or_else(|| "over its failure budget".into(), str::to_string),
+            });
+            d.failed_wave = Some(w.name.clone());
+            d.current = Some(w.name.clone());
+            d.gate = Some(Gate::Halted);
+            open = false;
+            d.statuses.push(s);
+            continue;
+        }
+        let done_before = prev.is_some_and(|p| p.state == WaveState::Succeeded);
+        if done_before && !candidates.is_empty() {
+            // A wave stays Succeeded; a machine that joined it since (or moved off the target) still gets the
+            // target, alongside the current wave.
+            s.state = WaveState::Succeeded;
+            stragglers.extend(candidates);
+            d.statuses.push(s);
+            continue;
+        }
+        if candidates.is_empty() && s.in_progress == 0 {
+            let applied_at = s.applied_at.clone().map_or(f.now, |t| chrono_of(&t.0));
+            s.applied_at = Some(time(applied_at));
+            let soaked = applied_at + chrono::Duration::from_std(w.soak).unwrap_or_default();
+            if !done_before && f.now < soaked {
+                s.state = WaveState::Soaking;
+                let left = (soaked - f.now).to_std().unwrap_or_default();
+                s.message =
+                    Some(format!("soaking until {}", soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
+                d.wake_in = Some(left);
+                d.gate = Some(Gate::Soaking);
+            } else if !done_before && w.pause && f.approved != Some(w.name.as_str()) {
+                s.state = WaveState::Paused;
+                let commit = f.target.split('/').next().unwrap_or_default();
+                let short: String = commit.chars().take(12).collect();
+                s.message = Some(format!(
+                    "waiting for approval: annotate the configuration {}={}@{short}",
+                    nio_shared::crd::APPROVE_ANNOTATION,
+                    w.name
+                ));
+                d.gate = Some(Gate::AwaitingApproval);
+            } else {
+                s.state = WaveState::Succeeded;
+                s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
+                s.message = None;
+                d.statuses.push(s);
+                continue;
+            }
+            d.current = Some(w.name.clone());
+            open = false;
+            d.statuses.push(s);
+            continue;
+        }
+        s.state = WaveState::Progressing;
+        d.current = Some(w.name.clone());
+        d.room = w.max_unavailable.map_or(u32::MAX, |u| u.saturating_sub(s.in_progress));
+        d.eligible = candidates.into_iter().collect();
+        open = false;
+        d.statuses.push(s);
+    }
+    if d.gate != Some(Gate::Halted) {
+        if d.eligible.is_empty() && !stragglers.is_empty() {
+            d.room = u32::MAX;
+        }
+        d.eligible.extend(stragglers);
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const T: &str = "cccccccccccccccccccccccccccccccccccccccc/1";
+
+    fn spec(v: serde_json::Value) -> Vec<WaveSpec> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn fleet(
+        n: usize,
+        label: impl Fn(usize) -> Option<(&'static str, &'static str)>,
+    ) -> Vec<(String, BTreeMap<String, String>)> {
+        (0..n)
+            .map(|i| {
+                let labels = label(i).map(|(k, v)| (k.to_string(), v.to_string())).into_iter().collect();
+                (format!("m{i:03}"), labels)
+            })
+            .collect()
+    }
+
+    fn sizes(waves: &[Wave]) -> Vec<(String, usize)> {
+        waves.iter().map(|w| (w.name.clone(), w.machines.len())).collect()
+    }
+
+    #[test]
+    fn machines_fall_into_waves_by_selector_then_count_and_the_last_takes_the_rest() {
+        let machines = fleet(1000, |i| (i % 100 == 7).then_some(("ring", "canary")));
+        let waves = layout(
+            &spec(json!([
+                {"name": "canary", "selector": {"matchLabels": {"ring": "canary"}}},
+                {"name": "one-percent", "count": "1%"},
+                {"name": "ten-percent", "count": "10%", "maxUnavailable": "25%", "maxFailures": "2%"},
+                {"name": "rest", "count": 1},
+            ])),
+            &machines,
+        );
+        assert_eq!(
+            sizes(&waves),
+            [("canary".into(), 10), ("one-percent".into(), 10), ("ten-percent".into(), 100), ("rest".into(), 880)]
+        );
+        assert!(waves[0].machines.iter().all(|m| m.ends_with('7')), "the selector took the labelled machines");
+        assert_eq!(waves[1].machines[0], "m000", "counts take machines in name order");
+        assert_eq!((waves[2].max_unavailable, waves[2].max_failures), (Some(25), Some(2)));
+        let all = layout(&[], &machines);
+        assert_eq!(sizes(&all), [("all".into(), 1000)]);
+        // Percentages round up to at least one machine; unavailability rounds down to at least one.
+        let small = layout(
+            &spec(json!([{"name": "a", "count": "1%", "maxUnavailable": "10%"}, {"name": "b"}])),
+            &fleet(5, |_| None),
+        );
+        assert_eq!(sizes(&small), [("a".into(), 1), ("b".into(), 4)]);
+        assert_eq!(small[0].max_unavailable, Some(1));
+    }
+
+    fn view(name: &str, state: &str) -> MachineView {
+        let mut v = MachineView { name: name.into(), ..Default::default() };
+        match state {
+            "updated" => v.applied_target = Some(T.into()),
+            "failed" => v.failed_target = Some(T.into()),
+            "running" => v.queued_target = Some(T.into()),
+            _ => {}
+        }
+        v
+    }
+
+    fn two_waves(soak: &str, pause: bool) -> Vec<Wave> {
+        vec![
+            Wave {
+                name: "canary".into(),
+                machines: vec!["a".into(), "b".into()],
+                max_unavailable: Some(1),
+                max_failures: Some(0),
+                soak: nio_shared::validate::duration("soak", soak).unwrap(),
+                pause,
+            },
+            Wave { name: "rest".into(), machines: vec!["c".into(), "d".into(), "e".into()], ..Default::default() },
+        ]
+    }
+
+    fn facts<'a>(machines: &'a [MachineView], recorded: &'a [WaveStatus], now: DateTime<Utc>) -> Facts<'a> {
+        Facts { target: T, machines, recorded, now, approved: None, resumed: false, max_failures: None }
+    }
+
+    fn states(d: &Decision) -> Vec<WaveState> {
+        d.statuses.iter().map(|s| s.state).collect()
+    }
+
+    #[test]
+    fn a_wave_runs_within_its_limit_then_soaks_then_the_next_starts() {
+        use WaveState::*;
+        let t0 = Utc::now();
+        let waves = two_waves("10m", false);
+        let ms = |s: [&str; 5]| ["a", "b", "c", "d", "e"].iter().zip(s).map(|(n, s)| view(n, s)).collect::<Vec<_>>();
+        // nothing done: the canary wave, one at a time
+        let m = ms(["", "", "", "", ""]);
+        let d = decide(&waves, &facts(&m, &[], t0));
+        assert_eq!((states(&d), d.room, d.eligible.len(), d.gate), (vec![Progressing, Pending], 1, 2, None));
+        assert_eq!(d.current.as_deref(), Some("canary"));
+        // one running: no room
+        let m = ms(["running", "", "", "", ""]);
+        assert_eq!(decide(&waves, &facts(&m, &d.statuses, t0)).room, 0);
+        // both applied: soaking for 10 minutes, nothing of the next wave
+        let m = ms(["updated", "updated", "", "", ""]);
+        let d = decide(&waves, &facts(&m, &d.statuses, t0));
+        assert_eq!((states(&d), d.gate, d.eligible.len()), (vec![Soaking, Pending], Some(Gate::Soaking), 0));
+        assert_eq!(d.wake_in, Some(Duration::from_secs(600)));
+        let later = t0 + chrono::Duration::minutes(4);
+        let d = decide(&waves, &facts(&m, &d.statuses, later));
+        assert_eq!(d.wake_in, Some(Duration::from_secs(360)), "the soak is measured from when the wave was applied");
+        // soaked: the next wave, without limits
+        let d = decide(&waves, &facts(&m, &d.statuses, t0 + chrono::Duration::minutes(10)));
+        assert_eq!((states(&d), d.room, d.eligible.len()), (vec![Succeeded, Progressing], u32::MAX, 3));
+        assert_eq!(d.current.as_deref(), Some("rest"));
+        // once Succeeded, a wave stays so; a machine of it off the target gets a job with the current wave
+        let m2 = ms(["updated", "", "updated", "", ""]);
+        let d2 = decide(&waves, &facts(&m2, &d.statuses, t0 + chrono::Duration::minutes(11)));
+        assert_eq!(states(&d2), [Succeeded, Progressing]);
+        assert!(d2.eligible.contains("b") && d2.eligible.contains("d"), "{:?}", d2.eligible);
+        // all done
+        let m = ms(["updated"; 5]);
+        let d = decide(&waves, &facts(&m, &d.statuses, t0 + chrono::Duration::minutes(12)));
+        assert_eq!((states(&d), d.current, d.gate), (vec![Succeeded, Succeeded], None, None));
+    }
+
+    #[test]
+    fn a_pausing_wave_waits_for_an_approval_naming_it() {
+        use WaveState::*;
+        let t0 = Utc::now();
+        let waves = two_waves("0s", true);
+        let m: Vec<MachineView> = [("a", "updated"), ("b", "updated"), ("c", ""), ("d", ""), ("e", "")]
+            .iter()
+            .map(|(n, s)| view(n, s))
+            .collect();
+        let d = decide(&waves, &facts(&m, &[], t0));
+        assert_eq!((states(&d), d.gate), (vec![Paused, Pending], Some(Gate::AwaitingApproval)));
+        let msg = d.statuses[0].message.clone().unwrap();
+        assert!(msg.contains("nixos.infra/approve=canary@cccccccccccc"), "{msg}");
+        let other = Facts { approved: Some("rest"), ..facts(&m, &d.statuses, t0) };
+        assert_eq!(decide(&waves, &other).gate, Some(Gate::AwaitingApproval), "approving another wave does nothing");
+        let ok = Facts { approved: Some("canary"), ..facts(&m, &d.statuses, t0) };
+        let d = decide(&waves, &ok);
+        assert_eq!((states(&d), d.eligible.len()), (vec![Succeeded, Progressing], 3));
+    }
+
+    #[test]
+    fn failures_over_a_wave_or_rollout_budget_halt_until_a_resume() {
+        use WaveState::*;
+        let t0 = Utc::now();
+        let waves = two_waves("0s", false);
+        let m: Vec<MachineView> = [("a", "failed"), ("b", "updated"), ("c", ""), ("d", ""), ("e", "")]
+            .iter()
+            .map(|(n, s)| view(n, s))
+            .collect();
+        // the canary tolerates no failure
+        let d = decide(&waves, &facts(&m, &[], t0));
+        assert_eq!(
+            (states(&d), d.gate, d.failed_wave.as_deref()),
+            (vec![Failed, Pending], Some(Gate::Halted), Some("canary"))
+        );
+        assert_eq!(d.statuses[0].message.as_deref(), Some("1 of 2 machines failed (the wave tolerates 0)"));
+        assert!(d.eligible.is_empty());
+        // a recorded failure stays even if the machines later look fine (e.g. rolled back to another target)
+        let fine: Vec<MachineView> =
+            ["a", "b", "c", "d", "e"].iter().map(|n| view(n, if *n == "b" { "updated" } else { "" })).collect();
+        assert_eq!(decide(&waves, &facts(&fine, &d.statuses, t0)).gate, Some(Gate::Halted));
+        // the resume annotation for this commit lets it go on; the failed machine stays out
+        let resumed = Facts { resumed: true, ..facts(&m, &d.statuses, t0) };
+        let d2 = decide(&waves, &resumed);
+        assert_eq!((states(&d2), d2.eligible.len()), (vec![Succeeded, Progressing], 3));
+        // the rollout's own budget counts failures across waves
+        let mut relaxed = two_waves("0s", false);
+        relaxed[0].max_failures = Some(5);
+        let overall = Facts { max_failures: Some(0), ..facts(&m, &[], t0) };
+        let d3 = decide(&relaxed, &overall);
+        assert_eq!(states(&d3), [Failed, Pending]);
+        assert_eq!(d3.statuses[0].message.as_deref(), Some("1 machines failed in the rollout (it tolerates 0)"));
+    }
+}

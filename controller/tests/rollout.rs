@@ -1,0 +1,203 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! Rollout policy against kubesim and the real apiserver: waves that soak, pause for approval and keep to
+//! their maxUnavailable; a wave over its failure budget halting the rollout and rolling its machines back.
+
+mod common;
+
+nio_loadtest::on_both!(
+    waves_soak_wait_for_approval_and_keep_to_their_limit,
+    a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines_back,
+);
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use kube::api::{Patch, PatchParams};
+use nio_shared::crd::{NixosConfiguration, WaveState, short_commit};
+use nio_shared::protocol::{FailureCategory, Job, JobKind, Phase};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Takes every stored apply job (as executors would), by machine.
+async fn take_apply_jobs(env: &Env) -> BTreeMap<String, Job> {
+    env.drain_jobs()
+        .await
+        .into_iter()
+        .filter(|j| j.action.kind() == JobKind::Apply)
+        .map(|j| (j.machine.clone(), j))
+        .collect()
+}
+
+/// Waits until apply jobs for exactly `machines` have been taken, then returns them.
+async fn jobs_for(env: &Env, machines: &[&str]) -> BTreeMap<String, Job> {
+    let want: Vec<String> = machines.iter().map(|m| m.to_string()).collect();
+    let mut got = BTreeMap::new();
+    let deadline = std::time::Instant::now() + T;
+    while got.keys().cloned().collect::<Vec<_>>() != want {
+        assert!(std::time::Instant::now() < deadline, "jobs for {want:?}; got {:?}", got.keys().collect::<Vec<_>>());
+        got.extend(take_apply_jobs(env).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    got
+}
+
+fn commit_of(j: &Job) -> &str {
+    j.source.as_ref().map(|s| s.commit.as_str()).unwrap_or_default()
+}
+
+async fn config(env: &Env, name: &str) -> NixosConfiguration {
+    env.configs().get(name).await.unwrap()
+}
+
+fn wave_states(c: &NixosConfiguration) -> Vec<(String, WaveState)> {
+    c.status.iter().flat_map(|s| s.waves.iter().map(|w| (w.name.clone(), w.state))).collect()
+}
+
+async fn annotate(env: &Env, name: &str, key: &str, value: &str) {
+    let patch = json!({"metadata": {"annotations": {key: value}}});
+    env.configs().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+}
+
+/// A canary wave (by label) soaks for 2 s, then waits for approval naming it and the commit; the rest goes at
+/// most two machines at a time. Nothing of a later wave starts early, and every transition is an Event.
+async fn waves_soak_wait_for_approval_and_keep_to_their_limit(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("c1").label("role", "web").label("ring", "canary").create().await;
+    for m in ["r1", "r2", "r3", "r4"] {
+        env.machine(m).label("role", "web").create().await;
+    }
+    env.config(
+        "web",
+        json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h", "rollout": {"waves": [
+            {"name": "canary", "selector": {"matchLabels": {"ring": "canary"}}, "soak": "2s", "pause": true},
+            {"name": "rest", "maxUnavailable": 2},
+        ]}}),
+    )
+    .await;
+    let commit = env.repo.head().unwrap();
+    let canary = jobs_for(&env, &["c1"]).await;
+    let c = config(&env, "web").await;
+    assert_eq!(wave_states(&c), [("canary".into(), WaveState::Progressing), ("rest".into(), WaveState::Pending)]);
+    assert_eq!(c.status.as_ref().unwrap().current_wave.as_deref(), Some("canary"));
+
+    env.report(&canary["c1"], Phase::Succeeded, |_| {}).await;
+    env.eventually(T, "the canary soaking", || async {
+        (wave_states(&config(&env, "web").await)[0].1 == WaveState::Soaking).then_some(())
+    })
+    .await;
+    env.eventually(T, "the canary waiting for approval", || async {
+        (wave_states(&config(&env, "web").await)[0].1 == WaveState::Paused).then_some(())
+    })
+    .await;
+    let c = config(&env, "web").await;
+    let status = c.status.clone().unwrap();
+    let approve = format!("canary@{}", short_commit(&commit));
+    let message = status.waves[0].message.clone().unwrap_or_default();
+    assert!(message.contains(&format!("nixos.infra/approve={approve}")), "{message}");
+    let progressing = status.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
+    assert_eq!(progressing.reason, "AwaitingApproval");
+    env.never(Duration::from_secs(2), "a job of the next wave before approval", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
+
+    // An approval of another commit does nothing; the right one releases two machines, then the next two.
+    annotate(&env, "web", "nixos.infra/approve", "canary@000000000000").await;
+    env.never(Duration::from_secs(2), "a job after a wrong approval", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
+    annotate(&env, "web", "nixos.infra/approve", &approve).await;
+    let first = jobs_for(&env, &["r1", "r2"]).await;
+    env.never(Duration::from_secs(1), "a third machine of the rest while two run", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
+    for j in first.values() {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    let second = jobs_for(&env, &["r3", "r4"]).await;
+    for j in second.values() {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    env.eventually(T, "every wave done", || async {
+        let c = config(&env, "web").await;
+        let done = wave_states(&c).iter().all(|w| w.1 == WaveState::Succeeded);
+        (done && c.status?.current_wave.is_none()).then_some(())
+    })
+    .await;
+    let events = env.events_for("web").await;
+    for reason in ["WaveProgressing", "WaveSoaking", "WavePaused", "WaveSucceeded", "RolloutComplete"] {
+        assert!(events.iter().any(|e| e == reason), "no {reason} Event in {events:?}");
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A fleet at commit C1 gets C2 in two waves; the first tolerates no failure and one of its machines fails.
+/// The rollout halts (nothing of the second wave is touched, Stalled with FailureBudgetExceeded) and, with
+/// RollbackAndHalt, the first wave's machines get jobs back to C1.
+async fn a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines_back(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    for m in ["w1", "w2", "w3", "w4"] {
+        env.machine(m).label("role", "web").create().await;
+    }
+    env.config("web", json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h"})).await;
+    let c1 = env.repo.head().unwrap();
+    for j in jobs_for(&env, &["w1", "w2", "w3", "w4"]).await.values() {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    env.eventually(T, "C1 everywhere", || async {
+        (config(&env, "web").await.status?.applied_commit.as_deref() == Some(c1.as_str())).then_some(())
+    })
+    .await;
+
+    let c2 = env.repo.bump("C2").unwrap();
+    // The waves and the push at once (the refresh makes the controller ask Git again at once).
+    let patch = json!({
+        "metadata": {"annotations": {"nixos.infra/refresh": c2}},
+        "spec": {"rollout": {"onFailure": "RollbackAndHalt", "waves": [
+            {"name": "first", "count": 2, "maxFailures": 0}, {"name": "rest"}]}},
+    });
+    env.configs().patch("web", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    let first = jobs_for(&env, &["w1", "w2"]).await;
+    assert!(first.values().all(|j| commit_of(j) == c2));
+    env.report(&first["w1"], Phase::Succeeded, |_| {}).await;
+    env.report(&first["w2"], Phase::Failed, |e| {
+        e.category = Some(FailureCategory::HealthCheckFailed);
+        e.message = Some("nginx.service failed".into());
+    })
+    .await;
+
+    let back = jobs_for(&env, &["w1", "w2"]).await;
+    assert!(back.values().all(|j| commit_of(j) == c1), "rolled back to C1: {back:?}");
+    let c = config(&env, "web").await;
+    assert_eq!(wave_states(&c), [("first".into(), WaveState::Failed), ("rest".into(), WaveState::Pending)]);
+    let stalled = c.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Stalled").cloned();
+    assert_eq!(stalled.map(|s| s.reason).as_deref(), Some("FailureBudgetExceeded"));
+    for j in back.values() {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    env.eventually(T, "the first wave back at C1", || async {
+        let c = config(&env, "web").await;
+        let msg = c.status?.waves.first()?.message.clone()?;
+        msg.contains(&format!("rolling back to {}: 2 returned", short_commit(&c1))).then_some(msg)
+    })
+    .await;
+    env.never(Duration::from_secs(2), "C2 for the second wave of a halted rollout", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
+    let events = env.events_for("web").await;
+    assert!(events.iter().any(|e| e == "WaveFailed"), "{events:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
