@@ -442,4 +442,93 @@ mod tests {
         assert_eq!(states(&d3), [Failed, Pending]);
         assert_eq!(d3.statuses[0].message.as_deref(), Some("1 machines failed in the rollout (it tolerates 0)"));
     }
+
+    /// Any fleet, any waves, any order in which jobs finish (succeeding or failing): no wave ever has more
+    /// machines in flight than its maxUnavailable, the rollout never more than maxParallel, no machine of a
+    /// wave gets a job before every earlier wave Succeeded, and a halted rollout starts nothing new.
+    mod interleavings {
+        use super::*;
+        use crate::rollout::{Policy, plan_within};
+        use proptest::prelude::*;
+
+        fn wave_specs() -> impl Strategy<Value = Vec<WaveSpec>> {
+            prop::collection::vec((1u32..5, prop::option::of(1u32..4), prop::option::of(0u32..3)), 1..4).prop_map(
+                |ws| {
+                    ws.into_iter()
+                        .enumerate()
+                        .map(|(i, (count, unavailable, failures))| WaveSpec {
+                            name: format!("w{i}"),
+                            count: Some(IntOrString::Int(count as i32)),
+                            max_unavailable: unavailable.map(|u| IntOrString::Int(u as i32)),
+                            max_failures: failures.map(|f| IntOrString::Int(f as i32)),
+                            ..Default::default()
+                        })
+                        .collect()
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+            #[test]
+            fn limits_and_order_hold_for_any_interleaving(
+                n in 1usize..14,
+                spec in wave_specs(),
+                max_parallel in prop::option::of(1u32..6),
+                // each step: which running machine finishes (an index into them) and whether it fails
+                steps in prop::collection::vec((any::<prop::sample::Index>(), prop::bool::weighted(0.2)), 0..60),
+            ) {
+                let machines = fleet(n, |_| None);
+                let waves = layout(&spec, &machines);
+                let wave_of: BTreeMap<String, usize> =
+                    waves.iter().enumerate().flat_map(|(i, w)| w.machines.iter().map(move |m| (m.clone(), i))).collect();
+                let mut views: Vec<MachineView> = machines.iter().map(|(n, _)| view(n, "")).collect();
+                let policy = Policy { max_parallel, ..Default::default() };
+                let mut recorded: Vec<WaveStatus> = vec![];
+                let now = Utc::now();
+                let mut halted = false;
+                // the given steps, then successes until every machine is done
+                for step in steps.iter().map(Some).chain(std::iter::repeat_n(None, 2 * n + 2)) {
+                    let d = decide(&waves, &facts(&views, &recorded, now));
+                    let p = plan_within(T, &policy, &views, Some(&d));
+                    if halted {
+                        prop_assert!(p.publish.is_empty(), "a halted rollout started {:?}", p.publish);
+                    }
+                    halted |= d.gate == Some(Gate::Halted);
+                    for (name, _) in &p.publish {
+                        let w = wave_of[name];
+                        prop_assert!(
+                            d.statuses[..w].iter().all(|s| s.state == WaveState::Succeeded),
+                            "{name} of wave {w} started before the waves ahead of it succeeded: {:?}", d.statuses
+                        );
+                        if let Some(v) = views.iter_mut().find(|v| &v.name == name) {
+                            v.queued_target = Some(T.into());
+                        }
+                    }
+                    let running = |pred: &dyn Fn(&str) -> bool| {
+                        views.iter().filter(|v| pred(&v.name) && v.queued_target.as_deref() == Some(T)
+                            && v.applied_target.is_none() && v.failed_target.is_none()).count() as u32
+                    };
+                    for (i, w) in waves.iter().enumerate() {
+                        let in_flight = running(&|m| wave_of.get(m) == Some(&i));
+                        prop_assert!(w.max_unavailable.is_none_or(|u| in_flight <= u), "wave {i}: {in_flight} in flight");
+                    }
+                    let total = running(&|_| true);
+                    prop_assert!(max_parallel.is_none_or(|m| total <= m), "{total} in flight over maxParallel");
+                    recorded = d.statuses;
+                    // one running machine finishes
+                    let running_now: Vec<usize> = views.iter().enumerate()
+                        .filter(|(_, v)| v.queued_target.is_some() && v.applied_target.is_none() && v.failed_target.is_none())
+                        .map(|(i, _)| i).collect();
+                    if !running_now.is_empty() {
+                        let (i, fails) = match step {
+                            Some((pick, fails)) => (running_now[pick.index(running_now.len())], *fails),
+                            None => (running_now[0], false),
+                        };
+                        if fails { views[i].failed_target = Some(T.into()) } else { views[i].applied_target = Some(T.into()) }
+                    }
+                }
+            }
+        }
+    }
 }
