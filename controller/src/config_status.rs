@@ -73,6 +73,8 @@ pub struct Rollout<'a> {
     pub waves: Option<&'a crate::waves::Decision>,
     /// Record an Event per wave transition (the spec has waves, not just the implicit one).
     pub wave_events: bool,
+    /// A failed wave's machines are being returned to the previous commit (RollbackAndHalt).
+    pub rolling_back: bool,
     /// The planner's counts before this step published.
     pub counts: Counts,
     /// Jobs this step published.
@@ -133,9 +135,10 @@ pub fn configuration_status(
     };
     conditions::set(&mut s.conditions, Type::Ready, ready, reason, &message, generation);
 
-    let progressing = s.in_progress > 0;
+    let progressing = s.in_progress > 0 || r.rolling_back;
     let hold = r.hold.map(|h| format!("{h:?}"));
     let reason = match (&hold, progressing) {
+        (_, true) if r.rolling_back => "RollingBack",
         (_, true) => "JobsInFlight",
         (Some(h), false) => h.as_str(),
         (None, false) => "Idle",

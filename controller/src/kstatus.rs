@@ -55,9 +55,10 @@ fn configuration_state(s: &NixosConfigurationStatus) -> State {
         let (_, message) = reason_and_message(c, Type::Invalid);
         return State::Stalled("InvalidSpec".into(), message);
     }
-    if progressing == "FailureBudgetExceeded" {
+    // Over a failure budget, whether or not machines are being rolled back meanwhile.
+    if progressing == "FailureBudgetExceeded" || progressing == "RollingBack" {
         let failed = degraded.map(|d| d.message.clone()).unwrap_or_default();
-        return State::Stalled(progressing, failed);
+        return State::Stalled("FailureBudgetExceeded".into(), failed);
     }
     if conditions::is_true(c, Type::Ready) {
         return State::Settled;

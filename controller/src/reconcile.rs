@@ -296,11 +296,13 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let layout = waves::layout(&cfg.spec.rollout.waves, &labelled);
     let mut decision = waves::decide(&layout, &facts);
     let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
+    let mut rolling_back = false;
     if cfg.spec.rollout.on_failure == OnFailure::RollbackAndHalt
         && let Some(i) = decision.statuses.iter().position(|w| w.state == WaveState::Failed)
         && let Some(wave) = layout.get(i)
     {
-        let note = roll_back(ctx, cfg, &resolved, &target, wave, &machines, &views).await?;
+        let (note, busy) = roll_back(ctx, cfg, &resolved, &target, wave, &machines, &views).await?;
+        rolling_back = busy;
         if let Some(w) = decision.statuses.get_mut(i) {
             w.message = Some(format!("{}; {note}", w.message.clone().unwrap_or_default()));
         }
@@ -317,6 +319,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         target: &target,
         waves: Some(&decision),
         wave_events: !cfg.spec.rollout.waves.is_empty(),
+        rolling_back,
         counts: plan.counts,
         published: queued.len() as u32,
         hold: plan.hold,
@@ -333,9 +336,9 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     Ok(Action::requeue(decision.wake_in.map_or(poll, |w| poll.min(w + Duration::from_millis(500)))))
 }
 
-/// RollbackAndHalt: returns the failed wave's machines that ran (or tried) `target` to the last commit every
-/// machine ran (`status.appliedCommit`), at most the wave's maxUnavailable at once, waiting for jobs of
-/// `target` still running. Says how far it got.
+/// RollbackAndHalt: returns the failed wave's machines that ran (or tried) `target` to the commit the fleet ran
+/// before (what most of its machines off the target run), at most the wave's maxUnavailable at once, waiting for jobs of
+/// `target` still running. Says how far it got, and whether machines are still to return.
 async fn roll_back(
     ctx: &Ctx,
     cfg: &NixosConfiguration,
@@ -344,9 +347,20 @@ async fn roll_back(
     wave: &waves::Wave,
     machines: &[Machine],
     views: &[MachineView],
-) -> Result<String> {
-    let Some(previous) = status.applied_commit.clone().filter(|c| !target.starts_with(&format!("{c}/"))) else {
-        return Ok("no earlier commit ran on every machine: nothing to roll back to".into());
+) -> Result<(String, bool)> {
+    // The commit the fleet ran before: what most of this configuration's machines not at the target still run
+    // (status.appliedCommit may not have caught up with the last rollout yet).
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in machines.iter().filter_map(|m| m.status.as_ref()) {
+        let mine = s.applied_configuration.as_ref() == cfg.metadata.name.as_ref();
+        if let (true, Some(c)) = (mine, s.applied_commit.as_deref()) {
+            *counts.entry(c).or_default() += 1;
+        }
+    }
+    let not_target = |c: &&str| !target.starts_with(&format!("{c}/"));
+    let most = counts.iter().filter(|(c, _)| not_target(c)).max_by_key(|(_, n)| **n).map(|(c, _)| c.to_string());
+    let Some(previous) = most.or_else(|| status.applied_commit.clone().filter(|c| not_target(&c.as_str()))) else {
+        return Ok(("no earlier commit ran on every machine: nothing to roll back to".into(), false));
     };
     let want = desired(ctx, cfg, previous.clone()).await?;
     let back = want.target();
@@ -367,7 +381,8 @@ async fn roll_back(
         .collect();
     let queued = publish_plan(ctx, cfg, &want, machines, &todo).await?;
     let short = short_commit(&previous);
-    Ok(format!("rolling back to {short}: {returned} returned, {} on their way", running + queued.len()))
+    let busy = !touched.is_empty() || running > 0;
+    Ok((format!("rolling back to {short}: {returned} returned, {} on their way", running + queued.len()), busy))
 }
 
 /// The value of annotation `key` on `cfg`.

@@ -48,6 +48,8 @@ pub async fn run(machines: usize, hold: bool) -> anyhow::Result<()> {
         env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
         // The demo's controllers serve the Git push webhook, and the demo's push goes through it.
         push_via: crate::scenario::PushVia::Webhook,
+        rollout: None,
+        broken: 0.0,
     };
     eprintln!("NIO demo: state and logs in {}", work.display());
     let (report, running) = scenario::run(s, Some(&work.join("report.json"))).await?;

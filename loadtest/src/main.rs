@@ -134,6 +134,12 @@ struct RunArgs {
     /// each controller's webhook.
     #[arg(long, value_enum, default_value = "annotation")]
     push_via: nio_loadtest::scenario::PushVia,
+    /// The measured rollout's `spec.rollout` as JSON (waves, maxFailures, onFailure), set with the push.
+    #[arg(long, value_parser = parse_json)]
+    rollout: Option<serde_json::Value>,
+    /// Share of the machines on which the measured commit fails to build (every ⌈1/share⌉-th machine).
+    #[arg(long, default_value_t = 0.0)]
+    broken: f64,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -146,6 +152,10 @@ struct RunArgs {
     /// Keep logs and state here (default: a temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
 #[tokio::main]
@@ -216,6 +226,8 @@ async fn main() -> anyhow::Result<()> {
                 keep_running: false,
                 env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
                 push_via: a.push_via,
+                rollout: a.rollout,
+                broken: a.broken,
             };
             let (report, _) = nio_loadtest::scenario::run(scenario, a.report.as_deref()).await?;
             eprint!("{}", nio_loadtest::scenario::summary(&report));

@@ -108,6 +108,10 @@ pub struct Scenario {
     /// Extra environment for the NIO processes (e.g. OTEL_EXPORTER_OTLP_ENDPOINT).
     pub env: Vec<(String, String)>,
     pub push_via: PushVia,
+    /// `spec.rollout` of the measured rollout (waves, budgets), set together with the push.
+    pub rollout: Option<serde_json::Value>,
+    /// Share of the machines on which the measured commit fails to build (every ⌈1/share⌉-th machine).
+    pub broken: f64,
 }
 
 impl Default for Scenario {
@@ -131,6 +135,8 @@ impl Default for Scenario {
             keep_running: false,
             env: std::env::vars().filter(|(k, _)| k.starts_with("OTEL_")).collect(),
             push_via: PushVia::Annotation,
+            rollout: None,
+            broken: 0.0,
         }
     }
 }
@@ -163,6 +169,16 @@ pub struct ProcReport {
 }
 
 /// The JSON report.
+/// A wave at the end of a run.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct WaveReport {
+    pub name: String,
+    pub state: String,
+    pub total: u32,
+    pub updated: u32,
+    pub failed: u32,
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Report {
     pub machines: usize,
@@ -175,6 +191,16 @@ pub struct Report {
     pub faults: Vec<String>,
     /// How the push was announced (annotation or webhook).
     pub push_via: PushVia,
+    /// Machines on which the measured commit was made to fail.
+    pub broken: usize,
+    /// The rollout stopped over a failure budget (every configuration Stalled, nothing running).
+    pub halted: bool,
+    /// Each wave at the end (summed over clusters).
+    pub waves: Vec<WaveReport>,
+    /// Machines that ran no nixos-rebuild during the measured rollout, by the machines' own records.
+    pub untouched: usize,
+    /// Machines back at the warm-up commit after running the measured one (RollbackAndHalt).
+    pub rolled_back: usize,
     /// Malformed job messages published during the rollout, and how many the executors terminated and counted.
     pub poison_published: usize,
     pub poison_terminated: u64,
@@ -239,6 +265,9 @@ pub struct Running {
     scenario: Scenario,
     exec_args: Vec<String>,
     ctl_args: Vec<Vec<String>>,
+    /// The warm-up commit, and on how many machines the measured one was made to fail.
+    first_commit: String,
+    broken: usize,
 }
 
 fn machine_cluster(i: usize, clusters: usize) -> usize {
@@ -385,6 +414,8 @@ impl Running {
             scenario: s.clone(),
             exec_args,
             ctl_args,
+            first_commit: String::new(),
+            broken: 0,
         };
         for i in 0..s.executors.max(1) {
             running.spawn_executor(i)?;
@@ -435,6 +466,64 @@ impl Running {
             Api::<NixosConfiguration>::namespaced(c.client.clone(), NS).create(&PostParams::default(), &cfg).await?;
         }
         Ok(())
+    }
+
+    /// Whether every cluster's rollout halted (Stalled, nothing queued or applying anywhere), and the waves
+    /// summed over clusters.
+    async fn waves(&self) -> anyhow::Result<(bool, Vec<WaveReport>)> {
+        let mut halted = true;
+        let mut waves: Vec<WaveReport> = Vec::new();
+        for c in &self.clusters {
+            let cfg = Api::<NixosConfiguration>::namespaced(c.client.clone(), NS).get("web").await?;
+            let st = cfg.status.unwrap_or_default();
+            let is = |t: &str| st.conditions.iter().any(|c| c.type_ == t && c.status == "True");
+            // Halted and done: no jobs of the target in flight and no rollback still under way.
+            halted &= is("Stalled") && !is("Progressing");
+            for w in &st.waves {
+                let state = format!("{:?}", w.state);
+                match waves.iter_mut().find(|x| x.name == w.name) {
+                    Some(x) => {
+                        (x.total, x.updated, x.failed) =
+                            (x.total + w.total, x.updated + w.updated, x.failed + w.failed);
+                        if state == "Failed" {
+                            x.state = state;
+                        }
+                    }
+                    None => waves.push(WaveReport {
+                        name: w.name.clone(),
+                        state,
+                        total: w.total,
+                        updated: w.updated,
+                        failed: w.failed,
+                    }),
+                }
+            }
+            let busy =
+                Api::<Machine>::namespaced(c.client.clone(), NS).list(&ListParams::default()).await?.items.iter().any(
+                    |m| {
+                        matches!(
+                            m.status.as_ref().and_then(|s| s.phase),
+                            Some(MachinePhase::Queued | MachinePhase::Applying)
+                        )
+                    },
+                );
+            halted &= !busy;
+        }
+        Ok((halted, waves))
+    }
+
+    /// Machines among `touched` (fleet indices) whose status reports `commit` and no failure: returned there.
+    async fn back_at(&self, commit: &str, touched: &std::collections::BTreeSet<usize>) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for c in &self.clusters {
+            for m in Api::<Machine>::namespaced(c.client.clone(), NS).list(&ListParams::default()).await?.items {
+                let idx: Option<usize> = m.metadata.name.as_deref().and_then(|n| n.strip_prefix("sim-")?.parse().ok());
+                let st = m.status.clone().unwrap_or_default();
+                let at = st.applied_commit.as_deref() == Some(commit) && st.phase == Some(MachinePhase::Applied);
+                n += usize::from(at && idx.is_some_and(|i| touched.contains(&i)));
+            }
+        }
+        Ok(n)
     }
 
     /// Machines (across clusters) whose status reports `commit`, and those failed at it.
@@ -489,6 +578,10 @@ impl Running {
                 self.inject(&f).await?;
             }
             if done.len() + failed.len() >= n {
+                return Ok(seen);
+            }
+            // A rollout policy may halt the rollout on purpose: done once every cluster's is halted and idle.
+            if self.scenario.rollout.is_some() && self.waves().await?.0 {
                 return Ok(seen);
             }
             if start.elapsed() > self.scenario.deadline {
@@ -574,13 +667,17 @@ impl Running {
         Ok(())
     }
 
-    /// Tells every cluster's controller that `commit` was pushed: through the refresh annotation, or as a
-    /// signed GitHub push delivery to its webhook.
+    /// Tells every cluster's controller that `commit` was pushed: through the refresh annotation (with the
+    /// scenario's rollout policy, when it has one, in the same write), or as a signed GitHub push delivery to
+    /// its webhook.
     async fn announce_push(&self, commit: &str) -> anyhow::Result<()> {
         for c in &self.clusters {
             match c.webhook_port {
                 None => {
-                    let patch = json!({"metadata": {"annotations": {nio_shared::crd::REFRESH_ANNOTATION: commit}}});
+                    let mut patch = json!({"metadata": {"annotations": {nio_shared::crd::REFRESH_ANNOTATION: commit}}});
+                    if let Some(rollout) = &self.scenario.rollout {
+                        patch["spec"] = json!({ "rollout": rollout });
+                    }
                     Api::<NixosConfiguration>::namespaced(c.client.clone(), NS)
                         .patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
                         .await?;
@@ -738,6 +835,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
         eprintln!("warm-up: every machine installs the first commit");
     }
     let first = r.repo.head()?;
+    r.first_commit = first.clone();
     r.rollout(&first, &[], None).await?;
     let servers = nio_shared::nats::servers(&r.nats_url);
     let js = async_nats::jetstream::new(async_nats::connect(servers).await.context("connecting to NATS")?);
@@ -752,6 +850,10 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     }
     let t0 = Instant::now();
     let commit = r.repo.bump("load test")?;
+    if s.broken > 0.0 {
+        let every = (1.0 / s.broken).round().max(1.0) as usize;
+        r.broken = r.fleet.break_commit(&commit, |m| m.index % every == 0);
+    }
     // Announce the push (pollInterval remains the fallback).
     r.announce_push(&commit).await?;
     let poison = tokio::spawn(publish_poison(js.clone(), s.sites, s.poison));
@@ -798,12 +900,35 @@ async fn analyse(
     let mut violations = Vec::new();
     let (done, failed) = r.progress(commit).await?;
     let updated = done.len();
-    let lost = s.machines.saturating_sub(updated + failed.len());
+    let (halted, waves) = r.waves().await?;
+    let ops_now = r.fleet.recorder.ops.lock().map(|o| o.clone()).unwrap_or_default();
+    let touched: std::collections::BTreeSet<usize> =
+        ops_now.iter().filter(|o| o.program == "nixos-rebuild").map(|o| o.machine).collect();
+    let untouched = s.machines.saturating_sub(touched.len());
+    let rolled_back = r.back_at(&r.first_commit, &touched).await?;
+    // A halted rollout leaves the waves after the failed one alone, and with RollbackAndHalt returns the failed
+    // wave to the first commit: those machines are accounted for, not lost.
+    let lost = if halted {
+        s.machines.saturating_sub(updated + failed.len() + untouched + rolled_back)
+    } else {
+        s.machines.saturating_sub(updated + failed.len())
+    };
     if lost > 0 {
         violations
             .push(format!("{lost} machine(s) neither reached {commit} nor reported a failure before the deadline"));
     }
-    if s.failure_rate == 0.0 && !failed.is_empty() {
+    if halted {
+        // The waves after the failed one: not one of their machines may have run the new commit.
+        let failed_at = waves.iter().position(|w| w.state == "Failed");
+        let later: u32 = failed_at.map_or(0, |i| waves[i + 1..].iter().map(|w| w.total).sum());
+        if (untouched as u32) < later {
+            violations.push(format!(
+                "the rollout halted in wave {:?}, but only {untouched} machines were left alone; the later waves have {later}",
+                failed_at.map(|i| waves[i].name.clone())
+            ));
+        }
+    }
+    if s.failure_rate == 0.0 && r.broken == 0 && !failed.is_empty() {
         violations.push(format!(
             "{} machine(s) failed with no failure injected: {:?}",
             failed.len(),
@@ -891,6 +1016,11 @@ async fn analyse(
         failure_rate: s.failure_rate,
         faults: s.faults.iter().map(|f| format!("{f:?}")).collect(),
         push_via: s.push_via,
+        broken: r.broken,
+        halted,
+        waves,
+        untouched,
+        rolled_back,
         fault_stalls_ms: r.injected.iter().map(|at| stall_after(*at, seen)).collect(),
         poison_published: 0,
         poison_terminated: 0,
@@ -1004,6 +1134,20 @@ pub fn summary(r: &Report) -> String {
         r.latency_ms.p99,
         r.first_command_ms.p50
     );
+    if !r.waves.is_empty() && (r.waves.len() > 1 || r.halted) {
+        let waves: Vec<String> = r
+            .waves
+            .iter()
+            .map(|w| format!("{} {} {}/{} ({} failed)", w.name, w.state, w.updated, w.total, w.failed))
+            .collect();
+        s.push_str(&format!("waves: {}\n", waves.join(", ")));
+    }
+    if r.halted {
+        s.push_str(&format!(
+            "halted over a failure budget: {} machines broken, {} left untouched, {} rolled back\n",
+            r.broken, r.untouched, r.rolled_back
+        ));
+    }
     for p in &r.processes {
         s.push_str(&format!(
             "  {:<22} cpu {:>6.2}s  peak rss {:>6.1} MB\n",

@@ -124,3 +124,31 @@ async fn a_standby_controller_finishes_the_rollout_when_the_leader_dies() {
     assert_eq!(report.fault_stalls_ms.len(), 1);
     assert!(report.processes.iter().any(|p| p.name == "controller-0-standby"), "{:?}", report.processes);
 }
+
+/// Waves with a failure budget, the measured commit broken on every 5th machine: the rollout halts in the
+/// second wave (it tolerates one failure), and no machine of the last wave runs anything (by the machines'
+/// own records). With RollbackAndHalt the second wave's machines end at the warm-up commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wave_over_budget_halts_the_rollout_and_leaves_later_waves_alone() {
+    for on_failure in ["Halt", "RollbackAndHalt"] {
+        let rollout = serde_json::json!({"onFailure": on_failure, "waves": [
+            {"name": "first", "count": "10%"},
+            {"name": "second", "count": "30%", "maxFailures": 1, "maxUnavailable": 4},
+            {"name": "rest"},
+        ]});
+        let s = Scenario { machines: 60, clusters: 1, broken: 0.2, rollout: Some(rollout), ..small() };
+        let (report, _) = run(s, None).await.unwrap();
+        assert!(report.violations.is_empty(), "{on_failure}: {:#?}", report.violations);
+        assert!(report.halted, "{on_failure}: {report:#?}");
+        let states: Vec<(&str, &str)> = report.waves.iter().map(|w| (w.name.as_str(), w.state.as_str())).collect();
+        assert_eq!(states, [("first", "Succeeded"), ("second", "Failed"), ("rest", "Pending")], "{on_failure}");
+        assert_eq!(report.waves[2].total, 36);
+        assert!(report.untouched >= 36, "{on_failure}: only {} machines untouched", report.untouched);
+        let second = &report.waves[1];
+        if on_failure == "RollbackAndHalt" {
+            assert!(report.rolled_back > 0 && second.updated == 0, "the failed wave is back: {report:#?}");
+        } else {
+            assert!(report.rolled_back == 0 && second.updated > 0, "Halt rolls nothing back: {report:#?}");
+        }
+    }
+}

@@ -37,6 +37,8 @@ pub struct State {
     /// Until when the machine is rebooting (connections refused).
     pub down_until: Option<std::time::Instant>,
     pub rebuilds: u64,
+    /// Commits whose build fails on this machine (a change that breaks some hardware).
+    pub broken_commits: BTreeSet<String>,
 }
 
 /// What a command returned.
@@ -92,6 +94,7 @@ impl State {
             dirs: BTreeSet::new(),
             down_until: None,
             rebuilds: 0,
+            broken_commits: BTreeSet::new(),
         }
     }
 
@@ -280,7 +283,8 @@ pub fn run(
                 return (fail(1, format!("error: path '{dir}' does not contain a 'flake.nix'\n")), took);
             }
             state.rebuilds += 1;
-            if chance(behaviour.failure_rate) {
+            let broken = state.broken_commits.iter().any(|c| dir.contains(c.as_str()));
+            if broken || chance(behaviour.failure_rate) {
                 return (
                     Output {
                         status: 1,

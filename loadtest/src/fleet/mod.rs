@@ -109,6 +109,18 @@ fn address(first: Ipv4Addr, i: usize) -> Ipv4Addr {
 }
 
 impl Fleet {
+    /// Makes `commit` fail to build on the machines `which` picks.
+    pub fn break_commit(&self, commit: &str, which: impl Fn(&SimMachine) -> bool) -> usize {
+        let mut n = 0;
+        for m in self.machines.iter().filter(|m| which(m)) {
+            if let Ok(mut s) = m.state.lock() {
+                s.broken_commits.insert(commit.to_string());
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Starts `opts.machines` SSH servers; machine `i` is `sim-{i}` in site `i % sites`.
     pub async fn start(opts: FleetOptions) -> anyhow::Result<Self> {
         let recorder = Arc::new(Recorder::default());
