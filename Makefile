@@ -31,6 +31,10 @@ demo: setup
 
 # The standard scenarios (release build); reports and plots in loadtest/results/.
 LT = $(CARGO_TARGET_DIR)/release/nio-loadtest
+# (9): waves of 1 %, 10 % (tolerating 2 % of it failing) and the rest, each soaking 5 s; 5 % of the machines break.
+WAVES = {"name": "one-percent", "count": "1%", "soak": "5s"}, {"name": "ten-percent", "count": "10%", "maxFailures": "2%", "soak": "5s"}, {"name": "rest"}
+WAVES_HALT = {"onFailure": "Halt", "waves": [$(WAVES)]}
+WAVES_ROLLBACK = {"onFailure": "RollbackAndHalt", "waves": [$(WAVES)]}
 loadtest: setup
 	$(CARGO) build --release --workspace --bins
 	mkdir -p loadtest/results
@@ -43,3 +47,5 @@ loadtest: setup
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --poison 10000 --report loadtest/results/6-poison.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --controller-replicas 2 --fault kill-leader@50% --report loadtest/results/7-kill-leader.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --push-via webhook --report loadtest/results/8-push-webhook.json
+	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 100ms..300ms --broken 0.05 --rollout '$(WAVES_HALT)' --report loadtest/results/9a-waves-halt.json
+	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 100ms..300ms --broken 0.05 --rollout '$(WAVES_ROLLBACK)' --report loadtest/results/9b-waves-rollback.json
