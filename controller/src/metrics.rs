@@ -46,6 +46,16 @@ pub struct ConfigLabels {
     pub state: String,
 }
 
+/// A wave of a configuration's rollout; `state` is a count (total, updated, failed, in_progress) for
+/// `wave_machines`, a wave state (Pending, Progressing, Soaking, Paused, Succeeded, Failed) for `wave_state`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WaveLabels {
+    pub namespace: String,
+    pub configuration: String,
+    pub wave: String,
+    pub state: String,
+}
+
 /// Why configurations are Degraded (the condition's reason: GitUnreachable, GitAuthFailed, GitServerUntrusted,
 /// UnknownRef, SecretUnavailable, …).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -72,6 +82,8 @@ pub struct Metrics {
     pub machines: Family<PhaseLabel, Gauge>,
     pub machines_drifted: Gauge,
     pub configuration_machines: Family<ConfigLabels, Gauge>,
+    pub wave_machines: Family<WaveLabels, Gauge>,
+    pub wave_state: Family<WaveLabels, Gauge>,
     pub configurations_degraded: Family<ReasonLabel, Gauge>,
     pub leader: Gauge,
     pub watch_errors: Family<KindLabel, Counter>,
@@ -95,6 +107,8 @@ impl Metrics {
         let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();
         let machines_drifted = Gauge::default();
         let configuration_machines = Family::<ConfigLabels, Gauge>::default();
+        let wave_machines = Family::<WaveLabels, Gauge>::default();
+        let wave_state = Family::<WaveLabels, Gauge>::default();
         let configurations_degraded = Family::<ReasonLabel, Gauge>::default();
         registry.register_with_unit(
             "reconcile_duration",
@@ -119,6 +133,16 @@ impl Metrics {
             "configuration_machines",
             "Machines of each configuration by rollout state (total, updated, failed, in_progress)",
             configuration_machines.clone(),
+        );
+        registry.register(
+            "wave_machines",
+            "Machines of each wave of each configuration's rollout by count (total, updated, failed, in_progress)",
+            wave_machines.clone(),
+        );
+        registry.register(
+            "wave_state",
+            "1 for the state each wave of each configuration's rollout is in (Pending, Progressing, Soaking, Paused, Succeeded, Failed)",
+            wave_state.clone(),
         );
         registry.register(
             "configurations_degraded",
@@ -154,6 +178,8 @@ impl Metrics {
             machines,
             machines_drifted,
             configuration_machines,
+            wave_machines,
+            wave_state,
             configurations_degraded,
             leader,
             watch_errors,

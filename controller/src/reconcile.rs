@@ -23,7 +23,7 @@ use crate::conditions;
 use crate::config_status;
 use crate::context::{Ctx, latest_status, set_status, update_machine_status};
 use crate::error::{Error, Result};
-use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel};
+use crate::metrics::{ConfigLabels, ErrorLabels, KindLabel, WaveLabels};
 use crate::publish::{self, Desired};
 use crate::rollout::{self, MachineView, Policy};
 use crate::waves;
@@ -330,7 +330,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             .max_by_key(|t| t.0.as_nanosecond()),
     };
     let (status, notes) = config_status::configuration_status(&resolved, &step, generation);
-    set_rollout_metrics(ctx, cfg, &status);
+    set_rollout_metrics(ctx, cfg, &previous, &status);
     write_status(ctx, cfg, &status, notes, "Rollout").await?;
     // A soak ends on its own: look again then.
     Ok(Action::requeue(decision.wake_in.map_or(poll, |w| poll.min(w + Duration::from_millis(500)))))
@@ -507,16 +507,55 @@ async fn mark_has_configuration(
     Ok(())
 }
 
-/// `nio_controller_configuration_machines{state}` from the status just computed.
-fn set_rollout_metrics(ctx: &Ctx, cfg: &NixosConfiguration, s: &NixosConfigurationStatus) {
+/// `nio_controller_configuration_machines{state}` and the wave gauges from the status just computed.
+fn set_rollout_metrics(
+    ctx: &Ctx,
+    cfg: &NixosConfiguration,
+    previous: &NixosConfigurationStatus,
+    s: &NixosConfigurationStatus,
+) {
+    let (namespace, configuration) = (cfg.namespace().unwrap_or_default(), cfg.name_any());
     for (state, n) in [("total", s.total), ("updated", s.updated), ("failed", s.failed), ("in_progress", s.in_progress)]
     {
-        let labels = ConfigLabels {
-            namespace: cfg.namespace().unwrap_or_default(),
-            configuration: cfg.name_any(),
+        let labels =
+            ConfigLabels { namespace: namespace.clone(), configuration: configuration.clone(), state: state.into() };
+        ctx.metrics.configuration_machines.get_or_create(&labels).set(i64::from(n));
+    }
+    // Waves gone from the spec leave no series behind.
+    for w in previous.waves.iter().filter(|w| !s.waves.iter().any(|n| n.name == w.name)) {
+        remove_wave_metrics(ctx, &namespace, &configuration, &w.name);
+    }
+    for w in &s.waves {
+        let labels = |state: &str| WaveLabels {
+            namespace: namespace.clone(),
+            configuration: configuration.clone(),
+            wave: w.name.clone(),
             state: state.into(),
         };
-        ctx.metrics.configuration_machines.get_or_create(&labels).set(i64::from(n));
+        for (state, n) in
+            [("total", w.total), ("updated", w.updated), ("failed", w.failed), ("in_progress", w.in_progress)]
+        {
+            ctx.metrics.wave_machines.get_or_create(&labels(state)).set(i64::from(n));
+        }
+        for state in WaveState::ALL {
+            let on = i64::from(state == w.state);
+            ctx.metrics.wave_state.get_or_create(&labels(state.as_str())).set(on);
+        }
+    }
+}
+
+fn remove_wave_metrics(ctx: &Ctx, namespace: &str, configuration: &str, wave: &str) {
+    let labels = |state: &str| WaveLabels {
+        namespace: namespace.to_string(),
+        configuration: configuration.to_string(),
+        wave: wave.to_string(),
+        state: state.into(),
+    };
+    for state in ["total", "updated", "failed", "in_progress"] {
+        ctx.metrics.wave_machines.remove(&labels(state));
+    }
+    for state in WaveState::ALL {
+        ctx.metrics.wave_state.remove(&labels(state.as_str()));
     }
 }
 
@@ -526,6 +565,9 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     for state in ["total", "updated", "failed", "in_progress"] {
         let labels = ConfigLabels { namespace: ns.clone(), configuration: name.clone(), state: state.into() };
         ctx.metrics.configuration_machines.remove(&labels);
+    }
+    for w in &latest_status(ctx, cfg).waves {
+        remove_wave_metrics(ctx, &ns, &name, &w.name);
     }
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(mref) = &cfg.spec.machine_ref

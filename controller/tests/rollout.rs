@@ -64,7 +64,10 @@ async fn annotate(env: &Env, name: &str, key: &str, value: &str) {
 /// most two machines at a time. Nothing of a later wave starts early, and every transition is an Event.
 async fn waves_soak_wait_for_approval_and_keep_to_their_limit(backend: Backend) {
     let env = Env::start(backend).await;
-    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let metrics_port = nio_loadtest::procs::free_port().unwrap();
+    let mut settings = env.settings("prod", "c1");
+    settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    let (stop, task) = env.spawn(settings);
     env.machine("c1").label("role", "web").label("ring", "canary").create().await;
     for m in ["r1", "r2", "r3", "r4"] {
         env.machine(m).label("role", "web").create().await;
@@ -99,6 +102,28 @@ async fn waves_soak_wait_for_approval_and_keep_to_their_limit(backend: Backend) 
     assert!(message.contains(&format!("nixos.infra/approve={approve}")), "{message}");
     let progressing = status.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
     assert_eq!(progressing.reason, "AwaitingApproval");
+    let (_, text) = http_get(metrics_port, "/metrics").await.unwrap();
+    let ns = &env.ns;
+    for series in [
+        format!(
+            "nio_controller_wave_state{{cluster=\"prod\",namespace=\"{ns}\",configuration=\"web\",wave=\"canary\",state=\"Paused\"}} 1"
+        ),
+        format!(
+            "nio_controller_wave_state{{cluster=\"prod\",namespace=\"{ns}\",configuration=\"web\",wave=\"rest\",state=\"Pending\"}} 1"
+        ),
+        format!(
+            "nio_controller_wave_machines{{cluster=\"prod\",namespace=\"{ns}\",configuration=\"web\",wave=\"canary\",state=\"updated\"}} 1"
+        ),
+        format!(
+            "nio_controller_wave_machines{{cluster=\"prod\",namespace=\"{ns}\",configuration=\"web\",wave=\"rest\",state=\"total\"}} 4"
+        ),
+    ] {
+        assert!(
+            text.contains(&series),
+            "{series} in\n{}",
+            text.lines().filter(|l| l.contains("wave")).collect::<Vec<_>>().join("\n")
+        );
+    }
     env.never(Duration::from_secs(2), "a job of the next wave before approval", || async {
         let jobs = take_apply_jobs(&env).await;
         (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())

@@ -618,6 +618,29 @@ pub enum WaveState {
     Failed,
 }
 
+impl WaveState {
+    pub const ALL: [WaveState; 6] = [
+        WaveState::Pending,
+        WaveState::Progressing,
+        WaveState::Soaking,
+        WaveState::Paused,
+        WaveState::Succeeded,
+        WaveState::Failed,
+    ];
+
+    /// The state as written in status and used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaveState::Pending => "Pending",
+            WaveState::Progressing => "Progressing",
+            WaveState::Soaking => "Soaking",
+            WaveState::Paused => "Paused",
+            WaveState::Succeeded => "Succeeded",
+            WaveState::Failed => "Failed",
+        }
+    }
+}
+
 /// The state of one wave.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
