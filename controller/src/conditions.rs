@@ -15,7 +15,7 @@ pub fn note(warning: bool, reason: &str, message: String) -> Note {
 }
 
 /// The condition types NIO sets. NixosConfiguration: Ready, Progressing, Degraded, Invalid. Machine: Ready,
-/// Invalid, Failed, Drifted, HostKeyMismatch. Both: Reconciling and Stalled (kstatus, see `kstatus.rs`).
+/// Invalid, Failed, Drifted, HostKeyMismatch, Waiting. Both: Reconciling and Stalled (kstatus, see `kstatus.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Type {
     Ready,
@@ -27,6 +27,7 @@ pub enum Type {
     HostKeyMismatch,
     Reconciling,
     Stalled,
+    Waiting,
 }
 
 impl Type {
@@ -41,6 +42,7 @@ impl Type {
             Type::HostKeyMismatch => "HostKeyMismatch",
             Type::Reconciling => "Reconciling",
             Type::Stalled => "Stalled",
+            Type::Waiting => "Waiting",
         }
     }
 }

@@ -75,6 +75,8 @@ pub struct Rollout<'a> {
     pub wave_events: bool,
     /// A failed wave's machines are being returned to the previous commit (RollbackAndHalt).
     pub rolling_back: bool,
+    /// Sites of the machines whose job waits for an executor that serves their site (one entry per machine).
+    pub waiting_sites: &'a [String],
     /// The planner's counts before this step published.
     pub counts: Counts,
     /// Jobs this step published.
@@ -143,7 +145,12 @@ pub fn configuration_status(
         (Some(h), false) => h.as_str(),
         (None, false) => "Idle",
     };
-    let message = format!("{} in flight", s.in_progress);
+    let mut message = format!("{} in flight", s.in_progress);
+    if !r.waiting_sites.is_empty() {
+        let sites: std::collections::BTreeSet<&str> = r.waiting_sites.iter().map(String::as_str).collect();
+        let sites = sites.into_iter().collect::<Vec<_>>().join(", ");
+        message.push_str(&format!("; {} wait for an executor serving site {sites}", r.waiting_sites.len()));
+    }
     conditions::set(&mut s.conditions, Type::Progressing, progressing, reason, &message, generation);
 
     let (reason, message) = if c.failed > 0 {

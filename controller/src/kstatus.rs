@@ -107,7 +107,7 @@ fn machine_state(s: &MachineStatus) -> (State, bool, (String, String)) {
             let reason = if reason.is_empty() { "Failed".to_string() } else { reason };
             (State::Stalled(reason.clone(), m.clone()), false, (reason, m))
         }
-        Some(p @ (MachinePhase::Queued | MachinePhase::Applying)) => {
+        Some(p @ (MachinePhase::Queued | MachinePhase::Waiting | MachinePhase::Applying)) => {
             let m = format!("{} {}", p.as_str().to_lowercase(), s.queued_target.as_deref().unwrap_or(""));
             let m = m.trim_end().to_string();
             (State::Reconciling(p.as_str().into(), m.clone()), false, (p.as_str().into(), m))

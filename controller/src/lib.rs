@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod publish;
 pub mod reconcile;
 pub mod rollout;
+pub mod sites;
 pub mod status;
 pub mod status_consumer;
 pub mod waves;
@@ -376,6 +377,7 @@ async fn lead(
         machine_stores.push(m_store);
     }
     tasks.spawn(status_consumer::run(ctx.clone(), consumer, machine_stores.clone(), stop.clone()));
+    tasks.spawn(sites::run(ctx.clone(), js.clone(), machine_stores.clone(), stop.clone()));
     tasks.spawn(phase_gauge(config_stores, machine_stores, ctx.clone(), stop.clone()));
 
     let end = match elector {
@@ -496,6 +498,7 @@ fn configurations_touched(
                 s.insert(uid, fingerprint) != Some(fingerprint)
             })
             .unwrap_or(true);
+        // A machine that starts or stops waiting for its site's executor does trigger: the configuration names it.
         let busy =
             matches!(m.status.as_ref().and_then(|s| s.phase), Some(MachinePhase::Queued | MachinePhase::Applying))
                 && !deleted;

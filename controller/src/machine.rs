@@ -60,7 +60,7 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         .last_probe_time
         .as_ref()
         .map(|t| (chrono::Utc::now() - conditions::chrono_of(&t.0)).to_std().unwrap_or_default());
-    let busy = matches!(status.phase, Some(MachinePhase::Queued | MachinePhase::Applying));
+    let busy = matches!(status.phase, Some(MachinePhase::Queued | MachinePhase::Waiting | MachinePhase::Applying));
     let probe = since.is_none_or(|s| s >= interval) && !busy;
     if probe {
         let action = if status.hardware_facts.is_none() { JobAction::Scan } else { JobAction::Probe };

@@ -314,12 +314,18 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
 
     // 6. Status and rollout metrics.
     let invalid_machines: Vec<String> = invalid.iter().map(ResourceExt::name_any).collect();
+    let waiting_sites: Vec<String> = machines
+        .iter()
+        .filter(|m| m.status.as_ref().and_then(|s| s.phase) == Some(MachinePhase::Waiting))
+        .map(|m| m.spec.site.clone())
+        .collect();
     let step = config_status::Rollout {
         commit: &commit,
         target: &target,
         waves: Some(&decision),
         wave_events: !cfg.spec.rollout.waves.is_empty(),
         rolling_back,
+        waiting_sites: &waiting_sites,
         counts: plan.counts,
         published: queued.len() as u32,
         hold: plan.hold,

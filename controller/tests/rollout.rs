@@ -7,6 +7,7 @@ mod common;
 nio_loadtest::on_both!(
     waves_soak_wait_for_approval_and_keep_to_their_limit,
     a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines_back,
+    a_machine_whose_site_no_executor_serves_says_so_until_one_does,
 );
 
 use std::collections::BTreeMap;
@@ -223,6 +224,54 @@ async fn a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines
     .await;
     let events = env.events_for("web").await;
     assert!(events.iter().any(|e| e == "WaveFailed"), "{events:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A machine in a site no executor serves: its job waits on the queue, and instead of sitting Queued in
+/// silence the machine says Waiting (condition NoExecutorForSite) and its configuration counts it; once an
+/// executor pulls from the site's consumer, it is Queued again.
+async fn a_machine_whose_site_no_executor_serves_says_so_until_one_does(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("lonely").site("dc9").create().await;
+    env.config("web", json!({"machineRef": "lonely"})).await;
+    env.eventually(T, "the machine waiting for its site", || async {
+        let m = env.machines().get("lonely").await.unwrap();
+        let s = m.status?;
+        let c = s.conditions.iter().find(|c| c.type_ == "Waiting" && c.status == "True")?.clone();
+        (s.phase == Some(nio_shared::crd::MachinePhase::Waiting)).then_some(c)
+    })
+    .await;
+    let c = env.machines().get("lonely").await.unwrap().status.unwrap();
+    let waiting = c.conditions.iter().find(|c| c.type_ == "Waiting").unwrap();
+    assert_eq!(waiting.reason, "NoExecutorForSite");
+    assert!(waiting.message.contains("site dc9"), "{}", waiting.message);
+    env.eventually(T, "the configuration counting it", || async {
+        let c = config(&env, "web").await.status?;
+        let p = c.conditions.iter().find(|c| c.type_ == "Progressing")?.message.clone();
+        p.contains("1 wait for an executor serving site dc9").then_some(())
+    })
+    .await;
+
+    // An executor for dc9 appears: its consumer with a pull request waiting.
+    let stream = env.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
+    let cfg: nio_shared::config::ExecutorConfig =
+        serde_json::from_value(json!({"sites": [{"name": "dc9", "maxInFlight": 1}]})).unwrap();
+    let site = cfg.sites[0].clone();
+    let consumer: async_nats::jetstream::consumer::PullConsumer =
+        stream.create_consumer(nio_shared::nats::site_consumer(&site, &cfg)).await.unwrap();
+    let pulling = tokio::spawn(async move {
+        let mut batch = consumer.batch().max_messages(1).expires(Duration::from_secs(30)).messages().await.unwrap();
+        use futures::StreamExt;
+        batch.next().await
+    });
+    env.eventually(T, "the machine queued again", || async {
+        let s = env.machines().get("lonely").await.unwrap().status?;
+        (s.phase != Some(nio_shared::crd::MachinePhase::Waiting)).then_some(())
+    })
+    .await;
+    pulling.abort();
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -503,7 +503,7 @@ impl Running {
                     |m| {
                         matches!(
                             m.status.as_ref().and_then(|s| s.phase),
-                            Some(MachinePhase::Queued | MachinePhase::Applying)
+                            Some(MachinePhase::Queued | MachinePhase::Waiting | MachinePhase::Applying)
                         )
                     },
                 );

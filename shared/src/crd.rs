@@ -132,6 +132,8 @@ pub enum MachinePhase {
     Pending,
     /// A job is on the queue.
     Queued,
+    /// A job is on the queue, but no executor serves the machine's site (see the Waiting condition).
+    Waiting,
     /// An executor is working on the machine.
     Applying,
     /// The target configuration is active.
@@ -141,9 +143,10 @@ pub enum MachinePhase {
 }
 
 impl MachinePhase {
-    pub const ALL: [MachinePhase; 5] = [
+    pub const ALL: [MachinePhase; 6] = [
         MachinePhase::Pending,
         MachinePhase::Queued,
+        MachinePhase::Waiting,
         MachinePhase::Applying,
         MachinePhase::Applied,
         MachinePhase::Failed,
@@ -154,6 +157,7 @@ impl MachinePhase {
         match self {
             MachinePhase::Pending => "Pending",
             MachinePhase::Queued => "Queued",
+            MachinePhase::Waiting => "Waiting",
             MachinePhase::Applying => "Applying",
             MachinePhase::Applied => "Applied",
             MachinePhase::Failed => "Failed",
