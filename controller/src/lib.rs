@@ -241,8 +241,8 @@ fn touched(ev: &watcher::Event<Machine>) -> Option<Machine> {
     }
 }
 
-/// A hash of what a rollout plan reads from a Machine: labels, spec (generation), deletion, and the targets in
-/// its status.
+/// A hash of what a rollout plan reads from a Machine: labels, spec (generation), deletion, the targets in its
+/// status and whether it drifted.
 fn plan_fingerprint(m: &Machine) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -252,6 +252,8 @@ fn plan_fingerprint(m: &Machine) -> u64 {
     if let Some(s) = &m.status {
         (&s.applied_target, &s.applied_configuration, &s.queued_target, &s.failed_target).hash(&mut h);
         (s.installed_at.is_some(), s.has_configuration, s.phase.map(|p| p as u8)).hash(&mut h);
+        // A drift matters to configurations that enforce their system.
+        s.conditions.iter().any(|c| c.type_ == "Drifted" && c.status == "True").hash(&mut h);
     }
     h.finish()
 }

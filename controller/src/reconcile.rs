@@ -13,8 +13,8 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use nio_shared::crd::{
-    APPROVE_ANNOTATION, FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus, NixosConfiguration,
-    NixosConfigurationStatus, OnFailure, RESUME_ANNOTATION, WaveState, WaveStatus, short_commit,
+    APPROVE_ANNOTATION, DriftPolicy, FINALIZER, FileValueType, Machine, MachinePhase, MachineStatus,
+    NixosConfiguration, NixosConfigurationStatus, OnFailure, RESUME_ANNOTATION, WaveState, WaveStatus, short_commit,
 };
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
@@ -442,23 +442,32 @@ fn policy(cfg: &NixosConfiguration, total: usize) -> Policy {
     }
 }
 
-/// The planner's view of the machines: a target counts as applied only if this configuration applied it.
+/// The planner's view of the machines: a target counts as applied only if this configuration applied it, and,
+/// under `driftPolicy: Enforce`, only while the machine runs what was applied.
 fn views(cfg: &NixosConfiguration, machines: &[Machine]) -> Vec<MachineView> {
     machines
         .iter()
         .map(|m| {
             let s = m.status.clone().unwrap_or_default();
+            let enforce = cfg.spec.drift_policy == DriftPolicy::Enforce && drifted_since(m).is_some();
             MachineView {
                 name: m.name_any(),
                 installed: s.installed_at.is_some(),
                 applied_target: s
                     .applied_target
-                    .filter(|_| s.applied_configuration.as_ref() == cfg.metadata.name.as_ref()),
+                    .filter(|_| s.applied_configuration.as_ref() == cfg.metadata.name.as_ref() && !enforce),
                 queued_target: s.queued_target,
                 failed_target: s.failed_target,
             }
         })
         .collect()
+}
+
+/// When a machine was found running another system than NIO applied (its Drifted condition's transition, in
+/// Unix seconds), if it is now.
+fn drifted_since(m: &Machine) -> Option<i64> {
+    let c = m.status.as_ref()?.conditions.iter().find(|c| c.type_ == "Drifted" && c.status == "True")?;
+    Some(c.last_transition_time.0.as_second())
 }
 
 /// Publishes the plan's jobs and marks each machine Queued, machines in parallel (the broker and the API server
@@ -473,7 +482,15 @@ async fn publish_plan(
     let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
         .map(|(name, work)| async move {
             let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
-            let job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
+            let mut job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
+            // Re-applying a target to a drifted machine: an id of its own per drift (the broker drops the
+            // same drift's job published again by later reconciles).
+            if cfg.spec.drift_policy == DriftPolicy::Enforce
+                && let Some(since) = drifted_since(m)
+                && m.status.as_ref().and_then(|s| s.applied_target.as_deref()) == job.id.target()
+            {
+                job.id = job.id.retry(since);
+            }
             publish_and_queue(ctx, m, &job, Some(&cfg.name_any())).await?;
             Ok(Some(name))
         })

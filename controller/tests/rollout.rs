@@ -8,6 +8,7 @@ nio_loadtest::on_both!(
     waves_soak_wait_for_approval_and_keep_to_their_limit,
     a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines_back,
     a_machine_whose_site_no_executor_serves_says_so_until_one_does,
+    drift_is_reported_or_enforced_as_the_configuration_says,
 );
 
 use std::collections::BTreeMap;
@@ -272,6 +273,58 @@ async fn a_machine_whose_site_no_executor_serves_says_so_until_one_does(backend:
     })
     .await;
     pulling.abort();
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Two machines, each at its configuration's commit, are found by a probe running another system. Under
+/// `driftPolicy: Report` (the default) the machine says Drifted and nothing runs; under Enforce it also gets
+/// the target again, and once that succeeds it is no longer Drifted.
+async fn drift_is_reported_or_enforced_as_the_configuration_says(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("d1").create().await;
+    env.machine("d2").create().await;
+    env.config("report", json!({"machineRef": "d1", "pollInterval": "1h"})).await;
+    env.config("enforce", json!({"machineRef": "d2", "pollInterval": "1h", "driftPolicy": "Enforce"})).await;
+    let first = jobs_for(&env, &["d1", "d2"]).await;
+    for j in first.values() {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    let drifted = |m: &'static str| {
+        let env = &env;
+        async move {
+            let s = env.machines().get(m).await.unwrap().status?;
+            s.conditions.iter().find(|c| c.type_ == "Drifted").map(|c| c.status == "True")
+        }
+    };
+    for m in ["d1", "d2"] {
+        env.eventually(T, &format!("{m} applied"), || async {
+            let s = env.machines().get(m).await.unwrap().status?;
+            (s.applied_system.is_some()).then_some(())
+        })
+        .await;
+        // A probe reports another system than the one applied.
+        let machine = env.machines().get(m).await.unwrap();
+        let probe = nio_controller::publish::probe_job("prod", &machine, nio_shared::protocol::Action::Probe);
+        env.report(&probe, Phase::Succeeded, |e| {
+            e.system = Some("/nix/store/bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-nixos-system-changed-by-hand".into());
+            e.at = chrono::Utc::now();
+        })
+        .await;
+        env.eventually(T, &format!("{m} drifted"), || async { drifted(m).await.filter(|d| *d) }).await;
+    }
+    let again = jobs_for(&env, &["d2"]).await;
+    assert_eq!(commit_of(&again["d2"]), commit_of(&first["d2"]), "the same target again");
+    assert_ne!(again["d2"].id, first["d2"].id, "under an id of its own");
+    env.never(Duration::from_secs(2), "a job for the machine under Report", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
+    env.report(&again["d2"], Phase::Succeeded, |_| {}).await;
+    env.eventually(T, "d2 no longer drifted", || async { drifted("d2").await.filter(|d| !d) }).await;
+    assert_eq!(drifted("d1").await, Some(true), "Report leaves the drift as it is");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

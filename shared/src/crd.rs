@@ -371,6 +371,14 @@ pub struct RolloutSpec {
     pub on_failure: OnFailure,
 }
 
+/// What NIO does about a machine that drifted from the system it applied.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum DriftPolicy {
+    #[default]
+    Report,
+    Enforce,
+}
+
 /// What a rollout over its failure budget does.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
 pub enum OnFailure {
@@ -545,6 +553,11 @@ pub struct NixosConfigurationSpec {
     /// Stop publishing new jobs for this configuration.
     #[serde(default)]
     pub suspend: bool,
+    /// What a probe finding a machine running another system than NIO applied does: Report (the Drifted
+    /// condition, an Event, the machines_drifted metric) or Enforce (also apply the target again, within the
+    /// rollout's limits).
+    #[serde(default)]
+    pub drift_policy: DriftPolicy,
 }
 
 /// Observed state of a NixosConfiguration. Defaults to `{observedGeneration: 0}`, so GitOps tools read a new
