@@ -21,6 +21,32 @@ pub struct MachineView {
     pub failed_target: Option<String>,
 }
 
+/// Where a machine stands with a target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    Updated,
+    Failed,
+    InProgress,
+    /// Needs a job.
+    Candidate,
+}
+
+impl MachineView {
+    /// Where the machine stands with `target` (its outcome first: a finished job may still be marked queued).
+    pub fn standing(&self, target: &str) -> Standing {
+        let is = |t: &Option<String>| t.as_deref() == Some(target);
+        if is(&self.applied_target) {
+            Standing::Updated
+        } else if is(&self.failed_target) {
+            Standing::Failed
+        } else if is(&self.queued_target) {
+            Standing::InProgress
+        } else {
+            Standing::Candidate
+        }
+    }
+}
+
 /// The configuration side of a plan.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Policy {
@@ -78,18 +104,15 @@ pub fn plan_within(
     machines: &[MachineView],
     waves: Option<&crate::waves::Decision>,
 ) -> Plan {
-    let is = |t: &Option<String>| t.as_deref() == Some(target);
     let mut counts = Counts { total: machines.len() as u32, ..Default::default() };
     let mut candidates: Vec<&MachineView> = Vec::new();
     for m in machines {
-        if is(&m.applied_target) {
-            counts.updated += 1;
-        } else if is(&m.failed_target) {
-            counts.failed += 1;
-        } else if is(&m.queued_target) {
-            counts.in_progress += 1;
-        } else if waves.is_none_or(|d| d.eligible.contains(&m.name)) {
-            candidates.push(m);
+        match m.standing(target) {
+            Standing::Updated => counts.updated += 1,
+            Standing::Failed => counts.failed += 1,
+            Standing::InProgress => counts.in_progress += 1,
+            Standing::Candidate if waves.is_none_or(|d| d.eligible.contains(&m.name)) => candidates.push(m),
+            Standing::Candidate => {}
         }
     }
     candidates.sort_by(|a, b| a.name.cmp(&b.name));

@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use nio_shared::crd::{WaveSpec, WaveState, WaveStatus};
 
 use crate::conditions::{chrono_of, time};
-use crate::rollout::MachineView;
+use crate::rollout::{MachineView, Standing};
 
 /// A wave with its machines and its limits as numbers.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -146,9 +146,8 @@ pub struct Facts<'a> {
 
 /// Each wave's state and what may run now.
 pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
-    let is = |t: &Option<String>| t.as_deref() == Some(f.target);
     let by_name: BTreeMap<&str, &MachineView> = f.machines.iter().map(|m| (m.name.as_str(), m)).collect();
-    let total_failed = f.machines.iter().filter(|m| is(&m.failed_target) && !is(&m.applied_target)).count() as u32;
+    let total_failed = f.machines.iter().filter(|m| m.standing(f.target) == Standing::Failed).count() as u32;
     let overall_over = !f.resumed && f.max_failures.is_some_and(|b| total_failed > b);
     let mut d = Decision::default();
     let mut open = true;
@@ -159,14 +158,11 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
         let mut candidates = Vec::new();
         for name in &w.machines {
             let Some(m) = by_name.get(name.as_str()) else { continue };
-            if is(&m.applied_target) {
-                s.updated += 1;
-            } else if is(&m.failed_target) {
-                s.failed += 1;
-            } else if is(&m.queued_target) {
-                s.in_progress += 1;
-            } else {
-                candidates.push(name.clone());
+            match m.standing(f.target) {
+                Standing::Updated => s.updated += 1,
+                Standing::Failed => s.failed += 1,
+                Standing::InProgress => s.in_progress += 1,
+                Standing::Candidate => candidates.push(name.clone()),
             }
         }
         s.started_at = prev.and_then(|p| p.started_at.clone());

@@ -121,9 +121,13 @@ impl Proc {
         }
         let status = self.exited()?;
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().filter(|l| !l.trim_start().starts_with("at ")).rev().take(8).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        Some(format!("{} exited ({status}); its log ({}) ends:\n{}", self.name, self.log.display(), tail.join("\n")))
+        // The error it exited with (main's `Error: ...` and its causes, up to the backtrace), else the last lines.
+        let lines: Vec<&str> = log.lines().collect();
+        let shown: Vec<&str> = match lines.iter().rposition(|l| l.starts_with("Error: ")) {
+            Some(i) => lines[i..].iter().take_while(|l| !l.starts_with("Stack backtrace")).take(12).copied().collect(),
+            None => lines.iter().rev().take(8).rev().copied().collect(),
+        };
+        Some(format!("{} exited ({status}); its log ({}) says:\n{}", self.name, self.log.display(), shown.join("\n")))
     }
 }
 

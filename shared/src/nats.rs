@@ -122,15 +122,16 @@ pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize
     Ok(())
 }
 
-/// Runs `f` until it succeeds, for up to a minute. JetStream requests time out or are refused while a cluster
-/// forms, elects a leader or sees several clients create the same stream at once; a process starting then must
-/// wait, not exit.
+/// Runs `f` until it succeeds, for up to five minutes. JetStream requests time out or are refused while a cluster
+/// forms, elects a leader or sees several clients create the same stream at once, and on a loaded machine all
+/// of that takes long; a process starting then must wait (its /readyz not ready meanwhile), not exit. (A CI run
+/// saw an executor give up after one minute while a 3-member cluster created its streams.)
 pub async fn retrying<T, F, Fut>(what: &str, f: F) -> Result<T, crate::error::BoxError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::error::BoxError>>,
 {
-    retry_within(what, Duration::from_secs(60), f).await
+    retry_within(what, Duration::from_secs(300), f).await
 }
 
 /// Runs `f` until it succeeds or `patience` is spent, backing off from 250 ms to 5 s between attempts (never
