@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
@@ -425,13 +424,7 @@ async fn write_status(
 /// `maxFailures` (a number or a percentage of the machines, rounded down), else `failureBudget`.
 fn policy(cfg: &NixosConfiguration, total: usize) -> Policy {
     let r = &cfg.spec.rollout;
-    let max_failures = r.max_failures.as_ref().map(|v| match v {
-        IntOrString::Int(n) => u32::try_from(*n).unwrap_or(0),
-        IntOrString::String(p) => {
-            let pct: usize = p.trim_end_matches('%').parse().unwrap_or(0);
-            u32::try_from(total * pct / 100).unwrap_or(u32::MAX)
-        }
-    });
+    let max_failures = r.max_failures.as_ref().map(|v| waves::amount(v, total, false));
     Policy {
         full_install: cfg.spec.full_install,
         suspend: cfg.spec.suspend,

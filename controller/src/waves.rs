@@ -30,7 +30,7 @@ pub struct Wave {
 }
 
 /// `v` of `of`: a number as is, a percentage rounded up (`up`) or down.
-fn amount(v: &IntOrString, of: usize, up: bool) -> u32 {
+pub fn amount(v: &IntOrString, of: usize, up: bool) -> u32 {
     match v {
         IntOrString::Int(n) => u32::try_from(*n).unwrap_or(0),
         IntOrString::String(s) => {
