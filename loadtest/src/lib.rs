@@ -17,4 +17,5 @@ pub mod plot;
 pub mod procs;
 pub mod realkube;
 pub mod scenario;
+pub mod testhost;
 pub mod testkube;
