@@ -119,6 +119,7 @@ pub fn apply_job(
         secrets_hash: desired.secrets_hash.clone(),
         health_check: cfg.spec.health_check.clone(),
         rollback: cfg.spec.auto_rollback,
+        confirm_timeout_seconds: cfg.spec.confirm_timeout_seconds,
         timeout_seconds: if action == Action::Install { INSTALL_TIMEOUT } else { UPDATE_TIMEOUT },
         enqueued_at: Utc::now(),
     })
@@ -153,6 +154,7 @@ pub fn remove_job(cluster: &str, cfg: &NixosConfiguration, m: &Machine, commit: 
         secrets_hash: None,
         health_check: None,
         rollback: false,
+        confirm_timeout_seconds: 30,
         timeout_seconds: UPDATE_TIMEOUT,
         enqueued_at: Utc::now(),
     })
@@ -179,6 +181,7 @@ pub fn probe_job(cluster: &str, m: &Machine, action: Action) -> Job {
         secrets_hash: None,
         health_check: None,
         rollback: false,
+        confirm_timeout_seconds: 30,
         timeout_seconds: PROBE_TIMEOUT,
         enqueued_at: now,
     }

@@ -72,6 +72,17 @@ pub fn transition(
                 s.applied_target = None;
                 s.has_configuration = Some(false);
                 notes.push(note(false, "Removed", format!("applied onRemoveFlake at {short}")));
+            } else if matches!(ev.action, Action::Boot | Action::DryActivate) {
+                // Handled for the rollout, but not running: appliedCommit stays what runs.
+                s.applied_configuration = ev.configuration.clone();
+                s.applied_generation = Some(ev.generation);
+                s.applied_target = target.clone();
+                let what = if ev.action == Action::Boot {
+                    format!("boot {short}: the boot default now, running after the next reboot")
+                } else {
+                    format!("dry-activate {short}: checked, nothing changed")
+                };
+                notes.push(note(false, "Applied", what));
             } else {
                 s.applied_commit = Some(commit.clone());
                 s.applied_commit_short = Some(short.clone());

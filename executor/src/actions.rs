@@ -56,6 +56,8 @@ pub struct JobRun<'a, P: Progress> {
     pub kexec_tarball: Option<&'a [u8]>,
     /// How long to wait for a machine to come back after kexec or reboot.
     pub reboot_timeout: Duration,
+    /// The host key the job's first connection saw: later connections (the confirmation) must see it too.
+    pub host_key: Option<&'a str>,
 }
 
 /// Checks the parts of a job that reach a remote command or path (defence in depth: the controller
@@ -95,41 +97,25 @@ pub async fn run<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Job
         Action::Probe => probe(first, ctx).await,
         Action::Scan => scan(first, ctx).await,
         Action::Install => install(conn, first, ctx).await,
-        Action::Switch | Action::Boot | Action::Test | Action::DryActivate | Action::Remove => update(first, ctx).await,
+        Action::Switch | Action::Boot | Action::Test | Action::DryActivate | Action::Remove => {
+            crate::update::update(conn, first, ctx).await
+        }
     }
 }
 
+/// What install reads after a reboot: version and current system.
 struct Current {
     version: Option<String>,
     system: Option<String>,
-    /// The applied marker (`{commit} {system}`), when there is one.
-    applied: Option<String>,
 }
 
-/// Reads the version, current system and applied marker in one command ([`host::Commands::state`]).
 async fn current<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Current> {
-    let out = host::run(host, Step::Probe, ctx.cmds.state(), None, ctx.quick).await?;
-    let parts = nio_shared::remote::parse_state(&String::from_utf8_lossy(&out.stdout));
-    let failed = |program: &str, how: String| {
-        Error::command(Step::Probe, program, how, FailureCategory::CommandFailed).with_tail(out.tail())
-    };
-    let [(version, vs), (system, ss), (applied, ms)] = parts.as_slice() else {
-        return Err(failed("sh", format!("printed {} of 3 state reports", parts.len())));
-    };
-    for (program, status) in [("nixos-version", vs), ("readlink", ss)] {
-        if *status != 0 {
-            return Err(failed(program, format!("exited with status {status}")));
-        }
+    let st = crate::update::read_state(host, ctx, "", "").await?;
+    if st.current_system.is_none() {
+        let how = "found no running system (/run/current-system)";
+        return Err(Error::command(Step::Probe, "readlink", how, FailureCategory::CommandFailed));
     }
-    let version = serde_json::from_str::<serde_json::Value>(version)
-        .ok()
-        .and_then(|j| j.get("nixosVersion").and_then(|s| s.as_str()).map(str::to_string))
-        .or_else(|| Some(version.clone()).filter(|s| !s.is_empty()));
-    Ok(Current {
-        version,
-        system: Some(system.clone()).filter(|s| !s.is_empty()),
-        applied: Some(applied.clone()).filter(|_| *ms == 0),
-    })
+    Ok(Current { version: st.version, system: st.current_system })
 }
 
 async fn probe<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Outcome> {
@@ -206,37 +192,6 @@ async fn scan<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Out
     Ok(Outcome { facts: Some(facts), message: "hardware scanned".into(), ..Default::default() })
 }
 
-/// Uploads the source tree (plus additional files) unless the machine already has this exact upload, and
-/// writes the job's secrets.
-async fn upload<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
-    let job = ctx.job;
-    let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
-    let tree = ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?;
-    let mut extra = Vec::new();
-    for f in &job.files {
-        match &f.content {
-            FileContent::Inline { content } => extra.push((f.path.clone(), content.as_bytes().to_vec())),
-            FileContent::NixosFacter => {
-                let out = host::run(host, Step::Scan, ctx.cmds.facter(), None, ctx.long).await?;
-                extra.push((f.path.clone(), out.stdout));
-            }
-        }
-    }
-    let up = source::upload(&src.commit, &tree, &extra)?;
-    let have = host.exec(&ctx.cmds.read_src_marker(&src.commit), None, ctx.quick).await?;
-    if have.success() && have.stdout_str() == up.digest {
-        ctx.progress.step(Step::Upload, "source already on the machine".into()).await;
-    } else {
-        let dir = ctx.cmds.src_dir(&src.commit);
-        host::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
-        let size = up.tar.len();
-        // The stream ends with the completion marker: no separate command writes it.
-        host::run(host, Step::Upload, ctx.cmds.extract(&dir), Some(Bytes::from(up.tar)), ctx.long).await?;
-        ctx.progress.step(Step::Upload, format!("uploaded {size} bytes of source at {}", &src.commit)).await;
-    }
-    write_secrets(host, ctx).await
-}
-
 async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
     let job = ctx.job;
     if job.secrets.is_empty() {
@@ -254,101 +209,6 @@ async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> R
     }
     ctx.progress.step(Step::Upload, format!("{} secret(s) written", job.secrets.len())).await;
     Ok(())
-}
-
-async fn health<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
-    let hc = ctx.job.health_check.clone().unwrap_or_default();
-    if !hc.enabled {
-        return Ok(());
-    }
-    let argv = if hc.command.is_empty() { ctx.cmds.default_health() } else { hc.command.clone() };
-    ctx.progress.step(Step::Health, format!("health check: {}", argv.join(" "))).await;
-    host::run(host, Step::Health, argv, None, Duration::from_secs(u64::from(hc.timeout_seconds))).await?;
-    Ok(())
-}
-
-async fn update<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Outcome> {
-    let job = ctx.job;
-    let src = job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
-    let cur = current(host, ctx).await?;
-    // A removal switches to the onRemoveFlake system.
-    let rebuild = if job.action == Action::Remove { Action::Switch } else { job.action };
-    let rebuild_action = rebuild.as_str();
-    if job.action == Action::Switch {
-        let expected = format!("{} {}", src.commit, cur.system.clone().unwrap_or_default());
-        if cur.applied.as_deref() == Some(expected.as_str()) && job.secrets.is_empty() {
-            return Ok(Outcome {
-                skipped: true,
-                commit: Some(src.commit.clone()),
-                system: cur.system,
-                nixos_version: cur.version,
-                message: "already running this commit".into(),
-                ..Default::default()
-            });
-        }
-    }
-    upload(host, ctx).instrument(tracing::info_span!("upload")).await?;
-    let flake = ctx.cmds.flake_ref(&src.commit, src.subdir.as_deref(), &src.flake_attr);
-    ctx.progress.step(Step::Build, format!("nixos-rebuild {rebuild_action} --flake {flake}")).await;
-    let built = host::run(host, Step::Build, ctx.cmds.rebuild(rebuild_action, &flake), None, ctx.long)
-        .instrument(tracing::info_span!("nixos-rebuild", nio.action = rebuild_action))
-        .await;
-    let activates = matches!(rebuild, Action::Switch | Action::Test);
-    let failure = match built {
-        Ok(out) => {
-            let tail = out.tail();
-            let checked =
-                if activates { health(host, ctx).instrument(tracing::info_span!("health")).await } else { Ok(()) };
-            match checked {
-                Ok(()) => None,
-                Err(e) => Some((e, tail)),
-            }
-        }
-        Err(e) => Some((e, vec![])),
-    };
-    if let Some((err, _)) = failure {
-        let rollback_applies = job.rollback
-            && activates
-            && matches!(err.category(), FailureCategory::HealthCheckFailed | FailureCategory::ActivationFailed);
-        if !rollback_applies {
-            return Err(err);
-        }
-        ctx.progress.step(Step::Rollback, format!("{err}; rolling back")).await;
-        host::run(host, Step::Rollback, ctx.cmds.rollback(), None, ctx.long)
-            .instrument(tracing::info_span!("rollback"))
-            .await?;
-        let after = current(host, ctx).await?;
-        return Ok(Outcome {
-            rolled_back: Some(err.category()),
-            system: after.system,
-            nixos_version: after.version,
-            message: format!("{err}; rolled back to the previous generation"),
-            log_tail: err.tail(),
-            ..Default::default()
-        });
-    }
-    let system = match rebuild {
-        // Only the new system path is needed (the version was read before).
-        Action::Switch | Action::Test => {
-            Some(host::run(host, Step::Activate, ctx.cmds.current_system(), None, ctx.quick).await?.stdout_str())
-                .filter(|s| !s.is_empty())
-        }
-        Action::Boot => {
-            Some(host::run(host, Step::Activate, ctx.cmds.boot_system(), None, ctx.quick).await?.stdout_str())
-        }
-        _ => cur.system.clone(),
-    };
-    if rebuild == Action::Switch {
-        let line = format!("{} {}\n", src.commit, system.clone().unwrap_or_default());
-        host::run(host, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
-    }
-    Ok(Outcome {
-        commit: Some(src.commit.clone()),
-        system,
-        nixos_version: cur.version,
-        message: format!("nixos-rebuild {rebuild_action} succeeded"),
-        ..Default::default()
-    })
 }
 
 /// Polls until the machine answers SSH with `host_key` (or any key when None).
@@ -480,20 +340,26 @@ async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -
     Ok(public)
 }
 
-/// Upload for installs: the tree and files, but secrets only after the installed system booted.
+/// Upload for installs: the tree and files (secrets only after the installed system booted).
 async fn upload_tree_only<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
-    let mut job = ctx.job.clone();
-    job.secrets.clear();
-    let inner = JobRun {
-        job: &job,
-        cmds: ctx.cmds,
-        sources: ctx.sources,
-        seal: ctx.seal,
-        progress: ctx.progress,
-        quick: ctx.quick,
-        long: ctx.long,
-        kexec_tarball: ctx.kexec_tarball,
-        reboot_timeout: ctx.reboot_timeout,
-    };
-    upload(host, &inner).await
+    let src = ctx.job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
+    let tree = ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?;
+    let mut extra = Vec::new();
+    for f in &ctx.job.files {
+        match &f.content {
+            FileContent::Inline { content } => extra.push((f.path.clone(), content.as_bytes().to_vec())),
+            FileContent::NixosFacter => {
+                let out = host::run(host, Step::Scan, ctx.cmds.facter(), None, ctx.long).await?;
+                extra.push((f.path.clone(), out.stdout));
+            }
+        }
+    }
+    let digest = source::digest(&src.commit, &extra);
+    let tar = source::stream(Some(&tree), &extra, &digest, &[])?;
+    let dir = ctx.cmds.src_dir(&src.commit);
+    host::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
+    let size = tar.len();
+    host::run(host, Step::Upload, ctx.cmds.extract_source(&dir), Some(Bytes::from(tar)), ctx.long).await?;
+    ctx.progress.step(Step::Upload, format!("uploaded {size} bytes of source at {}", &src.commit)).await;
+    Ok(())
 }

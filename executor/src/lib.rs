@@ -14,6 +14,7 @@ pub mod lock;
 pub mod metrics;
 pub mod source;
 pub mod ssh;
+pub mod update;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -43,6 +44,8 @@ pub struct Settings {
     pub host_key_policy: ssh::HostKeyPolicy,
     pub kexec_tarball: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// Interval of SSH keepalives (three missed end the connection).
+    pub ssh_keepalive: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -88,7 +91,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         seal,
         connect: ssh::ConnectOptions {
             connect_timeout: s.connect_timeout,
-            keepalive: Duration::from_secs(15),
+            keepalive: s.ssh_keepalive,
             policy: s.host_key_policy,
         },
         metrics: Arc::new(metrics::Metrics::new()),

@@ -50,6 +50,10 @@ struct Cli {
     /// SSH connect timeout in seconds.
     #[arg(long, env = "NIO_CONNECT_TIMEOUT", default_value_t = 10)]
     connect_timeout: u64,
+    /// Seconds between SSH keepalives; three unanswered ones end a connection (how fast a machine that lost
+    /// its network during activation is noticed).
+    #[arg(long, env = "NIO_SSH_KEEPALIVE", default_value_t = 5)]
+    ssh_keepalive: u64,
     /// Seconds to finish in-flight jobs after SIGTERM before returning them to the queue.
     #[arg(long, env = "NIO_SHUTDOWN_GRACE", default_value_t = 120)]
     shutdown_grace: u64,
@@ -97,6 +101,7 @@ async fn main() -> anyhow::Result<()> {
         host_key_policy: cli.host_key_policy,
         kexec_tarball: cli.kexec_tarball,
         connect_timeout: Duration::from_secs(cli.connect_timeout),
+        ssh_keepalive: Duration::from_secs(cli.ssh_keepalive.max(1)),
         shutdown_grace: Duration::from_secs(cli.shutdown_grace),
     };
     let result = nio_executor::run(settings, shutdown).await;

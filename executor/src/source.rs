@@ -116,34 +116,48 @@ impl SourceCache {
 /// entry before it was extracted (so no separate command writes it).
 pub const MARKER: &str = ".nio-complete";
 
-/// Builds a job's upload: the commit's tree plus `extra` files (path, content), and a digest of both, which
-/// the stream ends with as [`MARKER`].
-pub fn upload(commit: &str, tree: &[u8], extra: &[(String, Vec<u8>)]) -> Result<Upload> {
+/// The digest identifying an upload: the commit and the additional files (path, content).
+pub fn digest(commit: &str, extra: &[(String, Vec<u8>)]) -> String {
     let mut digest = Sha256::new();
     digest.update(commit.as_bytes());
-    let mut tar = Vec::with_capacity(tree.len() + 4096);
-    tar.extend_from_slice(tree);
+    for (path, content) in extra {
+        digest.update(path.as_bytes());
+        digest.update([0]);
+        digest.update(content);
+    }
+    digest.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A job's stream for the activation script: the tree (when the machine does not have this upload yet) under
+/// `src/` with the `extra` files and, last, [`MARKER`] holding `digest`; then the secrets under `secrets/`,
+/// mode 0400, owned by root.
+pub fn stream(tree: Option<&[u8]>, extra: &[(String, Vec<u8>)], digest: &str, secrets: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
+    let mut tar = Vec::with_capacity(tree.map_or(0, <[u8]>::len) + 4096);
     let mut b = tar::Builder::new(Vec::new());
-    let mut add = |path: &str, content: &[u8]| {
+    let mut add = |path: &str, content: &[u8], mode: u32| {
         let mut h = tar::Header::new_gnu();
         h.set_size(content.len() as u64);
-        h.set_mode(0o644);
+        h.set_mode(mode);
         h.set_uid(0);
         h.set_gid(0);
         h.set_entry_type(tar::EntryType::Regular);
         b.append_data(&mut h, path, content).map_err(|e| Error::Source(format!("adding {path}: {e}")))
     };
-    for (path, content) in extra {
-        digest.update(path.as_bytes());
-        digest.update([0]);
-        digest.update(content);
-        add(path, content)?;
+    if tree.is_some() {
+        for (path, content) in extra {
+            add(&format!("src/{path}"), content, 0o644)?;
+        }
+        add(&format!("src/{MARKER}"), digest.as_bytes(), 0o644)?;
     }
-    let digest: String = digest.finalize().iter().map(|b| format!("{b:02x}")).collect();
-    add(MARKER, digest.as_bytes())?;
-    let extra_tar = b.into_inner().map_err(|e| Error::Source(e.to_string()))?;
-    tar.extend_from_slice(&extra_tar);
-    Ok(Upload { tar, digest })
+    for (path, content) in secrets {
+        add(&format!("secrets/{path}"), content, 0o400)?;
+    }
+    let rest = b.into_inner().map_err(|e| Error::Source(e.to_string()))?;
+    if let Some(tree) = tree {
+        tar.extend_from_slice(tree);
+    }
+    tar.extend_from_slice(&rest);
+    Ok(tar)
 }
 
 fn fetch_err(url: &str, e: &git2::Error, refusal: &Refusal) -> Error {
@@ -184,7 +198,7 @@ fn export(dir: &Path, url: &str, commit: &str, creds: &GitCredentials, cred_name
     let mut failure: Option<Error> = None;
     tree.walk(git2::TreeWalkMode::PreOrder, |root, entry| {
         let Ok(name) = entry.name() else { return git2::TreeWalkResult::Skip };
-        let path = format!("{root}{name}");
+        let path = format!("src/{root}{name}");
         if entry.kind() != Some(git2::ObjectType::Blob) {
             return git2::TreeWalkResult::Ok;
         }

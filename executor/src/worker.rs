@@ -396,6 +396,7 @@ impl Executor {
             long: self.job_timeout(job),
             kexec_tarball: self.kexec_tarball.as_deref(),
             reboot_timeout: Duration::from_secs(600),
+            host_key: Some(seen_key.as_str()),
         };
         let result = match job.action {
             Action::Install => actions::run(&conn, &host, &ctx).instrument(tracing::info_span!("install")).await,
@@ -560,6 +561,7 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
         secrets_hash: None,
         health_check: None,
         rollback: false,
+        confirm_timeout_seconds: 30,
         timeout_seconds: 0,
         enqueued_at: Utc::now(),
     }

@@ -72,6 +72,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
         host_key_policy: nio_executor::ssh::HostKeyPolicy::Pinned,
         kexec_tarball: Some(dir.path().join("kexec.tar")),
         connect_timeout: Duration::from_secs(3),
+        ssh_keepalive: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(5),
     };
     let (stop, task) = spawn_executor(settings);

@@ -48,11 +48,14 @@ pub struct HostOptions {
     pub sudo: bool,
     /// The fixture configuration the host runs at first.
     pub initial: String,
+    /// An identities directory whose `default.pub` the host authorizes (several hosts, one executor); None:
+    /// the host makes its own (see [`TestHost::identities`]).
+    pub identities: Option<PathBuf>,
 }
 
 impl Default for HostOptions {
     fn default() -> Self {
-        HostOptions { sudo: true, initial: "initial".into() }
+        HostOptions { sudo: true, initial: "initial".into(), identities: None }
     }
 }
 
@@ -64,10 +67,10 @@ pub struct TestHost {
     pub addr: String,
     /// The host's ed25519 public host key (`ssh-ed25519 AAAA…`).
     pub host_key: String,
-    /// Holds `identities/default` (authorized for root and deploy) and `identities/stranger` (authorized
-    /// nowhere), named like an executor's identities directory.
+    /// The host's own files (its mounts' sources).
     pub dir: tempfile::TempDir,
     holder: u32,
+    identities: PathBuf,
 }
 
 fn sh(cmd: &mut Command) -> anyhow::Result<String> {
@@ -108,6 +111,9 @@ fn kill_all(netns: &str, except: Option<u32>) {
 /// Claims a free index: creates `nio-th{N}`, reclaiming namespaces whose owning process is gone.
 fn claim() -> anyhow::Result<u32> {
     std::fs::create_dir_all(OWNERS)?;
+    // One claimer at a time, across processes: the owner file is written before anyone else looks.
+    let guard = std::fs::File::create(Path::new(OWNERS).join(".lock"))?;
+    guard.lock()?;
     for n in 1..=250u32 {
         let ns = format!("nio-th{n}");
         let owner = Path::new(OWNERS).join(n.to_string());
@@ -116,7 +122,7 @@ fn claim() -> anyhow::Result<u32> {
             return Ok(n);
         }
         let holder: Option<u32> = std::fs::read_to_string(&owner).ok().and_then(|s| s.trim().parse().ok());
-        if holder.is_none_or(|p| !alive(p)) {
+        if holder.is_none_or(|p| p != std::process::id() && !alive(p)) {
             kill_all(&ns, None);
             let _ = ip(&["netns", "del", &ns]);
             if ip(&["netns", "add", &ns]).is_ok() {
@@ -164,6 +170,7 @@ impl TestHost {
                 addr: format!("10.213.{index}.2"),
                 netns,
                 host_key,
+                identities: opts.identities.clone().unwrap_or_else(|| dir.path().join("identities")),
                 dir,
                 holder,
             }),
@@ -215,8 +222,13 @@ impl TestHost {
         )?;
         // SSH: host key, authorized identities.
         let host_key = keygen(&d.join("etc-ssh/ssh_host_ed25519_key"))?;
-        let client = keygen(&d.join("identities/default"))?;
-        keygen(&d.join("identities/stranger"))?;
+        let client = match &opts.identities {
+            Some(dir) => std::fs::read_to_string(dir.join("default.pub"))?.trim().to_string(),
+            None => {
+                keygen(&d.join("identities/stranger"))?;
+                keygen(&d.join("identities/default"))?
+            }
+        };
         for user in ["root", DEPLOY_USER] {
             std::fs::write(d.join("etc-ssh/authorized_keys.d").join(user), format!("{client}\n"))?;
         }
@@ -236,6 +248,8 @@ impl TestHost {
         std::fs::write(d.join("boot_id"), format!("{}\n", uuid::Uuid::new_v4()))?;
         // Network: veth pair, 10.213.N.1 here, 10.213.N.2 (eth0) there.
         let outside = format!("nth{index}");
+        // A previous holder's veth may outlive its namespace for a moment.
+        let _ = ip(&["link", "del", &outside]);
         ip(&["link", "add", &outside, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
         ip(&["addr", "add", &format!("10.213.{index}.1/24"), "dev", &outside])?;
         ip(&["link", "set", &outside, "up"])?;
@@ -302,7 +316,7 @@ impl TestHost {
 
     /// The executor-style identities directory (`default` is authorized for root and deploy).
     pub fn identities(&self) -> PathBuf {
-        self.dir.path().join("identities")
+        self.identities.clone()
     }
 
     /// `readlink -e` of a symlink inside the host (`/run/current-system`, the system profile, …).
@@ -401,6 +415,7 @@ fn boot(holder: u32, d: &Path) -> anyhow::Result<()> {
 impl Drop for TestHost {
     fn drop(&mut self) {
         kill_all(&self.netns, None);
+        let _ = ip(&["link", "del", &format!("nth{}", self.index)]);
         let _ = ip(&["netns", "del", &self.netns]);
         let _ = std::fs::remove_file(Path::new(OWNERS).join(self.index.to_string()));
     }

@@ -52,10 +52,12 @@ fn default_lock_ttl() -> u64 {
 pub struct RemotePaths {
     /// Source trees (`{stateDir}/src/{commit}`) and the applied-commit marker.
     pub state_dir: String,
-    /// Secrets, mode 0400, outside the Nix store (tmpfs on NixOS).
+    /// Secrets (directory mode 0700), outside the Nix store, persisted so they survive a reboot.
     pub secrets_dir: String,
     /// Symlink to the running system.
     pub current_system: String,
+    /// Symlink to the system the machine booted.
+    pub booted_system: String,
     /// Symlink to the boot-default system profile.
     pub system_profile: String,
 }
@@ -64,8 +66,9 @@ impl Default for RemotePaths {
     fn default() -> Self {
         RemotePaths {
             state_dir: "/var/lib/nio".into(),
-            secrets_dir: "/run/nio/secrets".into(),
+            secrets_dir: "/var/lib/nio/secrets".into(),
             current_system: "/run/current-system".into(),
+            booted_system: "/run/booted-system".into(),
             system_profile: "/nix/var/nix/profiles/system".into(),
         }
     }
@@ -164,6 +167,7 @@ impl ExecutorConfig {
             ("remote.stateDir", &self.remote.state_dir),
             ("remote.secretsDir", &self.remote.secrets_dir),
             ("remote.currentSystem", &self.remote.current_system),
+            ("remote.bootedSystem", &self.remote.booted_system),
             ("remote.systemProfile", &self.remote.system_profile),
         ] {
             if !p.starts_with('/') || p.split('/').any(|c| c == "..") || p.chars().any(char::is_control) {

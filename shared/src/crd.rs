@@ -53,6 +53,11 @@ fn default_health_timeout() -> u32 {
     300
 }
 
+/// Seconds a machine waits for the activation's confirmation before rolling itself back.
+pub fn default_confirm_timeout() -> u32 {
+    30
+}
+
 /// A physical or virtual NixOS host that NIO can reach over SSH.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -426,10 +431,15 @@ pub struct HealthCheck {
     /// Whether to run a health check at all.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Command as an argument vector; empty means `systemctl is-system-running --wait`.
+    /// Command as an argument vector, run as root; empty means: no failed systemd units (`systemctl list-units
+    /// --state=failed`) other than `allowedFailedUnits`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub command: Vec<String>,
+    /// Units that may be failed without failing the default check (known-flaky units), e.g. "fwupd.service".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(max = 256), pattern(r"^[A-Za-z0-9:_.@-]+$")))]
+    pub allowed_failed_units: Vec<String>,
     /// Seconds to wait for the check before it counts as failed.
     #[serde(default = "default_health_timeout")]
     #[schemars(range(min = 1, max = 3600))]
@@ -438,7 +448,12 @@ pub struct HealthCheck {
 
 impl Default for HealthCheck {
     fn default() -> Self {
-        HealthCheck { enabled: true, command: Vec::new(), timeout_seconds: default_health_timeout() }
+        HealthCheck {
+            enabled: true,
+            command: Vec::new(),
+            allowed_failed_units: Vec::new(),
+            timeout_seconds: default_health_timeout(),
+        }
     }
 }
 
@@ -540,12 +555,19 @@ pub struct NixosConfigurationSpec {
     /// Rollout pacing across machines.
     #[serde(default)]
     pub rollout: RolloutSpec,
-    /// Health check after activation (default: `systemctl is-system-running --wait`).
+    /// Health check after activation, over a new SSH connection (default: no failed systemd units).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
-    /// Roll back to the previous generation when activation or the health check fails.
+    /// Roll back when activation fails, the health check fails, or no new SSH connection confirms the
+    /// activation within `confirmTimeoutSeconds`: the machine itself re-activates what ran before and restores
+    /// the boot default, also when it lost its network.
     #[serde(default)]
     pub auto_rollback: bool,
+    /// With autoRollback: how long the machine waits for the confirmation after switch/test before it rolls
+    /// itself back.
+    #[serde(default = "default_confirm_timeout")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub confirm_timeout_seconds: u32,
     /// How often the ref is re-resolved, e.g. "30s", "5m", "1h". Unset: the controller's --default-poll-interval.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 32), pattern(r"^([0-9]+(ms|s|m|h))+$"))]

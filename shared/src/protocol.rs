@@ -248,6 +248,9 @@ pub struct Job {
     /// Roll back when activation or the health check fails.
     #[serde(default)]
     pub rollback: bool,
+    /// With `rollback`: seconds the machine waits for the confirmation before it rolls itself back.
+    #[serde(default = "crate::crd::default_confirm_timeout")]
+    pub confirm_timeout_seconds: u32,
     /// Give up after this many seconds.
     pub timeout_seconds: u64,
     /// When the controller published the job.
@@ -302,6 +305,10 @@ pub enum FailureCategory {
     AuthFailed,
     /// The source could not be fetched at the commit.
     SourceUnavailable,
+    /// The source at the commit cannot be built as given: e.g. its flake.lock is missing or out of date.
+    SourceInvalid,
+    /// The SSH user may not run commands as root (no passwordless sudo); nothing was changed.
+    PermissionDenied,
     /// nixos-rebuild (or nixos-install) failed to build.
     BuildFailed,
     /// Activation failed.
@@ -326,6 +333,8 @@ impl FailureCategory {
             FailureCategory::Unreachable => "Unreachable",
             FailureCategory::AuthFailed => "AuthFailed",
             FailureCategory::SourceUnavailable => "SourceUnavailable",
+            FailureCategory::SourceInvalid => "SourceInvalid",
+            FailureCategory::PermissionDenied => "PermissionDenied",
             FailureCategory::BuildFailed => "BuildFailed",
             FailureCategory::ActivationFailed => "ActivationFailed",
             FailureCategory::HealthCheckFailed => "HealthCheckFailed",

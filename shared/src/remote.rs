@@ -1,14 +1,17 @@
-//! The remote command surface (docs/design.md §4): every command NIO runs on a machine, as an argument vector.
+//! The remote command surface (docs/remote-protocol.md): every command NIO runs on a machine, as an argument
+//! vector.
 //!
 //! Nothing here builds a shell string: executors quote each vector once with [`crate::quote::command`]. The
-//! fleet simulator implements exactly these commands, so both sides share this module.
+//! scripts below are fixed text (files beside this one); everything variable reaches them as positional
+//! arguments. The fleet simulator implements exactly these commands, so both sides share this module.
+
+use sha2::{Digest, Sha256};
 
 use crate::config::RemotePaths;
 
 fn v(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
-
 /// Constant fact-gathering script used by `scan` when nixos-facter is absent. It takes no input.
 pub const FACT_SCRIPT: &str = "echo system=$(uname -m)-linux; echo cpus=$(nproc); \
 sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1 | sed 's/^/cpu=/'; \
@@ -17,12 +20,15 @@ lsblk -bdno NAME,SIZE 2>/dev/null | sed 's/^/disk=/'; \
 for n in /sys/class/net/*; do echo \"nic=${n##*/} $(cat $n/address)\"; done; \
 echo virt=$(systemd-detect-virt 2>/dev/null || echo none)";
 
-/// What a job reads first, in one round trip: `nixos-version --json`, the current system (`readlink -f "$1"`)
-/// and the applied marker (`cat "$2"`), each followed by a line `@@nio-status N` with its exit status. Fixed
-/// text; the paths travel as positional arguments.
-pub const STATE_SCRIPT: &str = "nixos-version --json; s=$?; echo; echo \"@@nio-status $s\"; \
-readlink -f \"$1\"; s=$?; echo; echo \"@@nio-status $s\"; \
-cat \"$2\" 2>/dev/null; s=$?; echo; echo \"@@nio-status $s\"";
+/// What a job reads first, in one round trip: version, current and booted system, boot id, applied marker,
+/// upload marker, uid, whether sudo works, and a previous attempt's activation state.
+pub const STATE_SCRIPT: &str = include_str!("remote/state.sh");
+/// Upload, build, set the profile and start the activation unit; waits until it settled.
+pub const ACTIVATE_SCRIPT: &str = include_str!("remote/activate.sh");
+/// The activation unit: switch-to-configuration, then the dead-man's switch.
+pub const UNIT_SCRIPT: &str = include_str!("remote/activate-unit.sh");
+/// Health check and confirmation over a new connection; reports a job's result.
+pub const CONFIRM_SCRIPT: &str = include_str!("remote/confirm.sh");
 
 /// Splits [`STATE_SCRIPT`]'s output into each command's (trimmed output, exit status).
 pub fn parse_state(stdout: &str) -> Vec<(String, i32)> {
@@ -39,6 +45,165 @@ pub fn parse_state(stdout: &str) -> Vec<(String, i32)> {
     parts
 }
 
+/// What [`STATE_SCRIPT`] found, decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineState {
+    /// `nixosVersion` of `nixos-version --json`; None when not NixOS.
+    pub version: Option<String>,
+    pub current_system: Option<String>,
+    pub booted_system: Option<String>,
+    pub boot_id: Option<String>,
+    /// The applied marker's content.
+    pub applied: Option<String>,
+    /// The digest of the source upload already on the machine.
+    pub upload: Option<String>,
+    pub uid: Option<u32>,
+    /// Root, or passwordless sudo works; else what sudo said.
+    pub privileged: Result<(), String>,
+    /// A previous attempt of this job (same unit): its files' first lines.
+    pub attempt: Option<Attempt>,
+}
+
+/// The activation state of a job seen on the machine.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attempt {
+    pub toplevel: Option<String>,
+    pub boot_id: Option<String>,
+    pub activated: Option<i32>,
+    pub awaiting: bool,
+    pub result: Option<String>,
+}
+
+impl MachineState {
+    /// Decodes [`STATE_SCRIPT`]'s output; None when it printed too few parts (not a POSIX shell?).
+    pub fn parse(stdout: &str) -> Option<MachineState> {
+        let parts = parse_state(stdout);
+        if parts.len() < 9 {
+            return None;
+        }
+        let ok = |i: usize| Some(parts[i].0.clone()).filter(|s| parts[i].1 == 0 && !s.is_empty());
+        let version = ok(0).map(|v| {
+            serde_json::from_str::<serde_json::Value>(&v)
+                .ok()
+                .and_then(|j| j.get("nixosVersion").and_then(|s| s.as_str()).map(str::to_string))
+                .unwrap_or(v)
+        });
+        let privileged = if parts[7].1 == 0 { Ok(()) } else { Err(parts[7].0.clone()) };
+        let attempt = (parts[8].1 == 0).then(|| {
+            let mut a = Attempt::default();
+            for line in parts[8].0.lines() {
+                let Some((k, v)) = line.split_once('=') else { continue };
+                let v = v.trim().to_string();
+                match k {
+                    "toplevel" => a.toplevel = Some(v),
+                    "boot_id" => a.boot_id = Some(v),
+                    "activated" => a.activated = v.parse().ok(),
+                    "awaiting" => a.awaiting = true,
+                    "result" => a.result = Some(v),
+                    _ => {}
+                }
+            }
+            a
+        });
+        Some(MachineState {
+            version,
+            current_system: ok(1),
+            booted_system: ok(2),
+            boot_id: ok(3),
+            applied: ok(4),
+            upload: ok(5),
+            uid: ok(6).and_then(|u| u.parse().ok()),
+            privileged,
+            attempt,
+        })
+    }
+}
+
+/// The `@@nio <key> <value>` records of [`ACTIVATE_SCRIPT`] and [`CONFIRM_SCRIPT`], and the other lines (log).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Records {
+    pub records: Vec<(String, String)>,
+    pub log: Vec<String>,
+}
+
+impl Records {
+    pub fn parse(stdout: &str) -> Records {
+        let mut r = Records::default();
+        for line in stdout.lines() {
+            match line.strip_prefix("@@nio ") {
+                Some(rec) => {
+                    let (k, v) = rec.split_once(' ').unwrap_or((rec, ""));
+                    r.records.push((k.to_string(), v.trim().to_string()));
+                }
+                None => r.log.push(line.to_string()),
+            }
+        }
+        r
+    }
+
+    /// The last value of `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.records.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// How a job's activation ended, from the `result` record or file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActivationResult {
+    /// Confirmed over a new connection within the window.
+    Confirmed,
+    /// Finished without a confirmation window (boot, dry-activate, or rollback off).
+    Done,
+    /// Rolled back by the host itself, with the reason.
+    RolledBack(String),
+    /// The rollback itself failed: the machine needs a human.
+    RollbackFailed(String),
+    /// Failed without a rollback (rollback off).
+    Failed(String),
+}
+
+impl ActivationResult {
+    pub fn parse(s: &str) -> Option<ActivationResult> {
+        let (k, why) = s.trim().split_once(' ').unwrap_or((s.trim(), ""));
+        let why = why.to_string();
+        Some(match k {
+            "confirmed" => ActivationResult::Confirmed,
+            "done" => ActivationResult::Done,
+            "rolled-back" => ActivationResult::RolledBack(why),
+            "rollback-failed" => ActivationResult::RollbackFailed(why),
+            "failed" => ActivationResult::Failed(why),
+            _ => return None,
+        })
+    }
+}
+
+/// Inputs of [`Commands::activate`].
+#[derive(Debug, Clone)]
+pub struct Activation<'a> {
+    pub unit: &'a str,
+    pub src_dir: &'a str,
+    /// Whether a tar stream follows on stdin.
+    pub upload: bool,
+    pub installable: &'a str,
+    pub action: &'a str,
+    pub rollback: bool,
+    pub confirm_seconds: u32,
+}
+
+/// Inputs of [`Commands::confirm`].
+#[derive(Debug, Clone)]
+pub struct Confirmation<'a> {
+    pub unit: &'a str,
+    /// The applied marker's new content (a confirmed switch only).
+    pub marker: Option<&'a str>,
+    pub health: bool,
+    pub health_timeout: u32,
+    /// Failed units that do not fail the health check.
+    pub allowed_units: &'a [String],
+    /// The health command; empty: no failed units.
+    pub command: &'a [String],
+}
+
 /// Argument vectors of every remote command.
 #[derive(Debug, Clone)]
 pub struct Commands {
@@ -46,18 +211,90 @@ pub struct Commands {
 }
 
 impl Commands {
-    /// Runs [`STATE_SCRIPT`] (version, current system, applied marker).
-    pub fn state(&self) -> Vec<String> {
-        v(&["sh", "-c", STATE_SCRIPT, "nio-state", &self.paths.current_system, &self.applied_marker()])
+    /// Runs `argv` as root: directly for root, else through `sudo -n` (never prompts).
+    pub fn privileged(user: &str, argv: Vec<String>) -> Vec<String> {
+        if user == "root" {
+            argv
+        } else {
+            let mut a = v(&["sudo", "-n", "--"]);
+            a.extend(argv);
+            a
+        }
     }
+
+    /// The systemd unit (and job directory name) of a job: stable per job id, so a redelivered job finds
+    /// its previous attempt.
+    pub fn unit(job_id: &str) -> String {
+        let h = Sha256::digest(job_id.as_bytes());
+        format!("nio-{}", h.iter().take(8).map(|b| format!("{b:02x}")).collect::<String>())
+    }
+
+    pub fn job_dir(&self, unit: &str) -> String {
+        format!("{}/jobs/{unit}", self.paths.state_dir)
+    }
+
+    /// Runs [`STATE_SCRIPT`] for the job whose unit is `unit`, uploading into `src_dir`.
+    pub fn state(&self, src_dir: &str, unit: &str) -> Vec<String> {
+        v(&[
+            "sh",
+            "-c",
+            STATE_SCRIPT,
+            "nio-state",
+            &self.paths.current_system,
+            &self.paths.booted_system,
+            &self.applied_marker(),
+            &format!("{src_dir}/.nio-complete"),
+            &self.job_dir(unit),
+        ])
+    }
+
+    /// Runs [`ACTIVATE_SCRIPT`] (as root: wrap with [`Commands::privileged`]).
+    pub fn activate(&self, a: &Activation<'_>) -> Vec<String> {
+        v(&[
+            "sh",
+            "-c",
+            ACTIVATE_SCRIPT,
+            "nio-activate",
+            &self.job_dir(a.unit),
+            a.src_dir,
+            if a.upload { "tar" } else { "none" },
+            a.installable,
+            a.action,
+            &self.paths.system_profile,
+            &self.paths.current_system,
+            if a.rollback { "1" } else { "0" },
+            &a.confirm_seconds.to_string(),
+            a.unit,
+            &self.paths.secrets_dir,
+            UNIT_SCRIPT,
+        ])
+    }
+
+    /// Runs [`CONFIRM_SCRIPT`] (as root: wrap with [`Commands::privileged`]).
+    pub fn confirm(&self, c: &Confirmation<'_>) -> Vec<String> {
+        let marker = if c.marker.is_some() { self.applied_marker() } else { String::new() };
+        let mut argv = v(&[
+            "sh",
+            "-c",
+            CONFIRM_SCRIPT,
+            "nio-confirm",
+            &self.job_dir(c.unit),
+            &marker,
+            c.marker.unwrap_or(""),
+            &self.paths.current_system,
+            if c.health { "1" } else { "0" },
+            &c.health_timeout.to_string(),
+            &c.allowed_units.join(" "),
+        ]);
+        argv.extend(c.command.iter().cloned());
+        argv
+    }
+
     pub fn nixos_version(&self) -> Vec<String> {
         v(&["nixos-version", "--json"])
     }
     pub fn current_system(&self) -> Vec<String> {
         v(&["readlink", "-f", &self.paths.current_system])
-    }
-    pub fn boot_system(&self) -> Vec<String> {
-        v(&["readlink", "-f", &self.paths.system_profile])
     }
     pub fn applied_marker(&self) -> String {
         format!("{}/applied", self.paths.state_dir)
@@ -65,7 +302,7 @@ impl Commands {
     pub fn read_applied(&self) -> Vec<String> {
         v(&["cat", &self.applied_marker()])
     }
-    /// Written with `"{commit} {system}\n"` on stdin after a successful switch.
+    /// Written with `"{commit} {system}\n"` on stdin after a full install.
     pub fn write_applied(&self) -> Vec<String> {
         v(&["tee", &self.applied_marker()])
     }
@@ -82,6 +319,10 @@ impl Commands {
     /// Extracts a tar stream from stdin into `dir`.
     pub fn extract(&self, dir: &str) -> Vec<String> {
         v(&["tar", "-x", "--no-same-owner", "-f", "-", "-C", dir])
+    }
+    /// Extracts an upload stream's `src/` entries from stdin into `dir` (install: no activation script).
+    pub fn extract_source(&self, dir: &str) -> Vec<String> {
+        v(&["tar", "-x", "--no-same-owner", "--strip-components=1", "-f", "-", "-C", dir, "src"])
     }
     pub fn secrets_dir(&self) -> Vec<String> {
         v(&["install", "-d", "-m", "0700", &self.paths.secrets_dir])
@@ -103,14 +344,9 @@ impl Commands {
             _ => format!("path:{}#{attr}", self.src_dir(commit)),
         }
     }
-    pub fn rebuild(&self, action: &str, flake_ref: &str) -> Vec<String> {
-        v(&["nixos-rebuild", action, "--flake", flake_ref])
-    }
-    pub fn rollback(&self) -> Vec<String> {
-        v(&["nixos-rebuild", "switch", "--rollback"])
-    }
-    pub fn default_health(&self) -> Vec<String> {
-        v(&["systemctl", "is-system-running", "--wait"])
+    /// The installable of a configuration's system: `…#nixosConfigurations.{attr}.config.system.build.toplevel`.
+    pub fn toplevel(&self, commit: &str, subdir: Option<&str>, attr: &str) -> String {
+        self.flake_ref(commit, subdir, &format!("nixosConfigurations.{attr}.config.system.build.toplevel"))
     }
     pub fn os_release(&self) -> Vec<String> {
         v(&["cat", "/etc/os-release"])
@@ -157,14 +393,20 @@ mod tests {
         let commit = "0123456789abcdef0123456789abcdef01234567";
         assert_eq!(c.flake_ref(commit, Some("hosts"), "web"), format!("path:/var/lib/nio/src/{commit}/hosts#web"));
         assert_eq!(c.flake_ref(commit, None, "web"), format!("path:/var/lib/nio/src/{commit}#web"));
-        assert_eq!(c.rebuild("switch", "path:/x#web"), ["nixos-rebuild", "switch", "--flake", "path:/x#web"]);
         assert_eq!(
             c.write_secret("db/pass"),
-            ["install", "-D", "-m", "0400", "/dev/stdin", "/run/nio/secrets/db/pass"]
+            ["install", "-D", "-m", "0400", "/dev/stdin", "/var/lib/nio/secrets/db/pass"]
         );
+        let unit = Commands::unit("c/ns/web-01/abc/1/switch");
+        assert_eq!((unit.len(), unit == Commands::unit("c/ns/web-01/abc/1/switch")), (20, true), "{unit}");
+        assert_ne!(unit, Commands::unit("c/ns/web-01/abc/1-2/switch"), "a retry is another attempt");
+        let argv = c.state("/var/lib/nio/src/abc", &unit);
+        assert_eq!(argv.last().map(String::as_str), Some(format!("/var/lib/nio/jobs/{unit}").as_str()));
+        assert_eq!(Commands::privileged("root", vec!["id".into()]), ["id"]);
+        assert_eq!(Commands::privileged("deploy", vec!["id".into()]), ["sudo", "-n", "--", "id"]);
         assert_eq!(
-            c.build_system(commit, None, "web").last().unwrap(),
-            &format!("path:/var/lib/nio/src/{commit}#nixosConfigurations.web.config.system.build.toplevel")
+            c.toplevel(commit, None, "web"),
+            format!("path:/var/lib/nio/src/{commit}#nixosConfigurations.web.config.system.build.toplevel")
         );
     }
 }

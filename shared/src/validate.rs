@@ -576,6 +576,18 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
         if hc.timeout_seconds == 0 {
             c.check(fail("spec.healthCheck.timeoutSeconds", "must be at least 1"));
         }
+        for (i, unit) in hc.allowed_failed_units.iter().enumerate() {
+            let ok = !unit.is_empty()
+                && unit.len() <= 256
+                && unit.chars().all(|ch| ch.is_ascii_alphanumeric() || ":_.@-".contains(ch));
+            if !ok {
+                let field = format!("spec.healthCheck.allowedFailedUnits[{i}]");
+                c.check(fail(&field, "must be a systemd unit name (letters, digits, `:_.@-`)"));
+            }
+        }
+    }
+    if !(5..=3600).contains(&spec.confirm_timeout_seconds) {
+        c.check(fail("spec.confirmTimeoutSeconds", "must be between 5 and 3600"));
     }
     if let Some(p) = &spec.poll_interval {
         match duration("spec.pollInterval", p) {

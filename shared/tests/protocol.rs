@@ -47,6 +47,7 @@ fn job() -> Job {
         secrets_hash: Some("sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into()),
         health_check: Some(HealthCheck::default()),
         rollback: true,
+        confirm_timeout_seconds: 30,
         timeout_seconds: 1800,
         enqueued_at: Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap(),
     }

@@ -73,30 +73,43 @@ fn the_state_script_reports_each_command_with_its_status() {
     let paths = nio_shared::config::RemotePaths {
         state_dir: d.join("state").display().to_string(),
         current_system: d.join("current system").display().to_string(),
+        booted_system: d.join("booted").display().to_string(),
         ..Default::default()
     };
     let cmds = nio_shared::remote::Commands { paths };
+    let src = d.join("state/src/abc").display().to_string();
     let run = |path: &str| {
-        let line = nio_shared::quote::command(&cmds.state()).unwrap();
+        let line = nio_shared::quote::command(&cmds.state(&src, "nio-0123")).unwrap();
         let out = std::process::Command::new("sh").arg("-c").arg(&line).env("PATH", path).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        nio_shared::remote::parse_state(&String::from_utf8_lossy(&out.stdout))
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (nio_shared::remote::parse_state(&text), nio_shared::remote::MachineState::parse(&text).unwrap())
     };
-    // Not NixOS (no nixos-version), no marker yet.
+    // Not NixOS (no nixos-version), nothing of NIO's yet.
     let bare = format!("{}:/usr/bin:/bin", d.join("bin").display());
-    let parts = run(&bare);
-    assert_eq!(parts.len(), 3, "{parts:?}");
+    let (parts, st) = run(&bare);
+    assert_eq!(parts.len(), 9, "{parts:?}");
     assert_eq!(parts[0].1, 127, "{parts:?}");
-    assert_eq!(parts[1], (d.join("store/sys-1").display().to_string(), 0));
-    assert_ne!(parts[2].1, 0, "no marker: {parts:?}");
-    // NixOS with a marker.
+    assert_eq!(st.version, None);
+    assert_eq!(st.current_system, Some(d.join("store/sys-1").display().to_string()));
+    assert_eq!((st.booted_system.as_deref(), st.applied.as_deref(), st.upload.as_deref()), (None, None, None));
+    assert_eq!(st.boot_id.as_ref().map(String::len), Some(36), "{st:?}");
+    assert_eq!(st.privileged, Ok(()), "root");
+    assert_eq!(st.attempt, None);
+    // NixOS with a marker, an upload and a previous attempt of the job.
     let version = d.join("bin/nixos-version");
     std::fs::write(&version, "#!/bin/sh\necho '{\"nixosVersion\":\"25.05\"}'\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&version, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::create_dir_all(d.join("state")).unwrap();
+    std::fs::create_dir_all(d.join("state/src/abc")).unwrap();
+    std::fs::create_dir_all(d.join("state/jobs/nio-0123")).unwrap();
     std::fs::write(d.join("state/applied"), "abc /nix/store/x\n").unwrap();
-    let parts = run(&bare);
-    assert_eq!(parts[0], ("{\"nixosVersion\":\"25.05\"}".to_string(), 0));
-    assert_eq!(parts[2], ("abc /nix/store/x".to_string(), 0));
+    std::fs::write(d.join("state/src/abc/.nio-complete"), "digest").unwrap();
+    std::fs::write(d.join("state/jobs/nio-0123/activated"), "4\n").unwrap();
+    std::fs::write(d.join("state/jobs/nio-0123/result"), "rolled-back switch-to-configuration exited 4\n").unwrap();
+    let (_, st) = run(&bare);
+    assert_eq!(st.version.as_deref(), Some("25.05"));
+    assert_eq!((st.applied.as_deref(), st.upload.as_deref()), (Some("abc /nix/store/x"), Some("digest")));
+    let a = st.attempt.unwrap();
+    assert_eq!((a.activated, a.result.as_deref()), (Some(4), Some("rolled-back switch-to-configuration exited 4")));
 }

@@ -79,6 +79,7 @@ fn sealed_job_json_never_contains_the_plaintext() {
         secrets_hash: None,
         health_check: None,
         rollback: false,
+        confirm_timeout_seconds: 30,
         timeout_seconds: 60,
         enqueued_at: chrono::Utc::now(),
     };

@@ -181,9 +181,17 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
             c.health_check = Some(nio_shared::crd::HealthCheck {
                 enabled: true,
                 command: vec!["curl".into(), "-f\nhttp://x".into()],
+                allowed_failed_units: vec![],
                 timeout_seconds: 10,
             })
         }),
+        ("spec.healthCheck.allowedFailedUnits[0]", |c| {
+            c.health_check = Some(nio_shared::crd::HealthCheck {
+                allowed_failed_units: vec!["fwupd.service; reboot".into()],
+                ..Default::default()
+            })
+        }),
+        ("spec.confirmTimeoutSeconds", |c| c.confirm_timeout_seconds = 1),
     ];
     assert!(cases.len() >= 25);
     for (field, mutate) in cases {

@@ -152,6 +152,7 @@ impl Sshd {
             state_dir: self.path("var-lib-nio").display().to_string(),
             secrets_dir: self.path("run-nio-secrets").display().to_string(),
             current_system: self.path("current-system").display().to_string(),
+            booted_system: self.path("booted-system").display().to_string(),
             system_profile: self.path("system-profile").display().to_string(),
         }
     }
@@ -266,6 +267,7 @@ pub fn settings(sshd: &Sshd, nats: &NatsServer, cfg: ExecutorConfig, id: &str) -
         host_key_policy: nio_executor::ssh::HostKeyPolicy::Tofu,
         kexec_tarball: None,
         connect_timeout: Duration::from_secs(3),
+        ssh_keepalive: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(30),
     }
 }
@@ -316,6 +318,7 @@ pub fn job(machine: &str, host: &str, port: u16, site: &str, repo: &str, commit:
         secrets_hash: None,
         health_check: None,
         rollback: false,
+        confirm_timeout_seconds: 30,
         timeout_seconds: 60,
         enqueued_at: chrono::Utc::now(),
     }

@@ -1,0 +1,277 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! Updates against real Nix on namespaced test hosts (real sshd, real sudo, Debian's Nix; see
+//! `nio_loadtest::testhost` for what stands in for systemd): build, profile, switch-to-configuration under the
+//! activation unit, confirmation over a new connection, and the host's own rollback.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use nio_loadtest::testhost::{HostOptions, SystemRepo, TestHost};
+use nio_shared::config::{ExecutorConfig, RemotePaths, SiteLimits};
+use nio_shared::protocol::{Action, FailureCategory, Job, Phase, StatusEvent};
+
+const T: Duration = Duration::from_secs(90);
+
+/// One executor, a NATS server, a repository of fixture systems and the identities the hosts authorize.
+struct Rig {
+    _nats: NatsServer,
+    bus: Bus,
+    repo: SystemRepo,
+    dir: tempfile::TempDir,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn identities(dir: &Path) -> PathBuf {
+    let ids = dir.join("identities");
+    if !ids.join("default").exists() {
+        std::fs::create_dir_all(&ids).unwrap();
+        nio_loadtest::procs::keygen(&ids.join("default")).unwrap();
+    }
+    ids
+}
+
+fn executor_config() -> ExecutorConfig {
+    ExecutorConfig {
+        sites: vec![SiteLimits { name: "dc1".into(), max_in_flight: 8, connect_rate: 1000.0, burst: 100 }],
+        ack_wait_seconds: 10,
+        max_deliver: 3,
+        backoff_seconds: vec![1],
+        job_timeout_seconds: 120,
+        lock_ttl_seconds: 6,
+        stream_replicas: 1,
+        remote: RemotePaths::default(),
+    }
+}
+
+fn executor_settings(dir: &Path, nats: &NatsServer, id: &str) -> nio_executor::Settings {
+    nio_executor::Settings {
+        nats_url: nats.url(),
+        nats_creds: None,
+        config: executor_config(),
+        identities_dir: identities(dir),
+        git_credentials_dir: None,
+        cache_dir: dir.join(format!("cache-{id}")),
+        executor_id: id.into(),
+        seal_key_file: None,
+        metrics_addr: None,
+        health_addr: None,
+        host_key_policy: nio_executor::ssh::HostKeyPolicy::Tofu,
+        kexec_tarball: None,
+        connect_timeout: Duration::from_secs(2),
+        ssh_keepalive: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(30),
+    }
+}
+
+impl Rig {
+    async fn start() -> Rig {
+        let nats = NatsServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let repo = SystemRepo::create(dir.path()).unwrap();
+        let bus = Bus::connect(&nats).await;
+        let (stop, task) = spawn_executor(executor_settings(dir.path(), &nats, "e1"));
+        Rig { _nats: nats, bus, repo, dir, stop, task }
+    }
+
+    fn host(&self, sudo: bool) -> TestHost {
+        let opts = HostOptions { sudo, identities: Some(identities(self.dir.path())), ..Default::default() };
+        TestHost::start(&opts).expect("test host (needs root, iproute2, nix-bin: make setup)")
+    }
+
+    /// A job applying configuration `attr` at `commit` to `host` (as root, action switch).
+    fn job(&self, machine: &str, host: &TestHost, attr: &str, commit: &str, n: u32) -> Job {
+        let mut j = job(machine, &host.addr, 22, "dc1", &self.repo.url(), commit);
+        j.id = nio_shared::protocol::JobId::new("test", "default", machine, &format!("{commit}/{n}"), Action::Switch);
+        j.source.as_mut().unwrap().flake_attr = attr.into();
+        j.confirm_timeout_seconds = 5;
+        j.timeout_seconds = 60;
+        j
+    }
+
+    async fn run(&mut self, j: &Job) -> StatusEvent {
+        self.bus.seen.retain(|e| e.machine != j.machine);
+        self.bus.publish(j).await;
+        self.bus.final_of(&j.machine, T).await
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_builds_with_real_nix_sets_the_profile_and_is_confirmed_over_a_new_connection() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    let initial = host.current_system().unwrap();
+    let commit = rig.repo.bump().unwrap();
+    let j = rig.job("web-01", &host, "web", &commit, 1);
+    let done = rig.run(&j).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let system = host.current_system().unwrap();
+    assert!(system.ends_with("-nixos-system-web-2"), "{system}");
+    assert_eq!(done.system.as_deref(), Some(system.as_str()), "status reports what runs");
+    assert_eq!(done.commit.as_deref(), Some(commit.as_str()));
+    assert_eq!(done.nixos_version.as_deref(), Some("25.05.1"), "the version read before the switch");
+    assert_eq!(host.generations(), vec![1, 2], "a new generation of the system profile");
+    assert_eq!(host.resolve("/nix/var/nix/profiles/system").as_deref(), Some(system.as_str()));
+    assert_eq!(host.boot_default().as_deref(), Some(system.as_str()), "the boot loader boots it next");
+    assert_ne!(system, initial);
+    let acts = host.activations();
+    assert_eq!(acts, vec![("switch".to_string(), system.clone()), ("end".to_string(), "0".to_string())], "{acts:?}");
+    let marker = std::fs::read_to_string(host.path("/var/lib/nio/applied")).unwrap();
+    assert!(marker.trim().ends_with(&format!(" {system}")), "{marker}");
+
+    // The same target again (a new job): nothing built or activated.
+    let again = rig.job("web-01", &host, "web", &commit, 2);
+    let done = rig.run(&again).await;
+    assert_eq!(done.phase, Phase::Skipped, "{done:?}");
+    assert_eq!(host.activations().len(), 2);
+    assert_eq!(host.generations(), vec![1, 2]);
+    rig.stop().await;
+}
+
+/// Exit 1 (25.05's activation failure) and exit 4 (failed units) are activation failures, not build
+/// failures: with autoRollback the host goes back to what ran before, the boot default included, and the
+/// failed generation is gone; without it the job fails and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_failures_roll_back_on_the_host_and_build_failures_do_not_activate() {
+    let mut rig = Rig::start().await;
+    let (a, b, c) = (rig.host(true), rig.host(true), rig.host(true));
+    let initial = a.current_system().unwrap();
+    rig.repo.configure("exit1", "exit1").unwrap();
+    let commit = rig.repo.configure("exit4", "exit4").unwrap();
+    for (host, attr) in [(&a, "exit1"), (&b, "exit4")] {
+        let mut j = rig.job(attr, host, attr, &commit, 1);
+        j.rollback = true;
+        let done = rig.run(&j).await;
+        assert_eq!(
+            (done.phase, done.category),
+            (Phase::RolledBack, Some(FailureCategory::ActivationFailed)),
+            "{attr}: {done:?}"
+        );
+        let code = if attr == "exit1" { "1" } else { "4" };
+        assert!(done.message.as_deref().unwrap().contains(&format!("exited with status {code}")), "{done:?}");
+        assert_eq!(host.current_system().as_deref(), Some(initial.as_str()), "{attr}: what ran before runs");
+        assert_eq!(host.boot_default().as_deref(), Some(initial.as_str()), "{attr}: and boots next");
+        assert_eq!(host.generations(), vec![1], "{attr}: the failed generation is deleted");
+        assert!(!host.path("/var/lib/nio/applied").exists(), "{attr}: nothing recorded as applied");
+    }
+    // Without autoRollback: a failure, the system left as the activation left it.
+    let j = rig.job("exit4-keep", &c, "exit4", &commit, 1);
+    let done = rig.run(&j).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::ActivationFailed)), "{done:?}");
+    assert!(c.current_system().unwrap().contains("nixos-system-exit4"));
+
+    // A build failure: nothing activated, the log says why.
+    let broken = rig.repo.write("build.sh", "echo 'error: attribute missing' >&2; exit 1\n").unwrap();
+    let before = a.activations().len();
+    let done = rig.run(&rig.job("broken", &a, "web", &broken, 1)).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::BuildFailed)), "{done:?}");
+    assert!(done.log_tail.iter().any(|l| l.contains("error: attribute missing")), "{:?}", done.log_tail);
+    assert_eq!(a.activations().len(), before);
+    rig.stop().await;
+}
+
+/// The dead-man's switch: an activation that takes the network down (or breaks new logins) cannot be
+/// confirmed over a new connection, so the host rolls itself back and is reachable again; the status says
+/// why, and it is a rollback, never a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activations_that_cut_the_network_or_break_logins_are_rolled_back_by_the_host_itself() {
+    let mut rig = Rig::start().await;
+    let (a, b) = (rig.host(true), rig.host(true));
+    let initial = a.current_system().unwrap();
+    rig.repo.configure("cut", "cut-network").unwrap();
+    let commit = rig.repo.configure("nologin", "break-login").unwrap();
+    for (host, attr) in [(&a, "cut"), (&b, "nologin")] {
+        let mut j = rig.job(attr, host, attr, &commit, 1);
+        j.rollback = true;
+        let started = std::time::Instant::now();
+        let done = rig.run(&j).await;
+        assert_eq!(
+            (done.phase, done.category),
+            (Phase::RolledBack, Some(FailureCategory::ActivationFailed)),
+            "{attr}: {done:?}"
+        );
+        assert!(done.message.as_deref().unwrap().contains("no confirmation"), "{attr}: {done:?}");
+        assert!(host.link_up(), "{attr}: the network is back");
+        assert_eq!(host.current_system().as_deref(), Some(initial.as_str()), "{attr}");
+        assert_eq!(host.boot_default().as_deref(), Some(initial.as_str()), "{attr}");
+        assert_eq!(host.generations(), vec![1], "{attr}");
+        assert!(started.elapsed() < Duration::from_secs(60), "{attr}: {:?}", started.elapsed());
+    }
+    rig.stop().await;
+}
+
+/// A non-root SSH user deploys through `sudo -n`; without passwordless sudo the job fails with
+/// PermissionDenied before anything changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_root_user_deploys_with_sudo_and_without_sudo_nothing_changes() {
+    let mut rig = Rig::start().await;
+    let (with, without) = (rig.host(true), rig.host(false));
+    let commit = rig.repo.bump().unwrap();
+    let mut j = rig.job("sudoer", &with, "web", &commit, 1);
+    j.endpoint.user = "deploy".into();
+    j.rollback = true;
+    let done = rig.run(&j).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert_eq!(with.generations(), vec![1, 2]);
+    assert!(with.current_system().unwrap().ends_with("nixos-system-web-2"));
+
+    let mut j = rig.job("no-sudo", &without, "web", &commit, 1);
+    j.endpoint.user = "deploy".into();
+    let done = rig.run(&j).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::PermissionDenied)), "{done:?}");
+    assert!(done.message.as_deref().unwrap().contains("sudo"), "{done:?}");
+    assert_eq!(without.generations(), vec![1]);
+    assert!(!without.path("/var/lib/nio").exists(), "nothing written");
+    rig.stop().await;
+}
+
+/// boot changes only the boot default; test activates without touching it and rolls back to the boot
+/// default on failure; dry-activate changes nothing. None of them reports the commit as running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_test_and_dry_activate_do_what_they_say() {
+    let mut rig = Rig::start().await;
+    let (a, b, c) = (rig.host(true), rig.host(true), rig.host(true));
+    let initial = a.current_system().unwrap();
+    rig.repo.configure("bad", "unhealthy").unwrap();
+    let commit = rig.repo.bump().unwrap();
+
+    let mut boot = rig.job("boot", &a, "web", &commit, 1);
+    boot.action = Action::Boot;
+    let done = rig.run(&boot).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert_eq!(done.system.as_deref(), Some(initial.as_str()), "what runs is still the initial system");
+    assert!(done.message.as_deref().unwrap().contains("after the next reboot"), "{done:?}");
+    assert_eq!(a.current_system().as_deref(), Some(initial.as_str()));
+    let next = a.boot_default().unwrap();
+    assert!(next.ends_with("nixos-system-web-2"), "{next}");
+    a.reboot().unwrap();
+    assert_eq!(a.current_system().as_deref(), Some(next.as_str()), "runs after a reboot");
+
+    let mut test = rig.job("test", &b, "bad", &commit, 1);
+    test.action = Action::Test;
+    test.rollback = true;
+    let done = rig.run(&test).await;
+    assert_eq!((done.phase, done.category), (Phase::RolledBack, Some(FailureCategory::HealthCheckFailed)), "{done:?}");
+    assert!(done.message.as_deref().unwrap().contains("nginx.service"), "{done:?}");
+    assert_eq!(b.current_system().as_deref(), Some(initial.as_str()), "the boot default re-activated");
+    assert_eq!(b.generations(), vec![1], "test never adds a generation");
+    let acts = b.activations();
+    assert_eq!(acts.iter().filter(|(a, _)| a == "test").count(), 2, "{acts:?}");
+    assert_eq!(acts.last().map(|(_, s)| s.as_str()), Some("0"));
+
+    let mut dry = rig.job("dry", &c, "web", &commit, 1);
+    dry.action = Action::DryActivate;
+    let done = rig.run(&dry).await;
+    assert_eq!((done.phase, done.system.as_deref()), (Phase::Succeeded, Some(initial.as_str())), "{done:?}");
+    assert_eq!(c.current_system().as_deref(), Some(initial.as_str()));
+    assert_eq!(c.generations(), vec![1]);
+    rig.stop().await;
+}
