@@ -21,6 +21,8 @@ pub struct File {
 pub struct State {
     pub current_system: String,
     pub boot_system: String,
+    /// What the machine booted (`/run/booted-system`).
+    pub booted_system: String,
     pub generations: Vec<String>,
     /// Booted into the kexec installer.
     pub in_installer: bool,
@@ -39,6 +41,20 @@ pub struct State {
     pub rebuilds: u64,
     /// Commits whose build fails on this machine (a change that breaks some hardware).
     pub broken_commits: BTreeSet<String>,
+    /// Activation state per job directory (what the activation unit leaves in `{stateDir}/jobs/{unit}`).
+    pub jobs: BTreeMap<String, SimJob>,
+}
+
+/// One job's activation on a simulated machine.
+#[derive(Debug, Clone)]
+pub struct SimJob {
+    pub toplevel: String,
+    pub boot_id: u64,
+    /// Before the activation: running, boot default, generations.
+    pub previous: (String, String, Vec<String>),
+    /// Waiting for the confirmation.
+    pub awaiting: bool,
+    pub result: Option<String>,
 }
 
 /// What a command returned.
@@ -61,11 +77,21 @@ fn fail(status: u32, stderr: impl Into<String>) -> Output {
 
 /// Commands that read their standard input (the server waits for EOF before running them).
 pub fn reads_stdin(argv: &[String]) -> bool {
+    let argv = unprivileged(argv);
     match argv.first().map(String::as_str) {
         Some("tee") => true,
         Some("tar") => true,
         Some("install") => argv.iter().any(|a| a == "/dev/stdin"),
+        Some("sh") => argv.get(3).map(String::as_str) == Some("nio-activate") && argv.get(6).map(String::as_str) == Some("tar"),
         _ => false,
+    }
+}
+
+/// The command under `sudo -n --` (simulated machines grant the SSH user sudo).
+fn unprivileged(argv: &[String]) -> &[String] {
+    match argv {
+        [sudo, n, dashes, rest @ ..] if sudo == "sudo" && n == "-n" && dashes == "--" => rest,
+        _ => argv,
     }
 }
 
@@ -83,6 +109,7 @@ impl State {
         State {
             current_system: sys.clone(),
             boot_system: sys.clone(),
+            booted_system: sys.clone(),
             generations: vec![sys],
             in_installer: false,
             installed: false,
@@ -95,6 +122,7 @@ impl State {
             down_until: None,
             rebuilds: 0,
             broken_commits: BTreeSet::new(),
+            jobs: BTreeMap::new(),
         }
     }
 
@@ -118,6 +146,7 @@ impl State {
                 self.installed = true;
                 self.current_system = sys.clone();
                 self.boot_system = sys.clone();
+                self.booted_system = sys.clone();
                 self.generations = vec![sys];
                 self.files.clear();
                 self.dirs.clear();
@@ -128,6 +157,7 @@ impl State {
             return;
         }
         self.current_system = self.boot_system.clone();
+        self.booted_system = self.boot_system.clone();
     }
 }
 
@@ -189,6 +219,36 @@ pub fn run(
             ok("")
         }
         ("mkdir", _) => fail(2, "mkdir: usage\n"),
+        ("tar", ["-x", "--no-same-owner", "--strip-components=1", "-f", "-", "-C", dir, "src"]) => {
+            let mut archive = tar::Archive::new(stdin);
+            let mut added = Vec::new();
+            let result = archive.entries().and_then(|entries| {
+                for e in entries {
+                    let mut e = e?;
+                    let path = e.path()?.to_string_lossy().into_owned();
+                    let Some(rest) = path.strip_prefix("src/") else { continue };
+                    let mut data = Vec::new();
+                    if e.header().entry_type().is_file() && e.size() <= 64 * 1024 {
+                        std::io::Read::read_to_end(&mut e, &mut data)?;
+                    }
+                    added.push((format!("{dir}/{rest}"), File { data, mode: e.header().mode().unwrap_or(0o644) }));
+                }
+                Ok(())
+            });
+            match result {
+                Ok(()) if state.dirs.contains(*dir) => {
+                    for (p, f) in added {
+                        if let Some((parent, _)) = p.rsplit_once('/') {
+                            state.dirs.insert(parent.to_string());
+                        }
+                        state.files.insert(p, f);
+                    }
+                    ok("")
+                }
+                Ok(()) => fail(2, format!("tar: {dir}: Cannot open: No such file or directory\n")),
+                Err(e) => fail(2, format!("tar: {e}\n")),
+            }
+        }
         ("tar", ["-x", "--no-same-owner", "-f", "-", "-C", dir]) => {
             if !state.dirs.contains(*dir) {
                 fail(2, format!("tar: {dir}: Cannot open: No such file or directory\n"))
@@ -245,84 +305,55 @@ pub fn run(
         ("nixos-facter", []) => ok(
             "{\"version\":1,\"system\":\"x86_64-linux\",\"virtualisation\":\"kvm\",\"hardware\":{\"cpu\":[{\"model_name\":\"Simulated CPU\",\"units\":8}],\"memory\":[{\"resources\":[{\"type\":\"phys_mem\",\"range\":17179869184}]}],\"disk\":[{\"unix_device_name\":\"/dev/vda\"}],\"network_interface\":[{\"unix_device_name\":\"eth0\"}]}}\n",
         ),
-        ("sh", ["-c", script, "nio-state", current, marker]) if *script == nio_shared::remote::STATE_SCRIPT => {
-            // What `sh` does with the script: each command, then its exit status on a line of its own.
-            let mut stdout = Vec::new();
-            let mut stderr = Vec::new();
-            for cmd in [vec!["nixos-version", "--json"], vec!["readlink", "-f", current], vec!["cat", marker]] {
-                let argv: Vec<String> = cmd.iter().map(|s| s.to_string()).collect();
-                let (o, _) = run(state, paths, behaviour, &argv, b"");
-                stdout.extend_from_slice(&o.stdout);
-                stdout.extend_from_slice(format!("\n@@nio-status {}\n", o.status).as_bytes());
-                if cmd[0] != "cat" {
-                    stderr.extend_from_slice(&o.stderr);
+        ("sudo", ["-n", "--", ..]) => return run(state, paths, behaviour, unprivileged(argv), stdin),
+        ("sh", ["-c", script, "nio-state", current, booted, marker, upload, job])
+            if *script == nio_shared::remote::STATE_SCRIPT =>
+        {
+            let read = |p: &str| state.files.get(p).map(|f| String::from_utf8_lossy(&f.data).into_owned());
+            let mut parts: Vec<(String, i32)> = vec![
+                (version_json(state), 0),
+                (state.current_system.clone(), if *current == paths.current_system { 0 } else { 1 }),
+                (state.booted_system.clone(), if *booted == paths.booted_system { 0 } else { 1 }),
+                (boot_id(state), 0),
+                read(marker).map_or((String::new(), 1), |m| (m, 0)),
+                read(upload).map_or((String::new(), 1), |m| (m, 0)),
+                ("0".into(), 0),
+                ("root".into(), 0),
+            ];
+            parts.push(match state.jobs.get(*job) {
+                Some(j) => {
+                    let mut t = format!("toplevel={}\nboot_id={}\nactivated=0\n", j.toplevel, boot_id_of(j.boot_id));
+                    if j.awaiting {
+                        t.push_str("awaiting=\n");
+                    }
+                    if let Some(r) = &j.result {
+                        t.push_str(&format!("result={r}\n"));
+                    }
+                    (t, 0)
                 }
+                None => (String::new(), 1),
+            });
+            let mut stdout = String::new();
+            for (text, status) in parts {
+                stdout.push_str(&format!("{text}\n\n@@nio-status {status}\n"));
             }
-            Output { status: 0, stdout, stderr, reboot: false }
+            ok(stdout)
+        }
+        (
+            "sh",
+            ["-c", script, "nio-activate", job, src, input, installable, action, _profile, _current, rollback, _confirm, _unit, secrets, _wrapper],
+        ) if *script == nio_shared::remote::ACTIVATE_SCRIPT => {
+            let took = behaviour.switch_latency.sample();
+            return (activate(state, behaviour, job, src, *input == "tar", installable, action, *rollback == "1", secrets, stdin), took);
+        }
+        ("sh", ["-c", script, "nio-confirm", job, marker, line, _current, check, _timeout, allow, _command @ ..])
+            if *script == nio_shared::remote::CONFIRM_SCRIPT =>
+        {
+            confirm(state, behaviour, job, marker, line, *check == "1", allow)
         }
         ("sh", ["-c", script]) if *script == crate::fleet::FACT_SCRIPT => ok(
             "system=x86_64-linux\ncpus=8\ncpu=Simulated CPU\nmemory=17179869184\ndisk=vda 53687091200\nnic=eth0 52:54:00:00:00:01\nvirt=kvm\n",
         ),
-        ("nixos-rebuild", ["switch", "--rollback"]) => {
-            if state.generations.len() < 2 {
-                fail(1, "error: no previous generation to roll back to\n")
-            } else {
-                state.generations.pop();
-                let prev = state.generations.last().cloned().unwrap_or_default();
-                state.current_system = prev.clone();
-                state.boot_system = prev;
-                ok("switching to the previous generation...\n")
-            }
-        }
-        ("nixos-rebuild", [action @ ("switch" | "boot" | "test" | "dry-activate"), "--flake", flake]) => {
-            let took = behaviour.switch_latency.sample();
-            let Some((dir, attr)) = flake.strip_prefix("path:").and_then(|f| f.split_once('#')) else {
-                return (fail(1, format!("error: invalid flake reference '{flake}'\n")), took);
-            };
-            if !state.files.contains_key(&format!("{dir}/flake.nix")) {
-                return (fail(1, format!("error: path '{dir}' does not contain a 'flake.nix'\n")), took);
-            }
-            state.rebuilds += 1;
-            let broken = state.broken_commits.iter().any(|c| dir.contains(c.as_str()));
-            if broken || chance(behaviour.failure_rate) {
-                return (
-                    Output {
-                        status: 1,
-                        stdout: b"building the system configuration...\n".to_vec(),
-                        stderr: format!(
-                            "error: builder for '/nix/store/x-nixos-system-{attr}.drv' failed with exit code 1\n"
-                        )
-                        .into_bytes(),
-                        reboot: false,
-                    },
-                    took,
-                );
-            }
-            let sys = store_path(flake, &format!("nixos-system-{attr}"));
-            match *action {
-                "switch" => {
-                    state.current_system = sys.clone();
-                    state.boot_system = sys.clone();
-                    state.generations.push(sys);
-                }
-                "boot" => {
-                    state.boot_system = sys.clone();
-                    state.generations.push(sys);
-                }
-                "test" => state.current_system = sys,
-                _ => {}
-            }
-            return (ok("building the system configuration...\nactivating the configuration...\n"), took);
-        }
-        ("nixos-rebuild", _) => fail(2, "nixos-rebuild: unknown action or flags\n"),
-        ("systemctl", ["is-system-running", "--wait"]) => {
-            if chance(behaviour.unhealthy_rate) {
-                Output { status: 1, stdout: b"degraded\n".to_vec(), ..Default::default() }
-            } else {
-                ok("running\n")
-            }
-        }
-        ("systemctl", _) => fail(1, "systemctl: unsupported in the simulator\n"),
         ("/root/kexec/run", []) => {
             if !state.files.keys().any(|f| f.starts_with("/root/kexec/")) {
                 fail(127, "sh: /root/kexec/run: not found\n")
@@ -362,9 +393,139 @@ pub fn run(
     (out, quick)
 }
 
+fn version_json(state: &State) -> String {
+    format!(
+        "{{\"nixosVersion\":\"25.05.20261101.abcdef0\",\"nixpkgsRevision\":\"abcdef0\",\"configurationRevision\":null,\"installer\":{}}}",
+        state.in_installer
+    )
+}
+
+fn boot_id_of(n: u64) -> String {
+    format!("00000000-0000-4000-8000-{n:012x}")
+}
+
+fn boot_id(state: &State) -> String {
+    boot_id_of(state.boot_id)
+}
+
+/// What [`nio_shared::remote::ACTIVATE_SCRIPT`] does: unpack, build, profile, activate; settles at once
+/// except for the confirmation.
+#[allow(clippy::too_many_arguments)]
+fn activate(
+    state: &mut State,
+    behaviour: &Behaviour,
+    job: &str,
+    src: &str,
+    upload: bool,
+    installable: &str,
+    action: &str,
+    rollback: bool,
+    secrets: &str,
+    stdin: &[u8],
+) -> Output {
+    let mut out = String::new();
+    if upload {
+        let mut archive = tar::Archive::new(stdin);
+        let mut added = Vec::new();
+        let result = archive.entries().and_then(|entries| {
+            for e in entries {
+                let mut e = e?;
+                let path = e.path()?.to_string_lossy().into_owned();
+                let mode = e.header().mode().unwrap_or(0o644);
+                let mut data = Vec::new();
+                if e.header().entry_type().is_file() && e.size() <= 64 * 1024 {
+                    std::io::Read::read_to_end(&mut e, &mut data)?;
+                }
+                let to = if let Some(rest) = path.strip_prefix("src/") {
+                    format!("{src}/{rest}")
+                } else if let Some(rest) = path.strip_prefix("secrets/") {
+                    format!("{secrets}/{rest}")
+                } else {
+                    continue;
+                };
+                added.push((to, File { data, mode }));
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            return Output { status: 3, stdout: format!("tar: {e}\n@@nio failed upload\n").into_bytes(), ..Default::default() };
+        }
+        for (p, f) in added {
+            if let Some((parent, _)) = p.rsplit_once('/') {
+                state.dirs.insert(parent.to_string());
+            }
+            state.files.insert(p, f);
+        }
+    }
+    let Some((dir, attr)) = installable.strip_prefix("path:").and_then(|f| f.split_once('#')) else {
+        return Output { status: 3, stdout: format!("error: invalid flake reference '{installable}'\n@@nio failed build\n").into_bytes(), ..Default::default() };
+    };
+    let attr = attr.trim_start_matches("nixosConfigurations.").split('.').next().unwrap_or("x");
+    if !state.files.contains_key(&format!("{dir}/flake.nix")) {
+        out.push_str(&format!("error: path '{dir}' does not contain a 'flake.nix'\n@@nio failed build\n"));
+        return Output { status: 3, stdout: out.into_bytes(), ..Default::default() };
+    }
+    state.rebuilds += 1;
+    let broken = state.broken_commits.iter().any(|c| dir.contains(c.as_str()));
+    if broken || chance(behaviour.failure_rate) {
+        out.push_str(&format!("error: builder for '/nix/store/x-nixos-system-{attr}.drv' failed with exit code 1\n@@nio failed build\n"));
+        return Output { status: 3, stdout: out.into_bytes(), ..Default::default() };
+    }
+    let top = store_path(installable, &format!("nixos-system-{attr}"));
+    let previous = (state.current_system.clone(), state.boot_system.clone(), state.generations.clone());
+    if matches!(action, "switch" | "boot") {
+        state.generations.push(top.clone());
+        state.boot_system = top.clone();
+    }
+    if matches!(action, "switch" | "test") {
+        state.current_system = top.clone();
+    }
+    let awaiting = rollback && matches!(action, "switch" | "test");
+    let result = (!awaiting).then(|| "done".to_string());
+    out.push_str(&format!("@@nio toplevel {top}\n@@nio activated 0\n"));
+    if let Some(r) = &result {
+        out.push_str(&format!("@@nio result {r}\n"));
+    }
+    state.jobs.insert(job.to_string(), SimJob { toplevel: top, boot_id: state.boot_id, previous, awaiting, result });
+    ok(out)
+}
+
+/// What [`nio_shared::remote::CONFIRM_SCRIPT`] does: health (failed units by `unhealthyRate`), then confirm or
+/// roll back.
+fn confirm(state: &mut State, behaviour: &Behaviour, job: &str, marker: &str, line: &str, check: bool, allow: &str) -> Output {
+    let Some(mut j) = state.jobs.get(job).cloned() else {
+        return Output { status: 3, stdout: b"@@nio failed nojob\n".to_vec(), ..Default::default() };
+    };
+    let mut health = "skipped".to_string();
+    if j.result.is_none() || j.result.as_deref() == Some("done") {
+        let unit = "sim-flaky.service";
+        let failed = check && chance(behaviour.unhealthy_rate) && !allow.split(' ').any(|u| u == unit);
+        health = if failed { "failed 1".into() } else { "ok".into() };
+        if j.result.is_none() {
+            if failed {
+                let (cur, boot, gens) = j.previous.clone();
+                state.current_system = cur;
+                state.boot_system = boot;
+                state.generations = gens;
+                j.result = Some(format!("rolled-back health check failed: failed units: {unit}"));
+            } else {
+                j.result = Some("confirmed".into());
+            }
+            j.awaiting = false;
+        }
+    }
+    let result = j.result.clone().unwrap_or_default();
+    if matches!(result.as_str(), "confirmed" | "done") && !health.starts_with("failed") && !marker.is_empty() {
+        state.files.insert(marker.to_string(), File { data: format!("{line}\n").into_bytes(), mode: 0o644 });
+    }
+    state.jobs.insert(job.to_string(), j);
+    ok(format!("@@nio health {health}\n@@nio result {result}\n@@nio system {}\n", state.current_system))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nio_shared::remote::{Activation, Commands, Confirmation, MachineState, Records};
 
     fn state() -> State {
         State::new("t", PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap())
@@ -381,47 +542,77 @@ mod tests {
         let (out, _) = run(&mut s, &p, &b, &argv(&["rm", "-rf", "/"]), b"");
         assert_eq!(out.status, 127);
         assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
-        let (out, _) =
-            run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--fast", "--flake", "path:/x#web"]), b"");
-        assert_eq!(out.status, 2, "unknown nixos-rebuild flag");
-        let (out, _) = run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--flake", "path:/nowhere#web"]), b"");
-        assert_eq!(out.status, 1, "no flake.nix at the path");
+        let (out, _) = run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--flake", "path:/x#web"]), b"");
+        assert_eq!(out.status, 127, "NIO never runs nixos-rebuild on a machine");
         let (out, _) =
             run(&mut s, &p, &b, &argv(&["tar", "-x", "--no-same-owner", "-f", "-", "-C", "/nowhere"]), b"junk");
         assert_eq!(out.status, 2);
     }
 
+    fn activation(c: &Commands, unit: &str, src: &str, installable: &str, action: &str, rollback: bool) -> Vec<String> {
+        c.activate(&Activation {
+            unit,
+            src_dir: src,
+            upload: true,
+            installable,
+            action,
+            rollback,
+            confirm_seconds: 30,
+        })
+    }
+
     #[test]
-    fn an_uploaded_tree_can_be_switched_to_and_rolled_back() {
-        let (p, b) =
-            (RemotePaths::default(), Behaviour { switch_latency: "0ms".parse().unwrap(), ..Default::default() });
+    fn an_uploaded_tree_is_built_activated_and_confirmed_or_rolled_back() {
+        let p = RemotePaths::default();
+        let c = Commands { paths: p.clone() };
+        let b = Behaviour { switch_latency: "0ms".parse().unwrap(), ..Default::default() };
         let mut s = state();
         let before = s.current_system.clone();
         let mut tar = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_gnu();
-        h.set_size(3);
-        h.set_mode(0o644);
-        tar.append_data(&mut h, "flake.nix", &b"{ }"[..]).unwrap();
+        for (path, data, mode) in [("src/flake.nix", &b"{ }"[..], 0o644), ("secrets/k", &b"secret"[..], 0o400)] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(mode);
+            tar.append_data(&mut h, path, data).unwrap();
+        }
         let tar = tar.into_inner().unwrap();
-        run(&mut s, &p, &b, &argv(&["mkdir", "-p", "/var/lib/nio/src/abc"]), b"");
-        let (out, _) = run(
-            &mut s,
-            &p,
-            &b,
-            &argv(&["tar", "-x", "--no-same-owner", "-f", "-", "-C", "/var/lib/nio/src/abc"]),
-            &tar,
-        );
-        assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stderr));
-        let (out, _) =
-            run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--flake", "path:/var/lib/nio/src/abc#web"]), b"");
-        assert_eq!(out.status, 0);
-        assert!(s.current_system.ends_with("nixos-system-web") && s.current_system != before);
-        let (out, _) = run(&mut s, &p, &b, &argv(&["readlink", "-f", "/run/current-system"]), b"");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), s.current_system);
-        run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--rollback"]), b"");
+        let src = "/var/lib/nio/src/abc";
+        let installable = c.toplevel("abc", None, "web");
+        // Without a flake at the path the build fails and nothing changes.
+        let (out, _) = run(&mut s, &p, &b, &activation(&c, "nio-1", src, &installable.replace("abc", "xyz"), "switch", true), &tar);
+        assert_eq!(out.status, 3);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("@@nio failed build"));
         assert_eq!(s.current_system, before);
-        let (out, _) =
-            run(&mut s, &p, &b, &argv(&["install", "-D", "-m", "0400", "/dev/stdin", "/run/nio/secrets/k"]), b"secret");
-        assert_eq!((out.status, s.files["/run/nio/secrets/k"].mode), (0, 0o400));
+        // Through sudo, as a non-root SSH user would.
+        let argv = Commands::privileged("deploy", activation(&c, "nio-2", src, &installable, "switch", true));
+        assert!(reads_stdin(&argv));
+        let (out, _) = run(&mut s, &p, &b, &argv, &tar);
+        let rec = Records::parse(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!((out.status, rec.get("result")), (0, None), "waiting for the confirmation: {rec:?}");
+        assert!(s.current_system.ends_with("nixos-system-web") && s.current_system != before);
+        assert_eq!(s.files["/var/lib/nio/secrets/k"].mode, 0o400);
+        let st = MachineState::parse(&String::from_utf8_lossy(&run(&mut s, &p, &b, &c.state(src, "nio-2"), b"").0.stdout)).unwrap();
+        assert!(st.attempt.as_ref().is_some_and(|a| a.awaiting), "{st:?}");
+        let confirm = |unit, marker| Confirmation {
+            unit,
+            marker,
+            health: true,
+            health_timeout: 10,
+            allowed_units: &[],
+            command: &[],
+        };
+        let (out, _) = run(&mut s, &p, &b, &c.confirm(&confirm("nio-2", Some("id sys"))), b"");
+        let rec = Records::parse(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(rec.get("result"), Some("confirmed"));
+        assert_eq!(s.files["/var/lib/nio/applied"].data, b"id sys\n");
+        // An unhealthy machine rolls back to what ran before.
+        let sick = Behaviour { unhealthy_rate: 1.0, ..b.clone() };
+        let running = s.current_system.clone();
+        let (out, _) = run(&mut s, &p, &sick, &activation(&c, "nio-3", src, &c.toplevel("abc", None, "db"), "switch", true), &tar);
+        assert_eq!(out.status, 0);
+        let (out, _) = run(&mut s, &p, &sick, &c.confirm(&confirm("nio-3", None)), b"");
+        let rec = Records::parse(&String::from_utf8_lossy(&out.stdout));
+        assert!(rec.get("result").unwrap().starts_with("rolled-back health check failed"), "{rec:?}");
+        assert_eq!(s.current_system, running);
     }
 }
