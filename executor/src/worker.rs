@@ -403,7 +403,7 @@ impl Executor {
             Action::Probe | Action::Scan => {
                 actions::run(&conn, &host, &ctx).instrument(tracing::info_span!("probe")).await
             }
-            // update spans (upload, nixos-rebuild, health, rollback) are children of job.execute
+            // update spans (activate, health) are children of job.execute
             _ => actions::run(&conn, &host, &ctx).await,
         };
         host.close().await;

@@ -108,7 +108,7 @@ struct RunArgs {
     clusters: usize,
     #[arg(long, default_value_t = 2)]
     executors: usize,
-    /// nixos-rebuild duration: `200ms`, `100ms..300ms` or `exp:200ms`.
+    /// Activation duration (build + switch-to-configuration): `200ms`, `100ms..300ms` or `exp:200ms`.
     #[arg(long, default_value = "200ms")]
     switch_latency: nio_loadtest::fleet::Latency,
     /// Probability that a machine's build fails.

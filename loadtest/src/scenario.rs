@@ -197,7 +197,7 @@ pub struct Report {
     pub halted: bool,
     /// Each wave at the end (summed over clusters).
     pub waves: Vec<WaveReport>,
-    /// Machines that ran no nixos-rebuild during the measured rollout, by the machines' own records.
+    /// Machines that ran no activation during the measured rollout, by the machines' own records.
     pub untouched: usize,
     /// Machines back at the warm-up commit after running the measured one (RollbackAndHalt).
     pub rolled_back: usize,
@@ -903,7 +903,7 @@ async fn analyse(
     let (halted, waves) = r.waves().await?;
     let ops_now = r.fleet.recorder.ops.lock().map(|o| o.clone()).unwrap_or_default();
     let touched: std::collections::BTreeSet<usize> =
-        ops_now.iter().filter(|o| o.program == "nixos-rebuild").map(|o| o.machine).collect();
+        ops_now.iter().filter(|o| o.program == "nio-activate").map(|o| o.machine).collect();
     let untouched = s.machines.saturating_sub(touched.len());
     let rolled_back = r.back_at(&r.first_commit, &touched).await?;
     // A halted rollout leaves the waves after the failed one alone, and with RollbackAndHalt returns the failed
@@ -1211,7 +1211,7 @@ pub mod invariants {
             Op {
                 machine,
                 site,
-                program: "nixos-rebuild".into(),
+                program: "nio-activate".into(),
                 start: t0 + Duration::from_millis(from_ms),
                 end: t0 + Duration::from_millis(to_ms),
                 status: 0,

@@ -146,8 +146,7 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
         "lock",
         "ratelimit.wait",
         "ssh.connect",
-        "upload",
-        "nixos-rebuild",
+        "activate",
         "health",
         "status.publish",
         "status.apply",
@@ -163,7 +162,7 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
     assert_eq!(exec.service, "nio-executor");
     let reconcile = by_id.get(publish.parent.as_str()).unwrap();
     assert_eq!(reconcile.name, "reconcile");
-    for step in ["lock", "ratelimit.wait", "ssh.connect", "upload", "nixos-rebuild", "health"] {
+    for step in ["lock", "ratelimit.wait", "ssh.connect", "activate", "health"] {
         let s = trace.iter().find(|s| s.name == step && s.parent == exec.id);
         assert!(s.is_some(), "{step} is not a child of job.execute");
     }

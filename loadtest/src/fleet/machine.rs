@@ -87,6 +87,16 @@ pub fn reads_stdin(argv: &[String]) -> bool {
     }
 }
 
+/// What a recorded operation is called: the script's name for NIO's scripts (`nio-activate`, `nio-confirm`,
+/// `nio-state`), else the program.
+pub fn op_name(argv: &[String]) -> String {
+    let argv = unprivileged(argv);
+    match argv {
+        [sh, c, _, name, ..] if sh == "sh" && c == "-c" && name.starts_with("nio-") => name.clone(),
+        _ => argv.first().cloned().unwrap_or_default(),
+    }
+}
+
 /// The command under `sudo -n --` (simulated machines grant the SSH user sudo).
 fn unprivileged(argv: &[String]) -> &[String] {
     match argv {

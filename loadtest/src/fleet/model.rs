@@ -64,7 +64,7 @@ impl Latency {
 /// How a machine behaves.
 #[derive(Debug, Clone)]
 pub struct Behaviour {
-    /// Duration of `nixos-rebuild` (build + activation).
+    /// Duration of an activation (build, profile, switch-to-configuration).
     pub switch_latency: Latency,
     /// Probability that a build fails.
     pub failure_rate: f64,

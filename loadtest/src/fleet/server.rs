@@ -104,7 +104,7 @@ impl Conn {
                 ops.push(Op {
                     machine: m.index,
                     site: m.site,
-                    program: argv.first().cloned().unwrap_or_default(),
+                    program: machine::op_name(&argv),
                     start,
                     end,
                     status: out.status,
