@@ -127,9 +127,20 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
             return confirm(conn, ctx, &st, &unit, Some(id.as_str()), None).await;
         }
         Ok(out) => out,
-        // The connection dropped or the step ran out of time: the activation may be running on the machine
-        // (a network-cutting configuration does exactly this). Find out over a new connection.
-        Err(e) if e.is_transient() || matches!(e, Error::Timeout { .. }) => {
+        // Out of time: say whether the build or the activation hung (the unit exists once activation began).
+        Err(Error::Timeout { after, .. }) => {
+            let step = match conn.connect(ctx.host_key).await {
+                Ok(h) => match read_state(&h, ctx, &src_dir, &unit).await {
+                    Ok(now) if now.attempt.as_ref().is_some_and(|a| a.boot_id.is_some()) => Step::Activate,
+                    _ => Step::Build,
+                },
+                Err(_) => Step::Build,
+            };
+            return Err(Error::Timeout { step, after });
+        }
+        // The connection dropped: the activation may be running on the machine (a network-cutting
+        // configuration does exactly this). Find out over a new connection.
+        Err(e) if e.is_transient() => {
             ctx.progress.step(Step::Activate, format!("lost the machine during activation ({e}); reconnecting")).await;
             return confirm(conn, ctx, &st, &unit, Some(id.as_str()), None).await;
         }

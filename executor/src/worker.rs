@@ -313,7 +313,7 @@ impl Executor {
         actions::check_job(&job).map_err(Failed)?;
         let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
         rep.event(Phase::Started, None, None, String::new()).await;
-        let timeout = self.job_timeout(&job);
+        let timeout = self.job_deadline(&job);
         let work = self.clone().locked(site, &job, &rep, timeout);
         let result = tokio::select! {
             r = tokio::time::timeout(timeout, work) => match r {
@@ -325,10 +325,23 @@ impl Executor {
         result
     }
 
-    /// The job's own timeout, else the executor's default.
+    /// The job's own timeout, else the executor's default: what building and activating may take.
     fn job_timeout(&self, job: &Job) -> Duration {
         let secs = if job.timeout_seconds > 0 { job.timeout_seconds } else { self.cfg.job_timeout_seconds };
         Duration::from_secs(secs)
+    }
+
+    /// The whole job's bound: build and activation, then the confirmation window and the health check, each
+    /// bounded on its own (docs/remote-protocol.md).
+    fn job_deadline(&self, job: &Job) -> Duration {
+        let after = match job.action {
+            Action::Switch | Action::Test | Action::Remove => {
+                let health = job.health_check.as_ref().map_or(300, |h| h.timeout_seconds);
+                u64::from(job.confirm_timeout_seconds) + u64::from(health) + 60
+            }
+            _ => 0,
+        };
+        self.job_timeout(job) + Duration::from_secs(after)
     }
 
     async fn locked(self: Arc<Self>, site: &str, job: &Job, rep: &Reporter, timeout: Duration) -> Result<Outcome> {

@@ -369,6 +369,27 @@ impl TestHost {
             .collect()
     }
 
+    /// When each activation ran (switch-to-configuration's start and end, seconds since the epoch).
+    pub fn activation_spans(&self) -> Vec<(f64, f64)> {
+        let text = std::fs::read_to_string(self.path("/var/lib/fixture/activations.log")).unwrap_or_default();
+        let mut open: Vec<(String, f64)> = Vec::new();
+        let mut spans = Vec::new();
+        for l in text.lines() {
+            let p: Vec<&str> = l.split_whitespace().collect();
+            let (Some(t), Some(pid), Some(kind)) = (p.first().and_then(|t| t.parse::<f64>().ok()), p.get(1), p.get(2))
+            else {
+                continue;
+            };
+            if *kind == "start" {
+                open.push((pid.to_string(), t));
+            } else if let Some(i) = open.iter().position(|(q, _)| q == pid) {
+                spans.push((open.remove(i).1, t));
+            }
+        }
+        spans.extend(open.into_iter().map(|(_, t)| (t, f64::MAX)));
+        spans
+    }
+
     /// Whether eth0 inside the host is up.
     pub fn link_up(&self) -> bool {
         ip(&["-n", &self.netns, "-br", "link", "show", "eth0"]).is_ok_and(|s| !s.contains("DOWN"))
