@@ -355,7 +355,7 @@ async fn upload_tree_only<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -
         }
     }
     let digest = source::digest(&src.commit, &extra);
-    let tar = source::stream(Some(&tree), &extra, &digest, &[])?;
+    let tar = source::stream(Some(&tree), src.subdir.as_deref(), &extra, &digest, &[])?;
     let dir = ctx.cmds.src_dir(&src.commit);
     host::run(host, Step::Upload, ctx.cmds.mkdir(&dir), None, ctx.quick).await?;
     let size = tar.len();

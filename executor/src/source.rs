@@ -129,9 +129,19 @@ pub fn digest(commit: &str, extra: &[(String, Vec<u8>)]) -> String {
 }
 
 /// A job's stream for the activation script: the tree (when the machine does not have this upload yet) under
-/// `src/` with the `extra` files and, last, [`MARKER`] holding `digest`; then the secrets under `secrets/`,
-/// mode 0400, owned by root.
-pub fn stream(tree: Option<&[u8]>, extra: &[(String, Vec<u8>)], digest: &str, secrets: &[(String, Vec<u8>)]) -> Result<Vec<u8>> {
+/// `src/` with the `extra` files (relative to `subdir`, where the flake sees them) and, last, [`MARKER`]
+/// holding `digest`; then the secrets under `secrets/`, mode 0400, owned by root.
+pub fn stream(
+    tree: Option<&[u8]>,
+    subdir: Option<&str>,
+    extra: &[(String, Vec<u8>)],
+    digest: &str,
+    secrets: &[(String, Vec<u8>)],
+) -> Result<Vec<u8>> {
+    let base = match subdir.map(|s| s.trim_matches('/')) {
+        Some(s) if !s.is_empty() => format!("src/{s}/"),
+        _ => "src/".to_string(),
+    };
     let mut tar = Vec::with_capacity(tree.map_or(0, <[u8]>::len) + 4096);
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |path: &str, content: &[u8], mode: u32| {
@@ -145,7 +155,7 @@ pub fn stream(tree: Option<&[u8]>, extra: &[(String, Vec<u8>)], digest: &str, se
     };
     if tree.is_some() {
         for (path, content) in extra {
-            add(&format!("src/{path}"), content, 0o644)?;
+            add(&format!("{base}{path}"), content, 0o644)?;
         }
         add(&format!("src/{MARKER}"), digest.as_bytes(), 0o644)?;
     }

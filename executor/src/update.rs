@@ -99,7 +99,7 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         } else {
             None
         };
-        Some(source::stream(tree.as_deref().map(Vec::as_slice), &extra, &digest, &secrets)?)
+        Some(source::stream(tree.as_deref().map(Vec::as_slice), src.subdir.as_deref(), &extra, &digest, &secrets)?)
     } else {
         None
     };
@@ -244,7 +244,8 @@ async fn run_confirm<H: Host, P: Progress>(
     let c = Confirmation {
         unit,
         marker: marker.as_deref(),
-        health: hc.enabled,
+        // A removal switches to the onRemoveFlake system: its health is not the configuration's concern.
+        health: hc.enabled && job.action != Action::Remove,
         health_timeout: hc.timeout_seconds,
         allowed_units: &hc.allowed_failed_units,
         command: &hc.command,

@@ -133,6 +133,16 @@ async fn switch_builds_with_real_nix_sets_the_profile_and_is_confirmed_over_a_ne
     assert_eq!(done.phase, Phase::Skipped, "{done:?}");
     assert_eq!(host.activations().len(), 2);
     assert_eq!(host.generations(), vec![1, 2]);
+
+    // Three more commits: the machine keeps the two most recently used source trees.
+    for n in 3..6 {
+        let commit = rig.repo.bump().unwrap();
+        let done = rig.run(&rig.job("web-01", &host, "web", &commit, n)).await;
+        assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    }
+    let trees = std::fs::read_dir(host.path("/var/lib/nio/src")).unwrap().count();
+    assert_eq!(trees, 2, "source trees pruned");
+    assert_eq!(host.generations(), vec![1, 2, 3, 4, 5]);
     rig.stop().await;
 }
 

@@ -32,7 +32,7 @@ async fn switch_ships_the_exact_tree_and_files_and_skips_a_target_already_applie
     let mut j = job("web-01", &h.addr(0), 22, "dc1", &h.repo.url(), &commit);
     j.source.as_mut().unwrap().subdir = Some("hosts-flake".into());
     j.files = vec![nio_shared::protocol::FileEntry {
-        path: "hosts-flake/extra/motd.nix".into(),
+        path: "extra/motd.nix".into(),
         content: nio_shared::protocol::FileContent::Inline { content: "{ }\n".into() },
     }];
     bus.publish(&j).await;
@@ -53,7 +53,7 @@ async fn switch_ships_the_exact_tree_and_files_and_skips_a_target_already_applie
     let src = host.path(&format!("/var/lib/nio/src/{commit}"));
     let flake = std::fs::read_to_string(root.join("hosts-flake/flake.nix")).unwrap();
     assert_eq!(std::fs::read_to_string(src.join("hosts-flake/flake.nix")).unwrap(), flake, "the tree is there");
-    assert_eq!(std::fs::read_to_string(src.join("hosts-flake/extra/motd.nix")).unwrap(), "{ }\n", "files added");
+    assert_eq!(std::fs::read_to_string(src.join("hosts-flake/extra/motd.nix")).unwrap(), "{ }\n", "files land relative to the subdirectory");
     let marker = std::fs::read_to_string(src.join(".nio-complete")).unwrap();
     assert_eq!(marker.len(), 64, "the upload ends with its digest as the completion marker: {marker:?}");
     assert_eq!(std::fs::metadata(src.join("deploy.sh")).unwrap().permissions().mode() & 0o777, 0o755, "exec bit");

@@ -326,8 +326,9 @@ pub struct SecretKeyRef {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AdditionalFile {
-    /// Relative path. Inline and NixosFacter files land in the source tree; SecretRef files land under
-    /// /run/nio/secrets on the machine, mode 0400, never in the Nix store.
+    /// Relative path. Inline and NixosFacter files land in the source tree relative to configurationSubdir
+    /// (where the flake sees them); SecretRef files land under /var/lib/nio/secrets on the machine (directory
+    /// mode 0700, kept across reboots), mode 0400, never in the Nix store or the source tree.
     #[schemars(length(min = 1, max = 1024))]
     pub path: String,
     /// Where the content comes from.

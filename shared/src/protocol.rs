@@ -141,7 +141,7 @@ pub struct FileEntry {
     pub content: FileContent,
 }
 
-/// A secret file delivered to `/run/nio/secrets/{path}` with mode 0400.
+/// A secret file delivered to `/var/lib/nio/secrets/{path}` with mode 0400 (the executor's `remote.secretsDir`).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretFile {

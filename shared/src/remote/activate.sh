@@ -26,6 +26,8 @@ if [ "$input" = tar ]; then
   fi
   rm -rf "$in"
 fi
+# Mark the source tree as used (pruning keeps the most recently used ones).
+if [ -d "$src" ]; then touch "$src"; fi
 say step build
 if ! nix --extra-experimental-features 'nix-command flakes' build --no-update-lock-file \
     --out-link "$job/system" "$installable" > "$job/build.log" 2>&1; then
