@@ -135,7 +135,7 @@ async fn explain_and_server_side_validation(backend: Backend) {
     let out = k.ok(&["explain", "machine.spec.hostname"]).await;
     assert!(out.contains("DNS host name of the machine"), "{out}");
     let out = k.ok(&["explain", "nixosconfiguration.spec.action"]).await;
-    assert!(out.contains("nixos-rebuild action"), "{out}");
+    assert!(out.contains("switch-to-configuration's action"), "{out}");
 
     let bad = k.dir.path().join("bad.yaml");
     std::fs::write(&bad, "apiVersion: nixos.infra/v1alpha1\nkind: Machine\nmetadata: {name: bad, namespace: default}\nspec: {hostname: h, port: 70000}\n").unwrap();

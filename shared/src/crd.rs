@@ -550,7 +550,7 @@ pub struct NixosConfigurationSpec {
     #[schemars(length(max = 256))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["path"]))]
     pub additional_files: Vec<AdditionalFile>,
-    /// nixos-rebuild action used for updates.
+    /// What an update does (switch-to-configuration's action): switch, boot, test or dry-activate.
     #[serde(default)]
     pub action: RebuildAction,
     /// Rollout pacing across machines.
