@@ -110,9 +110,13 @@ async fn switch_builds_with_real_nix_sets_the_profile_and_is_confirmed_over_a_ne
     let host = rig.host(true);
     let initial = host.current_system().unwrap();
     let commit = rig.repo.bump().unwrap();
-    let j = rig.job("web-01", &host, "web", &commit, 1);
+    let mut j = rig.job("web-01", &host, "web", &commit, 1);
+    j.rollback = true;
     let done = rig.run(&j).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    // By sshd's own log: two connections (the job's and the confirmation's), three commands (state read;
+    // upload + build + activation; health + confirmation).
+    assert_eq!(host.ssh_counts(), (2, 3), "{}", host.sshd_log());
     let system = host.current_system().unwrap();
     assert!(system.ends_with("-nixos-system-web-2"), "{system}");
     assert_eq!(done.system.as_deref(), Some(system.as_str()), "status reports what runs");

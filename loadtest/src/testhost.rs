@@ -237,7 +237,7 @@ impl TestHost {
             "ListenAddress 0.0.0.0:22\nHostKey /etc/ssh/ssh_host_ed25519_key\n\
              AuthorizedKeysFile /etc/ssh/authorized_keys.d/%u\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-             PidFile /run/sshd.pid\nMaxStartups 200:30:400\nMaxSessions 200\nLogLevel ERROR\n",
+             PidFile /run/sshd.pid\nMaxStartups 200:30:400\nMaxSessions 200\nLogLevel VERBOSE\n",
         )?;
         for entry in std::fs::read_dir(stand_ins())? {
             let entry = entry?;
@@ -412,9 +412,17 @@ impl TestHost {
         boot(self.holder, self.dir.path())
     }
 
-    /// sshd's log (errors only).
+    /// sshd's log (level VERBOSE: one line per session and per command).
     pub fn sshd_log(&self) -> String {
         std::fs::read_to_string(self.path("/var/lib/sshd.log")).unwrap_or_default()
+    }
+
+    /// (SSH connections authenticated, exec channels run) so far, by sshd's own log.
+    pub fn ssh_counts(&self) -> (usize, usize) {
+        let log = self.sshd_log();
+        let logins = log.lines().filter(|l| l.contains("Accepted publickey")).count();
+        let commands = log.lines().filter(|l| l.contains("Starting session: command")).count();
+        (logins, commands)
     }
 }
 

@@ -32,9 +32,16 @@ impl Hosts {
         keygen(&ids.join("default")).unwrap();
         keygen(&ids.join("stranger")).unwrap();
         let opts = HostOptions { identities: Some(ids), ..Default::default() };
-        let hosts = (0..n)
-            .map(|_| TestHost::start(&opts).expect("test host (needs root, iproute2, nix-bin: make setup)"))
-            .collect();
+        // Four at a time: each is mostly waiting on ip, nsenter and a small nix build.
+        let mut hosts = Vec::with_capacity(n);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(4) {
+            std::thread::scope(|s| {
+                let started: Vec<_> = chunk.iter().map(|_| s.spawn(|| TestHost::start(&opts))).collect();
+                for h in started {
+                    hosts.push(h.join().unwrap().expect("test host (needs root, iproute2, nix-bin: make setup)"));
+                }
+            });
+        }
         let repo = SystemRepo::create(dir.path()).unwrap();
         Hosts { dir, hosts, repo }
     }
