@@ -1,6 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
-//! Full installs and removals against the fleet simulator, which implements the install command surface
-//! (kexec → disko → nix build → nixos-install → host key → reboot).
+//! The fleet simulator: full installs and removals (kexec → disko → nix build → nixos-install → host key →
+//! reboot), and the command contract it shares with real hosts.
 
 mod common;
 
@@ -114,6 +114,85 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     let done = bus.final_of("sim-0", Duration::from_secs(60)).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
     assert!(m.current_system().ends_with("nixos-system-decommissioned"), "{}", m.current_system());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// The command contract between the fleet simulator and real hosts: the same jobs (switch, the same target
+/// again, an unhealthy switch, boot) send the same sequence of commands to a namespaced real-Nix host and to a
+/// simulated machine, and end the same way on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_and_a_real_host_get_the_same_commands_and_end_the_same_way() {
+    use nio_loadtest::fleet::{Behaviour, op_name};
+    let nats = NatsServer::start().await.unwrap();
+    let h = Hosts::start(2);
+    let key = std::fs::read_to_string(h.identities().join("default.pub")).unwrap();
+    let key = russh::keys::PublicKey::from_openssh(key.trim()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fleet = |first: [u8; 4], unhealthy_rate: f64| {
+        Fleet::start(FleetOptions {
+            machines: 1,
+            port,
+            first_address: std::net::Ipv4Addr::from(first),
+            authorized: vec![key.clone()],
+            behaviour: Behaviour { switch_latency: "50ms".parse().unwrap(), unhealthy_rate, ..Default::default() },
+            ..Default::default()
+        })
+    };
+    let (healthy, sick) = (fleet([127, 4, 0, 1], 0.0).await.unwrap(), fleet([127, 4, 1, 1], 1.0).await.unwrap());
+    h.repo.configure("unhealthy", "unhealthy").unwrap();
+    let commit = h.commit();
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&h, &nats, config(&[("site-0", 4)]), "e1"));
+
+    let cases = [
+        ("switch", "web", Action::Switch, 0, &healthy),
+        ("again", "web", Action::Switch, 0, &healthy),
+        ("unhealthy", "unhealthy", Action::Switch, 1, &sick),
+        ("boot", "web", Action::Boot, 1, &sick),
+    ];
+    for (n, (case, attr, action, host, sim)) in cases.into_iter().enumerate() {
+        let real = &h.hosts[host];
+        let m = &sim.machines[0];
+        let mut outcomes = Vec::new();
+        let mut sequences = Vec::new();
+        for (machine, addr, port) in [
+            (format!("real-{host}"), real.addr.clone(), 22),
+            (format!("sim-{host}"), m.addr.ip().to_string(), m.addr.port()),
+        ] {
+            let before_real = real.commands().len();
+            let before_sim = sim.recorder.ops.lock().unwrap().len();
+            let mut j = job(&machine, &addr, port, "site-0", &h.repo.url(), &commit);
+            j.source.as_mut().unwrap().flake_attr = attr.into();
+            j.action = action;
+            j.rollback = true;
+            j.confirm_timeout_seconds = 10;
+            j.id = JobId::new("test", "default", &machine, &format!("{commit}/{n}"), action);
+            bus.seen.clear();
+            bus.publish(&j).await;
+            let done = bus.final_of(&machine, Duration::from_secs(60)).await;
+            outcomes.push((done.phase, done.category));
+            sequences.push(if machine.starts_with("real") {
+                real.commands()[before_real..].iter().map(|c| op_name(c)).collect::<Vec<_>>()
+            } else {
+                sim.recorder.ops.lock().unwrap()[before_sim..].iter().map(|o| o.program.clone()).collect()
+            });
+        }
+        assert_eq!(outcomes[0], outcomes[1], "{case}: real host vs simulator outcome");
+        assert_eq!(sequences[0], sequences[1], "{case}: real host vs simulator commands");
+        let expected: &[&str] = match case {
+            "again" => &["nio-state"],
+            "boot" => &["nio-state", "nio-activate"],
+            _ => &["nio-state", "nio-activate", "nio-confirm"],
+        };
+        assert_eq!(sequences[0], expected, "{case}");
+        let phase = match case {
+            "again" => Phase::Skipped,
+            "unhealthy" => Phase::RolledBack,
+            _ => Phase::Succeeded,
+        };
+        assert_eq!(outcomes[0].0, phase, "{case}: {outcomes:?}");
+    }
     stop.cancel();
     task.await.unwrap().unwrap();
 }

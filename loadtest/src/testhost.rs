@@ -8,7 +8,8 @@
 //! SSH disconnect does not stop it; refuses a second unit of the same name), `systemctl` (failed units,
 //! `is-active`) and `nixos-version`. The systems are the fixture flake in `fixtures/nixos-system/`: plain
 //! derivations that real Nix builds offline, shaped like a NixOS toplevel (`bin/switch-to-configuration`,
-//! `activate`, `nixos-version`). "Boot" is what NixOS stage 2 does for NIO's purposes: the boot loader's
+//! `activate`, `nixos-version`). sshd's `ForceCommand` is `nio-record`, which logs each command before running
+//! it with `sh -c` as the login shell would ([`TestHost::commands`]). "Boot" is what NixOS stage 2 does for NIO's purposes: the boot loader's
 //! default (`/boot/default`, written by `switch-to-configuration boot|switch`) becomes `/run/booted-system` and
 //! `/run/current-system` through its `activate` script, then sshd starts. [`TestHost::reboot`] kills every
 //! process of the host, empties `/run`, gives it a new `boot_id` and boots again.
@@ -237,7 +238,8 @@ impl TestHost {
             "ListenAddress 0.0.0.0:22\nHostKey /etc/ssh/ssh_host_ed25519_key\n\
              AuthorizedKeysFile /etc/ssh/authorized_keys.d/%u\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n\
-             PidFile /run/sshd.pid\nMaxStartups 200:30:400\nMaxSessions 200\nLogLevel VERBOSE\n",
+             PidFile /run/sshd.pid\nMaxStartups 200:30:400\nMaxSessions 200\nLogLevel VERBOSE\n\
+             ForceCommand /usr/local/bin/nio-record\n",
         )?;
         for entry in std::fs::read_dir(stand_ins())? {
             let entry = entry?;
@@ -246,6 +248,8 @@ impl TestHost {
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
         }
         std::fs::write(d.join("boot_id"), format!("{}\n", uuid::Uuid::new_v4()))?;
+        std::fs::write(d.join("var-lib/commands.log"), "")?;
+        std::fs::set_permissions(d.join("var-lib/commands.log"), std::fs::Permissions::from_mode(0o666))?;
         // Network: veth pair, 10.213.N.1 here, 10.213.N.2 (eth0) there.
         let outside = format!("nth{index}");
         // A previous holder's veth may outlive its namespace for a moment.
@@ -417,11 +421,21 @@ impl TestHost {
         std::fs::read_to_string(self.path("/var/lib/sshd.log")).unwrap_or_default()
     }
 
+    /// Every command the host received over SSH, as argument vectors (recorded by `nio-record`).
+    pub fn commands(&self) -> Vec<Vec<String>> {
+        std::fs::read(self.path("/var/lib/commands.log"))
+            .unwrap_or_default()
+            .split(|b| *b == 0)
+            .filter(|c| !c.is_empty())
+            .map(|c| shlex::split(&String::from_utf8_lossy(c)).unwrap_or_default())
+            .collect()
+    }
+
     /// (SSH connections authenticated, exec channels run) so far, by sshd's own log.
     pub fn ssh_counts(&self) -> (usize, usize) {
         let log = self.sshd_log();
         let logins = log.lines().filter(|l| l.contains("Accepted publickey")).count();
-        let commands = log.lines().filter(|l| l.contains("Starting session: command")).count();
+        let commands = log.lines().filter(|l| l.contains("Starting session: ")).count();
         (logins, commands)
     }
 }
