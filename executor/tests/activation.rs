@@ -289,3 +289,58 @@ async fn boot_test_and_dry_activate_do_what_they_say() {
     assert_eq!(c.generations(), vec![1]);
     rig.stop().await;
 }
+
+/// The applied marker holds the target's full identity: the same commit with other files, secrets, flake
+/// attribute or subdirectory applies again, and after a removal the same target applies again too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_part_of_the_target_identity_applies_again_and_a_removal_writes_no_marker() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    // A second copy of the flake in a subdirectory, and a second configuration.
+    let root = rig.repo.path.clone();
+    for f in ["flake.nix", "build.sh", "version", "hosts/web", "hosts/initial"] {
+        let to = root.join("alt").join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(root.join(f), to).unwrap();
+    }
+    let commit = rig.repo.configure("web2", "ok").unwrap();
+    let base = rig.job("m", &host, "web", &commit, 1);
+    let file = |content: &str| nio_shared::protocol::FileEntry {
+        path: "motd.nix".into(),
+        content: nio_shared::protocol::FileContent::Inline { content: content.into() },
+    };
+    let mut variants: Vec<(&str, Job)> = Vec::new();
+    variants.push(("first", base.clone()));
+    let mut j = base.clone();
+    j.files = vec![file("{ a = 1; }")];
+    variants.push(("a file", j.clone()));
+    j.files = vec![file("{ a = 2; }")];
+    variants.push(("its content", j.clone()));
+    j.secrets_hash = Some("sha256:other".into());
+    variants.push(("the secrets", j.clone()));
+    j.source.as_mut().unwrap().flake_attr = "web2".into();
+    variants.push(("the flake attribute", j.clone()));
+    j.source.as_mut().unwrap().subdir = Some("alt".into());
+    j.source.as_mut().unwrap().flake_attr = "web".into();
+    variants.push(("the subdirectory", j.clone()));
+    for (n, (what, j)) in variants.into_iter().enumerate() {
+        let mut j = j;
+        j.id = nio_shared::protocol::JobId::new("test", "default", "m", &format!("{commit}/{n}"), Action::Switch);
+        let done = rig.run(&j).await;
+        assert_eq!(done.phase, Phase::Succeeded, "changing {what} applies again: {done:?}");
+        j.id = j.id.retry(1);
+        let done = rig.run(&j).await;
+        assert_eq!(done.phase, Phase::Skipped, "the same target ({what}) again is skipped: {done:?}");
+    }
+    // A removal (onRemoveFlake: initial) writes no marker; applying the last target again is not skipped.
+    let marker = std::fs::read_to_string(host.path("/var/lib/nio/applied")).unwrap();
+    let mut remove = rig.job("m", &host, "initial", &commit, 90);
+    remove.action = Action::Remove;
+    remove.id = nio_shared::protocol::JobId::new("test", "default", "m", &format!("{commit}/90"), Action::Remove);
+    assert_eq!(rig.run(&remove).await.phase, Phase::Succeeded);
+    assert!(host.current_system().unwrap().ends_with("nixos-system-initial-1"));
+    assert_eq!(std::fs::read_to_string(host.path("/var/lib/nio/applied")).unwrap(), marker, "untouched");
+    let readd = rig.job("m", &host, "web", &commit, 91);
+    assert_eq!(rig.run(&readd).await.phase, Phase::Succeeded, "re-added after removal: applied again");
+    rig.stop().await;
+}
