@@ -31,6 +31,16 @@ pub fn transition(
     let commit = ev.commit.clone().unwrap_or_default();
     let short = short_commit(&commit);
 
+    if let Some(booted) = &ev.booted_system {
+        s.booted_system = Some(booted.clone());
+    }
+    if let Some(id) = &ev.boot_id {
+        if let Some(previous) = s.boot_id.as_deref().filter(|p| *p != id.as_str()) {
+            let what = ev.booted_system.as_deref().map_or(String::new(), |b| format!("; it booted {b}"));
+            notes.push(note(false, "Rebooted", format!("the machine rebooted (boot id {previous} became {id}){what}")));
+        }
+        s.boot_id = Some(id.clone());
+    }
     if let Some(k) = &ev.host_key {
         if ev.action == Action::Install && ev.phase == Phase::Succeeded {
             s.host_key = Some(k.clone());
@@ -188,6 +198,8 @@ mod tests {
             category: None,
             commit: Some("a".repeat(40)),
             system: Some("/nix/store/abc-nixos-system".into()),
+            booted_system: None,
+            boot_id: None,
             host_key: None,
             nixos_version: None,
             facts: None,
@@ -212,6 +224,28 @@ mod tests {
         // a late Step (older) and a duplicate are ignored
         assert!(transition(&spec(), &s, &ev(Phase::Step, Action::Switch, 3), Some(1)).is_none());
         assert!(transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).is_none());
+    }
+
+    #[test]
+    fn a_new_boot_id_is_a_reboot_and_the_booted_system_is_kept() {
+        let spec = spec();
+        let mut probe = ev(Phase::Succeeded, Action::Probe, 1);
+        probe.boot_id = Some("b1".into());
+        probe.booted_system = Some("/nix/store/a-sys".into());
+        let (s, notes) = transition(&spec, &MachineStatus::default(), &probe, None).unwrap();
+        assert_eq!((s.boot_id.as_deref(), s.booted_system.as_deref()), (Some("b1"), Some("/nix/store/a-sys")));
+        assert!(!notes.iter().any(|n| n.reason == "Rebooted"), "first sight is not a reboot");
+        let mut again = ev(Phase::Succeeded, Action::Probe, 2);
+        again.boot_id = Some("b1".into());
+        let (s, notes) = transition(&spec, &s, &again, None).unwrap();
+        assert!(!notes.iter().any(|n| n.reason == "Rebooted"));
+        let mut rebooted = ev(Phase::Succeeded, Action::Probe, 3);
+        rebooted.boot_id = Some("b2".into());
+        rebooted.booted_system = Some("/nix/store/b-sys".into());
+        let (s, notes) = transition(&spec, &s, &rebooted, None).unwrap();
+        let n = notes.iter().find(|n| n.reason == "Rebooted").expect("a reboot Event");
+        assert!(n.message.contains("b1") && n.message.contains("b2") && n.message.contains("b-sys"), "{}", n.message);
+        assert_eq!(s.booted_system.as_deref(), Some("/nix/store/b-sys"));
     }
 
     #[test]

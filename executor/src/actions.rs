@@ -34,6 +34,9 @@ pub struct Outcome {
     pub rolled_back: Option<FailureCategory>,
     pub commit: Option<String>,
     pub system: Option<String>,
+    /// What the machine booted, and its boot id, when the job read them.
+    pub booted_system: Option<String>,
+    pub boot_id: Option<String>,
     pub nixos_version: Option<String>,
     /// Host key installed by a full install.
     pub installed_host_key: Option<String>,
@@ -103,10 +106,12 @@ pub async fn run<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Job
     }
 }
 
-/// What install reads after a reboot: version and current system.
+/// What install reads after a reboot: version, current and booted system, boot id.
 struct Current {
     version: Option<String>,
     system: Option<String>,
+    booted: Option<String>,
+    boot_id: Option<String>,
 }
 
 async fn current<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Current> {
@@ -115,12 +120,19 @@ async fn current<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<
         let how = "found no running system (/run/current-system)";
         return Err(Error::command(Step::Probe, "readlink", how, FailureCategory::CommandFailed));
     }
-    Ok(Current { version: st.version, system: st.current_system })
+    Ok(Current { version: st.version, system: st.current_system, booted: st.booted_system, boot_id: st.boot_id })
 }
 
 async fn probe<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Outcome> {
     let cur = current(host, ctx).await?;
-    Ok(Outcome { system: cur.system, nixos_version: cur.version, message: "reachable".into(), ..Default::default() })
+    Ok(Outcome {
+        system: cur.system,
+        booted_system: cur.booted,
+        boot_id: cur.boot_id,
+        nixos_version: cur.version,
+        message: "reachable".into(),
+        ..Default::default()
+    })
 }
 
 /// Parses nixos-facter's JSON report into the bounded summary kept in Machine status.

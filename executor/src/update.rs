@@ -84,6 +84,8 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
                     skipped: true,
                     commit: Some(src.commit.clone()),
                     system: st.current_system.clone(),
+                    booted_system: st.booted_system.clone(),
+                    boot_id: st.boot_id.clone(),
                     nixos_version: st.version.clone(),
                     message: "already running this target".into(),
                     ..Default::default()
@@ -301,6 +303,8 @@ fn finish<P: Progress>(
                 // Only what runs now counts as applied: boot and dry-activate leave the running system as it was.
                 commit: matches!(action, Action::Switch | Action::Test).then(|| src.map(|s| s.commit.clone())).flatten(),
                 system,
+                booted_system: st.booted_system.clone(),
+                boot_id: st.boot_id.clone(),
                 nixos_version: st.version.clone(),
                 message,
                 log_tail: tail,
@@ -316,6 +320,8 @@ fn finish<P: Progress>(
             Ok(Outcome {
                 rolled_back: Some(category),
                 system: st.current_system.clone(),
+                booted_system: st.booted_system.clone(),
+                boot_id: st.boot_id.clone(),
                 nixos_version: st.version.clone(),
                 message: format!("{why}; the machine rolled itself back to what ran before"),
                 log_tail: tail,

@@ -453,7 +453,21 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     let done = bus.final_of("p1", T).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
     assert_eq!(done.system, h.hosts[0].current_system());
+    assert_eq!(done.booted_system, h.hosts[0].resolve("/run/booted-system"));
     assert_eq!(done.nixos_version.as_deref(), Some("25.05.1"));
+    assert_eq!(done.boot_id.as_deref(), Some(h.hosts[0].boot_id().as_str()));
+
+    // A reboot is seen by its new boot id (the host key stays the same).
+    let before = done.boot_id.clone();
+    h.hosts[0].reboot().unwrap();
+    let mut again = probe.clone();
+    again.id = JobId::probe("test", "default", "p1", 2, again.action);
+    bus.publish(&again).await;
+    bus.seen.clear();
+    let done = bus.final_of("p1", T).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert_ne!(done.boot_id, before, "a new boot id");
+    assert_eq!(done.boot_id.as_deref(), Some(h.hosts[0].boot_id().as_str()));
 
     // nixos-facter present: its report.
     let facter = h.hosts[0].dir.path().join("bin/nixos-facter");

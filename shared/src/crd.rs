@@ -230,6 +230,13 @@ pub struct MachineStatus {
     /// Store path of the running system (readlink -f /run/current-system), from the last job or probe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_system: Option<String>,
+    /// Store path the machine booted (/run/booted-system): after a switch of the kernel or a boot it differs
+    /// from currentSystem until the next reboot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_system: Option<String>,
+    /// The machine's boot id (/proc/sys/kernel/random/boot_id) when last seen; a new one means it rebooted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
     /// Store path NIO last activated; a probe seeing another system marks the machine Drifted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_system: Option<String>,
@@ -273,7 +280,7 @@ pub struct MachineStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// Which nixos-rebuild action applies a new commit.
+/// Which action applies a new commit (switch-to-configuration's).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum RebuildAction {
@@ -289,7 +296,7 @@ pub enum RebuildAction {
 }
 
 impl RebuildAction {
-    /// The nixos-rebuild subcommand.
+    /// The switch-to-configuration action.
     pub fn as_str(self) -> &'static str {
         match self {
             RebuildAction::Switch => "switch",

@@ -371,6 +371,12 @@ pub struct StatusEvent {
     /// Store path of the system now running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Store path the machine booted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub booted_system: Option<String>,
+    /// The machine's boot id when the job read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
     /// Host key the machine presented (or was installed with).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_key: Option<String>,

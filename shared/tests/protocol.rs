@@ -68,6 +68,8 @@ fn event() -> StatusEvent {
         category: Some(FailureCategory::BuildFailed),
         commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
         system: None,
+        booted_system: None,
+        boot_id: None,
         host_key: None,
         nixos_version: None,
         facts: None,

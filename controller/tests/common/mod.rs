@@ -260,6 +260,8 @@ impl Env {
             category: None,
             commit: job.source.as_ref().map(|s| s.commit.clone()),
             system: Some("/nix/store/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa-nixos-system-web".into()),
+            booted_system: None,
+            boot_id: None,
             host_key: None,
             nixos_version: Some("25.05".into()),
             facts: None,
