@@ -204,7 +204,8 @@ async fn scan<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Out
     Ok(Outcome { facts: Some(facts), message: "hardware scanned".into(), ..Default::default() })
 }
 
-async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
+/// Writes the job's secrets (0400, directory 0700) under `root` (`/mnt`: into the installed system).
+async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>, root: &str) -> Result<()> {
     let job = ctx.job;
     if job.secrets.is_empty() {
         return Ok(());
@@ -212,29 +213,42 @@ async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> R
     let key = ctx
         .seal
         .ok_or_else(|| Error::InvalidJob("job carries secrets but this executor has no --seal-key-file".into()))?;
-    host::run(host, Step::Upload, ctx.cmds.secrets_dir(), None, ctx.quick).await?;
+    host::run(host, Step::Upload, ctx.cmds.secrets_dir(root), None, ctx.quick).await?;
     for s in &job.secrets {
         let context = SecretFile::seal_context(&job.cluster, &job.namespace, &job.machine, &s.path);
         let plain =
             key.unseal(&s.sealed, &context).map_err(|e| Error::InvalidJob(format!("secret {}: {e}", s.path)))?;
-        host::run(host, Step::Upload, ctx.cmds.write_secret(&s.path), Some(Bytes::from(plain)), ctx.quick).await?;
+        let argv = ctx.cmds.write_secret(root, &s.path);
+        host::run(host, Step::Upload, argv, Some(Bytes::from(plain)), ctx.quick).await?;
     }
     ctx.progress.step(Step::Upload, format!("{} secret(s) written", job.secrets.len())).await;
     Ok(())
 }
 
-/// Polls until the machine answers SSH with `host_key` (or any key when None).
-async fn wait_for<C: Connector, P: Progress>(
+/// Polls until the machine answers SSH with a boot id other than `old_boot` (it went down and came back:
+/// kexec and reboot return at once and act seconds later, so an answer from the old boot is not enough).
+/// `host_key`: the key it must present; `tofu`: another key is accepted (an installer with fresh keys).
+async fn wait_rebooted<C: Connector, P: Progress>(
     conn: &C,
     host_key: Option<&str>,
+    tofu: bool,
+    old_boot: Option<&str>,
     ctx: &JobRun<'_, P>,
     what: &str,
-) -> Result<C::Host> {
+) -> Result<(C::Host, Current)> {
     let deadline = tokio::time::Instant::now() + ctx.reboot_timeout;
     let mut last: String;
     loop {
-        match conn.connect(host_key).await {
-            Ok(h) => return Ok(h),
+        let attempt = match conn.connect(host_key).await {
+            Err(Error::HostKeyMismatch { .. }) if tofu => conn.connect(None).await,
+            other => other,
+        };
+        match attempt {
+            Ok(h) => match current(&h, ctx).await {
+                Ok(cur) if cur.boot_id.is_some() && cur.boot_id.as_deref() != old_boot => return Ok((h, cur)),
+                Ok(_) => last = "still the boot before".into(),
+                Err(e) => last = e.to_string(),
+            },
             Err(e @ Error::HostKeyMismatch { .. }) => last = e.to_string(),
             Err(e) if e.is_transient() => last = e.to_string(),
             Err(e) => return Err(e),
@@ -243,7 +257,7 @@ async fn wait_for<C: Connector, P: Progress>(
             return Err(Error::Timeout { step: Step::Reboot, after: ctx.reboot_timeout })
                 .inspect_err(|_| tracing::warn!(%what, %last, "machine did not come back"));
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -254,23 +268,25 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Job
     upload_tree_only(host, ctx).instrument(tracing::info_span!("upload")).await?;
     let system = install_system(host, ctx, src).await?;
     let public = install_host_key(host, ctx).await?;
+    // Secrets go into the installed system before its first boot (its services may need them at once).
+    write_secrets(host, ctx, "/mnt").await?;
+    let before = current_boot(host, ctx).await;
     ctx.progress.step(Step::Reboot, "rebooting into the installed system".into()).await;
     // The connection drops as the machine reboots; an error here is expected.
     let _ = host.exec(&ctx.cmds.reboot(), None, ctx.quick).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let booted = wait_for(conn, Some(&public), ctx, "installed system").await?;
-    let cur = current(&booted, ctx).await?;
+    let (booted, cur) = wait_rebooted(conn, Some(&public), false, before.as_deref(), ctx, "installed system").await?;
     if cur.system.as_deref() != Some(system.as_str()) {
         let how = format!("the machine booted {:?}, not the installed {system}", cur.system);
         return Err(Error::command(Step::Reboot, "readlink", how, FailureCategory::ActivationFailed));
     }
-    write_secrets(&booted, ctx).await?;
     let line = format!("{} {system}\n", src.commit);
     host::run(&booted, Step::Activate, ctx.cmds.mkdir(&ctx.cmds.paths.state_dir), None, ctx.quick).await?;
     host::run(&booted, Step::Activate, ctx.cmds.write_applied(), Some(Bytes::from(line)), ctx.quick).await?;
     Ok(Outcome {
         commit: Some(src.commit.clone()),
         system: Some(system),
+        booted_system: cur.booted,
+        boot_id: cur.boot_id,
         nixos_version: cur.version,
         installed_host_key: Some(public),
         message: "installed".into(),
@@ -278,14 +294,23 @@ async fn install<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &Job
     })
 }
 
-/// Whether `host` runs the NixOS installer (`VARIANT_ID=installer` in /etc/os-release).
+/// The machine's boot id, when it can be read.
+async fn current_boot<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Option<String> {
+    crate::update::read_state(host, ctx, "", "").await.ok().and_then(|s| s.boot_id)
+}
+
+/// Whether `host` runs the NixOS installer: `VARIANT_ID=installer` in /etc/os-release, quoted or not.
 async fn runs_installer<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<bool> {
     let release = host::run(host, Step::Kexec, ctx.cmds.os_release(), None, ctx.quick).await?;
-    Ok(String::from_utf8_lossy(&release.stdout).lines().any(|l| l.trim() == "VARIANT_ID=installer"))
+    Ok(String::from_utf8_lossy(&release.stdout).lines().any(|l| {
+        l.trim().strip_prefix("VARIANT_ID=").is_some_and(|v| v.trim_matches(|c| c == '"' || c == '\'') == "installer")
+    }))
 }
 
 /// Boots the installer with kexec unless the machine already runs it; returns the installer's connection
-/// (None: `first` is the installer).
+/// (None: `first` is the installer). The nixos-images tarball is gzip with its entry point at `kexec/run`;
+/// the script returns at once and kexecs seconds later; the installer keeps the machine's host keys (another
+/// key is accepted for this phase only, as older images make new ones) and logs in root.
 async fn boot_installer<C: Connector, P: Progress>(
     conn: &C,
     first: &C::Host,
@@ -299,15 +324,14 @@ async fn boot_installer<C: Connector, P: Progress>(
         let how = "cannot run: this executor has no --kexec-tarball";
         Error::command(Step::Kexec, "kexec", how, FailureCategory::CommandFailed)
     })?;
+    let before = current_boot(first, ctx).await;
     host::run(first, Step::Kexec, ctx.cmds.mkdir(ctx.cmds.kexec_dir()), None, ctx.quick).await?;
     let tar = Some(Bytes::copy_from_slice(tarball));
-    host::run(first, Step::Kexec, ctx.cmds.extract(ctx.cmds.kexec_dir()), tar, ctx.long).await?;
+    host::run(first, Step::Kexec, ctx.cmds.extract_kexec(), tar, ctx.long).await?;
     ctx.progress.step(Step::Kexec, "booting the installer with kexec".into()).await;
-    // The connection drops as the machine kexecs; an error here is expected.
+    // The script returns before the kexec; the connection may also drop under it.
     let _ = first.exec(&ctx.cmds.kexec_run(), None, ctx.quick).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    // The installer has a fresh, unknown host key: trust on first use for this phase only.
-    let installer = wait_for(conn, None, ctx, "installer").await?;
+    let (installer, _) = wait_rebooted(conn, ctx.host_key, true, before.as_deref(), ctx, "installer").await?;
     if !runs_installer(&installer, ctx).await? {
         let how = "the machine came back but is not running the installer";
         return Err(Error::command(Step::Kexec, "kexec", how, FailureCategory::CommandFailed));

@@ -34,13 +34,13 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     .unwrap();
     let m = fleet.machines[0].clone();
     let original_key = m.host_key();
-    // a kexec tarball: what nixos-images ships, reduced to its entry point
-    let mut tb = tar::Builder::new(Vec::new());
+    // a kexec tarball: what nixos-images ships (gzip, entry point kexec/run), reduced to its entry point
+    let mut tb = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
     let mut h = tar::Header::new_gnu();
     h.set_size(10);
     h.set_mode(0o755);
-    tb.append_data(&mut h, "run", &b"#!/bin/sh\n"[..]).unwrap();
-    std::fs::write(dir.path().join("kexec.tar"), tb.into_inner().unwrap()).unwrap();
+    tb.append_data(&mut h, "kexec/run", &b"#!/bin/sh\n"[..]).unwrap();
+    std::fs::write(dir.path().join("kexec.tar.gz"), tb.into_inner().unwrap().finish().unwrap()).unwrap();
 
     let mut bus = Bus::connect(&nats).await;
     let cfg = nio_shared::config::ExecutorConfig {
@@ -70,7 +70,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
         metrics_addr: None,
         health_addr: None,
         host_key_policy: nio_executor::ssh::HostKeyPolicy::Pinned,
-        kexec_tarball: Some(dir.path().join("kexec.tar")),
+        kexec_tarball: Some(dir.path().join("kexec.tar.gz")),
         connect_timeout: Duration::from_secs(3),
         ssh_keepalive: Duration::from_secs(1),
         shutdown_grace: Duration::from_secs(5),
@@ -86,6 +86,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
     let new_key = done.host_key.clone().unwrap();
     assert_ne!(new_key, original_key.trim(), "a fresh host key was installed and reported");
+    assert!(done.boot_id.is_some(), "the installed system's boot id is reported");
     assert_eq!(m.host_key().trim(), new_key, "the installed system presents the reported key");
     {
         let s = m.state.lock().unwrap();

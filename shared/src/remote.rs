@@ -324,12 +324,13 @@ impl Commands {
     pub fn extract_source(&self, dir: &str) -> Vec<String> {
         v(&["tar", "-x", "--no-same-owner", "--strip-components=1", "-f", "-", "-C", dir, "src"])
     }
-    pub fn secrets_dir(&self) -> Vec<String> {
-        v(&["install", "-d", "-m", "0700", &self.paths.secrets_dir])
+    /// Creates the secrets directory (0700) under `root` ("" or "/mnt" for the system being installed).
+    pub fn secrets_dir(&self, root: &str) -> Vec<String> {
+        v(&["install", "-d", "-m", "0700", &format!("{root}{}", self.paths.secrets_dir)])
     }
-    /// Writes stdin to `{secretsDir}/{path}` with mode 0400.
-    pub fn write_secret(&self, path: &str) -> Vec<String> {
-        v(&["install", "-D", "-m", "0400", "/dev/stdin", &format!("{}/{path}", self.paths.secrets_dir)])
+    /// Writes stdin to `{root}{secretsDir}/{path}` with mode 0400.
+    pub fn write_secret(&self, root: &str, path: &str) -> Vec<String> {
+        v(&["install", "-D", "-m", "0400", "/dev/stdin", &format!("{root}{}/{path}", self.paths.secrets_dir)])
     }
     pub fn facter(&self) -> Vec<String> {
         v(&["nixos-facter"])
@@ -354,11 +355,16 @@ impl Commands {
     pub fn kexec_dir(&self) -> &'static str {
         "/root/kexec"
     }
+    /// Unpacks nixos-images' kexec tarball (gzip) from stdin into the kexec directory.
+    pub fn extract_kexec(&self) -> Vec<String> {
+        v(&["tar", "-x", "-z", "--no-same-owner", "-f", "-", "-C", self.kexec_dir()])
+    }
+    /// The tarball's entry point: returns at once, kexecs into the installer seconds later.
     pub fn kexec_run(&self) -> Vec<String> {
-        v(&["/root/kexec/run"])
+        v(&["/root/kexec/kexec/run"])
     }
     pub fn disko(&self, flake_ref: &str) -> Vec<String> {
-        v(&["disko", "--mode", "disko", "--flake", flake_ref])
+        v(&["disko", "--mode", "destroy,format,mount", "--flake", flake_ref])
     }
     /// Builds the system closure into the target's store (build on target).
     pub fn build_system(&self, commit: &str, subdir: Option<&str>, attr: &str) -> Vec<String> {
@@ -394,7 +400,7 @@ mod tests {
         assert_eq!(c.flake_ref(commit, Some("hosts"), "web"), format!("path:/var/lib/nio/src/{commit}/hosts#web"));
         assert_eq!(c.flake_ref(commit, None, "web"), format!("path:/var/lib/nio/src/{commit}#web"));
         assert_eq!(
-            c.write_secret("db/pass"),
+            c.write_secret("", "db/pass"),
             ["install", "-D", "-m", "0400", "/dev/stdin", "/var/lib/nio/secrets/db/pass"]
         );
         let unit = Commands::unit("c/ns/web-01/abc/1/switch");

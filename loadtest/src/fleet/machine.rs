@@ -144,10 +144,11 @@ impl State {
     pub fn reboot(&mut self, into_installer: bool) {
         self.boot_id += 1;
         if into_installer {
+            // nixos-images' installer keeps the machine's host keys; everything else is gone.
             self.in_installer = true;
-            self.host_key = PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
-                .unwrap_or_else(|_| self.host_key.clone());
-            self.files.retain(|p, _| !p.starts_with("/root/kexec"));
+            self.files.clear();
+            self.dirs.clear();
+            self.jobs.clear();
             return;
         }
         if self.in_installer {
@@ -158,8 +159,15 @@ impl State {
                 self.boot_system = sys.clone();
                 self.booted_system = sys.clone();
                 self.generations = vec![sys];
-                self.files.clear();
-                self.dirs.clear();
+                // What was written under /mnt is the new root.
+                let files = std::mem::take(&mut self.files);
+                self.files = files
+                    .into_iter()
+                    .filter_map(|(p, f)| p.strip_prefix("/mnt").map(|r| (r.to_string(), f)))
+                    .collect();
+                let dirs = std::mem::take(&mut self.dirs);
+                self.dirs = dirs.into_iter().filter_map(|d| d.strip_prefix("/mnt").map(str::to_string)).collect();
+                self.jobs.clear();
                 if let Some(k) = self.pending_host_key.take() {
                     self.host_key = k;
                 }
@@ -201,7 +209,7 @@ pub fn run(
         ("readlink", _) => fail(1, "readlink: missing operand\n"),
         ("cat", ["/etc/os-release"]) => ok(format!(
             "NAME=NixOS\nID=nixos\nVERSION_ID=\"25.05\"\n{}",
-            if state.in_installer { "VARIANT_ID=installer\n" } else { "" }
+            if state.in_installer { "VARIANT_ID=\"installer\"\n" } else { "" }
         )),
         ("cat", [p]) => match state.files.get(*p) {
             Some(f) => ok(f.data.clone()),
@@ -258,6 +266,15 @@ pub fn run(
                 Ok(()) => fail(2, format!("tar: {dir}: Cannot open: No such file or directory\n")),
                 Err(e) => fail(2, format!("tar: {e}\n")),
             }
+        }
+        ("tar", ["-x", "-z", "--no-same-owner", "-f", "-", "-C", dir]) => {
+            let mut plain = Vec::new();
+            if let Err(e) = std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(stdin), &mut plain) {
+                return (fail(2, format!("gzip: stdin: not in gzip format ({e})\ntar: Child returned status 1\n")), quick);
+            }
+            let argv: Vec<String> =
+                ["tar", "-x", "--no-same-owner", "-f", "-", "-C", dir].iter().map(|s| s.to_string()).collect();
+            return run(state, paths, behaviour, &argv, &plain);
         }
         ("tar", ["-x", "--no-same-owner", "-f", "-", "-C", dir]) => {
             if !state.dirs.contains(*dir) {
@@ -364,14 +381,14 @@ pub fn run(
         ("sh", ["-c", script]) if *script == crate::fleet::FACT_SCRIPT => ok(
             "system=x86_64-linux\ncpus=8\ncpu=Simulated CPU\nmemory=17179869184\ndisk=vda 53687091200\nnic=eth0 52:54:00:00:00:01\nvirt=kvm\n",
         ),
-        ("/root/kexec/run", []) => {
-            if !state.files.keys().any(|f| f.starts_with("/root/kexec/")) {
-                fail(127, "sh: /root/kexec/run: not found\n")
+        ("/root/kexec/kexec/run", []) => {
+            if !state.files.contains_key("/root/kexec/kexec/run") {
+                fail(127, "sh: /root/kexec/kexec/run: not found\n")
             } else {
                 Output { status: 0, stdout: b"kexec into the installer\n".to_vec(), reboot: true, ..Default::default() }
             }
         }
-        ("disko", ["--mode", "disko", "--flake", _]) => {
+        ("disko", ["--mode", "destroy,format,mount", "--flake", _]) => {
             if state.in_installer {
                 ok("disko: partitioned /dev/vda\n")
             } else {

@@ -120,7 +120,7 @@ impl Conn {
             let _ = handle.eof(channel).await;
             let _ = handle.close(channel).await;
             if out.reboot {
-                let into_installer = argv.first().is_some_and(|p| p == "/root/kexec/run");
+                let into_installer = argv.first().is_some_and(|p| p == "/root/kexec/kexec/run");
                 if let Ok(mut s) = m.state.lock() {
                     s.reboot(into_installer);
                     s.down_until = Some(Instant::now() + m.behaviour.reboot);
