@@ -93,7 +93,14 @@ pub fn apply_job(
         })?;
         for (path, content) in &desired.secrets {
             let context = SecretFile::seal_context(cluster, &ns, &name, path);
-            secrets.push(SecretFile { path: path.clone(), sealed: key.seal(content, &context)? });
+            let file = cfg.spec.additional_files.iter().find(|f| &f.path == path);
+            secrets.push(SecretFile {
+                path: path.clone(),
+                sealed: key.seal(content, &context)?,
+                owner: file.and_then(|f| f.owner.clone()),
+                group: file.and_then(|f| f.group.clone()),
+                mode: file.and_then(|f| f.mode.clone()),
+            });
         }
     }
     Ok(Job {

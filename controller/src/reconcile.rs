@@ -123,6 +123,11 @@ async fn desired(ctx: &Ctx, cfg: &NixosConfiguration, commit: String) -> Result<
         h.update([0]);
         h.update(&value);
         h.update([0]);
+        // Who may read it is part of what is delivered: a change applies again.
+        for part in [&f.owner, &f.group, &f.mode] {
+            h.update(part.as_deref().unwrap_or("").as_bytes());
+            h.update([0]);
+        }
         secrets.push((f.path.clone(), value));
     }
     let secrets_hash =

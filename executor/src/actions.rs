@@ -218,7 +218,8 @@ async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>, root
         let context = SecretFile::seal_context(&job.cluster, &job.namespace, &job.machine, &s.path);
         let plain =
             key.unseal(&s.sealed, &context).map_err(|e| Error::InvalidJob(format!("secret {}: {e}", s.path)))?;
-        let argv = ctx.cmds.write_secret(root, &s.path);
+        // The installer has none of the installed system's users yet: root owns them until the first update.
+        let argv = ctx.cmds.write_secret(root, &s.path, s.file_mode());
         host::run(host, Step::Upload, argv, Some(Bytes::from(plain)), ctx.quick).await?;
     }
     ctx.progress.step(Step::Upload, format!("{} secret(s) written", job.secrets.len())).await;

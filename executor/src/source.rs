@@ -128,15 +128,26 @@ pub fn digest(commit: &str, extra: &[(String, Vec<u8>)]) -> String {
     digest.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// An unsealed secret as it is to land on the machine.
+pub struct Secret {
+    pub path: String,
+    pub content: Vec<u8>,
+    pub mode: u32,
+    /// User and group names; tar running as root gives the file to them, or to root when the machine has no
+    /// such name.
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
 /// A job's stream for the activation script: the tree (when the machine does not have this upload yet) under
 /// `src/` with the `extra` files (relative to `subdir`, where the flake sees them) and, last, [`MARKER`]
-/// holding `digest`; then the secrets under `secrets/`, mode 0400, owned by root.
+/// holding `digest`; then the secrets under `secrets/` with their mode, owner and group.
 pub fn stream(
     tree: Option<&[u8]>,
     subdir: Option<&str>,
     extra: &[(String, Vec<u8>)],
     digest: &str,
-    secrets: &[(String, Vec<u8>)],
+    secrets: &[Secret],
 ) -> Result<Vec<u8>> {
     let base = match subdir.map(|s| s.trim_matches('/')) {
         Some(s) if !s.is_empty() => format!("src/{s}/"),
@@ -159,8 +170,19 @@ pub fn stream(
         }
         add(&format!("src/{MARKER}"), digest.as_bytes(), 0o644)?;
     }
-    for (path, content) in secrets {
-        add(&format!("secrets/{path}"), content, 0o400)?;
+    drop(add);
+    for s in secrets {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(s.content.len() as u64);
+        h.set_mode(s.mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        let set = |r: std::io::Result<()>| r.map_err(|e| Error::Source(format!("secret {}: {e}", s.path)));
+        set(h.set_username(s.owner.as_deref().unwrap_or("root")))?;
+        set(h.set_groupname(s.group.as_deref().unwrap_or("root")))?;
+        h.set_entry_type(tar::EntryType::Regular);
+        let path = format!("secrets/{}", s.path);
+        b.append_data(&mut h, &path, s.content.as_slice()).map_err(|e| Error::Source(format!("adding {path}: {e}")))?;
     }
     let rest = b.into_inner().map_err(|e| Error::Source(e.to_string()))?;
     if let Some(tree) = tree {

@@ -380,8 +380,8 @@ async fn extra_files<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Res
     Ok(extra)
 }
 
-/// The job's secrets, unsealed: (path, content).
-fn unseal<P: Progress>(ctx: &JobRun<'_, P>) -> Result<Vec<(String, Vec<u8>)>> {
+/// The job's secrets, unsealed.
+fn unseal<P: Progress>(ctx: &JobRun<'_, P>) -> Result<Vec<source::Secret>> {
     let job = ctx.job;
     if job.secrets.is_empty() {
         return Ok(Vec::new());
@@ -393,9 +393,15 @@ fn unseal<P: Progress>(ctx: &JobRun<'_, P>) -> Result<Vec<(String, Vec<u8>)>> {
         .iter()
         .map(|s| {
             let context = SecretFile::seal_context(&job.cluster, &job.namespace, &job.machine, &s.path);
-            let plain =
+            let content =
                 key.unseal(&s.sealed, &context).map_err(|e| Error::InvalidJob(format!("secret {}: {e}", s.path)))?;
-            Ok((s.path.clone(), plain))
+            Ok(source::Secret {
+                path: s.path.clone(),
+                content,
+                mode: s.file_mode(),
+                owner: s.owner.clone(),
+                group: s.group.clone(),
+            })
         })
         .collect()
 }

@@ -335,10 +335,23 @@ async fn secrets_land_0400_outside_the_store_and_never_in_logs_argv_or_the_strea
     let plaintext = "hunter2-correct-horse-battery";
     let mut j = job("db-01", &h.addr(0), 22, "dc1", &h.repo.url(), &commit);
     let ctx = nio_shared::protocol::SecretFile::seal_context("test", "default", "db-01", "postgres/password");
-    j.secrets = vec![nio_shared::protocol::SecretFile {
-        path: "postgres/password".into(),
-        sealed: key.seal(plaintext.as_bytes(), &ctx).unwrap(),
-    }];
+    let other = nio_shared::protocol::SecretFile::seal_context("test", "default", "db-01", "shared.key");
+    j.secrets = vec![
+        nio_shared::protocol::SecretFile {
+            path: "postgres/password".into(),
+            sealed: key.seal(plaintext.as_bytes(), &ctx).unwrap(),
+            owner: None,
+            group: None,
+            mode: None,
+        },
+        nio_shared::protocol::SecretFile {
+            path: "shared.key".into(),
+            sealed: key.seal(b"for deploy", &other).unwrap(),
+            owner: Some("deploy".into()),
+            group: Some("deploy".into()),
+            mode: Some("0440".into()),
+        },
+    ];
     let wire = String::from_utf8(j.encode()).unwrap();
     assert!(!wire.contains(plaintext));
 
@@ -361,6 +374,12 @@ async fn secrets_land_0400_outside_the_store_and_never_in_logs_argv_or_the_strea
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), plaintext);
     let meta = std::fs::metadata(&secret).unwrap();
     assert_eq!((meta.permissions().mode() & 0o777, meta.uid()), (0o400, 0));
+    let shared = std::fs::metadata(host.path("/var/lib/nio/secrets/shared.key")).unwrap();
+    assert_eq!(
+        (shared.permissions().mode() & 0o777, shared.uid(), shared.gid()),
+        (0o440, 1500, 1500),
+        "owner, group and mode as the configuration says"
+    );
     assert_eq!(std::fs::metadata(host.path("/var/lib/nio/secrets")).unwrap().permissions().mode() & 0o777, 0o700);
     assert!(!host.path(&format!("/var/lib/nio/src/{commit}/postgres")).exists(), "not in the source tree");
     // Persisted: a reboot keeps it.

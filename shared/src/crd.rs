@@ -347,6 +347,18 @@ pub struct AdditionalFile {
     /// Secret key for valueType SecretRef.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
+    /// SecretRef only: the file's owner (a user name on the machine; root when unset or unknown there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(r"^[a-z_][a-z0-9_-]*$"))]
+    pub owner: Option<String>,
+    /// SecretRef only: the file's group (a group name on the machine; root when unset or unknown there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), pattern(r"^[a-z_][a-z0-9_-]*$"))]
+    pub group: Option<String>,
+    /// SecretRef only: the file's mode in octal, e.g. "0440" (default "0400").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^0?[0-7]{3}$"))]
+    pub mode: Option<String>,
 }
 
 /// How a new commit rolls out across the targeted machines.

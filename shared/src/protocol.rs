@@ -147,6 +147,21 @@ pub struct FileEntry {
 pub struct SecretFile {
     pub path: String,
     pub sealed: Sealed,
+    /// Owner and group names on the machine (root when absent or unknown there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Octal mode, e.g. "0440"; absent: "0400".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+}
+
+impl SecretFile {
+    /// The file mode to write (0400 unless given; anything unparsable is 0400 too).
+    pub fn file_mode(&self) -> u32 {
+        self.mode.as_deref().and_then(|m| u32::from_str_radix(m, 8).ok()).filter(|m| *m <= 0o777).unwrap_or(0o400)
+    }
 }
 
 impl SecretFile {

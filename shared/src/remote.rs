@@ -328,9 +328,10 @@ impl Commands {
     pub fn secrets_dir(&self, root: &str) -> Vec<String> {
         v(&["install", "-d", "-m", "0700", &format!("{root}{}", self.paths.secrets_dir)])
     }
-    /// Writes stdin to `{root}{secretsDir}/{path}` with mode 0400.
-    pub fn write_secret(&self, root: &str, path: &str) -> Vec<String> {
-        v(&["install", "-D", "-m", "0400", "/dev/stdin", &format!("{root}{}/{path}", self.paths.secrets_dir)])
+    /// Writes stdin to `{root}{secretsDir}/{path}` with `mode`.
+    pub fn write_secret(&self, root: &str, path: &str, mode: u32) -> Vec<String> {
+        let mode = format!("{mode:04o}");
+        v(&["install", "-D", "-m", &mode, "/dev/stdin", &format!("{root}{}/{path}", self.paths.secrets_dir)])
     }
     pub fn facter(&self) -> Vec<String> {
         v(&["nixos-facter"])
@@ -400,7 +401,7 @@ mod tests {
         assert_eq!(c.flake_ref(commit, Some("hosts"), "web"), format!("path:/var/lib/nio/src/{commit}/hosts#web"));
         assert_eq!(c.flake_ref(commit, None, "web"), format!("path:/var/lib/nio/src/{commit}#web"));
         assert_eq!(
-            c.write_secret("", "db/pass"),
+            c.write_secret("", "db/pass", 0o400),
             ["install", "-D", "-m", "0400", "/dev/stdin", "/var/lib/nio/secrets/db/pass"]
         );
         let unit = Commands::unit("c/ns/web-01/abc/1/switch");

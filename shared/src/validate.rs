@@ -568,6 +568,27 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
         if file.value_type != FileValueType::SecretRef && file.secret_ref.is_some() {
             c.check(fail(&format!("{field}.secretRef"), "`secretRef` is only used with valueType SecretRef"));
         }
+        for (name, value) in [("owner", &file.owner), ("group", &file.group)] {
+            let Some(v) = value else { continue };
+            if file.value_type != FileValueType::SecretRef {
+                c.check(fail(&format!("{field}.{name}"), "is only used with valueType SecretRef"));
+            }
+            let ok = (1..=32).contains(&v.len())
+                && v.starts_with(|ch: char| ch.is_ascii_lowercase() || ch == '_')
+                && v.chars().all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_' || ch == '-');
+            if !ok {
+                c.check(fail(&format!("{field}.{name}"), "must be a user or group name (a-z, 0-9, `_`, `-`)"));
+            }
+        }
+        if let Some(m) = &file.mode {
+            if file.value_type != FileValueType::SecretRef {
+                c.check(fail(&format!("{field}.mode"), "is only used with valueType SecretRef"));
+            }
+            let digits = m.strip_prefix('0').filter(|d| d.len() == 3).unwrap_or(m);
+            if digits.len() != 3 || !digits.chars().all(|ch| ('0'..='7').contains(&ch)) {
+                c.check(fail(&format!("{field}.mode"), "must be an octal mode such as \"0440\""));
+            }
+        }
     }
     if let Some(hc) = &spec.health_check {
         for (i, arg) in hc.command.iter().enumerate() {

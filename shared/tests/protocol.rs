@@ -43,6 +43,9 @@ fn job() -> Job {
         secrets: vec![SecretFile {
             path: "wireguard.key".into(),
             sealed: Sealed { key_id: "00112233aabbccdd".into(), nonce: "AAAA".into(), ciphertext: "BBBB".into() },
+            owner: Some("systemd-network".into()),
+            group: Some("systemd-network".into()),
+            mode: Some("0440".into()),
         }],
         secrets_hash: Some("sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into()),
         health_check: Some(HealthCheck::default()),

@@ -102,6 +102,9 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
                 value_type: FileValueType::Inline,
                 inline: Some("ssh-ed25519 AAAA evil".into()),
                 secret_ref: None,
+                owner: None,
+                group: None,
+                mode: None,
             }]
         }),
         ("spec.additionalFiles[0].path", |c| {
@@ -110,6 +113,9 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
                 value_type: FileValueType::NixosFacter,
                 inline: None,
                 secret_ref: None,
+                owner: None,
+                group: None,
+                mode: None,
             }]
         }),
         ("spec.additionalFiles[0].secretRef.key", |c| {
@@ -118,6 +124,9 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
                 value_type: FileValueType::SecretRef,
                 inline: None,
                 secret_ref: Some(SecretKeyRef { name: "wg".into(), key: "../token".into() }),
+                owner: None,
+                group: None,
+                mode: None,
             }]
         }),
         ("spec.additionalFiles[0].secretRef.name", |c| {
@@ -126,6 +135,9 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
                 value_type: FileValueType::SecretRef,
                 inline: None,
                 secret_ref: Some(SecretKeyRef { name: "Other_NS/wg".into(), key: "k".into() }),
+                owner: None,
+                group: None,
+                mode: None,
             }]
         }),
         ("spec.additionalFiles[0].inline", |c| {
@@ -134,6 +146,31 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
                 value_type: FileValueType::Inline,
                 inline: None,
                 secret_ref: None,
+                owner: None,
+                group: None,
+                mode: None,
+            }]
+        }),
+        ("spec.additionalFiles[0].mode", |c| {
+            c.additional_files = vec![AdditionalFile {
+                path: "wg.key".into(),
+                value_type: FileValueType::SecretRef,
+                inline: None,
+                secret_ref: Some(SecretKeyRef { name: "wg".into(), key: "k".into() }),
+                owner: Some("systemd-network".into()),
+                group: None,
+                mode: Some("0999".into()),
+            }]
+        }),
+        ("spec.additionalFiles[0].owner", |c| {
+            c.additional_files = vec![AdditionalFile {
+                path: "wg.key".into(),
+                value_type: FileValueType::SecretRef,
+                inline: None,
+                secret_ref: Some(SecretKeyRef { name: "wg".into(), key: "k".into() }),
+                owner: Some("root;reboot".into()),
+                group: None,
+                mode: None,
             }]
         }),
         ("spec.machineRef", |c| c.machine_ref = None),
