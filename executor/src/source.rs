@@ -170,7 +170,6 @@ pub fn stream(
         }
         add(&format!("src/{MARKER}"), digest.as_bytes(), 0o644)?;
     }
-    drop(add);
     for s in secrets {
         let mut h = tar::Header::new_gnu();
         h.set_size(s.content.len() as u64);

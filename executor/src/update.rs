@@ -28,7 +28,12 @@ use crate::source;
 const CONFIRM_GRACE: Duration = Duration::from_secs(30);
 
 /// Reads the machine's state ([`Commands::state`]) for the job's unit and source directory.
-pub async fn read_state<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>, src_dir: &str, unit: &str) -> Result<MachineState> {
+pub async fn read_state<H: Host, P: Progress>(
+    host: &H,
+    ctx: &JobRun<'_, P>,
+    src_dir: &str,
+    unit: &str,
+) -> Result<MachineState> {
     let out = host::run(host, Step::Probe, ctx.cmds.state(src_dir, unit), None, ctx.quick).await?;
     MachineState::parse(&String::from_utf8_lossy(&out.stdout)).ok_or_else(|| {
         Error::command(Step::Probe, "sh", "printed an incomplete state report", FailureCategory::CommandFailed)
@@ -66,7 +71,11 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
     let src_dir = ctx.cmds.src_dir(&src.commit);
     let st = read_state(host, ctx, &src_dir, &unit).await?;
     if let Err(why) = &st.privileged {
-        let how = format!("`sudo -n` refused ({}); grant {} passwordless sudo (docs/remote-protocol.md)", why.trim(), job.endpoint.user);
+        let how = format!(
+            "`sudo -n` refused ({}); grant {} passwordless sudo (docs/remote-protocol.md)",
+            why.trim(),
+            job.endpoint.user
+        );
         return Err(Error::command(Step::Connect, "sudo", how, FailureCategory::PermissionDenied));
     }
     if let Some(a) = st.attempt.as_ref().filter(|a| a.boot_id.is_some()) {
@@ -77,21 +86,21 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
     let extra = extra_files(host, ctx).await?;
     let digest = source::digest(&src.commit, &extra);
     let id = identity(job, &digest);
-    if action == Action::Switch && job.action != Action::Remove {
-        if let (Some(applied), Some(current)) = (&st.applied, &st.current_system) {
-            if applied == &format!("{id} {current}") {
-                return Ok(Outcome {
-                    skipped: true,
-                    commit: Some(src.commit.clone()),
-                    system: st.current_system.clone(),
-                    booted_system: st.booted_system.clone(),
-                    boot_id: st.boot_id.clone(),
-                    nixos_version: st.version.clone(),
-                    message: "already running this target".into(),
-                    ..Default::default()
-                });
-            }
-        }
+    if action == Action::Switch
+        && job.action != Action::Remove
+        && let (Some(applied), Some(current)) = (&st.applied, &st.current_system)
+        && applied == &format!("{id} {current}")
+    {
+        return Ok(Outcome {
+            skipped: true,
+            commit: Some(src.commit.clone()),
+            system: st.current_system.clone(),
+            booted_system: st.booted_system.clone(),
+            boot_id: st.boot_id.clone(),
+            nixos_version: st.version.clone(),
+            message: "already running this target".into(),
+            ..Default::default()
+        });
     }
     let send_source = st.upload.as_deref() != Some(digest.as_str());
     let secrets = unseal(ctx)?;
@@ -155,7 +164,13 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         return Err(activation_failure(what, &log, &installable));
     }
     if !out.success() {
-        return Err(failed(Step::Activate, "sh", format!("exited with status {:?}", out.status), FailureCategory::CommandFailed, &log));
+        return Err(failed(
+            Step::Activate,
+            "sh",
+            format!("exited with status {:?}", out.status),
+            FailureCategory::CommandFailed,
+            &log,
+        ));
     }
     let toplevel = rec.get("toplevel").map(str::to_string);
     match rec.get("result").and_then(ActivationResult::parse) {
@@ -186,7 +201,9 @@ async fn resume<H: Host, P: Progress>(
         );
         return Err(Error::command(Step::Activate, "switch-to-configuration", how, FailureCategory::ActivationFailed));
     }
-    ctx.progress.step(Step::Activate, "this job's activation already ran on the machine: taking over its result".into()).await;
+    ctx.progress
+        .step(Step::Activate, "this job's activation already ran on the machine: taking over its result".into())
+        .await;
     let id = match &ctx.job.source {
         Some(src) if ctx.job.action == Action::Switch => {
             Some(identity(ctx.job, &source::digest(&src.commit, &extra_files(host, ctx).await?)))
@@ -265,11 +282,18 @@ async fn run_confirm<H: Host, P: Progress>(
             "died" => "the activation unit died before it settled".to_string(),
             other => format!("the activation did not run ({other})"),
         };
-        return Err(failed(Step::Activate, "switch-to-configuration", how, FailureCategory::ActivationFailed, &rec.log));
+        return Err(failed(
+            Step::Activate,
+            "switch-to-configuration",
+            how,
+            FailureCategory::ActivationFailed,
+            &rec.log,
+        ));
     }
-    let result = rec.get("result").and_then(ActivationResult::parse).ok_or_else(|| {
-        failed(Step::Health, "sh", "reported no result", FailureCategory::CommandFailed, &rec.log)
-    })?;
+    let result = rec
+        .get("result")
+        .and_then(ActivationResult::parse)
+        .ok_or_else(|| failed(Step::Health, "sh", "reported no result", FailureCategory::CommandFailed, &rec.log))?;
     let system = rec.get("system").map(str::to_string).filter(|s| !s.is_empty()).or(toplevel);
     let health = rec.get("health").unwrap_or("skipped").to_string();
     finish(ctx, st, result, system, Some(health), &rec.log)
@@ -295,13 +319,20 @@ fn finish<P: Progress>(
                 return Err(failed(Step::Health, "health check", how, FailureCategory::HealthCheckFailed, log));
             }
             let (system, message) = match action {
-                Action::Switch | Action::Test => (system, format!("{} confirmed over a new SSH connection", action.as_str())),
-                Action::Boot => (st.current_system.clone(), "the new system is the boot default; it runs after the next reboot".to_string()),
+                Action::Switch | Action::Test => {
+                    (system, format!("{} confirmed over a new SSH connection", action.as_str()))
+                }
+                Action::Boot => (
+                    st.current_system.clone(),
+                    "the new system is the boot default; it runs after the next reboot".to_string(),
+                ),
                 _ => (st.current_system.clone(), "dry-activate: nothing changed".to_string()),
             };
             Ok(Outcome {
                 // Only what runs now counts as applied: boot and dry-activate leave the running system as it was.
-                commit: matches!(action, Action::Switch | Action::Test).then(|| src.map(|s| s.commit.clone())).flatten(),
+                commit: matches!(action, Action::Switch | Action::Test)
+                    .then(|| src.map(|s| s.commit.clone()))
+                    .flatten(),
                 system,
                 booted_system: st.booted_system.clone(),
                 boot_id: st.boot_id.clone(),
@@ -343,7 +374,13 @@ fn finish<P: Progress>(
 
 fn activation_failure(what: &str, log: &[String], installable: &str) -> Error {
     match what {
-        "build" => failed(Step::Build, "nix build", format!("could not build {installable}"), FailureCategory::BuildFailed, log),
+        "build" => failed(
+            Step::Build,
+            "nix build",
+            format!("could not build {installable}"),
+            FailureCategory::BuildFailed,
+            log,
+        ),
         "lockfile" => failed(
             Step::Build,
             "nix build",
@@ -352,9 +389,27 @@ fn activation_failure(what: &str, log: &[String], installable: &str) -> Error {
             log,
         ),
         "upload" => failed(Step::Upload, "tar", "could not unpack the upload", FailureCategory::CommandFailed, log),
-        "profile" => failed(Step::Activate, "nix-env", "could not set the system profile", FailureCategory::ActivationFailed, log),
-        "unit" => failed(Step::Activate, "systemd-run", "refused to start the activation unit", FailureCategory::CommandFailed, log),
-        "died" => failed(Step::Activate, "switch-to-configuration", "the activation unit died", FailureCategory::ActivationFailed, log),
+        "profile" => failed(
+            Step::Activate,
+            "nix-env",
+            "could not set the system profile",
+            FailureCategory::ActivationFailed,
+            log,
+        ),
+        "unit" => failed(
+            Step::Activate,
+            "systemd-run",
+            "refused to start the activation unit",
+            FailureCategory::CommandFailed,
+            log,
+        ),
+        "died" => failed(
+            Step::Activate,
+            "switch-to-configuration",
+            "the activation unit died",
+            FailureCategory::ActivationFailed,
+            log,
+        ),
         other => failed(Step::Activate, "sh", format!("failed ({other})"), FailureCategory::CommandFailed, log),
     }
 }

@@ -53,7 +53,11 @@ async fn switch_ships_the_exact_tree_and_files_and_skips_a_target_already_applie
     let src = host.path(&format!("/var/lib/nio/src/{commit}"));
     let flake = std::fs::read_to_string(root.join("hosts-flake/flake.nix")).unwrap();
     assert_eq!(std::fs::read_to_string(src.join("hosts-flake/flake.nix")).unwrap(), flake, "the tree is there");
-    assert_eq!(std::fs::read_to_string(src.join("hosts-flake/extra/motd.nix")).unwrap(), "{ }\n", "files land relative to the subdirectory");
+    assert_eq!(
+        std::fs::read_to_string(src.join("hosts-flake/extra/motd.nix")).unwrap(),
+        "{ }\n",
+        "files land relative to the subdirectory"
+    );
     let marker = std::fs::read_to_string(src.join(".nio-complete")).unwrap();
     assert_eq!(marker.len(), 64, "the upload ends with its digest as the completion marker: {marker:?}");
     assert_eq!(std::fs::metadata(src.join("deploy.sh")).unwrap().permissions().mode() & 0o777, 0o755, "exec bit");
@@ -356,14 +360,8 @@ async fn secrets_land_0400_outside_the_store_and_never_in_logs_argv_or_the_strea
     assert!(!wire.contains(plaintext));
 
     let log = h.path("executor.log");
-    let mut child = spawn_binary(
-        &h,
-        &nats,
-        &config(&[("dc1", 2)]),
-        "e1",
-        &["--seal-key-file", key_file.to_str().unwrap()],
-        &log,
-    );
+    let mut child =
+        spawn_binary(&h, &nats, &config(&[("dc1", 2)]), "e1", &["--seal-key-file", key_file.to_str().unwrap()], &log);
     bus.publish(&j).await;
     let done = bus.final_of("db-01", T).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
@@ -392,7 +390,9 @@ async fn secrets_land_0400_outside_the_store_and_never_in_logs_argv_or_the_strea
     assert!(logs.contains("job.execute") || logs.contains("executor ready"), "the log was captured");
     assert!(!logs.contains(plaintext), "secret in executor logs");
     // Nowhere on the machine but in its file: not in the store, the job's files or the unit's log.
-    let found = host.exec(&format!("grep -rl '{plaintext}' /nix/store /var/lib/nio/jobs /run /var/lib/sshd.log || true")).unwrap();
+    let found = host
+        .exec(&format!("grep -rl '{plaintext}' /nix/store /var/lib/nio/jobs /run /var/lib/sshd.log || true"))
+        .unwrap();
     assert_eq!(found.trim(), "", "secret left on the machine");
     let events = serde_json::to_string(&bus.seen).unwrap();
     assert!(!events.contains(plaintext), "secret in a status event");

@@ -185,8 +185,7 @@ impl TestHost {
 
     fn build(index: u32, netns: &str, d: &Path, opts: &HostOptions) -> anyhow::Result<(u32, String)> {
         use std::os::unix::fs::PermissionsExt;
-        for sub in
-            ["nix", "run", "var-lib", "etc-ssh/authorized_keys.d", "etc-nix", "boot", "bin", "root", "sudoers.d"]
+        for sub in ["nix", "run", "var-lib", "etc-ssh/authorized_keys.d", "etc-nix", "boot", "bin", "root", "sudoers.d"]
         {
             std::fs::create_dir_all(d.join(sub))?;
         }
@@ -281,8 +280,11 @@ impl TestHost {
         // Reaped by the kernel's init once killed: nobody waits for it here.
         std::mem::forget(holder);
         // Generation 1 of the system profile: the initial configuration, as an installer would leave it.
-        let installable =
-            format!("path:{}#nixosConfigurations.{}.config.system.build.toplevel", fixture_flake().display(), opts.initial);
+        let installable = format!(
+            "path:{}#nixosConfigurations.{}.config.system.build.toplevel",
+            fixture_flake().display(),
+            opts.initial
+        );
         let provision = format!(
             "set -e; nix build --no-update-lock-file --out-link /root/initial-system '{installable}'; \
              top=$(readlink -e /root/initial-system); nix-env -p /nix/var/nix/profiles/system --set \"$top\"; \

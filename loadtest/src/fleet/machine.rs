@@ -1,5 +1,6 @@
-//! One simulated NixOS machine: its state and the remote command surface of docs/design.md §4, parsed the way the
-//! real tools parse their arguments. Unknown commands exit 127, bad flags exit 2.
+//! One simulated NixOS machine: its state and the remote command surface of docs/remote-protocol.md (NIO's state,
+//! activation and confirmation scripts, installs, probes), parsed the way the real tools parse their arguments,
+//! plus `nixos-rebuild` for the peers `compare` measures. Unknown commands exit 127, bad flags exit 2.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -82,7 +83,9 @@ pub fn reads_stdin(argv: &[String]) -> bool {
         Some("tee") => true,
         Some("tar") => true,
         Some("install") => argv.iter().any(|a| a == "/dev/stdin"),
-        Some("sh") => argv.get(3).map(String::as_str) == Some("nio-activate") && argv.get(6).map(String::as_str) == Some("tar"),
+        Some("sh") => {
+            argv.get(3).map(String::as_str) == Some("nio-activate") && argv.get(6).map(String::as_str) == Some("tar")
+        }
         _ => false,
     }
 }
@@ -161,10 +164,8 @@ impl State {
                 self.generations = vec![sys];
                 // What was written under /mnt is the new root.
                 let files = std::mem::take(&mut self.files);
-                self.files = files
-                    .into_iter()
-                    .filter_map(|(p, f)| p.strip_prefix("/mnt").map(|r| (r.to_string(), f)))
-                    .collect();
+                self.files =
+                    files.into_iter().filter_map(|(p, f)| p.strip_prefix("/mnt").map(|r| (r.to_string(), f))).collect();
                 let dirs = std::mem::take(&mut self.dirs);
                 self.dirs = dirs.into_iter().filter_map(|d| d.strip_prefix("/mnt").map(str::to_string)).collect();
                 self.jobs.clear();
@@ -270,7 +271,10 @@ pub fn run(
         ("tar", ["-x", "-z", "--no-same-owner", "-f", "-", "-C", dir]) => {
             let mut plain = Vec::new();
             if let Err(e) = std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(stdin), &mut plain) {
-                return (fail(2, format!("gzip: stdin: not in gzip format ({e})\ntar: Child returned status 1\n")), quick);
+                return (
+                    fail(2, format!("gzip: stdin: not in gzip format ({e})\ntar: Child returned status 1\n")),
+                    quick,
+                );
             }
             let argv: Vec<String> =
                 ["tar", "-x", "--no-same-owner", "-f", "-", "-C", dir].iter().map(|s| s.to_string()).collect();
@@ -368,10 +372,40 @@ pub fn run(
         }
         (
             "sh",
-            ["-c", script, "nio-activate", job, src, input, installable, action, _profile, _current, rollback, _confirm, _unit, secrets, _wrapper],
+            [
+                "-c",
+                script,
+                "nio-activate",
+                job,
+                src,
+                input,
+                installable,
+                action,
+                _profile,
+                _current,
+                rollback,
+                _confirm,
+                _unit,
+                secrets,
+                _wrapper,
+            ],
         ) if *script == nio_shared::remote::ACTIVATE_SCRIPT => {
             let took = behaviour.switch_latency.sample();
-            return (activate(state, behaviour, job, src, *input == "tar", installable, action, *rollback == "1", secrets, stdin), took);
+            return (
+                activate(
+                    state,
+                    behaviour,
+                    job,
+                    src,
+                    *input == "tar",
+                    installable,
+                    action,
+                    *rollback == "1",
+                    secrets,
+                    stdin,
+                ),
+                took,
+            );
         }
         ("sh", ["-c", script, "nio-confirm", job, marker, line, _current, check, _timeout, allow, _command @ ..])
             if *script == nio_shared::remote::CONFIRM_SCRIPT =>
@@ -381,6 +415,30 @@ pub fn run(
         ("sh", ["-c", script]) if *script == crate::fleet::FACT_SCRIPT => ok(
             "system=x86_64-linux\ncpus=8\ncpu=Simulated CPU\nmemory=17179869184\ndisk=vda 53687091200\nnic=eth0 52:54:00:00:00:01\nvirt=kvm\n",
         ),
+        // What peers (parallel-ssh, ansible in `compare`) push; NIO itself never runs nixos-rebuild.
+        ("nixos-rebuild", [action @ ("switch" | "boot" | "test" | "dry-activate"), "--flake", flake]) => {
+            let took = behaviour.switch_latency.sample();
+            let Some((dir, attr)) = flake.strip_prefix("path:").and_then(|f| f.split_once('#')) else {
+                return (fail(1, format!("error: invalid flake reference '{flake}'\n")), took);
+            };
+            if !state.files.contains_key(&format!("{dir}/flake.nix")) {
+                return (fail(1, format!("error: path '{dir}' does not contain a 'flake.nix'\n")), took);
+            }
+            state.rebuilds += 1;
+            if chance(behaviour.failure_rate) {
+                return (fail(1, format!("error: builder for '/nix/store/x-nixos-system-{attr}.drv' failed\n")), took);
+            }
+            let sys = store_path(flake, &format!("nixos-system-{attr}"));
+            if matches!(*action, "switch" | "boot") {
+                state.generations.push(sys.clone());
+                state.boot_system = sys.clone();
+            }
+            if matches!(*action, "switch" | "test") {
+                state.current_system = sys;
+            }
+            return (ok("building the system configuration...\nactivating the configuration...\n"), took);
+        }
+        ("nixos-rebuild", _) => fail(2, "nixos-rebuild: unknown action or flags\n"),
         ("/root/kexec/kexec/run", []) => {
             if !state.files.contains_key("/root/kexec/kexec/run") {
                 fail(127, "sh: /root/kexec/kexec/run: not found\n")
@@ -475,7 +533,11 @@ fn activate(
             Ok(())
         });
         if let Err(e) = result {
-            return Output { status: 3, stdout: format!("tar: {e}\n@@nio failed upload\n").into_bytes(), ..Default::default() };
+            return Output {
+                status: 3,
+                stdout: format!("tar: {e}\n@@nio failed upload\n").into_bytes(),
+                ..Default::default()
+            };
         }
         for (p, f) in added {
             if let Some((parent, _)) = p.rsplit_once('/') {
@@ -485,7 +547,11 @@ fn activate(
         }
     }
     let Some((dir, attr)) = installable.strip_prefix("path:").and_then(|f| f.split_once('#')) else {
-        return Output { status: 3, stdout: format!("error: invalid flake reference '{installable}'\n@@nio failed build\n").into_bytes(), ..Default::default() };
+        return Output {
+            status: 3,
+            stdout: format!("error: invalid flake reference '{installable}'\n@@nio failed build\n").into_bytes(),
+            ..Default::default()
+        };
     };
     let attr = attr.trim_start_matches("nixosConfigurations.").split('.').next().unwrap_or("x");
     if !state.files.contains_key(&format!("{dir}/flake.nix")) {
@@ -495,7 +561,9 @@ fn activate(
     state.rebuilds += 1;
     let broken = state.broken_commits.iter().any(|c| dir.contains(c.as_str()));
     if broken || chance(behaviour.failure_rate) {
-        out.push_str(&format!("error: builder for '/nix/store/x-nixos-system-{attr}.drv' failed with exit code 1\n@@nio failed build\n"));
+        out.push_str(&format!(
+            "error: builder for '/nix/store/x-nixos-system-{attr}.drv' failed with exit code 1\n@@nio failed build\n"
+        ));
         return Output { status: 3, stdout: out.into_bytes(), ..Default::default() };
     }
     let top = store_path(installable, &format!("nixos-system-{attr}"));
@@ -519,7 +587,15 @@ fn activate(
 
 /// What [`nio_shared::remote::CONFIRM_SCRIPT`] does: health (failed units by `unhealthyRate`), then confirm or
 /// roll back.
-fn confirm(state: &mut State, behaviour: &Behaviour, job: &str, marker: &str, line: &str, check: bool, allow: &str) -> Output {
+fn confirm(
+    state: &mut State,
+    behaviour: &Behaviour,
+    job: &str,
+    marker: &str,
+    line: &str,
+    check: bool,
+    allow: &str,
+) -> Output {
     let Some(mut j) = state.jobs.get(job).cloned() else {
         return Output { status: 3, stdout: b"@@nio failed nojob\n".to_vec(), ..Default::default() };
     };
@@ -569,23 +645,18 @@ mod tests {
         let (out, _) = run(&mut s, &p, &b, &argv(&["rm", "-rf", "/"]), b"");
         assert_eq!(out.status, 127);
         assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
-        let (out, _) = run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--flake", "path:/x#web"]), b"");
-        assert_eq!(out.status, 127, "NIO never runs nixos-rebuild on a machine");
+        let (out, _) =
+            run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--fast", "--flake", "path:/x#web"]), b"");
+        assert_eq!(out.status, 2, "unknown nixos-rebuild flag");
+        let (out, _) = run(&mut s, &p, &b, &argv(&["nixos-rebuild", "switch", "--flake", "path:/nowhere#web"]), b"");
+        assert_eq!(out.status, 1, "no flake.nix at the path");
         let (out, _) =
             run(&mut s, &p, &b, &argv(&["tar", "-x", "--no-same-owner", "-f", "-", "-C", "/nowhere"]), b"junk");
         assert_eq!(out.status, 2);
     }
 
     fn activation(c: &Commands, unit: &str, src: &str, installable: &str, action: &str, rollback: bool) -> Vec<String> {
-        c.activate(&Activation {
-            unit,
-            src_dir: src,
-            upload: true,
-            installable,
-            action,
-            rollback,
-            confirm_seconds: 30,
-        })
+        c.activate(&Activation { unit, src_dir: src, upload: true, installable, action, rollback, confirm_seconds: 30 })
     }
 
     #[test]
@@ -606,7 +677,13 @@ mod tests {
         let src = "/var/lib/nio/src/abc";
         let installable = c.toplevel("abc", None, "web");
         // Without a flake at the path the build fails and nothing changes.
-        let (out, _) = run(&mut s, &p, &b, &activation(&c, "nio-1", src, &installable.replace("abc", "xyz"), "switch", true), &tar);
+        let (out, _) = run(
+            &mut s,
+            &p,
+            &b,
+            &activation(&c, "nio-1", src, &installable.replace("abc", "xyz"), "switch", true),
+            &tar,
+        );
         assert_eq!(out.status, 3);
         assert!(String::from_utf8_lossy(&out.stdout).contains("@@nio failed build"));
         assert_eq!(s.current_system, before);
@@ -618,7 +695,9 @@ mod tests {
         assert_eq!((out.status, rec.get("result")), (0, None), "waiting for the confirmation: {rec:?}");
         assert!(s.current_system.ends_with("nixos-system-web") && s.current_system != before);
         assert_eq!(s.files["/var/lib/nio/secrets/k"].mode, 0o400);
-        let st = MachineState::parse(&String::from_utf8_lossy(&run(&mut s, &p, &b, &c.state(src, "nio-2"), b"").0.stdout)).unwrap();
+        let st =
+            MachineState::parse(&String::from_utf8_lossy(&run(&mut s, &p, &b, &c.state(src, "nio-2"), b"").0.stdout))
+                .unwrap();
         assert!(st.attempt.as_ref().is_some_and(|a| a.awaiting), "{st:?}");
         let confirm = |unit, marker| Confirmation {
             unit,
@@ -635,7 +714,8 @@ mod tests {
         // An unhealthy machine rolls back to what ran before.
         let sick = Behaviour { unhealthy_rate: 1.0, ..b.clone() };
         let running = s.current_system.clone();
-        let (out, _) = run(&mut s, &p, &sick, &activation(&c, "nio-3", src, &c.toplevel("abc", None, "db"), "switch", true), &tar);
+        let (out, _) =
+            run(&mut s, &p, &sick, &activation(&c, "nio-3", src, &c.toplevel("abc", None, "db"), "switch", true), &tar);
         assert_eq!(out.status, 0);
         let (out, _) = run(&mut s, &p, &sick, &c.confirm(&confirm("nio-3", None)), b"");
         let rec = Records::parse(&String::from_utf8_lossy(&out.stdout));
