@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nio_shared::crd::HardwareFacts;
-use nio_shared::protocol::{Action, FailureCategory, FileContent, Job, SecretFile, Source, Step};
+use nio_shared::protocol::{Action, FailureCategory, Job, SecretFile, Source, Step};
 use nio_shared::seal::SealKey;
 
 use crate::error::{Error, Result};
@@ -381,16 +381,7 @@ async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -
 async fn upload_tree_only<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
     let src = ctx.job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
     let tree = ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?;
-    let mut extra = Vec::new();
-    for f in &ctx.job.files {
-        match &f.content {
-            FileContent::Inline { content } => extra.push((f.path.clone(), content.as_bytes().to_vec())),
-            FileContent::NixosFacter => {
-                let out = host::run(host, Step::Scan, ctx.cmds.facter(), None, ctx.long).await?;
-                extra.push((f.path.clone(), out.stdout));
-            }
-        }
-    }
+    let extra = crate::update::extra_files(host, ctx).await?;
     let digest = source::digest(&src.commit, &extra);
     let tar = source::stream(Some(&tree), src.subdir.as_deref(), &extra, &digest, &[])?;
     let dir = ctx.cmds.src_dir(&src.commit);

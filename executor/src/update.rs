@@ -416,7 +416,7 @@ fn activation_failure(what: &str, log: &[String], installable: &str) -> Error {
 
 /// The job's additional files: inline content, or nixos-facter's report (the built-in fact script where
 /// nixos-facter is missing).
-async fn extra_files<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Vec<(String, Vec<u8>)>> {
+pub(crate) async fn extra_files<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Vec<(String, Vec<u8>)>> {
     let mut extra = Vec::new();
     for f in &ctx.job.files {
         match &f.content {

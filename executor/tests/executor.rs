@@ -29,12 +29,29 @@ async fn switch_ships_the_exact_tree_and_files_and_skips_a_target_already_applie
     let commit = h.repo.write("hosts-flake/extra.nix", "{ motd = \"from the repo\"; }\n").unwrap();
     let mut bus = Bus::connect(&nats).await;
     let (stop, task) = spawn_executor(settings(&h, &nats, config(&[("dc1", 4)]), "e1"));
+    // The example configuration's inline file (examples/30-configurations.yaml, db-01), as the controller sends it.
+    let examples = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/30-configurations.yaml"));
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&examples.unwrap()).unwrap();
+    let db = docs.iter().find(|d| d["metadata"]["name"] == "db-01").expect("the example db-01");
+    let example = db["spec"]["additionalFiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["valueType"] == "Inline")
+        .expect("an inline file in the example");
+    let (example_path, example_text) = (example["path"].as_str().unwrap(), example["inline"].as_str().unwrap());
     let mut j = job("web-01", &h.addr(0), 22, "dc1", &h.repo.url(), &commit);
     j.source.as_mut().unwrap().subdir = Some("hosts-flake".into());
-    j.files = vec![nio_shared::protocol::FileEntry {
-        path: "extra/motd.nix".into(),
-        content: nio_shared::protocol::FileContent::Inline { content: "{ }\n".into() },
-    }];
+    j.files = vec![
+        nio_shared::protocol::FileEntry {
+            path: "extra/motd.nix".into(),
+            content: nio_shared::protocol::FileContent::Inline { content: "{ }\n".into() },
+        },
+        nio_shared::protocol::FileEntry {
+            path: example_path.into(),
+            content: nio_shared::protocol::FileContent::Inline { content: example_text.into() },
+        },
+    ];
     bus.publish(&j).await;
 
     let done = bus.final_of("web-01", T).await;
@@ -58,6 +75,9 @@ async fn switch_ships_the_exact_tree_and_files_and_skips_a_target_already_applie
         "{ }\n",
         "files land relative to the subdirectory"
     );
+    let shipped = std::fs::read_to_string(src.join("hosts-flake").join(example_path)).unwrap();
+    assert_eq!(shipped, example_text, "the example's {example_path} is where its flake sees it");
+    assert!(shipped.contains("max_connections"), "{shipped}");
     let marker = std::fs::read_to_string(src.join(".nio-complete")).unwrap();
     assert_eq!(marker.len(), 64, "the upload ends with its digest as the completion marker: {marker:?}");
     assert_eq!(std::fs::metadata(src.join("deploy.sh")).unwrap().permissions().mode() & 0o777, 0o755, "exec bit");
