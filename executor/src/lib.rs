@@ -64,13 +64,19 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         .with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
     let js = async_nats::jetstream::new(client);
     let consumers = worker::ensure_consumers(&js, &s.config).await?;
-    let locks = lock::Locks::open(
-        &js,
-        s.executor_id.clone(),
-        Duration::from_secs(s.config.lock_ttl_seconds),
-        s.config.stream_replicas,
-    )
-    .await?;
+    // This process, as lock holder and in heartbeats: the executor id plus a per-process suffix, so a restarted
+    // executor with the same id does not mistake its predecessor's locks for its own.
+    let holder: String = format!("{}-{:08x}", s.executor_id, rand::random::<u32>())
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_=".contains(c) { c } else { '_' })
+        .collect();
+    // Beats until this function returns (not at shutdown: jobs finishing in the grace period keep their locks).
+    let beat_stop = CancellationToken::new();
+    let _beating = beat_stop.clone().drop_guard();
+    let heartbeats = lock::Heartbeats::start(&js, holder.clone(), s.config.stream_replicas, beat_stop).await?;
+    let locks =
+        lock::Locks::open(&js, holder, Duration::from_secs(s.config.lock_ttl_seconds), s.config.stream_replicas)
+            .await?;
     let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
     let kexec_tarball = match &s.kexec_tarball {
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading kexec tarball {}", p.display()))?),
@@ -83,6 +89,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg: s.config.clone(),
         id: s.executor_id.clone(),
         locks,
+        heartbeats,
         identities: ssh::Identities::new(s.identities_dir.clone()),
         sources: source::SourceCache::new(
             s.cache_dir.clone(),

@@ -1,5 +1,8 @@
 //! Per-machine locks in the `NIO_LOCKS` KV bucket: created if absent, refreshed while held, released by
-//! revision. An executor that dies leaves its entry to expire after the bucket TTL (`lockTtlSeconds`).
+//! revision. Every executor process beats in `NIO_EXECUTORS` (an entry that expires [`HEARTBEAT_TTL`] after the
+//! last beat); a lock whose holder has no heartbeat belongs to a dead executor and is taken over at once,
+//! instead of after the lock's own TTL (`lockTtlSeconds`). The machine itself serializes activations too
+//! (the activation unit holds a file lock), so even a holder that was only stalled cannot overlap.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +19,62 @@ pub struct Locks {
     kv: kv::Store,
     holder: String,
     refresh_every: Duration,
+}
+
+/// How long a heartbeat lasts without renewal.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+/// How often an executor beats.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// This process's heartbeat, and the others'.
+#[derive(Clone)]
+pub struct Heartbeats {
+    kv: kv::Store,
+}
+
+impl Heartbeats {
+    /// Opens (or creates) the bucket and beats as `me` until `stop`.
+    pub async fn start(
+        js: &async_nats::jetstream::Context,
+        me: String,
+        replicas: usize,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<Self> {
+        let kv = nio_shared::nats::retrying("heartbeat bucket", || async {
+            match js.get_key_value(nio_shared::subjects::EXECUTORS_BUCKET).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => Ok(js.create_key_value(nio_shared::nats::executors_bucket(replicas, HEARTBEAT_TTL)).await?),
+            }
+        })
+        .await
+        .map_err(|e| Error::nats("creating heartbeat bucket", e))?;
+        kv.put(&me, Bytes::from_static(b"alive")).await.map_err(|e| Error::nats("first heartbeat", e))?;
+        let beat = kv.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => {
+                        let _ = beat.delete(&me).await;
+                        return;
+                    }
+                    _ = tokio::time::sleep(HEARTBEAT_EVERY) => {
+                        if let Err(e) = beat.put(&me, Bytes::from_static(b"alive")).await {
+                            tracing::warn!(error = %e, "heartbeat failed");
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Heartbeats { kv })
+    }
+
+    /// Whether `holder` beat within [`HEARTBEAT_TTL`]. Unknown (NATS trouble) counts as alive.
+    pub async fn alive(&self, holder: &str) -> bool {
+        match self.kv.get(holder).await {
+            Ok(v) => v.is_some(),
+            Err(_) => true,
+        }
+    }
 }
 
 /// A held lock; refreshed in the background until released. Dropping it without [`Held::release`] stops the
@@ -98,6 +157,25 @@ impl Locks {
             }
         };
         let _ = tokio::time::timeout(max, released).await;
+    }
+
+    /// Takes the lock on `key` from a holder whose executor is gone (no heartbeat): deletes its entry by
+    /// revision (so a concurrent taker or a live holder's refresh wins instead) and creates ours. Returns the
+    /// lock and the dead holder.
+    pub async fn take_over(&self, key: &str, heartbeats: &Heartbeats) -> Result<Option<(Held, String)>> {
+        let entry = match self.kv.entry(key).await {
+            Ok(Some(e)) if matches!(e.operation, kv::Operation::Put) => e,
+            Ok(_) => return Ok(self.try_acquire(key).await?.map(|h| (h, String::new()))),
+            Err(e) => return Err(Error::nats(format!("lock {key}"), e)),
+        };
+        let holder = String::from_utf8_lossy(&entry.value).into_owned();
+        if holder == self.holder || heartbeats.alive(&holder).await {
+            return Ok(None);
+        }
+        if self.kv.delete_expect_revision(key, Some(entry.revision)).await.is_err() {
+            return Ok(None);
+        }
+        Ok(self.try_acquire(key).await?.map(|h| (h, holder)))
     }
 
     /// Who holds `key`, if anyone.

@@ -20,7 +20,7 @@ use crate::actions::{self, Connector, JobRun, Outcome, Progress};
 use crate::error::{Error, Result};
 use crate::host::Commands;
 use crate::limits::ConnectLimits;
-use crate::lock::Locks;
+use crate::lock::{Heartbeats, Locks};
 use crate::metrics::{self, Metrics, OutcomeLabels};
 use crate::source::SourceCache;
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
@@ -35,6 +35,7 @@ pub struct Executor {
     pub cfg: ExecutorConfig,
     pub id: String,
     pub locks: Locks,
+    pub heartbeats: Heartbeats,
     pub limits: ConnectLimits,
     pub identities: Identities,
     pub sources: SourceCache,
@@ -356,6 +357,11 @@ impl Executor {
                 }
                 if job.action.kind() == JobKind::Probe {
                     return Ok(None);
+                }
+                // The holder's executor died: its job (often this very one, redelivered) is ours to finish.
+                if let Some((h, dead)) = self.locks.take_over(&key, &self.heartbeats).await? {
+                    rep.step(Step::Lock, format!("took the machine over from {dead}, whose executor is gone")).await;
+                    return Ok(Some(h));
                 }
                 if !announced {
                     self.metrics.lock_waits.get_or_create(&metrics::site(site)).inc();

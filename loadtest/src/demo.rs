@@ -50,6 +50,7 @@ pub async fn run(machines: usize, hold: bool) -> anyhow::Result<()> {
         push_via: crate::scenario::PushVia::Webhook,
         rollout: None,
         broken: 0.0,
+        ..Scenario::default()
     };
     eprintln!("NIO demo: state and logs in {}", work.display());
     let (report, running) = scenario::run(s, Some(&work.join("report.json"))).await?;

@@ -134,6 +134,9 @@ struct RunArgs {
     /// each controller's webhook.
     #[arg(long, value_enum, default_value = "annotation")]
     push_via: nio_loadtest::scenario::PushVia,
+    /// The executors' ackWaitSeconds: how long a killed executor's jobs stay with it before they are redelivered.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=600))]
+    ack_wait_seconds: u64,
     /// The measured rollout's `spec.rollout` as JSON (waves, maxFailures, onFailure), set with the push.
     #[arg(long, value_parser = parse_json)]
     rollout: Option<serde_json::Value>,
@@ -228,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
                 push_via: a.push_via,
                 rollout: a.rollout,
                 broken: a.broken,
+                ack_wait_seconds: a.ack_wait_seconds,
             };
             let (report, _) = nio_loadtest::scenario::run(scenario, a.report.as_deref()).await?;
             eprint!("{}", nio_loadtest::scenario::summary(&report));

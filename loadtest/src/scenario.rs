@@ -112,6 +112,9 @@ pub struct Scenario {
     pub rollout: Option<serde_json::Value>,
     /// Share of the machines on which the measured commit fails to build (every ⌈1/share⌉-th machine).
     pub broken: f64,
+    /// The executors' `ackWaitSeconds`: how long a dead executor's jobs stay with it (progress acks keep the
+    /// live ones'); the lock of a dead executor is taken over once its heartbeat is gone.
+    pub ack_wait_seconds: u64,
 }
 
 impl Default for Scenario {
@@ -137,6 +140,7 @@ impl Default for Scenario {
             push_via: PushVia::Annotation,
             rollout: None,
             broken: 0.0,
+            ack_wait_seconds: 10,
         }
     }
 }
@@ -327,7 +331,7 @@ impl Running {
         let sites: Vec<serde_json::Value> = (0..s.sites)
             .map(|i| json!({"name": Fleet::site_name(i), "maxInFlight": s.site_limit, "connectRate": 1000.0, "burst": 200}))
             .collect();
-        let cfg = json!({"sites": sites, "ackWaitSeconds": 30, "maxDeliver": 5, "backoffSeconds": [1, 2, 5], "jobTimeoutSeconds": 600, "lockTtlSeconds": 10, "streamReplicas": replicas});
+        let cfg = json!({"sites": sites, "ackWaitSeconds": s.ack_wait_seconds, "maxDeliver": 5, "backoffSeconds": [1, 2, 5], "jobTimeoutSeconds": 600, "lockTtlSeconds": 10, "streamReplicas": replicas});
         std::fs::write(dir.join("executor.yaml"), cfg.to_string())?;
 
         let ctl_bin = bin_path("nio-controller")?;

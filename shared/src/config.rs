@@ -28,7 +28,7 @@ fn default_burst() -> u32 {
     10
 }
 fn default_ack_wait() -> u64 {
-    60
+    10
 }
 fn default_max_deliver() -> i64 {
     5
@@ -80,7 +80,8 @@ impl Default for RemotePaths {
 pub struct ExecutorConfig {
     /// Sites this executor serves.
     pub sites: Vec<SiteLimits>,
-    /// Seconds before an unacknowledged job is redelivered (progress acks extend it).
+    /// Seconds before an unacknowledged job is redelivered: how long the jobs of an executor that died stay with
+    /// it. Running jobs are kept by progress acks every third of it, so it can be short.
     #[serde(default = "default_ack_wait")]
     pub ack_wait_seconds: u64,
     /// Deliveries of one job before it is given up.

@@ -54,6 +54,20 @@ pub fn locks_bucket(replicas: usize, ttl: Duration) -> kv::Config {
     }
 }
 
+/// `NIO_EXECUTORS`: a heartbeat per executor process; an entry expires `ttl` after its last beat, so a lock
+/// whose holder has no entry belongs to a dead executor.
+pub fn executors_bucket(replicas: usize, ttl: Duration) -> kv::Config {
+    kv::Config {
+        bucket: subjects::EXECUTORS_BUCKET.into(),
+        description: "NIO executor heartbeats".into(),
+        history: 1,
+        max_age: ttl,
+        storage: stream::StorageType::Memory,
+        num_replicas: replicas.max(1),
+        ..Default::default()
+    }
+}
+
 /// The durable consumer every executor shares for one site: `max_ack_pending` is the site's limit, so the
 /// broker enforces it across all executors.
 pub fn site_consumer(site: &SiteLimits, cfg: &ExecutorConfig) -> consumer::pull::Config {

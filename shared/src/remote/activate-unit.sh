@@ -4,6 +4,9 @@
 set -u
 job=$1 top=$2 action=$3 profile=$4 current=$5 rollback=$6 confirm=$7
 echo $$ > "$job/pid"
+# One activation at a time on this machine, whatever the executors believe about their locks.
+exec 9> "${job%/jobs/*}/activation.lock"
+flock 9
 log() { "$@" >> "$job/log" 2>&1; }
 finish() { printf '%s\n' "$*" > "$job/result.tmp" && mv -f "$job/result.tmp" "$job/result"; exit 0; }
 gen() { sed -n 's/.*-\([0-9][0-9]*\)-link$/\1/p'; }
