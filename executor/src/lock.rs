@@ -40,15 +40,18 @@ impl Heartbeats {
         replicas: usize,
         stop: tokio_util::sync::CancellationToken,
     ) -> Result<Self> {
+        // A bucket just created on a cluster may refuse writes until its replicas are placed: the first beat
+        // is retried like the creation.
         let kv = nio_shared::nats::retrying("heartbeat bucket", || async {
-            match js.get_key_value(nio_shared::subjects::EXECUTORS_BUCKET).await {
-                Ok(kv) => Ok(kv),
-                Err(_) => Ok(js.create_key_value(nio_shared::nats::executors_bucket(replicas, HEARTBEAT_TTL)).await?),
-            }
+            let kv = match js.get_key_value(nio_shared::subjects::EXECUTORS_BUCKET).await {
+                Ok(kv) => kv,
+                Err(_) => js.create_key_value(nio_shared::nats::executors_bucket(replicas, HEARTBEAT_TTL)).await?,
+            };
+            kv.put(&me, Bytes::from_static(b"alive")).await?;
+            Ok(kv)
         })
         .await
         .map_err(|e| Error::nats("creating heartbeat bucket", e))?;
-        kv.put(&me, Bytes::from_static(b"alive")).await.map_err(|e| Error::nats("first heartbeat", e))?;
         let beat = kv.clone();
         tokio::spawn(async move {
             loop {
@@ -169,7 +172,14 @@ impl Locks {
             Err(e) => return Err(Error::nats(format!("lock {key}"), e)),
         };
         let holder = String::from_utf8_lossy(&entry.value).into_owned();
-        if holder == self.holder || heartbeats.alive(&holder).await {
+        // Holders from before heartbeats (no process suffix) never beat: their locks only expire.
+        if holder == self.holder || !beats(&holder) || heartbeats.alive(&holder).await {
+            return Ok(None);
+        }
+        // Gone twice, more than two beats apart: a live executor whose beats were refused for a while (a NATS
+        // election) beats again within a second of the bucket taking writes, so it is not mistaken for dead.
+        tokio::time::sleep(HEARTBEAT_EVERY * 5 / 2).await;
+        if heartbeats.alive(&holder).await {
             return Ok(None);
         }
         if self.kv.delete_expect_revision(key, Some(entry.revision)).await.is_err() {
@@ -182,6 +192,11 @@ impl Locks {
     pub async fn holder(&self, key: &str) -> Option<String> {
         self.kv.get(key).await.ok().flatten().map(|v| String::from_utf8_lossy(&v).into_owned())
     }
+}
+
+/// Whether `holder` is a heartbeating process's name: `{executor id}-{8 hex digits}`.
+fn beats(holder: &str) -> bool {
+    holder.rsplit_once('-').is_some_and(|(_, n)| n.len() == 8 && n.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 async fn refresh(kv: kv::Store, key: String, holder: String, revision: Arc<AtomicU64>, every: Duration) {
@@ -205,5 +220,16 @@ impl Held {
         if let Err(e) = self.kv.delete_expect_revision(&self.key, Some(rev)).await {
             tracing::warn!(lock = %self.key, error = %e, "releasing a machine lock failed; it expires on its own");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_heartbeating_holders_can_be_declared_dead() {
+        assert!(super::beats("e1-0a1b2c3d"));
+        assert!(super::beats("nio-executor-7f9c-00ff00ff"));
+        assert!(!super::beats("e1"), "an executor from before heartbeats");
+        assert!(!super::beats("nio-executor-7f9c8d6b5-abcde"), "a pod name");
     }
 }
