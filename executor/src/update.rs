@@ -6,7 +6,8 @@
 //! 2. on the same connection, upload + build + profile + the activation unit, detached under `systemd-run`
 //!    with the on-host dead-man's switch ([`nio_shared::remote::ACTIVATE_SCRIPT`]);
 //! 3. over a **new** connection (the proof that SSH still works), the health check and the confirmation
-//!    ([`nio_shared::remote::CONFIRM_SCRIPT`]). Without it the machine rolls itself back.
+//!    ([`nio_shared::remote::CONFIRM_SCRIPT`]). Without it the machine rolls itself back. With autoRollback off
+//!    there is nothing to confirm and the health check runs on the first connection.
 //!
 //! A job redelivered while its activation runs (or after it finished) finds the previous attempt by its unit
 //! name and reports its result instead of running it twice.
@@ -174,9 +175,11 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
     }
     let toplevel = rec.get("toplevel").map(str::to_string);
     match rec.get("result").and_then(ActivationResult::parse) {
-        // Rollback off: no confirmation window, but still the health check over a new connection.
+        // Rollback off: nothing to confirm, so the health check runs on this connection (a second handshake
+        // per job proves nothing the machine would act on).
         Some(ActivationResult::Done) if matches!(action, Action::Switch | Action::Test) => {
-            confirm(conn, ctx, &st, &unit, Some(id.as_str()), toplevel).await
+            let marker = Some(id.as_str()).filter(|_| job.action == Action::Switch);
+            run_confirm(host, ctx, &st, &unit, marker, toplevel).await
         }
         // Settled: boot, dry-activate, or failed and rolled back already.
         Some(result) => finish(ctx, &st, result, toplevel, None, &log),

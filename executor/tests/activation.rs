@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::*;
 use nio_loadtest::testhost::{HostOptions, SystemRepo, TestHost};
-use nio_shared::config::{ExecutorConfig, RemotePaths, SiteLimits};
 use nio_shared::protocol::{Action, FailureCategory, Job, Phase, StatusEvent};
 
 const T: Duration = Duration::from_secs(90);
@@ -34,46 +33,15 @@ fn identities(dir: &Path) -> PathBuf {
     ids
 }
 
-fn executor_config() -> ExecutorConfig {
-    ExecutorConfig {
-        sites: vec![SiteLimits { name: "dc1".into(), max_in_flight: 8, connect_rate: 1000.0, burst: 100 }],
-        ack_wait_seconds: 10,
-        max_deliver: 3,
-        backoff_seconds: vec![1],
-        job_timeout_seconds: 120,
-        lock_ttl_seconds: 6,
-        stream_replicas: 1,
-        remote: RemotePaths::default(),
-    }
-}
-
-fn executor_settings(dir: &Path, nats: &NatsServer, id: &str) -> nio_executor::Settings {
-    nio_executor::Settings {
-        nats_url: nats.url(),
-        nats_creds: None,
-        config: executor_config(),
-        identities_dir: identities(dir),
-        git_credentials_dir: None,
-        cache_dir: dir.join(format!("cache-{id}")),
-        executor_id: id.into(),
-        seal_key_file: None,
-        metrics_addr: None,
-        health_addr: None,
-        host_key_policy: nio_executor::ssh::HostKeyPolicy::Tofu,
-        kexec_tarball: None,
-        connect_timeout: Duration::from_secs(2),
-        ssh_keepalive: Duration::from_secs(1),
-        shutdown_grace: Duration::from_secs(30),
-    }
-}
-
 impl Rig {
     async fn start() -> Rig {
         let nats = NatsServer::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let repo = SystemRepo::create(dir.path()).unwrap();
         let bus = Bus::connect(&nats).await;
-        let (stop, task) = spawn_executor(executor_settings(dir.path(), &nats, "e1"));
+        let cfg = config(&[("dc1", 8)]);
+        let (stop, task) =
+            spawn_executor(settings_with(identities(dir.path()), dir.path().join("cache"), &nats, cfg, "e1"));
         Rig { _nats: nats, bus, repo, dir, stop, task }
     }
 

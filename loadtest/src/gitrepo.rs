@@ -31,17 +31,7 @@ impl GitRepo {
     }
 
     fn git(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(&self.path)
-            .env("GIT_AUTHOR_NAME", "nio")
-            .env("GIT_AUTHOR_EMAIL", "nio@example.org")
-            .env("GIT_COMMITTER_NAME", "nio")
-            .env("GIT_COMMITTER_EMAIL", "nio@example.org")
-            .output()
-            .context("running git")?;
-        anyhow::ensure!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        git(&self.path, args)
     }
 
     pub fn path(&self) -> &Path {
@@ -74,4 +64,19 @@ impl GitRepo {
     pub fn tag(&self, name: &str) -> anyhow::Result<()> {
         self.git(&["tag", name]).map(|_| ())
     }
+}
+
+/// Runs `git` in `dir` as the author `nio`; returns its trimmed stdout.
+pub fn git(dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "nio")
+        .env("GIT_AUTHOR_EMAIL", "nio@example.org")
+        .env("GIT_COMMITTER_NAME", "nio")
+        .env("GIT_COMMITTER_EMAIL", "nio@example.org")
+        .output()
+        .context("running git")?;
+    anyhow::ensure!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }

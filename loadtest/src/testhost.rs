@@ -486,17 +486,7 @@ impl SystemRepo {
     }
 
     fn git(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(&self.path)
-            .env("GIT_AUTHOR_NAME", "nio")
-            .env("GIT_AUTHOR_EMAIL", "nio@example.org")
-            .env("GIT_COMMITTER_NAME", "nio")
-            .env("GIT_COMMITTER_EMAIL", "nio@example.org")
-            .output()
-            .context("running git")?;
-        anyhow::ensure!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        crate::gitrepo::git(&self.path, args)
     }
 
     pub fn url(&self) -> String {

@@ -99,13 +99,24 @@ pub fn config(sites: &[(&str, u32)]) -> ExecutorConfig {
 }
 
 pub fn settings(hosts: &Hosts, nats: &NatsServer, cfg: ExecutorConfig, id: &str) -> nio_executor::Settings {
+    settings_with(hosts.identities(), hosts.path(&format!("cache-{id}")), nats, cfg, id)
+}
+
+/// Executor settings for tests: fast connect timeouts and keepalives (a lost machine is noticed in seconds).
+pub fn settings_with(
+    identities: PathBuf,
+    cache: PathBuf,
+    nats: &NatsServer,
+    cfg: ExecutorConfig,
+    id: &str,
+) -> nio_executor::Settings {
     nio_executor::Settings {
         nats_url: nats.url(),
         nats_creds: None,
         config: cfg,
-        identities_dir: hosts.identities(),
+        identities_dir: identities,
         git_credentials_dir: None,
-        cache_dir: hosts.path(&format!("cache-{id}")),
+        cache_dir: cache,
         executor_id: id.into(),
         seal_key_file: None,
         metrics_addr: None,

@@ -143,6 +143,16 @@ impl State {
         self.files.contains_key(path) || self.dirs.contains(path)
     }
 
+    /// Adds unpacked files (and their parent directories).
+    fn add(&mut self, added: Vec<(String, File)>) {
+        for (p, f) in added {
+            if let Some((parent, _)) = p.rsplit_once('/') {
+                self.dirs.insert(parent.to_string());
+            }
+            self.files.insert(p, f);
+        }
+    }
+
     /// Applies a reboot: installer → installed system, or a plain reboot into the boot default.
     pub fn reboot(&mut self, into_installer: bool) {
         self.boot_id += 1;
@@ -239,33 +249,16 @@ pub fn run(
         }
         ("mkdir", _) => fail(2, "mkdir: usage\n"),
         ("tar", ["-x", "--no-same-owner", "--strip-components=1", "-f", "-", "-C", dir, "src"]) => {
-            let mut archive = tar::Archive::new(stdin);
-            let mut added = Vec::new();
-            let result = archive.entries().and_then(|entries| {
-                for e in entries {
-                    let mut e = e?;
-                    let path = e.path()?.to_string_lossy().into_owned();
-                    let Some(rest) = path.strip_prefix("src/") else { continue };
-                    let mut data = Vec::new();
-                    if e.header().entry_type().is_file() && e.size() <= 64 * 1024 {
-                        std::io::Read::read_to_end(&mut e, &mut data)?;
+            if !state.dirs.contains(*dir) {
+                fail(2, format!("tar: {dir}: Cannot open: No such file or directory\n"))
+            } else {
+                match untar(stdin, |p| p.strip_prefix("src/").map(|rest| format!("{dir}/{rest}"))) {
+                    Ok(added) => {
+                        state.add(added);
+                        ok("")
                     }
-                    added.push((format!("{dir}/{rest}"), File { data, mode: e.header().mode().unwrap_or(0o644) }));
+                    Err(e) => fail(2, format!("tar: {e}\n")),
                 }
-                Ok(())
-            });
-            match result {
-                Ok(()) if state.dirs.contains(*dir) => {
-                    for (p, f) in added {
-                        if let Some((parent, _)) = p.rsplit_once('/') {
-                            state.dirs.insert(parent.to_string());
-                        }
-                        state.files.insert(p, f);
-                    }
-                    ok("")
-                }
-                Ok(()) => fail(2, format!("tar: {dir}: Cannot open: No such file or directory\n")),
-                Err(e) => fail(2, format!("tar: {e}\n")),
             }
         }
         ("tar", ["-x", "-z", "--no-same-owner", "-f", "-", "-C", dir]) => {
@@ -284,32 +277,12 @@ pub fn run(
             if !state.dirs.contains(*dir) {
                 fail(2, format!("tar: {dir}: Cannot open: No such file or directory\n"))
             } else {
-                let mut archive = tar::Archive::new(stdin);
-                let mut added = Vec::new();
-                let result = archive.entries().and_then(|entries| {
-                    for e in entries {
-                        let mut e = e?;
-                        let path = e.path()?.to_string_lossy().into_owned();
-                        let mode = e.header().mode().unwrap_or(0o644);
-                        let mut data = Vec::new();
-                        if e.header().entry_type().is_file() && e.size() <= 64 * 1024 {
-                            std::io::Read::read_to_end(&mut e, &mut data)?;
-                        }
-                        added.push((format!("{dir}/{path}"), File { data, mode }));
-                    }
-                    Ok(())
-                });
-                match result {
-                    Ok(()) if !added.is_empty() => {
-                        for (p, f) in added {
-                            if let Some((parent, _)) = p.rsplit_once('/') {
-                                state.dirs.insert(parent.to_string());
-                            }
-                            state.files.insert(p, f);
-                        }
+                match untar(stdin, |p| Some(format!("{dir}/{p}"))) {
+                    Ok(added) if !added.is_empty() => {
+                        state.add(added);
                         ok("")
                     }
-                    Ok(()) => fail(2, "tar: This does not look like a tar archive\n"),
+                    Ok(_) => fail(2, "tar: This does not look like a tar archive\n"),
                     Err(e) => fail(2, format!("tar: {e}\n")),
                 }
             }
@@ -478,6 +451,24 @@ pub fn run(
     (out, quick)
 }
 
+/// The entries of a tar stream (file contents up to 64 KiB), each placed where `place` says (None: skipped).
+fn untar(stdin: &[u8], place: impl Fn(&str) -> Option<String>) -> std::io::Result<Vec<(String, File)>> {
+    let mut archive = tar::Archive::new(stdin);
+    let mut added = Vec::new();
+    for e in archive.entries()? {
+        let mut e = e?;
+        let path = e.path()?.to_string_lossy().into_owned();
+        let Some(to) = place(&path) else { continue };
+        let mode = e.header().mode().unwrap_or(0o644);
+        let mut data = Vec::new();
+        if e.header().entry_type().is_file() && e.size() <= 64 * 1024 {
+            std::io::Read::read_to_end(&mut e, &mut data)?;
+        }
+        added.push((to, File { data, mode }));
+    }
+    Ok(added)
+}
+
 fn version_json(state: &State) -> String {
     format!(
         "{{\"nixosVersion\":\"25.05.20261101.abcdef0\",\"nixpkgsRevision\":\"abcdef0\",\"configurationRevision\":null,\"installer\":{}}}",
@@ -510,40 +501,17 @@ fn activate(
 ) -> Output {
     let mut out = String::new();
     if upload {
-        let mut archive = tar::Archive::new(stdin);
-        let mut added = Vec::new();
-        let result = archive.entries().and_then(|entries| {
-            for e in entries {
-                let mut e = e?;
-                let path = e.path()?.to_string_lossy().into_owned();
-                let mode = e.header().mode().unwrap_or(0o644);
-                let mut data = Vec::new();
-                if e.header().entry_type().is_file() && e.size() <= 64 * 1024 {
-                    std::io::Read::read_to_end(&mut e, &mut data)?;
-                }
-                let to = if let Some(rest) = path.strip_prefix("src/") {
-                    format!("{src}/{rest}")
-                } else if let Some(rest) = path.strip_prefix("secrets/") {
-                    format!("{secrets}/{rest}")
-                } else {
-                    continue;
-                };
-                added.push((to, File { data, mode }));
+        let place = |p: &str| {
+            p.strip_prefix("src/")
+                .map(|rest| format!("{src}/{rest}"))
+                .or_else(|| p.strip_prefix("secrets/").map(|rest| format!("{secrets}/{rest}")))
+        };
+        match untar(stdin, place) {
+            Ok(added) => state.add(added),
+            Err(e) => {
+                let stdout = format!("tar: {e}\n@@nio failed upload\n").into_bytes();
+                return Output { status: 3, stdout, ..Default::default() };
             }
-            Ok(())
-        });
-        if let Err(e) = result {
-            return Output {
-                status: 3,
-                stdout: format!("tar: {e}\n@@nio failed upload\n").into_bytes(),
-                ..Default::default()
-            };
-        }
-        for (p, f) in added {
-            if let Some((parent, _)) = p.rsplit_once('/') {
-                state.dirs.insert(parent.to_string());
-            }
-            state.files.insert(p, f);
         }
     }
     let Some((dir, attr)) = installable.strip_prefix("path:").and_then(|f| f.split_once('#')) else {
