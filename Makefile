@@ -40,7 +40,7 @@ loadtest: setup
 	mkdir -p loadtest/results
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --report loadtest/results/1-throughput.json
 	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --report loadtest/results/2-efficiency.json
-	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --fault kill-executor@50% --ack-wait-seconds 5 --report loadtest/results/3a-kill-executor.json
+	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --fault kill-executor@50% --ack-wait-seconds 3 --report loadtest/results/3a-kill-executor.json
 	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --clusters 2 --report loadtest/results/3b-two-clusters.json
 	$(LT) compare --machines 200 --concurrency 50 --report loadtest/results/4-compare.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --nats-nodes 3 --fault kill-nats-node@50% --report loadtest/results/5-nats-cluster.json

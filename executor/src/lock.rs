@@ -22,9 +22,9 @@ pub struct Locks {
 }
 
 /// How long a heartbeat lasts without renewal.
-pub const HEARTBEAT_TTL: Duration = Duration::from_secs(5);
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 /// How often an executor beats.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 
 /// This process's heartbeat, and the others'.
 #[derive(Clone)]
@@ -176,9 +176,9 @@ impl Locks {
         if holder == self.holder || !beats(&holder) || heartbeats.alive(&holder).await {
             return Ok(None);
         }
-        // Gone twice, more than two beats apart: a live executor whose beats were refused for a while (a NATS
-        // election) beats again within a second of the bucket taking writes, so it is not mistaken for dead.
-        tokio::time::sleep(HEARTBEAT_EVERY * 5 / 2).await;
+        // Gone twice, three beats apart: a live executor whose beats were refused for a while (a NATS election)
+        // beats again within half a second of the bucket taking writes, so it is not mistaken for dead.
+        tokio::time::sleep(HEARTBEAT_EVERY * 3).await;
         if heartbeats.alive(&holder).await {
             return Ok(None);
         }
