@@ -37,6 +37,8 @@ pub struct Ctx {
     /// This term's Machine caches, each with the namespace its watch covers (None: all). Fleet reconciles read
     /// their machines here: a LIST per reconcile was the largest API cost at 10,000 Machines.
     pub machines: std::sync::RwLock<Vec<Arc<crate::cache::MachineCache>>>,
+    /// Where waves' analyses are measured.
+    pub prometheus: crate::analysis::Prometheus,
 }
 
 impl Ctx {

@@ -8,6 +8,7 @@
 //! - [`git`]: ref resolution; [`publish`]: job building and publishing; [`leader`]: leader election.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod cache;
 pub mod conditions;
 pub mod config_status;
@@ -74,6 +75,8 @@ pub struct Settings {
     pub kube_config: Option<kube::Config>,
     /// Serve Git push webhooks (every replica does; the leader reconciles what they refresh).
     pub webhook: Option<webhook::Settings>,
+    /// The Prometheus that waves' analyses query (its base URL, e.g. `http://prometheus:9090/`).
+    pub prometheus_url: Option<url::Url>,
 }
 
 /// Runs the controller until `shutdown`: as a candidate for the lease, as the leader (reconciling, publishing,
@@ -128,6 +131,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         default_poll: s.default_poll_interval,
         written: Default::default(),
         machines: Default::default(),
+        prometheus: analysis::Prometheus::new(s.prometheus_url.clone()),
     });
 
     let elector = s.leader_election.then(|| {

@@ -66,6 +66,9 @@ struct Cli {
     /// File holding the webhook secret (HMAC key; GitLab's token), e.g. a mounted Secret.
     #[arg(long, env = "NIO_WEBHOOK_SECRET_FILE")]
     webhook_secret_file: Option<PathBuf>,
+    /// Prometheus that waves' analyses query (plain HTTP), e.g. http://prometheus.monitoring:9090/.
+    #[arg(long, env = "NIO_PROMETHEUS_URL")]
+    prometheus_url: Option<url::Url>,
     #[arg(long, env = "NIO_LOG_FORMAT", value_enum, default_value = "human")]
     log_format: LogFormat,
 }
@@ -120,6 +123,12 @@ async fn main() -> anyhow::Result<()> {
         }
         _ => None,
     };
+    if let Some(u) = &cli.prometheus_url {
+        anyhow::ensure!(
+            u.scheme() == "http",
+            "--prometheus-url {u}: only http:// is supported (an in-cluster address)"
+        );
+    }
     let settings = nio_controller::Settings {
         cluster,
         nats_url: cli.nats_url,
@@ -139,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         cache_dir: cli.cache_dir,
         kube_config: None,
         webhook,
+        prometheus_url: cli.prometheus_url,
     };
     let result = nio_controller::run(settings, shutdown).await;
     tokio::task::spawn_blocking(move || guard.shutdown()).await?;

@@ -286,18 +286,20 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         if previous.waves_target.as_deref() == Some(target.as_str()) { &previous.waves } else { &[] };
     let labelled: Vec<(String, BTreeMap<String, String>)> =
         machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
+    let layout = waves::layout(&cfg.spec.rollout.waves, &labelled);
+    let now = chrono::Utc::now();
+    let recorded = crate::analysis::measure_due(&ctx.prometheus, &layout, recorded, now).await;
     let short = short_commit(&commit);
     let policy = policy(cfg, machines.len());
     let facts = waves::Facts {
         target: &target,
         machines: &views,
-        recorded,
-        now: chrono::Utc::now(),
+        recorded: &recorded,
+        now,
         approved: annotation(cfg, APPROVE_ANNOTATION).and_then(|a| a.strip_suffix(&format!("@{short}"))),
         resumed: annotation(cfg, RESUME_ANNOTATION) == Some(short.as_str()),
         max_failures: policy.failure_budget,
     };
-    let layout = waves::layout(&cfg.spec.rollout.waves, &labelled);
     let mut decision = waves::decide(&layout, &facts);
     let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
     let mut rolling_back = false;

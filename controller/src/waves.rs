@@ -27,6 +27,45 @@ pub struct Wave {
     pub max_failures: Option<u32>,
     pub soak: Duration,
     pub pause: bool,
+    /// The health gate measured during the soak.
+    pub analysis: Option<Analysis>,
+}
+
+/// A wave's analysis, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Analysis {
+    pub query: String,
+    pub condition: nio_shared::analysis::Condition,
+    /// The condition as written, for messages.
+    pub written: String,
+    pub interval: Duration,
+    pub failure_limit: u32,
+}
+
+impl Eq for Analysis {}
+
+impl Analysis {
+    fn of(a: &nio_shared::crd::WaveAnalysis) -> Option<Analysis> {
+        Some(Analysis {
+            query: a.query.clone(),
+            condition: nio_shared::analysis::Condition::parse(&a.success_condition).ok()?,
+            written: a.success_condition.trim().to_string(),
+            interval: a
+                .interval
+                .as_deref()
+                .and_then(|i| nio_shared::validate::duration("interval", i).ok())
+                .unwrap_or(Duration::from_secs(30))
+                .max(Duration::from_secs(1)),
+            failure_limit: a.failure_limit,
+        })
+    }
+
+    /// Whether a measurement is due: never measured, or the last one `interval` ago.
+    pub fn due(&self, status: Option<&nio_shared::crd::AnalysisStatus>, now: DateTime<Utc>) -> bool {
+        status
+            .and_then(|a| a.last_time.as_ref())
+            .is_none_or(|t| now.signed_duration_since(chrono_of(&t.0)).to_std().is_ok_and(|d| d >= self.interval))
+    }
 }
 
 /// `v` of `of`: a number as is, a percentage rounded up (`up`) or down.
@@ -79,6 +118,7 @@ pub fn layout(spec: &[WaveSpec], machines: &[(String, BTreeMap<String, String>)]
             name: w.name.clone(),
             pause: w.pause,
             soak: w.soak.as_deref().and_then(|s| nio_shared::validate::duration("soak", s).ok()).unwrap_or_default(),
+            analysis: w.analysis.as_ref().and_then(Analysis::of),
             ..Default::default()
         })
         .collect();
@@ -200,6 +240,31 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
             d.statuses.push(s);
             continue;
         }
+        // A failed analysis fails the wave like failed machines do.
+        let measured = prev.and_then(|p| p.analysis.clone());
+        if let (Some(a), Some(m)) = (&w.analysis, &measured)
+            && !f.resumed
+            && m.failures > a.failure_limit
+        {
+            s.state = WaveState::Failed;
+            s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
+            s.message = Some(format!(
+                "analysis failed {} of {} times (it tolerates {}): {} — {}",
+                m.failures,
+                m.runs,
+                a.failure_limit,
+                a.query,
+                m.last_result.as_deref().unwrap_or("no result")
+            ));
+            s.analysis = measured;
+            d.failed_wave = Some(w.name.clone());
+            d.current = Some(w.name.clone());
+            d.gate = Some(Gate::Halted);
+            open = false;
+            d.statuses.push(s);
+            continue;
+        }
+        s.analysis = measured.clone();
         let done_before = prev.is_some_and(|p| p.state == WaveState::Succeeded);
         if done_before && !candidates.is_empty() {
             // A wave stays Succeeded; a machine that joined it since (or moved off the target) still gets the
@@ -213,12 +278,28 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
             let applied_at = s.applied_at.clone().map_or(f.now, |t| chrono_of(&t.0));
             s.applied_at = Some(time(applied_at));
             let soaked = applied_at + chrono::Duration::from_std(w.soak).unwrap_or_default();
-            if !done_before && f.now < soaked {
+            // With an analysis the soak also waits for a first measurement.
+            let unmeasured = w.analysis.is_some() && measured.as_ref().is_none_or(|m| m.runs == 0);
+            if !done_before && (f.now < soaked || unmeasured) {
                 s.state = WaveState::Soaking;
                 let left = (soaked - f.now).to_std().unwrap_or_default();
-                s.message =
-                    Some(format!("soaking until {}", soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)));
-                d.wake_in = Some(left);
+                s.message = Some(match &w.analysis {
+                    Some(a) => format!(
+                        "soaking until {} while `{}` holds ({})",
+                        soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        a.written,
+                        measured.as_ref().map_or("not measured yet".into(), |m| format!(
+                            "{} measurements, {} failed",
+                            m.runs, m.failures
+                        ))
+                    ),
+                    None => format!("soaking until {}", soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+                });
+                let next = w
+                    .analysis
+                    .as_ref()
+                    .map_or(left, |a| if left.is_zero() { a.interval } else { left.min(a.interval) });
+                d.wake_in = Some(next);
                 d.gate = Some(Gate::Soaking);
             } else if !done_before && w.pause && f.approved != Some(w.name.as_str()) {
                 s.state = WaveState::Paused;
@@ -335,6 +416,7 @@ mod tests {
                 max_failures: Some(0),
                 soak: nio_shared::validate::duration("soak", soak).unwrap(),
                 pause,
+                analysis: None,
             },
             Wave { name: "rest".into(), machines: vec!["c".into(), "d".into(), "e".into()], ..Default::default() },
         ]
@@ -346,6 +428,65 @@ mod tests {
 
     fn states(d: &Decision) -> Vec<WaveState> {
         d.statuses.iter().map(|s| s.state).collect()
+    }
+
+    /// A soaking wave with an analysis: it waits for a first measurement even after its soak; measurements
+    /// over the failure limit fail it (halting the rollout) unless the rollout was resumed; met ones let it
+    /// succeed; the next look is due at the analysis interval.
+    #[test]
+    fn an_analysis_gates_the_soak_and_fails_the_wave_past_its_limit() {
+        use WaveState::*;
+        let t0 = Utc::now();
+        let mut waves = two_waves("1m", false);
+        let a = nio_shared::crd::WaveAnalysis {
+            query: "vector(1)".into(),
+            success_condition: "result < 0.5".into(),
+            interval: Some("10s".into()),
+            failure_limit: 1,
+        };
+        waves[0].analysis = Analysis::of(&a);
+        let m: Vec<MachineView> =
+            ["updated", "updated", "", "", ""].iter().zip(["a", "b", "c", "d", "e"]).map(|(s, n)| view(n, s)).collect();
+        let measured = |runs, failures| {
+            let d = decide(&waves, &facts(&m, &[], t0));
+            let mut rec = d.statuses.clone();
+            rec[0].analysis = (runs > 0).then(|| nio_shared::crd::AnalysisStatus {
+                runs,
+                failures,
+                last_time: Some(time(t0)),
+                last_result: Some("1 does not meet it".into()),
+            });
+            rec
+        };
+        // applied, not measured, within the soak: soaking, next look at the interval
+        let d = decide(&waves, &facts(&m, &measured(0, 0), t0));
+        assert_eq!((states(&d), d.wake_in), (vec![Soaking, Pending], Some(Duration::from_secs(10))));
+        assert!(d.statuses[0].message.as_deref().unwrap().contains("not measured yet"));
+        // the soak is over but nothing was measured: still soaking
+        let late = t0 + chrono::Duration::minutes(2);
+        assert_eq!(states(&decide(&waves, &facts(&m, &measured(0, 0), late))), vec![Soaking, Pending]);
+        // measured and met (failures within the limit): the soak ends, the next wave starts
+        let d = decide(&waves, &facts(&m, &measured(2, 1), late));
+        assert_eq!((states(&d), d.gate), (vec![Succeeded, Progressing], None));
+        // past the limit: the wave fails, the rollout halts, the message names the query and the result
+        let d = decide(&waves, &facts(&m, &measured(2, 2), t0));
+        assert_eq!(
+            (states(&d), d.gate, d.failed_wave.as_deref()),
+            (vec![Failed, Pending], Some(Gate::Halted), Some("canary"))
+        );
+        let msg = d.statuses[0].message.clone().unwrap();
+        assert!(msg.contains("analysis failed 2 of 2 times") && msg.contains("vector(1)"), "{msg}");
+        // the resume annotation lets it through
+        let over = measured(2, 2);
+        let mut resumed = facts(&m, &over, late);
+        resumed.resumed = true;
+        assert_eq!(states(&decide(&waves, &resumed))[0], Succeeded);
+        // due: never measured, or an interval ago
+        let a = waves[0].analysis.as_ref().unwrap();
+        assert!(a.due(None, t0));
+        let st = measured(1, 0)[0].analysis.clone().unwrap();
+        assert!(!a.due(Some(&st), t0 + chrono::Duration::seconds(5)));
+        assert!(a.due(Some(&st), t0 + chrono::Duration::seconds(10)));
     }
 
     #[test]

@@ -9,6 +9,7 @@ nio_loadtest::on_both!(
     a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines_back,
     a_machine_whose_site_no_executor_serves_says_so_until_one_does,
     drift_is_reported_or_enforced_as_the_configuration_says,
+    a_wave_whose_analysis_fails_halts_and_one_whose_analysis_holds_goes_on,
 );
 
 use std::collections::BTreeMap;
@@ -325,6 +326,78 @@ async fn drift_is_reported_or_enforced_as_the_configuration_says(backend: Backen
     env.report(&again["d2"], Phase::Succeeded, |_| {}).await;
     env.eventually(T, "d2 no longer drifted", || async { drifted("d2").await.filter(|d| !d) }).await;
     assert_eq!(drifted("d1").await, Some(true), "Report leaves the drift as it is");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A real Prometheus on loopback (no scrape targets: the analyses' queries are constant expressions, evaluated
+/// by the real query engine). Returns the process and its base URL.
+async fn prometheus(dir: &std::path::Path) -> (tokio::process::Child, url::Url) {
+    std::fs::write(dir.join("prometheus.yml"), "global:\n  scrape_interval: 1s\n").unwrap();
+    let port = nio_loadtest::procs::free_port().unwrap();
+    let child = tokio::process::Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("prom-data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("prometheus (make setup installs it)");
+    let deadline = std::time::Instant::now() + T;
+    while http_get(port, "/-/ready").await.is_none_or(|(code, _)| code != 200) {
+        assert!(std::time::Instant::now() < deadline, "prometheus did not become ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (child, url::Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap())
+}
+
+/// Two configurations whose canary waves soak under an analysis against a real Prometheus: the one whose query
+/// meets its condition goes on to its next wave; the one whose query does not fails its canary wave (the
+/// message names the query and what it returned) and nothing of its next wave runs.
+async fn a_wave_whose_analysis_fails_halts_and_one_whose_analysis_holds_goes_on(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (_prom, url) = prometheus(env.dir.path()).await;
+    let mut settings = env.settings("prod", "c1");
+    settings.prometheus_url = Some(url);
+    let (stop, task) = env.spawn(settings);
+    for (m, app) in [("g1", "good"), ("g2", "good"), ("b1", "bad"), ("b2", "bad")] {
+        env.machine(m).label("app", app).create().await;
+    }
+    for (name, value) in [("good", "0.01"), ("bad", "0.2")] {
+        env.config(
+            name,
+            json!({"machineSelector": {"matchLabels": {"app": name}}, "pollInterval": "1h", "rollout": {"waves": [
+                {"name": "canary", "count": 1, "soak": "1s", "analysis": {
+                    "query": format!("vector({value})"), "successCondition": "result < 0.05", "interval": "1s"}},
+                {"name": "rest"},
+            ]}}),
+        )
+        .await;
+    }
+    let first = jobs_for(&env, &["b1", "g1"]).await;
+    for j in first.values() {
+        env.report(j, Phase::Succeeded, |_| {}).await;
+    }
+    // The good canary soaked under its analysis and the rest of its machines get the commit.
+    let rest = jobs_for(&env, &["g2"]).await;
+    assert!(rest.contains_key("g2"));
+    let good = config(&env, "good").await.status.unwrap();
+    let analysis = good.waves[0].analysis.clone().expect("the canary's analysis is recorded");
+    assert!(analysis.runs >= 1 && analysis.failures == 0, "{analysis:?}");
+    assert!(analysis.last_result.as_deref().unwrap().contains("met"), "{analysis:?}");
+    // The bad canary fails on its analysis; the rollout halts there.
+    let failed = env
+        .eventually(T, "the bad canary failing its analysis", || async {
+            let c = config(&env, "bad").await;
+            let w = c.status?.waves.into_iter().next()?;
+            (w.state == WaveState::Failed).then_some(w)
+        })
+        .await;
+    let msg = failed.message.unwrap_or_default();
+    assert!(msg.contains("analysis failed") && msg.contains("vector(0.2)") && msg.contains("0.2"), "{msg}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!take_apply_jobs(&env).await.contains_key("b2"), "nothing after the failed wave runs");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

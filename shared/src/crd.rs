@@ -442,6 +442,32 @@ pub struct WaveSpec {
     /// `nixos.infra/approve: <wave>@<first 12 characters of the target commit>`.
     #[serde(default)]
     pub pause: bool,
+    /// A fleet-level health gate during the soak: a PromQL query against the controller's Prometheus
+    /// (`--prometheus-url`) that must hold; a failing analysis fails the wave.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<WaveAnalysis>,
+}
+
+/// A PromQL query run while a wave soaks (as Argo Rollouts' AnalysisTemplate).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WaveAnalysis {
+    /// An instant query, e.g. `sum(rate(http_requests_total{code=~"5.."}[5m])) / sum(rate(http_requests_total[5m]))`.
+    #[schemars(length(min = 1, max = 2048))]
+    pub query: String,
+    /// What every sample of the result must meet: `result` compared with a number, e.g. `result < 0.05`. An
+    /// empty result is a failed measurement.
+    #[schemars(length(max = 64), pattern(r"^\s*result\s*(<=|>=|==|!=|<|>)\s*-?[0-9]+(\.[0-9]+)?\s*$"))]
+    pub success_condition: String,
+    /// How often to measure during the soak, e.g. `30s` (default 30s, at least 1s). The soak ends only after
+    /// at least one measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub interval: Option<String>,
+    /// Failed measurements tolerated before the wave fails (default 0).
+    #[serde(default)]
+    #[schemars(range(max = 100))]
+    pub failure_limit: u32,
 }
 
 /// Check run on the machine after activation.
@@ -727,6 +753,25 @@ pub struct WaveStatus {
     /// What it waits for, or why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Its analysis during the soak, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<AnalysisStatus>,
+}
+
+/// Measurements of a wave's analysis.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisStatus {
+    /// Measurements taken.
+    pub runs: u32,
+    /// Measurements that did not meet the condition (or could not be taken).
+    pub failures: u32,
+    /// When the last one was taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_time: Option<Time>,
+    /// What the last one found, e.g. `0.012 (result < 0.05: met)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<String>,
 }
 
 /// `machineSelector`'s schema: the upstream LabelSelector with the bounds and rules the apiserver then enforces

@@ -12,6 +12,7 @@
 //! - [`telemetry`]: tracing/OpenTelemetry set-up and trace-context propagation over NATS headers.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod config;
 pub mod crd;
 pub mod error;

@@ -645,6 +645,24 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
         if let Some(soak) = &w.soak {
             c.check(duration(&format!("{field}.soak"), soak).map(|_| ()));
         }
+        if let Some(a) = &w.analysis {
+            if let Err(e) = crate::analysis::Condition::parse(&a.success_condition) {
+                c.check(fail(&format!("{field}.analysis.successCondition"), e));
+            }
+            if a.query.trim().is_empty() {
+                c.check(fail(&format!("{field}.analysis.query"), "must not be empty"));
+            }
+            c.check(no_control(&format!("{field}.analysis.query"), &a.query));
+            if let Some(i) = &a.interval {
+                match duration(&format!("{field}.analysis.interval"), i) {
+                    Ok(d) if d < std::time::Duration::from_secs(1) => {
+                        c.check(fail(&format!("{field}.analysis.interval"), "must be at least 1s"));
+                    }
+                    Ok(_) => {}
+                    Err(e) => c.check(Err(e)),
+                }
+            }
+        }
     }
     c.finish()
 }

@@ -88,6 +88,7 @@ impl Env {
             cache_dir: self.dir.path().join(format!("cache-{identity}")),
             kube_config: Some(self.controller_config.clone()),
             webhook: None,
+            prometheus_url: None,
         }
     }
 
