@@ -184,6 +184,19 @@ pub struct Facts<'a> {
     pub max_failures: Option<u32>,
 }
 
+/// What a soaking wave waits for.
+fn soak_message(w: &Wave, soaked: DateTime<Utc>, measured: Option<&nio_shared::crd::AnalysisStatus>) -> String {
+    let until = soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    match &w.analysis {
+        Some(a) => {
+            let so_far = measured
+                .map_or("not measured yet".into(), |m| format!("{} measurements, {} failed", m.runs, m.failures));
+            format!("soaking until {until} while `{}` holds ({so_far})", a.written)
+        }
+        None => format!("soaking until {until}"),
+    }
+}
+
 /// Each wave's state and what may run now.
 pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
     let by_name: BTreeMap<&str, &MachineView> = f.machines.iter().map(|m| (m.name.as_str(), m)).collect();
@@ -218,14 +231,25 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
         }
         let was_failed = prev.is_some_and(|p| p.state == WaveState::Failed);
         let over_wave = w.max_failures.is_some_and(|b| s.failed > b);
-        if !f.resumed && (was_failed || over_wave || overall_over) {
+        // A failed analysis fails the wave like failed machines do.
+        let measured = prev.and_then(|p| p.analysis.clone());
+        let analysis_failed = w.analysis.as_ref().zip(measured.as_ref()).filter(|(a, m)| m.failures > a.failure_limit);
+        if !f.resumed && (was_failed || over_wave || overall_over || analysis_failed.is_some()) {
             s.state = WaveState::Failed;
             s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
-            s.message = Some(match (over_wave, w.max_failures) {
-                (true, Some(b)) => format!("{} of {} machines failed (the wave tolerates {b})", s.failed, s.total),
+            s.message = Some(match (over_wave, w.max_failures, analysis_failed) {
+                (true, Some(b), _) => format!("{} of {} machines failed (the wave tolerates {b})", s.failed, s.total),
                 _ if overall_over => format!(
                     "{total_failed} machines failed in the rollout (it tolerates {})",
                     f.max_failures.unwrap_or_default()
+                ),
+                (_, _, Some((a, m))) if !was_failed => format!(
+                    "analysis failed {} of {} times (it tolerates {}): {} — {}",
+                    m.failures,
+                    m.runs,
+                    a.failure_limit,
+                    a.query,
+                    m.last_result.as_deref().unwrap_or("no result")
                 ),
                 // The failure as first recorded (what the reconcile appended after "; " is redone each time).
                 _ => prev
@@ -233,29 +257,6 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
                     .and_then(|m| m.split("; ").next())
                     .map_or_else(|| "over its failure budget".into(), str::to_string),
             });
-            d.failed_wave = Some(w.name.clone());
-            d.current = Some(w.name.clone());
-            d.gate = Some(Gate::Halted);
-            open = false;
-            d.statuses.push(s);
-            continue;
-        }
-        // A failed analysis fails the wave like failed machines do.
-        let measured = prev.and_then(|p| p.analysis.clone());
-        if let (Some(a), Some(m)) = (&w.analysis, &measured)
-            && !f.resumed
-            && m.failures > a.failure_limit
-        {
-            s.state = WaveState::Failed;
-            s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
-            s.message = Some(format!(
-                "analysis failed {} of {} times (it tolerates {}): {} — {}",
-                m.failures,
-                m.runs,
-                a.failure_limit,
-                a.query,
-                m.last_result.as_deref().unwrap_or("no result")
-            ));
             s.analysis = measured;
             d.failed_wave = Some(w.name.clone());
             d.current = Some(w.name.clone());
@@ -283,18 +284,7 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
             if !done_before && (f.now < soaked || unmeasured) {
                 s.state = WaveState::Soaking;
                 let left = (soaked - f.now).to_std().unwrap_or_default();
-                s.message = Some(match &w.analysis {
-                    Some(a) => format!(
-                        "soaking until {} while `{}` holds ({})",
-                        soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                        a.written,
-                        measured.as_ref().map_or("not measured yet".into(), |m| format!(
-                            "{} measurements, {} failed",
-                            m.runs, m.failures
-                        ))
-                    ),
-                    None => format!("soaking until {}", soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-                });
+                s.message = Some(soak_message(w, soaked, measured.as_ref()));
                 let next = w
                     .analysis
                     .as_ref()

@@ -87,36 +87,13 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
     let extra = extra_files(host, ctx).await?;
     let digest = source::digest(&src.commit, &extra);
     let id = identity(job, &digest);
-    if action == Action::Switch
-        && job.action != Action::Remove
-        && let (Some(applied), Some(current)) = (&st.applied, &st.current_system)
-        && applied == &format!("{id} {current}")
-    {
-        return Ok(Outcome {
-            skipped: true,
-            commit: Some(src.commit.clone()),
-            system: st.current_system.clone(),
-            booted_system: st.booted_system.clone(),
-            boot_id: st.boot_id.clone(),
-            nixos_version: st.version.clone(),
-            message: "already running this target".into(),
-            ..Default::default()
-        });
+    if let Some(skipped) = already_applied(ctx, &st, &id) {
+        return Ok(skipped);
     }
-    let send_source = st.upload.as_deref() != Some(digest.as_str());
-    let secrets = unseal(ctx)?;
-    let stream = if send_source || !secrets.is_empty() {
-        let tree = if send_source {
-            Some(ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?)
-        } else {
-            None
-        };
-        Some(source::stream(tree.as_deref().map(Vec::as_slice), src.subdir.as_deref(), &extra, &digest, &secrets)?)
-    } else {
-        None
-    };
+    let stream = upload_stream(ctx, &st, &extra, &digest).await?;
     let installable = ctx.cmds.toplevel(&src.commit, src.subdir.as_deref(), &src.flake_attr);
-    let what = if send_source { "uploading the source, building" } else { "building" };
+    let what =
+        if st.upload.as_deref() != Some(digest.as_str()) { "uploading the source, building" } else { "building" };
     ctx.progress.step(Step::Build, format!("{what} {installable} and activating ({})", action.as_str())).await;
     let activation = Activation {
         unit: &unit,
@@ -139,16 +116,8 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
             return confirm(conn, ctx, &st, &unit, Some(id.as_str()), None).await;
         }
         Ok(out) => out,
-        // Out of time: say whether the build or the activation hung (the unit exists once activation began).
         Err(Error::Timeout { after, .. }) => {
-            let step = match conn.connect(ctx.host_key).await {
-                Ok(h) => match read_state(&h, ctx, &src_dir, &unit).await {
-                    Ok(now) if now.attempt.as_ref().is_some_and(|a| a.boot_id.is_some()) => Step::Activate,
-                    _ => Step::Build,
-                },
-                Err(_) => Step::Build,
-            };
-            return Err(Error::Timeout { step, after });
+            return Err(Error::Timeout { step: hung_step(conn, ctx, &src_dir, &unit).await, after });
         }
         // The connection dropped: the activation may be running on the machine (a network-cutting
         // configuration does exactly this). Find out over a new connection.
@@ -165,13 +134,8 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         return Err(activation_failure(what, &log, &installable));
     }
     if !out.success() {
-        return Err(failed(
-            Step::Activate,
-            "sh",
-            format!("exited with status {:?}", out.status),
-            FailureCategory::CommandFailed,
-            &log,
-        ));
+        let how = format!("exited with status {:?}", out.status);
+        return Err(failed(Step::Activate, "sh", how, FailureCategory::CommandFailed, &log));
     }
     let toplevel = rec.get("toplevel").map(str::to_string);
     match rec.get("result").and_then(ActivationResult::parse) {
@@ -185,6 +149,60 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         Some(result) => finish(ctx, &st, result, toplevel, None, &log),
         // Waiting for the confirmation.
         None => confirm(conn, ctx, &st, &unit, Some(id.as_str()), toplevel).await,
+    }
+}
+
+/// The Skipped outcome when a switch finds its target (identity and system) already applied.
+fn already_applied<P: Progress>(ctx: &JobRun<'_, P>, st: &MachineState, id: &str) -> Option<Outcome> {
+    let job = ctx.job;
+    let applied = st.applied.as_deref()?;
+    let current = st.current_system.as_deref()?;
+    if job.action != Action::Switch || applied != format!("{id} {current}") {
+        return None;
+    }
+    Some(Outcome {
+        skipped: true,
+        commit: job.source.as_ref().map(|s| s.commit.clone()),
+        system: st.current_system.clone(),
+        booted_system: st.booted_system.clone(),
+        boot_id: st.boot_id.clone(),
+        nixos_version: st.version.clone(),
+        message: "already running this target".into(),
+        ..Default::default()
+    })
+}
+
+/// What the activation command reads on stdin: the tree when the machine lacks this upload, and the secrets;
+/// None when there is neither.
+async fn upload_stream<P: Progress>(
+    ctx: &JobRun<'_, P>,
+    st: &MachineState,
+    extra: &[(String, Vec<u8>)],
+    digest: &str,
+) -> Result<Option<Vec<u8>>> {
+    let src = ctx.job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
+    let send_source = st.upload.as_deref() != Some(digest);
+    let secrets = unseal(ctx)?;
+    if !send_source && secrets.is_empty() {
+        return Ok(None);
+    }
+    let tree = if send_source {
+        Some(ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?)
+    } else {
+        None
+    };
+    source::stream(tree.as_deref().map(Vec::as_slice), src.subdir.as_deref(), extra, digest, &secrets).map(Some)
+}
+
+/// After the build-and-activate command ran out of time: whether the activation had begun (its unit exists)
+/// or the build hung, asked over a new connection.
+async fn hung_step<C: Connector, P: Progress>(conn: &C, ctx: &JobRun<'_, P>, src_dir: &str, unit: &str) -> Step {
+    match conn.connect(ctx.host_key).await {
+        Ok(h) => match read_state(&h, ctx, src_dir, unit).await {
+            Ok(now) if now.attempt.as_ref().is_some_and(|a| a.boot_id.is_some()) => Step::Activate,
+            _ => Step::Build,
+        },
+        Err(_) => Step::Build,
     }
 }
 
