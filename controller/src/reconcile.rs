@@ -235,6 +235,36 @@ pub fn error_policy(cfg: Arc<NixosConfiguration>, err: &Error, ctx: Arc<Ctx>) ->
     Action::requeue(Duration::from_secs(5))
 }
 
+/// The machines' waves and what they allow now, after measuring the analyses that are due.
+async fn wave_decision(
+    ctx: &Ctx,
+    cfg: &NixosConfiguration,
+    previous: &NixosConfigurationStatus,
+    target: &str,
+    machines: &[Machine],
+    views: &[rollout::MachineView],
+    policy: &rollout::Policy,
+) -> (Vec<waves::Wave>, waves::Decision) {
+    let recorded: &[WaveStatus] = if previous.waves_target.as_deref() == Some(target) { &previous.waves } else { &[] };
+    let labelled: Vec<(String, BTreeMap<String, String>)> =
+        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
+    let layout = waves::layout(&cfg.spec.rollout.waves, &labelled);
+    let now = chrono::Utc::now();
+    let recorded = crate::analysis::measure_due(&ctx.prometheus, &layout, recorded, now).await;
+    let short = short_commit(target.split('/').next().unwrap_or_default());
+    let facts = waves::Facts {
+        target,
+        machines: views,
+        recorded: &recorded,
+        now,
+        approved: annotation(cfg, APPROVE_ANNOTATION).and_then(|a| a.strip_suffix(&format!("@{short}"))),
+        resumed: annotation(cfg, RESUME_ANNOTATION) == Some(short.as_str()),
+        max_failures: policy.failure_budget,
+    };
+    let decision = waves::decide(&layout, &facts);
+    (layout, decision)
+}
+
 async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let generation = cfg.metadata.generation;
     let previous = latest_status(ctx, cfg);
@@ -282,25 +312,8 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .into_iter()
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
     let views = views(cfg, &machines);
-    let recorded: &[WaveStatus] =
-        if previous.waves_target.as_deref() == Some(target.as_str()) { &previous.waves } else { &[] };
-    let labelled: Vec<(String, BTreeMap<String, String>)> =
-        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
-    let layout = waves::layout(&cfg.spec.rollout.waves, &labelled);
-    let now = chrono::Utc::now();
-    let recorded = crate::analysis::measure_due(&ctx.prometheus, &layout, recorded, now).await;
-    let short = short_commit(&commit);
     let policy = policy(cfg, machines.len());
-    let facts = waves::Facts {
-        target: &target,
-        machines: &views,
-        recorded: &recorded,
-        now,
-        approved: annotation(cfg, APPROVE_ANNOTATION).and_then(|a| a.strip_suffix(&format!("@{short}"))),
-        resumed: annotation(cfg, RESUME_ANNOTATION) == Some(short.as_str()),
-        max_failures: policy.failure_budget,
-    };
-    let mut decision = waves::decide(&layout, &facts);
+    let (layout, mut decision) = wave_decision(ctx, cfg, &previous, &target, &machines, &views, &policy).await;
     let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
     let mut rolling_back = false;
     if cfg.spec.rollout.on_failure == OnFailure::RollbackAndHalt

@@ -184,6 +184,33 @@ pub struct Facts<'a> {
     pub max_failures: Option<u32>,
 }
 
+/// A wave's counts by machine standing, and its machines that may get the target.
+fn tally(w: &Wave, by_name: &BTreeMap<&str, &MachineView>, target: &str) -> (WaveStatus, Vec<String>) {
+    let mut s = WaveStatus { name: w.name.clone(), total: w.machines.len() as u32, ..Default::default() };
+    let mut candidates = Vec::new();
+    for name in &w.machines {
+        let Some(m) = by_name.get(name.as_str()) else { continue };
+        match m.standing(target) {
+            Standing::Updated => s.updated += 1,
+            Standing::Failed => s.failed += 1,
+            Standing::InProgress => s.in_progress += 1,
+            Standing::Candidate => candidates.push(name.clone()),
+        }
+    }
+    (s, candidates)
+}
+
+/// What a paused wave waits for: the approve annotation naming it and the target's commit.
+fn approval_message(w: &Wave, target: &str) -> String {
+    let commit = target.split('/').next().unwrap_or_default();
+    let short: String = commit.chars().take(12).collect();
+    format!(
+        "waiting for approval: annotate the configuration {}={}@{short}",
+        nio_shared::crd::APPROVE_ANNOTATION,
+        w.name
+    )
+}
+
 /// What a soaking wave waits for.
 fn soak_message(w: &Wave, soaked: DateTime<Utc>, measured: Option<&nio_shared::crd::AnalysisStatus>) -> String {
     let until = soaked.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -207,17 +234,7 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
     let mut stragglers = Vec::new();
     for w in waves {
         let prev = f.recorded.iter().find(|r| r.name == w.name);
-        let mut s = WaveStatus { name: w.name.clone(), total: w.machines.len() as u32, ..Default::default() };
-        let mut candidates = Vec::new();
-        for name in &w.machines {
-            let Some(m) = by_name.get(name.as_str()) else { continue };
-            match m.standing(f.target) {
-                Standing::Updated => s.updated += 1,
-                Standing::Failed => s.failed += 1,
-                Standing::InProgress => s.in_progress += 1,
-                Standing::Candidate => candidates.push(name.clone()),
-            }
-        }
+        let (mut s, candidates) = tally(w, &by_name, f.target);
         s.started_at = prev.and_then(|p| p.started_at.clone());
         s.applied_at = prev.and_then(|p| p.applied_at.clone());
         s.finished_at = prev.and_then(|p| p.finished_at.clone());
@@ -293,13 +310,7 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
                 d.gate = Some(Gate::Soaking);
             } else if !done_before && w.pause && f.approved != Some(w.name.as_str()) {
                 s.state = WaveState::Paused;
-                let commit = f.target.split('/').next().unwrap_or_default();
-                let short: String = commit.chars().take(12).collect();
-                s.message = Some(format!(
-                    "waiting for approval: annotate the configuration {}={}@{short}",
-                    nio_shared::crd::APPROVE_ANNOTATION,
-                    w.name
-                ));
+                s.message = Some(approval_message(w, f.target));
                 d.gate = Some(Gate::AwaitingApproval);
             } else {
                 s.state = WaveState::Succeeded;
