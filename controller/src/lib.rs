@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod analysis;
+pub mod budgets;
 pub mod cache;
 pub mod conditions;
 pub mod config_status;

@@ -127,6 +127,7 @@ pub fn apply_job(
         health_check: cfg.spec.health_check.clone(),
         rollback: cfg.spec.auto_rollback,
         confirm_timeout_seconds: cfg.spec.confirm_timeout_seconds,
+        budgets: vec![],
         timeout_seconds: if action == Action::Install { INSTALL_TIMEOUT } else { UPDATE_TIMEOUT },
         enqueued_at: Utc::now(),
     })
@@ -162,6 +163,7 @@ pub fn remove_job(cluster: &str, cfg: &NixosConfiguration, m: &Machine, commit: 
         health_check: None,
         rollback: false,
         confirm_timeout_seconds: 30,
+        budgets: vec![],
         timeout_seconds: UPDATE_TIMEOUT,
         enqueued_at: Utc::now(),
     })
@@ -189,6 +191,7 @@ pub fn probe_job(cluster: &str, m: &Machine, action: Action) -> Job {
         health_check: None,
         rollback: false,
         confirm_timeout_seconds: 30,
+        budgets: vec![],
         timeout_seconds: PROBE_TIMEOUT,
         enqueued_at: now,
     }

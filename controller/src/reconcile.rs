@@ -492,10 +492,15 @@ async fn publish_plan(
     machines: &[Machine],
     publish: &[(String, rollout::Work)],
 ) -> Result<std::collections::BTreeSet<String>> {
+    let fleet: Vec<(String, BTreeMap<String, String>)> =
+        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
+    let fleet = &fleet;
     let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
         .map(|(name, work)| async move {
             let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
             let mut job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
+            let labels = m.metadata.labels.clone().unwrap_or_default();
+            job.budgets = crate::budgets::claims(&cfg.spec.rollout.disruption_budgets, &labels, fleet);
             // Re-applying a target to a drifted machine: an id of its own per drift (the broker drops the
             // same drift's job published again by later reconciles).
             if cfg.spec.drift_policy == DriftPolicy::Enforce

@@ -10,6 +10,7 @@ nio_loadtest::on_both!(
     a_machine_whose_site_no_executor_serves_says_so_until_one_does,
     drift_is_reported_or_enforced_as_the_configuration_says,
     a_wave_whose_analysis_fails_halts_and_one_whose_analysis_holds_goes_on,
+    jobs_carry_their_machines_disruption_budget_claims,
 );
 
 use std::collections::BTreeMap;
@@ -398,6 +399,32 @@ async fn a_wave_whose_analysis_fails_halts_and_one_whose_analysis_holds_goes_on(
     assert!(msg.contains("analysis failed") && msg.contains("vector(0.2)") && msg.contains("0.2"), "{msg}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!take_apply_jobs(&env).await.contains_key("b2"), "nothing after the failed wave runs");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A configuration's disruption budgets reach its jobs as claims the executors hold slots of: by selector, per
+/// label value, percentages of the covered machines.
+async fn jobs_carry_their_machines_disruption_budget_claims(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    for (m, rack, role) in [("d1", "r1", "db"), ("d2", "r1", "db"), ("d3", "r2", "db"), ("w1", "r2", "web")] {
+        env.machine(m).label("fleet", "x").label("rack", rack).label("role", role).create().await;
+    }
+    env.config(
+        "fleet",
+        json!({"machineSelector": {"matchLabels": {"fleet": "x"}}, "pollInterval": "1h", "rollout": {
+        "disruptionBudgets": [
+            {"name": "per-rack", "perLabel": "rack", "maxUnavailable": 1},
+            {"name": "db", "selector": {"matchLabels": {"role": "db"}}, "maxUnavailable": "50%"},
+        ]}}),
+    )
+    .await;
+    let jobs = jobs_for(&env, &["d1", "d2", "d3", "w1"]).await;
+    let claims = |m: &str| -> Vec<(String, u32)> { jobs[m].budgets.iter().map(|b| (b.key.clone(), b.max)).collect() };
+    assert_eq!(claims("d1"), [("db".to_string(), 1), ("per-rack.r1".to_string(), 1)], "half of 3 db machines: 1");
+    assert_eq!(claims("d3"), [("db".to_string(), 1), ("per-rack.r2".to_string(), 1)]);
+    assert_eq!(claims("w1"), [("per-rack.r2".to_string(), 1)], "not a db machine");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -88,6 +88,16 @@ pub fn check_job(job: &Job) -> Result<()> {
     for f in &job.files {
         v::relative_path("files[].path", &f.path).map_err(inv)?;
     }
+    for b in &job.budgets {
+        let ok_key = !b.key.is_empty()
+            && b.key.len() <= 200
+            && b.key
+                .split('.')
+                .all(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)));
+        if !ok_key || b.max == 0 || b.max > 10_000 {
+            return Err(Error::InvalidJob(format!("disruption budget {:?} with max {} is not usable", b.key, b.max)));
+        }
+    }
     for s in &job.secrets {
         v::relative_path("secrets[].path", &s.path).map_err(inv)?;
     }

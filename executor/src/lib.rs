@@ -74,9 +74,20 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     let beat_stop = CancellationToken::new();
     let _beating = beat_stop.clone().drop_guard();
     let heartbeats = lock::Heartbeats::start(&js, holder.clone(), s.config.stream_replicas, beat_stop).await?;
-    let locks =
-        lock::Locks::open(&js, holder, Duration::from_secs(s.config.lock_ttl_seconds), s.config.stream_replicas)
-            .await?;
+    let locks = lock::Locks::open(
+        &js,
+        holder.clone(),
+        Duration::from_secs(s.config.lock_ttl_seconds),
+        s.config.stream_replicas,
+    )
+    .await?;
+    let budgets = lock::Locks::open_budgets(
+        &js,
+        holder,
+        Duration::from_secs(s.config.lock_ttl_seconds),
+        s.config.stream_replicas,
+    )
+    .await?;
     let seal = s.seal_key_file.as_deref().map(nio_shared::seal::SealKey::from_file).transpose()?;
     let kexec_tarball = match &s.kexec_tarball {
         Some(p) => Some(std::fs::read(p).with_context(|| format!("reading kexec tarball {}", p.display()))?),
@@ -89,6 +100,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg: s.config.clone(),
         id: s.executor_id.clone(),
         locks,
+        budgets,
         heartbeats,
         identities: ssh::Identities::new(s.identities_dir.clone()),
         sources: source::SourceCache::new(

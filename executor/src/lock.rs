@@ -104,21 +104,34 @@ impl Locks {
         ttl: Duration,
         replicas: usize,
     ) -> Result<Self> {
+        Self::open_bucket(js, nio_shared::nats::locks_bucket(replicas, ttl), holder).await
+    }
+
+    /// The disruption-budget slots (`NIO_BUDGETS`): the same create-if-absent, refresh and takeover rules.
+    pub async fn open_budgets(
+        js: &async_nats::jetstream::Context,
+        holder: String,
+        ttl: Duration,
+        replicas: usize,
+    ) -> Result<Self> {
+        Self::open_bucket(js, nio_shared::nats::budgets_bucket(replicas, ttl), holder).await
+    }
+
+    async fn open_bucket(js: &async_nats::jetstream::Context, config: kv::Config, holder: String) -> Result<Self> {
+        let (bucket, ttl) = (config.bucket.clone(), config.max_age);
         let kv = nio_shared::nats::retrying("lock bucket", || async {
-            match js.get_key_value(nio_shared::subjects::LOCKS_BUCKET).await {
+            match js.get_key_value(&bucket).await {
                 Ok(kv) => Ok(kv),
-                Err(_) => Ok(js.create_key_value(nio_shared::nats::locks_bucket(replicas, ttl)).await?),
+                Err(_) => Ok(js.create_key_value(config.clone()).await?),
             }
         })
         .await
-        .map_err(|e| Error::nats("creating lock bucket", e))?;
-        let mut stream = js
-            .get_stream(format!("KV_{}", nio_shared::subjects::LOCKS_BUCKET))
-            .await
-            .map_err(|e| Error::nats("lock bucket stream", e))?;
-        let actual = stream.info().await.map_err(|e| Error::nats("lock bucket info", e))?.config.max_age;
+        .map_err(|e| Error::nats(format!("creating bucket {bucket}"), e))?;
+        let mut stream =
+            js.get_stream(format!("KV_{bucket}")).await.map_err(|e| Error::nats(format!("bucket {bucket}"), e))?;
+        let actual = stream.info().await.map_err(|e| Error::nats(format!("bucket {bucket} info"), e))?.config.max_age;
         if actual != ttl {
-            tracing::warn!(?actual, configured = ?ttl, "the lock bucket exists with another TTL; using the bucket's");
+            tracing::warn!(%bucket, ?actual, configured = ?ttl, "the bucket exists with another TTL; using the bucket's");
         }
         let ttl = if actual.is_zero() { ttl } else { actual };
         Ok(Locks { kv, holder, refresh_every: ttl / 3 })

@@ -35,6 +35,8 @@ pub struct Executor {
     pub cfg: ExecutorConfig,
     pub id: String,
     pub locks: Locks,
+    /// Disruption-budget slots (`NIO_BUDGETS`).
+    pub budgets: Locks,
     pub heartbeats: Heartbeats,
     pub limits: ConnectLimits,
     pub identities: Identities,
@@ -385,9 +387,63 @@ impl Executor {
                 ..Default::default()
             });
         };
+        let slots = match self.budget_slots(job, rep, deadline).await {
+            Ok(s) => s,
+            Err(e) => {
+                held.release().await;
+                return Err(e);
+            }
+        };
         let result = self.connected(site, job, rep).await;
+        for slot in slots {
+            slot.release().await;
+        }
         held.release().await;
         result
+    }
+
+    /// Takes a slot of every disruption budget the job counts against, in key order (so two jobs never wait on
+    /// each other), waiting while a budget is full; a slot whose holder's executor is gone is taken over.
+    async fn budget_slots(&self, job: &Job, rep: &Reporter, deadline: Instant) -> Result<Vec<crate::lock::Held>> {
+        let mut held = Vec::new();
+        for claim in &job.budgets {
+            let mut announced = false;
+            loop {
+                if let Some(h) = self.take_slot(claim).await? {
+                    held.push(h);
+                    break;
+                }
+                if !announced {
+                    let what =
+                        format!("waiting for disruption budget {} (at most {} machines at once)", claim.key, claim.max);
+                    rep.step(Step::Lock, what).await;
+                    announced = true;
+                }
+                if Instant::now() > deadline {
+                    for h in held {
+                        h.release().await;
+                    }
+                    return Err(Error::LockBusy);
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        Ok(held)
+    }
+
+    async fn take_slot(&self, claim: &nio_shared::protocol::BudgetClaim) -> Result<Option<crate::lock::Held>> {
+        let keys: Vec<String> = (0..claim.max).map(|i| format!("{}.{i}", claim.key)).collect();
+        for key in &keys {
+            if let Some(h) = self.budgets.try_acquire(key).await? {
+                return Ok(Some(h));
+            }
+        }
+        for key in &keys {
+            if let Some((h, _)) = self.budgets.take_over(key, &self.heartbeats).await? {
+                return Ok(Some(h));
+            }
+        }
+        Ok(None)
     }
 
     async fn connected(&self, site: &str, job: &Job, rep: &Reporter) -> Result<Outcome> {
@@ -581,6 +637,7 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
         health_check: None,
         rollback: false,
         confirm_timeout_seconds: 30,
+        budgets: vec![],
         timeout_seconds: 0,
         enqueued_at: Utc::now(),
     }

@@ -617,3 +617,47 @@ async fn a_killed_executors_job_is_taken_over_in_seconds_and_not_activated_twice
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Jobs of two configurations on two machines, both counting against the disruption budget `db` of one machine
+/// at a time: never both under an operation (by the machines' own activation records), though the site would
+/// allow both; the one that waits says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disruption_budget_holds_across_configurations() {
+    let (nats, h) = (NatsServer::start().await.unwrap(), Hosts::start(3));
+    let commit = h.repo.configure("web", "slow:1").unwrap();
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&h, &nats, config(&[("dc1", 4)]), "e1"));
+    let budget = |max| vec![nio_shared::protocol::BudgetClaim { key: "db".into(), max }];
+    for (i, configuration) in ["db-east", "db-west"].into_iter().enumerate() {
+        let mut j = job(&format!("m{i}"), &h.addr(i), 22, "dc1", &h.repo.url(), &commit);
+        j.configuration = Some(configuration.into());
+        j.budgets = budget(1);
+        bus.publish(&j).await;
+    }
+    for m in ["m0", "m1"] {
+        assert_eq!(bus.final_of(m, T).await.phase, Phase::Succeeded);
+    }
+    let spans: Vec<(f64, f64)> = h.hosts[..2].iter().flat_map(|x| x.activation_spans()).collect();
+    assert_eq!(spans.len(), 2);
+    assert_eq!(max_concurrency(&spans), 1, "the budget held: {spans:?}");
+    assert!(
+        bus.seen.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains("waiting for disruption budget db"))),
+        "the second job said what it waited for"
+    );
+    // The budget's slots were released: a job counting against a budget of two runs at once with another.
+    let next = h.commit();
+    bus.seen.clear();
+    for (i, m) in [(1, "m1"), (2, "m2")] {
+        let mut j = job(m, &h.addr(i), 22, "dc1", &h.repo.url(), &next);
+        j.budgets = budget(2);
+        bus.publish(&j).await;
+    }
+    for m in ["m1", "m2"] {
+        assert_eq!(bus.final_of(m, T).await.phase, Phase::Succeeded);
+    }
+    let later: Vec<(f64, f64)> =
+        h.hosts[1..].iter().flat_map(|x| x.activation_spans()).filter(|s| s.0 > spans[1].1.max(spans[0].1)).collect();
+    assert_eq!(max_concurrency(&later), 2, "two slots: both at once ({later:?})");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

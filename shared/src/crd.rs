@@ -394,6 +394,32 @@ pub struct RolloutSpec {
     /// RollbackAndHalt (also return the failing wave's machines to the last commit the whole fleet ran).
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// Limits on machines under an operation at once that hold across every configuration and cluster naming
+    /// the same budget: executors take a slot of the budget (in NATS KV, beside the machine locks) before they
+    /// touch a machine, whoever published the job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub disruption_budgets: Vec<DisruptionBudget>,
+}
+
+/// "At most N (or N %) of these machines at once", or "one machine per rack".
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudget {
+    /// The budget's name (a DNS label): configurations and clusters naming the same budget share it.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// The machines it covers, by label (unset: every machine of this configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "wave_selector_schema")]
+    pub selector: Option<LabelSelector>,
+    /// A label whose every value is a budget of its own, e.g. `rack`: at most maxUnavailable per rack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub per_label: Option<String>,
+    /// Most covered machines under an operation at once: a number, or a percentage of the covered machines of
+    /// this configuration (rounded down, at least 1).
+    pub max_unavailable: IntOrString,
 }
 
 /// What NIO does about a machine that drifted from the system it applied.

@@ -41,6 +41,15 @@ pub fn status_stream(replicas: usize) -> stream::Config {
     }
 }
 
+/// `NIO_BUDGETS`: disruption-budget slots, held and expiring like the machine locks.
+pub fn budgets_bucket(replicas: usize, ttl: Duration) -> kv::Config {
+    kv::Config {
+        bucket: subjects::BUDGETS_BUCKET.into(),
+        description: "NIO disruption-budget slots".into(),
+        ..locks_bucket(replicas, ttl)
+    }
+}
+
 /// `NIO_LOCKS`: one holder per machine; an entry expires `ttl` after its last refresh.
 pub fn locks_bucket(replicas: usize, ttl: Duration) -> kv::Config {
     kv::Config {

@@ -171,6 +171,14 @@ impl SecretFile {
     }
 }
 
+/// One disruption budget a job counts against: `key` names it (`{budget}` or `{budget}.{label value}`), `max`
+/// is how many machines it allows under an operation at once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct BudgetClaim {
+    pub key: String,
+    pub max: u32,
+}
+
 /// A job's id, also its `Nats-Msg-Id` (so a republished job is deduplicated by the stream):
 /// `{cluster}/{namespace}/{machine}/{target}/{action}`. The target is what the job brings the machine to:
 /// `{commit}/{generation}[.{files hash}]` for an apply, `{commit}/{generation}` for a removal, and
@@ -263,6 +271,9 @@ pub struct Job {
     /// Roll back when activation or the health check fails.
     #[serde(default)]
     pub rollback: bool,
+    /// Disruption-budget slots the executor must hold while it works on the machine.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetClaim>,
     /// With `rollback`: seconds the machine waits for the confirmation before it rolls itself back.
     #[serde(default = "crate::crd::default_confirm_timeout")]
     pub confirm_timeout_seconds: u32,

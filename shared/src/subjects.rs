@@ -29,6 +29,8 @@ pub const JOBS_STREAM: &str = "NIO_JOBS";
 pub const STATUS_STREAM: &str = "NIO_STATUS";
 /// KV bucket of per-machine locks.
 pub const LOCKS_BUCKET: &str = "NIO_LOCKS";
+/// KV bucket of disruption-budget slots: `{budget key}.{slot}`, held like machine locks.
+pub const BUDGETS_BUCKET: &str = "NIO_BUDGETS";
 /// KV bucket of executor heartbeats: a key per running executor process, gone a few seconds after it dies.
 pub const EXECUTORS_BUCKET: &str = "NIO_EXECUTORS";
 /// Prefix of every job subject.

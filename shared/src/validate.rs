@@ -623,6 +623,28 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
     if let Some(v) = &spec.rollout.max_failures {
         c.check(count_or_percent("spec.rollout.maxFailures", v));
     }
+    let mut budget_names = std::collections::BTreeSet::new();
+    for (i, b) in spec.rollout.disruption_budgets.iter().enumerate() {
+        let field = format!("spec.rollout.disruptionBudgets[{i}]");
+        c.check(dns_label(&format!("{field}.name"), &b.name));
+        if !budget_names.insert(b.name.as_str()) {
+            c.check(fail(&format!("{field}.name"), "budget names must be unique"));
+        }
+        if let Some(sel) = &b.selector {
+            c.merge(label_selector(&format!("{field}.selector"), sel));
+        }
+        c.check(count_or_percent(&format!("{field}.maxUnavailable"), &b.max_unavailable));
+        if matches!(&b.max_unavailable, IntOrString::Int(0)) {
+            c.check(fail(&format!("{field}.maxUnavailable"), "must be at least 1"));
+        }
+        if let Some(l) = &b.per_label {
+            let ok =
+                !l.is_empty() && l.len() <= 63 && l.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_./".contains(ch));
+            if !ok {
+                c.check(fail(&format!("{field}.perLabel"), "must be a label key"));
+            }
+        }
+    }
     let mut names = std::collections::BTreeSet::new();
     for (i, w) in spec.rollout.waves.iter().enumerate() {
         let field = format!("spec.rollout.waves[{i}]");

@@ -51,6 +51,7 @@ fn job() -> Job {
         health_check: Some(HealthCheck::default()),
         rollback: true,
         confirm_timeout_seconds: 30,
+        budgets: vec![BudgetClaim { key: "db.rack-7".into(), max: 2 }],
         timeout_seconds: 1800,
         enqueued_at: Utc.with_ymd_and_hms(2026, 11, 25, 12, 0, 0).unwrap(),
     }

@@ -86,6 +86,7 @@ fn sealed_job_json_never_contains_the_plaintext() {
         health_check: None,
         rollback: false,
         confirm_timeout_seconds: 30,
+        budgets: vec![],
         timeout_seconds: 60,
         enqueued_at: chrono::Utc::now(),
     };

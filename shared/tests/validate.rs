@@ -373,6 +373,26 @@ fn rollout_waves_and_budgets_are_checked_field_by_field() {
             serde_json::json!({"waves": [{"name": "a", "selector": {"matchLabels": {"bad key!": "x"}}}]}),
             "spec.rollout.waves[0].selector",
         ),
+        (
+            serde_json::json!({"waves": [{"name": "a", "analysis": {"query": "up", "successCondition": "up > 1"}}]}),
+            "spec.rollout.waves[0].analysis.successCondition",
+        ),
+        (
+            serde_json::json!({"waves": [{"name": "a", "analysis": {"query": "up", "successCondition": "result > 1", "interval": "10ms"}}]}),
+            "spec.rollout.waves[0].analysis.interval",
+        ),
+        (
+            serde_json::json!({"disruptionBudgets": [{"name": "db", "maxUnavailable": 0}]}),
+            "spec.rollout.disruptionBudgets[0].maxUnavailable",
+        ),
+        (
+            serde_json::json!({"disruptionBudgets": [{"name": "db", "maxUnavailable": 1}, {"name": "db", "maxUnavailable": 2}]}),
+            "spec.rollout.disruptionBudgets[1].name",
+        ),
+        (
+            serde_json::json!({"disruptionBudgets": [{"name": "rack", "perLabel": "rack id!", "maxUnavailable": 1}]}),
+            "spec.rollout.disruptionBudgets[0].perLabel",
+        ),
     ] {
         let err = rejected(&with(rollout.clone())).to_string();
         assert!(err.contains(field), "{rollout}: {err}");

@@ -177,6 +177,7 @@ pub fn job(machine: &str, host: &str, port: u16, site: &str, repo: &str, commit:
         health_check: None,
         rollback: false,
         confirm_timeout_seconds: 30,
+        budgets: vec![],
         timeout_seconds: 60,
         enqueued_at: chrono::Utc::now(),
     }
