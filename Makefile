@@ -35,6 +35,8 @@ LT = $(CARGO_TARGET_DIR)/release/nio-loadtest
 WAVES = {"name": "one-percent", "count": "1%", "soak": "5s"}, {"name": "ten-percent", "count": "10%", "maxFailures": "2%", "soak": "5s"}, {"name": "rest"}
 WAVES_HALT = {"onFailure": "Halt", "waves": [$(WAVES)]}
 WAVES_ROLLBACK = {"onFailure": "RollbackAndHalt", "waves": [$(WAVES)]}
+# (10): two clusters, each rolling out its half of the fleet, sharing one disruption budget of 20 machines.
+BUDGET = {"disruptionBudgets": [{"name": "fleet", "maxUnavailable": 20}]}
 loadtest: setup
 	$(CARGO) build --release --workspace --bins
 	mkdir -p loadtest/results
@@ -49,3 +51,4 @@ loadtest: setup
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --push-via webhook --report loadtest/results/8-push-webhook.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 100ms..300ms --broken 0.05 --rollout '$(WAVES_HALT)' --report loadtest/results/9a-waves-halt.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 100ms..300ms --broken 0.05 --rollout '$(WAVES_ROLLBACK)' --report loadtest/results/9b-waves-rollback.json
+	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --clusters 2 --switch-latency 100ms..300ms --rollout '$(BUDGET)' --report loadtest/results/10-disruption-budget.json

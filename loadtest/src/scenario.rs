@@ -222,6 +222,10 @@ pub struct Report {
     /// Commit bump → first SSH command on the machine.
     pub first_command_ms: Percentiles,
     pub max_in_flight_per_site: BTreeMap<String, usize>,
+    /// For each fleet-wide disruption budget of the rollout (no selector, no perLabel): most machines under
+    /// an update at once across every cluster, by the machines' own operation records.
+    #[serde(default)]
+    pub max_in_flight_per_budget: BTreeMap<String, usize>,
     pub processes: Vec<ProcReport>,
     pub nats_jobs_published: u64,
     pub nats_status_published: u64,
@@ -959,6 +963,17 @@ async fn analyse(
         }
         max_in_flight.insert(Fleet::site_name(site), max);
     }
+    // Disruption budgets covering the whole fleet: machines under an update (activation or confirmation) at once.
+    let mut per_budget = BTreeMap::new();
+    for (name, max) in fleet_budgets(s.rollout.as_ref()) {
+        let busy =
+            invariants::max_concurrent_where(&ops, |o| matches!(o.program.as_str(), "nio-activate" | "nio-confirm"));
+        if busy > max {
+            violations
+                .push(format!("disruption budget {name}: {busy} machines under an update at once; it allows {max}"));
+        }
+        per_budget.insert(name, busy);
+    }
     // Status agrees with the fleet.
     let mut rows = Vec::new();
     for c in &r.clusters {
@@ -1038,6 +1053,7 @@ async fn analyse(
         latency_ms: pct(latencies),
         first_command_ms: pct(first),
         max_in_flight_per_site: max_in_flight,
+        max_in_flight_per_budget: per_budget,
         processes,
         nats_jobs_published: jobs,
         nats_status_published: statuses,
@@ -1170,6 +1186,16 @@ pub fn summary(r: &Report) -> String {
 }
 
 /// The invariant checks over recorded operations, separated so they can be tested on planted histories.
+/// The rollout's disruption budgets that cover every machine (no selector, no perLabel, a number): (name, max).
+fn fleet_budgets(rollout: Option<&serde_json::Value>) -> Vec<(String, usize)> {
+    let Some(budgets) = rollout.and_then(|r| r["disruptionBudgets"].as_array()) else { return vec![] };
+    budgets
+        .iter()
+        .filter(|b| b.get("selector").is_none() && b.get("perLabel").is_none())
+        .filter_map(|b| Some((b["name"].as_str()?.to_string(), usize::try_from(b["maxUnavailable"].as_u64()?).ok()?)))
+        .collect()
+}
+
 pub mod invariants {
     use std::time::Instant;
 
@@ -1177,8 +1203,13 @@ pub mod invariants {
 
     /// Most operations running at once in `site`.
     pub fn max_concurrent(ops: &[Op], site: usize) -> usize {
+        max_concurrent_where(ops, |o| o.site == site)
+    }
+
+    /// Most operations that `keep` selects running at once.
+    pub fn max_concurrent_where(ops: &[Op], keep: impl Fn(&Op) -> bool) -> usize {
         let mut edges: Vec<(Instant, i64)> =
-            ops.iter().filter(|o| o.site == site).flat_map(|o| [(o.start, 1), (o.end, -1)]).collect();
+            ops.iter().filter(|o| keep(o)).flat_map(|o| [(o.start, 1), (o.end, -1)]).collect();
         edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
         let (mut cur, mut max) = (0i64, 0i64);
         for (_, d) in edges {

@@ -152,3 +152,17 @@ async fn a_wave_over_budget_halts_the_rollout_and_leaves_later_waves_alone() {
         }
     }
 }
+
+/// Two clusters, each with its own configuration over its half of the fleet, in the same two sites, both
+/// naming the disruption budget `fleet` of two machines: by the machines' own operation records, never more than
+/// two machines of the whole fleet are under an update at once (the sites alone would allow eight), and the
+/// budget is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disruption_budget_holds_across_two_clusters() {
+    let rollout = serde_json::json!({"disruptionBudgets": [{"name": "fleet", "maxUnavailable": 2}]});
+    let s = Scenario { machines: 16, clusters: 2, site_limit: 4, rollout: Some(rollout), ..small() };
+    let (report, _) = run(s, None).await.unwrap();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.failed, report.lost), (16, 0, 0), "{report:#?}");
+    assert_eq!(report.max_in_flight_per_budget.get("fleet"), Some(&2), "{:?}", report.max_in_flight_per_budget);
+}
