@@ -312,7 +312,8 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .into_iter()
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
     let views = views(cfg, &machines);
-    let policy = policy(cfg, machines.len());
+    let mut policy = policy(cfg, machines.len());
+    policy.claims = budget_claims(cfg, &machines);
     let (layout, mut decision) = wave_decision(ctx, cfg, &previous, &target, &machines, &views, &policy).await;
     let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
     let mut rolling_back = false;
@@ -328,7 +329,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     }
 
     // 5. Publish, then mark the machines Queued.
-    let queued = publish_plan(ctx, cfg, &want, &machines, &plan.publish).await?;
+    let queued = publish_plan(ctx, cfg, &want, &machines, &plan.publish, &policy.claims).await?;
     mark_has_configuration(ctx, &machines, &queued).await?;
 
     // 6. Status and rollout metrics.
@@ -404,7 +405,8 @@ async fn roll_back(
         .take(room)
         .map(|v| (v.name.clone(), rollout::Work::Update))
         .collect();
-    let queued = publish_plan(ctx, cfg, &want, machines, &todo).await?;
+    // Rollbacks count against the disruption budgets too (the executors hold the slots).
+    let queued = publish_plan(ctx, cfg, &want, machines, &todo, &budget_claims(cfg, machines)).await?;
     let short = short_commit(&previous);
     let busy = !touched.is_empty() || running > 0;
     Ok((format!("rolling back to {short}: {returned} returned, {} on their way", running + queued.len()), busy))
@@ -442,6 +444,20 @@ async fn write_status(
 
 /// The planner's view of the configuration, which targets `total` machines. The failure budget is
 /// `maxFailures` (a number or a percentage of the machines, rounded down), else `failureBudget`.
+/// Each machine's disruption-budget claims under the configuration's budgets.
+fn budget_claims(
+    cfg: &NixosConfiguration,
+    machines: &[Machine],
+) -> BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>> {
+    let budgets = &cfg.spec.rollout.disruption_budgets;
+    if budgets.is_empty() {
+        return BTreeMap::new();
+    }
+    let fleet: Vec<(String, BTreeMap<String, String>)> =
+        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
+    fleet.iter().map(|(name, labels)| (name.clone(), crate::budgets::claims(budgets, labels, &fleet))).collect()
+}
+
 fn policy(cfg: &NixosConfiguration, total: usize) -> Policy {
     let r = &cfg.spec.rollout;
     let max_failures = r.max_failures.as_ref().map(|v| waves::amount(v, total, false));
@@ -452,6 +468,7 @@ fn policy(cfg: &NixosConfiguration, total: usize) -> Policy {
         max_parallel: r.max_parallel,
         canary: r.canary,
         failure_budget: max_failures.or(r.failure_budget),
+        claims: Default::default(),
     }
 }
 
@@ -491,16 +508,13 @@ async fn publish_plan(
     want: &Desired,
     machines: &[Machine],
     publish: &[(String, rollout::Work)],
+    claims: &BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>>,
 ) -> Result<std::collections::BTreeSet<String>> {
-    let fleet: Vec<(String, BTreeMap<String, String>)> =
-        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
-    let fleet = &fleet;
     let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
         .map(|(name, work)| async move {
             let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
             let mut job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
-            let labels = m.metadata.labels.clone().unwrap_or_default();
-            job.budgets = crate::budgets::claims(&cfg.spec.rollout.disruption_budgets, &labels, fleet);
+            job.budgets = claims.get(&name).cloned().unwrap_or_default();
             // Re-applying a target to a drifted machine: an id of its own per drift (the broker drops the
             // same drift's job published again by later reconciles).
             if cfg.spec.drift_policy == DriftPolicy::Enforce

@@ -58,6 +58,9 @@ pub struct Policy {
     pub canary: Option<u32>,
     /// Failures tolerated; beyond it no new jobs start.
     pub failure_budget: Option<u32>,
+    /// Each machine's disruption-budget claims (by name): within this configuration the plan keeps to them
+    /// (executors enforce them across configurations and clusters).
+    pub claims: std::collections::BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>>,
 }
 
 /// Counts of the configuration's machines for the target.
@@ -81,6 +84,8 @@ pub enum Hold {
     Soaking,
     /// The current wave waits for a person's approval.
     AwaitingApproval,
+    /// Every machine that could start counts against a disruption budget that is full.
+    DisruptionBudget,
 }
 
 /// The decision.
@@ -162,9 +167,32 @@ pub fn plan_within(
         plan.hold = Some(Hold::MaxParallel);
         return plan;
     }
-    for m in candidates.into_iter().take(capacity as usize) {
+    // Disruption budgets: the machines in flight hold their slots; a candidate goes only while each of its
+    // budgets has room.
+    let mut used: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+    for m in machines.iter().filter(|m| m.standing(target) == Standing::InProgress) {
+        for c in policy.claims.get(&m.name).into_iter().flatten() {
+            *used.entry(c.key.as_str()).or_default() += 1;
+        }
+    }
+    let mut blocked = false;
+    for m in candidates {
+        if plan.publish.len() >= capacity as usize {
+            break;
+        }
+        let claims = policy.claims.get(&m.name).map(Vec::as_slice).unwrap_or_default();
+        if claims.iter().any(|c| used.get(c.key.as_str()).copied().unwrap_or(0) >= c.max) {
+            blocked = true;
+            continue;
+        }
+        for c in claims {
+            *used.entry(c.key.as_str()).or_default() += 1;
+        }
         let work = if policy.full_install && !m.installed { Work::Install } else { Work::Update };
         plan.publish.push((m.name.clone(), work));
+    }
+    if plan.publish.is_empty() && blocked {
+        plan.hold = Some(Hold::DisruptionBudget);
     }
     plan
 }
@@ -285,5 +313,65 @@ mod tests {
         let policy = Policy { max_parallel: Some(2), ..Default::default() };
         let p = plan(T, &policy, &[m("z"), m("b"), m("a")]);
         assert_eq!(names(&p), ["a", "b"]);
+    }
+
+    /// For any fleet, budgets and sequence of status events, the machines in flight never exceed a budget's
+    /// room: the plan adds only within it, whatever finished or failed in between.
+    #[test]
+    fn no_plan_exceeds_a_disruption_budget_for_any_interleaving_of_events() {
+        use nio_shared::protocol::BudgetClaim;
+        use proptest::prelude::*;
+        proptest!(ProptestConfig { cases: 200, ..ProptestConfig::default() }, |(
+            racks in proptest::collection::vec(0u8..3, 1..24),
+            rack_max in 1u32..3,
+            fleet_max in 1u32..6,
+            events in proptest::collection::vec((0usize..24, 0u8..3), 0..60),
+        )| {
+            let target = "c/1";
+            let mut machines: Vec<MachineView> =
+                (0..racks.len()).map(|i| MachineView { name: format!("m{i:02}"), ..Default::default() }).collect();
+            let claims: std::collections::BTreeMap<String, Vec<BudgetClaim>> = racks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let mut c = vec![
+                        BudgetClaim { key: "fleet".into(), max: fleet_max },
+                        BudgetClaim { key: format!("rack.{r}"), max: rack_max },
+                    ];
+                    c.sort_by(|a, b| a.key.cmp(&b.key));
+                    (format!("m{i:02}"), c)
+                })
+                .collect();
+            let policy = Policy { claims: claims.clone(), ..Default::default() };
+            let check = |machines: &[MachineView]| {
+                let mut used: std::collections::BTreeMap<String, u32> = Default::default();
+                for m in machines.iter().filter(|m| m.standing(target) == Standing::InProgress) {
+                    for c in &claims[&m.name] {
+                        *used.entry(c.key.clone()).or_default() += 1;
+                    }
+                }
+                used.iter().all(|(k, n)| *n <= if k == "fleet" { fleet_max } else { rack_max })
+            };
+            for (pick, what) in events {
+                let plan = plan_within(target, &policy, &machines, None);
+                for (name, _) in &plan.publish {
+                    if let Some(m) = machines.iter_mut().find(|m| &m.name == name) {
+                        m.queued_target = Some(target.into());
+                    }
+                }
+                prop_assert!(check(&machines), "over a budget after planning");
+                // A status event: a machine in flight finishes or fails, or nothing happens.
+                let n = machines.len();
+                let m = &mut machines[pick % n];
+                if m.standing(target) == Standing::InProgress {
+                    m.queued_target = None;
+                    match what {
+                        0 => m.applied_target = Some(target.into()),
+                        1 => m.failed_target = Some(target.into()),
+                        _ => m.queued_target = Some(target.into()),
+                    }
+                }
+            }
+        });
     }
 }
