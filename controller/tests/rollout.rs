@@ -403,8 +403,9 @@ async fn a_wave_whose_analysis_fails_halts_and_one_whose_analysis_holds_goes_on(
     task.await.unwrap().unwrap();
 }
 
-/// A configuration's disruption budgets reach its jobs as claims the executors hold slots of: by selector, per
-/// label value, percentages of the covered machines.
+/// A configuration's disruption budgets: its plan keeps to them (a machine waits while one of its budgets is
+/// full), and its jobs carry them as claims the executors hold slots of: by selector, per label value,
+/// percentages of the covered machines.
 async fn jobs_carry_their_machines_disruption_budget_claims(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
@@ -420,11 +421,22 @@ async fn jobs_carry_their_machines_disruption_budget_claims(backend: Backend) {
         ]}}),
     )
     .await;
-    let jobs = jobs_for(&env, &["d1", "d2", "d3", "w1"]).await;
-    let claims = |m: &str| -> Vec<(String, u32)> { jobs[m].budgets.iter().map(|b| (b.key.clone(), b.max)).collect() };
-    assert_eq!(claims("d1"), [("db".to_string(), 1), ("per-rack.r1".to_string(), 1)], "half of 3 db machines: 1");
-    assert_eq!(claims("d3"), [("db".to_string(), 1), ("per-rack.r2".to_string(), 1)]);
-    assert_eq!(claims("w1"), [("per-rack.r2".to_string(), 1)], "not a db machine");
+    // In name order: d1 takes the db budget (half of 3 db machines: 1) and rack r1; d2 and d3 wait for the db
+    // budget; w1 is no db machine and rack r2 is free.
+    let first = jobs_for(&env, &["d1", "w1"]).await;
+    let claims = |j: &Job| -> Vec<(String, u32)> { j.budgets.iter().map(|b| (b.key.clone(), b.max)).collect() };
+    assert_eq!(claims(&first["d1"]), [("db".to_string(), 1), ("per-rack.r1".to_string(), 1)]);
+    assert_eq!(claims(&first["w1"]), [("per-rack.r2".to_string(), 1)], "not a db machine");
+    env.report(&first["d1"], Phase::Succeeded, |_| {}).await;
+    let second = jobs_for(&env, &["d2"]).await;
+    assert_eq!(claims(&second["d2"]), [("db".to_string(), 1), ("per-rack.r1".to_string(), 1)]);
+    // d3 needs the db budget and rack r2: both held until d2 and w1 finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(take_apply_jobs(&env).await.is_empty(), "d3 waits for its budgets");
+    env.report(&second["d2"], Phase::Succeeded, |_| {}).await;
+    env.report(&first["w1"], Phase::Succeeded, |_| {}).await;
+    let third = jobs_for(&env, &["d3"]).await;
+    assert_eq!(claims(&third["d3"]), [("db".to_string(), 1), ("per-rack.r2".to_string(), 1)]);
     stop.cancel();
     task.await.unwrap().unwrap();
 }
