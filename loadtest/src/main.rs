@@ -140,7 +140,7 @@ struct RunArgs {
     /// The measured rollout's `spec.rollout` as JSON (waves, maxFailures, onFailure), set with the push.
     #[arg(long, value_parser = parse_json)]
     rollout: Option<serde_json::Value>,
-    /// Share of the machines on which the measured commit fails to build (every ⌈1/share⌉-th machine).
+    /// Share of the machines on which the measured commit fails its health check (every ⌈1/share⌉-th machine).
     #[arg(long, default_value_t = 0.0)]
     broken: f64,
     /// Write the JSON report here.

@@ -110,7 +110,7 @@ pub struct Scenario {
     pub push_via: PushVia,
     /// `spec.rollout` of the measured rollout (waves, budgets), set together with the push.
     pub rollout: Option<serde_json::Value>,
-    /// Share of the machines on which the measured commit fails to build (every ⌈1/share⌉-th machine).
+    /// Share of the machines on which the measured commit fails its health check (every ⌈1/share⌉-th machine).
     pub broken: f64,
     /// The executors' `ackWaitSeconds`: how long a dead executor's jobs stay with it (progress acks keep the
     /// live ones'); the lock of a dead executor is taken over once its heartbeat is gone.

@@ -125,7 +125,7 @@ async fn a_standby_controller_finishes_the_rollout_when_the_leader_dies() {
     assert!(report.processes.iter().any(|p| p.name == "controller-0-standby"), "{:?}", report.processes);
 }
 
-/// Waves with a failure budget, the measured commit broken on every 5th machine: the rollout halts in the
+/// Waves with a failure budget, the measured commit failing its health check on every 5th machine: the rollout halts in the
 /// second wave (it tolerates one failure), and no machine of the last wave runs anything (by the machines'
 /// own records). With RollbackAndHalt the second wave's machines end at the warm-up commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

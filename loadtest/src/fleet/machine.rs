@@ -40,7 +40,8 @@ pub struct State {
     /// Until when the machine is rebooting (connections refused).
     pub down_until: Option<std::time::Instant>,
     pub rebuilds: u64,
-    /// Commits whose build fails on this machine (a change that breaks some hardware).
+    /// Commits that activate but leave this machine unhealthy (a change that breaks some hardware): the health
+    /// check fails.
     pub broken_commits: BTreeSet<String>,
     /// Activation state per job directory (what the activation unit leaves in `{stateDir}/jobs/{unit}`).
     pub jobs: BTreeMap<String, SimJob>,
@@ -56,6 +57,8 @@ pub struct SimJob {
     /// Waiting for the confirmation.
     pub awaiting: bool,
     pub result: Option<String>,
+    /// The system is one of the machine's broken commits: it activates, then fails its health check.
+    pub unhealthy: bool,
 }
 
 /// What a command returned.
@@ -528,7 +531,7 @@ fn activate(
     }
     state.rebuilds += 1;
     let broken = state.broken_commits.iter().any(|c| dir.contains(c.as_str()));
-    if broken || chance(behaviour.failure_rate) {
+    if chance(behaviour.failure_rate) {
         out.push_str(&format!(
             "error: builder for '/nix/store/x-nixos-system-{attr}.drv' failed with exit code 1\n@@nio failed build\n"
         ));
@@ -549,7 +552,8 @@ fn activate(
     if let Some(r) = &result {
         out.push_str(&format!("@@nio result {r}\n"));
     }
-    state.jobs.insert(job.to_string(), SimJob { toplevel: top, boot_id: state.boot_id, previous, awaiting, result });
+    let sim = SimJob { toplevel: top, boot_id: state.boot_id, previous, awaiting, result, unhealthy: broken };
+    state.jobs.insert(job.to_string(), sim);
     ok(out)
 }
 
@@ -570,7 +574,7 @@ fn confirm(
     let mut health = "skipped".to_string();
     if j.result.is_none() || j.result.as_deref() == Some("done") {
         let unit = "sim-flaky.service";
-        let failed = check && chance(behaviour.unhealthy_rate) && !allow.split(' ').any(|u| u == unit);
+        let failed = check && (j.unhealthy || chance(behaviour.unhealthy_rate)) && !allow.split(' ').any(|u| u == unit);
         health = if failed { "failed 1".into() } else { "ok".into() };
         if j.result.is_none() {
             if failed {

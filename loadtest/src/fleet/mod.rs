@@ -109,7 +109,7 @@ fn address(first: Ipv4Addr, i: usize) -> Ipv4Addr {
 }
 
 impl Fleet {
-    /// Makes `commit` fail to build on the machines `which` picks.
+    /// Makes `commit` fail its health check on the machines `which` picks (it builds and activates).
     pub fn break_commit(&self, commit: &str, which: impl Fn(&SimMachine) -> bool) -> usize {
         let mut n = 0;
         for m in self.machines.iter().filter(|m| which(m)) {
