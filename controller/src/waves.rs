@@ -184,6 +184,48 @@ pub struct Facts<'a> {
     pub max_failures: Option<u32>,
 }
 
+/// Why the wave has failed, if it has (and the rollout was not resumed): over its own failure budget, the
+/// rollout over its budget, its analysis past its limit, or failed already.
+fn failure(
+    w: &Wave,
+    s: &WaveStatus,
+    prev: Option<&WaveStatus>,
+    f: &Facts,
+    total_failed: u32,
+    overall_over: bool,
+) -> Option<String> {
+    let was_failed = prev.is_some_and(|p| p.state == WaveState::Failed);
+    let over_wave = w.max_failures.is_some_and(|b| s.failed > b);
+    // A failed analysis fails the wave like failed machines do.
+    let measured = prev.and_then(|p| p.analysis.as_ref());
+    let analysis_failed = w.analysis.as_ref().zip(measured).filter(|(a, m)| m.failures > a.failure_limit);
+    if f.resumed || !(was_failed || over_wave || overall_over || analysis_failed.is_some()) {
+        return None;
+    }
+    Some(match (over_wave, w.max_failures, analysis_failed) {
+        (true, Some(b), _) => format!("{} of {} machines failed (the wave tolerates {b})", s.failed, s.total),
+        _ if overall_over => {
+            format!(
+                "{total_failed} machines failed in the rollout (it tolerates {})",
+                f.max_failures.unwrap_or_default()
+            )
+        }
+        (_, _, Some((a, m))) if !was_failed => format!(
+            "analysis failed {} of {} times (it tolerates {}): {} — {}",
+            m.failures,
+            m.runs,
+            a.failure_limit,
+            a.query,
+            m.last_result.as_deref().unwrap_or("no result")
+        ),
+        // The failure as first recorded (what the reconcile appended after "; " is redone each time).
+        _ => prev
+            .and_then(|p| p.message.as_deref())
+            .and_then(|m| m.split("; ").next())
+            .map_or_else(|| "over its failure budget".into(), str::to_string),
+    })
+}
+
 /// A wave's counts by machine standing, and its machines that may get the target.
 fn tally(w: &Wave, by_name: &BTreeMap<&str, &MachineView>, target: &str) -> (WaveStatus, Vec<String>) {
     let mut s = WaveStatus { name: w.name.clone(), total: w.machines.len() as u32, ..Default::default() };
@@ -246,34 +288,11 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
         if s.started_at.is_none() && (s.in_progress > 0 || s.failed > 0 || !candidates.is_empty()) {
             s.started_at = Some(time(f.now));
         }
-        let was_failed = prev.is_some_and(|p| p.state == WaveState::Failed);
-        let over_wave = w.max_failures.is_some_and(|b| s.failed > b);
-        // A failed analysis fails the wave like failed machines do.
         let measured = prev.and_then(|p| p.analysis.clone());
-        let analysis_failed = w.analysis.as_ref().zip(measured.as_ref()).filter(|(a, m)| m.failures > a.failure_limit);
-        if !f.resumed && (was_failed || over_wave || overall_over || analysis_failed.is_some()) {
+        if let Some(why) = failure(w, &s, prev, f, total_failed, overall_over) {
             s.state = WaveState::Failed;
             s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
-            s.message = Some(match (over_wave, w.max_failures, analysis_failed) {
-                (true, Some(b), _) => format!("{} of {} machines failed (the wave tolerates {b})", s.failed, s.total),
-                _ if overall_over => format!(
-                    "{total_failed} machines failed in the rollout (it tolerates {})",
-                    f.max_failures.unwrap_or_default()
-                ),
-                (_, _, Some((a, m))) if !was_failed => format!(
-                    "analysis failed {} of {} times (it tolerates {}): {} — {}",
-                    m.failures,
-                    m.runs,
-                    a.failure_limit,
-                    a.query,
-                    m.last_result.as_deref().unwrap_or("no result")
-                ),
-                // The failure as first recorded (what the reconcile appended after "; " is redone each time).
-                _ => prev
-                    .and_then(|p| p.message.as_deref())
-                    .and_then(|m| m.split("; ").next())
-                    .map_or_else(|| "over its failure budget".into(), str::to_string),
-            });
+            s.message = Some(why);
             s.analysis = measured;
             d.failed_wave = Some(w.name.clone());
             d.current = Some(w.name.clone());

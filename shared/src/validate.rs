@@ -617,14 +617,21 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
             Err(e) => c.check(Err(e)),
         }
     }
-    if spec.rollout.max_parallel == Some(0) {
+    c.merge(rollout(&spec.rollout));
+    c.finish()
+}
+
+/// The rollout policy: limits, budgets and waves.
+fn rollout(r: &crate::crd::RolloutSpec) -> Result<(), Invalid> {
+    let mut c = Collector::default();
+    if r.max_parallel == Some(0) {
         c.check(fail("spec.rollout.maxParallel", "must be at least 1"));
     }
-    if let Some(v) = &spec.rollout.max_failures {
+    if let Some(v) = &r.max_failures {
         c.check(count_or_percent("spec.rollout.maxFailures", v));
     }
     let mut budget_names = std::collections::BTreeSet::new();
-    for (i, b) in spec.rollout.disruption_budgets.iter().enumerate() {
+    for (i, b) in r.disruption_budgets.iter().enumerate() {
         let field = format!("spec.rollout.disruptionBudgets[{i}]");
         c.check(dns_label(&format!("{field}.name"), &b.name));
         if !budget_names.insert(b.name.as_str()) {
@@ -646,7 +653,7 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
         }
     }
     let mut names = std::collections::BTreeSet::new();
-    for (i, w) in spec.rollout.waves.iter().enumerate() {
+    for (i, w) in r.waves.iter().enumerate() {
         let field = format!("spec.rollout.waves[{i}]");
         c.check(dns_label(&format!("{field}.name"), &w.name));
         if !names.insert(w.name.as_str()) {
