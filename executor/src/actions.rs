@@ -387,7 +387,7 @@ async fn install_host_key<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -
     Ok(public)
 }
 
-/// Upload for installs: the tree and files (secrets only after the installed system booted).
+/// Upload for installs: the tree and files (the secrets go into /mnt later, see [`write_secrets`]).
 async fn upload_tree_only<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<()> {
     let src = ctx.job.source.as_ref().ok_or_else(|| Error::InvalidJob("no source".into()))?;
     let tree = ctx.sources.tree(&src.repo, &src.commit, src.credentials.as_deref()).await?;

@@ -55,12 +55,6 @@ pub struct SourceCache {
     tars: Mutex<Vec<(String, Arc<Vec<u8>>)>>,
 }
 
-/// A job's upload: the tar stream and a digest identifying its content.
-pub struct Upload {
-    pub tar: Vec<u8>,
-    pub digest: String,
-}
-
 fn repo_dir(base: &Path, url: &str) -> PathBuf {
     let h = Sha256::digest(url.as_bytes());
     base.join("git").join(h.iter().take(12).map(|b| format!("{b:02x}")).collect::<String>())

@@ -277,13 +277,9 @@ async fn run_confirm<H: Host, P: Progress>(
 ) -> Result<Outcome> {
     let job = ctx.job;
     let hc = job.health_check.clone().unwrap_or_default();
-    let marker = match (identity, &toplevel) {
-        (Some(id), Some(top)) => Some(format!("{id} {top}")),
-        _ => None,
-    };
     let c = Confirmation {
         unit,
-        marker: marker.as_deref(),
+        marker: identity,
         // A removal switches to the onRemoveFlake system: its health is not the configuration's concern.
         health: hc.enabled && job.action != Action::Remove,
         health_timeout: hc.timeout_seconds,

@@ -42,7 +42,9 @@ fn a_test_host_has_its_own_nix_sshd_sudo_and_boot() {
     assert!(ok && out.contains("deploy\nroot"), "{out}");
     let (ok, out) = ssh(&plain, "deploy", "sudo -n id -un");
     assert!(!ok && out.contains("password is required"), "{out}");
-    assert!(!plain.path(&current).exists() || plain.current_system().as_deref() == Some(current.as_str()));
+    host.exec("mkdir /nix/store/nio-only-on-this-host").unwrap();
+    assert!(host.exec("test -d /nix/store/nio-only-on-this-host").is_ok());
+    assert!(plain.exec("test -d /nix/store/nio-only-on-this-host").is_err(), "each host has its own store");
 
     // A reboot: new boot_id, /run emptied, the boot default running again, sshd back.
     let before = host.boot_id();

@@ -194,7 +194,7 @@ pub struct Activation<'a> {
 #[derive(Debug, Clone)]
 pub struct Confirmation<'a> {
     pub unit: &'a str,
-    /// The applied marker's new content (a confirmed switch only).
+    /// The target identity the applied marker gets, with the built system, after a confirmed switch.
     pub marker: Option<&'a str>,
     pub health: bool,
     pub health_timeout: u32,
@@ -290,17 +290,8 @@ impl Commands {
         argv
     }
 
-    pub fn nixos_version(&self) -> Vec<String> {
-        v(&["nixos-version", "--json"])
-    }
-    pub fn current_system(&self) -> Vec<String> {
-        v(&["readlink", "-f", &self.paths.current_system])
-    }
     pub fn applied_marker(&self) -> String {
         format!("{}/applied", self.paths.state_dir)
-    }
-    pub fn read_applied(&self) -> Vec<String> {
-        v(&["cat", &self.applied_marker()])
     }
     /// Written with `"{commit} {system}\n"` on stdin after a full install.
     pub fn write_applied(&self) -> Vec<String> {
@@ -311,14 +302,6 @@ impl Commands {
     }
     pub fn mkdir(&self, dir: &str) -> Vec<String> {
         v(&["mkdir", "-p", dir])
-    }
-    /// The upload's completion marker (the tar stream's last entry, holding its digest).
-    pub fn read_src_marker(&self, commit: &str) -> Vec<String> {
-        v(&["cat", &format!("{}/.nio-complete", self.src_dir(commit))])
-    }
-    /// Extracts a tar stream from stdin into `dir`.
-    pub fn extract(&self, dir: &str) -> Vec<String> {
-        v(&["tar", "-x", "--no-same-owner", "-f", "-", "-C", dir])
     }
     /// Extracts an upload stream's `src/` entries from stdin into `dir` (install: no activation script).
     pub fn extract_source(&self, dir: &str) -> Vec<String> {
@@ -369,9 +352,7 @@ impl Commands {
     }
     /// Builds the system closure into the target's store (build on target).
     pub fn build_system(&self, commit: &str, subdir: Option<&str>, attr: &str) -> Vec<String> {
-        let installable =
-            self.flake_ref(commit, subdir, &format!("nixosConfigurations.{attr}.config.system.build.toplevel"));
-        v(&["nix", "build", "--no-link", "--print-out-paths", "--store", "/mnt", &installable])
+        v(&["nix", "build", "--no-link", "--print-out-paths", "--store", "/mnt", &self.toplevel(commit, subdir, attr)])
     }
     pub fn nixos_install(&self, system: &str) -> Vec<String> {
         v(&["nixos-install", "--no-root-passwd", "--no-channel-copy", "--system", system])

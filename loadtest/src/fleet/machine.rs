@@ -383,10 +383,11 @@ pub fn run(
                 took,
             );
         }
-        ("sh", ["-c", script, "nio-confirm", job, marker, line, _current, check, _timeout, allow, _command @ ..])
-            if *script == nio_shared::remote::CONFIRM_SCRIPT =>
-        {
-            confirm(state, behaviour, job, marker, line, *check == "1", allow)
+        (
+            "sh",
+            ["-c", script, "nio-confirm", job, marker, identity, _current, check, _timeout, allow, _command @ ..],
+        ) if *script == nio_shared::remote::CONFIRM_SCRIPT => {
+            confirm(state, behaviour, job, marker, identity, *check == "1", allow)
         }
         ("sh", ["-c", script]) if *script == crate::fleet::FACT_SCRIPT => ok(
             "system=x86_64-linux\ncpus=8\ncpu=Simulated CPU\nmemory=17179869184\ndisk=vda 53687091200\nnic=eth0 52:54:00:00:00:01\nvirt=kvm\n",
@@ -564,7 +565,7 @@ fn confirm(
     behaviour: &Behaviour,
     job: &str,
     marker: &str,
-    line: &str,
+    identity: &str,
     check: bool,
     allow: &str,
 ) -> Output {
@@ -591,7 +592,8 @@ fn confirm(
     }
     let result = j.result.clone().unwrap_or_default();
     if matches!(result.as_str(), "confirmed" | "done") && !health.starts_with("failed") && !marker.is_empty() {
-        state.files.insert(marker.to_string(), File { data: format!("{line}\n").into_bytes(), mode: 0o644 });
+        let line = format!("{identity} {}\n", j.toplevel);
+        state.files.insert(marker.to_string(), File { data: line.into_bytes(), mode: 0o644 });
     }
     state.jobs.insert(job.to_string(), j);
     ok(format!("@@nio health {health}\n@@nio result {result}\n@@nio system {}\n", state.current_system))
@@ -679,10 +681,11 @@ mod tests {
             allowed_units: &[],
             command: &[],
         };
-        let (out, _) = run(&mut s, &p, &b, &c.confirm(&confirm("nio-2", Some("id sys"))), b"");
+        let (out, _) = run(&mut s, &p, &b, &c.confirm(&confirm("nio-2", Some("id"))), b"");
         let rec = Records::parse(&String::from_utf8_lossy(&out.stdout));
         assert_eq!(rec.get("result"), Some("confirmed"));
-        assert_eq!(s.files["/var/lib/nio/applied"].data, b"id sys\n");
+        let marker = String::from_utf8(s.files["/var/lib/nio/applied"].data.clone()).unwrap();
+        assert_eq!(marker, format!("id {}\n", s.current_system), "the identity and the built system");
         // An unhealthy machine rolls back to what ran before.
         let sick = Behaviour { unhealthy_rate: 1.0, ..b.clone() };
         let running = s.current_system.clone();

@@ -1,11 +1,12 @@
 # NIO: confirmation over a new SSH connection (docs/remote-protocol.md). Runs as root (sudo -n for another SSH
 # user). Waits for the activation to settle, runs the health check, confirms (or has the host roll back), and
 # writes the applied marker after a confirmed switch. Safe to run again for the same job: it reports the result.
-# $1 job directory  $2 applied marker ("" for none)  $3 marker content  $4 current system link
+# $1 job directory  $2 applied marker ("" for none)  $3 target identity (the marker holds it and the built
+# system)  $4 current system link
 # $5 health check: 1 or 0  $6 health timeout (s)  $7 failed units to ignore (space separated)
 # $8... health command (none: no failed units)
 set -u
-job=$1 marker=$2 line=$3 current=$4 check=$5 timeout=$6 allow=$7
+job=$1 marker=$2 identity=$3 current=$4 check=$5 timeout=$6 allow=$7
 shift 7
 say() { echo "@@nio $*"; }
 [ -d "$job" ] || { say failed nojob; exit 3; }
@@ -51,7 +52,7 @@ case $result in
     case $health in
       failed*) ;;
       *) if [ -n "$marker" ]; then
-           mkdir -p "${marker%/*}" && printf '%s\n' "$line" > "$marker.tmp" && mv -f "$marker.tmp" "$marker"
+           mkdir -p "${marker%/*}" && printf '%s %s\n' "$identity" "$(cat "$job/toplevel")" > "$marker.tmp" && mv -f "$marker.tmp" "$marker"
          fi ;;
     esac ;;
 esac
