@@ -854,10 +854,20 @@ async fn an_idle_controller_writes_nothing_and_stops_reconciling(backend: Backen
             .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    tokio::time::sleep(Duration::from_secs(1)).await; // the last status write's own watch event settles
-    let (before, count) = (versions().await, reconciles().await);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(versions().await, before, "an idle controller wrote something");
+    // settled: nothing written for a whole second (the last status write's own watch event came back)
+    let before = env
+        .eventually(T, "the controller settling", || async {
+            let v = versions().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            (versions().await == v).then_some(v)
+        })
+        .await;
+    let count = reconciles().await;
+    env.never(Duration::from_secs(3), "an idle controller wrote something", || async {
+        let now = versions().await;
+        (now != before).then_some(now)
+    })
+    .await;
     let more = reconciles().await - count;
     assert!(more <= 1, "{more} reconciles in 3 s of idling");
     stop.cancel();

@@ -36,15 +36,14 @@ async fn take_apply_jobs(env: &Env) -> BTreeMap<String, Job> {
 
 /// Waits until apply jobs for exactly `machines` have been taken, then returns them.
 async fn jobs_for(env: &Env, machines: &[&str]) -> BTreeMap<String, Job> {
-    let want: Vec<String> = machines.iter().map(|m| m.to_string()).collect();
-    let mut got = BTreeMap::new();
-    let deadline = std::time::Instant::now() + T;
-    while got.keys().cloned().collect::<Vec<_>>() != want {
-        assert!(std::time::Instant::now() < deadline, "jobs for {want:?}; got {:?}", got.keys().collect::<Vec<_>>());
-        got.extend(take_apply_jobs(env).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    got
+    let got = std::sync::Mutex::new(BTreeMap::new());
+    env.eventually(T, &format!("apply jobs for exactly {machines:?}"), || async {
+        let taken = take_apply_jobs(env).await;
+        let mut got = got.lock().unwrap();
+        got.extend(taken);
+        got.keys().map(String::as_str).eq(machines.iter().copied()).then(|| got.clone())
+    })
+    .await
 }
 
 fn commit_of(j: &Job) -> &str {
@@ -397,8 +396,10 @@ async fn a_wave_whose_analysis_fails_halts_and_one_whose_analysis_holds_goes_on(
         .await;
     let msg = failed.message.unwrap_or_default();
     assert!(msg.contains("analysis failed") && msg.contains("vector(0.2)") && msg.contains("0.2"), "{msg}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!take_apply_jobs(&env).await.contains_key("b2"), "nothing after the failed wave runs");
+    env.never(Duration::from_secs(2), "a job after the failed wave", || async {
+        take_apply_jobs(&env).await.remove("b2")
+    })
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
 }
@@ -431,8 +432,11 @@ async fn jobs_carry_their_machines_disruption_budget_claims(backend: Backend) {
     let second = jobs_for(&env, &["d2"]).await;
     assert_eq!(claims(&second["d2"]), [("db".to_string(), 1), ("per-rack.r1".to_string(), 1)]);
     // d3 needs the db budget and rack r2: both held until d2 and w1 finish.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(take_apply_jobs(&env).await.is_empty(), "d3 waits for its budgets");
+    env.never(Duration::from_millis(500), "d3 does not wait for its budgets", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
     env.report(&second["d2"], Phase::Succeeded, |_| {}).await;
     env.report(&first["w1"], Phase::Succeeded, |_| {}).await;
     let third = jobs_for(&env, &["d3"]).await;
