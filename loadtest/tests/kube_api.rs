@@ -49,6 +49,7 @@ on_both!(
     writes_that_change_nothing_store_nothing,
     cel_rules_refuse_selectors_that_would_pick_the_wrong_fleet,
     server_side_apply_merges_map_lists_by_key,
+    patches_cannot_change_kind_api_version_or_uid,
 );
 
 fn machine(name: &str) -> Machine {
@@ -178,6 +179,28 @@ async fn merge_json_and_server_side_apply_patches(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(m.spec.credential_ref, None, "a field its only manager stopped applying is removed");
+}
+
+/// Found by fuzzing kubesim's patch handling: a merge or JSON patch that changes `apiVersion`, `kind` or
+/// `metadata.uid` is refused with 422 naming the field, and the object stays as it was.
+async fn patches_cannot_change_kind_api_version_or_uid(backend: Backend) {
+    let (_c, api) = on::<Machine>(backend).await;
+    let before = api.create(&PostParams::default(), &machine("m1")).await.unwrap();
+    let moved: json_patch::Patch =
+        serde_json::from_value(json!([{"op": "replace", "path": "/apiVersion", "value": "nixos.infra/v2"}])).unwrap();
+    let attempts = [
+        ("apiVersion", Patch::Merge(json!({"apiVersion": "nix:os.infra/v1alpha1"}))),
+        ("kind", Patch::Merge(json!({"kind": "Other"}))),
+        ("apiVersion", Patch::Json(moved)),
+        ("metadata.uid", Patch::Merge(json!({"metadata": {"uid": "x"}}))),
+    ];
+    for (field, patch) in attempts {
+        let (code, reason, message) = api_error(api.patch("m1", &PatchParams::default(), &patch).await.unwrap_err());
+        assert_eq!((code, reason.as_str()), (422, "Invalid"), "{message}");
+        assert!(message.contains(&format!("{field}: Invalid value")), "{message}");
+    }
+    let after = api.get("m1").await.unwrap();
+    assert_eq!(after.metadata.resource_version, before.metadata.resource_version, "nothing was written");
 }
 
 async fn status_subresource_is_separate_from_the_spec(backend: Backend) {

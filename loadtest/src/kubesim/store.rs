@@ -785,6 +785,12 @@ impl Store {
                         "the object has been modified; please apply your changes to the latest version and try again",
                     ));
                 }
+                // As the real apiserver's custom resource strategy: a patch may not move the object to another
+                // kind or version, nor change its uid (found by fuzzing: kubesim used to store either).
+                let causes = if rt.custom { identity_causes(rt, &old, &patched) } else { Vec::new() };
+                if !causes.is_empty() {
+                    return Err(self.invalid(rt, name, causes));
+                }
                 let mut new = scoped(rt, &old, patched, scope);
                 for k in ["name", "namespace", "uid"] {
                     if let Some(v) = old.pointer(&format!("/metadata/{k}")) {
@@ -968,6 +974,29 @@ impl Store {
 
 /// Parses a JSON patch. Like the API server, a `test` for `null` passes when the path is absent (kube-rs'
 /// finalizer helper relies on this).
+/// What the real apiserver refuses in a patched object: `apiVersion` or `kind` other than the resource's
+/// ("must be …"), a changed `metadata.uid` ("field is immutable").
+fn identity_causes(rt: &ResourceType, old: &Value, patched: &Value) -> Vec<Value> {
+    let mut causes = Vec::new();
+    for (field, want) in [("apiVersion", rt.api_version()), ("kind", rt.kind.clone())] {
+        let got = patched.get(field);
+        if got.and_then(Value::as_str) != Some(want.as_str()) {
+            let shown = got.map_or("null".to_string(), |v| v.as_str().map_or(v.to_string(), str::to_string));
+            causes.push(json!({"reason": "FieldValueInvalid", "field": field,
+                "message": format!("Invalid value: \"{shown}\": must be {want}")}));
+        }
+    }
+    let uid = |v: &Value| v.pointer("/metadata/uid").cloned();
+    if let Some(new_uid) = uid(patched)
+        && Some(&new_uid) != uid(old).as_ref()
+    {
+        let shown = new_uid.as_str().map_or(new_uid.to_string(), str::to_string);
+        causes.push(json!({"reason": "FieldValueInvalid", "field": "metadata.uid",
+            "message": format!("Invalid value: \"{shown}\": field is immutable")}));
+    }
+    causes
+}
+
 fn json_patch_ops(target: &Value, body: &Value) -> ApiResult<json_patch::Patch> {
     let ops = body.as_array().ok_or_else(|| ApiError::bad_request("a JSON patch must be an array of operations"))?;
     let kept: Vec<Value> = ops
