@@ -263,6 +263,14 @@ fn hostile_machine_fields_are_rejected() {
         ("spec.hostKey", |m| m.host_key = Some("ssh-ed25519 not*base64".into())),
         // a valid RSA blob presented as ed25519
         ("spec.hostKey", |m| m.host_key = Some("ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAABAQ==".into())),
+        // found by fuzzing: the algorithm name alone, no key (passed, then every job failed to parse it)
+        ("spec.hostKey", |m| m.host_key = Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5".into())),
+        // a key one byte short
+        ("spec.hostKey", |m| {
+            m.host_key = Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GK".into())
+        }),
+        // a signature algorithm is not a key type (OpenSSH writes RSA keys as ssh-rsa)
+        ("spec.hostKey", |m| m.host_key = Some(format!("rsa-sha2-512 {}", RSA_KEY.split(' ').nth(1).unwrap()))),
         ("spec.port", |m| m.port = 0),
     ];
     for (field, mutate) in cases {
@@ -284,10 +292,15 @@ fn all_errors_are_reported_at_once() {
     assert_eq!(fields, ["spec.ref", "spec.flake", "spec.configurationSubdir"]);
 }
 
+const RSA_KEY: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDcd8U8vwst6B57j7OnWIpXjkJVKIGQBgvyLr7ovzNIdCQruECiWn5nX250k4nBBOFE/LoSmmf/oCGVy1qQxKnOgo45nmWuzdnDqUYgZfZuRB2mTEfL0ZKHTg/cIYH3XibQIAyZj0ltHfgxBZ4UQnCqcVCEs2CHrRNEDRfu1/LOIw== k";
+
 #[test]
-fn a_real_host_key_passes() {
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@web-01";
-    assert_eq!(validate::host_key("k", key), Ok(()));
+fn real_host_keys_of_each_type_pass() {
+    let ed25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl root@web-01";
+    let ecdsa = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBERe7hFgPM8HIrwbL1GVU85GpqJLcpcYsggbd+S8Pw7nz5UGcAPZqwl1V9YH7WnUb5Ai95arwG8QTHPPCVMe85s= k";
+    for key in [ed25519, ecdsa, RSA_KEY] {
+        assert_eq!(validate::host_key("k", key), Ok(()), "{key}");
+    }
 }
 
 proptest! {
