@@ -5,7 +5,7 @@ export NIO_TOOLS_DIR ?= $(HOME)/.cache/nio-tools
 export PATH := $(NIO_TOOLS_DIR)/bin:/usr/sbin:$(PATH)
 CARGO ?= cargo
 
-.PHONY: setup test lint crds fmt demo loadtest
+.PHONY: setup test lint crds fmt demo loadtest fuzz
 
 setup:
 	@scripts/setup
@@ -24,6 +24,21 @@ crds:
 
 fmt:
 	$(CARGO) fmt --all
+
+# Each fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS, from its seeds and the corpus grown by earlier runs.
+# cargo-fuzz needs a nightly toolchain for the sanitizer; a crash stops with the input in fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS = messages known_hosts remote_commands validation kubesim_patch
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t && \
+	  CARGO_TARGET_DIR=$(HOME)/.cache/nio-fuzz-target $(CARGO) +nightly fuzz run $$t corpus/$$t seeds/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 > corpus/$$t.log 2>&1 \
+	    || { tail -40 corpus/$$t.log; echo "fuzz target $$t failed: the input is in fuzz/artifacts/$$t/"; exit 1; }; \
+	  echo "$$t: $$(grep -o 'stat::number_of_executed_units: [0-9]*' corpus/$$t.log | grep -o '[0-9]*$$') executions," \
+	    "$$(ls corpus/$$t | wc -l) inputs in the corpus"; \
+	done
 
 demo: setup
 	$(CARGO) build --workspace --bins

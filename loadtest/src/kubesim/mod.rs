@@ -24,8 +24,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 
+pub use fields::Scope;
 pub use registry::ResourceType;
-pub use store::{ApiError, Store};
+pub use store::{ApiError, PatchKind, Store, WriteOpts};
 
 /// How to start a simulated cluster.
 #[derive(Debug, Clone)]
