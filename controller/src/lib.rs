@@ -83,10 +83,7 @@ pub struct Settings {
 /// Runs the controller until `shutdown`: as a candidate for the lease, as the leader (reconciling, publishing,
 /// consuming status) while it holds it, and as a candidate again if it loses it.
 pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    // The first connection is retried like any later one (see the executor).
-    let mut opts = async_nats::ConnectOptions::new()
-        .name(format!("nio-controller {} {}", s.cluster, s.identity))
-        .retry_on_initial_connect();
+    let mut opts = nio_shared::nats::connect_options(format!("nio-controller {} {}", s.cluster, s.identity));
     if let Some(c) = &s.nats_creds {
         opts = opts.credentials_file(c).await.with_context(|| format!("reading NATS credentials {}", c.display()))?;
     }

@@ -51,10 +51,9 @@ pub struct Settings {
 
 /// Connects to NATS, sets up consumers and runs until `shutdown` is cancelled.
 pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
-    // A NATS member that is still starting (or busy electing leaders) must not make the process exit: the first
-    // connection is retried like any later one, and the JetStream requests below retry for five minutes.
-    let mut opts =
-        async_nats::ConnectOptions::new().name(format!("nio-executor {}", s.executor_id)).retry_on_initial_connect();
+    // A NATS member that is still starting (or busy electing leaders) must not make the process exit: the JetStream
+    // requests below retry for five minutes.
+    let mut opts = nio_shared::nats::connect_options(format!("nio-executor {}", s.executor_id));
     if let Some(c) = &s.nats_creds {
         opts = opts.credentials_file(c).await.with_context(|| format!("reading NATS credentials {}", c.display()))?;
     }

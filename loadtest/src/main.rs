@@ -115,7 +115,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 0.0)]
     failure_rate: f64,
     /// Fault to inject, e.g. kill-executor@50%, restart-nats@30%, restart-controller@40%, kill-nats-node@50%
-    /// (the member leading NIO_JOBS, with --nats-nodes 3) (repeatable).
+    /// (the member leading NIO_JOBS, with --nats-nodes 3), partition-nats-node@50% (that member cut off from
+    /// everyone for 15 s, then healed; the members run in network namespaces, needs root) (repeatable).
     #[arg(long)]
     fault: Vec<nio_loadtest::scenario::Fault>,
     /// Use this NATS instead of starting nats-server.

@@ -1,5 +1,6 @@
 //! A real `nats-server -js` on loopback, started and stopped by tests, the load test and the demo: one server, or
-//! a JetStream cluster of several (routes on loopback, one store each).
+//! a JetStream cluster of several (routes on loopback, one store each), or a cluster whose members each have a
+//! network namespace of their own, so that one can be partitioned from the rest.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,6 +17,10 @@ pub struct NatsServer {
     log: PathBuf,
     /// Arguments beyond the single-server ones (a cluster member's name and routes), kept for restarts.
     extra: Vec<String>,
+    /// The address it listens on (127.0.0.1, or its address in its own network namespace).
+    host: String,
+    /// The network namespace it runs in, if not this one.
+    netns: Option<String>,
 }
 
 fn binary() -> String {
@@ -35,21 +40,30 @@ impl NatsServer {
 
     /// Starts a server storing JetStream data under `dir`, on `port` (0: a free one).
     pub async fn start_in(dir: &Path, port: u16) -> anyhow::Result<Self> {
-        let s = Self::spawn(dir, port, Vec::new()).await?;
+        let s = Self::spawn(dir, ("127.0.0.1", None), port, Vec::new()).await?;
         s.wait_ready().await?;
         Ok(s)
     }
 
     /// Starts the process and waits until it listens (not until JetStream is ready: a cluster member is not
     /// ready before enough of the others run).
-    async fn spawn(dir: &Path, port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
+    async fn spawn(dir: &Path, at: (&str, Option<&str>), port: u16, extra: Vec<String>) -> anyhow::Result<Self> {
+        let (host, netns) = at;
         let store = dir.join("jetstream");
         let ports_dir = dir.join("ports");
         std::fs::create_dir_all(&ports_dir)?;
         let log = dir.join("nats-server.log");
         let port_arg = if port == 0 { "-1".to_string() } else { port.to_string() };
-        let mut cmd = tokio::process::Command::new(binary());
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &port_arg, "--sd"])
+        let mut cmd = match netns {
+            // `ip netns exec` execs the server: the child is the server itself.
+            Some(ns) => {
+                let mut c = tokio::process::Command::new("ip");
+                c.args(["netns", "exec", ns, &binary()]);
+                c
+            }
+            None => tokio::process::Command::new(binary()),
+        };
+        cmd.args(["-js", "-a", host, "-p", &port_arg, "--sd"])
             .arg(&store)
             .arg("--ports_file_dir")
             .arg(&ports_dir)
@@ -76,7 +90,16 @@ impl NatsServer {
             anyhow::ensure!(Instant::now() < deadline, "nats-server did not start; see {}", log.display());
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Ok(NatsServer { child: Some(child), port, store, _dir: None, log, extra })
+        Ok(NatsServer {
+            child: Some(child),
+            port,
+            store,
+            _dir: None,
+            log,
+            extra,
+            host: host.to_string(),
+            netns: netns.map(str::to_string),
+        })
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -94,7 +117,7 @@ impl NatsServer {
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host, self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -112,7 +135,8 @@ impl NatsServer {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await;
         let dir = self.store.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut fresh = Self::spawn(&dir, self.port, self.extra.clone()).await?;
+        let at = (self.host.as_str(), self.netns.as_deref());
+        let mut fresh = Self::spawn(&dir, at, self.port, self.extra.clone()).await?;
         fresh.wait_ready().await?;
         self.child = fresh.child.take();
         Ok(())
@@ -128,6 +152,7 @@ impl NatsServer {
 /// [`NatsCluster::urls`] (all members, comma-separated).
 pub struct NatsCluster {
     pub nodes: Vec<NatsServer>,
+    net: Option<MemberNet>,
 }
 
 impl NatsCluster {
@@ -135,26 +160,57 @@ impl NatsCluster {
     pub async fn start_in(dir: &Path, n: usize) -> anyhow::Result<Self> {
         let client: Vec<u16> = (0..n).map(|_| crate::procs::free_port()).collect::<anyhow::Result<_>>()?;
         let routes: Vec<u16> = (0..n).map(|_| crate::procs::free_port()).collect::<anyhow::Result<_>>()?;
+        let at = vec![("127.0.0.1".to_string(), None); n];
+        Self::start_members(dir, &at, &client, &routes, None).await
+    }
+
+    /// Like [`NatsCluster::start_in`], but each member in a network namespace of its own on a bridge here (needs
+    /// root and iproute2), so that [`NatsCluster::partition`] can cut one off.
+    pub async fn start_partitionable(dir: &Path, n: usize) -> anyhow::Result<Self> {
+        let net = MemberNet::create(n)?;
+        let at: Vec<(String, Option<String>)> = (0..n).map(|i| (net.address(i), Some(net.netns(i)))).collect();
+        // Each member has its own addresses: the standard ports everywhere.
+        Self::start_members(dir, &at, &vec![4222; n], &vec![6222; n], Some(net)).await
+    }
+
+    async fn start_members(
+        dir: &Path,
+        at: &[(String, Option<String>)],
+        client: &[u16],
+        routes: &[u16],
+        net: Option<MemberNet>,
+    ) -> anyhow::Result<Self> {
+        let n = at.len();
         let mut nodes = Vec::new();
         for i in 0..n {
             let others: Vec<String> =
-                (0..n).filter(|j| *j != i).map(|j| format!("nats://127.0.0.1:{}", routes[j])).collect();
+                (0..n).filter(|j| *j != i).map(|j| format!("nats://{}:{}", at[j].0, routes[j])).collect();
             let extra = vec![
                 "--server_name".into(),
                 format!("nio-{i}"),
                 "--cluster_name".into(),
                 "nio".into(),
                 "--cluster".into(),
-                format!("nats://127.0.0.1:{}", routes[i]),
+                format!("nats://{}:{}", at[i].0, routes[i]),
                 "--routes".into(),
                 others.join(","),
             ];
-            nodes.push(NatsServer::spawn(&dir.join(format!("node-{i}")), client[i], extra).await?);
+            let member = (at[i].0.as_str(), at[i].1.as_deref());
+            nodes.push(NatsServer::spawn(&dir.join(format!("node-{i}")), member, client[i], extra).await?);
         }
         for node in &nodes {
             node.wait_ready().await?;
         }
-        Ok(NatsCluster { nodes })
+        Ok(NatsCluster { nodes, net })
+    }
+
+    /// Cuts member `i` off from everyone (clients and the other members), or (`false`) heals the partition: its
+    /// link goes down, so packets to and from it are dropped while every connection stays open on both ends
+    /// until its pings time out, as in a real partition. Only for a cluster from
+    /// [`NatsCluster::start_partitionable`].
+    pub fn partition(&self, i: usize, cut: bool) -> anyhow::Result<()> {
+        let net = self.net.as_ref().context("this cluster's members share loopback: it cannot be partitioned")?;
+        ip(&["link", "set", &net.veth(i), if cut { "down" } else { "up" }])
     }
 
     /// Every member's URL, comma-separated (what `--nats-url` takes).
@@ -170,5 +226,67 @@ impl NatsCluster {
         let leader = info.cluster.and_then(|c| c.leader).context("the stream has no leader")?;
         let i = leader.strip_prefix("nio-").and_then(|i| i.parse().ok()).context("unknown member name")?;
         Ok(i)
+    }
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip").args(args).stdin(Stdio::null()).output().context("running ip")?;
+    anyhow::ensure!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
+}
+
+/// The network of a partitionable cluster: bridge `nio-nb{k}` here with 10.214.k.1/24, and per member a network
+/// namespace `nio-nats{k}-{i}` joined to it by a veth pair (`nn{k}x{i}` here), the member at 10.214.k.{i+2}.
+/// Removed when dropped (the members are killed first: they are dropped before it).
+struct MemberNet {
+    k: u32,
+    n: usize,
+}
+
+impl MemberNet {
+    fn create(n: usize) -> anyhow::Result<MemberNet> {
+        // Claim a free k: creating the bridge either succeeds or names one in use.
+        let k = (1..=250u32)
+            .find(|k| ip(&["link", "add", &format!("nio-nb{k}"), "type", "bridge"]).is_ok())
+            .context("no free bridge nio-nb1..250 (or no permission to create one: the partition needs root)")?;
+        let mut net = MemberNet { k, n: 0 };
+        let bridge = format!("nio-nb{k}");
+        ip(&["addr", "add", &format!("10.214.{k}.1/24"), "dev", &bridge])?;
+        ip(&["link", "set", &bridge, "up"])?;
+        for i in 0..n {
+            let (ns, veth) = (net.netns(i), net.veth(i));
+            let _ = ip(&["netns", "del", &ns]);
+            ip(&["netns", "add", &ns])?;
+            net.n = i + 1;
+            ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+            ip(&["link", "set", &veth, "master", &bridge])?;
+            ip(&["link", "set", &veth, "up"])?;
+            ip(&["-n", &ns, "addr", "add", &format!("{}/24", net.address(i)), "dev", "eth0"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(net)
+    }
+
+    fn netns(&self, i: usize) -> String {
+        format!("nio-nats{}-{i}", self.k)
+    }
+
+    fn veth(&self, i: usize) -> String {
+        format!("nn{}x{i}", self.k)
+    }
+
+    fn address(&self, i: usize) -> String {
+        format!("10.214.{}.{}", self.k, i + 2)
+    }
+}
+
+impl Drop for MemberNet {
+    fn drop(&mut self) {
+        for i in 0..self.n {
+            let _ = ip(&["link", "del", &self.veth(i)]);
+            let _ = ip(&["netns", "del", &self.netns(i)]);
+        }
+        let _ = ip(&["link", "del", &format!("nio-nb{}", self.k)]);
     }
 }

@@ -42,7 +42,13 @@ pub enum Fault {
     /// Kills (for good) each cluster's leading controller replica; the standby must take over (needs
     /// `controller_replicas` 2).
     KillLeader(f64),
+    /// Cuts the cluster member that leads `NIO_JOBS` off from clients and the other members for
+    /// [`PARTITION`], then heals it (needs `nats_nodes` ≥ 3; the members then run in network namespaces).
+    PartitionNatsNode(f64),
 }
+
+/// How long `partition-nats-node` keeps the member cut off.
+pub const PARTITION: Duration = Duration::from_secs(15);
 
 impl std::str::FromStr for Fault {
     type Err = String;
@@ -60,9 +66,10 @@ impl std::str::FromStr for Fault {
             "restart-controller" => Ok(Fault::RestartController(at)),
             "kill-nats-node" => Ok(Fault::KillNatsNode(at)),
             "kill-leader" => Ok(Fault::KillLeader(at)),
+            "partition-nats-node" => Ok(Fault::PartitionNatsNode(at)),
             other => Err(format!(
-                "unknown fault {other}; use kill-executor, restart-nats, restart-controller, kill-nats-node or \
-                 kill-leader"
+                "unknown fault {other}; use kill-executor, restart-nats, restart-controller, kill-nats-node, \
+                 partition-nats-node or kill-leader"
             )),
         }
     }
@@ -75,7 +82,8 @@ impl Fault {
             | Fault::RestartNats(a)
             | Fault::RestartController(a)
             | Fault::KillNatsNode(a)
-            | Fault::KillLeader(a) => *a,
+            | Fault::KillLeader(a)
+            | Fault::PartitionNatsNode(a) => *a,
         }
     }
 }
@@ -210,6 +218,10 @@ pub struct Report {
     pub poison_terminated: u64,
     /// Per fault: the longest time after it in which no machine finished (the stall it caused), in ms.
     pub fault_stalls_ms: Vec<f64>,
+    /// Per fault: the machines mid-job when it struck (a command of the measured rollout run, the machine not yet
+    /// done) and, over them, the time from the fault to each one's next command. After `kill-executor` the
+    /// slowest of these are the dead executor's jobs being taken over by another.
+    pub resumed_after_fault: Vec<Resumed>,
     pub updated: usize,
     pub failed: usize,
     pub lost: usize,
@@ -234,6 +246,45 @@ pub struct Report {
     /// Per machine (only for fleets of at most 200 machines).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rows: Vec<Row>,
+}
+
+/// See [`Report::resumed_after_fault`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Resumed {
+    /// Machines mid-job at the fault.
+    pub machines: usize,
+    /// Of those, machines whose job needed no further command (their last one had already started).
+    pub finished_without_more: usize,
+    /// Fault → the next command, over the machines that ran one, in ms.
+    pub ms: Percentiles,
+    pub max_ms: f64,
+}
+
+fn resumed_after(
+    at: Instant,
+    t0: Instant,
+    ops: &[crate::fleet::Op],
+    fleet: &Fleet,
+    seen: &BTreeMap<String, Instant>,
+) -> Resumed {
+    let done_before = |m: usize| fleet.machines.get(m).and_then(|x| seen.get(&x.name)).is_some_and(|t| *t <= at);
+    let mut mid: BTreeMap<usize, Option<Instant>> = BTreeMap::new();
+    for o in ops.iter().filter(|o| o.start >= t0 && o.start <= at && !done_before(o.machine)) {
+        mid.insert(o.machine, None);
+    }
+    for o in ops.iter().filter(|o| o.start > at) {
+        if let Some(next) = mid.get_mut(&o.machine) {
+            *next = Some(next.map_or(o.start, |t| t.min(o.start)));
+        }
+    }
+    let waits: Vec<f64> = mid.values().flatten().map(|t| t.duration_since(at).as_secs_f64() * 1000.0).collect();
+    let max_ms = waits.iter().copied().fold(0.0, f64::max);
+    Resumed {
+        machines: mid.len(),
+        finished_without_more: mid.values().filter(|t| t.is_none()).count(),
+        ms: pct(waits),
+        max_ms,
+    }
 }
 
 fn pct(mut v: Vec<f64>) -> Percentiles {
@@ -266,6 +317,8 @@ pub struct Running {
     pub nats_url: String,
     /// When each fault was injected.
     injected: Vec<Instant>,
+    /// A partitioned NATS member and when to heal it.
+    partitioned: Option<(usize, Instant)>,
     pub fleet: Fleet,
     clusters: Vec<Cluster>,
     executors: Vec<Proc>,
@@ -299,7 +352,11 @@ impl Running {
         let (nats, nats_cluster, nats_url) = match &s.nats_url {
             Some(u) => (None, None, u.clone()),
             None if s.nats_nodes > 1 => {
-                let c = NatsCluster::start_in(&dir.join("nats"), s.nats_nodes).await?;
+                let c = if s.faults.iter().any(|f| matches!(f, Fault::PartitionNatsNode(_))) {
+                    NatsCluster::start_partitionable(&dir.join("nats"), s.nats_nodes).await?
+                } else {
+                    NatsCluster::start_in(&dir.join("nats"), s.nats_nodes).await?
+                };
                 let u = c.urls();
                 (None, Some(c), u)
             }
@@ -415,6 +472,7 @@ impl Running {
             nats_cluster,
             nats_url,
             injected: Vec::new(),
+            partitioned: None,
             fleet,
             clusters,
             executors: vec![],
@@ -585,6 +643,14 @@ impl Running {
                 let f = pending.remove(0);
                 self.inject(&f).await?;
             }
+            if let Some((member, at)) = self.partitioned
+                && now >= at
+                && let Some(c) = &self.nats_cluster
+            {
+                tracing::info!(member, "healing the NATS partition");
+                c.partition(member, false)?;
+                self.partitioned = None;
+            }
             if done.len() + failed.len() >= n {
                 return Ok(seen);
             }
@@ -656,6 +722,14 @@ impl Running {
                 if let Some(node) = c.nodes.get_mut(leader) {
                     node.kill().await;
                 }
+            }
+            Fault::PartitionNatsNode(_) => {
+                let c =
+                    self.nats_cluster.as_ref().context("partition-nats-node needs a NATS cluster (--nats-nodes 3)")?;
+                let leader = c.stream_leader(nio_shared::subjects::JOBS_STREAM).await?;
+                tracing::info!(node = leader, "partitioning the NIO_JOBS leader's NATS server");
+                c.partition(leader, true)?;
+                self.partitioned = Some((leader, Instant::now() + PARTITION));
             }
             Fault::RestartController(_) => {
                 let bin = bin_path("nio-controller")?;
@@ -1041,6 +1115,7 @@ async fn analyse(
         untouched,
         rolled_back,
         fault_stalls_ms: r.injected.iter().map(|at| stall_after(*at, seen)).collect(),
+        resumed_after_fault: r.injected.iter().map(|at| resumed_after(*at, t0, &ops, &r.fleet, seen)).collect(),
         poison_published: 0,
         poison_terminated: 0,
         updated,

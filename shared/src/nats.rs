@@ -109,6 +109,18 @@ pub fn status_consumer(cluster: &str) -> consumer::pull::Config {
     }
 }
 
+/// How often NIO's processes ping their NATS server. A member cut off by a partition does not close the
+/// connection, it just goes quiet: async-nats gives a connection up after two unanswered pings and moves to
+/// another member, so this interval sets how long a partition can hold a client (about three intervals; at
+/// async-nats' default of one minute it would be three minutes).
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Connection options shared by the controller and the executor: named, the first connection retried like any
+/// later one (a member still starting must not make the process exit), and [`PING_INTERVAL`].
+pub fn connect_options(name: String) -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new().name(name).retry_on_initial_connect().ping_interval(PING_INTERVAL)
+}
+
 /// The servers of a `--nats-url`: one URL, or several separated by commas (the members of a cluster; the
 /// client connects to any that answers and learns the others from it).
 pub fn servers(urls: &str) -> Vec<String> {
