@@ -21,8 +21,9 @@ pub struct Locks {
     refresh_every: Duration,
 }
 
-/// How long a heartbeat lasts without renewal.
-pub const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
+/// How long a heartbeat lasts without renewal: four missed beats. With the second look a takeover waits for
+/// ([`Locks::take_over`]), a holder is declared dead only after 3.5 s without a single beat getting through.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(2);
 /// How often an executor beats.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
 
@@ -157,7 +158,8 @@ impl Locks {
     }
 
     /// Returns when `key` is released (or expires), or after `max`, whichever is first: a waiting job takes
-    /// the machine as soon as the running one lets go instead of polling.
+    /// the machine as soon as the running one lets go instead of polling (`max` bounds how late it notices a
+    /// holder that died instead).
     pub async fn wait_released(&self, key: &str, max: Duration) {
         use futures::StreamExt as _;
         let released = async {

@@ -375,7 +375,8 @@ impl Executor {
                 if Instant::now() > deadline {
                     return Err(Error::LockBusy);
                 }
-                self.locks.wait_released(&key, Duration::from_secs(2)).await;
+                // A holder that dies is noticed within a second of its heartbeat expiring.
+                self.locks.wait_released(&key, Duration::from_secs(1)).await;
             }
         }
         .instrument(lock_span)

@@ -139,6 +139,8 @@ fn claim() -> anyhow::Result<u32> {
 const HOLD: &str = r#"set -e
 D=$1
 for m in nix:/nix run:/run var-lib:/var/lib etc-ssh:/etc/ssh etc-nix:/etc/nix boot:/boot bin:/usr/local/bin root:/root sudoers.d:/etc/sudoers.d; do
+  # a fresh machine may have no /nix yet (Debian's nix-bin creates it on first use)
+  mkdir -p "${m#*:}"
   mount --bind "$D/${m%%:*}" "${m#*:}"
 done
 for f in passwd group shadow sudoers; do mount --bind "$D/$f" "/etc/$f"; done
