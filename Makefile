@@ -59,11 +59,16 @@ loadtest: setup
 	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --report loadtest/results/2-efficiency.json
 	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --fault kill-executor@50% --ack-wait-seconds 3 --report loadtest/results/3a-kill-executor.json
 	$(LT) run --quiet --machines 500 --sites 5 --site-limit 20 --executors 2 --switch-latency 800ms..1200ms --clusters 2 --report loadtest/results/3b-two-clusters.json
+	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 800ms..1200ms --fault kill-executor@50% --ack-wait-seconds 3 --report loadtest/results/3c-kill-executor-1000.json
 	$(LT) compare --machines 200 --concurrency 50 --report loadtest/results/4-compare.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --nats-nodes 3 --fault kill-nats-node@50% --report loadtest/results/5-nats-cluster.json
+	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --nats-nodes 3 --fault partition-nats-node@50% --report loadtest/results/5b-nats-partition.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --poison 10000 --report loadtest/results/6-poison.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --controller-replicas 2 --fault kill-leader@50% --report loadtest/results/7-kill-leader.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 0ms --push-via webhook --report loadtest/results/8-push-webhook.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 100ms..300ms --broken 0.05 --rollout '$(WAVES_HALT)' --report loadtest/results/9a-waves-halt.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --switch-latency 100ms..300ms --broken 0.05 --rollout '$(WAVES_ROLLBACK)' --report loadtest/results/9b-waves-rollback.json
 	$(LT) run --quiet --machines 1000 --sites 10 --site-limit 50 --executors 2 --clusters 2 --switch-latency 100ms..300ms --rollout '$(BUDGET)' --report loadtest/results/10-disruption-budget.json
+	$(LT) run --quiet --machines 500 --sites 20 --site-limit 50 --executors 2 --switch-latency 0ms --report loadtest/results/11a-scale-500.json
+	$(LT) run --quiet --machines 5000 --sites 20 --site-limit 50 --executors 2 --switch-latency 0ms --report loadtest/results/11b-scale-5000.json
+	$(LT) run --quiet --machines 1000 --sites 1 --site-limit 1000 --executors 1 --switch-latency 10s --report loadtest/results/12-in-flight-1000.json
