@@ -25,7 +25,7 @@ pub struct Ctx {
     pub publisher: Publisher,
     pub seal: Option<nio_shared::seal::SealKey>,
     pub resolver: Resolver,
-    pub recorder: Recorder,
+    pub recorder: Recorders,
     pub metrics: Arc<Metrics>,
     pub probe_interval: Duration,
     /// Poll interval of configurations that set none.
@@ -39,6 +39,27 @@ pub struct Ctx {
     pub machines: std::sync::RwLock<Vec<Arc<crate::cache::MachineCache>>>,
     /// Where waves' analyses are measured.
     pub prometheus: crate::analysis::Prometheus,
+}
+
+/// kube-rs' event [`Recorder`], sharded by object. A Recorder keeps every Event of the last minutes to count
+/// repeats into a series, and each publish scans all of them to expire old ones: with one Event per machine per
+/// rollout that scan made a fleet's rollout quadratic in its machines (12 % of the controller's CPU at 5,000
+/// Machines, by perf). The same object always lands on the same shard, so series still aggregate.
+pub struct Recorders(Vec<Recorder>);
+
+impl Recorders {
+    const SHARDS: usize = 64;
+
+    pub fn new(client: kube::Client, reporter: kube::runtime::events::Reporter) -> Self {
+        Recorders((0..Self::SHARDS).map(|_| Recorder::new(client.clone(), reporter.clone())).collect())
+    }
+
+    fn shard(&self, r: &ObjectReference) -> &Recorder {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (&r.namespace, &r.name, &r.uid).hash(&mut h);
+        &self.0[(h.finish() as usize) % self.0.len()]
+    }
 }
 
 impl Ctx {
@@ -63,7 +84,7 @@ impl Ctx {
             action: action.to_string(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, r).await {
+        if let Err(e) = self.recorder.shard(r).publish(&ev, r).await {
             tracing::warn!(error = %e, reason, "recording an Event failed");
         }
     }

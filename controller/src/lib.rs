@@ -120,7 +120,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         publisher: publish::Publisher { js: js.clone(), metrics: metrics.clone() },
         seal,
         resolver: git::Resolver::new(s.cache_dir.join("git"), Duration::from_secs(2)),
-        recorder: kube::runtime::events::Recorder::new(
+        recorder: context::Recorders::new(
             client.clone(),
             kube::runtime::events::Reporter { controller: "nio-controller".into(), instance: Some(s.identity.clone()) },
         ),

@@ -510,9 +510,13 @@ async fn publish_plan(
     publish: &[(String, rollout::Work)],
     claims: &BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>>,
 ) -> Result<std::collections::BTreeSet<String>> {
+    // By name: a scan per published machine made a large rollout quadratic.
+    let by_name: std::collections::HashMap<&str, &Machine> =
+        machines.iter().filter_map(|m| Some((m.metadata.name.as_deref()?, m))).collect();
+    let by_name = &by_name;
     let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
         .map(|(name, work)| async move {
-            let Some(m) = machines.iter().find(|m| m.name_any() == name) else { return Ok(None) };
+            let Some(&m) = by_name.get(name.as_str()) else { return Ok(None) };
             let mut job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
             job.budgets = claims.get(&name).cloned().unwrap_or_default();
             // Re-applying a target to a drifted machine: an id of its own per drift (the broker drops the
