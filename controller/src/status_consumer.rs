@@ -67,22 +67,24 @@ pub async fn run(
         let work = groups.into_iter().map(|((ns, name), group)| {
             let ctx = ctx.clone();
             let reference = kube::runtime::reflector::ObjectRef::new(&name).within(&ns);
-            let mut known = machines.iter().find_map(|s| s.get(&reference)).map(|m| (*m).clone());
+            let known = machines.iter().find_map(|s| s.get(&reference)).map(|m| (*m).clone());
             async move {
-                for (msg, ev) in group {
-                    let span = tracing::info_span!("status.apply", otel.kind = "consumer", nio.cluster = %ev.cluster, nio.phase = ?ev.phase, nio.action = ev.action.as_str());
-                    nio_shared::telemetry::set_parent_from(&span, msg.headers.as_ref());
-                    match apply(&ctx, &ev, known.as_ref()).instrument(span).await {
-                        Ok(latest) => {
-                            known = latest;
-                            nio_shared::nats::ack(&msg, AckKind::Ack).await;
-                        }
-                        Err(e) => {
-                            known = None;
-                            tracing::warn!(machine = %ev.machine, error = %e, "applying a status event failed; will retry");
-                            nio_shared::nats::ack(&msg, AckKind::Nak(Some(Duration::from_secs(2)))).await;
-                        }
+                let (msgs, events): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                let last = events.last().map(|ev| (ev.cluster.clone(), ev.phase, ev.action));
+                let Some((cluster, phase, action)) = last else { return };
+                let span = tracing::info_span!("status.apply", otel.kind = "consumer", nio.cluster = %cluster, nio.phase = ?phase, nio.action = action.as_str(), nio.events = events.len());
+                for m in &msgs {
+                    nio_shared::telemetry::set_parent_from(&span, m.headers.as_ref());
+                }
+                let ack = match apply(&ctx, &events, known.as_ref()).instrument(span).await {
+                    Ok(_) => AckKind::Ack,
+                    Err(e) => {
+                        tracing::warn!(machine = %name, namespace = %ns, error = %e, "applying status events failed; will retry");
+                        AckKind::Nak(Some(Duration::from_secs(2)))
                     }
+                };
+                for m in &msgs {
+                    nio_shared::nats::ack(m, ack).await;
                 }
             }
         });
@@ -116,42 +118,53 @@ async fn next_events(consumer: &PullConsumer) -> anyhow::Result<Vec<jetstream::M
 /// Most status events applied in one round.
 const BATCH: usize = 256;
 
-/// Applies one event to its Machine (starting from `known`, a recent copy, when there is one) and records
-/// the Events it calls for; returns the Machine as written.
+/// Applies a machine's events, oldest first, to its Machine (starting from `known`, a recent copy, when there
+/// is one) in one write, and records the Events they call for; returns the Machine as written. Events that
+/// arrived together cost one request: under load, bursts coalesce instead of queueing one write each.
 pub async fn apply(
     ctx: &Ctx,
-    ev: &StatusEvent,
+    events: &[StatusEvent],
     known: Option<&nio_shared::crd::Machine>,
 ) -> Result<Option<nio_shared::crd::Machine>> {
-    if ev.cluster != ctx.cluster {
-        return Ok(None);
+    let events: Vec<&StatusEvent> = events.iter().filter(|ev| ev.cluster == ctx.cluster).collect();
+    let Some(first) = events.first() else { return Ok(None) };
+    for ev in &events {
+        ctx.metrics
+            .status_events
+            .get_or_create(&EventLabels { phase: format!("{:?}", ev.phase), action: ev.action.as_str().into() })
+            .inc();
     }
-    ctx.metrics
-        .status_events
-        .get_or_create(&EventLabels { phase: format!("{:?}", ev.phase), action: ev.action.as_str().into() })
-        .inc();
+    let (ns, name) = (first.namespace.clone(), first.machine.clone());
     let notes: Mutex<Vec<Note>> = Mutex::new(Vec::new());
-    let updated = update_machine_status(ctx, &ev.namespace, &ev.machine, known, |m| {
-        let status = m.status.clone().unwrap_or_default();
-        // Progress steps of a machine already marked Applying change nothing worth a write.
-        if ev.phase == Phase::Step && status.phase == Some(MachinePhase::Applying) {
-            return None;
+    let updated = update_machine_status(ctx, &ns, &name, known, |m| {
+        let mut status = m.status.clone().unwrap_or_default();
+        let mut all = Vec::new();
+        let mut changed = false;
+        for ev in &events {
+            // Progress steps of a machine already marked Applying change nothing worth a write.
+            if ev.phase == Phase::Step && status.phase == Some(MachinePhase::Applying) {
+                continue;
+            }
+            if let Some((s, n)) = transition(&m.spec, &status, ev, m.metadata.generation) {
+                status = s;
+                all.extend(n);
+                changed = true;
+            }
         }
-        let (s, n) = transition(&m.spec, &status, ev, m.metadata.generation)?;
-        if let Ok(mut all) = notes.lock() {
-            *all = n;
+        if let Ok(mut kept) = notes.lock() {
+            *kept = all;
         }
-        Some(s)
+        changed.then_some(status)
     })
     .await?;
     let Some(machine) = updated else {
-        tracing::info!(machine = %ev.machine, namespace = %ev.namespace, "status event for a Machine that no longer exists");
+        tracing::info!(machine = %name, namespace = %ns, "status event for a Machine that no longer exists");
         return Ok(None);
     };
     let notes = notes.into_inner().unwrap_or_default();
     for n in notes {
         ctx.event(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
     }
-    tracing::debug!(machine = %machine.name_any(), phase = ?ev.phase, "status applied");
+    tracing::debug!(machine = %machine.name_any(), events = events.len(), "status applied");
     Ok(Some(machine))
 }
