@@ -162,6 +162,11 @@ fn parse_json(s: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(s).map_err(|e| format!("not JSON: {e}"))
 }
 
+/// jemalloc, as in NIO's own binaries: the simulators (kubesim, the fleet) should cost the shared cores as
+/// little as they can, so that the figures measure NIO.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

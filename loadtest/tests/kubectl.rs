@@ -21,6 +21,8 @@ fn repo() -> PathBuf {
 }
 
 on_both!(
+    typed_create_commands_send_protobuf_and_work,
+    a_json_list_applies_each_item_after_client_side_validation,
     get_events_shows_what_a_controller_recorded_through_events_k8s_io,
     apply_crds_and_examples_then_get_shows_printer_columns,
     explain_and_server_side_validation,
@@ -405,6 +407,93 @@ async fn the_realkube_command_serves_a_cluster_and_stops_cleanly_on_sigterm() {
     assert!(status.success(), "{status}");
     assert_eq!((pids("etcd").0, pids("kube-apiserver").0), (0, 0), "etcd and the apiserver stop with the command");
     assert!(!data.exists(), "its data is removed");
+}
+
+/// kubectl's typed `create` commands send built-in objects as protobuf; what they create is what a user reads
+/// back as JSON.
+async fn typed_create_commands_send_protobuf_and_work(backend: Backend) {
+    let k = Kubectl::start(backend).await;
+    let out = k.ok(&["create", "namespace", "fleet"]).await;
+    assert_eq!(out.trim(), "namespace/fleet created");
+    k.ok(&["create", "secret", "generic", "git", "-n", "fleet", "--from-literal=token=s3cret"]).await;
+    k.ok(&["label", "secret", "git", "-n", "fleet", "nixos.infra/usable-by=nio"]).await;
+    k.ok(&["create", "configmap", "facts", "-n", "fleet", "--from-literal=site=dc1"]).await;
+    k.ok(&["create", "serviceaccount", "nio-controller", "-n", "fleet"]).await;
+    k.ok(&["create", "role", "machines", "-n", "fleet", "--verb=get,list", "--resource=secrets"]).await;
+    k.ok(&[
+        "create",
+        "rolebinding",
+        "machines",
+        "-n",
+        "fleet",
+        "--role=machines",
+        "--serviceaccount=fleet:nio-controller",
+    ])
+    .await;
+    k.ok(&["create", "clusterrole", "nio-read", "--verb=get", "--resource=namespaces"]).await;
+    k.ok(&[
+        "create",
+        "clusterrolebinding",
+        "nio-read",
+        "--clusterrole=nio-read",
+        "--serviceaccount=fleet:nio-controller",
+    ])
+    .await;
+
+    let token = k.ok(&["get", "secret", "git", "-n", "fleet", "-o", "jsonpath={.data.token} {.metadata.labels}"]).await;
+    assert_eq!(token, r#"czNjcmV0 {"nixos.infra/usable-by":"nio"}"#);
+    let site = k.ok(&["get", "configmap", "facts", "-n", "fleet", "-o", "jsonpath={.data.site}"]).await;
+    assert_eq!(site, "dc1");
+    let rule = k
+        .ok(&["get", "role", "machines", "-n", "fleet", "-o", "jsonpath={.rules[0].verbs} {.rules[0].resources}"])
+        .await;
+    assert_eq!(rule, r#"["get","list"] ["secrets"]"#);
+    let subject = k
+        .ok(&["get", "rolebinding", "machines", "-n", "fleet", "-o", "jsonpath={.subjects[0].name} {.roleRef.name}"])
+        .await;
+    assert_eq!(subject, "nio-controller machines");
+    let rule = k
+        .ok(&["get", "clusterrolebinding", "nio-read", "-o", "jsonpath={.subjects[0].namespace} {.roleRef.kind}"])
+        .await;
+    assert_eq!(rule, "fleet ClusterRole");
+    let sa = k.ok(&["get", "serviceaccount", "nio-controller", "-n", "fleet", "-o", "jsonpath={.metadata.name}"]).await;
+    assert_eq!(sa, "nio-controller");
+    let out = k.ok(&["delete", "namespace", "fleet", "--wait=false"]).await;
+    assert_eq!(out.trim(), "namespace \"fleet\" deleted");
+}
+
+/// A JSON `kind: List` is validated item by item on the client (against the served OpenAPI v2), then applied.
+async fn a_json_list_applies_each_item_after_client_side_validation(backend: Backend) {
+    let k = Kubectl::start(backend).await;
+    k.ok(&["apply", "-f", "crds/"]).await;
+    k.ok(&["wait", "--for=condition=Established", "crd/machines.nixos.infra"]).await;
+    let list = k.dir.path().join("list.json");
+    let machine = |name: &str, extra: &str| {
+        format!(
+            r#"{{"apiVersion": "nixos.infra/v1alpha1", "kind": "Machine", "metadata": {{"name": "{name}", "namespace": "default"}},
+               "spec": {{"hostname": "{name}.example", "site": "dc1"{extra}}}}}"#
+        )
+    };
+    let items = [
+        r#"{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "facts", "namespace": "default"}, "data": {"a": "1"}}"#.to_string(),
+        machine("web-01", ""),
+    ];
+    std::fs::write(&list, format!(r#"{{"apiVersion": "v1", "kind": "List", "items": [{}]}}"#, items.join(",")))
+        .unwrap();
+    let out = k.ok(&["apply", "-f", list.to_str().unwrap()]).await;
+    assert!(out.contains("configmap/facts created") && out.contains("machine.nixos.infra/web-01 created"), "{out}");
+    let site = k.ok(&["get", "machine", "web-01", "-o", "jsonpath={.spec.site}"]).await;
+    assert_eq!(site, "dc1");
+
+    // an unknown field in an item is refused before anything is sent
+    let bad =
+        format!(r#"{{"apiVersion": "v1", "kind": "List", "items": [{}]}}"#, machine("web-02", r#", "sitee": "dc2""#));
+    std::fs::write(&list, bad).unwrap();
+    let (ok, out, err) = k.run(&["apply", "-f", list.to_str().unwrap()]).await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("sitee"), "{err}");
+    let (found, _, _) = k.run(&["get", "machine", "web-02"]).await;
+    assert!(!found, "nothing of a refused list is created");
 }
 
 /// Controllers record Events through events.k8s.io/v1; users read them with `kubectl get events` (core/v1):

@@ -64,6 +64,9 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
     if body.is_empty() {
         return Ok(Value::Null);
     }
+    if content_type(headers).starts_with(super::protobuf::CONTENT_TYPE) {
+        return super::protobuf::decode(body).map_err(ApiError::bad_request);
+    }
     match serde_json::from_slice(body) {
         Ok(v) => Ok(v),
         Err(json_err) => {
@@ -77,6 +80,23 @@ fn parse_body(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
             }
         }
     }
+}
+
+fn content_type(headers: &HeaderMap) -> &str {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("")
+}
+
+/// The object in a create or update: JSON, YAML, or protobuf for built-in types (as the API server, which has
+/// no protobuf schema for custom resources and answers 415 for them).
+fn parse_object(rt: &ResourceType, headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    if rt.custom && content_type(headers).starts_with(super::protobuf::CONTENT_TYPE) {
+        return Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
+        ));
+    }
+    parse_body(headers, body)
 }
 
 /// Entry point for every request.
@@ -151,6 +171,20 @@ fn route(
             } else {
                 Err(not_found())
             }
+        }
+        ["openapi", "v2"] => {
+            let types = store.types();
+            let all: Vec<&ResourceType> = types.iter().map(|t| &**t).collect();
+            let v3 = openapi::group_version_doc(&all);
+            let doc =
+                super::openapi_v2::document(v3["components"]["schemas"].as_object().unwrap_or(&Default::default()));
+            let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("");
+            if !super::openapi_v2::PROTOBUF_ACCEPTED.iter().any(|t| accept.contains(t)) {
+                return ok(&doc);
+            }
+            let mut resp = Response::new(Body::from(super::openapi_v2::encode(&doc)));
+            resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(super::openapi_v2::PROTOBUF));
+            Ok(Routed::Response(resp))
         }
         ["openapi", "v3"] => ok(&openapi_index(store)),
         ["openapi", "v3", rest @ ..] => {
@@ -328,12 +362,12 @@ fn resource(
         (Method::GET, Some(n)) => respond(200, &*store.get(&rt, ns, n)?, &[]),
         (Method::POST, None) => {
             let opts = write_opts(q, headers)?;
-            let (obj, warnings) = store.create(&rt, ns, parse_body(headers, body)?, &opts)?;
+            let (obj, warnings) = store.create(&rt, ns, parse_object(&rt, headers, body)?, &opts)?;
             respond(201, &obj, &warnings)
         }
         (Method::PUT, Some(n)) => {
             let opts = write_opts(q, headers)?;
-            let (obj, warnings) = store.update(&rt, ns, n, parse_body(headers, body)?, scope, &opts)?;
+            let (obj, warnings) = store.update(&rt, ns, n, parse_object(&rt, headers, body)?, scope, &opts)?;
             respond(200, &obj, &warnings)
         }
         (Method::PATCH, Some(n)) => {

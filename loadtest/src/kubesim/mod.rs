@@ -10,6 +10,8 @@ mod cel;
 mod fields;
 mod http;
 mod openapi;
+mod openapi_v2;
+pub mod protobuf;
 mod registry;
 mod schema;
 mod selector;
