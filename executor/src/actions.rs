@@ -360,7 +360,9 @@ async fn install_system<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>, src
     ctx.progress.step(Step::Install, "building the system on the target".into()).await;
     let build = ctx.cmds.build_system(&src.commit, src.subdir.as_deref(), &src.flake_attr);
     let built = host::run(host, Step::Install, build, None, ctx.long).await?;
-    let system = built.stdout_str().lines().last().unwrap_or_default().to_string();
+    // `[{"drvPath": ..., "outputs": {"out": "/nix/store/...-nixos-system-..."}}]`
+    let result: serde_json::Value = serde_json::from_slice(&built.stdout).unwrap_or_default();
+    let system = result.pointer("/0/outputs/out").and_then(|o| o.as_str()).unwrap_or_default().to_string();
     if !system.starts_with("/nix/store/") {
         let how = format!("printed no store path ({system:?})");
         return Err(Error::command(Step::Install, "nix", how, FailureCategory::BuildFailed).with_tail(built.tail()));

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use nio_loadtest::testhost::{HostOptions, SystemRepo, TestHost};
-use nio_shared::protocol::{Action, FailureCategory, Job, Phase, StatusEvent};
+use nio_shared::protocol::{Action, FailureCategory, Job, Phase, StatusEvent, Step};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -35,13 +35,19 @@ fn identities(dir: &Path) -> PathBuf {
 
 impl Rig {
     async fn start() -> Rig {
+        Self::start_with(|_, _| {}).await
+    }
+
+    /// With the executor's settings changed by `tune` (given the rig's directory) first.
+    async fn start_with(tune: impl FnOnce(&Path, &mut nio_executor::Settings)) -> Rig {
         let nats = NatsServer::start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let repo = SystemRepo::create(dir.path()).unwrap();
         let bus = Bus::connect(&nats).await;
         let cfg = config(&[("dc1", 8)]);
-        let (stop, task) =
-            spawn_executor(settings_with(identities(dir.path()), dir.path().join("cache"), &nats, cfg, "e1"));
+        let mut settings = settings_with(identities(dir.path()), dir.path().join("cache"), &nats, cfg, "e1");
+        tune(dir.path(), &mut settings);
+        let (stop, task) = spawn_executor(settings);
         Rig { _nats: nats, bus, repo, dir, stop, task }
     }
 
@@ -310,5 +316,103 @@ async fn each_part_of_the_target_identity_applies_again_and_a_removal_writes_no_
     assert_eq!(std::fs::read_to_string(host.path("/var/lib/nio/applied")).unwrap(), marker, "untouched");
     let readd = rig.job("m", &host, "web", &commit, 91);
     assert_eq!(rig.run(&readd).await.phase, Phase::Succeeded, "re-added after removal: applied again");
+    rig.stop().await;
+}
+
+/// A kexec tarball shaped like nixos-images' (gzip, entry point `kexec/run`) whose entry point, like the real
+/// one, returns at once and has the machine kexec into the installer a moment later (here by asking the test
+/// host's power watcher, see `nio_loadtest::testhost`).
+fn kexec_tarball(dir: &Path) -> PathBuf {
+    let run = b"#!/bin/sh\n# stands in for nixos-images' kexec/run: returns now, kexecs into the installer shortly\necho kexec > /run/nio-power\n";
+    let mut tb = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut h = tar::Header::new_gnu();
+    h.set_size(run.len() as u64);
+    h.set_mode(0o755);
+    tb.append_data(&mut h, "kexec/run", &run[..]).unwrap();
+    let path = dir.join("kexec.tar.gz");
+    std::fs::write(&path, tb.into_inner().unwrap().finish().unwrap()).unwrap();
+    path
+}
+
+/// The full install on a real-Nix host: kexec into the installer (same host keys), disko formats and mounts the
+/// disk, real Nix builds the system into the disk's store (in its sandbox, as on the installer), nixos-install
+/// sets the installed profile and boot loader, a new host key and the secrets go onto the disk before the first
+/// boot, and the machine boots the installed system from its disk, presenting the new key; an update then works
+/// against that system with the key NIO pinned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_install_kexecs_formats_installs_and_boots_the_new_system_from_disk() {
+    let key_file = std::sync::OnceLock::new();
+    let mut rig = Rig::start_with(|dir, s| {
+        s.kexec_tarball = Some(kexec_tarball(dir));
+        let k = dir.join("seal.key");
+        std::fs::write(&k, nio_shared::seal::SealKey::generate()).unwrap();
+        s.seal_key_file = Some(k.clone());
+        let _ = key_file.set(k);
+    })
+    .await;
+    let seal = nio_shared::seal::SealKey::from_file(key_file.get().unwrap()).unwrap();
+    let host = rig.host(true);
+    let first_boot = host.boot_id();
+    let old_key = host.host_key.clone();
+    let commit = rig.repo.bump().unwrap();
+    let mut j = rig.job("web-01", &host, "web", &commit, 1);
+    j.action = Action::Install;
+    j.id = nio_shared::protocol::JobId::new("test", "default", "web-01", &format!("{commit}/1"), Action::Install);
+    j.endpoint.host_key = Some(old_key.clone());
+    j.timeout_seconds = 120;
+    let context = nio_shared::protocol::SecretFile::seal_context("test", "default", "web-01", "db/password");
+    j.secrets = vec![nio_shared::protocol::SecretFile {
+        path: "db/password".into(),
+        sealed: seal.seal(b"hunter2", &context).unwrap(),
+        owner: None,
+        group: None,
+        mode: Some("0440".into()),
+    }];
+    let done = rig.run(&j).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}\npower: {}\n{}", host.power_log(), host.sshd_log());
+
+    // Booted from its disk: the installed system runs, and it is what the job reports.
+    assert!(host.installed() && !host.in_installer(), "booted the installed system");
+    let system = host.current_system().unwrap();
+    assert!(system.ends_with("-nixos-system-web-2"), "{system}");
+    assert_eq!(done.system.as_deref(), Some(system.as_str()));
+    assert_eq!(host.resolve("/nix/var/nix/profiles/system").as_deref(), Some(system.as_str()), "installed profile");
+    assert_eq!(host.generations(), vec![1], "the disk's store starts with this one generation");
+    assert_eq!(host.boot_default().as_deref(), Some(system.as_str()), "the boot loader boots it");
+    assert!(host.disk().join(system.trim_start_matches('/')).join("bin/switch-to-configuration").exists());
+    assert!(!host.disk().join("old-data").exists(), "disko formatted the disk");
+    assert_ne!(host.boot_id(), first_boot);
+    let os = host.exec("cat /etc/os-release").unwrap();
+    assert!(!os.contains("installer"), "{os}");
+    // A new host key, generated by the executor, written to the disk, presented now and reported to pin.
+    let new_key = done.host_key.clone().expect("the installed key is reported");
+    assert_ne!(new_key, old_key);
+    assert_eq!(host.current_host_key(), new_key);
+    // The secret went onto the disk before the first boot, with its mode, outside the store.
+    let secret = host.path("/var/lib/nio/secrets/db/password");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "hunter2");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o440);
+
+    // In order, by the commands the host received.
+    let argv0: Vec<String> = host.commands().iter().filter_map(|c| c.first().cloned()).collect();
+    let order = ["tar", "/root/kexec/kexec/run", "disko", "nix", "nixos-install", "reboot"];
+    let mut at = 0;
+    for want in order {
+        at += argv0[at..].iter().position(|a| a == want).unwrap_or_else(|| panic!("no {want} after {at}: {argv0:?}"));
+    }
+    let steps: Vec<_> = rig.bus.seen.iter().filter_map(|e| e.step).collect();
+    for s in [Step::Kexec, Step::Disko, Step::Install, Step::Reboot] {
+        assert!(steps.contains(&s), "no {s:?} step reported: {steps:?}");
+    }
+
+    // The installed machine takes updates with the key NIO now pins.
+    let next = rig.repo.bump().unwrap();
+    let mut update = rig.job("web-01", &host, "web", &next, 2);
+    update.endpoint.host_key = Some(new_key);
+    let done = rig.run(&update).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert!(host.current_system().unwrap().ends_with("-nixos-system-web-3"));
+    assert_eq!(host.generations(), vec![1, 2]);
     rig.stop().await;
 }

@@ -3,7 +3,7 @@
 //! `boot_id`), running the machine's real OpenSSH `sshd`, real `sudo` and Debian's real Nix, with a root login
 //! and a non-root user `deploy`.
 //!
-//! What stands in for what (docs/testing.md): the hosts have no systemd, so `/usr/local/bin` holds small
+//! What stands in for what (docs/remote-protocol.md, "How this is tested"): the hosts have no systemd, so `/usr/local/bin` holds small
 //! stand-ins from `fixtures/testhost/` — `systemd-run` (same argv; detaches the unit into its own session so an
 //! SSH disconnect does not stop it; refuses a second unit of the same name), `systemctl` (failed units,
 //! `is-active`) and `nixos-version`. The systems are the fixture flake in `fixtures/nixos-system/`: plain
@@ -12,7 +12,10 @@
 //! it with `sh -c` as the login shell would ([`TestHost::commands`]). "Boot" is what NixOS stage 2 does for NIO's purposes: the boot loader's
 //! default (`/boot/default`, written by `switch-to-configuration boot|switch`) becomes `/run/booted-system` and
 //! `/run/current-system` through its `activate` script, then sshd starts. [`TestHost::reboot`] kills every
-//! process of the host, empties `/run`, gives it a new `boot_id` and boots again.
+//! process of the host, empties `/run`, gives it a new `boot_id` and boots again. For installs, `reboot` and the
+//! kexec tarball's entry point ask for a power cycle through `/run/nio-power`, carried out by a watcher thread:
+//! kexec boots an installer (`VARIANT_ID=installer`, Nix with its sandbox), `disko` and `nixos-install` stand-ins
+//! write the host's "disk" (a directory bound at `/mnt`), and the reboot from the installer boots that disk.
 //!
 //! Needs root (namespaces, mounts). Addresses are `10.213.N.2`, N allocated across processes by creating the
 //! network namespace `nio-th{N}` (the kernel refuses a second one); namespaces left by a killed test process
@@ -20,6 +23,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -72,6 +77,8 @@ pub struct TestHost {
     pub dir: tempfile::TempDir,
     holder: u32,
     identities: PathBuf,
+    power: Arc<Power>,
+    watcher: Option<std::thread::JoinHandle<()>>,
 }
 
 fn sh(cmd: &mut Command) -> anyhow::Result<String> {
@@ -143,7 +150,7 @@ for m in nix:/nix run:/run var-lib:/var/lib etc-ssh:/etc/ssh etc-nix:/etc/nix bo
   mkdir -p "${m#*:}"
   mount --bind "$D/${m%%:*}" "${m#*:}"
 done
-for f in passwd group shadow sudoers; do mount --bind "$D/$f" "/etc/$f"; done
+for f in passwd group shadow sudoers os-release; do mount --bind "$D/$f" "/etc/$f"; done
 mount --bind "$D/boot_id" /proc/sys/kernel/random/boot_id
 touch "$D/ready"
 exec sleep infinity
@@ -159,6 +166,143 @@ ln -sfn "$def" /run/booted-system
 /usr/sbin/sshd -f /etc/ssh/sshd_config -E /var/lib/sshd.log
 "#;
 
+/// What the kexec installer (nixos-images) boots into, for NIO's purposes: a NixOS system of its own running from
+/// memory (here a directory under `/run`, gone at the next boot), the old host keys, root login, sshd.
+const BOOT_INSTALLER: &str = r#"set -e
+mkdir -p /run/sshd /run/installer-system
+chmod 0755 /run /run/sshd
+echo 25.05.installer > /run/installer-system/nixos-version
+ln -sfn /run/installer-system /run/current-system
+ln -sfn /run/installer-system /run/booted-system
+/usr/sbin/sshd -f /etc/ssh/sshd_config -E /var/lib/sshd.log
+"#;
+
+/// The firmware's part after an install: the disk nixos-install wrote becomes the root (its `/nix` and `/boot`),
+/// the installed system's host key is the one sshd presents, and what the installer put under `/var/lib` is there.
+const MOUNT_INSTALLED: &str = r#"set -e
+D=$1
+if mountpoint -q /mnt; then umount -R /mnt; fi
+for m in nix:/nix boot:/boot; do umount "${m#*:}"; mount --bind "$D/disk/${m%%:*}" "${m#*:}"; done
+"#;
+
+const OS_RELEASE_NIXOS: &str = "NAME=NixOS\nID=nixos\nVERSION_ID=\"25.05\"\nPRETTY_NAME=\"NixOS 25.05\"\n";
+const OS_RELEASE_INSTALLER: &str =
+    "NAME=NixOS\nID=nixos\nVERSION_ID=\"25.05\"\nVARIANT_ID=installer\nPRETTY_NAME=\"NixOS 25.05 (kexec installer)\"\n";
+const NIX_CONF: &str =
+    "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\nbuild-users-group =\n";
+/// The installer builds into the store on the disk (`nix build --store /mnt`), which Nix does only in its
+/// sandbox (as on the real installer); the fixture's builder needs the host's /bin/sh and coreutils in it.
+const NIX_CONF_INSTALLER: &str = "experimental-features = nix-command flakes\nsandbox = true\n\
+    extra-sandbox-paths = /bin /usr /lib /lib64\nsubstituters =\nbuild-users-group =\n";
+
+/// `nix` in the installer: Debian's Nix run where the test host's `boot_id` is not bind-mounted over `/proc`.
+/// Nix's sandbox mounts a fresh `/proc` inside a user namespace, which the kernel refuses while a file of the
+/// current `/proc` is covered by another mount; nothing reads the boot id while the installer builds.
+const INSTALLER_NIX: &str = r#"#!/bin/sh
+exec unshare --mount --propagation private sh -c 'umount /proc/sys/kernel/random/boot_id && exec /usr/bin/nix "$@"' nix "$@"
+"#;
+
+/// A host's power: `reboot` and the kexec stand-in ask for a power cycle by writing `/run/nio-power`; a watcher
+/// thread carries it out a moment later, as firmware and kexec do (both return before the machine goes down).
+struct Power {
+    holder: u32,
+    netns: String,
+    dir: PathBuf,
+    in_installer: AtomicBool,
+    installed: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Power {
+    /// Kills every process of the host, empties `/run`, gives it a new boot id, runs `prepare` and boots `script`.
+    fn cycle(&self, prepare: impl FnOnce() -> anyhow::Result<()>, script: &str) -> anyhow::Result<()> {
+        kill_all(&self.netns, Some(self.holder));
+        let run = self.dir.join("run");
+        for e in std::fs::read_dir(&run)? {
+            let p = e?.path();
+            if p.is_dir() && !p.is_symlink() {
+                std::fs::remove_dir_all(&p)?;
+            } else {
+                std::fs::remove_file(&p)?;
+            }
+        }
+        // In place: the bind mounts follow the inodes.
+        std::fs::write(self.dir.join("boot_id"), format!("{}\n", uuid::Uuid::new_v4()))?;
+        prepare()?;
+        boot(self.holder, &self.dir, script)
+    }
+
+    fn reboot(&self) -> anyhow::Result<()> {
+        if self.in_installer.load(Ordering::SeqCst) && self.dir.join("disk/boot/default").exists() {
+            return self.boot_installed();
+        }
+        self.cycle(|| Ok(()), BOOT)
+    }
+
+    /// kexec into the installer: the running system is gone (nothing in `/run`), the host keys stay.
+    fn kexec(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        self.cycle(
+            || {
+                std::fs::write(self.dir.join("os-release"), OS_RELEASE_INSTALLER)?;
+                std::fs::write(self.dir.join("etc-nix/nix.conf"), NIX_CONF_INSTALLER)?;
+                let nix = self.dir.join("bin/nix");
+                std::fs::write(&nix, INSTALLER_NIX)?;
+                std::fs::set_permissions(&nix, std::fs::Permissions::from_mode(0o755))?;
+                self.in_installer.store(true, Ordering::SeqCst);
+                Ok(())
+            },
+            BOOT_INSTALLER,
+        )
+    }
+
+    /// Boots what nixos-install left on the disk.
+    fn boot_installed(&self) -> anyhow::Result<()> {
+        self.cycle(
+            || {
+                let holder = self.holder.to_string();
+                sh(Command::new("nsenter")
+                    .args(["-t", &holder, "-m", "-n", "--", "sh", "-c", MOUNT_INSTALLED, "mount-installed"])
+                    .arg(&self.dir))?;
+                let disk = self.dir.join("disk");
+                for f in ["ssh_host_ed25519_key", "ssh_host_ed25519_key.pub"] {
+                    std::fs::copy(disk.join("etc/ssh").join(f), self.dir.join("etc-ssh").join(f))?;
+                }
+                if disk.join("var/lib").exists() {
+                    sh(Command::new("cp").arg("-a").arg(disk.join("var/lib/.")).arg(self.dir.join("var-lib")))?;
+                }
+                std::fs::write(self.dir.join("os-release"), OS_RELEASE_NIXOS)?;
+                std::fs::write(self.dir.join("etc-nix/nix.conf"), NIX_CONF)?;
+                std::fs::remove_file(self.dir.join("bin/nix"))?;
+                self.in_installer.store(false, Ordering::SeqCst);
+                self.installed.store(true, Ordering::SeqCst);
+                Ok(())
+            },
+            BOOT,
+        )
+    }
+
+    /// Carries out the power requests of the host until stopped.
+    fn watch(&self) {
+        let request = self.dir.join("run/nio-power");
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+            let Ok(what) = std::fs::read_to_string(&request) else { continue };
+            let _ = std::fs::remove_file(&request);
+            // Both return at once on a real machine and act a moment later.
+            std::thread::sleep(Duration::from_millis(800));
+            let done = match what.trim() {
+                "kexec" => self.kexec(),
+                _ => self.reboot(),
+            };
+            if let Err(e) = done {
+                let log = self.dir.join("power.log");
+                let _ = std::fs::write(log, format!("{what}: {e:#}\n"));
+            }
+        }
+    }
+}
+
 impl TestHost {
     /// Creates, provisions (the fixture's `initial` system as generation 1) and boots a host.
     pub fn start(opts: &HostOptions) -> anyhow::Result<TestHost> {
@@ -168,15 +312,29 @@ impl TestHost {
         let d = dir.path();
         let result = Self::build(index, &netns, d, opts);
         match result {
-            Ok((holder, host_key)) => Ok(TestHost {
-                index,
-                addr: format!("10.213.{index}.2"),
-                netns,
-                host_key,
-                identities: opts.identities.clone().unwrap_or_else(|| dir.path().join("identities")),
-                dir,
-                holder,
-            }),
+            Ok((holder, host_key)) => {
+                let power = Arc::new(Power {
+                    holder,
+                    netns: netns.clone(),
+                    dir: dir.path().to_path_buf(),
+                    in_installer: AtomicBool::new(false),
+                    installed: AtomicBool::new(false),
+                    stop: AtomicBool::new(false),
+                });
+                let watching = power.clone();
+                let watcher = std::thread::spawn(move || watching.watch());
+                Ok(TestHost {
+                    index,
+                    addr: format!("10.213.{index}.2"),
+                    netns,
+                    host_key,
+                    identities: opts.identities.clone().unwrap_or_else(|| dir.path().join("identities")),
+                    dir,
+                    holder,
+                    power,
+                    watcher: Some(watcher),
+                })
+            }
             Err(e) => {
                 kill_all(&netns, None);
                 let _ = ip(&["netns", "del", &netns]);
@@ -187,8 +345,18 @@ impl TestHost {
 
     fn build(index: u32, netns: &str, d: &Path, opts: &HostOptions) -> anyhow::Result<(u32, String)> {
         use std::os::unix::fs::PermissionsExt;
-        for sub in ["nix", "run", "var-lib", "etc-ssh/authorized_keys.d", "etc-nix", "boot", "bin", "root", "sudoers.d"]
-        {
+        for sub in [
+            "nix",
+            "run",
+            "var-lib",
+            "etc-ssh/authorized_keys.d",
+            "etc-nix",
+            "boot",
+            "bin",
+            "root",
+            "sudoers.d",
+            "disk",
+        ] {
             std::fs::create_dir_all(d.join(sub))?;
         }
         std::fs::create_dir_all(d.join("identities"))?;
@@ -218,10 +386,10 @@ impl TestHost {
             std::fs::set_permissions(d.join("sudoers.d/nio"), std::fs::Permissions::from_mode(0o440))?;
         }
         // Nix: single-user, offline, no sandbox (the fixture's builder is /bin/sh).
-        std::fs::write(
-            d.join("etc-nix/nix.conf"),
-            "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\nbuild-users-group =\n",
-        )?;
+        std::fs::write(d.join("etc-nix/nix.conf"), NIX_CONF)?;
+        std::fs::write(d.join("os-release"), OS_RELEASE_NIXOS)?;
+        // What the disk held before an install (an install formats it).
+        std::fs::write(d.join("disk/old-data"), "the previous system's files\n")?;
         // SSH: host key, authorized identities.
         let host_key = keygen(&d.join("etc-ssh/ssh_host_ed25519_key"))?;
         let client = match &opts.identities {
@@ -245,7 +413,8 @@ impl TestHost {
         for entry in std::fs::read_dir(stand_ins())? {
             let entry = entry?;
             let to = d.join("bin").join(entry.file_name());
-            std::fs::copy(entry.path(), &to)?;
+            let text = std::fs::read_to_string(entry.path())?;
+            std::fs::write(&to, text.replace("@DISK@", &d.join("disk").display().to_string()))?;
             std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o755))?;
         }
         std::fs::write(d.join("boot_id"), format!("{}\n", uuid::Uuid::new_v4()))?;
@@ -295,7 +464,7 @@ impl TestHost {
         sh(Command::new("nsenter").args(["-t", &pid.to_string(), "-m", "-n", "--", "sh", "-c", &provision]))
             .context("provisioning the initial system with nix")?;
         let host = (pid, host_key);
-        boot(pid, d)?;
+        boot(pid, d, BOOT)?;
         Ok(host)
     }
 
@@ -307,12 +476,13 @@ impl TestHost {
     /// The host-side path of `inside` (an absolute path under one of the host's own directories).
     pub fn path(&self, inside: &str) -> PathBuf {
         let d = self.dir.path();
+        let (nix, boot) = if self.installed() { ("disk/nix", "disk/boot") } else { ("nix", "boot") };
         for (prefix, sub) in [
-            ("/nix", "nix"),
+            ("/nix", nix),
             ("/run", "run"),
             ("/var/lib", "var-lib"),
             ("/etc/ssh", "etc-ssh"),
-            ("/boot", "boot"),
+            ("/boot", boot),
             ("/root", "root"),
         ] {
             if let Some(rest) = inside.strip_prefix(prefix) {
@@ -403,21 +573,40 @@ impl TestHost {
         ip(&["-n", &self.netns, "-br", "link", "show", "eth0"]).is_ok_and(|s| !s.contains("DOWN"))
     }
 
-    /// Power-cycles the host: kills everything in it, empties `/run`, new `boot_id`, boots the boot default.
+    /// Power-cycles the host: kills everything in it, empties `/run`, new `boot_id`, boots the boot default
+    /// (what the installer wrote to the disk, after an install).
     pub fn reboot(&self) -> anyhow::Result<()> {
-        kill_all(&self.netns, Some(self.holder));
-        let run = self.dir.path().join("run");
-        for e in std::fs::read_dir(&run)? {
-            let p = e?.path();
-            if p.is_dir() && !p.is_symlink() {
-                std::fs::remove_dir_all(&p)?;
-            } else {
-                std::fs::remove_file(&p)?;
-            }
-        }
-        // In place: the bind mount follows the inode.
-        std::fs::write(self.dir.path().join("boot_id"), format!("{}\n", uuid::Uuid::new_v4()))?;
-        boot(self.holder, self.dir.path())
+        self.power.reboot()
+    }
+
+    /// Whether the host booted a system nixos-install put on its disk.
+    pub fn installed(&self) -> bool {
+        self.power.installed.load(Ordering::SeqCst)
+    }
+
+    /// Whether the host runs the kexec installer.
+    pub fn in_installer(&self) -> bool {
+        self.power.in_installer.load(Ordering::SeqCst)
+    }
+
+    /// The public host key sshd presents now (an install gives the machine a new one).
+    pub fn current_host_key(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("etc-ssh/ssh_host_ed25519_key.pub"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(2)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// What the host's disk holds (the host-side directory; the installer mounts it at `/mnt`).
+    pub fn disk(&self) -> PathBuf {
+        self.dir.path().join("disk")
+    }
+
+    /// What went wrong carrying out a power request, if anything did.
+    pub fn power_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("power.log")).unwrap_or_default()
     }
 
     /// sshd's log (level VERBOSE: one line per session and per command).
@@ -444,9 +633,9 @@ impl TestHost {
     }
 }
 
-fn boot(holder: u32, d: &Path) -> anyhow::Result<()> {
+fn boot(holder: u32, d: &Path, script: &str) -> anyhow::Result<()> {
     let _ = sshd_binary();
-    sh(Command::new("nsenter").args(["-t", &holder.to_string(), "-m", "-n", "--", "sh", "-c", BOOT]))
+    sh(Command::new("nsenter").args(["-t", &holder.to_string(), "-m", "-n", "--", "sh", "-c", script]))
         .context("booting the test host")?;
     // sshd forks into the background; wait until it listens.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -461,6 +650,10 @@ fn boot(holder: u32, d: &Path) -> anyhow::Result<()> {
 
 impl Drop for TestHost {
     fn drop(&mut self) {
+        self.power.stop.store(true, Ordering::SeqCst);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
         kill_all(&self.netns, None);
         let _ = ip(&["link", "del", &format!("nth{}", self.index)]);
         let _ = ip(&["netns", "del", &self.netns]);

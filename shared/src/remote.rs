@@ -350,9 +350,22 @@ impl Commands {
     pub fn disko(&self, flake_ref: &str) -> Vec<String> {
         v(&["disko", "--mode", "destroy,format,mount", "--flake", flake_ref])
     }
-    /// Builds the system closure into the target's store (build on target).
+    /// Builds the system closure into the store on the disk mounted at /mnt (build on target, as nixos-install
+    /// does), printing the result as JSON: `--print-out-paths` is newer than Nix 2.8, and a stale or missing
+    /// lock file is an error, never a fresh lock of nixpkgs on the machine.
     pub fn build_system(&self, commit: &str, subdir: Option<&str>, attr: &str) -> Vec<String> {
-        v(&["nix", "build", "--no-link", "--print-out-paths", "--store", "/mnt", &self.toplevel(commit, subdir, attr)])
+        let installable = self.toplevel(commit, subdir, attr);
+        v(&[
+            "nix",
+            "--extra-experimental-features",
+            "nix-command flakes",
+            "build",
+            "--no-update-lock-file",
+            "--no-link",
+        ])
+        .into_iter()
+        .chain(v(&["--json", "--store", "/mnt", &installable]))
+        .collect()
     }
     pub fn nixos_install(&self, system: &str) -> Vec<String> {
         v(&["nixos-install", "--no-root-passwd", "--no-channel-copy", "--system", system])

@@ -430,14 +430,30 @@ pub fn run(
                 fail(1, "disko: refusing to format a running system\n")
             }
         }
-        ("nix", ["build", "--no-link", "--print-out-paths", "--store", "/mnt", installable]) => {
+        (
+            "nix",
+            [
+                "--extra-experimental-features",
+                "nix-command flakes",
+                "build",
+                "--no-update-lock-file",
+                "--no-link",
+                "--json",
+                "--store",
+                "/mnt",
+                installable,
+            ],
+        ) => {
             if !state.in_installer {
                 fail(1, "error: /mnt is not mounted\n")
             } else {
                 let attr =
                     installable.rsplit("nixosConfigurations.").next().unwrap_or("x").split('.').next().unwrap_or("x");
                 let took = behaviour.switch_latency.sample();
-                return (ok(format!("{}\n", store_path(installable, &format!("nixos-system-{attr}")))), took);
+                let out = store_path(installable, &format!("nixos-system-{attr}"));
+                let drv = format!("{}.drv", store_path(installable, &format!("nixos-system-{attr}-drv")));
+                let json = serde_json::json!([{"drvPath": drv, "outputs": {"out": out}}]);
+                return (ok(format!("{json}\n")), took);
             }
         }
         ("nixos-install", ["--no-root-passwd", "--no-channel-copy", "--system", sys]) => {
