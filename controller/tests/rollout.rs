@@ -85,7 +85,13 @@ async fn waves_soak_wait_for_approval_and_keep_to_their_limit(backend: Backend) 
     .await;
     let commit = env.repo.head().unwrap();
     let canary = jobs_for(&env, &["c1"]).await;
-    let c = config(&env, "web").await;
+    // The status is written after the jobs are out.
+    let c = env
+        .eventually(T, "the canary wave Progressing", || async {
+            let c = config(&env, "web").await;
+            (wave_states(&c).first().map(|w| w.1) == Some(WaveState::Progressing)).then_some(c)
+        })
+        .await;
     assert_eq!(wave_states(&c), [("canary".into(), WaveState::Progressing), ("rest".into(), WaveState::Pending)]);
     assert_eq!(c.status.as_ref().unwrap().current_wave.as_deref(), Some("canary"));
 
@@ -206,7 +212,13 @@ async fn a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines
 
     let back = jobs_for(&env, &["w1", "w2"]).await;
     assert!(back.values().all(|j| commit_of(j) == c1), "rolled back to C1: {back:?}");
-    let c = config(&env, "web").await;
+    // The configuration's status is written after its jobs are out: wait for it.
+    let c = env
+        .eventually(T, "the first wave Failed", || async {
+            let c = config(&env, "web").await;
+            (wave_states(&c).first().map(|w| w.1) == Some(WaveState::Failed)).then_some(c)
+        })
+        .await;
     assert_eq!(wave_states(&c), [("first".into(), WaveState::Failed), ("rest".into(), WaveState::Pending)]);
     let stalled = c.status.as_ref().unwrap().conditions.iter().find(|c| c.type_ == "Stalled").cloned();
     assert_eq!(stalled.map(|s| s.reason).as_deref(), Some("FailureBudgetExceeded"));
