@@ -319,21 +319,6 @@ async fn each_part_of_the_target_identity_applies_again_and_a_removal_writes_no_
     rig.stop().await;
 }
 
-/// A kexec tarball shaped like nixos-images' (gzip, entry point `kexec/run`) whose entry point, like the real
-/// one, returns at once and has the machine kexec into the installer a moment later (here by asking the test
-/// host's power watcher, see `nio_loadtest::testhost`).
-fn kexec_tarball(dir: &Path) -> PathBuf {
-    let run = b"#!/bin/sh\n# stands in for nixos-images' kexec/run: returns now, kexecs into the installer shortly\necho kexec > /run/nio-power\n";
-    let mut tb = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    let mut h = tar::Header::new_gnu();
-    h.set_size(run.len() as u64);
-    h.set_mode(0o755);
-    tb.append_data(&mut h, "kexec/run", &run[..]).unwrap();
-    let path = dir.join("kexec.tar.gz");
-    std::fs::write(&path, tb.into_inner().unwrap().finish().unwrap()).unwrap();
-    path
-}
-
 /// The full install on a real-Nix host: kexec into the installer (same host keys), disko formats and mounts the
 /// disk, real Nix builds the system into the disk's store (in its sandbox, as on the installer), nixos-install
 /// sets the installed profile and boot loader, a new host key and the secrets go onto the disk before the first

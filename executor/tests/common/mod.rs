@@ -314,3 +314,18 @@ pub fn sigterm(child: &tokio::process::Child) {
     let pid = child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
 }
+
+/// A kexec tarball shaped like nixos-images' (gzip, entry point `kexec/run`) whose entry point, like the real
+/// one, returns at once and has the machine kexec into the installer a moment later (here by asking the test
+/// host's power watcher, see `nio_loadtest::testhost`).
+pub fn kexec_tarball(dir: &Path) -> PathBuf {
+    let run = b"#!/bin/sh\n# stands in for nixos-images' kexec/run: returns now, kexecs into the installer shortly\necho kexec > /run/nio-power\n";
+    let mut tb = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut h = tar::Header::new_gnu();
+    h.set_size(run.len() as u64);
+    h.set_mode(0o755);
+    tb.append_data(&mut h, "kexec/run", &run[..]).unwrap();
+    let path = dir.join("kexec.tar.gz");
+    std::fs::write(&path, tb.into_inner().unwrap().finish().unwrap()).unwrap();
+    path
+}
