@@ -73,8 +73,12 @@ pub async fn run(
                 let last = events.last().map(|ev| (ev.cluster.clone(), ev.phase, ev.action));
                 let Some((cluster, phase, action)) = last else { return };
                 let span = tracing::info_span!("status.apply", otel.kind = "consumer", nio.cluster = %cluster, nio.phase = ?phase, nio.action = action.as_str(), nio.events = events.len());
-                for m in &msgs {
-                    nio_shared::telemetry::set_parent_from(&span, m.headers.as_ref());
+                // The latest event's trace is the parent; the earlier ones folded into this write are linked.
+                if let Some((last, earlier)) = msgs.split_last() {
+                    nio_shared::telemetry::set_parent_from(&span, last.headers.as_ref());
+                    for m in earlier {
+                        nio_shared::telemetry::link_from(&span, m.headers.as_ref());
+                    }
                 }
                 let ack = match apply(&ctx, &events, known.as_ref()).instrument(span).await {
                     Ok(_) => AckKind::Ack,

@@ -62,11 +62,6 @@ struct Cli {
     log_format: LogFormat,
 }
 
-/// jemalloc instead of glibc malloc, as in the controller: SSH, JSON and NATS message buffers churn
-/// through many short-lived allocations.
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();

@@ -197,3 +197,16 @@ pub fn set_parent_from(span: &tracing::Span, headers: Option<&async_nats::Header
         let _ = span.set_parent(extract(h));
     }
 }
+
+/// Links `span` to the trace context in `headers` (when a span handles several messages: one is its parent,
+/// the others are linked, so each message's trace still leads to it).
+pub fn link_from(span: &tracing::Span, headers: Option<&async_nats::HeaderMap>) {
+    use opentelemetry::trace::TraceContextExt;
+    if let Some(h) = headers {
+        let cx = extract(h);
+        let sc = cx.span().span_context().clone();
+        if sc.is_valid() {
+            span.add_link(sc);
+        }
+    }
+}
