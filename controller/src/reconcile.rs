@@ -514,11 +514,7 @@ async fn publish_plan(
     let by_name: std::collections::HashMap<&str, &Machine> =
         machines.iter().filter_map(|m| Some((m.metadata.name.as_deref()?, m))).collect();
     let by_name = &by_name;
-    let claim = cfg.name_any();
-    // All jobs first, then the Queued marks: executors start on the first machines while the controller still
-    // writes the marks (a mark written before its job went out would be as wrong as a late one; a job published
-    // twice is dropped by the queue's duplicate window).
-    let published: Vec<Result<Option<(&Machine, nio_shared::protocol::Job)>>> = futures::stream::iter(publish.to_vec())
+    let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
         .map(|(name, work)| async move {
             let Some(&m) = by_name.get(name.as_str()) else { return Ok(None) };
             let mut job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
@@ -531,27 +527,19 @@ async fn publish_plan(
             {
                 job.id = job.id.retry(since);
             }
-            ctx.publisher.publish(&job).await?;
-            Ok(Some((m, job)))
+            publish_and_queue(ctx, m, &job, Some(&cfg.name_any())).await?;
+            Ok(Some(name))
         })
         .buffer_unordered(PUBLISH_CONCURRENCY)
         .collect()
         .await;
-    let mut jobs = Vec::new();
-    for p in published {
-        jobs.extend(p?);
+    let mut queued = std::collections::BTreeSet::new();
+    for o in outcomes {
+        if let Some(name) = o? {
+            queued.insert(name);
+        }
     }
-    // Futures collected first: a closure in the stream's type trips the compiler's Send check of the reconcile.
-    let marks: Vec<_> = jobs.iter().map(|(m, job)| mark_published(ctx, m, job, &claim)).collect();
-    let marked: Vec<Result<String>> =
-        futures::stream::iter(marks).buffer_unordered(PUBLISH_CONCURRENCY).collect().await;
-    marked.into_iter().collect()
-}
-
-/// [`mark_queued_status`] for a job of configuration `claim`; returns the machine's name.
-async fn mark_published(ctx: &Ctx, m: &Machine, job: &nio_shared::protocol::Job, claim: &str) -> Result<String> {
-    mark_queued_status(ctx, m, job, Some(claim)).await?;
-    Ok(m.name_any())
+    Ok(queued)
 }
 
 /// Sets hasConfiguration on the machines that lack it. Machines just queued had it set with their job, so only
@@ -736,20 +724,10 @@ async fn publish_removals(
     Ok(blocked)
 }
 
-/// Publishes `job` for `m` and marks the machine Queued for it.
+/// Publishes `job` for `m` and marks the machine Queued for it; `claim` also records that the configuration
+/// of that name manages the machine (when no other one did).
 async fn publish_and_queue(ctx: &Ctx, m: &Machine, job: &nio_shared::protocol::Job, claim: Option<&str>) -> Result<()> {
     ctx.publisher.publish(job).await?;
-    mark_queued_status(ctx, m, job, claim).await
-}
-
-/// Marks `m` Queued for `job`, published; `claim` also records that the configuration of that name manages the
-/// machine (when no other one did).
-async fn mark_queued_status(
-    ctx: &Ctx,
-    m: &Machine,
-    job: &nio_shared::protocol::Job,
-    claim: Option<&str>,
-) -> Result<()> {
     let target = job.id.target().unwrap_or_default();
     update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), Some(m), |m| {
         let mut s = m.status.clone().unwrap_or_default();
