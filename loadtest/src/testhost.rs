@@ -232,11 +232,25 @@ impl Power {
         boot(self.holder, &self.dir, script)
     }
 
+    /// A reboot from the installer boots whatever the disk holds: the installed system if nixos-install ran,
+    /// else the system that was there before (the installer is gone either way).
     fn reboot(&self) -> anyhow::Result<()> {
         if self.in_installer.load(Ordering::SeqCst) && self.dir.join("disk/boot/default").exists() {
             return self.boot_installed();
         }
-        self.cycle(|| Ok(()), BOOT)
+        self.cycle(|| self.leave_installer(), BOOT)
+    }
+
+    /// Undoes what booting the installer set up (its os-release, Nix settings and `nix`); nothing when the host
+    /// does not run it.
+    fn leave_installer(&self) -> anyhow::Result<()> {
+        if !self.in_installer.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        std::fs::write(self.dir.join("os-release"), OS_RELEASE_NIXOS)?;
+        std::fs::write(self.dir.join("etc-nix/nix.conf"), NIX_CONF)?;
+        std::fs::remove_file(self.dir.join("bin/nix"))?;
+        Ok(())
     }
 
     /// kexec into the installer: the running system is gone (nothing in `/run`), the host keys stay.
@@ -271,10 +285,7 @@ impl Power {
                 if disk.join("var/lib").exists() {
                     sh(Command::new("cp").arg("-a").arg(disk.join("var/lib/.")).arg(self.dir.join("var-lib")))?;
                 }
-                std::fs::write(self.dir.join("os-release"), OS_RELEASE_NIXOS)?;
-                std::fs::write(self.dir.join("etc-nix/nix.conf"), NIX_CONF)?;
-                std::fs::remove_file(self.dir.join("bin/nix"))?;
-                self.in_installer.store(false, Ordering::SeqCst);
+                self.leave_installer()?;
                 self.installed.store(true, Ordering::SeqCst);
                 Ok(())
             },

@@ -162,23 +162,23 @@ fn is_empty(v: &Value) -> bool {
     }
 }
 
-/// A protobuf request body as kubectl builds it, for tests of the decoding.
-pub fn encode<M: Message>(api_version: &str, kind: &str, object: &M) -> Vec<u8> {
-    use k8s_pb::apimachinery::pkg::runtime::TypeMeta;
-    let unknown = Unknown {
-        type_meta: Some(TypeMeta { api_version: Some(api_version.into()), kind: Some(kind.into()) }),
-        raw: Some(object.encode_to_vec()),
-        content_encoding: Some(String::new()),
-        content_type: Some(String::new()),
-    };
-    let mut out = MAGIC.to_vec();
-    out.extend(unknown.encode_to_vec());
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A protobuf request body as kubectl builds it, for tests of the decoding.
+    fn encode<M: Message>(api_version: &str, kind: &str, object: &M) -> Vec<u8> {
+        use k8s_pb::apimachinery::pkg::runtime::TypeMeta;
+        let unknown = Unknown {
+            type_meta: Some(TypeMeta { api_version: Some(api_version.into()), kind: Some(kind.into()) }),
+            raw: Some(object.encode_to_vec()),
+            content_encoding: Some(String::new()),
+            content_type: Some(String::new()),
+        };
+        let mut out = MAGIC.to_vec();
+        out.extend(unknown.encode_to_vec());
+        out
+    }
 
     #[test]
     fn a_secret_decodes_to_the_json_the_api_server_would_store() {
