@@ -39,7 +39,13 @@ pub struct Ctx {
     pub machines: std::sync::RwLock<Vec<Arc<crate::cache::MachineCache>>>,
     /// Where waves' analyses are measured.
     pub prometheus: crate::analysis::Prometheus,
+    /// Bounds the controller's concurrent API requests (watches aside): every connection in flight holds its
+    /// own buffers, and a burst of status events once opened hundreds of them.
+    pub requests: tokio::sync::Semaphore,
 }
+
+/// API requests the controller has in flight at once, watches aside.
+pub const MAX_REQUESTS_IN_FLIGHT: usize = 32;
 
 /// kube-rs' event [`Recorder`], sharded by object. A Recorder keeps every Event of the last minutes to count
 /// repeats into a series, and each publish scans all of them to expire old ones: with one Event per machine per
@@ -63,6 +69,11 @@ impl Recorders {
 }
 
 impl Ctx {
+    /// Waits for one of the [`MAX_REQUESTS_IN_FLIGHT`] request slots; hold it for the request.
+    pub async fn request_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.requests.acquire().await.ok()
+    }
+
     /// Records a Kubernetes Event about `obj`; failures are logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
@@ -84,6 +95,7 @@ impl Ctx {
             action: action.to_string(),
             secondary: None,
         };
+        let _slot = self.request_slot().await;
         if let Err(e) = self.recorder.shard(r).publish(&ev, r).await {
             tracing::warn!(error = %e, reason, "recording an Event failed");
         }
@@ -118,6 +130,7 @@ pub async fn update_machine_status(
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), ns);
     let mut known = known.filter(|m| m.metadata.resource_version.is_some()).cloned();
     for attempt in 0..8 {
+        let _slot = ctx.request_slot().await;
         let m = match known.take() {
             Some(m) => m,
             None => match api.get_opt(name).await? {
@@ -159,6 +172,7 @@ pub async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfi
         return Ok(());
     }
     let api: Api<NixosConfiguration> = Api::namespaced(ctx.client.clone(), &cfg.namespace().unwrap_or_default());
+    let _slot = ctx.request_slot().await;
     let patch =
         serde_json::json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "status": status});
     api.patch_status(&cfg.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch)).await?;

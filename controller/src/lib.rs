@@ -18,6 +18,7 @@ pub mod error;
 pub mod git;
 pub mod kstatus;
 pub mod leader;
+pub mod lenient;
 pub mod machine;
 pub mod metrics;
 pub mod publish;
@@ -36,10 +37,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, DynamicObject, ObjectMeta};
+use kube::api::{Api, ObjectMeta};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
@@ -130,6 +131,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         written: Default::default(),
         machines: Default::default(),
         prometheus: analysis::Prometheus::new(s.prometheus_url.clone()),
+        requests: tokio::sync::Semaphore::new(context::MAX_REQUESTS_IN_FLIGHT),
     });
 
     let elector = s.leader_election.then(|| {
@@ -163,53 +165,48 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     }
 }
 
-/// An API of `K` that lists and watches it as untyped objects, so each is decoded on its own.
-fn untyped<K>(client: &kube::Client, ns: Option<&str>) -> Api<DynamicObject>
-where
-    K: kube::Resource<DynamicType = ()>,
-{
-    let ar = ApiResource::erase::<K>(&());
-    match ns {
-        Some(n) => Api::namespaced_with(client.clone(), n, &ar),
-        None => Api::all_with(client.clone(), &ar),
-    }
-}
-
-/// A watch of `K` that decodes objects one at a time. An object that does not decode (say, stored before the
-/// CRD bounded one of its fields) is skipped and reported (log line naming it, `undecodable_objects_total`,
-/// a Warning Event on it); every other object is still watched. A typed watch would fail the whole LIST and
-/// stop reconciling everything.
+/// A watch of `K` (in namespace `ns`, or all) that decodes objects one at a time. An object that does not
+/// decode (say, stored before the CRD bounded one of its fields) is skipped and reported (log line naming it,
+/// `undecodable_objects_total`, a Warning Event on it); every other object is still watched. A typed watch
+/// would fail the whole LIST and stop reconciling everything.
 fn decoded<K>(
-    api: Api<DynamicObject>,
+    client: &kube::Client,
+    ns: Option<&str>,
     ctx: Arc<context::Ctx>,
     kind: &'static str,
 ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
-    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + Send + 'static,
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
+    let api: Api<lenient::Lenient<K>> = match ns {
+        Some(n) => Api::namespaced(client.clone(), n),
+        None => Api::all(client.clone()),
+    };
     watcher(api, watcher::Config::default()).filter_map(move |ev| {
-        let ctx = ctx.clone();
-        async move {
-            let decode = |o: DynamicObject| -> Option<K> {
-                // Only the metadata is kept aside for a report: no copy of every object on the hot path.
-                let meta = o.metadata.clone();
-                match o.try_parse::<K>() {
-                    Ok(k) => Some(k),
-                    Err(e) => {
-                        report_undecodable(&ctx, kind, &meta, &e.to_string());
-                        None
-                    }
+        let decode = |o: lenient::Lenient<K>| -> Option<K> {
+            match o {
+                lenient::Lenient::Decoded(k) => Some(k),
+                lenient::Lenient::Undecodable { metadata, error } => {
+                    report_undecodable(&ctx, kind, &metadata, &error);
+                    None
                 }
-            };
-            match ev {
-                Ok(watcher::Event::Apply(o)) => decode(o).map(|k| Ok(watcher::Event::Apply(k))),
-                Ok(watcher::Event::InitApply(o)) => decode(o).map(|k| Ok(watcher::Event::InitApply(k))),
-                Ok(watcher::Event::Delete(o)) => decode(o).map(|k| Ok(watcher::Event::Delete(k))),
-                Ok(watcher::Event::Init) => Some(Ok(watcher::Event::Init)),
-                Ok(watcher::Event::InitDone) => Some(Ok(watcher::Event::InitDone)),
-                Err(e) => Some(Err(e)),
             }
-        }
+        };
+        std::future::ready(match ev {
+            Ok(watcher::Event::Apply(o)) => decode(o).map(|k| Ok(watcher::Event::Apply(k))),
+            Ok(watcher::Event::InitApply(o)) => decode(o).map(|k| Ok(watcher::Event::InitApply(k))),
+            Ok(watcher::Event::Delete(o)) => decode(o).map(|k| Ok(watcher::Event::Delete(k))),
+            Ok(watcher::Event::Init) => Some(Ok(watcher::Event::Init)),
+            Ok(watcher::Event::InitDone) => Some(Ok(watcher::Event::InitDone)),
+            Err(e) => Some(Err(e)),
+        })
     })
 }
 
@@ -349,7 +346,7 @@ async fn lead(
         let (m_store, m_writer) = reflector::store();
         let m_cache = Arc::new(cache::MachineCache::new(ns.clone(), m_store.clone()));
         let (touch_tx, touch_rx) = tokio::sync::mpsc::channel::<Machine>(1024);
-        let m_stream = decoded::<Machine>(untyped::<Machine>(client, ns.as_deref()), ctx.clone(), "Machine")
+        let m_stream = decoded::<Machine>(client, ns.as_deref(), ctx.clone(), "Machine")
             .default_backoff()
             .modify(slim)
             .reflect(m_writer)
@@ -375,8 +372,16 @@ async fn lead(
             caches.push(m_cache);
         }
         config_stores.push(term.spawn_configuration_controller(&mut tasks, ns.as_deref(), touch_rx));
+        // The Machine controller sees only the changes it has work for, and the probes falling due.
+        let probe_interval = s.probe_interval;
+        let m_stream = m_stream.try_filter(move |m| std::future::ready(machine::wants_reconcile(m, probe_interval)));
+        let (due_tx, due_rx) = tokio::sync::mpsc::channel::<Machine>(256);
+        tasks.spawn(machine::probe_sweep(m_store.clone(), due_tx, probe_interval, stop.clone()));
         let m_ctl = Controller::for_stream(m_stream, m_store.clone())
             .with_config(controller::Config::default().concurrency(MACHINE_CONCURRENCY))
+            .watches_stream(tokio_stream::wrappers::ReceiverStream::new(due_rx).map(Ok), |m: Machine| {
+                Some(ObjectRef::from(&m))
+            })
             .graceful_shutdown_on(stop.clone().cancelled_owned())
             .run(machine::reconcile, machine::error_policy, ctx.clone())
             .for_each(term.watch_reporter("Machine"));
@@ -440,12 +445,11 @@ impl Term<'_> {
     ) -> reflector::Store<NixosConfiguration> {
         let (ctx, client) = (self.ctx, self.client);
         let (store, writer) = reflector::store();
-        let stream =
-            decoded::<NixosConfiguration>(untyped::<NixosConfiguration>(client, ns), ctx.clone(), "NixosConfiguration")
-                .default_backoff()
-                .modify(slim)
-                .reflect(writer)
-                .applied_objects();
+        let stream = decoded::<NixosConfiguration>(client, ns, ctx.clone(), "NixosConfiguration")
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer)
+            .applied_objects();
         let secrets: Api<Secret> = match ns {
             Some(n) => Api::namespaced(client.clone(), n),
             None => Api::all(client.clone()),

@@ -8,7 +8,6 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use nio_shared::crd::{Machine, MachinePhase};
 use nio_shared::protocol::Action as JobAction;
-use rand::RngExt;
 use tracing::Instrument;
 
 use crate::conditions::{self, Type};
@@ -16,10 +15,74 @@ use crate::context::{Ctx, update_machine_status};
 use crate::error::{Error, Result};
 use crate::metrics::{ErrorLabels, KindLabel};
 
-/// The probe interval with ±10 % jitter, so a fleet's probes spread out.
-fn jittered(base: Duration) -> Duration {
-    let f: f64 = rand::rng().random_range(0.9..1.1);
+/// This machine's probe interval: `base` with a ±10 % jitter of its own (from its uid), so a fleet's probes
+/// spread out and every decision about the machine sees the same interval.
+fn interval_of(m: &Machine, base: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    m.metadata.uid.hash(&mut h);
+    let f = 0.9 + 0.2 * (h.finish() % 10_000) as f64 / 10_000.0;
     base.mul_f64(f)
+}
+
+/// Whether this machine is due for a probe at `now`: never probed, or probed an interval ago, and not busy
+/// with a job (a job reports what a probe would).
+fn probe_due(m: &Machine, base: Duration, now: chrono::DateTime<chrono::Utc>) -> bool {
+    let status = m.status.as_ref();
+    let busy = matches!(
+        status.and_then(|s| s.phase),
+        Some(MachinePhase::Queued | MachinePhase::Waiting | MachinePhase::Applying)
+    );
+    let since = status
+        .and_then(|s| s.last_probe_time.as_ref())
+        .map(|t| (now - conditions::chrono_of(&t.0)).to_std().unwrap_or_default());
+    !busy && since.is_none_or(|s| s >= interval_of(m, base))
+}
+
+/// Whether a reconcile of `m` would do anything now, decided from the object alone: its spec became invalid
+/// (or the message changed) or valid again, a generation not yet observed, or a probe due. Every other change
+/// (the status writes of a rollout, three or more per machine) is not worth a reconcile, and nothing is
+/// requeued: [`probe_sweep`] brings machines back when their probe falls due.
+pub fn wants_reconcile(m: &Machine, base: Duration) -> bool {
+    let status = m.status.as_ref();
+    let invalid = status.and_then(|s| conditions::message(&s.conditions, Type::Invalid));
+    match nio_shared::validate::machine_spec(&m.spec) {
+        Err(e) => invalid != Some(e.to_string().as_str()),
+        Ok(()) => {
+            status.is_some_and(|s| conditions::is_true(&s.conditions, Type::Invalid))
+                || status.and_then(|s| s.observed_generation) != m.metadata.generation
+                || probe_due(m, base, chrono::Utc::now())
+        }
+    }
+}
+
+/// Sends every valid machine of `store` whose probe is due into `due` (the Machine controller's trigger), every
+/// `tick`, until `stop`. A scan of the cache, no API request; what the controller keeps per machine between
+/// probes is nothing (a requeue per machine held a timer entry for each of them).
+pub async fn probe_sweep(
+    store: kube::runtime::reflector::Store<Machine>,
+    due: tokio::sync::mpsc::Sender<Machine>,
+    base: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let tick = (base / 20).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut timer = tokio::time::interval(tick);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = timer.tick() => {}
+        }
+        let now = chrono::Utc::now();
+        for m in store.state() {
+            if nio_shared::validate::machine_spec(&m.spec).is_ok()
+                && probe_due(&m, base, now)
+                && due.send((*m).clone()).await.is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 pub async fn reconcile(m: Arc<Machine>, ctx: Arc<Ctx>) -> Result<Action> {
@@ -53,23 +116,18 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         }
         return Ok(Action::await_change());
     }
-    let status = m.status.clone().unwrap_or_default();
-    let was_invalid = conditions::is_true(&status.conditions, Type::Invalid);
-    let interval = jittered(ctx.probe_interval);
-    let since = status
-        .last_probe_time
-        .as_ref()
-        .map(|t| (chrono::Utc::now() - conditions::chrono_of(&t.0)).to_std().unwrap_or_default());
-    let busy = matches!(status.phase, Some(MachinePhase::Queued | MachinePhase::Waiting | MachinePhase::Applying));
-    let probe = since.is_none_or(|s| s >= interval) && !busy;
+    let status = m.status.as_ref();
+    let was_invalid = status.is_some_and(|s| conditions::is_true(&s.conditions, Type::Invalid));
+    let probe = probe_due(m, ctx.probe_interval, chrono::Utc::now());
     if probe {
-        let action = if status.hardware_facts.is_none() { JobAction::Scan } else { JobAction::Probe };
+        let action =
+            if status.and_then(|s| s.hardware_facts.as_ref()).is_none() { JobAction::Scan } else { JobAction::Probe };
         let job = crate::publish::probe_job(&ctx.cluster, m, action);
         ctx.publisher.publish(&job).await?;
     }
     // One write records the probe, a spec that became valid, and the generation now observed (a new Machine's
     // first write is its first probe's).
-    if probe || was_invalid || status.observed_generation != generation {
+    if probe || was_invalid || status.and_then(|s| s.observed_generation) != generation {
         update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             if was_invalid {
@@ -83,10 +141,7 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         })
         .await?;
     }
-    if probe {
-        return Ok(Action::requeue(interval));
-    }
-    Ok(Action::requeue(since.map_or(interval, |s| interval.saturating_sub(s).max(Duration::from_secs(1)))))
+    Ok(Action::await_change())
 }
 
 pub fn error_policy(m: Arc<Machine>, err: &Error, ctx: Arc<Ctx>) -> Action {

@@ -71,7 +71,11 @@ const CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A Secret of the configuration's namespace that opted in to being read by NIO.
 async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Secret> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let s = api.get_opt(name).await?.ok_or_else(|| Error::Secret {
+    let fetched = {
+        let _slot = ctx.request_slot().await;
+        api.get_opt(name).await?
+    };
+    let s = fetched.ok_or_else(|| Error::Secret {
         namespace: ns.into(),
         name: name.into(),
         problem: "not found".into(),

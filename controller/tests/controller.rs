@@ -15,6 +15,7 @@ nio_loadtest::on_both!(
     a_failure_with_a_long_utf8_log_still_gets_its_event,
     a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_over,
     a_machine_and_configuration_publish_exactly_one_sealed_job,
+    machines_are_probed_again_each_interval_but_not_while_a_job_runs,
     new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade,
     authenticated_https_and_ssh_remotes_use_the_credentials_secret,
     status_events_drive_machine_and_configuration_status_without_regressing,
@@ -97,6 +98,43 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Bac
     })
     .await;
     assert_eq!(env.stored_jobs().await, 2, "exactly one apply and one probe-slot job");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Probes recur every `--probe-interval` (±10 %) with nothing requeued per machine in between, and a machine
+/// busy with a job is not probed until the job ends.
+async fn machines_are_probed_again_each_interval_but_not_while_a_job_runs(backend: Backend) {
+    let env = Env::start(backend).await;
+    let mut settings = env.settings("prod", "c1");
+    settings.probe_interval = Duration::from_secs(2);
+    let (stop, task) = env.spawn(settings);
+    env.machine("m1").create().await;
+    let subject = env.subject("dc1", "probe", "prod", "m1");
+    let (first, _) = env.eventually(T, "the first-contact scan", || env.job_on(&subject)).await;
+    let (second, _) = env
+        .eventually(T, "a probe one interval later", || async {
+            env.job_on(&subject).await.filter(|(j, _)| j.id != first.id)
+        })
+        .await;
+    let gap = second.enqueued_at - first.enqueued_at;
+    assert!((1_500..=5_000).contains(&gap.num_milliseconds()), "probes {} ms apart", gap.num_milliseconds());
+    // A job starts: no probe while it runs.
+    let busy = |phase: &str| json!({"status": {"phase": phase}});
+    let patch = kube::api::Patch::Merge(busy("Applying"));
+    env.machines().patch_status("m1", &kube::api::PatchParams::default(), &patch).await.unwrap();
+    let (before, _) = env.job_on(&subject).await.unwrap();
+    env.never(Duration::from_secs(5), "a probe while the machine applies", || async {
+        env.job_on(&subject).await.filter(|(j, _)| j.id != before.id).map(|(j, _)| j.id)
+    })
+    .await;
+    // It ends: the overdue probe runs.
+    let patch = kube::api::Patch::Merge(busy("Applied"));
+    env.machines().patch_status("m1", &kube::api::PatchParams::default(), &patch).await.unwrap();
+    env.eventually(T, "the probe after the job", || async {
+        env.job_on(&subject).await.filter(|(j, _)| j.id != before.id)
+    })
+    .await;
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -1,0 +1,126 @@
+//! [`Lenient`]: a resource type whose watch decodes each object on its own. A typed watch fails a whole LIST
+//! when one object does not decode (say, one stored before the CRD bounded a field), and with it the
+//! reconciling of everything; an untyped watch (`DynamicObject`) avoids that but decodes every event three
+//! times (JSON into a value tree, back into another, then into the type) and copied each object's metadata
+//! on the way. A `Lenient<K>` decodes straight into `K` and keeps only the metadata and the error of an object
+//! that does not decode.
+
+use std::borrow::Cow;
+
+use kube::Resource;
+use kube::api::ObjectMeta;
+use serde::de::{DeserializeOwned, Deserializer};
+use serde::{Deserialize, Serialize};
+
+/// An object of kind `K` as a watch delivers it: decoded, or the metadata of one that is not.
+#[derive(Clone, Debug, Serialize)]
+#[serde(untagged)]
+pub enum Lenient<K> {
+    Decoded(K),
+    Undecodable {
+        metadata: Box<ObjectMeta>,
+        /// What `K`'s decoder said (field and problem; never the object).
+        #[serde(skip)]
+        error: String,
+    },
+}
+
+/// The JSON once buffered: decoded into `K`, else kept whole for the error report (only objects that fail
+/// take that path).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Attempt<K> {
+    Decoded(K),
+    Undecodable(serde_json::Value),
+}
+
+impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match Attempt::<K>::deserialize(d)? {
+            Attempt::Decoded(k) => Lenient::Decoded(k),
+            Attempt::Undecodable(v) => {
+                let metadata = v.get("metadata").and_then(|m| ObjectMeta::deserialize(m).ok()).unwrap_or_default();
+                let error = match K::deserialize(&v) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => "does not decode".to_string(),
+                };
+                Lenient::Undecodable { metadata: Box::new(metadata), error }
+            }
+        })
+    }
+}
+
+impl<K: Resource> Resource for Lenient<K> {
+    type DynamicType = K::DynamicType;
+    type Scope = K::Scope;
+
+    fn kind(dt: &Self::DynamicType) -> Cow<'_, str> {
+        K::kind(dt)
+    }
+
+    fn group(dt: &Self::DynamicType) -> Cow<'_, str> {
+        K::group(dt)
+    }
+
+    fn version(dt: &Self::DynamicType) -> Cow<'_, str> {
+        K::version(dt)
+    }
+
+    fn plural(dt: &Self::DynamicType) -> Cow<'_, str> {
+        K::plural(dt)
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        match self {
+            Lenient::Decoded(k) => k.meta(),
+            Lenient::Undecodable { metadata, .. } => metadata,
+        }
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        match self {
+            Lenient::Decoded(k) => k.meta_mut(),
+            Lenient::Undecodable { metadata, .. } => metadata,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nio_shared::crd::NixosConfiguration;
+    use serde_json::json;
+
+    fn config(max_parallel: serde_json::Value) -> serde_json::Value {
+        json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
+            "metadata": {"name": "web", "namespace": "ns", "resourceVersion": "7"},
+            "spec": {"gitRepo": "https://example.org/r.git", "ref": "main", "flake": "#web", "machineRef": "m1",
+                     "rollout": {"maxParallel": max_parallel}}
+        })
+    }
+
+    #[test]
+    fn a_list_with_one_bad_object_keeps_the_others_and_names_the_bad_one() {
+        let list = json!({"items": [config(json!(5)), config(json!(99_999_999_999u64)), config(json!(7))]});
+        #[derive(Deserialize)]
+        struct List {
+            items: Vec<Lenient<NixosConfiguration>>,
+        }
+        // As the client decodes a LIST page and a watch event: from bytes, objects in any key order.
+        let items = serde_json::from_slice::<List>(list.to_string().as_bytes()).expect("the list decodes").items;
+        let parallel = |l: &Lenient<NixosConfiguration>| match l {
+            Lenient::Decoded(c) => c.spec.rollout.max_parallel,
+            Lenient::Undecodable { error, .. } => panic!("{error}"),
+        };
+        assert_eq!(parallel(&items[0]), Some(5));
+        assert_eq!(parallel(&items[2]), Some(7));
+        let Lenient::Undecodable { metadata, error } = &items[1] else { panic!("decoded {:?}", items[1]) };
+        assert_eq!((metadata.name.as_deref(), metadata.resource_version.as_deref()), (Some("web"), Some("7")));
+        assert!(error.contains("99999999999"), "{error}");
+        let event: kube::core::WatchEvent<Lenient<NixosConfiguration>> =
+            serde_json::from_str(&json!({"object": config(json!(3)), "type": "MODIFIED"}).to_string())
+                .expect("an event with the object first");
+        assert!(matches!(event, kube::core::WatchEvent::Modified(Lenient::Decoded(_))));
+    }
+}
