@@ -46,7 +46,7 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
 
 /// The machines `cfg` targets, from the Machine cache (the same `targets` every trigger uses). Waits for the
 /// cache's first LIST at the start of a term, so a reconcile never sees a fleet of none.
-async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Machine>> {
+async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Arc<Machine>>> {
     let ns = cfg.namespace().unwrap_or_default();
     let cache = ctx
         .machines
@@ -245,7 +245,7 @@ async fn wave_decision(
     cfg: &NixosConfiguration,
     previous: &NixosConfigurationStatus,
     target: &str,
-    machines: &[Machine],
+    machines: &[Arc<Machine>],
     views: &[rollout::MachineView],
     policy: &rollout::Policy,
 ) -> (Vec<waves::Wave>, waves::Decision) {
@@ -311,7 +311,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
 
     // 4. Machines and the plan. Machines with an invalid spec get nothing (their own Invalid condition says
     // why) and are not counted; the configuration names them.
-    let (machines, invalid): (Vec<Machine>, Vec<Machine>) = targeted_machines(ctx, cfg)
+    let (machines, invalid): (Vec<Arc<Machine>>, Vec<Arc<Machine>>) = targeted_machines(ctx, cfg)
         .await?
         .into_iter()
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
@@ -337,7 +337,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     mark_has_configuration(ctx, &machines, &queued).await?;
 
     // 6. Status and rollout metrics.
-    let invalid_machines: Vec<String> = invalid.iter().map(ResourceExt::name_any).collect();
+    let invalid_machines: Vec<String> = invalid.iter().map(|m| m.name_any()).collect();
     let waiting_sites: Vec<String> = machines
         .iter()
         .filter(|m| m.status.as_ref().and_then(|s| s.phase) == Some(MachinePhase::Waiting))
@@ -375,7 +375,7 @@ async fn roll_back(
     status: &NixosConfigurationStatus,
     target: &str,
     wave: &waves::Wave,
-    machines: &[Machine],
+    machines: &[Arc<Machine>],
     views: &[MachineView],
 ) -> Result<(String, bool)> {
     // The commit the fleet ran before: what most of this configuration's machines not at the target still run
@@ -451,7 +451,7 @@ async fn write_status(
 /// Each machine's disruption-budget claims under the configuration's budgets.
 fn budget_claims(
     cfg: &NixosConfiguration,
-    machines: &[Machine],
+    machines: &[Arc<Machine>],
 ) -> BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>> {
     let budgets = &cfg.spec.rollout.disruption_budgets;
     if budgets.is_empty() {
@@ -478,7 +478,7 @@ fn policy(cfg: &NixosConfiguration, total: usize) -> Policy {
 
 /// The planner's view of the machines: a target counts as applied only if this configuration applied it, and,
 /// under `driftPolicy: Enforce`, only while the machine runs what was applied.
-fn views(cfg: &NixosConfiguration, machines: &[Machine]) -> Vec<MachineView> {
+fn views(cfg: &NixosConfiguration, machines: &[Arc<Machine>]) -> Vec<MachineView> {
     machines
         .iter()
         .map(|m| {
@@ -510,13 +510,13 @@ async fn publish_plan(
     ctx: &Ctx,
     cfg: &NixosConfiguration,
     want: &Desired,
-    machines: &[Machine],
+    machines: &[Arc<Machine>],
     publish: &[(String, rollout::Work)],
     claims: &BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>>,
 ) -> Result<std::collections::BTreeSet<String>> {
     // By name: a scan per published machine made a large rollout quadratic.
     let by_name: std::collections::HashMap<&str, &Machine> =
-        machines.iter().filter_map(|m| Some((m.metadata.name.as_deref()?, m))).collect();
+        machines.iter().filter_map(|m| Some((m.metadata.name.as_deref()?, &**m))).collect();
     let by_name = &by_name;
     let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
         .map(|(name, work)| async move {
@@ -550,7 +550,7 @@ async fn publish_plan(
 /// the others cost a write.
 async fn mark_has_configuration(
     ctx: &Ctx,
-    machines: &[Machine],
+    machines: &[Arc<Machine>],
     queued: &std::collections::BTreeSet<String>,
 ) -> Result<()> {
     for m in machines
@@ -642,13 +642,19 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     // A fresh LIST, not the cache: a machine that just applied this configuration must not be missed.
     let runs_it =
         |m: &Machine| m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) == Some(name.as_str());
-    let attached: Vec<Machine> =
-        api.list(&ListParams::default()).await?.items.into_iter().filter(|m| runs_it(m) || targets(cfg, m)).collect();
+    let attached: Vec<Arc<Machine>> = api
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|m| runs_it(m) || targets(cfg, m))
+        .map(Arc::new)
+        .collect();
     if cfg.spec.on_remove_flake.is_none() {
         release(ctx, &ns, &attached, true).await?;
         return Ok(Action::await_change());
     }
-    let pending: Vec<&Machine> = attached.iter().filter(|m| runs_it(m)).collect();
+    let pending: Vec<&Machine> = attached.iter().map(|m| &**m).filter(|m| runs_it(m)).collect();
     if pending.is_empty() {
         release(ctx, &ns, &attached, false).await?;
         let note = "onRemoveFlake applied on every machine; releasing the finalizer".to_string();
@@ -680,7 +686,7 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
 
 /// Marks `machines` as no longer having this configuration; `detach` also forgets that they ran it (no
 /// onRemoveFlake: they keep what they run, unmanaged).
-async fn release(ctx: &Ctx, ns: &str, machines: &[Machine], detach: bool) -> Result<()> {
+async fn release(ctx: &Ctx, ns: &str, machines: &[Arc<Machine>], detach: bool) -> Result<()> {
     for m in machines {
         update_machine_status(ctx, ns, &m.name_any(), Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
