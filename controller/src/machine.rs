@@ -56,9 +56,14 @@ pub fn wants_reconcile(m: &Machine, base: Duration) -> bool {
     }
 }
 
+/// How long (at most; never longer than the probe interval) the sweep leaves a machine it sent alone: while its
+/// probe fails (NATS or the API server away), the
+/// reconcile's own retry paces it, not every tick of the sweep.
+const SWEEP_RETRY: Duration = Duration::from_secs(30);
+
 /// Sends every valid machine of `store` whose probe is due into `due` (the Machine controller's trigger), every
-/// `tick`, until `stop`. A scan of the cache, no API request; what the controller keeps per machine between
-/// probes is nothing (a requeue per machine held a timer entry for each of them).
+/// `tick`, until `stop`. A scan of the cache, no API request; what the controller keeps between probes is only
+/// the machines sent in the last [`SWEEP_RETRY`] (a requeue per machine held a timer entry for every one).
 pub async fn probe_sweep(
     store: kube::runtime::reflector::Store<Machine>,
     due: tokio::sync::mpsc::Sender<Machine>,
@@ -68,19 +73,27 @@ pub async fn probe_sweep(
     let tick = (base / 20).clamp(Duration::from_secs(1), Duration::from_secs(30));
     let mut timer = tokio::time::interval(tick);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sent: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    let retry = base.min(SWEEP_RETRY);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = timer.tick() => {}
         }
         let now = chrono::Utc::now();
+        sent.retain(|_, at| at.elapsed() < retry);
         for m in store.state() {
-            if nio_shared::validate::machine_spec(&m.spec).is_ok()
-                && probe_due(&m, base, now)
-                && due.send((*m).clone()).await.is_err()
+            let uid = m.metadata.uid.clone().unwrap_or_default();
+            if sent.contains_key(&uid)
+                || nio_shared::validate::machine_spec(&m.spec).is_err()
+                || !probe_due(&m, base, now)
             {
+                continue;
+            }
+            if due.send((*m).clone()).await.is_err() {
                 return;
             }
+            sent.insert(uid, Instant::now());
         }
     }
 }
