@@ -39,12 +39,13 @@ pub struct Ctx {
     pub machines: std::sync::RwLock<Vec<Arc<crate::cache::MachineCache>>>,
     /// Where waves' analyses are measured.
     pub prometheus: crate::analysis::Prometheus,
-    /// Bounds the controller's concurrent API requests (watches aside): every connection in flight holds its
-    /// own buffers, and a burst of status events once opened hundreds of them.
+    /// Bounds the requests made per machine (status writes, Events, Secret reads) in flight at once: every
+    /// connection in flight holds its own buffers, and a burst of status events once opened hundreds of them.
+    /// Watches, the Lease and the few per-configuration requests do not take a slot.
     pub requests: tokio::sync::Semaphore,
 }
 
-/// API requests the controller has in flight at once, watches aside.
+/// Requests made per machine that the controller has in flight at once (see [`Ctx::requests`]).
 pub const MAX_REQUESTS_IN_FLIGHT: usize = 32;
 
 /// kube-rs' event [`Recorder`], sharded by object. A Recorder keeps every Event of the last minutes to count

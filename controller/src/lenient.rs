@@ -9,18 +9,16 @@ use std::borrow::Cow;
 
 use kube::Resource;
 use kube::api::ObjectMeta;
+use serde::Deserialize;
 use serde::de::{DeserializeOwned, Deserializer};
-use serde::{Deserialize, Serialize};
 
 /// An object of kind `K` as a watch delivers it: decoded, or the metadata of one that is not.
-#[derive(Clone, Debug, Serialize)]
-#[serde(untagged)]
+#[derive(Clone, Debug)]
 pub enum Lenient<K> {
     Decoded(K),
     Undecodable {
         metadata: Box<ObjectMeta>,
         /// What `K`'s decoder said (field and problem; never the object).
-        #[serde(skip)]
         error: String,
     },
 }

@@ -178,7 +178,6 @@ fn decoded<K>(
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + serde::de::DeserializeOwned
-        + serde::Serialize
         + Clone
         + std::fmt::Debug
         + Send
