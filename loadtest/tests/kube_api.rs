@@ -50,6 +50,7 @@ on_both!(
     cel_rules_refuse_selectors_that_would_pick_the_wrong_fleet,
     server_side_apply_merges_map_lists_by_key,
     patches_cannot_change_kind_api_version_or_uid,
+    crds_whose_rules_cost_too_much_are_refused,
 );
 
 fn machine(name: &str) -> Machine {
@@ -701,4 +702,49 @@ async fn writes_that_change_nothing_store_nothing(backend: Backend) {
             other => panic!("unexpected {other:?}"),
         }
     }
+}
+
+/// The API server estimates each CEL rule's worst-case cost from the sizes the schema allows and refuses a CRD
+/// whose rule could cost more than its budget: a regex over every string of an unbounded list is refused (with
+/// the rule's path and the hint to add maxItems and maxLength); the same rule with those bounds is accepted.
+async fn crds_whose_rules_cost_too_much_are_refused(backend: Backend) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let c = TestCluster::start(backend).await.unwrap();
+    let crds: Api<CustomResourceDefinition> = Api::all(c.client.clone());
+    // CRDs are cluster-wide: the names carry the test's namespace.
+    let group = format!("{}.costs.example.org", c.namespace);
+    let crd = |plural: &str, tags: serde_json::Value| -> CustomResourceDefinition {
+        serde_json::from_value(json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("{plural}.{group}")},
+            "spec": {"group": group, "scope": "Namespaced",
+                "names": {"plural": plural, "singular": plural.trim_end_matches('s'), "kind": "Widget", "listKind": "WidgetList"},
+                "versions": [{"name": "v1", "served": true, "storage": true, "schema": {"openAPIV3Schema": {
+                    "type": "object", "properties": {"spec": {"type": "object", "properties": {"tags": tags}}}}}}]}
+        }))
+        .unwrap()
+    };
+    let rule = json!([{"rule": "self.all(x, x.matches('^[a-z]+$'))"}]);
+    let unbounded = json!({"type": "array", "items": {"type": "string"}, "x-kubernetes-validations": rule});
+    let (code, _, message) =
+        api_error(crds.create(&PostParams::default(), &crd("widgets", unbounded)).await.unwrap_err());
+    assert_eq!(code, 422, "{message}");
+    for says in [
+        "spec.validation.openAPIV3Schema.properties[spec].properties[tags].x-kubernetes-validations[0].rule: Forbidden: estimated rule cost exceeds budget by factor of more than 100x",
+        "adding maxItems, maxProperties, and maxLength where arrays, maps, and strings are declared",
+        "x-kubernetes-validations estimated rule cost total for entire OpenAPIv3 schema exceeds budget",
+    ] {
+        assert!(message.contains(says), "{says}: {message}");
+    }
+    // Bounded strings alone are not enough: a million of them still cost 5.9 times the budget.
+    let long_list =
+        json!({"type": "array", "items": {"type": "string", "maxLength": 63}, "x-kubernetes-validations": rule});
+    let (code, _, message) =
+        api_error(crds.create(&PostParams::default(), &crd("gadgets", long_list)).await.unwrap_err());
+    assert_eq!(code, 422, "{message}");
+    assert!(message.contains("estimated rule cost exceeds budget by factor of 5.9x"), "{message}");
+    assert!(!message.contains("total for entire"), "58,720,202 is within the schema's total: {message}");
+    let bounded = json!({"type": "array", "maxItems": 10, "items": {"type": "string", "maxLength": 63}, "x-kubernetes-validations": rule});
+    crds.create(&PostParams::default(), &crd("widgets", bounded)).await.unwrap();
+    crds.delete(&format!("widgets.{group}"), &DeleteParams::default()).await.unwrap();
 }

@@ -7,6 +7,7 @@
 
 pub mod auth;
 mod cel;
+mod cel_cost;
 mod fields;
 mod http;
 mod openapi;

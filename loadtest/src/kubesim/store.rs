@@ -538,6 +538,10 @@ impl Store {
         let crd_types = if rt.kind == "CustomResourceDefinition" {
             let types = ResourceType::from_crd(&new)
                 .map_err(|m| self.invalid(rt, name, vec![cause("FieldValueInvalid", "spec", &m)]))?;
+            let too_costly = super::cel_cost::check_crd(&new, old.map(|v| &**v));
+            if !too_costly.is_empty() {
+                return Err(self.invalid(rt, name, too_costly));
+            }
             establish_crd(&mut new);
             Some(types)
         } else {
