@@ -342,13 +342,13 @@ async fn lead(
         // One Machine watch feeds the Machine controller, the cache fleet reconciles read their machines from,
         // and the configuration triggers. A trigger is sent only after the cache holds the change, so the
         // reconcile it causes sees it.
-        let (m_store, m_writer) = reflector::store();
+        let (m_store, mut m_writer) = reflector::store();
         let m_cache = Arc::new(cache::MachineCache::new(ns.clone(), m_store.clone()));
         let (touch_tx, touch_rx) = tokio::sync::mpsc::channel::<Machine>(1024);
         let m_stream = decoded::<Machine>(client, ns.as_deref(), ctx.clone(), "Machine")
             .default_backoff()
             .modify(slim)
-            .reflect(m_writer)
+            .map_ok(move |ev| cache::store_unlabelled(&mut m_writer, ev))
             .then({
                 let m_cache = m_cache.clone();
                 move |ev| {

@@ -48,12 +48,7 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
 /// cache's first LIST at the start of a term, so a reconcile never sees a fleet of none.
 async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Arc<Machine>>> {
     let ns = cfg.namespace().unwrap_or_default();
-    let cache = ctx
-        .machines
-        .read()
-        .ok()
-        .and_then(|c| c.iter().find(|c| c.scope.as_ref().is_none_or(|s| *s == ns)).cloned())
-        .ok_or(Error::CacheNotReady("no Machine watch covers this namespace"))?;
+    let cache = machine_cache(ctx, &ns).ok_or(Error::CacheNotReady("no Machine watch covers this namespace"))?;
     match tokio::time::timeout(CACHE_WAIT, cache.store.wait_until_ready()).await {
         Ok(Ok(())) => {}
         _ => return Err(Error::CacheNotReady("the Machine cache has not finished its first list")),
@@ -62,7 +57,21 @@ async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Ar
         return Ok(cache.get(&ns, name).into_iter().collect());
     }
     let Some(sel) = &cfg.spec.machine_selector else { return Ok(vec![]) };
-    Ok(cache.select(&ns, sel, |m| targets(cfg, m)))
+    Ok(cache.select(&ns, sel))
+}
+
+/// The Machine cache of the watch that covers `ns`.
+fn machine_cache(ctx: &Ctx, ns: &str) -> Option<Arc<crate::cache::MachineCache>> {
+    ctx.machines.read().ok()?.iter().find(|c| c.scope.as_ref().is_none_or(|s| *s == ns)).cloned()
+}
+
+/// Each of `cfg`'s `machines` (from the cache, whose Machines carry no labels) with its labels.
+fn labelled(ctx: &Ctx, cfg: &NixosConfiguration, machines: &[Arc<Machine>]) -> Vec<(String, BTreeMap<String, String>)> {
+    let ns = cfg.namespace().unwrap_or_default();
+    match machine_cache(ctx, &ns) {
+        Some(cache) => cache.labelled(&ns, machines),
+        None => machines.iter().map(|m| (m.name_any(), BTreeMap::new())).collect(),
+    }
 }
 
 /// How long a reconcile waits for the Machine cache at the start of a term before it retries.
@@ -250,9 +259,12 @@ async fn wave_decision(
     policy: &rollout::Policy,
 ) -> (Vec<waves::Wave>, waves::Decision) {
     let recorded: &[WaveStatus] = if previous.waves_target.as_deref() == Some(target) { &previous.waves } else { &[] };
-    let labelled: Vec<(String, BTreeMap<String, String>)> =
-        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
-    let layout = waves::layout(&cfg.spec.rollout.waves, &labelled);
+    // Without waves the layout is one wave of every machine: labels are not needed.
+    let layout = if cfg.spec.rollout.waves.is_empty() {
+        waves::layout(&[], &machines.iter().map(|m| (m.name_any(), BTreeMap::new())).collect::<Vec<_>>())
+    } else {
+        waves::layout(&cfg.spec.rollout.waves, &labelled(ctx, cfg, machines))
+    };
     let now = chrono::Utc::now();
     let recorded = crate::analysis::measure_due(&ctx.prometheus, &layout, recorded, now).await;
     let short = short_commit(target.split('/').next().unwrap_or_default());
@@ -317,7 +329,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
     let views = views(cfg, &machines);
     let mut policy = policy(cfg, machines.len());
-    policy.claims = budget_claims(cfg, &machines);
+    policy.claims = budget_claims(ctx, cfg, &machines);
     let (layout, mut decision) = wave_decision(ctx, cfg, &previous, &target, &machines, &views, &policy).await;
     let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
     let mut rolling_back = false;
@@ -410,7 +422,7 @@ async fn roll_back(
         .map(|v| (v.name.clone(), rollout::Work::Update))
         .collect();
     // Rollbacks count against the disruption budgets too (the executors hold the slots).
-    let queued = publish_plan(ctx, cfg, &want, machines, &todo, &budget_claims(cfg, machines)).await?;
+    let queued = publish_plan(ctx, cfg, &want, machines, &todo, &budget_claims(ctx, cfg, machines)).await?;
     let short = short_commit(&previous);
     let busy = !touched.is_empty() || running > 0;
     Ok((format!("rolling back to {short}: {returned} returned, {} on their way", running + queued.len()), busy))
@@ -450,6 +462,7 @@ async fn write_status(
 /// `maxFailures` (a number or a percentage of the machines, rounded down), else `failureBudget`.
 /// Each machine's disruption-budget claims under the configuration's budgets.
 fn budget_claims(
+    ctx: &Ctx,
     cfg: &NixosConfiguration,
     machines: &[Arc<Machine>],
 ) -> BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>> {
@@ -457,8 +470,7 @@ fn budget_claims(
     if budgets.is_empty() {
         return BTreeMap::new();
     }
-    let fleet: Vec<(String, BTreeMap<String, String>)> =
-        machines.iter().map(|m| (m.name_any(), m.metadata.labels.clone().unwrap_or_default())).collect();
+    let fleet = labelled(ctx, cfg, machines);
     fleet.iter().map(|(name, labels)| (name.clone(), crate::budgets::claims(budgets, labels, &fleet))).collect()
 }
 

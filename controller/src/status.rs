@@ -142,7 +142,7 @@ pub fn transition(
                 s.current_system = ev.system.clone();
             }
             if let Some(f) = &ev.facts {
-                s.hardware_facts = Some(f.clone());
+                s.hardware_facts = Some(Box::new(f.clone()));
             }
             if let (Some(cur), Some(applied)) = (&s.current_system, &s.applied_system) {
                 let drifted = cur != applied;

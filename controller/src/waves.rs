@@ -83,14 +83,20 @@ pub fn amount(v: &IntOrString, of: usize, up: bool) -> u32 {
 
 /// Whether `labels` match `sel` (matchLabels and matchExpressions).
 pub fn selector_matches(sel: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
-    let ok_labels = sel.match_labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    selector_matches_by(sel, |k| labels.get(k).map(String::as_str))
+}
+
+/// Whether the labels `label` looks up match `sel`.
+pub fn selector_matches_by<'a>(sel: &LabelSelector, label: impl Fn(&str) -> Option<&'a str>) -> bool {
+    let ok_labels = sel.match_labels.iter().flatten().all(|(k, v)| label(k) == Some(v.as_str()));
     let ok_exprs = sel.match_expressions.iter().flatten().all(|e| {
         let vals = e.values.as_deref().unwrap_or_default();
+        let has = |v: &str| vals.iter().any(|x| x == v);
         match e.operator.as_str() {
-            "In" => labels.get(&e.key).is_some_and(|v| vals.contains(v)),
-            "NotIn" => labels.get(&e.key).is_none_or(|v| !vals.contains(v)),
-            "Exists" => labels.contains_key(&e.key),
-            "DoesNotExist" => !labels.contains_key(&e.key),
+            "In" => label(&e.key).is_some_and(has),
+            "NotIn" => label(&e.key).is_none_or(|v| !has(v)),
+            "Exists" => label(&e.key).is_some(),
+            "DoesNotExist" => label(&e.key).is_none(),
             // Validation rejects other operators; should one get here, it selects nothing.
             _ => false,
         }

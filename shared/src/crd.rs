@@ -266,7 +266,8 @@ pub struct MachineStatus {
     pub host_key: Option<String>,
     /// Hardware facts from the last scan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hardware_facts: Option<HardwareFacts>,
+    // Boxed: the controller caches every Machine, and facts inline made each 168 bytes larger, set or not.
+    pub hardware_facts: Option<Box<HardwareFacts>>,
     /// When a full install last completed. A full install runs once; later commits switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_at: Option<Time>,
