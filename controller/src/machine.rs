@@ -63,7 +63,7 @@ const SWEEP_RETRY: Duration = Duration::from_secs(30);
 
 /// Sends every valid machine of `store` whose probe is due into `due` (the Machine controller's trigger), every
 /// `tick`, until `stop`. A scan of the cache, no API request; what the controller keeps between probes is only
-/// the machines sent in the last [`SWEEP_RETRY`] (a requeue per machine held a timer entry for every one).
+/// the machines sent in the last `SWEEP_RETRY` (a requeue per machine held a timer entry for every one).
 pub async fn probe_sweep(
     store: kube::runtime::reflector::Store<Machine>,
     due: tokio::sync::mpsc::Sender<Machine>,

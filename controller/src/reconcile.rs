@@ -31,7 +31,8 @@ use nio_shared::gitauth::GitAuth;
 /// Jobs published (and Machines marked Queued) at once by one reconcile.
 const PUBLISH_CONCURRENCY: usize = 32;
 
-/// Whether `cfg` targets machine `m` (same namespace; by name or labels).
+/// Whether `cfg` targets machine `m` (same namespace; by name or labels). `m` must carry its labels: a watch
+/// event or a LIST item, not a cached Machine (the cache keeps labels in its index; see `targeted_machines`).
 pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
     if cfg.namespace() != m.namespace() {
         return false;
@@ -44,7 +45,8 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
     crate::waves::selector_matches(sel, m.metadata.labels.as_ref().unwrap_or(&empty))
 }
 
-/// The machines `cfg` targets, from the Machine cache (the same `targets` every trigger uses). Waits for the
+/// The machines `cfg` targets, from the Machine cache (its selector matched as `targets` matches it, on the
+/// labels the cache's index holds). Waits for the
 /// cache's first LIST at the start of a term, so a reconcile never sees a fleet of none.
 async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Arc<Machine>>> {
     let ns = cfg.namespace().unwrap_or_default();
