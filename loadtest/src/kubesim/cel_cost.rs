@@ -181,12 +181,14 @@ fn min_size(node: &Value) -> u64 {
 }
 
 /// What the estimator knows of a value: its kind, the schema it comes from (if any) and its largest size
-/// (characters of a string, elements of a list or map; 0 for schema scalars and objects, 1 for computed scalars).
+/// (characters of a string, elements of a list or map; 0 for schema scalars and objects, 1 for computed scalars);
+/// for a list literal, the kind and largest size of its elements (cel-go's entry size).
 #[derive(Clone, Copy)]
 struct Ty<'s> {
     kind: Kind,
     schema: Option<&'s Value>,
     size: u64,
+    items: Option<(Kind, u64)>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -200,11 +202,11 @@ enum Kind {
 }
 
 impl<'s> Ty<'s> {
-    const SCALAR: Ty<'static> = Ty { kind: Kind::Scalar, schema: None, size: 1 };
-    const UNKNOWN: Ty<'static> = Ty { kind: Kind::Unknown, schema: None, size: u64::MAX };
+    const SCALAR: Ty<'static> = Ty { kind: Kind::Scalar, schema: None, size: 1, items: None };
+    const UNKNOWN: Ty<'static> = Ty { kind: Kind::Unknown, schema: None, size: u64::MAX, items: None };
 
     fn computed(kind: Kind, size: u64) -> Self {
-        Ty { kind, schema: None, size }
+        Ty { kind, schema: None, size, items: None }
     }
 
     /// The type of a value of `node`, sized as the API server sizes it.
@@ -243,14 +245,15 @@ impl<'s> Ty<'s> {
                 _ => (Kind::Unknown, 0),
             }
         };
-        Ty { kind, schema: Some(node), size }
+        Ty { kind, schema: Some(node), size, items: None }
     }
 
     /// An element of a list (or a key of a map: the API server sizes map keys as 0).
     fn element(self) -> Ty<'s> {
-        match (self.kind, self.schema) {
-            (Kind::List, Some(s)) => s.get("items").map_or(Ty::UNKNOWN, Ty::of),
-            (Kind::Map, Some(_)) => Ty::computed(Kind::Str, 0),
+        match (self.kind, self.schema, self.items) {
+            (Kind::List, Some(s), _) => s.get("items").map_or(Ty::UNKNOWN, Ty::of),
+            (Kind::Map, Some(_), _) => Ty::computed(Kind::Str, 0),
+            (Kind::List, None, Some((kind, size))) => Ty::computed(kind, size),
             _ => Ty::UNKNOWN,
         }
     }
@@ -310,10 +313,16 @@ impl<'s> Coster<'_, 's> {
             }
             Expr::List(l) => {
                 let mut sum = 10u64;
+                let mut items: Option<(Kind, u64)> = None;
                 for el in &l.elements {
-                    sum = sum.saturating_add(self.cost(el).0);
+                    let (c, t) = self.cost(el);
+                    sum = sum.saturating_add(c);
+                    items = Some(match items {
+                        None => (t.kind, t.size),
+                        Some((kind, size)) => (if kind == t.kind { kind } else { Kind::Unknown }, size.max(t.size)),
+                    });
                 }
-                (sum, Ty::computed(Kind::List, l.elements.len() as u64))
+                (sum, Ty { items, ..Ty::computed(Kind::List, l.elements.len() as u64) })
             }
             Expr::Map(m) => (self.entries(30, &m.entries), Ty::computed(Kind::Map, m.entries.len() as u64)),
             Expr::Struct(s) => (self.entries(40, &s.entries), Ty::UNKNOWN),
@@ -473,6 +482,16 @@ mod tests {
         assert_eq!(estimate("self == \"x\"", &string(None)), Some(2));
         assert_eq!(estimate("self == \"x\"", &string(Some(0))), Some(1));
         assert_eq!(estimate("self.size() < 10", &string(None)), Some(3));
+    }
+
+    /// The elements of a list literal are as large as its largest element, not unbounded (cel-go tracks
+    /// entry sizes): range 10, result 1, two iterations of condition 2 + step (1 + x 1 + a 3-character string
+    /// against an 8-character pattern, 1 × 2).
+    #[test]
+    fn list_literals_bound_their_elements() {
+        let string = json!({"type": "string"});
+        assert_eq!(estimate("['a', 'bb'].all(x, x.matches('^[a-z]+$'))", &string), Some(23));
+        assert_eq!(estimate("['a', 'bb'].exists(x, x == self)", &string), Some(10 + 1 + 2 * (3 + 1 + 3)));
     }
 
     fn crd(schema: Value) -> Value {
