@@ -4,8 +4,9 @@
 //! instead of after the lock's own TTL (`lockTtlSeconds`). The machine itself serializes activations too
 //! (the activation unit holds a file lock), so even a holder that was only stalled cannot overlap.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
@@ -19,7 +20,13 @@ pub struct Locks {
     kv: kv::Store,
     holder: String,
     refresh_every: Duration,
+    /// The keys this process holds: an entry naming this process is one of these, never a sibling job's
+    /// (a job never takes a key another job of this process holds, even if its entry expired meanwhile).
+    mine: Arc<Mutex<HashSet<String>>>,
 }
+
+/// How soon a refresh or release that failed without an answer (a timeout, NATS unreachable) is tried again.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
 
 /// How long a heartbeat lasts without renewal: four missed beats. With the second look a takeover waits for
 /// ([`Locks::take_over`]), a holder is declared dead only after 3.5 s without a single beat getting through.
@@ -62,8 +69,12 @@ impl Heartbeats {
                         return;
                     }
                     _ = tokio::time::sleep(HEARTBEAT_EVERY) => {
-                        if let Err(e) = beat.put(&me, Bytes::from_static(b"alive")).await {
-                            tracing::warn!(error = %e, "heartbeat failed");
+                        // A beat that gets no answer is given up after a second, not JetStream's five: the next
+                        // one must go out while this process's entry still stands.
+                        match tokio::time::timeout(HEARTBEAT_EVERY * 2, beat.put(&me, Bytes::from_static(b"alive"))).await {
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => tracing::warn!(error = %e, "heartbeat failed"),
+                            Err(_) => tracing::warn!("heartbeat unanswered for a second"),
                         }
                     }
                 }
@@ -87,13 +98,16 @@ impl Heartbeats {
 pub struct Held {
     kv: kv::Store,
     key: String,
+    holder: String,
     revision: Arc<AtomicU64>,
     refresher: tokio::task::JoinHandle<()>,
+    mine: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         self.refresher.abort();
+        self.mine.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.key);
     }
 }
 
@@ -135,26 +149,44 @@ impl Locks {
             tracing::warn!(%bucket, ?actual, configured = ?ttl, "the bucket exists with another TTL; using the bucket's");
         }
         let ttl = if actual.is_zero() { ttl } else { actual };
-        Ok(Locks { kv, holder, refresh_every: ttl / 3 })
+        Ok(Locks { kv, holder, refresh_every: ttl / 3, mine: Arc::default() })
     }
 
     /// Takes the lock on `key` if nobody holds it.
     pub async fn try_acquire(&self, key: &str) -> Result<Option<Held>> {
-        match self.kv.create(key, Bytes::from(self.holder.clone())).await {
-            Ok(rev) => {
-                let revision = Arc::new(AtomicU64::new(rev));
-                let refresher = tokio::spawn(refresh(
-                    self.kv.clone(),
-                    key.to_string(),
-                    self.holder.clone(),
-                    revision.clone(),
-                    self.refresh_every,
-                ));
-                Ok(Some(Held { kv: self.kv.clone(), key: key.to_string(), revision, refresher }))
+        {
+            let mut mine = self.mine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !mine.insert(key.to_string()) {
+                return Ok(None);
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(None),
-            Err(e) => Err(Error::nats(format!("lock {key}"), e)),
         }
+        let created = self.kv.create(key, Bytes::from(self.holder.clone())).await;
+        let rev = match created {
+            Ok(rev) => rev,
+            Err(e) => {
+                self.mine.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+                return match e.kind() {
+                    kv::CreateErrorKind::AlreadyExists => Ok(None),
+                    _ => Err(Error::nats(format!("lock {key}"), e)),
+                };
+            }
+        };
+        let revision = Arc::new(AtomicU64::new(rev));
+        let refresher = tokio::spawn(refresh(
+            self.kv.clone(),
+            key.to_string(),
+            self.holder.clone(),
+            revision.clone(),
+            self.refresh_every,
+        ));
+        Ok(Some(Held {
+            kv: self.kv.clone(),
+            key: key.to_string(),
+            holder: self.holder.clone(),
+            revision,
+            refresher,
+            mine: self.mine.clone(),
+        }))
     }
 
     /// Returns when `key` is released (or expires), or after `max`, whichever is first: a waiting job takes
@@ -214,26 +246,86 @@ fn beats(holder: &str) -> bool {
     holder.rsplit_once('-').is_some_and(|(_, n)| n.len() == 8 && n.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// What the entry of `key` says when a write by revision was refused: still this process's (a write that
+/// timed out reached the bucket after all, moving the revision on), or someone else's (or gone).
+enum Found {
+    Ours(u64),
+    Lost(Option<String>),
+}
+
+async fn look(kv: &kv::Store, key: &str, holder: &str) -> std::result::Result<Found, kv::EntryError> {
+    Ok(match kv.entry(key).await? {
+        Some(e) if matches!(e.operation, kv::Operation::Put) && e.value.as_ref() == holder.as_bytes() => {
+            Found::Ours(e.revision)
+        }
+        Some(e) if matches!(e.operation, kv::Operation::Put) => {
+            Found::Lost(Some(String::from_utf8_lossy(&e.value).into_owned()))
+        }
+        _ => Found::Lost(None),
+    })
+}
+
+/// Renews the entry every `every` while the lock is held. A renewal that gets no answer is tried again at once
+/// (the entry lasts three periods); one refused because the revision moved looks at the entry: a renewal that
+/// timed out but landed leaves it ours at a newer revision, which is adopted. Only an entry that is gone or
+/// names another holder ends the renewals.
 async fn refresh(kv: kv::Store, key: String, holder: String, revision: Arc<AtomicU64>, every: Duration) {
+    let mut wait = every;
     loop {
-        tokio::time::sleep(every).await;
-        match kv.update(&key, Bytes::from(holder.clone()), revision.load(Ordering::SeqCst)).await {
-            Ok(rev) => revision.store(rev, Ordering::SeqCst),
-            Err(e) => {
-                tracing::warn!(lock = %key, error = %e, "lost a machine lock while holding it");
+        tokio::time::sleep(wait).await;
+        wait = every;
+        let Err(e) = kv.update(&key, Bytes::from(holder.clone()), revision.load(Ordering::SeqCst)).await.map(|rev| {
+            revision.store(rev, Ordering::SeqCst);
+        }) else {
+            continue;
+        };
+        if e.kind() != kv::UpdateErrorKind::WrongLastRevision {
+            tracing::warn!(lock = %key, error = %e, "renewing a held lock failed; trying again");
+            wait = RETRY_EVERY.min(every);
+            continue;
+        }
+        match look(&kv, &key, &holder).await {
+            Ok(Found::Ours(rev)) => revision.store(rev, Ordering::SeqCst),
+            Ok(Found::Lost(by)) => {
+                let by = by.unwrap_or_else(|| "nobody (it expired)".into());
+                tracing::error!(lock = %key, now_held_by = %by, "lost a held lock: its entry expired or was taken");
                 return;
+            }
+            Err(e) => {
+                tracing::warn!(lock = %key, error = %e, "reading a held lock failed; trying again");
+                wait = RETRY_EVERY.min(every);
             }
         }
     }
 }
 
 impl Held {
-    /// Releases the lock (only if it is still ours).
+    /// Releases the lock (only if it is still ours): a delete by revision, tried again when it gets no answer
+    /// or when a renewal that timed out moved the revision on.
     pub async fn release(self) {
         self.refresher.abort();
-        let rev = self.revision.load(Ordering::SeqCst);
-        if let Err(e) = self.kv.delete_expect_revision(&self.key, Some(rev)).await {
-            tracing::warn!(lock = %self.key, error = %e, "releasing a machine lock failed; it expires on its own");
+        for attempt in 1..=3 {
+            let rev = self.revision.load(Ordering::SeqCst);
+            let e = match self.kv.delete_expect_revision(&self.key, Some(rev)).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
+                match look(&self.kv, &self.key, &self.holder).await {
+                    Ok(Found::Ours(rev)) => {
+                        self.revision.store(rev, Ordering::SeqCst);
+                        continue;
+                    }
+                    // Gone (a delete that timed out landed) or someone else's: nothing of ours to release.
+                    Ok(Found::Lost(_)) => return,
+                    Err(_) => {}
+                }
+            }
+            if attempt == 3 {
+                tracing::warn!(lock = %self.key, error = %e, "releasing a lock failed; it expires on its own");
+            } else {
+                tokio::time::sleep(RETRY_EVERY).await;
+            }
         }
     }
 }

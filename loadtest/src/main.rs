@@ -116,7 +116,8 @@ struct RunArgs {
     failure_rate: f64,
     /// Fault to inject, e.g. kill-executor@50%, restart-nats@30%, restart-controller@40%, kill-nats-node@50%
     /// (the member leading NIO_JOBS, with --nats-nodes 3), partition-nats-node@50% (that member cut off from
-    /// everyone for 15 s, then healed; the members run in network namespaces, needs root) (repeatable).
+    /// everyone for 15 s, then healed; the members run in network namespaces, needs root), freeze-nats@50% (the
+    /// single server stopped with SIGSTOP for 6 s, then continued) (repeatable).
     #[arg(long)]
     fault: Vec<nio_loadtest::scenario::Fault>,
     /// Use this NATS instead of starting nats-server.

@@ -142,6 +142,16 @@ impl NatsServer {
         Ok(())
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: a stall, as a VM paused by its host or a disk that
+    /// blocks a write would cause, with every connection left open.
+    pub fn freeze(&self, frozen: bool) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().and_then(tokio::process::Child::id).context("nats-server is not running")?;
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill").arg(signal).arg(pid.to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {pid}: {status}");
+        Ok(())
+    }
+
     /// Whether the process runs (it was not killed).
     pub fn running(&self) -> bool {
         self.child.is_some()

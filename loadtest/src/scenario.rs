@@ -45,7 +45,14 @@ pub enum Fault {
     /// Cuts the cluster member that leads `NIO_JOBS` off from clients and the other members for
     /// [`PARTITION`], then heals it (needs `nats_nodes` ≥ 3; the members then run in network namespaces).
     PartitionNatsNode(f64),
+    /// Freezes the (single) NATS server for [`FREEZE`], then thaws it: every NIO process keeps its connection
+    /// but gets no answer meanwhile.
+    FreezeNats(f64),
 }
+
+/// How long `freeze-nats` stalls the server: past the executors' heartbeat TTL and JetStream's request timeout
+/// (5 s), within the scenario's `ackWaitSeconds`.
+pub const FREEZE: Duration = Duration::from_secs(6);
 
 /// How long `partition-nats-node` keeps the member cut off.
 pub const PARTITION: Duration = Duration::from_secs(15);
@@ -67,9 +74,10 @@ impl std::str::FromStr for Fault {
             "kill-nats-node" => Ok(Fault::KillNatsNode(at)),
             "kill-leader" => Ok(Fault::KillLeader(at)),
             "partition-nats-node" => Ok(Fault::PartitionNatsNode(at)),
+            "freeze-nats" => Ok(Fault::FreezeNats(at)),
             other => Err(format!(
                 "unknown fault {other}; use kill-executor, restart-nats, restart-controller, kill-nats-node, \
-                 partition-nats-node or kill-leader"
+                 partition-nats-node, freeze-nats or kill-leader"
             )),
         }
     }
@@ -83,7 +91,8 @@ impl Fault {
             | Fault::RestartController(a)
             | Fault::KillNatsNode(a)
             | Fault::KillLeader(a)
-            | Fault::PartitionNatsNode(a) => *a,
+            | Fault::PartitionNatsNode(a)
+            | Fault::FreezeNats(a) => *a,
         }
     }
 }
@@ -319,6 +328,8 @@ pub struct Running {
     injected: Vec<Instant>,
     /// A partitioned NATS member and when to heal it.
     partitioned: Option<(usize, Instant)>,
+    /// When to thaw a frozen NATS server.
+    frozen: Option<Instant>,
     pub fleet: Fleet,
     clusters: Vec<Cluster>,
     executors: Vec<Proc>,
@@ -342,6 +353,12 @@ impl Running {
             Some(d) => {
                 std::fs::create_dir_all(d)?;
                 (None, d.clone())
+            }
+            // NIO_SCENARIO_KEEP keeps the processes' logs for a look after the run.
+            None if std::env::var_os("NIO_SCENARIO_KEEP").is_some() => {
+                let p = tempfile::tempdir()?.keep();
+                eprintln!("scenario work dir (kept): {}", p.display());
+                (None, p)
             }
             None => {
                 let t = tempfile::tempdir()?;
@@ -473,6 +490,7 @@ impl Running {
             nats_url,
             injected: Vec::new(),
             partitioned: None,
+            frozen: None,
             fleet,
             clusters,
             executors: vec![],
@@ -651,14 +669,25 @@ impl Running {
                 c.partition(member, false)?;
                 self.partitioned = None;
             }
+            if let Some(at) = self.frozen
+                && now >= at
+                && let Some(n) = &self.nats
+            {
+                tracing::info!("thawing the NATS server");
+                n.freeze(false)?;
+                self.frozen = None;
+            }
             if done.len() + failed.len() >= n {
+                self.thaw()?;
                 return Ok(seen);
             }
             // A rollout policy may halt the rollout on purpose: done once every cluster's is halted and idle.
             if self.scenario.rollout.is_some() && self.waves().await?.0 {
+                self.thaw()?;
                 return Ok(seen);
             }
             if start.elapsed() > self.scenario.deadline {
+                self.thaw()?;
                 return Ok(seen);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -679,6 +708,16 @@ impl Running {
             if let Some(why) = e.crashed() {
                 anyhow::bail!(why);
             }
+        }
+        Ok(())
+    }
+
+    /// Thaws a frozen NATS server now: the run's end needs it.
+    fn thaw(&mut self) -> anyhow::Result<()> {
+        if self.frozen.take().is_some()
+            && let Some(n) = &self.nats
+        {
+            n.freeze(false)?;
         }
         Ok(())
     }
@@ -730,6 +769,12 @@ impl Running {
                 tracing::info!(node = leader, "partitioning the NIO_JOBS leader's NATS server");
                 c.partition(leader, true)?;
                 self.partitioned = Some((leader, Instant::now() + PARTITION));
+            }
+            Fault::FreezeNats(_) => {
+                let n = self.nats.as_ref().context("freeze-nats needs the single NATS server (--nats-nodes 1)")?;
+                tracing::info!("freezing the NATS server");
+                n.freeze(true)?;
+                self.frozen = Some(Instant::now() + FREEZE);
             }
             Fault::RestartController(_) => {
                 let bin = bin_path("nio-controller")?;

@@ -180,3 +180,23 @@ async fn a_disruption_budget_holds_across_two_clusters() {
     assert_eq!((report.updated, report.failed, report.lost), (16, 0, 0), "{report:#?}");
     assert_eq!(report.max_in_flight_per_budget.get("fleet"), Some(&2), "{:?}", report.max_in_flight_per_budget);
 }
+
+/// The NATS server stalls for 6 s mid-rollout (SIGSTOP, then SIGCONT: a paused VM, a blocked disk), longer than
+/// the executors' heartbeat TTL and JetStream's request timeout: requests time out, heartbeats expire, and
+/// still no executor takes a live executor's machine or budget slot, no site runs more than its limit, nothing
+/// is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_frozen_mid_rollout_breaks_no_limit() {
+    let rollout = serde_json::json!({"disruptionBudgets": [{"name": "fleet", "maxUnavailable": 3}]});
+    let s = Scenario {
+        machines: 24,
+        site_limit: 4,
+        switch_latency: Latency::Fixed(Duration::from_millis(1500)),
+        rollout: Some(rollout),
+        faults: vec![Fault::FreezeNats(0.3)],
+        ..small()
+    };
+    let (report, _) = run(s, None).await.unwrap();
+    assert!(report.violations.is_empty(), "{:#?}", report.violations);
+    assert_eq!((report.updated, report.failed, report.lost), (24, 0, 0), "{report:#?}");
+}

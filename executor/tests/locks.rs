@@ -1,0 +1,31 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test helpers may panic
+//! Machine locks and budget slots (`executor/src/lock.rs`) against a real nats-server that stalls.
+
+use std::time::Duration;
+
+use nio_executor::lock::Locks;
+use nio_loadtest::nats::NatsServer;
+
+/// The server stalls (SIGSTOP) just as the holder renews its lock, for longer than JetStream's request timeout:
+/// the renewal times out on the holder's side but lands when the server continues. The holder keeps the lock
+/// past the TTL counted from its last confirmed write (another process cannot take it), and releasing it frees
+/// it at once instead of leaving it to expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_through_a_stalled_server_stays_held_and_is_released_at_once() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let ttl = Duration::from_secs(9); // renewed every 3 s
+    let ours = Locks::open(&js, "e1-0000000a".into(), ttl, 1).await.unwrap();
+    let theirs = Locks::open(&js, "e2-0000000b".into(), ttl, 1).await.unwrap();
+    let held = ours.try_acquire("m1_22").await.unwrap().expect("a free lock is taken");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    nats.freeze(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    nats.freeze(false).unwrap();
+    // Past the TTL from the renewal that timed out (the last write the holder saw confirmed was at 0 s).
+    tokio::time::sleep(ttl + Duration::from_secs(1)).await;
+    assert!(theirs.try_acquire("m1_22").await.unwrap().is_none(), "the lock is still held");
+    assert_eq!(ours.holder("m1_22").await.as_deref(), Some("e1-0000000a"));
+    held.release().await;
+    assert!(theirs.try_acquire("m1_22").await.unwrap().is_some(), "released at once, not left to expire");
+}
