@@ -267,8 +267,8 @@ async fn look(kv: &kv::Store, key: &str, holder: &str) -> std::result::Result<Fo
 
 /// Renews the entry every `every` while the lock is held. A renewal that gets no answer is tried again at once
 /// (the entry lasts three periods); one refused because the revision moved looks at the entry: a renewal that
-/// timed out but landed leaves it ours at a newer revision, which is adopted. Only an entry that is gone or
-/// names another holder ends the renewals.
+/// timed out but landed leaves it ours at a newer revision, which is adopted; one that expired meanwhile and
+/// that nobody took is taken again. Only an entry that names another holder ends the renewals.
 async fn refresh(kv: kv::Store, key: String, holder: String, revision: Arc<AtomicU64>, every: Duration) {
     let mut wait = every;
     loop {
@@ -286,9 +286,19 @@ async fn refresh(kv: kv::Store, key: String, holder: String, revision: Arc<Atomi
         }
         match look(&kv, &key, &holder).await {
             Ok(Found::Ours(rev)) => revision.store(rev, Ordering::SeqCst),
-            Ok(Found::Lost(by)) => {
-                let by = by.unwrap_or_else(|| "nobody (it expired)".into());
-                tracing::error!(lock = %key, now_held_by = %by, "lost a held lock: its entry expired or was taken");
+            // Expired (the bucket was out of reach for longer than the TTL): nobody took it, so it is taken again.
+            Ok(Found::Lost(None)) => match kv.create(&key, Bytes::from(holder.clone())).await {
+                Ok(rev) => {
+                    tracing::warn!(lock = %key, "a held lock expired while the bucket was out of reach; took it again");
+                    revision.store(rev, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    tracing::error!(lock = %key, error = %e, "lost a held lock: it expired and could not be taken again");
+                    return;
+                }
+            },
+            Ok(Found::Lost(Some(by))) => {
+                tracing::error!(lock = %key, now_held_by = %by, "lost a held lock: it expired and was taken");
                 return;
             }
             Err(e) => {

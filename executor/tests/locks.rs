@@ -29,3 +29,21 @@ async fn a_lock_held_through_a_stalled_server_stays_held_and_is_released_at_once
     held.release().await;
     assert!(theirs.try_acquire("m1_22").await.unwrap().is_some(), "released at once, not left to expire");
 }
+
+/// The server stalls for longer than the lock's TTL: the entry expires while its job still runs. Nobody took it
+/// meanwhile, so the holder takes it again at once, and it stays the holder's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_that_expired_during_a_stall_is_taken_again_by_its_holder() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let ttl = Duration::from_secs(3);
+    let ours = Locks::open(&js, "e1-0000000a".into(), ttl, 1).await.unwrap();
+    let theirs = Locks::open(&js, "e2-0000000b".into(), ttl, 1).await.unwrap();
+    let _held = ours.try_acquire("m1_22").await.unwrap().expect("a free lock is taken");
+    nats.freeze(true).unwrap();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    nats.freeze(false).unwrap();
+    tokio::time::sleep(ttl * 2).await;
+    assert!(theirs.try_acquire("m1_22").await.unwrap().is_none(), "the holder took its lock again");
+    assert_eq!(ours.holder("m1_22").await.as_deref(), Some("e1-0000000a"));
+}
