@@ -443,7 +443,8 @@ async fn sigterm_mid_job_finishes_it_and_short_grace_hands_the_running_activatio
     sigterm(&child);
     let status = tokio::time::timeout(T, child.wait()).await.unwrap().unwrap();
     assert!(status.success(), "clean exit after finishing: {status:?}");
-    assert_eq!(bus.final_of("m1", T).await.phase, Phase::Succeeded);
+    let f = bus.final_of("m1", T).await;
+    assert_eq!(f.phase, Phase::Succeeded, "{f:?}");
 
     // Short grace: the job is handed back and another executor completes it.
     let second = h.repo.configure("web", "slow:4").unwrap();

@@ -11,7 +11,7 @@ use kube::api::{Api, ListParams, PostParams};
 use nio_shared::crd::{Machine, MachinePhase, NixosConfiguration};
 use serde_json::json;
 
-use crate::fleet::{Behaviour, Fleet, FleetOptions, Latency};
+use crate::fleet::{Behaviour, Fleet, FleetOptions, Latency, Op};
 use crate::gitrepo::GitRepo;
 use crate::kubesim::{KubeSim, Options as SimOptions};
 use crate::nats::{NatsCluster, NatsServer};
@@ -1075,9 +1075,10 @@ async fn analyse(
         let max = invariants::max_concurrent(&ops, site);
         if max > s.site_limit as usize {
             violations.push(format!(
-                "site {} had {max} machines busy at once; its limit is {}",
+                "site {} had {max} machines busy at once; its limit is {} ({})",
                 Fleet::site_name(site),
-                s.site_limit
+                s.site_limit,
+                describe(&invariants::busy_at_peak(&ops, |o| o.site == site), t0)
             ));
         }
         max_in_flight.insert(Fleet::site_name(site), max);
@@ -1088,8 +1089,11 @@ async fn analyse(
         let busy =
             invariants::max_concurrent_where(&ops, |o| matches!(o.program.as_str(), "nio-activate" | "nio-confirm"));
         if busy > max {
-            violations
-                .push(format!("disruption budget {name}: {busy} machines under an update at once; it allows {max}"));
+            let peak = invariants::busy_at_peak(&ops, |o| matches!(o.program.as_str(), "nio-activate" | "nio-confirm"));
+            violations.push(format!(
+                "disruption budget {name}: {busy} machines under an update at once; it allows {max} ({})",
+                describe(&peak, t0)
+            ));
         }
         per_budget.insert(name, busy);
     }
@@ -1306,6 +1310,14 @@ pub fn summary(r: &Report) -> String {
 }
 
 /// The invariant checks over recorded operations, separated so they can be tested on planted histories.
+/// Operations as a violation names them: machine, command, and when it ran (seconds after the push, `t0`).
+fn describe(ops: &[&Op], t0: Instant) -> String {
+    let at = |t: Instant| t.saturating_duration_since(t0).as_secs_f64();
+    let each: Vec<String> =
+        ops.iter().map(|o| format!("sim-{} {} {:.2}–{:.2} s", o.machine, o.program, at(o.start), at(o.end))).collect();
+    format!("at the peak: {}", each.join(", "))
+}
+
 /// The rollout's disruption budgets that cover every machine (no selector, no perLabel, a number): (name, max).
 fn fleet_budgets(rollout: Option<&serde_json::Value>) -> Vec<(String, usize)> {
     let Some(budgets) = rollout.and_then(|r| r["disruptionBudgets"].as_array()) else { return vec![] };
@@ -1337,6 +1349,23 @@ pub mod invariants {
             max = max.max(cur);
         }
         max.max(0) as usize
+    }
+
+    /// The operations `keep` selects that ran at the moment most of them ran at once: what a breached limit
+    /// names, so a failure says which machines and commands broke it.
+    pub fn busy_at_peak(ops: &[Op], keep: impl Fn(&Op) -> bool) -> Vec<&Op> {
+        let kept: Vec<&Op> = ops.iter().filter(|o| keep(o)).collect();
+        let mut edges: Vec<(Instant, i64)> = kept.iter().flat_map(|o| [(o.start, 1), (o.end, -1)]).collect();
+        edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let (mut cur, mut max, mut at) = (0i64, 0i64, None);
+        for (t, d) in edges {
+            cur += d;
+            if cur > max {
+                (max, at) = (cur, Some(t));
+            }
+        }
+        let Some(at) = at else { return Vec::new() };
+        kept.into_iter().filter(|o| o.start <= at && at < o.end).collect()
     }
 
     /// Machines on which two operations overlapped in time.
@@ -1384,6 +1413,8 @@ pub mod invariants {
             assert_eq!(overlapping_machines(&planted), vec![1]);
             planted.push(op(3, 0, 6, 9, t0)); // three busy in site 0
             assert_eq!(max_concurrent(&planted, 0), 3);
+            let peak: Vec<usize> = busy_at_peak(&planted, |o| o.site == 0).iter().map(|o| o.machine).collect();
+            assert_eq!(peak, [0, 1, 3], "the machines busy at the first peak");
         }
     }
 }
