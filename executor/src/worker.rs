@@ -266,8 +266,9 @@ impl Executor {
                 }
             })
         };
+        let (delivered, seq) = msg.info().map_or((1, 0), |i| (i.delivered, i.stream_sequence));
+        tracing::debug!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, "job received");
         let outcome = self.clone().process(site, job.clone(), hard).instrument(span.clone()).await;
-        let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
         let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
         let mut settlement = settle(&outcome, delivered, self.cfg.max_deliver, &self.cfg.backoff_seconds);
         let reported = match (&settlement, outcome) {
@@ -300,6 +301,7 @@ impl Executor {
             nio_shared::nats::ack(&msg, settlement.ack()).await;
         }
         let (label, category) = settlement.labels();
+        tracing::debug!(parent: &span, machine = %job.machine, outcome = label, "job settled");
         span.record("nio.outcome", label);
         let labels = OutcomeLabels {
             site: site.into(),
