@@ -142,9 +142,13 @@ impl Locks {
         })
         .await
         .map_err(|e| Error::nats(format!("creating bucket {bucket}"), e))?;
-        let mut stream =
-            js.get_stream(format!("KV_{bucket}")).await.map_err(|e| Error::nats(format!("bucket {bucket}"), e))?;
-        let actual = stream.info().await.map_err(|e| Error::nats(format!("bucket {bucket} info"), e))?.config.max_age;
+        // A bucket just created on a cluster can answer "stream not found" until its replicas are placed.
+        let actual = nio_shared::nats::retrying(&format!("bucket {bucket} info"), || async {
+            let mut stream = js.get_stream(format!("KV_{bucket}")).await?;
+            Ok(stream.info().await?.config.max_age)
+        })
+        .await
+        .map_err(|e| Error::nats(format!("bucket {bucket}"), e))?;
         if actual != ttl {
             tracing::warn!(%bucket, ?actual, configured = ?ttl, "the bucket exists with another TTL; using the bucket's");
         }

@@ -16,7 +16,7 @@ pub struct SiteLabel {
 pub struct OutcomeLabels {
     pub site: String,
     pub action: String,
-    /// succeeded, failed, skipped, rolled_back, retried
+    /// succeeded, failed, skipped, rolled_back, retried, superseded (a newer job for the machine was queued)
     pub outcome: String,
     /// Failure category, or "none".
     pub category: String,

@@ -236,6 +236,21 @@ impl Executor {
                 return;
             }
         };
+        let (delivered, seq) = msg.info().map_or((1, 0), |i| (i.delivered, i.stream_sequence));
+        if self.superseded(&msg.subject, seq).await {
+            // The controller published a newer job for this machine and kind since: that one runs instead.
+            tracing::debug!(machine = %job.machine, id = %job.id, seq, "skipping a job superseded by a newer one");
+            nio_shared::nats::ack(&msg, AckKind::Ack).await;
+            let labels = OutcomeLabels {
+                site: site.into(),
+                action: job.action.as_str().into(),
+                outcome: "superseded".into(),
+                category: "none".into(),
+            };
+            self.metrics.jobs.get_or_create(&labels).inc();
+            in_flight.dec();
+            return;
+        }
         let span = tracing::info_span!(
             "job.execute",
             otel.kind = "consumer",
@@ -266,7 +281,6 @@ impl Executor {
                 }
             })
         };
-        let (delivered, seq) = msg.info().map_or((1, 0), |i| (i.delivered, i.stream_sequence));
         tracing::debug!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, "job received");
         let outcome = self.clone().process(site, job.clone(), hard).instrument(span.clone()).await;
         let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
@@ -312,6 +326,14 @@ impl Executor {
         self.metrics.jobs.get_or_create(&labels).inc();
         self.metrics.job_duration.get_or_create(&metrics::site(site)).observe(start.elapsed().as_secs_f64());
         in_flight.dec();
+    }
+
+    /// Whether a newer job for the same machine and kind is on the queue. The queue keeps a few per machine and
+    /// kind instead of replacing the older one: a message replaced while its job runs would be forgotten by the
+    /// broker, freeing its site slot for another machine while the job still runs. The older job is skipped.
+    async fn superseded(&self, subject: &str, seq: u64) -> bool {
+        let Ok(stream) = self.js.get_stream_no_info(subjects::JOBS_STREAM).await else { return false };
+        stream.get_last_raw_message_by_subject(subject).await.is_ok_and(|last| last.sequence > seq)
     }
 
     async fn process(self: Arc<Self>, site: &str, job: Job, hard: CancellationToken) -> Result<Outcome, Failure> {

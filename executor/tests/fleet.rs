@@ -15,13 +15,8 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     let nats = NatsServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (repo, commit) = git_repo(dir.path());
-    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap();
-    std::fs::create_dir_all(dir.path().join("identities")).unwrap();
-    std::fs::write(
-        dir.path().join("identities/default"),
-        key.to_openssh(russh::keys::ssh_key::LineEnding::LF).unwrap().as_bytes(),
-    )
-    .unwrap();
+    let (key, mut settings) = sim_settings(dir.path(), 2, Some(kexec_tarball(dir.path())));
+    settings.nats_url = nats.url();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let fleet = Fleet::start(FleetOptions {
         machines: 1,
@@ -34,41 +29,7 @@ async fn a_full_install_boots_the_installed_system_with_a_new_pinned_key_and_rem
     .unwrap();
     let m = fleet.machines[0].clone();
     let original_key = m.host_key();
-    let tarball = kexec_tarball(dir.path());
-
     let mut bus = Bus::connect(&nats).await;
-    let cfg = nio_shared::config::ExecutorConfig {
-        sites: vec![nio_shared::config::SiteLimits {
-            name: "site-0".into(),
-            max_in_flight: 2,
-            connect_rate: 100.0,
-            burst: 10,
-        }],
-        ack_wait_seconds: 30,
-        max_deliver: 3,
-        backoff_seconds: vec![1],
-        job_timeout_seconds: 120,
-        lock_ttl_seconds: 6,
-        stream_replicas: 1,
-        remote: Default::default(),
-    };
-    let settings = nio_executor::Settings {
-        nats_url: nats.url(),
-        nats_creds: None,
-        config: cfg,
-        identities_dir: dir.path().join("identities"),
-        git_credentials_dir: None,
-        cache_dir: dir.path().join("cache"),
-        executor_id: "e1".into(),
-        seal_key_file: None,
-        metrics_addr: None,
-        health_addr: None,
-        host_key_policy: nio_executor::ssh::HostKeyPolicy::Pinned,
-        kexec_tarball: Some(tarball),
-        connect_timeout: Duration::from_secs(3),
-        ssh_keepalive: Duration::from_secs(1),
-        shutdown_grace: Duration::from_secs(5),
-    };
     let (stop, task) = spawn_executor(settings);
 
     let mut install = job("sim-0", &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
@@ -222,4 +183,121 @@ async fn the_simulator_and_a_real_host_get_the_same_commands_and_end_the_same_wa
     }
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// An identity the simulated machines accept, and an executor for one site (`site-0`, `limit` jobs at once)
+/// with it.
+fn sim_settings(
+    dir: &std::path::Path,
+    limit: u32,
+    kexec_tarball: Option<std::path::PathBuf>,
+) -> (russh::keys::PrivateKey, nio_executor::Settings) {
+    let key = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap();
+    std::fs::create_dir_all(dir.join("identities")).unwrap();
+    std::fs::write(
+        dir.join("identities/default"),
+        key.to_openssh(russh::keys::ssh_key::LineEnding::LF).unwrap().as_bytes(),
+    )
+    .unwrap();
+    let cfg = nio_shared::config::ExecutorConfig {
+        sites: vec![nio_shared::config::SiteLimits {
+            name: "site-0".into(),
+            max_in_flight: limit,
+            connect_rate: 100.0,
+            burst: 10,
+        }],
+        ack_wait_seconds: 30,
+        max_deliver: 3,
+        backoff_seconds: vec![1],
+        job_timeout_seconds: 120,
+        lock_ttl_seconds: 6,
+        stream_replicas: 1,
+        remote: Default::default(),
+    };
+    let settings = nio_executor::Settings {
+        nats_url: String::new(),
+        nats_creds: None,
+        config: cfg,
+        identities_dir: dir.join("identities"),
+        git_credentials_dir: None,
+        cache_dir: dir.join("cache"),
+        executor_id: "e1".into(),
+        seal_key_file: None,
+        metrics_addr: None,
+        health_addr: None,
+        host_key_policy: nio_executor::ssh::HostKeyPolicy::Pinned,
+        kexec_tarball,
+        connect_timeout: Duration::from_secs(3),
+        ssh_keepalive: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(5),
+    };
+    (key, settings)
+}
+
+/// A new job for a machine whose job is running (here the same commit under a new target, as a changed spec
+/// would make it) must not let the site run more than its limit: a running job's message that the queue dropped
+/// for the newer one was forgotten by the broker, which gave its slot to a third machine. And a queued job that
+/// a newer one for its machine supersedes runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queued_behind_a_running_one_for_its_machine_keeps_the_site_limit() {
+    let nats = NatsServer::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (repo, commit) = git_repo(dir.path());
+    let (key, mut settings) = sim_settings(dir.path(), 1, None);
+    settings.nats_url = nats.url();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let fleet = Fleet::start(FleetOptions {
+        machines: 3,
+        port,
+        first_address: std::net::Ipv4Addr::new(127, 3, 1, 1),
+        authorized: vec![key.public_key().clone()],
+        behaviour: nio_loadtest::fleet::Behaviour {
+            switch_latency: nio_loadtest::fleet::Latency::Fixed(Duration::from_secs(3)),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut bus = Bus::connect(&nats).await;
+    // Two executors: each alone keeps to the limit; together only the broker's count of jobs in flight does.
+    let mut second = settings.clone();
+    (second.executor_id, second.cache_dir) = ("e2".into(), dir.path().join("cache-e2"));
+    let (stop, task) = spawn_executor(settings);
+    let (stop2, task2) = spawn_executor(second);
+    let switch = |i: usize, target: &str| {
+        let m = &fleet.machines[i];
+        let mut j = job(&m.name, &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
+        j.endpoint.host_key = Some(m.host_key());
+        j.id = JobId::new("test", "default", &m.name, target, Action::Switch);
+        j
+    };
+    bus.publish(&switch(0, &format!("{commit}/1"))).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while *fleet.machines[0].running.lock().unwrap() == 0 {
+        assert!(std::time::Instant::now() < deadline, "sim-0's job never ran a command");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two more machines wait behind the limit; then sim-0 gets a newer job while its first one runs.
+    bus.publish(&switch(1, &format!("{commit}/1"))).await;
+    bus.publish(&switch(2, &format!("{commit}/1"))).await;
+    bus.publish(&switch(0, &format!("{commit}/2"))).await;
+    // sim-2's job, still queued, is superseded by a newer one: only the newer runs.
+    bus.publish(&switch(2, &format!("{commit}/2"))).await;
+    for name in ["sim-1", "sim-2"] {
+        let done = bus.final_of(name, Duration::from_secs(90)).await;
+        assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    }
+    let last = bus.final_of("sim-2", Duration::from_secs(1)).await;
+    assert_eq!(last.job_id.target(), Some(format!("{commit}/2").as_str()), "the newer job ran: {last:?}");
+    let ops = fleet.recorder.ops.lock().unwrap().clone();
+    let activations = ops.iter().filter(|o| o.machine == 2 && o.program == "nio-activate").count();
+    assert_eq!(activations, 1, "the superseded job ran nothing");
+    let peak = nio_loadtest::scenario::invariants::busy_at_peak(&ops, |_| true);
+    let busy: Vec<(usize, &str)> = peak.iter().map(|o| (o.machine, o.program.as_str())).collect();
+    assert_eq!(nio_loadtest::scenario::invariants::max_concurrent(&ops, 0), 1, "busy at once: {busy:?}");
+    for (stop, task) in [(stop, task), (stop2, task2)] {
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
 }

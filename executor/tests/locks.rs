@@ -47,3 +47,19 @@ async fn a_lock_that_expired_during_a_stall_is_taken_again_by_its_holder() {
     assert!(theirs.try_acquire("m1_22").await.unwrap().is_none(), "the holder took its lock again");
     assert_eq!(ours.holder("m1_22").await.as_deref(), Some("e1-0000000a"));
 }
+
+/// A jobs stream made before the queue kept several jobs per machine (one per subject) is brought to the new
+/// bound when an executor starts, instead of refused; its queued jobs stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_jobs_stream_is_updated_in_place() {
+    let nats = NatsServer::start().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let old = async_nats::jetstream::stream::Config { max_messages_per_subject: 1, ..nio_shared::nats::jobs_stream(1) };
+    js.create_stream(old).await.unwrap();
+    js.publish("nio.jobs.dc1.apply.c.ns.m1", "queued".into()).await.unwrap().await.unwrap();
+    nio_shared::nats::ensure_streams(&js, 1).await.unwrap();
+    let mut stream = js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.max_messages_per_subject, nio_shared::nats::JOBS_PER_SUBJECT);
+    assert_eq!(info.state.messages, 1, "the queued job is still there");
+}

@@ -11,14 +11,21 @@ use crate::subjects;
 /// How long a duplicate job id is remembered.
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(300);
 
-/// `NIO_JOBS`: work queue, one message per machine and kind (a newer job replaces a queued older one).
+/// Jobs kept per machine and kind. The newest one runs and older ones still queued are skipped (the executor
+/// checks before it runs a job); more than one, because a message the stream drops while its job runs is
+/// forgotten by the broker, which then hands that job's site slot to another machine. Only when this many newer
+/// jobs for one machine arrive during one of its jobs does that happen; the bound keeps the stream small when
+/// no executor is around to take probes.
+pub const JOBS_PER_SUBJECT: i64 = 8;
+
+/// `NIO_JOBS`: work queue, up to [`JOBS_PER_SUBJECT`] messages per machine and kind, the newest of which runs.
 pub fn jobs_stream(replicas: usize) -> stream::Config {
     stream::Config {
         name: subjects::JOBS_STREAM.into(),
         description: Some("NIO rebuild jobs: one per machine and kind".into()),
         subjects: vec![format!("{}.>", subjects::JOBS_PREFIX)],
         retention: stream::RetentionPolicy::WorkQueue,
-        max_messages_per_subject: 1,
+        max_messages_per_subject: JOBS_PER_SUBJECT,
         discard: stream::DiscardPolicy::Old,
         duplicate_window: DUPLICATE_WINDOW,
         storage: stream::StorageType::File,
@@ -148,6 +155,19 @@ pub async fn ensure_streams(js: &async_nats::jetstream::Context, replicas: usize
         })
         .await
         .map_err(|e| Error::nats(format!("creating stream {}", want.name), e))?;
+        // Streams made before the queue kept more than one job per machine and kind take the new bound.
+        let info = if info.config.max_messages_per_subject != want.max_messages_per_subject
+            && stream_mismatches(&info.config, &want).len() == 1
+        {
+            let config = stream::Config { max_messages_per_subject: want.max_messages_per_subject, ..info.config };
+            retrying(&format!("updating stream {}", want.name), || async {
+                Ok(js.update_stream(config.clone()).await?)
+            })
+            .await
+            .map_err(|e| Error::nats(format!("updating stream {}", want.name), e))?
+        } else {
+            info
+        };
         let diff = stream_mismatches(&info.config, &want);
         if !diff.is_empty() {
             let what = format!("stream {} exists with incompatible settings: {}", want.name, diff.join("; "));
