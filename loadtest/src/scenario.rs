@@ -669,13 +669,8 @@ impl Running {
                 c.partition(member, false)?;
                 self.partitioned = None;
             }
-            if let Some(at) = self.frozen
-                && now >= at
-                && let Some(n) = &self.nats
-            {
-                tracing::info!("thawing the NATS server");
-                n.freeze(false)?;
-                self.frozen = None;
+            if self.frozen.is_some_and(|at| now >= at) {
+                self.thaw()?;
             }
             if done.len() + failed.len() >= n {
                 self.thaw()?;
@@ -712,11 +707,12 @@ impl Running {
         Ok(())
     }
 
-    /// Thaws a frozen NATS server now: the run's end needs it.
+    /// Thaws a frozen NATS server: when its freeze is over, and at the end of a rollout.
     fn thaw(&mut self) -> anyhow::Result<()> {
         if self.frozen.take().is_some()
             && let Some(n) = &self.nats
         {
+            tracing::info!("thawing the NATS server");
             n.freeze(false)?;
         }
         Ok(())
@@ -1340,15 +1336,7 @@ pub mod invariants {
 
     /// Most operations that `keep` selects running at once.
     pub fn max_concurrent_where(ops: &[Op], keep: impl Fn(&Op) -> bool) -> usize {
-        let mut edges: Vec<(Instant, i64)> =
-            ops.iter().filter(|o| keep(o)).flat_map(|o| [(o.start, 1), (o.end, -1)]).collect();
-        edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-        let (mut cur, mut max) = (0i64, 0i64);
-        for (_, d) in edges {
-            cur += d;
-            max = max.max(cur);
-        }
-        max.max(0) as usize
+        busy_at_peak(ops, keep).len()
     }
 
     /// The operations `keep` selects that ran at the moment most of them ran at once: what a breached limit
