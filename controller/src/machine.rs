@@ -33,9 +33,10 @@ fn probe_due(m: &Machine, base: Duration, now: chrono::DateTime<chrono::Utc>) ->
         status.and_then(|s| s.phase),
         Some(MachinePhase::Queued | MachinePhase::Waiting | MachinePhase::Applying)
     );
+    // `lastProbeTime` is stored to the second (metav1.Time): the probe went out up to a second after it.
     let since = status
         .and_then(|s| s.last_probe_time.as_ref())
-        .map(|t| (now - conditions::chrono_of(&t.0)).to_std().unwrap_or_default());
+        .map(|t| (now - conditions::chrono_of(&t.0) - chrono::TimeDelta::seconds(1)).to_std().unwrap_or_default());
     !busy && since.is_none_or(|s| s >= interval_of(m, base))
 }
 
@@ -164,4 +165,27 @@ pub fn error_policy(m: Arc<Machine>, err: &Error, ctx: Arc<Ctx>) -> Action {
         .inc();
     tracing::warn!(machine = %m.name_any(), error = %err, "machine reconcile failed");
     Action::requeue(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A probe at 10.9 s is stored as 10 s: the next is not due before a whole interval after 10.9 s.
+    #[test]
+    fn a_probe_time_cut_to_the_second_never_makes_the_next_probe_early() {
+        let base = Duration::from_secs(3);
+        let spec = serde_json::from_value(serde_json::json!({"hostname": "m1"})).expect("spec");
+        let mut m = Machine::new("m1", spec);
+        m.metadata.uid = Some("uid-1".into());
+        let sent = chrono::DateTime::from_timestamp_millis(10_900).expect("time");
+        let stored = chrono::DateTime::from_timestamp(10, 0).expect("time");
+        m.status = Some(nio_shared::crd::MachineStatus {
+            last_probe_time: Some(conditions::time(stored)),
+            ..Default::default()
+        });
+        let interval = chrono::TimeDelta::from_std(interval_of(&m, base)).expect("interval");
+        assert!(!probe_due(&m, base, sent + interval - chrono::TimeDelta::milliseconds(50)));
+        assert!(probe_due(&m, base, sent + interval + chrono::TimeDelta::milliseconds(150)));
+    }
 }

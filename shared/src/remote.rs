@@ -410,4 +410,38 @@ mod tests {
             format!("path:/var/lib/nio/src/{commit}#nixosConfigurations.web.config.system.build.toplevel")
         );
     }
+
+    /// The activation unit writes its pid when it starts: a confirmation that reads the file before it holds a
+    /// pid waits for the unit instead of reporting it dead (seen as "failed died" on a loaded machine).
+    #[test]
+    fn a_confirmation_waits_for_a_unit_whose_pid_is_not_written_yet() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().to_string_lossy().to_string();
+        let c = Commands { paths: RemotePaths { state_dir: state.clone(), ..RemotePaths::default() } };
+        let job = c.job_dir("u1");
+        std::fs::create_dir_all(&job).expect("job dir");
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot_id");
+        std::fs::write(format!("{job}/boot_id"), boot).expect("boot_id copy");
+        std::fs::write(format!("{job}/pid"), "").expect("empty pid");
+        let settle = {
+            let job = job.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(700));
+                std::fs::write(format!("{job}/result"), "done\n").expect("result");
+            })
+        };
+        let argv = c.confirm(&Confirmation {
+            unit: "u1",
+            marker: None,
+            health: false,
+            health_timeout: 5,
+            allowed_units: &[],
+            command: &[],
+        });
+        let out = std::process::Command::new(&argv[0]).args(&argv[1..]).output().expect("sh");
+        settle.join().expect("writer");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("@@nio result done"), "{stdout}");
+        assert!(!stdout.contains("died"), "{stdout}");
+    }
 }

@@ -3,7 +3,8 @@
 # $5 current system link  $6 roll back on failure: 1 or 0  $7 confirmation window (s)
 set -u
 job=$1 top=$2 action=$3 profile=$4 current=$5 rollback=$6 confirm=$7
-echo $$ > "$job/pid"
+# Written whole (temp + rename): a reader never sees an empty pid.
+echo $$ > "$job/pid.tmp" && mv -f "$job/pid.tmp" "$job/pid"
 # One activation at a time on this machine, whatever the executors believe about their locks.
 exec 9> "${job%/jobs/*}/activation.lock"
 flock 9

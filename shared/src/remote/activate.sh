@@ -7,6 +7,8 @@ set -u
 job=$1 src=$2 input=$3 installable=$4 action=$5 profile=$6 current=$7 rollback=$8 confirm=$9
 unit=${10} secrets=${11} wrapper=${12}
 say() { echo "@@nio $*"; }
+# The activation unit ended without a result (a pid not yet written is not a dead unit).
+died() { p=$(cat "$job/pid" 2> /dev/null); [ -n "$p" ] && ! kill -0 "$p" 2> /dev/null && [ ! -f "$job/result" ]; }
 fail() { say failed "$1"; exit 3; }
 umask 022
 mkdir -p "$job" || fail upload
@@ -54,7 +56,7 @@ systemd-run --unit="$unit" --collect --quiet -- \
   /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" || fail unit
 # Until the activation settled: finished (result) or waiting for the confirmation (awaiting).
 while [ ! -f "$job/result" ] && [ ! -f "$job/awaiting" ]; do
-  if [ -f "$job/pid" ] && ! kill -0 "$(cat "$job/pid")" 2> /dev/null && [ ! -f "$job/result" ]; then
+  if died; then
     tail -n 30 "$job/log" 2> /dev/null
     fail died
   fi

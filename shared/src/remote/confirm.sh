@@ -9,12 +9,14 @@ set -u
 job=$1 marker=$2 identity=$3 current=$4 check=$5 timeout=$6 allow=$7
 shift 7
 say() { echo "@@nio $*"; }
+# The activation unit ended without a result (a pid not yet written is not a dead unit).
+died() { p=$(cat "$job/pid" 2> /dev/null); [ -n "$p" ] && ! kill -0 "$p" 2> /dev/null && [ ! -f "$job/result" ]; }
 [ -d "$job" ] || { say failed nojob; exit 3; }
 while [ ! -f "$job/result" ] && [ ! -f "$job/awaiting" ]; do
   if [ "$(cat /proc/sys/kernel/random/boot_id)" != "$(cat "$job/boot_id" 2> /dev/null)" ]; then
     say failed rebooted; exit 3
   fi
-  if [ -f "$job/pid" ] && ! kill -0 "$(cat "$job/pid")" 2> /dev/null && [ ! -f "$job/result" ]; then
+  if died; then
     say failed died; exit 3
   fi
   sleep 0.2
