@@ -23,11 +23,21 @@ pub fn transition(
     {
         return None;
     }
+    let target = ev.job_id.target().map(str::to_string);
+    // A job whose target already settled (applied or failed, nothing queued for it) does not reopen it: a
+    // second delivery of a finished job (a NATS cluster changing leaders can hand a message out twice) reports
+    // its start, or a wait for the machine, after the first delivery's outcome.
+    let settled = target.is_some()
+        && status.queued_target != target
+        && (status.applied_target == target || status.failed_target == target)
+        && matches!(status.phase, Some(MachinePhase::Applied | MachinePhase::Failed));
+    if settled && ev.action.kind() == JobKind::Apply && matches!(ev.phase, Phase::Started | Phase::Step) {
+        return None;
+    }
     let mut s = status.clone();
     let mut notes = Vec::new();
     s.last_event_time = Some(ts(ev.at));
     s.observed_generation = generation;
-    let target = ev.job_id.target().map(str::to_string);
     let commit = ev.commit.clone().unwrap_or_default();
     let short = short_commit(&commit);
 
@@ -224,6 +234,25 @@ mod tests {
         // a late Step (older) and a duplicate are ignored
         assert!(transition(&spec(), &s, &ev(Phase::Step, Action::Switch, 3), Some(1)).is_none());
         assert!(transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).is_none());
+    }
+
+    /// A second delivery of a finished job (a NATS cluster changing leaders hands one out twice) starts, or
+    /// waits for the machine, after the first delivery's outcome: the machine stays Applied (or Failed). A job
+    /// queued again for the same target is not held back.
+    #[test]
+    fn a_late_start_of_a_settled_target_does_not_reopen_it() {
+        let (s, _) =
+            transition(&spec(), &MachineStatus::default(), &ev(Phase::Started, Action::Switch, 1), Some(1)).unwrap();
+        let (s, _) = transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).unwrap();
+        assert!(transition(&spec(), &s, &ev(Phase::Started, Action::Switch, 6), Some(1)).is_none());
+        assert!(transition(&spec(), &s, &ev(Phase::Step, Action::Switch, 7), Some(1)).is_none());
+        let mut failed = s.clone();
+        (failed.phase, failed.applied_target, failed.failed_target) =
+            (Some(MachinePhase::Failed), None, s.applied_target.clone());
+        assert!(transition(&spec(), &failed, &ev(Phase::Started, Action::Switch, 6), Some(1)).is_none());
+        let queued = MachineStatus { queued_target: s.applied_target.clone(), ..s };
+        let (again, _) = transition(&spec(), &queued, &ev(Phase::Started, Action::Switch, 6), Some(1)).unwrap();
+        assert_eq!(again.phase, Some(MachinePhase::Applying));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::actions::{self, Connector, JobRun, Outcome, Progress};
 use crate::error::{Error, Result};
 use crate::host::Commands;
 use crate::limits::ConnectLimits;
-use crate::lock::{Heartbeats, Locks};
+use crate::lock::{Heartbeats, Held, Locks};
 use crate::metrics::{self, Metrics, OutcomeLabels};
 use crate::source::SourceCache;
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
@@ -282,7 +282,27 @@ impl Executor {
             })
         };
         tracing::debug!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, "job received");
-        let outcome = self.clone().process(site, job.clone(), hard).instrument(span.clone()).await;
+        let queued = Queued { subject: msg.subject.to_string(), seq };
+        let (outcome, held) = self.clone().process(site, job.clone(), queued, hard).instrument(span.clone()).await;
+        if let Err(Stale(label)) = outcome {
+            // Another delivery of this job finished it, or a newer job for the machine replaced it: this one
+            // reports nothing (the finished delivery did) and acks (a no-op for a message already gone).
+            ticker.abort();
+            tracing::info!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, outcome = label, "job not run: {label}");
+            nio_shared::nats::ack(&msg, AckKind::Ack).await;
+            if let Some(h) = held {
+                h.release().await;
+            }
+            let labels = OutcomeLabels {
+                site: site.into(),
+                action: job.action.as_str().into(),
+                outcome: label.into(),
+                category: "none".into(),
+            };
+            self.metrics.jobs.get_or_create(&labels).inc();
+            in_flight.dec();
+            return;
+        }
         let rep = Reporter::new(self.clone(), job.clone(), Some(span.clone()));
         let mut settlement = settle(&outcome, delivered, self.cfg.max_deliver, &self.cfg.backoff_seconds);
         let reported = match (&settlement, outcome) {
@@ -314,6 +334,12 @@ impl Executor {
         } else {
             nio_shared::nats::ack(&msg, settlement.ack()).await;
         }
+        // The machine is released only once its message is settled: a second delivery of the same message
+        // (a NATS cluster changing leaders can hand one out twice) waiting for the machine then finds it gone
+        // and runs nothing, instead of running again outside the broker's count of the site's jobs.
+        if let Some(h) = held {
+            h.release().await;
+        }
         let (label, category) = settlement.labels();
         tracing::debug!(parent: &span, machine = %job.machine, outcome = label, "job settled");
         span.record("nio.outcome", label);
@@ -336,20 +362,45 @@ impl Executor {
         stream.get_last_raw_message_by_subject(subject).await.is_ok_and(|last| last.sequence > seq)
     }
 
-    async fn process(self: Arc<Self>, site: &str, job: Job, hard: CancellationToken) -> Result<Outcome, Failure> {
-        actions::check_job(&job).map_err(Failed)?;
+    /// Runs the job; returns its outcome and, when it ran to its end holding the machine, the machine's lock
+    /// (released by the caller once the message is settled). A job cut short by its timeout or a hard stop
+    /// drops the lock unreleased: a remote command may still run, so the machine stays locked for the TTL.
+    async fn process(
+        self: Arc<Self>,
+        site: &str,
+        job: Job,
+        queued: Queued,
+        hard: CancellationToken,
+    ) -> (Result<Outcome, Failure>, Option<Held>) {
+        if let Err(e) = actions::check_job(&job) {
+            return (Err(Failed(e)), None);
+        }
         let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
         rep.event(Phase::Started, None, None, String::new()).await;
         let timeout = self.job_deadline(&job);
-        let work = self.clone().locked(site, &job, &rep, timeout);
-        let result = tokio::select! {
+        let work = self.clone().locked(site, &job, &queued, &rep, timeout);
+        tokio::select! {
             r = tokio::time::timeout(timeout, work) => match r {
-                Ok(r) => r.map_err(Failed),
-                Err(_) => Err(Failed(Error::Timeout { step: rep.current_step(), after: timeout })),
+                Ok(r) => r,
+                Err(_) => (Err(Failed(Error::Timeout { step: rep.current_step(), after: timeout })), None),
             },
-            _ = hard.cancelled() => Err(Cancelled),
-        };
-        result
+            _ = hard.cancelled() => (Err(Cancelled), None),
+        }
+    }
+
+    /// Where a job's message stands on the queue once the job holds its machine: still the newest for its
+    /// machine and kind, replaced by a newer one, or gone: another delivery of it finished it (the broker
+    /// removes a settled job). Unknown (NATS trouble) counts as current.
+    async fn standing(&self, queued: &Queued) -> Standing {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+        let Ok(stream) = self.js.get_stream_no_info(subjects::JOBS_STREAM).await else { return Standing::Current };
+        match stream.get_last_raw_message_by_subject(&queued.subject).await {
+            Ok(last) if last.sequence > queued.seq => Standing::Superseded,
+            Ok(last) if last.sequence == queued.seq || queued.seq == 0 => Standing::Current,
+            Ok(_) => Standing::Gone,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Standing::Gone,
+            Err(_) => Standing::Current,
+        }
     }
 
     /// The job's own timeout, else the executor's default: what building and activating may take.
@@ -371,7 +422,14 @@ impl Executor {
         self.job_timeout(job) + Duration::from_secs(after)
     }
 
-    async fn locked(self: Arc<Self>, site: &str, job: &Job, rep: &Reporter, timeout: Duration) -> Result<Outcome> {
+    async fn locked(
+        self: Arc<Self>,
+        site: &str,
+        job: &Job,
+        queued: &Queued,
+        rep: &Reporter,
+        timeout: Duration,
+    ) -> (Result<Outcome, Failure>, Option<Held>) {
         let key = subjects::lock_key(&job.endpoint.host, job.endpoint.port);
         let lock_span = tracing::info_span!("lock", nio.lock = %key);
         let deadline = Instant::now() + timeout;
@@ -404,27 +462,33 @@ impl Executor {
             }
         }
         .instrument(lock_span)
-        .await?;
-        let Some(held) = held else {
-            return Ok(Outcome {
-                skipped: true,
-                message: "machine busy with another job; probe skipped".into(),
-                ..Default::default()
-            });
+        .await;
+        let held = match held {
+            Ok(Some(h)) => h,
+            Ok(None) => {
+                let busy = Outcome {
+                    skipped: true,
+                    message: "machine busy with another job; probe skipped".into(),
+                    ..Default::default()
+                };
+                return (Ok(busy), None);
+            }
+            Err(e) => return (Err(Failed(e)), None),
         };
+        match self.standing(queued).await {
+            Standing::Current => {}
+            Standing::Superseded => return (Err(Stale("superseded")), Some(held)),
+            Standing::Gone => return (Err(Stale("duplicate")), Some(held)),
+        }
         let slots = match self.budget_slots(job, rep, deadline).await {
             Ok(s) => s,
-            Err(e) => {
-                held.release().await;
-                return Err(e);
-            }
+            Err(e) => return (Err(Failed(e)), Some(held)),
         };
-        let result = self.connected(site, job, rep).await;
+        let result = self.connected(site, job, rep).await.map_err(Failed);
         for slot in slots {
             slot.release().await;
         }
-        held.release().await;
-        result
+        (result, Some(held))
     }
 
     /// Takes a slot of every disruption budget the job counts against, in key order (so two jobs never wait on
@@ -583,6 +647,7 @@ fn settle(outcome: &Result<Outcome, Failure>, delivered: i64, max_deliver: i64, 
             Settlement::Done { outcome, category: o.rolled_back.map_or("none", FailureCategory::as_str) }
         }
         Err(Cancelled) => Settlement::Requeue,
+        Err(Stale(outcome)) => Settlement::Done { outcome, category: "none" },
         Err(Failed(e)) if e.is_transient() && delivered < max_deliver => {
             let idx = usize::try_from(delivered.saturating_sub(1)).unwrap_or(0);
             let secs = backoff.get(idx).or(backoff.last()).copied().unwrap_or(5);
@@ -596,8 +661,22 @@ fn settle(outcome: &Result<Outcome, Failure>, delivered: i64, max_deliver: i64, 
 enum Failure {
     Failed(Error),
     Cancelled,
+    /// Not run: the job's message was settled by another delivery (`duplicate`) or replaced (`superseded`).
+    Stale(&'static str),
 }
-use Failure::{Cancelled, Failed};
+use Failure::{Cancelled, Failed, Stale};
+
+/// A job's message on the queue: its subject and stream sequence.
+struct Queued {
+    subject: String,
+    seq: u64,
+}
+
+enum Standing {
+    Current,
+    Superseded,
+    Gone,
+}
 
 struct SshConnector<'a> {
     exec: &'a Executor,

@@ -234,31 +234,47 @@ fn sim_settings(
     (key, settings)
 }
 
+/// One site (`site-0`, one job at a time) of simulated machines, an executor's settings for it, and a NATS server.
+struct SimSite {
+    nats: NatsServer,
+    dir: tempfile::TempDir,
+    repo: String,
+    commit: String,
+    settings: nio_executor::Settings,
+    fleet: Fleet,
+}
+
+impl SimSite {
+    async fn start(
+        machines: usize,
+        first_address: std::net::Ipv4Addr,
+        behaviour: nio_loadtest::fleet::Behaviour,
+    ) -> Self {
+        let nats = NatsServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, commit) = git_repo(dir.path());
+        let (key, mut settings) = sim_settings(dir.path(), 1, None);
+        settings.nats_url = nats.url();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let authorized = vec![key.public_key().clone()];
+        let options = FleetOptions { machines, port, first_address, authorized, behaviour, ..Default::default() };
+        let fleet = Fleet::start(options).await.unwrap();
+        SimSite { nats, dir, repo, commit, settings, fleet }
+    }
+}
+
 /// A new job for a machine whose job is running (here the same commit under a new target, as a changed spec
 /// would make it) must not let the site run more than its limit: a running job's message that the queue dropped
 /// for the newer one was forgotten by the broker, which gave its slot to a third machine. And a queued job that
 /// a newer one for its machine supersedes runs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_queued_behind_a_running_one_for_its_machine_keeps_the_site_limit() {
-    let nats = NatsServer::start().await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, commit) = git_repo(dir.path());
-    let (key, mut settings) = sim_settings(dir.path(), 1, None);
-    settings.nats_url = nats.url();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let fleet = Fleet::start(FleetOptions {
-        machines: 3,
-        port,
-        first_address: std::net::Ipv4Addr::new(127, 3, 1, 1),
-        authorized: vec![key.public_key().clone()],
-        behaviour: nio_loadtest::fleet::Behaviour {
-            switch_latency: nio_loadtest::fleet::Latency::Fixed(Duration::from_secs(3)),
-            ..Default::default()
-        },
+    let behaviour = nio_loadtest::fleet::Behaviour {
+        switch_latency: nio_loadtest::fleet::Latency::Fixed(Duration::from_secs(3)),
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    let SimSite { nats, dir, repo, commit, settings, fleet } =
+        SimSite::start(3, std::net::Ipv4Addr::new(127, 3, 1, 1), behaviour).await;
     let mut bus = Bus::connect(&nats).await;
     // Two executors: each alone keeps to the limit; together only the broker's count of jobs in flight does.
     let mut second = settings.clone();
@@ -300,4 +316,53 @@ async fn a_job_queued_behind_a_running_one_for_its_machine_keeps_the_site_limit(
         stop.cancel();
         task.await.unwrap().unwrap();
     }
+}
+
+/// A NATS cluster changing leaders can hand one job out twice. When the delivery waiting for the machine gets it
+/// after the other delivery finished the job (the broker removed its message), it runs nothing and reports
+/// nothing: running again, it would work on the machine outside the broker's count of the site's jobs (a
+/// site over its limit), and its late reports would reopen a finished machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_delivery_of_a_job_finished_elsewhere_runs_nothing() {
+    // The directory holds the executor's identity: kept until the end.
+    let SimSite { nats, dir: _dir, repo, commit, settings, fleet } =
+        SimSite::start(2, std::net::Ipv4Addr::new(127, 3, 2, 1), Default::default()).await;
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings);
+    let switch = |i: usize| {
+        let m = &fleet.machines[i];
+        let mut j = job(&m.name, &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
+        j.endpoint.host_key = Some(m.host_key());
+        j
+    };
+    // The other delivery holds sim-0 (a holder that is no executor's: never taken over).
+    let locks = loop {
+        if let Ok(kv) = bus.js.get_key_value(nio_shared::subjects::LOCKS_BUCKET).await {
+            break kv;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let first = switch(0);
+    let lock = nio_shared::subjects::lock_key(&first.endpoint.host, first.endpoint.port);
+    locks.create(&lock, "the-other-delivery".into()).await.unwrap();
+    bus.publish(&first).await;
+    bus.until(Duration::from_secs(30), |evs| {
+        evs.iter().any(|e| e.machine == "sim-0" && e.message.as_deref().is_some_and(|m| m.contains("machine busy")))
+    })
+    .await;
+    // The other delivery finishes: the broker removes the job's message, and the machine is free.
+    let stream = bus.js.get_stream(nio_shared::subjects::JOBS_STREAM).await.unwrap();
+    let seq = stream.get_last_raw_message_by_subject(&first.subject()).await.unwrap().sequence;
+    stream.delete_message(seq).await.unwrap();
+    locks.delete(&lock).await.unwrap();
+    // The executor goes on to the next job; sim-0 got no command and no outcome from the waiting delivery.
+    bus.publish(&switch(1)).await;
+    assert_eq!(bus.final_of("sim-1", Duration::from_secs(60)).await.phase, Phase::Succeeded);
+    let ops = fleet.recorder.ops.lock().unwrap().clone();
+    let on_sim0: Vec<&str> = ops.iter().filter(|o| o.machine == 0).map(|o| o.program.as_str()).collect();
+    assert!(on_sim0.is_empty(), "the second delivery ran {on_sim0:?} on sim-0");
+    let outcomes: Vec<_> = bus.seen.iter().filter(|e| e.machine == "sim-0" && e.phase.is_terminal()).collect();
+    assert!(outcomes.is_empty(), "the second delivery reported {outcomes:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -540,10 +540,13 @@ impl Running {
                 }))?;
                 machines.create(&PostParams::default(), &obj).await?;
             }
+            // A scenario with a rollout policy sets it in the push's own write (announce_push): a poll between the
+            // commit and that write would publish the new commit's first jobs without the policy.
+            let poll = if self.scenario.rollout.is_some() { "1h" } else { "5s" };
             let cfg: NixosConfiguration = serde_json::from_value(json!({
                 "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
                 "metadata": {"name": "web"},
-                "spec": {"gitRepo": self.repo.url(), "ref": "main", "flake": "#web", "pollInterval": "5s",
+                "spec": {"gitRepo": self.repo.url(), "ref": "main", "flake": "#web", "pollInterval": poll,
                          "machineSelector": {"matchLabels": {"role": "web"}},
                          "additionalFiles": [{"path": "extra.nix", "valueType": "Inline", "inline": "{ }"}]}
             }))?;

@@ -183,14 +183,15 @@ async fn a_disruption_budget_holds_across_two_clusters() {
 
 /// The NATS server stalls for 6 s mid-rollout (SIGSTOP, then SIGCONT: a paused VM, a blocked disk), longer than
 /// the executors' heartbeat TTL and JetStream's request timeout: requests time out, heartbeats expire, and
-/// still no executor takes a live executor's machine, no site runs more than its limit, nothing is lost.
+/// still no executor takes a live executor's machine, no site runs more than its limit, the disruption budget
+/// (3 machines) holds, nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nats_server_frozen_mid_rollout_breaks_no_limit() {
-    // No disruption budget here: the scenario sets a rollout policy in the same write as the push, and a poll
-    // in between may publish the new commit's first jobs without it (a known race of the scenario harness).
+    let rollout = serde_json::json!({"disruptionBudgets": [{"name": "fleet", "maxUnavailable": 3}]});
     let s = Scenario {
         machines: 24,
         site_limit: 4,
+        rollout: Some(rollout),
         switch_latency: Latency::Fixed(Duration::from_millis(1500)),
         faults: vec![Fault::FreezeNats(0.3)],
         ..small()
@@ -198,4 +199,5 @@ async fn a_nats_server_frozen_mid_rollout_breaks_no_limit() {
     let (report, _) = run(s, None).await.unwrap();
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
     assert_eq!((report.updated, report.failed, report.lost), (24, 0, 0), "{report:#?}");
+    assert!(report.max_in_flight_per_budget.get("fleet").is_some_and(|n| *n <= 3), "{report:#?}");
 }
