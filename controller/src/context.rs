@@ -43,6 +43,74 @@ pub struct Ctx {
     /// connection in flight holds its own buffers, and a burst of status events once opened hundreds of them.
     /// Watches, the Lease and the few per-configuration requests do not take a slot.
     pub requests: tokio::sync::Semaphore,
+    /// Status writes to one Machine in flight, one at a time ([`update_machine_status`]).
+    pub machine_writes: MachineWrites,
+}
+
+/// Serializes this process's status writes to each Machine, and hands each writer what the previous one wrote.
+/// A rollout's Queued mark and the executor's first events for the same machine are written within moments of
+/// each other: each started from the cached copy, which the watch had not yet brought up to the other's write,
+/// and lost to a conflict (a GET and a second write). Taking turns, and starting from this process's own last
+/// write while the cache is behind it, the second writes once. A Machine's entry lives while a write to it is in
+/// flight or waiting and [`RECENT`] after (its status and resourceVersion only), so an idle Machine costs
+/// nothing here.
+#[derive(Default)]
+pub struct MachineWrites(std::sync::Mutex<Gates>);
+
+#[derive(Default)]
+struct Gates {
+    by_machine: std::collections::HashMap<(String, String), (Arc<MachineGate>, std::time::Instant)>,
+    swept: Option<std::time::Instant>,
+}
+
+/// How long this process's last write to a Machine is kept for the next writer: well past the time the watch
+/// takes to bring the cache up to it.
+const RECENT: Duration = Duration::from_secs(3);
+
+/// One Machine's turn: what this process last wrote to it (resourceVersion, status).
+type MachineGate = tokio::sync::Mutex<Option<(String, MachineStatus)>>;
+
+impl MachineWrites {
+    fn gate(&self, ns: &str, name: &str) -> Arc<MachineGate> {
+        let mut gates = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if gates.swept.is_none_or(|t| now.duration_since(t) > RECENT / 3) {
+            gates.swept = Some(now);
+            gates.by_machine.retain(|_, (g, at)| Arc::strong_count(g) > 1 || now.duration_since(*at) < RECENT);
+        }
+        let entry = gates.by_machine.entry((ns.to_string(), name.to_string())).or_insert_with(|| (Arc::default(), now));
+        entry.1 = now;
+        entry.0.clone()
+    }
+
+    /// Machines with a write in flight, waiting, or recent (for tests).
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|g| g.by_machine.len()).unwrap_or_default()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Machine's resourceVersion as the number etcd makes it (None if it is not one: older than any number).
+/// The API calls resourceVersions opaque; here the order only picks which copy a write starts from, and the
+/// write's resourceVersion precondition keeps it correct whatever is picked (a wrong pick costs a conflict).
+fn version(m: &Machine) -> Option<u64> {
+    m.metadata.resource_version.as_deref().and_then(|v| v.parse().ok())
+}
+
+/// `known` brought up to this process's last write when the cache has not caught up with it yet (etcd's
+/// resourceVersions are numbers; one that is not counts as older).
+fn latest(known: Option<Machine>, written: Option<(String, MachineStatus)>) -> Option<Machine> {
+    match (known, written) {
+        (Some(mut m), Some((v, status))) if v.parse::<u64>().ok() > version(&m) => {
+            m.metadata.resource_version = Some(v);
+            m.status = Some(status);
+            Some(m)
+        }
+        (known, _) => known,
+    }
 }
 
 /// Requests made per machine that the controller has in flight at once (see [`Ctx::requests`]).
@@ -128,8 +196,36 @@ pub async fn update_machine_status(
     known: Option<&Machine>,
     f: impl Fn(&Machine) -> Option<MachineStatus>,
 ) -> Result<Option<Machine>> {
+    let gate = ctx.machine_writes.gate(ns, name);
+    let mut last = gate.lock().await;
+    // The caller's copy, the cache's if the watch has brought a newer one since, and this process's own last
+    // write if the cache has not caught up with it yet.
+    let cached = ctx.machines.read().ok().and_then(|caches| {
+        caches.iter().find(|c| c.scope.as_ref().is_none_or(|s| s == ns)).and_then(|c| c.get(ns, name))
+    });
+    let known = match (known.filter(|m| m.metadata.resource_version.is_some()), cached) {
+        (Some(k), Some(c)) if version(&c) > version(k) => Some((*c).clone()),
+        (Some(k), _) => Some(k.clone()),
+        (None, c) => c.map(|c| (*c).clone()),
+    };
+    let known = latest(known, last.take());
+    let result = write_machine_status(ctx, ns, name, known, f).await;
+    if let Ok(Some(written)) = &result
+        && let (Some(rv), Some(status)) = (&written.metadata.resource_version, &written.status)
+    {
+        *last = Some((rv.clone(), status.clone()));
+    }
+    result
+}
+
+async fn write_machine_status(
+    ctx: &Ctx,
+    ns: &str,
+    name: &str,
+    mut known: Option<Machine>,
+    f: impl Fn(&Machine) -> Option<MachineStatus>,
+) -> Result<Option<Machine>> {
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), ns);
-    let mut known = known.filter(|m| m.metadata.resource_version.is_some()).cloned();
     for attempt in 0..8 {
         let _slot = ctx.request_slot().await;
         let m = match known.take() {
@@ -149,12 +245,22 @@ pub async fn update_machine_status(
         });
         match apply_status::<Machine>(&ctx.client, ns, name, &patch).await {
             Ok(resource_version) => {
+                ctx.metrics
+                    .machine_status_writes
+                    .get_or_create(&crate::metrics::ResultLabel { result: "written".into() })
+                    .inc();
                 let mut written = m;
                 written.status = Some(status);
                 written.metadata.resource_version = resource_version;
                 return Ok(Some(written));
             }
-            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 7 => continue,
+            Err(kube::Error::Api(e)) if e.code == 409 && attempt < 7 => {
+                ctx.metrics
+                    .machine_status_writes
+                    .get_or_create(&crate::metrics::ResultLabel { result: "conflict".into() })
+                    .inc();
+                continue;
+            }
             Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
             Err(e) => return Err(e.into()),
         }
@@ -228,5 +334,30 @@ mod tests {
             assert!(cut.len() <= 1024 && cut.len() > 1000, "{} bytes", cut.len());
             assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
         }
+    }
+
+    #[test]
+    fn a_write_starts_from_this_process_last_write_only_while_the_cache_is_behind_it() {
+        let at = |rv: &str, phase: nio_shared::crd::MachinePhase| {
+            let spec = serde_json::from_value(serde_json::json!({"hostname": "m1"})).expect("spec");
+            let mut m = Machine::new("m1", spec);
+            m.metadata.resource_version = Some(rv.into());
+            m.status = Some(MachineStatus { phase: Some(phase), ..Default::default() });
+            m
+        };
+        use nio_shared::crd::MachinePhase::{Applying, Queued};
+        let written = || Some(("12".to_string(), MachineStatus { phase: Some(Queued), ..Default::default() }));
+        // the cache is behind our write (rv 10 < 12): the write starts from ours
+        let m = latest(Some(at("10", Applying)), written()).unwrap();
+        assert_eq!(
+            (m.metadata.resource_version.as_deref(), m.status.and_then(|s| s.phase)),
+            (Some("12"), Some(Queued))
+        );
+        // the cache caught up or moved past it (rv 15): the cache's copy
+        let m = latest(Some(at("15", Applying)), written()).unwrap();
+        assert_eq!(m.metadata.resource_version.as_deref(), Some("15"));
+        // a version that is not a number never wins over one that is
+        let m = latest(Some(at("15", Applying)), Some(("x".into(), MachineStatus::default()))).unwrap();
+        assert_eq!(m.metadata.resource_version.as_deref(), Some("15"));
     }
 }

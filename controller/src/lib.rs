@@ -132,6 +132,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         machines: Default::default(),
         prometheus: analysis::Prometheus::new(s.prometheus_url.clone()),
         requests: tokio::sync::Semaphore::new(context::MAX_REQUESTS_IN_FLIGHT),
+        machine_writes: Default::default(),
     });
 
     let elector = s.leader_election.then(|| {

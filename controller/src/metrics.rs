@@ -89,6 +89,14 @@ pub struct Metrics {
     pub watch_errors: Family<KindLabel, Counter>,
     pub undecodable: Family<KindLabel, Counter>,
     pub webhook_deliveries: Family<DeliveryLabels, Counter>,
+    /// Machine status writes by result: `written`, or `conflict` (refused for a stale resourceVersion; read
+    /// again and retried).
+    pub machine_status_writes: Family<ResultLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
 }
 
 impl Metrics {
@@ -105,6 +113,7 @@ impl Metrics {
         let watch_errors = Family::<KindLabel, Counter>::default();
         let undecodable = Family::<KindLabel, Counter>::default();
         let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();
+        let machine_status_writes = Family::<ResultLabel, Counter>::default();
         let machines_drifted = Gauge::default();
         let configuration_machines = Family::<ConfigLabels, Gauge>::default();
         let wave_machines = Family::<WaveLabels, Gauge>::default();
@@ -165,6 +174,14 @@ impl Metrics {
             "Git push webhook deliveries, by provider and outcome",
             webhook_deliveries.clone(),
         );
+        registry.register(
+            "machine_status_writes",
+            "Machine status writes, by result: written, or conflict (refused as stale, read again and retried)",
+            machine_status_writes.clone(),
+        );
+        for result in ["written", "conflict"] {
+            let _ = machine_status_writes.get_or_create(&ResultLabel { result: result.into() }).get();
+        }
         for kind in ["NixosConfiguration", "Machine"] {
             let _ = watch_errors.get_or_create(&KindLabel { kind: kind.into() }).get();
             let _ = undecodable.get_or_create(&KindLabel { kind: kind.into() }).get();
@@ -173,6 +190,7 @@ impl Metrics {
             registry,
             reconcile_duration,
             reconcile_errors,
+            machine_status_writes,
             jobs_published,
             status_events,
             machines,

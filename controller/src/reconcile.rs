@@ -159,12 +159,17 @@ pub fn mark_queued(
     job_id: &nio_shared::protocol::JobId,
     action: nio_shared::protocol::Action,
 ) {
+    // The executor's first event can land before this mark: a machine already applying this job stays so.
+    let started =
+        s.last_job_id.as_deref() == Some(job_id.to_string().as_str()) && s.phase == Some(MachinePhase::Applying);
     s.last_job_id = Some(job_id.to_string());
     let reported = s.applied_target.as_deref() == Some(target)
         || s.failed_target.as_deref() == Some(target)
         || (action == nio_shared::protocol::Action::Remove && s.has_configuration == Some(false));
     if !reported {
-        s.phase = Some(MachinePhase::Queued);
+        if !started {
+            s.phase = Some(MachinePhase::Queued);
+        }
         s.queued_target = Some(target.to_string());
     }
 }
@@ -529,35 +534,60 @@ async fn publish_plan(
     claims: &BTreeMap<String, Vec<nio_shared::protocol::BudgetClaim>>,
 ) -> Result<std::collections::BTreeSet<String>> {
     // By name: a scan per published machine made a large rollout quadratic.
-    let by_name: std::collections::HashMap<&str, &Machine> =
-        machines.iter().filter_map(|m| Some((m.metadata.name.as_deref()?, &**m))).collect();
+    let by_name: std::collections::HashMap<&str, &Arc<Machine>> =
+        machines.iter().filter_map(|m| Some((m.metadata.name.as_deref()?, m))).collect();
     let by_name = &by_name;
-    let outcomes: Vec<Result<Option<String>>> = futures::stream::iter(publish.to_vec())
+    type Published = Option<(Arc<Machine>, nio_shared::protocol::Job)>;
+    let outcomes: Vec<Result<Published>> = futures::stream::iter(publish.to_vec())
         .map(|(name, work)| async move {
             let Some(&m) = by_name.get(name.as_str()) else { return Ok(None) };
-            let mut job = publish::apply_job(&ctx.cluster, cfg, m, want, work, ctx.seal.as_ref())?;
+            let m = m.clone();
+            let mut job = publish::apply_job(&ctx.cluster, cfg, &m, want, work, ctx.seal.as_ref())?;
             job.budgets = claims.get(&name).cloned().unwrap_or_default();
             // Re-applying a target to a drifted machine: an id of its own per drift (the broker drops the
             // same drift's job published again by later reconciles).
             if cfg.spec.drift_policy == DriftPolicy::Enforce
-                && let Some(since) = drifted_since(m)
+                && let Some(since) = drifted_since(&m)
                 && m.status.as_ref().and_then(|s| s.applied_target.as_deref()) == job.id.target()
             {
                 job.id = job.id.retry(since);
             }
-            publish_and_queue(ctx, m, &job, Some(&cfg.name_any())).await?;
-            Ok(Some(name))
+            ctx.publisher.publish(&job).await?;
+            Ok(Some((m, job)))
+        })
+        .buffer_unordered(PUBLISH_CONCURRENCY)
+        .collect()
+        .await;
+    // Every job is on the queue before the first Queued mark is written: executors start on the whole rollout
+    // at once instead of at the pace of the API server's writes (the marks and the executors' first events for
+    // a machine take turns, see `MachineWrites`).
+    let mut published = Vec::with_capacity(outcomes.len());
+    let mut failed = None;
+    for o in outcomes {
+        match o {
+            Ok(Some(p)) => published.push(p),
+            Ok(None) => {}
+            Err(e) => failed = Some(e),
+        }
+    }
+    let name = cfg.name_any();
+    let name = name.as_str();
+    let marked: Vec<Result<String>> = futures::stream::iter(published)
+        .map(|(m, job)| async move {
+            mark(ctx, &m, &job, Some(name)).await?;
+            Ok(m.name_any())
         })
         .buffer_unordered(PUBLISH_CONCURRENCY)
         .collect()
         .await;
     let mut queued = std::collections::BTreeSet::new();
-    for o in outcomes {
-        if let Some(name) = o? {
-            queued.insert(name);
-        }
+    for o in marked {
+        queued.insert(o?);
     }
-    Ok(queued)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(queued),
+    }
 }
 
 /// Sets hasConfiguration on the machines that lack it. Machines just queued had it set with their job, so only
@@ -752,6 +782,11 @@ async fn publish_removals(
 /// of that name manages the machine (when no other one did).
 async fn publish_and_queue(ctx: &Ctx, m: &Machine, job: &nio_shared::protocol::Job, claim: Option<&str>) -> Result<()> {
     ctx.publisher.publish(job).await?;
+    mark(ctx, m, job, claim).await
+}
+
+/// Marks `m` Queued for `job`, published already; `claim` as for [`publish_and_queue`].
+async fn mark(ctx: &Ctx, m: &Machine, job: &nio_shared::protocol::Job, claim: Option<&str>) -> Result<()> {
     let target = job.id.target().unwrap_or_default();
     update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), Some(m), |m| {
         let mut s = m.status.clone().unwrap_or_default();
@@ -809,6 +844,22 @@ mod tests {
         let mut s = MachineStatus {
             phase: Some(MachinePhase::Applied),
             applied_target: Some("c0/1".into()),
+            ..Default::default()
+        };
+        mark_queued(&mut s, "c1/1", &"job-1".into(), Action::Switch);
+        assert_eq!(s.phase, Some(MachinePhase::Queued));
+        // the executor's Started for this job was applied first: Applying stays, the target is in progress
+        let mut s = MachineStatus {
+            phase: Some(MachinePhase::Applying),
+            last_job_id: Some("job-1".into()),
+            ..Default::default()
+        };
+        mark_queued(&mut s, "c1/1", &"job-1".into(), Action::Switch);
+        assert_eq!((s.phase, s.queued_target.as_deref()), (Some(MachinePhase::Applying), Some("c1/1")));
+        // ... but a machine applying another job is Queued for this one
+        let mut s = MachineStatus {
+            phase: Some(MachinePhase::Applying),
+            last_job_id: Some("job-0".into()),
             ..Default::default()
         };
         mark_queued(&mut s, "c1/1", &"job-1".into(), Action::Switch);

@@ -68,6 +68,9 @@ pub fn transition(
         conditions::set(&mut s.conditions, Type::HostKeyMismatch, true, "HostKeyMismatch", &msg, generation);
     }
 
+    if ev.action.kind() == JobKind::Apply {
+        s.last_job_id = Some(ev.job_id.to_string());
+    }
     match (ev.action.kind(), ev.phase) {
         (JobKind::Apply, Phase::Started) => {
             s.phase = Some(MachinePhase::Applying);
