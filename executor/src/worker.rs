@@ -281,7 +281,7 @@ impl Executor {
                 }
             })
         };
-        tracing::debug!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, "job received");
+        tracing::debug!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, budgets = job.budgets.len(), "job received");
         let queued = Queued { subject: msg.subject.to_string(), seq };
         let (outcome, held) = self.clone().process(site, job.clone(), queued, hard).instrument(span.clone()).await;
         if let Err(Stale(label)) = outcome {

@@ -125,7 +125,8 @@ pub struct Scenario {
     /// Extra environment for the NIO processes (e.g. OTEL_EXPORTER_OTLP_ENDPOINT).
     pub env: Vec<(String, String)>,
     pub push_via: PushVia,
-    /// `spec.rollout` of the measured rollout (waves, budgets), set together with the push.
+    /// `spec.rollout` of the measured rollout (waves, budgets), set in the push's own write together with the
+    /// moved ref (pushes announced by the annotation; a webhook push leaves the spec alone).
     pub rollout: Option<serde_json::Value>,
     /// Share of the machines on which the measured commit fails its health check (every ⌈1/share⌉-th machine).
     pub broken: f64,
@@ -250,6 +251,10 @@ pub struct Report {
     pub processes: Vec<ProcReport>,
     pub nats_jobs_published: u64,
     pub nats_status_published: u64,
+    /// Machine status writes the controllers made during the measured rollout, and how many of them were
+    /// refused as stale and retried (`nio_controller_machine_status_writes_total`).
+    pub machine_status_writes: u64,
+    pub machine_status_conflicts: u64,
     pub violations: Vec<String>,
     pub plot: Option<String>,
     /// Per machine (only for fleets of at most 200 machines).
@@ -540,13 +545,15 @@ impl Running {
                 }))?;
                 machines.create(&PostParams::default(), &obj).await?;
             }
-            // A scenario with a rollout policy sets it in the push's own write (announce_push): a poll between the
-            // commit and that write would publish the new commit's first jobs without the policy.
-            let poll = if self.scenario.rollout.is_some() { "1h" } else { "5s" };
+            // A scenario with a rollout policy pins the first commit and moves the ref in the push's own write,
+            // together with the policy (announce_push): following `main`, any reconcile between the commit and
+            // that write (each resolves the ref anew once the resolver's short cache expires) would publish the
+            // new commit's first jobs without the policy.
+            let git_ref = if self.pinned() { self.repo.head()? } else { "main".to_string() };
             let cfg: NixosConfiguration = serde_json::from_value(json!({
                 "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
                 "metadata": {"name": "web"},
-                "spec": {"gitRepo": self.repo.url(), "ref": "main", "flake": "#web", "pollInterval": poll,
+                "spec": {"gitRepo": self.repo.url(), "ref": git_ref, "flake": "#web", "pollInterval": "5s",
                          "machineSelector": {"matchLabels": {"role": "web"}},
                          "additionalFiles": [{"path": "extra.nix", "valueType": "Inline", "inline": "{ }"}]}
             }))?;
@@ -796,13 +803,19 @@ impl Running {
     /// Tells every cluster's controller that `commit` was pushed: through the refresh annotation (with the
     /// scenario's rollout policy, when it has one, in the same write), or as a signed GitHub push delivery to
     /// its webhook.
+    /// Whether the configurations pin a commit that the push moves (a scenario with a rollout policy, pushed
+    /// by the annotation), rather than follow `main`.
+    fn pinned(&self) -> bool {
+        self.scenario.rollout.is_some() && self.scenario.push_via == PushVia::Annotation
+    }
+
     async fn announce_push(&self, commit: &str) -> anyhow::Result<()> {
         for c in &self.clusters {
             match c.webhook_port {
                 None => {
                     let mut patch = json!({"metadata": {"annotations": {nio_shared::crd::REFRESH_ANNOTATION: commit}}});
-                    if let Some(rollout) = &self.scenario.rollout {
-                        patch["spec"] = json!({ "rollout": rollout });
+                    if let Some(rollout) = self.scenario.rollout.as_ref().filter(|_| self.pinned()) {
+                        patch["spec"] = json!({ "rollout": rollout, "ref": commit });
                     }
                     Api::<NixosConfiguration>::namespaced(c.client.clone(), NS)
                         .patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
@@ -876,6 +889,23 @@ impl Running {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Machine status writes (written, conflict) the running controllers counted so far.
+    async fn machine_status_writes(&self) -> (u64, u64) {
+        let (mut written, mut conflict) = (0, 0);
+        for c in &self.clusters {
+            let Some((_, text)) = crate::procs::http_get(c.controller.metrics_port, "/metrics").await else { continue };
+            for l in text.lines().filter(|l| l.starts_with("nio_controller_machine_status_writes_total")) {
+                let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
+                if l.contains("result=\"written\"") {
+                    written += n;
+                } else if l.contains("result=\"conflict\"") {
+                    conflict += n;
+                }
+            }
+        }
+        (written, conflict)
     }
 
     /// Metrics endpoints of the NIO processes.
@@ -967,6 +997,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     let js = async_nats::jetstream::new(async_nats::connect(servers).await.context("connecting to NATS")?);
     let jobs0 = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await;
     let status0 = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await;
+    let writes0 = r.machine_status_writes().await;
     if let Ok(mut ops) = r.fleet.recorder.ops.lock() {
         ops.clear();
     }
@@ -993,6 +1024,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     r.sample();
     let jobs = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await.saturating_sub(jobs0);
     let statuses = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await.saturating_sub(status0);
+    let writes = r.machine_status_writes().await;
     // The plot goes next to the report, or into a work directory that outlives the run.
     let plot = match (report_path, &s.work_dir) {
         (Some(p), _) => Some(p.with_extension("svg")),
@@ -1001,6 +1033,8 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     };
     let mut report = analyse(&mut r, &commit, &seen, t0, wall, jobs, statuses, plot.as_deref()).await?;
     (report.poison_published, report.poison_terminated) = (poison_published, poison_terminated);
+    report.machine_status_writes = writes.0.saturating_sub(writes0.0);
+    report.machine_status_conflicts = writes.1.saturating_sub(writes0.1);
     if let Some(p) = report_path {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
@@ -1180,6 +1214,8 @@ async fn analyse(
         processes,
         nats_jobs_published: jobs,
         nats_status_published: statuses,
+        machine_status_writes: 0,
+        machine_status_conflicts: 0,
         violations,
         plot: plotted,
         rows,
@@ -1259,7 +1295,8 @@ pub fn summary(r: &Report) -> String {
     let mut s = format!(
         "{} machines ({} sites, limit {} per site, {} cluster(s), {} executor(s)): {} updated, {} failed, {} lost in {:.1}s\n\
          throughput {:.1} machines/s; ideal {:.1}s → efficiency {:.0}%\n\
-         latency to applied p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms; to first command p50 {:.0} ms\n",
+         latency to applied p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms; to first command p50 {:.0} ms\n\
+         machine status writes {} ({} refused as stale and retried)\n",
         r.machines,
         r.sites,
         r.site_limit,
@@ -1275,7 +1312,9 @@ pub fn summary(r: &Report) -> String {
         r.latency_ms.p50,
         r.latency_ms.p90,
         r.latency_ms.p99,
-        r.first_command_ms.p50
+        r.first_command_ms.p50,
+        r.machine_status_writes,
+        r.machine_status_conflicts
     );
     if !r.waves.is_empty() && (r.waves.len() > 1 || r.halted) {
         let waves: Vec<String> = r
