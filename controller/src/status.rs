@@ -72,15 +72,9 @@ pub fn transition(
         s.last_job_id = Some(ev.job_id.to_string());
     }
     match (ev.action.kind(), ev.phase) {
-        (JobKind::Apply, Phase::Started) => {
-            s.phase = Some(MachinePhase::Applying);
-            notes.push(note(
-                false,
-                "Applying",
-                format!("{} {short} started on executor {}", ev.action.as_str(), ev.executor),
-            ));
-        }
-        (JobKind::Apply, Phase::Step) => s.phase = Some(MachinePhase::Applying),
+        // A job's start is the Applying phase, not an Event: one Event per job, at its outcome (an Event per
+        // start doubled a rollout's Events and cost a request per machine).
+        (JobKind::Apply, Phase::Started | Phase::Step) => s.phase = Some(MachinePhase::Applying),
         (JobKind::Apply, Phase::Succeeded | Phase::Skipped) => {
             s.phase = Some(MachinePhase::Applied);
             s.discoverable = Some(true);
@@ -124,7 +118,8 @@ pub fn transition(
                 } else if ev.phase == Phase::Skipped {
                     notes.push(note(false, "Applied", format!("already running {short}")));
                 } else {
-                    notes.push(note(false, "Applied", format!("{} {short} succeeded", ev.action.as_str())));
+                    let what = format!("{} {short} succeeded on executor {}", ev.action.as_str(), ev.executor);
+                    notes.push(note(false, "Applied", what));
                 }
             }
         }
@@ -147,7 +142,8 @@ pub fn transition(
             if matches!(ev.category, Some(FailureCategory::Unreachable)) {
                 s.discoverable = Some(false);
             }
-            notes.push(note(true, reason, format!("{} {short} failed: {msg}", ev.action.as_str())));
+            let what = format!("{} {short} failed on executor {}: {msg}", ev.action.as_str(), ev.executor);
+            notes.push(note(true, reason, what));
         }
         (JobKind::Probe, Phase::Succeeded) => {
             s.discoverable = Some(true);
@@ -229,9 +225,13 @@ mod tests {
         let (s, notes) =
             transition(&spec(), &MachineStatus::default(), &ev(Phase::Started, Action::Switch, 1), Some(1)).unwrap();
         assert_eq!(s.phase, Some(MachinePhase::Applying));
-        assert_eq!(notes[0].reason, "Applying");
-        let (s, _) = transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).unwrap();
+        assert!(notes.is_empty(), "a start is a phase, not an Event: {notes:?}");
+        let (s, notes) = transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).unwrap();
         assert_eq!(s.phase, Some(MachinePhase::Applied));
+        assert_eq!(
+            (notes[0].reason.as_str(), notes[0].message.as_str()),
+            ("Applied", "switch aaaaaaaaaaaa succeeded on executor e1")
+        );
         assert_eq!(s.applied_commit_short.as_deref(), Some("aaaaaaaaaaaa"));
         assert_eq!(s.applied_target.as_deref(), Some(&*format!("{}/3", "a".repeat(40))));
         // a late Step (older) and a duplicate are ignored
