@@ -787,20 +787,31 @@ async fn publish_and_queue(ctx: &Ctx, m: &Machine, job: &nio_shared::protocol::J
 
 /// Marks `m` Queued for `job`, published already; `claim` as for [`publish_and_queue`].
 async fn mark(ctx: &Ctx, m: &Machine, job: &nio_shared::protocol::Job, claim: Option<&str>) -> Result<()> {
-    let target = job.id.target().unwrap_or_default();
     update_machine_status(ctx, &m.namespace().unwrap_or_default(), &m.name_any(), Some(m), |m| {
-        let mut s = m.status.clone().unwrap_or_default();
-        mark_queued(&mut s, target, &job.id, job.action);
-        if let Some(name) = claim {
-            s.has_configuration = Some(true);
-            if s.applied_configuration.is_none() {
-                s.applied_configuration = Some(name.to_string());
-            }
-        }
-        Some(s)
+        marked(m.status.as_ref(), job.id.target().unwrap_or_default(), &job.id, job.action, claim)
     })
     .await?;
     Ok(())
+}
+
+/// The status that marks a machine Queued for `job`, or None when it already says all of it: the executor's
+/// events for the job (its start records the job and its target) can land first, and a mark then costs nothing.
+fn marked(
+    status: Option<&MachineStatus>,
+    target: &str,
+    job_id: &nio_shared::protocol::JobId,
+    action: nio_shared::protocol::Action,
+    claim: Option<&str>,
+) -> Option<MachineStatus> {
+    let mut s = status.cloned().unwrap_or_default();
+    mark_queued(&mut s, target, job_id, action);
+    if let Some(name) = claim {
+        s.has_configuration = Some(true);
+        if s.applied_configuration.is_none() {
+            s.applied_configuration = Some(name.to_string());
+        }
+    }
+    (status != Some(&s)).then_some(s)
 }
 
 /// Degraded/RemovalBlocked with `msg` (and an Event when the message is new).
@@ -814,6 +825,26 @@ async fn removal_blocked(ctx: &Ctx, cfg: &NixosConfiguration, msg: &str) -> Resu
 mod tests {
     use super::*;
     use nio_shared::protocol::Action;
+
+    /// A mark after the executor's start or outcome for the job (which record the job and its target) writes
+    /// nothing; a machine the job has not reached is marked Queued.
+    #[test]
+    fn a_mark_the_executor_already_said_costs_no_write() {
+        let job = "job-1".into();
+        let base = MachineStatus {
+            has_configuration: Some(true),
+            applied_configuration: Some("web".into()),
+            last_job_id: Some("job-1".into()),
+            ..Default::default()
+        };
+        let started =
+            MachineStatus { phase: Some(MachinePhase::Applying), queued_target: Some("c1/1".into()), ..base.clone() };
+        assert_eq!(marked(Some(&started), "c1/1", &job, Action::Switch, Some("web")), None);
+        let done = MachineStatus { phase: Some(MachinePhase::Applied), applied_target: Some("c1/1".into()), ..base };
+        assert_eq!(marked(Some(&done), "c1/1", &job, Action::Switch, Some("web")), None);
+        let fresh = marked(None, "c1/1", &job, Action::Switch, Some("web")).expect("a write");
+        assert_eq!((fresh.phase, fresh.queued_target.as_deref()), (Some(MachinePhase::Queued), Some("c1/1")));
+    }
 
     #[test]
     fn a_result_that_landed_before_the_queued_mark_is_kept() {

@@ -74,7 +74,13 @@ pub fn transition(
     match (ev.action.kind(), ev.phase) {
         // A job's start is the Applying phase, not an Event: one Event per job, at its outcome (an Event per
         // start doubled a rollout's Events and cost a request per machine).
-        (JobKind::Apply, Phase::Started | Phase::Step) => s.phase = Some(MachinePhase::Applying),
+        (JobKind::Apply, Phase::Started | Phase::Step) => {
+            s.phase = Some(MachinePhase::Applying);
+            // The job runs: its target is in progress (the controller's Queued mark may land after this).
+            if s.queued_target.is_none() {
+                s.queued_target = target.clone();
+            }
+        }
         (JobKind::Apply, Phase::Succeeded | Phase::Skipped) => {
             s.phase = Some(MachinePhase::Applied);
             s.discoverable = Some(true);
@@ -226,6 +232,7 @@ mod tests {
             transition(&spec(), &MachineStatus::default(), &ev(Phase::Started, Action::Switch, 1), Some(1)).unwrap();
         assert_eq!(s.phase, Some(MachinePhase::Applying));
         assert!(notes.is_empty(), "a start is a phase, not an Event: {notes:?}");
+        assert_eq!(s.queued_target.as_deref(), Some(&*format!("{}/3", "a".repeat(40))), "its target is in progress");
         let (s, notes) = transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).unwrap();
         assert_eq!(s.phase, Some(MachinePhase::Applied));
         assert_eq!(
