@@ -82,29 +82,20 @@ impl MachineWrites {
         entry.1 = now;
         entry.0.clone()
     }
-
-    /// Machines with a write in flight, waiting, or recent (for tests).
-    pub fn len(&self) -> usize {
-        self.0.lock().map(|g| g.by_machine.len()).unwrap_or_default()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A Machine's resourceVersion as the number etcd makes it (None if it is not one: older than any number).
 /// The API calls resourceVersions opaque; here the order only picks which copy a write starts from, and the
 /// write's resourceVersion precondition keeps it correct whatever is picked (a wrong pick costs a conflict).
-fn version(m: &Machine) -> Option<u64> {
-    m.metadata.resource_version.as_deref().and_then(|v| v.parse().ok())
+fn version(rv: Option<&str>) -> Option<u64> {
+    rv.and_then(|v| v.parse().ok())
 }
 
 /// `known` brought up to this process's last write when the cache has not caught up with it yet (etcd's
 /// resourceVersions are numbers; one that is not counts as older).
 fn latest(known: Option<Machine>, written: Option<(String, MachineStatus)>) -> Option<Machine> {
     match (known, written) {
-        (Some(mut m), Some((v, status))) if v.parse::<u64>().ok() > version(&m) => {
+        (Some(mut m), Some((v, status))) if version(Some(&v)) > version(m.metadata.resource_version.as_deref()) => {
             m.metadata.resource_version = Some(v);
             m.status = Some(status);
             Some(m)
@@ -138,6 +129,11 @@ impl Recorders {
 }
 
 impl Ctx {
+    /// The Machine cache of the watch that covers `ns`.
+    pub fn machine_cache(&self, ns: &str) -> Option<Arc<crate::cache::MachineCache>> {
+        self.machines.read().ok()?.iter().find(|c| c.scope.as_ref().is_none_or(|s| *s == ns)).cloned()
+    }
+
     /// Waits for one of the [`MAX_REQUESTS_IN_FLIGHT`] request slots; hold it for the request.
     pub async fn request_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
         self.requests.acquire().await.ok()
@@ -200,11 +196,10 @@ pub async fn update_machine_status(
     let mut last = gate.lock().await;
     // The caller's copy, the cache's if the watch has brought a newer one since, and this process's own last
     // write if the cache has not caught up with it yet.
-    let cached = ctx.machines.read().ok().and_then(|caches| {
-        caches.iter().find(|c| c.scope.as_ref().is_none_or(|s| s == ns)).and_then(|c| c.get(ns, name))
-    });
+    let cached = ctx.machine_cache(ns).and_then(|c| c.get(ns, name));
+    let rv = |m: &Machine| version(m.metadata.resource_version.as_deref());
     let known = match (known.filter(|m| m.metadata.resource_version.is_some()), cached) {
-        (Some(k), Some(c)) if version(&c) > version(k) => Some((*c).clone()),
+        (Some(k), Some(c)) if rv(&c) > rv(k) => Some((*c).clone()),
         (Some(k), _) => Some(k.clone()),
         (None, c) => c.map(|c| (*c).clone()),
     };

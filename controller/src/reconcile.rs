@@ -50,7 +50,7 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
 /// cache's first LIST at the start of a term, so a reconcile never sees a fleet of none.
 async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Arc<Machine>>> {
     let ns = cfg.namespace().unwrap_or_default();
-    let cache = machine_cache(ctx, &ns).ok_or(Error::CacheNotReady("no Machine watch covers this namespace"))?;
+    let cache = ctx.machine_cache(&ns).ok_or(Error::CacheNotReady("no Machine watch covers this namespace"))?;
     match tokio::time::timeout(CACHE_WAIT, cache.store.wait_until_ready()).await {
         Ok(Ok(())) => {}
         _ => return Err(Error::CacheNotReady("the Machine cache has not finished its first list")),
@@ -62,15 +62,10 @@ async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Ar
     Ok(cache.select(&ns, sel))
 }
 
-/// The Machine cache of the watch that covers `ns`.
-fn machine_cache(ctx: &Ctx, ns: &str) -> Option<Arc<crate::cache::MachineCache>> {
-    ctx.machines.read().ok()?.iter().find(|c| c.scope.as_ref().is_none_or(|s| *s == ns)).cloned()
-}
-
 /// Each of `cfg`'s `machines` (from the cache, whose Machines carry no labels) with its labels.
 fn labelled(ctx: &Ctx, cfg: &NixosConfiguration, machines: &[Arc<Machine>]) -> Vec<(String, BTreeMap<String, String>)> {
     let ns = cfg.namespace().unwrap_or_default();
-    match machine_cache(ctx, &ns) {
+    match ctx.machine_cache(&ns) {
         Some(cache) => cache.labelled(&ns, machines),
         None => machines.iter().map(|m| (m.name_any(), BTreeMap::new())).collect(),
     }

@@ -237,17 +237,12 @@ impl Executor {
             }
         };
         let (delivered, seq) = msg.info().map_or((1, 0), |i| (i.delivered, i.stream_sequence));
-        if self.superseded(&msg.subject, seq).await {
-            // The controller published a newer job for this machine and kind since: that one runs instead.
-            tracing::debug!(machine = %job.machine, id = %job.id, seq, "skipping a job superseded by a newer one");
+        let queued = Queued { subject: msg.subject.to_string(), seq };
+        if let Some(label) = self.stale(&queued).await {
+            // A newer job for this machine and kind runs instead, or another delivery of this one settled it.
+            tracing::debug!(machine = %job.machine, id = %job.id, seq, "job not run: {label}");
             nio_shared::nats::ack(&msg, AckKind::Ack).await;
-            let labels = OutcomeLabels {
-                site: site.into(),
-                action: job.action.as_str().into(),
-                outcome: "superseded".into(),
-                category: "none".into(),
-            };
-            self.metrics.jobs.get_or_create(&labels).inc();
+            self.count(site, &job, label, "none");
             in_flight.dec();
             return;
         }
@@ -282,7 +277,6 @@ impl Executor {
             })
         };
         tracing::debug!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, budgets = job.budgets.len(), "job received");
-        let queued = Queued { subject: msg.subject.to_string(), seq };
         let (outcome, held) = self.clone().process(site, job.clone(), queued, hard).instrument(span.clone()).await;
         if let Err(Stale(label)) = outcome {
             // Another delivery of this job finished it, or a newer job for the machine replaced it: this one
@@ -293,13 +287,7 @@ impl Executor {
             if let Some(h) = held {
                 h.release().await;
             }
-            let labels = OutcomeLabels {
-                site: site.into(),
-                action: job.action.as_str().into(),
-                outcome: label.into(),
-                category: "none".into(),
-            };
-            self.metrics.jobs.get_or_create(&labels).inc();
+            self.count(site, &job, label, "none");
             in_flight.dec();
             return;
         }
@@ -343,23 +331,20 @@ impl Executor {
         let (label, category) = settlement.labels();
         tracing::debug!(parent: &span, machine = %job.machine, outcome = label, "job settled");
         span.record("nio.outcome", label);
-        let labels = OutcomeLabels {
-            site: site.into(),
-            action: job.action.as_str().into(),
-            outcome: label.into(),
-            category: category.into(),
-        };
-        self.metrics.jobs.get_or_create(&labels).inc();
+        self.count(site, &job, label, category);
         self.metrics.job_duration.get_or_create(&metrics::site(site)).observe(start.elapsed().as_secs_f64());
         in_flight.dec();
     }
 
-    /// Whether a newer job for the same machine and kind is on the queue. The queue keeps a few per machine and
-    /// kind instead of replacing the older one: a message replaced while its job runs would be forgotten by the
-    /// broker, freeing its site slot for another machine while the job still runs. The older job is skipped.
-    async fn superseded(&self, subject: &str, seq: u64) -> bool {
-        let Ok(stream) = self.js.get_stream_no_info(subjects::JOBS_STREAM).await else { return false };
-        stream.get_last_raw_message_by_subject(subject).await.is_ok_and(|last| last.sequence > seq)
+    /// Counts a settled job in `nio_executor_jobs_total`.
+    fn count(&self, site: &str, job: &Job, outcome: &str, category: &str) {
+        let labels = OutcomeLabels {
+            site: site.into(),
+            action: job.action.as_str().into(),
+            outcome: outcome.into(),
+            category: category.into(),
+        };
+        self.metrics.jobs.get_or_create(&labels).inc();
     }
 
     /// Runs the job; returns its outcome and, when it ran to its end holding the machine, the machine's lock
@@ -388,18 +373,20 @@ impl Executor {
         }
     }
 
-    /// Where a job's message stands on the queue once the job holds its machine: still the newest for its
-    /// machine and kind, replaced by a newer one, or gone: another delivery of it finished it (the broker
-    /// removes a settled job). Unknown (NATS trouble) counts as current.
-    async fn standing(&self, queued: &Queued) -> Standing {
+    /// Why a job's message must not run, checked when it arrives and again once the job holds its machine:
+    /// `superseded`, a newer job for the machine and kind is on the queue (the queue keeps a few per machine and
+    /// kind, because a message replaced while its job runs would be forgotten by the broker, freeing its site
+    /// slot), or `duplicate`, it is gone: another delivery of it settled it (the broker removes a settled job).
+    /// None while it is the newest, or when NATS cannot tell.
+    async fn stale(&self, queued: &Queued) -> Option<&'static str> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
-        let Ok(stream) = self.js.get_stream_no_info(subjects::JOBS_STREAM).await else { return Standing::Current };
+        let stream = self.js.get_stream_no_info(subjects::JOBS_STREAM).await.ok()?;
         match stream.get_last_raw_message_by_subject(&queued.subject).await {
-            Ok(last) if last.sequence > queued.seq => Standing::Superseded,
-            Ok(last) if last.sequence == queued.seq || queued.seq == 0 => Standing::Current,
-            Ok(_) => Standing::Gone,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Standing::Gone,
-            Err(_) => Standing::Current,
+            Ok(last) if last.sequence > queued.seq => Some("superseded"),
+            Ok(last) if last.sequence == queued.seq || queued.seq == 0 => None,
+            Ok(_) => Some("duplicate"),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Some("duplicate"),
+            Err(_) => None,
         }
     }
 
@@ -475,10 +462,8 @@ impl Executor {
             }
             Err(e) => return (Err(Failed(e)), None),
         };
-        match self.standing(queued).await {
-            Standing::Current => {}
-            Standing::Superseded => return (Err(Stale("superseded")), Some(held)),
-            Standing::Gone => return (Err(Stale("duplicate")), Some(held)),
+        if let Some(label) = self.stale(queued).await {
+            return (Err(Stale(label)), Some(held));
         }
         let slots = match self.budget_slots(job, rep, deadline).await {
             Ok(s) => s,
@@ -670,12 +655,6 @@ use Failure::{Cancelled, Failed, Stale};
 struct Queued {
     subject: String,
     seq: u64,
-}
-
-enum Standing {
-    Current,
-    Superseded,
-    Gone,
 }
 
 struct SshConnector<'a> {

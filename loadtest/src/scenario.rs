@@ -874,16 +874,8 @@ impl Running {
     async fn malformed_terminated(&self, expected: u64) -> u64 {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let mut total = 0;
-            for e in &self.executors {
-                if let Some((_, text)) = crate::procs::http_get(e.metrics_port, "/metrics").await {
-                    total += text
-                        .lines()
-                        .find(|l| l.starts_with("nio_executor_malformed_jobs_total"))
-                        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                        .unwrap_or(0.0) as u64;
-                }
-            }
+            let ports = self.executors.iter().map(|e| e.metrics_port);
+            let total = metric_sum(ports, "nio_executor_malformed_jobs_total", "").await;
             if total >= expected || Instant::now() > deadline {
                 return total;
             }
@@ -893,19 +885,12 @@ impl Running {
 
     /// Machine status writes (written, conflict) the running controllers counted so far.
     async fn machine_status_writes(&self) -> (u64, u64) {
-        let (mut written, mut conflict) = (0, 0);
-        for c in &self.clusters {
-            let Some((_, text)) = crate::procs::http_get(c.controller.metrics_port, "/metrics").await else { continue };
-            for l in text.lines().filter(|l| l.starts_with("nio_controller_machine_status_writes_total")) {
-                let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) as u64;
-                if l.contains("result=\"written\"") {
-                    written += n;
-                } else if l.contains("result=\"conflict\"") {
-                    conflict += n;
-                }
-            }
-        }
-        (written, conflict)
+        let ports = || self.clusters.iter().map(|c| c.controller.metrics_port);
+        let metric = "nio_controller_machine_status_writes_total";
+        (
+            metric_sum(ports(), metric, "result=\"written\"").await,
+            metric_sum(ports(), metric, "result=\"conflict\"").await,
+        )
     }
 
     /// Metrics endpoints of the NIO processes.
@@ -971,6 +956,23 @@ impl Bars {
             b.finish();
         }
     }
+}
+
+/// The sum of the samples of `metric` whose labels include `label` ("" for all) on the processes' `/metrics`.
+async fn metric_sum(ports: impl IntoIterator<Item = u16>, metric: &str, label: &str) -> u64 {
+    let mut total = 0.0;
+    for port in ports {
+        let Some((_, text)) = crate::procs::http_get(port, "/metrics").await else { continue };
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(metric) else { continue };
+            // The metric itself, not one whose name it begins (`_total` vs `_total_created`).
+            if !(rest.starts_with('{') || rest.starts_with(' ')) || !rest.contains(label) {
+                continue;
+            }
+            total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        }
+    }
+    total as u64
 }
 
 async fn stream_seq(js: &async_nats::jetstream::Context, name: &str) -> u64 {
