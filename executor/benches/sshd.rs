@@ -3,7 +3,7 @@
 //! (`nio_loadtest::testhost`). Queues `--jobs` switch jobs, one per host (each does the whole work: state read;
 //! upload, `nix build`, profile, switch-to-configuration in its unit; health check and confirmation over a new
 //! connection), starts the executor, and reports as JSON: jobs/s from executor start to the last final status,
-//! per-job latency percentiles, executor CPU and peak RSS, SSH connections and exec channels per job by the
+//! per-job latency percentiles, executor CPU and peak RSS, the whole machine's CPU per job, SSH connections and exec channels per job by the
 //! hosts' own sshd logs, the most activations running at once — and, from the same run against the same hosts,
 //! parallel-ssh pushing one command (`nixos-version`) at the same concurrency.
 //!
@@ -44,8 +44,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-/// parallel-ssh pushing one command to every host at `concurrency`; hosts/s and failures.
-async fn parallel_ssh(h: &Hosts, concurrency: u32) -> (f64, usize) {
+/// parallel-ssh pushing one command to every host at `concurrency`; hosts/s, the machine's CPU ms per host, and
+/// failures.
+async fn parallel_ssh(h: &Hosts, concurrency: u32) -> (f64, f64, usize) {
     let list = h.path("pssh_hosts");
     std::fs::write(&list, h.hosts.iter().map(|x| format!("root@{}\n", x.addr)).collect::<String>()).unwrap();
     let known = h.path("known_hosts");
@@ -56,6 +57,7 @@ async fn parallel_ssh(h: &Hosts, concurrency: u32) -> (f64, usize) {
         known.display()
     );
     let t = Instant::now();
+    let busy = nio_loadtest::procs::machine_busy_seconds().unwrap_or(0.0);
     let out = tokio::process::Command::new("parallel-ssh")
         .arg("-h")
         .arg(&list)
@@ -64,8 +66,9 @@ async fn parallel_ssh(h: &Hosts, concurrency: u32) -> (f64, usize) {
         .await
         .expect("parallel-ssh (make setup installs pssh)");
     let wall = t.elapsed().as_secs_f64();
+    let busy = nio_loadtest::procs::machine_busy_seconds().unwrap_or(0.0) - busy;
     let failed = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("[FAILURE]")).count();
-    (h.hosts.len() as f64 / wall, failed)
+    (h.hosts.len() as f64 / wall, busy * 1000.0 / h.hosts.len() as f64, failed)
 }
 
 #[tokio::main]
@@ -90,6 +93,7 @@ async fn main() {
     cfg.job_timeout_seconds = 600;
     let log = h.path("executor.log");
     let t0 = Instant::now();
+    let busy0 = nio_loadtest::procs::machine_busy_seconds().unwrap_or(0.0);
     let started = chrono::Utc::now();
     let child = spawn_binary_logging(&h, &nats, &cfg, "bench", &[], &log, "warn");
     let pid = child.id().unwrap();
@@ -107,6 +111,7 @@ async fn main() {
         bus.until(Duration::from_secs(600), |evs| evs.iter().filter(|e| e.phase.is_terminal()).count() > done).await;
     }
     let wall = t0.elapsed().as_secs_f64();
+    let busy = nio_loadtest::procs::machine_busy_seconds().unwrap_or(0.0) - busy0;
     let usage = nio_loadtest::procs::usage(pid).unwrap_or_default();
     peak_rss = peak_rss.max(usage.peak_rss_mb);
     let finals: Vec<_> = bus.seen.iter().filter(|e| e.phase.is_terminal()).collect();
@@ -137,7 +142,7 @@ async fn main() {
     }
     let spans: Vec<(f64, f64)> = h.hosts.iter().flat_map(|x| x.activation_spans()).collect();
     drop(child);
-    let (pssh_rate, pssh_failed) = parallel_ssh(&h, args.site_limit).await;
+    let (pssh_rate, pssh_cpu_ms, pssh_failed) = parallel_ssh(&h, args.site_limit).await;
     let report = serde_json::json!({
         "jobs": n,
         "site_limit": args.site_limit,
@@ -147,11 +152,14 @@ async fn main() {
         "jobs_per_s": n as f64 / wall,
         "job_run_s": {"p50": percentile(&run_s, 0.5), "p95": percentile(&run_s, 0.95), "p99": percentile(&run_s, 0.99), "max": run_s.last()},
         "queued_to_done_s": {"p50": percentile(&done_s, 0.5), "p95": percentile(&done_s, 0.95), "max": done_s.last()},
+        // Everything on this machine (executor, NATS, and the hosts' sshd, Nix and shells) per job: on a busy
+        // machine the rate follows it, and it is steadier than the rate when the hypervisor steals time.
+        "machine_cpu_ms_per_job": busy * 1000.0 / n as f64,
         "executor": {"cpu_s": usage.cpu_seconds, "peak_rss_mb": peak_rss, "cpu_ms_per_job": usage.cpu_seconds * 1000.0 / n as f64},
         "ssh_connections_per_job": logins as f64 / n as f64,
         "exec_channels_per_job": commands as f64 / n as f64,
         "max_concurrent_activations": max_concurrency(&spans),
-        "parallel_ssh": {"command": "nixos-version", "hosts_per_s": pssh_rate, "failed": pssh_failed},
+        "parallel_ssh": {"command": "nixos-version", "hosts_per_s": pssh_rate, "machine_cpu_ms_per_host": pssh_cpu_ms, "failed": pssh_failed},
     });
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");

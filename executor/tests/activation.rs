@@ -163,6 +163,19 @@ async fn activation_failures_roll_back_on_the_host_and_build_failures_do_not_act
     assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::BuildFailed)), "{done:?}");
     assert!(done.log_tail.iter().any(|l| l.contains("error: attribute missing")), "{:?}", done.log_tail);
     assert_eq!(a.activations().len(), before);
+
+    // A result that is not a NixOS system: nothing activated, and the next boot is what it was (the build sets the
+    // profile in the same process, so the script has to put it back).
+    let odd = rig
+        .repo
+        .write("build.sh", "PATH=/usr/bin:/bin\nmkdir -p \"$out\"\necho 25.05 > \"$out/nixos-version\"\n")
+        .unwrap();
+    let done = rig.run(&rig.job("not-nixos", &a, "web", &odd, 1)).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::BuildFailed)), "{done:?}");
+    assert!(done.log_tail.iter().any(|l| l.contains("not a NixOS system")), "{:?}", done.log_tail);
+    assert_eq!(a.activations().len(), before);
+    assert_eq!(a.generations(), vec![1], "the profile is back at the generation it had");
+    assert_eq!(a.boot_default().as_deref(), Some(initial.as_str()));
     rig.stop().await;
 }
 

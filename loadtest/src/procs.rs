@@ -55,6 +55,15 @@ pub fn usage(pid: u32) -> Option<Usage> {
     Some(Usage { cpu_seconds: ticks / 100.0, peak_rss_mb: hwm_kb / 1024.0 })
 }
 
+/// CPU seconds the whole machine has spent busy since boot (/proc/stat: user, nice, system, irq, softirq; not idle,
+/// I/O wait or time stolen by the hypervisor): the difference over a phase is what everything in it cost.
+pub fn machine_busy_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).map(|f| f.parse().unwrap_or(0.0)).collect();
+    let busy = [0, 1, 2, 5, 6].iter().map(|&i| ticks.get(i).copied().unwrap_or(0.0)).sum::<f64>();
+    Some(busy / 100.0)
+}
+
 impl Proc {
     /// Starts `binary` with `args` and `env`, logging to `{dir}/{name}.log`.
     pub fn spawn(

@@ -411,17 +411,23 @@ mod tests {
         );
     }
 
+    /// A state directory with the job directory of `unit` as the activation leaves it before its unit starts.
+    fn scratch_job(unit: &str) -> (tempfile::TempDir, Commands, String) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let state = dir.path().to_string_lossy().to_string();
+        let c = Commands { paths: RemotePaths { state_dir: state, ..RemotePaths::default() } };
+        let job = c.job_dir(unit);
+        std::fs::create_dir_all(&job).expect("job dir");
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot_id");
+        std::fs::write(format!("{job}/boot_id"), boot).expect("boot_id copy");
+        (dir, c, job)
+    }
+
     /// The activation unit writes its pid when it starts: a confirmation that reads the file before it holds a
     /// pid waits for the unit instead of reporting it dead (seen as "failed died" on a loaded machine).
     #[test]
     fn a_confirmation_waits_for_a_unit_whose_pid_is_not_written_yet() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let state = dir.path().to_string_lossy().to_string();
-        let c = Commands { paths: RemotePaths { state_dir: state.clone(), ..RemotePaths::default() } };
-        let job = c.job_dir("u1");
-        std::fs::create_dir_all(&job).expect("job dir");
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").expect("boot_id");
-        std::fs::write(format!("{job}/boot_id"), boot).expect("boot_id copy");
+        let (_dir, c, job) = scratch_job("u1");
         std::fs::write(format!("{job}/pid"), "").expect("empty pid");
         let settle = {
             let job = job.clone();
@@ -443,5 +449,48 @@ mod tests {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("@@nio result done"), "{stdout}");
         assert!(!stdout.contains("died"), "{stdout}");
+    }
+
+    /// The confirmation wakes the unit's dead-man's switch at once (it does not sit out the window), and a process
+    /// the activation leaves running (a daemon it started) holds none of the locks the confirmation waits on.
+    #[test]
+    fn a_confirmation_ends_the_window_at_once_and_a_leftover_process_holds_no_lock() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, c, job) = scratch_job("u2");
+        let state = dir.path().to_string_lossy().to_string();
+        // A system whose activation starts a daemon that outlives it, with whatever descriptors it inherited.
+        let top = format!("{state}/system");
+        std::fs::create_dir_all(format!("{top}/bin")).expect("system");
+        let stc = format!("{top}/bin/switch-to-configuration");
+        std::fs::write(&stc, format!("#!/bin/sh\nsleep 60 > /dev/null 2>&1 &\necho $! > {state}/daemon\nexit 0\n"))
+            .expect("switch-to-configuration");
+        std::fs::set_permissions(&stc, std::fs::Permissions::from_mode(0o755)).expect("mode");
+        let current = format!("{state}/current");
+        std::os::unix::fs::symlink(&top, &current).expect("current");
+        let profile = format!("{state}/profile");
+        let t0 = std::time::Instant::now();
+        let mut unit = std::process::Command::new("sh")
+            .args(["-c", UNIT_SCRIPT, "nio-unit", &job, &top, "test", &profile, &current, "1", "20"])
+            .spawn()
+            .expect("unit");
+        let argv = c.confirm(&Confirmation {
+            unit: "u2",
+            marker: None,
+            health: false,
+            health_timeout: 5,
+            allowed_units: &[],
+            command: &[],
+        });
+        let out = std::process::Command::new("timeout").arg("15").args(&argv).output().expect("confirm");
+        let took = t0.elapsed();
+        let status = unit.wait().expect("unit exit");
+        if let Ok(pid) = std::fs::read_to_string(format!("{state}/daemon")) {
+            let _ = std::process::Command::new("kill").arg(pid.trim()).status();
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("@@nio result confirmed"), "{stdout} (exit {:?})", out.status.code());
+        assert!(status.success(), "the unit finished");
+        // Sitting out the window would take 20 s, a lock held by the daemon 60 s.
+        assert!(took < std::time::Duration::from_secs(10), "confirmed after {took:?}");
     }
 }

@@ -3,15 +3,22 @@
 # $5 current system link  $6 roll back on failure: 1 or 0  $7 confirmation window (s)
 set -u
 job=$1 top=$2 action=$3 profile=$4 current=$5 rollback=$6 confirm=$7
+# Waiters block on two locks instead of polling: unit.lock is held until this unit exits (finished or dead),
+# settle.lock until it settled (result, or awaiting its confirmation). Both are taken before the pid is written,
+# so a waiter that sees the pid and gets a lock knows the unit settled or died. Commands run without these
+# descriptors, so nothing they leave running can hold a lock.
+exec 7> "$job/unit.lock" 6> "$job/settle.lock"
+flock 7
+flock 6
 # Written whole (temp + rename): a reader never sees an empty pid.
 echo $$ > "$job/pid.tmp" && mv -f "$job/pid.tmp" "$job/pid"
 # One activation at a time on this machine, whatever the executors believe about their locks.
 exec 9> "${job%/jobs/*}/activation.lock"
 flock 9
-log() { "$@" >> "$job/log" 2>&1; }
+log() { "$@" >> "$job/log" 2>&1 5>&- 6>&- 7>&- 9>&-; }
 finish() { printf '%s\n' "$*" > "$job/result.tmp" && mv -f "$job/result.tmp" "$job/result"; exit 0; }
 gen() { sed -n 's/.*-\([0-9][0-9]*\)-link$/\1/p'; }
-previous=$(readlink -e "$current")
+previous=; if cd -P -- "$current" 2> /dev/null; then previous=$PWD; cd /; fi
 echo "$previous" > "$job/previous"
 log "$top/bin/switch-to-configuration" "$action"
 rc=$?
@@ -44,12 +51,19 @@ if [ "$rc" != 0 ]; then
 fi
 case $action in boot|dry-activate) finish done ;; esac
 if [ "$rollback" != 1 ]; then finish done; fi
-touch "$job/awaiting"
-i=0
-while [ "$i" -lt $((confirm * 5)) ]; do
-  if [ -f "$job/confirmed" ]; then finish confirmed; fi
-  if [ -f "$job/abort" ]; then undo "$(cat "$job/abort")"; fi
-  sleep 0.2
-  i=$((i + 1))
+# The dead-man's switch: the confirmation (confirm.sh) writes `confirmed` or `abort`, then a line into the FIFO
+# `decide`, which ends this wait at once; without it the window runs out. (Without a FIFO: polling.)
+decided() { [ -f "$job/confirmed" ] || [ -f "$job/abort" ]; }
+now() { read -r t _ < /proc/uptime; t=${t%.*}; }
+fifo=0
+if { [ ! -e "$job/decide" ] || rm -f "$job/decide"; } && mkfifo -m 0600 "$job/decide"; then exec 5<> "$job/decide"; fifo=1; fi
+: > "$job/awaiting"
+exec 6>&-
+now; end=$((t + confirm))
+while ! decided; do
+  now; [ "$t" -lt "$end" ] || break
+  if [ "$fifo" = 1 ]; then timeout "$((end - t))" head -n 1 <&5 > /dev/null 2>&1; else sleep 0.2; fi
 done
+if [ -f "$job/confirmed" ]; then finish confirmed; fi
+if [ -f "$job/abort" ]; then IFS= read -r why < "$job/abort"; undo "$why"; fi
 undo "no confirmation over a new SSH connection within ${confirm}s"

@@ -7,18 +7,24 @@ set -u
 job=$1 src=$2 input=$3 installable=$4 action=$5 profile=$6 current=$7 rollback=$8 confirm=$9
 unit=${10} secrets=${11} wrapper=${12}
 say() { echo "@@nio $*"; }
+# A one-line file's content into $v, by the shell itself (no process).
+get() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || [ -n "$v" ]; }; }
 # The activation unit ended without a result (a pid not yet written is not a dead unit).
-died() { p=$(cat "$job/pid" 2> /dev/null); [ -n "$p" ] && ! kill -0 "$p" 2> /dev/null && [ ! -f "$job/result" ]; }
+died() { get "$job/pid"; [ -n "$v" ] && ! kill -0 "$v" 2> /dev/null && [ ! -f "$job/result" ]; }
+settled() { [ -f "$job/result" ] || [ -f "$job/awaiting" ]; }
+# What a link finally points to (a directory), into $r: `readlink -e` without a process.
+resolve() { r=; if cd -P -- "$1" 2> /dev/null; then r=$PWD; cd /; fi; [ -n "$r" ]; }
 fail() { say failed "$1"; exit 3; }
 umask 022
-mkdir -p "$job" || fail upload
+[ -d "$job" ] || mkdir -p "$job" || fail upload
 if [ "$input" = tar ]; then
   say step upload
   in=$job/in
-  rm -rf "$in" && mkdir -m 0700 "$in" || fail upload
+  { [ ! -e "$in" ] || rm -rf "$in"; } && mkdir -m 0700 "$in" || fail upload
   tar -x --same-owner -p -f - -C "$in" || fail upload
   if [ -d "$in/src" ]; then
-    mkdir -p "${src%/*}" && rm -rf "$src" && mv "$in/src" "$src" || fail upload
+    { [ -d "${src%/*}" ] || mkdir -p "${src%/*}"; } && { [ ! -e "$src" ] || rm -rf "$src"; } \
+      && mv "$in/src" "$src" || fail upload
   fi
   if [ -d "$in/secrets" ]; then
     install -d -m 0700 "$secrets" || fail upload
@@ -31,38 +37,61 @@ fi
 # Mark the source tree as used (pruning keeps the most recently used ones).
 if [ -d "$src" ]; then touch "$src"; fi
 say step build
+# switch and boot: the build sets the system profile in the same process (`nix build --profile`, the form Nix's
+# own help gives for a NixOS system; one Nix process less than a separate `nix-env --set`). The previous generation is recorded
+# first, for the rollback.
+case $action in switch|boot) setprofile=1 ;; *) setprofile=0 ;; esac
+set -- --out-link "$job/system"
+if [ "$setprofile" = 1 ]; then
+  readlink "$profile" > "$job/profile-before" 2> /dev/null
+  set -- "$@" --profile "$profile"
+fi
+# Puts the profile back where it was when this job changed it and then failed before its activation started.
+unset_profile() {
+  [ "$setprofile" = 1 ] || return 0
+  before=$(gen < "$job/profile-before") after=$(readlink "$profile" | gen)
+  if [ -n "$before" ] && [ -n "$after" ] && [ "$after" != "$before" ]; then
+    nix-env -p "$profile" --switch-generation "$before" > /dev/null 2>&1
+    nix-env -p "$profile" --delete-generations "$after" > /dev/null 2>&1
+  fi
+}
+gen() { sed -n 's/.*-\([0-9][0-9]*\)-link$/\1/p'; }
 if ! nix --extra-experimental-features 'nix-command flakes' build --no-update-lock-file \
-    --out-link "$job/system" "$installable" > "$job/build.log" 2>&1; then
+    "$@" "$installable" > "$job/build.log" 2>&1; then
   tail -n 30 "$job/build.log"
   if grep -q "lock file" "$job/build.log"; then fail lockfile; fi
+  # Built (the out-link is there) but the profile was not set.
+  if [ "$setprofile" = 1 ] && [ -L "$job/system" ]; then unset_profile; fail profile; fi
   fail build
 fi
-top=$(readlink -e "$job/system") || fail build
-if [ ! -x "$top/bin/switch-to-configuration" ]; then
-  echo "$top has no bin/switch-to-configuration: not a NixOS system"
+if ! resolve "$job/system" || [ ! -x "$r/bin/switch-to-configuration" ]; then
+  echo "$(readlink "$job/system") has no bin/switch-to-configuration: not a NixOS system"
+  unset_profile
   fail build
 fi
+top=$r
 echo "$top" > "$job/toplevel"
 say toplevel "$top"
-case $action in switch|boot)
-  (readlink "$profile" || true) > "$job/profile-before" 2> /dev/null
-  nix-env -p "$profile" --set "$top" > "$job/profile.log" 2>&1 || { cat "$job/profile.log"; fail profile; }
-  readlink "$profile" > "$job/profile-after"
-esac
+if [ "$setprofile" = 1 ]; then readlink "$profile" > "$job/profile-after"; fi
 printf '%s' "$wrapper" > "$job/activate"
-cat /proc/sys/kernel/random/boot_id > "$job/boot_id"
+get /proc/sys/kernel/random/boot_id && echo "$v" > "$job/boot_id"
 say step activate
 systemd-run --unit="$unit" --collect --quiet -- \
-  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" || fail unit
-# Until the activation settled: finished (result) or waiting for the confirmation (awaiting).
-while [ ! -f "$job/result" ] && [ ! -f "$job/awaiting" ]; do
+  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" \
+  || { unset_profile; fail unit; }
+# Until the activation settled: finished (result) or waiting for its confirmation (awaiting). The unit holds
+# settle.lock (before it writes its pid) until then, so this blocks in flock instead of polling; the loop is for
+# the moment before the unit started and for a unit that died.
+while ! settled; do
+  if [ -f "$job/pid" ]; then { flock -s 8; } 8<> "$job/settle.lock"; fi
+  settled && break
   if died; then
     tail -n 30 "$job/log" 2> /dev/null
     fail died
   fi
-  sleep 0.2
+  sleep 0.1
 done
 tail -n 30 "$job/log" 2> /dev/null
-say activated "$(cat "$job/activated" 2> /dev/null)"
-if [ -f "$job/result" ]; then say result "$(cat "$job/result")"; fi
+get "$job/activated"; say activated "$v"
+if get "$job/result"; then say result "$v"; fi
 exit 0

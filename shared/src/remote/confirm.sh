@@ -9,18 +9,27 @@ set -u
 job=$1 marker=$2 identity=$3 current=$4 check=$5 timeout=$6 allow=$7
 shift 7
 say() { echo "@@nio $*"; }
+# A one-line file's content into $v, by the shell itself (no process).
+get() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || [ -n "$v" ]; }; }
 # The activation unit ended without a result (a pid not yet written is not a dead unit).
-died() { p=$(cat "$job/pid" 2> /dev/null); [ -n "$p" ] && ! kill -0 "$p" 2> /dev/null && [ ! -f "$job/result" ]; }
+died() { get "$job/pid"; [ -n "$v" ] && ! kill -0 "$v" 2> /dev/null && [ ! -f "$job/result" ]; }
+gone() {
+  get /proc/sys/kernel/random/boot_id; b=$v; get "$job/boot_id"
+  if [ "$b" != "$v" ]; then say failed rebooted; exit 3; fi
+  if died; then say failed died; exit 3; fi
+}
+# Blocks while the unit holds the lock (activate-unit.sh: settle.lock until it settled, unit.lock until it
+# exits); polls only before the unit started and for a unit that holds no lock.
+until_unit() {
+  until [ -f "$job/$1" ] || [ -f "$job/$2" ]; do
+    if [ -f "$job/pid" ]; then { flock -s 8; } 8<> "$job/$3"; fi
+    [ -f "$job/$1" ] || [ -f "$job/$2" ] && break
+    gone
+    sleep 0.1
+  done
+}
 [ -d "$job" ] || { say failed nojob; exit 3; }
-while [ ! -f "$job/result" ] && [ ! -f "$job/awaiting" ]; do
-  if [ "$(cat /proc/sys/kernel/random/boot_id)" != "$(cat "$job/boot_id" 2> /dev/null)" ]; then
-    say failed rebooted; exit 3
-  fi
-  if died; then
-    say failed died; exit 3
-  fi
-  sleep 0.2
-done
+until_unit result awaiting settle.lock
 healthy() {
   [ "$check" = 1 ] || return 0
   if [ $# -gt 0 ]; then timeout "$timeout" "$@" > "$job/health.log" 2>&1; return; fi
@@ -41,31 +50,40 @@ case $state in
     say step health
     if healthy "$@"; then
       health=ok
-      [ -f "$job/result" ] || touch "$job/confirmed"
+      [ -f "$job/result" ] || : > "$job/confirmed"
     else
       health="failed $?"
       [ -f "$job/result" ] || { echo "health check failed: $(tr '\n' ' ' < "$job/health.log" | head -c 400)" > "$job/abort"; }
     fi
-    while [ ! -f "$job/result" ]; do sleep 0.2; done ;;
+    # Wake the unit's wait (a FIFO it holds open; writing never blocks, and nothing is left if it is gone).
+    if [ -p "$job/decide" ]; then echo 1<> "$job/decide"; fi
+    until_unit result result unit.lock ;;
 esac
-result=$(cat "$job/result")
+get "$job/result"; result=$v
 case $result in
   confirmed|done)
     case $health in
       failed*) ;;
       *) if [ -n "$marker" ]; then
-           mkdir -p "${marker%/*}" && printf '%s %s\n' "$identity" "$(cat "$job/toplevel")" > "$marker.tmp" && mv -f "$marker.tmp" "$marker"
+           get "$job/toplevel"
+           { [ -d "${marker%/*}" ] || mkdir -p "${marker%/*}"; } && printf '%s %s\n' "$identity" "$v" > "$marker.tmp" \
+             && mv -f "$marker.tmp" "$marker"
          fi ;;
     esac ;;
 esac
 # Disk: keep the two most recently used source trees and the last ten jobs (each job's `system` link is the
 # GC root of what it built; the system profile's generations root what switch and boot installed).
 state=${job%/jobs/*}
-prune() { ls -1t "$1" 2> /dev/null | tail -n +"$(($2 + 1))" | while IFS= read -r d; do rm -rf "${1:?}/$d"; done; }
+prune() {
+  set -- "$1" "$2" "$1"/*
+  [ $# -gt $(($2 + 2)) ] || return 0
+  ls -1t "$1" 2> /dev/null | tail -n +"$(($2 + 1))" | while IFS= read -r d; do rm -rf "${1:?}/$d"; done
+}
 prune "$state/src" 2
 prune "$state/jobs" 10
 if [ -f "$job/health.log" ]; then tail -n 20 "$job/health.log"; fi
 say health "$health"
 say result "$result"
-say system "$(readlink -e "$current")"
+r=; if cd -P -- "$current" 2> /dev/null; then r=$PWD; cd /; fi
+say system "$r"
 exit 0
