@@ -56,7 +56,10 @@ if [ "$rollback" != 1 ]; then finish done; fi
 decided() { [ -f "$job/confirmed" ] || [ -f "$job/abort" ]; }
 now() { read -r t _ < /proc/uptime; t=${t%.*}; }
 fifo=0
-if { [ ! -e "$job/decide" ] || rm -f "$job/decide"; } && mkfifo -m 0600 "$job/decide"; then exec 5<> "$job/decide"; fifo=1; fi
+if { [ ! -e "$job/decide" ] || rm -f "$job/decide"; } && mkfifo -m 0600 "$job/decide"; then
+  exec 5<> "$job/decide"
+  fifo=1
+fi
 : > "$job/awaiting"
 exec 6>&-
 now; end=$((t + confirm))

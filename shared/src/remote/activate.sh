@@ -38,8 +38,8 @@ fi
 if [ -d "$src" ]; then touch "$src"; fi
 say step build
 # switch and boot: the build sets the system profile in the same process (`nix build --profile`, the form Nix's
-# own help gives for a NixOS system; one Nix process less than a separate `nix-env --set`). The previous generation is recorded
-# first, for the rollback.
+# own help gives for a NixOS system; one Nix process less than a separate `nix-env --set`). The previous
+# generation is recorded first, for the rollback.
 case $action in switch|boot) setprofile=1 ;; *) setprofile=0 ;; esac
 set -- --out-link "$job/system"
 if [ "$setprofile" = 1 ]; then

@@ -18,6 +18,8 @@ while read -r k _ e _; do [ "$k" = Uid: ] && uid=$e && break; done < /proc/self/
 echo "$uid"; part
 if [ "$uid" = 0 ]; then echo root; else sudo -n true 2>&1 && echo sudo; fi; part
 if [ -d "$5" ]; then
-  for f in toplevel boot_id activated awaiting result; do [ -f "$5/$f" ] && { line "$5/$f" > /dev/null; echo "$f=$l"; }; done
+  for f in toplevel boot_id activated awaiting result; do
+    [ -f "$5/$f" ] && { line "$5/$f" > /dev/null; echo "$f=$l"; }
+  done
   true
 else false; fi; part
