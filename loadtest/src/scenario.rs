@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -186,8 +187,11 @@ pub struct Row {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProcReport {
     pub name: String,
+    /// Since the process started (the warm-up rollout included), and its peak RSS.
     #[serde(flatten)]
     pub usage: Usage,
+    /// CPU seconds spent from the measured rollout's start to the report: what the rollout cost the process.
+    pub rollout_cpu_seconds: f64,
 }
 
 /// The JSON report.
@@ -243,6 +247,10 @@ pub struct Report {
     pub latency_ms: Percentiles,
     /// Commit bump → first SSH command on the machine.
     pub first_command_ms: Percentiles,
+    /// Where that time went: commit bump → the machine's job on the queue (seen by a subscriber to the job
+    /// subjects), and → an executor logged in to the machine.
+    pub published_ms: Percentiles,
+    pub login_ms: Percentiles,
     pub max_in_flight_per_site: BTreeMap<String, usize>,
     /// For each fleet-wide disruption budget of the rollout (no selector, no perLabel): most machines under
     /// an update at once across every cluster, by the machines' own operation records.
@@ -255,6 +263,11 @@ pub struct Report {
     /// refused as stale and retried (`nio_controller_machine_status_writes_total`).
     pub machine_status_writes: u64,
     pub machine_status_conflicts: u64,
+    /// Kubernetes API requests the controllers made for the measured rollout, by "VERB resource"
+    /// (`nio_controller_api_requests_total`, read once they stopped changing after the last machine reported),
+    /// and their sum divided by the machines.
+    pub api_requests: BTreeMap<String, u64>,
+    pub api_requests_per_machine: f64,
     pub violations: Vec<String>,
     pub plot: Option<String>,
     /// Per machine (only for fleets of at most 200 machines).
@@ -301,6 +314,33 @@ fn resumed_after(
     }
 }
 
+fn ms_since(t0: Instant, t: Instant) -> f64 {
+    t.saturating_duration_since(t0).as_secs_f64() * 1000.0
+}
+
+type Published = (Arc<Mutex<BTreeMap<String, Instant>>>, tokio::task::JoinHandle<()>);
+
+/// When each machine's first apply job from now on is published (a core subscription to the job subjects sees
+/// every message JetStream stores); the task ends when aborted.
+async fn watch_published(servers: &[String]) -> anyhow::Result<Published> {
+    let client = async_nats::connect(servers.to_vec()).await.context("connecting to NATS")?;
+    let mut sub = client.subscribe(format!("{}.*.apply.>", nio_shared::subjects::JOBS_PREFIX)).await?;
+    client.flush().await?;
+    let seen = Arc::new(Mutex::new(BTreeMap::new()));
+    let into = seen.clone();
+    let task = tokio::spawn(async move {
+        use futures::StreamExt;
+        let _client = client;
+        while let Some(m) = sub.next().await {
+            let at = Instant::now();
+            if let (Some(s), Ok(mut seen)) = (nio_shared::subjects::parse_job_subject(&m.subject), into.lock()) {
+                seen.entry(s.machine).or_insert(at);
+            }
+        }
+    });
+    Ok((seen, task))
+}
+
 fn pct(mut v: Vec<f64>) -> Percentiles {
     if v.is_empty() {
         return Percentiles { min: 0.0, p50: 0.0, p90: 0.0, p99: 0.0 };
@@ -345,6 +385,8 @@ pub struct Running {
     /// The warm-up commit, and on how many machines the measured one was made to fail.
     first_commit: String,
     broken: usize,
+    /// Each process's CPU seconds when the measured rollout started (by name).
+    cpu_at_start: BTreeMap<String, f64>,
 }
 
 fn machine_cluster(i: usize, clusters: usize) -> usize {
@@ -504,6 +546,7 @@ impl Running {
             exec_args,
             ctl_args,
             first_commit: String::new(),
+            cpu_at_start: BTreeMap::new(),
             broken: 0,
         };
         for i in 0..s.executors.max(1) {
@@ -864,6 +907,14 @@ impl Running {
         }
     }
 
+    /// The controllers (standbys included) and executors.
+    fn procs(&self) -> impl Iterator<Item = &Proc> {
+        self.clusters
+            .iter()
+            .flat_map(|c| std::iter::once(&c.controller).chain(c.standby.as_ref()))
+            .chain(self.executors.iter())
+    }
+
     /// Kubeconfig files, one per cluster.
     pub fn kubeconfigs(&self) -> Vec<(String, PathBuf)> {
         self.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig.clone())).collect()
@@ -891,6 +942,43 @@ impl Running {
             metric_sum(ports(), metric, "result=\"written\"").await,
             metric_sum(ports(), metric, "result=\"conflict\"").await,
         )
+    }
+
+    /// The controllers' API requests so far, by "VERB resource" (`nio_controller_api_requests_total`).
+    async fn api_requests(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for c in &self.clusters {
+            let Some((_, text)) = crate::procs::http_get(c.controller.metrics_port, "/metrics").await else { continue };
+            for line in text.lines().filter(|l| l.starts_with("nio_controller_api_requests_total{")) {
+                let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next());
+                let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else { continue };
+                let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                *out.entry(format!("{verb} {resource}")).or_default() += n as u64;
+            }
+        }
+        out
+    }
+
+    /// The API requests made since `before`, once the count has not changed for a second (the last
+    /// machine's Event and the configurations' final status follow its report); at most 10 s.
+    async fn api_requests_since(&self, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut last = self.api_requests().await;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = self.api_requests().await;
+            if now == last || Instant::now() > deadline {
+                break;
+            }
+            last = now;
+        }
+        last.into_iter()
+            .map(|(k, n)| {
+                let d = n.saturating_sub(before.get(&k).copied().unwrap_or(0));
+                (k, d)
+            })
+            .filter(|(_, d)| *d > 0)
+            .collect()
     }
 
     /// Metrics endpoints of the NIO processes.
@@ -996,17 +1084,24 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     r.first_commit = first.clone();
     r.rollout(&first, &[], None).await?;
     let servers = nio_shared::nats::servers(&r.nats_url);
-    let js = async_nats::jetstream::new(async_nats::connect(servers).await.context("connecting to NATS")?);
+    let js = async_nats::jetstream::new(async_nats::connect(servers.clone()).await.context("connecting to NATS")?);
     let jobs0 = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await;
     let status0 = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await;
     let writes0 = r.machine_status_writes().await;
+    let requests0 = r.api_requests().await;
     if let Ok(mut ops) = r.fleet.recorder.ops.lock() {
         ops.clear();
     }
+    if let Ok(mut logins) = r.fleet.recorder.logins.lock() {
+        logins.clear();
+    }
+    let published = watch_published(&servers).await?;
     let bars = (!s.quiet).then(|| Bars::new(&r.fleet, s.sites));
     if !s.quiet {
         eprintln!("measured rollout: bumping the commit");
     }
+    r.sample();
+    r.cpu_at_start = r.procs().map(|p| (p.name.clone(), p.last.cpu_seconds)).collect();
     let t0 = Instant::now();
     let commit = r.repo.bump("load test")?;
     if s.broken > 0.0 {
@@ -1027,6 +1122,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     let jobs = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await.saturating_sub(jobs0);
     let statuses = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await.saturating_sub(status0);
     let writes = r.machine_status_writes().await;
+    let requests = r.api_requests_since(&requests0).await;
     // The plot goes next to the report, or into a work directory that outlives the run.
     let plot = match (report_path, &s.work_dir) {
         (Some(p), _) => Some(p.with_extension("svg")),
@@ -1034,9 +1130,20 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
         (None, None) => None,
     };
     let mut report = analyse(&mut r, &commit, &seen, t0, wall, jobs, statuses, plot.as_deref()).await?;
+    published.1.abort();
+    let published: Vec<f64> =
+        published.0.lock().map(|p| p.values().map(|t| ms_since(t0, *t)).collect()).unwrap_or_default();
+    report.published_ms = pct(published);
+    let mut logins: BTreeMap<usize, Instant> = BTreeMap::new();
+    for (m, t) in r.fleet.recorder.logins.lock().map(|l| l.clone()).unwrap_or_default() {
+        logins.entry(m).or_insert(t);
+    }
+    report.login_ms = pct(logins.values().map(|t| ms_since(t0, *t)).collect());
     (report.poison_published, report.poison_terminated) = (poison_published, poison_terminated);
     report.machine_status_writes = writes.0.saturating_sub(writes0.0);
     report.machine_status_conflicts = writes.1.saturating_sub(writes0.1);
+    report.api_requests_per_machine = requests.values().sum::<u64>() as f64 / s.machines.max(1) as f64;
+    report.api_requests = requests;
     if let Some(p) = report_path {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)?;
     }
@@ -1174,13 +1281,14 @@ async fn analyse(
             (n as f64 / f64::from(s.site_limit.max(1))).ceil() * mean
         })
         .fold(0.0, f64::max);
-    let mut processes: Vec<ProcReport> = r
-        .clusters
-        .iter()
-        .flat_map(|c| std::iter::once(&c.controller).chain(c.standby.as_ref()))
-        .map(|p| ProcReport { name: p.name.clone(), usage: p.last })
+    let processes: Vec<ProcReport> = r
+        .procs()
+        .map(|p| ProcReport {
+            name: p.name.clone(),
+            usage: p.last,
+            rollout_cpu_seconds: p.last.cpu_seconds - r.cpu_at_start.get(&p.name).copied().unwrap_or(0.0),
+        })
         .collect();
-    processes.extend(r.executors.iter().map(|e| ProcReport { name: e.name.clone(), usage: e.last }));
     let plotted = plot
         .and_then(|p| crate::plot::rollout_svg(p, &r.fleet, seen, t0, s.sites).ok().map(|_| p.display().to_string()));
     Ok(Report {
@@ -1211,12 +1319,16 @@ async fn analyse(
         efficiency: if wall > 0.0 { ideal / wall } else { 0.0 },
         latency_ms: pct(latencies),
         first_command_ms: pct(first),
+        published_ms: pct(vec![]),
+        login_ms: pct(vec![]),
         max_in_flight_per_site: max_in_flight,
         max_in_flight_per_budget: per_budget,
         processes,
         nats_jobs_published: jobs,
         nats_status_published: statuses,
         machine_status_writes: 0,
+        api_requests: BTreeMap::new(),
+        api_requests_per_machine: 0.0,
         machine_status_conflicts: 0,
         violations,
         plot: plotted,
@@ -1297,8 +1409,9 @@ pub fn summary(r: &Report) -> String {
     let mut s = format!(
         "{} machines ({} sites, limit {} per site, {} cluster(s), {} executor(s)): {} updated, {} failed, {} lost in {:.1}s\n\
          throughput {:.1} machines/s; ideal {:.1}s → efficiency {:.0}%\n\
-         latency to applied p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms; to first command p50 {:.0} ms\n\
-         machine status writes {} ({} refused as stale and retried)\n",
+         latency to applied p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms; to first command p50 {:.0} ms \
+         (job published p50 {:.0} ms, executor logged in p50 {:.0} ms)\n\
+         machine status writes {} ({} refused as stale and retried); API requests {:.2} per machine\n",
         r.machines,
         r.sites,
         r.site_limit,
@@ -1315,8 +1428,11 @@ pub fn summary(r: &Report) -> String {
         r.latency_ms.p90,
         r.latency_ms.p99,
         r.first_command_ms.p50,
+        r.published_ms.p50,
+        r.login_ms.p50,
         r.machine_status_writes,
-        r.machine_status_conflicts
+        r.machine_status_conflicts,
+        r.api_requests_per_machine
     );
     if !r.waves.is_empty() && (r.waves.len() > 1 || r.halted) {
         let waves: Vec<String> = r
@@ -1334,8 +1450,8 @@ pub fn summary(r: &Report) -> String {
     }
     for p in &r.processes {
         s.push_str(&format!(
-            "  {:<22} cpu {:>6.2}s  peak rss {:>6.1} MB\n",
-            p.name, p.usage.cpu_seconds, p.usage.peak_rss_mb
+            "  {:<22} cpu {:>6.2}s (the measured rollout {:.2}s)  peak rss {:>6.1} MB\n",
+            p.name, p.usage.cpu_seconds, p.rollout_cpu_seconds, p.usage.peak_rss_mb
         ));
     }
     if r.violations.is_empty() {

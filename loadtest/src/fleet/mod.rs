@@ -93,6 +93,8 @@ pub struct Recorder {
     pub ops: Mutex<Vec<Op>>,
     /// Commands that started while another ran on the same machine.
     pub overlaps: Mutex<Vec<String>>,
+    /// Accepted logins: the machine and when.
+    pub logins: Mutex<Vec<(usize, Instant)>>,
 }
 
 /// A running fleet. Servers stop when it is dropped.

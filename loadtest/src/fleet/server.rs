@@ -141,7 +141,13 @@ impl russh::server::Handler for Conn {
         key: russh::server::VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let known = self.authorized.iter().any(|k| k.key_data() == key.public_key.key_data());
-        Ok(if known && user == "root" { Auth::Accept } else { Auth::reject() })
+        if !(known && user == "root") {
+            return Ok(Auth::reject());
+        }
+        if let Ok(mut l) = self.recorder.logins.lock() {
+            l.push((self.machine.index, Instant::now()));
+        }
+        Ok(Auth::Accept)
     }
 
     async fn channel_open_session(
