@@ -30,6 +30,13 @@ pub struct Ctx {
     pub probe_interval: Duration,
     /// Poll interval of configurations that set none.
     pub default_poll: Duration,
+    /// Whether a routine success (an apply that succeeded, or found its target running) is an Event on the
+    /// Machine. Off by default: the Machine's status records it (phase, appliedCommit, lastAppliedTime), the
+    /// configuration's rollout Events summarise it, and at fleet scale an Event per machine per rollout is the
+    /// one API request a success costs beyond its status writes (and thousands of Events per rollout in
+    /// etcd). Failures, rollbacks, installs, removals, reboots, host keys, drift and unreachable machines are
+    /// always Events.
+    pub success_events: bool,
     /// The status this replica last wrote to each configuration (by uid). The cache a reconcile starts from can
     /// be older than our own last write; computing from it would repeat NewCommit/RolloutComplete Events and
     /// reset lastTransitionTime. Cleared at the start of each term as leader.
@@ -232,12 +239,12 @@ async fn write_machine_status(
         };
         let Some(mut status) = f(&m) else { return Ok(Some(m)) };
         crate::kstatus::machine(&mut status);
-        let patch = serde_json::json!({
-            "apiVersion": "nixos.infra/v1alpha1",
-            "kind": "Machine",
-            "metadata": {"name": name, "resourceVersion": m.metadata.resource_version},
-            "status": status,
-        });
+        let patch = StatusPatch {
+            api_version: "nixos.infra/v1alpha1",
+            kind: "Machine",
+            metadata: Some(PatchMeta { name, resource_version: m.metadata.resource_version.as_deref() }),
+            status: &status,
+        };
         match apply_status::<Machine>(&ctx.client, ns, name, &patch).await {
             Ok(resource_version) => {
                 ctx.metrics
@@ -263,6 +270,26 @@ async fn write_machine_status(
     Ok(None)
 }
 
+/// A status write's body, serialized straight from the status (a `serde_json::Value` of it first cost a tree of
+/// allocations per write).
+#[derive(serde::Serialize)]
+struct StatusPatch<'a, S> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metadata: Option<PatchMeta<'a>>,
+    status: &'a S,
+}
+
+#[derive(serde::Serialize)]
+struct PatchMeta<'a> {
+    name: &'a str,
+    /// The write's precondition: refused (409) if the object changed since.
+    #[serde(rename = "resourceVersion", skip_serializing_if = "Option::is_none")]
+    resource_version: Option<&'a str>,
+}
+
 /// Server-side apply of `patch` to the status of `K` `ns/name`, reading back only the new resourceVersion. The
 /// response is the whole object, which the watch delivers anyway: decoding it too doubled the decoding a status
 /// write costs the controller.
@@ -270,7 +297,7 @@ async fn apply_status<K: Resource<DynamicType = ()>>(
     client: &kube::Client,
     ns: &str,
     name: &str,
-    patch: &serde_json::Value,
+    patch: &impl serde::Serialize,
 ) -> kube::Result<Option<String>> {
     #[derive(serde::Deserialize)]
     struct Meta {
@@ -305,8 +332,7 @@ pub async fn set_status(ctx: &Ctx, cfg: &NixosConfiguration, status: &NixosConfi
         return Ok(());
     }
     let _slot = ctx.request_slot().await;
-    let patch =
-        serde_json::json!({"apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "status": status});
+    let patch = StatusPatch { api_version: "nixos.infra/v1alpha1", kind: "NixosConfiguration", metadata: None, status };
     let ns = cfg.namespace().unwrap_or_default();
     apply_status::<NixosConfiguration>(&ctx.client, &ns, &cfg.name_any(), &patch).await?;
     if let (Ok(mut w), Some(uid)) = (ctx.written.lock(), cfg.metadata.uid.clone()) {

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod analysis;
+pub mod apirequests;
 pub mod budgets;
 pub mod cache;
 pub mod conditions;
@@ -71,6 +72,10 @@ pub struct Settings {
     pub probe_interval: Duration,
     /// pollInterval of configurations that set none.
     pub default_poll_interval: Duration,
+    /// Record an Event on a Machine for each routine success too (an apply that succeeded or found the target
+    /// running), not only for what needs attention or changes the machine's record (see
+    /// [`context::Ctx::success_events`]).
+    pub machine_success_events: bool,
     pub jobs_replicas: usize,
     pub cache_dir: PathBuf,
     /// kube client configuration; None = from the environment (KUBECONFIG or in-cluster).
@@ -94,11 +99,14 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         .with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
     let js = async_nats::jetstream::new(nats);
     nio_shared::nats::ensure_streams(&js, s.jobs_replicas).await?;
-    let client = match s.kube_config.clone() {
-        Some(c) => kube::Client::try_from(c)?,
-        None => kube::Client::try_default().await.context("connecting to Kubernetes")?,
-    };
     let metrics = Arc::new(metrics::Metrics::new(&s.cluster));
+    let config = match s.kube_config.clone() {
+        Some(c) => c,
+        None => kube::Config::infer().await.context("connecting to Kubernetes")?,
+    };
+    let client = kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&apirequests::CountRequests(metrics.api_requests.clone()))
+        .build();
     let health = Arc::new(Health::default());
     let probes = nio_shared::http::Probes {
         metrics: Arc::new({
@@ -128,6 +136,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics: metrics.clone(),
         probe_interval: s.probe_interval,
         default_poll: s.default_poll_interval,
+        success_events: s.machine_success_events,
         written: Default::default(),
         machines: Default::default(),
         prometheus: analysis::Prometheus::new(s.prometheus_url.clone()),

@@ -53,6 +53,11 @@ struct Cli {
     /// How often each Machine is probed (jittered ±10 %).
     #[arg(long, env = "NIO_PROBE_INTERVAL", default_value = "5m")]
     probe_interval: String,
+    /// Also record an Event on a Machine for each routine success (an apply that succeeded or found its target
+    /// running). Off: such successes are in the Machine's status and the configuration's rollout Events, and a
+    /// rollout costs one API request less per machine.
+    #[arg(long, env = "NIO_MACHINE_SUCCESS_EVENTS")]
+    machine_success_events: bool,
     /// Replicas of the NIO_JOBS and NIO_STATUS streams (1 dev, 3 prod).
     #[arg(long, env = "NIO_JOBS_REPLICAS", default_value_t = 1)]
     jobs_replicas: usize,
@@ -149,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
         identity,
         probe_interval,
         default_poll_interval,
+        machine_success_events: cli.machine_success_events,
         jobs_replicas: cli.jobs_replicas,
         cache_dir: cli.cache_dir,
         kube_config: None,

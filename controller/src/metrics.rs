@@ -92,6 +92,8 @@ pub struct Metrics {
     /// Machine status writes by result: `written`, or `conflict` (refused for a stale resourceVersion; read
     /// again and retried).
     pub machine_status_writes: Family<ResultLabel, Counter>,
+    /// The controller's Kubernetes API requests (see [`crate::apirequests`]).
+    pub api_requests: Family<crate::apirequests::RequestLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +116,12 @@ impl Metrics {
         let undecodable = Family::<KindLabel, Counter>::default();
         let webhook_deliveries = Family::<DeliveryLabels, Counter>::default();
         let machine_status_writes = Family::<ResultLabel, Counter>::default();
+        let api_requests = Family::<crate::apirequests::RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Kubernetes API requests the controller made, by verb, resource and response code",
+            api_requests.clone(),
+        );
         let machines_drifted = Gauge::default();
         let configuration_machines = Family::<ConfigLabels, Gauge>::default();
         let wave_machines = Family::<WaveLabels, Gauge>::default();
@@ -191,6 +199,7 @@ impl Metrics {
             reconcile_duration,
             reconcile_errors,
             machine_status_writes,
+            api_requests,
             jobs_published,
             status_events,
             machines,

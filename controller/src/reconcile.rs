@@ -28,8 +28,12 @@ use crate::rollout::{self, MachineView, Policy};
 use crate::waves;
 use nio_shared::gitauth::GitAuth;
 
-/// Jobs published (and Machines marked Queued) at once by one reconcile.
-const PUBLISH_CONCURRENCY: usize = 32;
+/// Jobs published at once by one reconcile (each waits for JetStream's ack; the client allows 5,000 in flight).
+/// At 32 a rollout of 1,000 machines took 0.3–0.9 s to put its jobs on the queue on a loaded machine.
+const PUBLISH_CONCURRENCY: usize = 256;
+
+/// Machines marked Queued at once by one reconcile (API requests, which also share [`Ctx::requests`]).
+const MARK_CONCURRENCY: usize = 32;
 
 /// Whether `cfg` targets machine `m` (same namespace; by name or labels). `m` must carry its labels: a watch
 /// event or a LIST item, not a cached Machine (the cache keeps labels in its index; see `targeted_machines`).
@@ -572,7 +576,7 @@ async fn publish_plan(
             mark(ctx, &m, &job, Some(name)).await?;
             Ok(m.name_any())
         })
-        .buffer_unordered(PUBLISH_CONCURRENCY)
+        .buffer_unordered(MARK_CONCURRENCY)
         .collect()
         .await;
     let mut queued = std::collections::BTreeSet::new();

@@ -188,6 +188,12 @@ pub fn transition(
     Some((s, notes))
 }
 
+/// A routine success: an apply that succeeded or found its target running. Recorded as an Event only when
+/// the controller is asked to (`--machine-success-events`); the Machine's status says it either way.
+pub fn routine(n: &Note) -> bool {
+    !n.warning && n.reason == "Applied"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,6 +250,29 @@ mod tests {
         // a late Step (older) and a duplicate are ignored
         assert!(transition(&spec(), &s, &ev(Phase::Step, Action::Switch, 3), Some(1)).is_none());
         assert!(transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).is_none());
+    }
+
+    /// Only a routine success is left out of Events by default; what needs attention or changes the
+    /// machine's record is always one.
+    #[test]
+    fn routine_successes_are_told_apart_from_what_needs_attention() {
+        let mut first = ev(Phase::Succeeded, Action::Switch, 1);
+        first.host_key = Some("ssh-ed25519 AAAA".into());
+        let (s, notes) = transition(&spec(), &MachineStatus::default(), &first, None).unwrap();
+        let reasons: Vec<(&str, bool)> = notes.iter().map(|n| (n.reason.as_str(), routine(n))).collect();
+        assert_eq!(reasons, [("HostKeyRecorded", false), ("Applied", true)]);
+        let mut skipped = ev(Phase::Skipped, Action::Switch, 2);
+        skipped.job_id = JobId::new("c", "ns", "m1", &format!("{}/4", "a".repeat(40)), Action::Switch);
+        let (s, notes) = transition(&spec(), &s, &skipped, None).unwrap();
+        assert!(notes.iter().all(routine) && notes.len() == 1, "{notes:?}");
+        let mut rolled_back = ev(Phase::RolledBack, Action::Switch, 3);
+        rolled_back.message = Some("health check failed".into());
+        let (s, notes) = transition(&spec(), &s, &rolled_back, None).unwrap();
+        assert!(!notes.iter().any(routine), "{notes:?}");
+        for (phase, action) in [(Phase::Failed, Action::Switch), (Phase::Succeeded, Action::Install)] {
+            let (_, notes) = transition(&spec(), &s, &ev(phase, action, 4), None).unwrap();
+            assert!(!notes.is_empty() && !notes.iter().any(routine), "{phase:?} {action:?}: {notes:?}");
+        }
     }
 
     /// A second delivery of a finished job (a NATS cluster changing leaders hands one out twice) starts, or

@@ -16,7 +16,7 @@ use crate::conditions::Note;
 use crate::context::{Ctx, update_machine_status};
 use crate::error::Result;
 use crate::metrics::EventLabels;
-use crate::status::transition;
+use crate::status::{routine, transition};
 
 /// Creates (or finds) the cluster's durable status consumer.
 pub async fn open(js: &jetstream::Context, cluster: &str) -> anyhow::Result<PullConsumer> {
@@ -166,7 +166,7 @@ pub async fn apply(
         return Ok(None);
     };
     let notes = notes.into_inner().unwrap_or_default();
-    for n in notes {
+    for n in notes.into_iter().filter(|n| ctx.success_events || !routine(n)) {
         ctx.event(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
     }
     tracing::debug!(machine = %machine.name_any(), events = events.len(), "status applied");

@@ -361,9 +361,13 @@ impl Executor {
             return (Err(Failed(e)), None);
         }
         let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
-        rep.event(Phase::Started, None, None, String::new()).await;
         let timeout = self.job_deadline(&job);
-        let work = self.clone().locked(site, &job, &queued, &rep, timeout);
+        // The start is reported while the machine's lock is taken, not before: one broker round trip less
+        // before the first command. It is sent first, so it reaches the stream ahead of the job's steps.
+        let work = async {
+            let started = rep.event(Phase::Started, None, None, String::new());
+            tokio::join!(started, self.clone().locked(site, &job, &queued, &rep, timeout)).1
+        };
         tokio::select! {
             r = tokio::time::timeout(timeout, work) => match r {
                 Ok(r) => r,

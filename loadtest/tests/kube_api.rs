@@ -39,6 +39,7 @@ on_both!(
     status_subresource_is_separate_from_the_spec,
     finalizer_helper_runs_apply_then_cleanup,
     watch_resumes_from_a_version,
+    watch_lines_name_the_event_type_before_the_object,
     label_filtered_watches_see_only_matching_objects,
     secrets_string_data_becomes_data,
     generate_name_leases_and_both_event_apis,
@@ -292,6 +293,30 @@ async fn watch_resumes_from_a_version(backend: Backend) {
         Some(WatchEvent::Added(m)) => assert_eq!(m.metadata.name.as_deref(), Some("w1")),
         other => panic!("expected w1 added, got {other:?}"),
     }
+}
+
+/// The apiserver writes each watch event `type` first (Go encodes the struct's fields in order); a client can
+/// then decode the object as it reads it. kubesim wrote `object` first (its JSON maps sort their keys), which
+/// made every client buffer every event.
+async fn watch_lines_name_the_event_type_before_the_object(backend: Backend) {
+    let (c, api) = on::<Machine>(backend).await;
+    let first = api.create(&PostParams::default(), &machine("t0")).await.unwrap();
+    let rv0 = first.metadata.resource_version.clone().unwrap();
+    api.create(&PostParams::default(), &machine("t1")).await.unwrap();
+    api.delete("t1", &DeleteParams::default()).await.unwrap();
+    let path = format!(
+        "/apis/nixos.infra/v1alpha1/namespaces/{}/machines?watch=true&resourceVersion={rv0}&timeoutSeconds=2&allowWatchBookmarks=true",
+        c.namespace
+    );
+    let text = c.client.request_text(http::Request::get(path).body(Vec::new()).unwrap()).await.unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.is_empty()).collect();
+    assert!(lines.len() >= 2, "{text}");
+    for line in &lines {
+        assert!(line.starts_with("{\"type\":\""), "{line}");
+        let ty: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert!(["ADDED", "MODIFIED", "DELETED", "BOOKMARK"].contains(&ty["type"].as_str().unwrap()), "{line}");
+    }
+    assert!(lines.iter().any(|l| l.starts_with("{\"type\":\"DELETED\"")), "{text}");
 }
 
 /// kubesim only: forcing a real etcd to compact is not what this test is about.

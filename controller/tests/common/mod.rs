@@ -84,6 +84,7 @@ impl Env {
             identity: identity.into(),
             probe_interval: Duration::from_secs(3600),
             default_poll_interval: Duration::from_secs(300),
+            machine_success_events: false,
             jobs_replicas: 1,
             cache_dir: self.dir.path().join(format!("cache-{identity}")),
             kube_config: Some(self.controller_config.clone()),

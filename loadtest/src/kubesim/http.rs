@@ -513,8 +513,7 @@ fn watch(
         Ok(w) => w,
         // As the API server does: a watch from an expired version is accepted, then ends with an ERROR event.
         Err(e) if e.code == 410 => {
-            let line = format!("{}\n", json!({"type": "ERROR", "object": e.status()}));
-            let mut resp = Response::new(Body::from(line));
+            let mut resp = Response::new(Body::from(WatchEvent::line_of("ERROR", &e.status())));
             resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             return Ok(resp);
         }
@@ -533,7 +532,7 @@ fn watch(
             if table {
                 let kind = ev.kind_through(&selected)?;
                 let t = table::table(&rt, &[&ev.object], None, &include);
-                Some(Bytes::from(format!("{}\n", json!({"type": kind, "object": t}))))
+                Some(WatchEvent::line_of(kind, &t))
             } else {
                 ev.seen_through(&selected)
             }
@@ -561,8 +560,8 @@ fn watch(
                     Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = tick.tick(), if bookmarks => {
-                    let b = json!({"type": "BOOKMARK", "object": {"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": {"resourceVersion": last_rv.to_string()}}});
-                    if tx.send(Ok(Bytes::from(format!("{b}\n")))).await.is_err() { return; }
+                    let b = json!({"kind": rt.kind, "apiVersion": rt.api_version(), "metadata": {"resourceVersion": last_rv.to_string()}});
+                    if tx.send(Ok(WatchEvent::line_of("BOOKMARK", &b))).await.is_err() { return; }
                 }
                 _ = tokio::time::sleep_until(deadline) => return,
             }

@@ -141,7 +141,9 @@ impl WatchEvent {
         }
     }
 
-    fn line_of(kind: &str, object: &Value) -> Bytes {
+    /// A watch stream's line, `type` first as the apiserver writes it (Go encodes the struct's fields in order;
+    /// a client can then decode the object as it reads it, without buffering it first).
+    pub fn line_of(kind: &str, object: &Value) -> Bytes {
         let mut buf = Vec::with_capacity(256);
         buf.extend_from_slice(b"{\"type\":\"");
         buf.extend_from_slice(kind.as_bytes());
