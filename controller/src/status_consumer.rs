@@ -67,7 +67,7 @@ pub async fn run(
         let work = groups.into_iter().map(|((ns, name), group)| {
             let ctx = ctx.clone();
             let reference = kube::runtime::reflector::ObjectRef::new(&name).within(&ns);
-            let known = machines.iter().find_map(|s| s.get(&reference)).map(|m| (*m).clone());
+            let known = machines.iter().find_map(|s| s.get(&reference));
             async move {
                 let (msgs, events): (Vec<_>, Vec<_>) = group.into_iter().unzip();
                 let last = events.last().map(|ev| (ev.cluster.clone(), ev.phase, ev.action));
@@ -80,7 +80,7 @@ pub async fn run(
                         nio_shared::telemetry::link_from(&span, m.headers.as_ref());
                     }
                 }
-                let ack = match apply(&ctx, &events, known.as_ref()).instrument(span).await {
+                let ack = match apply(&ctx, &events, known.as_deref()).instrument(span).await {
                     Ok(_) => AckKind::Ack,
                     Err(e) => {
                         tracing::warn!(machine = %name, namespace = %ns, error = %e, "applying status events failed; will retry");
@@ -123,20 +123,23 @@ async fn next_events(consumer: &PullConsumer) -> anyhow::Result<Vec<jetstream::M
 const BATCH: usize = 256;
 
 /// Applies a machine's events, oldest first, to its Machine (starting from `known`, a recent copy, when there
-/// is one) in one write, and records the Events they call for; returns the Machine as written. Events that
-/// arrived together cost one request: under load, bursts coalesce instead of queueing one write each.
-pub async fn apply(
-    ctx: &Ctx,
-    events: &[StatusEvent],
-    known: Option<&nio_shared::crd::Machine>,
-) -> Result<Option<nio_shared::crd::Machine>> {
+/// is one) in one write, and records the Events they call for. Events that arrived together cost one request:
+/// under load, bursts coalesce instead of queueing one write each.
+pub async fn apply(ctx: &Ctx, events: &[StatusEvent], known: Option<&nio_shared::crd::Machine>) -> Result<()> {
     let events: Vec<&StatusEvent> = events.iter().filter(|ev| ev.cluster == ctx.cluster).collect();
-    let Some(first) = events.first() else { return Ok(None) };
+    let Some(first) = events.first() else { return Ok(()) };
     for ev in &events {
         ctx.metrics
             .status_events
             .get_or_create(&EventLabels { phase: format!("{:?}", ev.phase), action: ev.action.as_str().into() })
             .inc();
+    }
+    // Progress steps of a machine already Applying change nothing (see below): done without taking the
+    // Machine's write turn or copying it. Half of a rollout's status events are such steps.
+    if events.iter().all(|ev| ev.phase == Phase::Step)
+        && known.and_then(|m| m.status.as_ref()).is_some_and(|s| s.phase == Some(MachinePhase::Applying))
+    {
+        return Ok(());
     }
     let (ns, name) = (first.namespace.clone(), first.machine.clone());
     let notes: Mutex<Vec<Note>> = Mutex::new(Vec::new());
@@ -163,12 +166,12 @@ pub async fn apply(
     .await?;
     let Some(machine) = updated else {
         tracing::info!(machine = %name, namespace = %ns, "status event for a Machine that no longer exists");
-        return Ok(None);
+        return Ok(());
     };
     let notes = notes.into_inner().unwrap_or_default();
     for n in notes.into_iter().filter(|n| ctx.success_events || !routine(n)) {
         ctx.event(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
     }
     tracing::debug!(machine = %machine.name_any(), events = events.len(), "status applied");
-    Ok(Some(machine))
+    Ok(())
 }
