@@ -70,15 +70,12 @@ async fn request_counts(client: &kube::Client) -> anyhow::Result<BTreeMap<(Strin
     let text = client.request_text(req).await?;
     let mut out = BTreeMap::new();
     for line in text.lines().filter(|l| l.starts_with("apiserver_request_total{")) {
-        let label = |name: &str| -> String {
-            line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next()).unwrap_or("").to_string()
-        };
+        let label = |name: &str| crate::procs::metric_label(line, name).unwrap_or("").to_string();
         let resource = label("resource");
         if !["machines", "nixosconfigurations", "events", "leases", "secrets"].contains(&resource.as_str()) {
             continue;
         }
-        let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        *out.entry((label("verb"), label("code"))).or_default() += n as u64;
+        *out.entry((label("verb"), label("code"))).or_default() += crate::procs::metric_value(line) as u64;
     }
     Ok(out)
 }

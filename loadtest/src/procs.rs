@@ -55,6 +55,16 @@ pub fn usage(pid: u32) -> Option<Usage> {
     Some(Usage { cpu_seconds: ticks / 100.0, peak_rss_mb: hwm_kb / 1024.0 })
 }
 
+/// The value of label `name` on a Prometheus text-format sample line.
+pub fn metric_label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    line.split(&format!("{name}=\"")).nth(1)?.split('"').next()
+}
+
+/// The value of a Prometheus text-format sample line (0 when it has none).
+pub fn metric_value(line: &str) -> f64 {
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
 /// CPU seconds the whole machine has spent busy since boot (/proc/stat: user, nice, system, irq, softirq; not idle,
 /// I/O wait or time stolen by the hypervisor): the difference over a phase is what everything in it cost.
 pub fn machine_busy_seconds() -> Option<f64> {

@@ -934,39 +934,44 @@ impl Running {
         }
     }
 
-    /// Machine status writes (written, conflict) the running controllers counted so far.
-    async fn machine_status_writes(&self) -> (u64, u64) {
-        let ports = || self.clusters.iter().map(|c| c.controller.metrics_port);
-        let metric = "nio_controller_machine_status_writes_total";
-        (
-            metric_sum(ports(), metric, "result=\"written\"").await,
-            metric_sum(ports(), metric, "result=\"conflict\"").await,
-        )
-    }
-
-    /// The controllers' API requests so far, by "VERB resource" (`nio_controller_api_requests_total`).
-    async fn api_requests(&self) -> BTreeMap<String, u64> {
+    /// The controllers' counters so far, each controller read once (so the figures agree with each other):
+    /// API requests by "VERB resource" (`nio_controller_api_requests_total`), and Machine status writes under
+    /// [`WRITTEN`] and [`CONFLICTS`] (`nio_controller_machine_status_writes_total`).
+    async fn controller_counts(&self) -> BTreeMap<String, u64> {
+        use crate::procs::{metric_label, metric_value};
         let mut out = BTreeMap::new();
         for c in &self.clusters {
             let Some((_, text)) = crate::procs::http_get(c.controller.metrics_port, "/metrics").await else { continue };
-            for line in text.lines().filter(|l| l.starts_with("nio_controller_api_requests_total{")) {
-                let label = |name: &str| line.split(&format!("{name}=\"")).nth(1).and_then(|r| r.split('"').next());
-                let (Some(verb), Some(resource)) = (label("verb"), label("resource")) else { continue };
-                let n = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-                *out.entry(format!("{verb} {resource}")).or_default() += n as u64;
+            for line in text.lines() {
+                let key = if line.starts_with("nio_controller_api_requests_total{") {
+                    let (Some(verb), Some(resource)) = (metric_label(line, "verb"), metric_label(line, "resource"))
+                    else {
+                        continue;
+                    };
+                    format!("{verb} {resource}")
+                } else if line.starts_with("nio_controller_machine_status_writes_total{") {
+                    match metric_label(line, "result") {
+                        Some("written") => WRITTEN.to_string(),
+                        Some("conflict") => CONFLICTS.to_string(),
+                        _ => continue,
+                    }
+                } else {
+                    continue;
+                };
+                *out.entry(key).or_default() += metric_value(line) as u64;
             }
         }
         out
     }
 
-    /// The API requests made since `before`, once the count has not changed for a second (the last
-    /// machine's Event and the configurations' final status follow its report); at most 10 s.
-    async fn api_requests_since(&self, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    /// The counts since `before`, once they have not changed for a second (the last machine's Event and the
+    /// configurations' final status follow its report); at most 10 s.
+    async fn controller_counts_since(&self, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut last = self.api_requests().await;
+        let mut last = self.controller_counts().await;
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let now = self.api_requests().await;
+            let now = self.controller_counts().await;
             if now == last || Instant::now() > deadline {
                 break;
             }
@@ -1057,7 +1062,7 @@ async fn metric_sum(ports: impl IntoIterator<Item = u16>, metric: &str, label: &
             if !(rest.starts_with('{') || rest.starts_with(' ')) || !rest.contains(label) {
                 continue;
             }
-            total += line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+            total += crate::procs::metric_value(line);
         }
     }
     total as u64
@@ -1069,6 +1074,10 @@ async fn stream_seq(js: &async_nats::jetstream::Context, name: &str) -> u64 {
         Err(_) => 0,
     }
 }
+
+/// [`Running::controller_counts`]' keys of the Machine status writes (not API requests: no space).
+const WRITTEN: &str = "status-writes:written";
+const CONFLICTS: &str = "status-writes:conflict";
 
 /// Runs a scenario: warm-up rollout of the first commit, then the measured rollout of a new commit.
 pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Report, Option<Running>)> {
@@ -1087,8 +1096,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     let js = async_nats::jetstream::new(async_nats::connect(servers.clone()).await.context("connecting to NATS")?);
     let jobs0 = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await;
     let status0 = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await;
-    let writes0 = r.machine_status_writes().await;
-    let requests0 = r.api_requests().await;
+    let counts0 = r.controller_counts().await;
     if let Ok(mut ops) = r.fleet.recorder.ops.lock() {
         ops.clear();
     }
@@ -1121,8 +1129,8 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     r.sample();
     let jobs = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await.saturating_sub(jobs0);
     let statuses = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await.saturating_sub(status0);
-    let writes = r.machine_status_writes().await;
-    let requests = r.api_requests_since(&requests0).await;
+    let mut requests = r.controller_counts_since(&counts0).await;
+    let writes = (requests.remove(WRITTEN).unwrap_or(0), requests.remove(CONFLICTS).unwrap_or(0));
     // The plot goes next to the report, or into a work directory that outlives the run.
     let plot = match (report_path, &s.work_dir) {
         (Some(p), _) => Some(p.with_extension("svg")),
@@ -1140,8 +1148,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     }
     report.login_ms = pct(logins.values().map(|t| ms_since(t0, *t)).collect());
     (report.poison_published, report.poison_terminated) = (poison_published, poison_terminated);
-    report.machine_status_writes = writes.0.saturating_sub(writes0.0);
-    report.machine_status_conflicts = writes.1.saturating_sub(writes0.1);
+    (report.machine_status_writes, report.machine_status_conflicts) = writes;
     report.api_requests_per_machine = requests.values().sum::<u64>() as f64 / s.machines.max(1) as f64;
     report.api_requests = requests;
     if let Some(p) = report_path {
