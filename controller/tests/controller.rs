@@ -19,6 +19,7 @@ nio_loadtest::on_both!(
     new_commits_are_picked_up_sha_refs_work_and_unknown_refs_degrade,
     authenticated_https_and_ssh_remotes_use_the_credentials_secret,
     status_events_drive_machine_and_configuration_status_without_regressing,
+    progress_steps_of_an_applying_machine_are_counted_and_cost_no_write,
     max_parallel_releases_the_next_machine_when_one_finishes,
     two_clusters_share_nats_but_each_sees_only_its_own_status,
     deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machines,
@@ -33,7 +34,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use nio_shared::crd::{Machine, MachinePhase};
-use nio_shared::protocol::{Action, FailureCategory, Phase};
+use nio_shared::protocol::{Action, FailureCategory, Phase, Step};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(20);
@@ -380,6 +381,70 @@ async fn status_events_drive_machine_and_configuration_status_without_regressing
     // longer than the 5 s poll interval: the configuration reconciles again in between
     env.never(Duration::from_secs(6), "a failed target was republished", || {
         env.job_on(env.subject("dc1", "apply", "prod", "m2"))
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Half of a rollout's status events are progress steps of a machine already Applying: each is counted, and
+/// none costs a Machine write (or moves the machine); the outcome after them does.
+async fn progress_steps_of_an_applying_machine_are_counted_and_cost_no_write(backend: Backend) {
+    use nio_loadtest::procs::{metric_label, metric_value};
+    let env = Env::start(backend).await;
+    let mut settings = env.settings("prod", "c1");
+    let metrics_port = nio_loadtest::procs::free_port().unwrap();
+    settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    let (stop, task) = env.spawn(settings);
+    let jobs = env.web_fleet_of_two(json!({})).await;
+    // (status writes, steps counted)
+    let counts = || async {
+        let (_, body) = http_get(metrics_port, "/metrics").await?;
+        let sum = |metric: &str, label: &str, value: &str| -> u64 {
+            body.lines()
+                .filter(|l| l.starts_with(metric) && metric_label(l, label) == Some(value))
+                .map(|l| metric_value(l) as u64)
+                .sum()
+        };
+        Some((
+            sum("nio_controller_machine_status_writes_total{", "result", "written"),
+            sum("nio_controller_status_events_total{", "phase", "Step"),
+        ))
+    };
+    let t0 = chrono::Utc::now();
+    env.report(&jobs[0], Phase::Started, |e| e.at = t0).await;
+    env.eventually(T, "m1 applying in the controller's cache", || async {
+        let m = env.machines().get("m1").await.ok()?;
+        (m.status?.phase == Some(MachinePhase::Applying)).then_some(())
+    })
+    .await;
+    // The cache follows the apiserver by a watch event: give it a moment, then take the count.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (writes, steps) = env.eventually(T, "metrics", counts).await;
+    for (i, step) in [Step::Upload, Step::Build, Step::Health].into_iter().enumerate() {
+        env.report(&jobs[0], Phase::Step, |e| {
+            e.step = Some(step);
+            e.at = t0 + chrono::Duration::seconds(i as i64 + 1);
+        })
+        .await;
+    }
+    env.eventually(T, "three steps counted", || async {
+        let (w, s) = counts().await?;
+        (s == steps + 3).then_some(w)
+    })
+    .await;
+    env.never(Duration::from_secs(1), "a progress step was written", || async {
+        let (w, _) = counts().await?;
+        (w != writes).then_some(w)
+    })
+    .await;
+    let m = env.machines().get("m1").await.unwrap();
+    assert_eq!(m.status.unwrap().phase, Some(MachinePhase::Applying));
+    env.report(&jobs[0], Phase::Succeeded, |e| e.at = t0 + chrono::Duration::seconds(5)).await;
+    env.eventually(T, "m1 applied, one write more", || async {
+        let m = env.machines().get("m1").await.ok()?;
+        let (w, _) = counts().await?;
+        (m.status?.phase == Some(MachinePhase::Applied) && w == writes + 1).then_some(())
     })
     .await;
     stop.cancel();

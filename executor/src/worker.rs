@@ -796,6 +796,7 @@ impl Reporter {
             nio_shared::telemetry::inject(&mut headers);
         }
         headers.insert("Nats-Msg-Id", ev.message_id().as_str());
+        ev.describe(&mut headers);
         let (subject, payload) = (ev.subject(), Bytes::from(ev.encode()));
         let sent = nio_shared::nats::retry_within("status event", patience, || async {
             let ack = self.exec.js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?;

@@ -54,6 +54,23 @@ pub enum Action {
 }
 
 impl Action {
+    /// Every action.
+    pub const ALL: [Action; 8] = [
+        Action::Switch,
+        Action::Boot,
+        Action::Test,
+        Action::DryActivate,
+        Action::Install,
+        Action::Remove,
+        Action::Probe,
+        Action::Scan,
+    ];
+
+    /// The action of wire name `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.as_str() == name)
+    }
+
     /// Lower-case wire name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -295,6 +312,27 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase.
+    pub const ALL: [Phase; 6] =
+        [Phase::Started, Phase::Step, Phase::Succeeded, Phase::Failed, Phase::Skipped, Phase::RolledBack];
+
+    /// Wire name (as in the JSON body).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Started => "Started",
+            Phase::Step => "Step",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+            Phase::Skipped => "Skipped",
+            Phase::RolledBack => "RolledBack",
+        }
+    }
+
+    /// The phase of wire name `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
     /// Whether the job is over after this event.
     pub fn is_terminal(self) -> bool {
         matches!(self, Phase::Succeeded | Phase::Failed | Phase::Skipped | Phase::RolledBack)
@@ -453,6 +491,23 @@ impl Job {
     }
 }
 
+/// Header of a status message naming its event's phase (`Started`, `Step`, …): a consumer can tell a progress
+/// step from the rest without decoding the body. The body stays the record; the header only says what it is.
+pub const PHASE_HEADER: &str = "Nio-Phase";
+
+/// Header of a status message naming its event's action (`switch`, `install`, …).
+pub const ACTION_HEADER: &str = "Nio-Action";
+
+/// The action of a status message whose headers say it is a progress step; None for any other phase, or
+/// a message without (or with unknown) headers: such a message needs its body decoded.
+pub fn progress_step(headers: Option<&async_nats::HeaderMap>) -> Option<Action> {
+    let h = headers?;
+    if Phase::from_name(h.get(PHASE_HEADER)?.as_str())? != Phase::Step {
+        return None;
+    }
+    Action::from_name(h.get(ACTION_HEADER)?.as_str())
+}
+
 impl StatusEvent {
     /// Decodes a status body, rejecting unknown versions, phases and steps.
     pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
@@ -467,6 +522,12 @@ impl StatusEvent {
     /// The subject this event is published on.
     pub fn subject(&self) -> String {
         crate::subjects::status_subject(&self.cluster, &self.namespace, &self.machine)
+    }
+
+    /// Headers naming the event's phase and action ([`PHASE_HEADER`], [`ACTION_HEADER`]), added to `headers`.
+    pub fn describe(&self, headers: &mut async_nats::HeaderMap) {
+        headers.insert(PHASE_HEADER, self.phase.as_str());
+        headers.insert(ACTION_HEADER, self.action.as_str());
     }
 
     /// Its `Nats-Msg-Id`: the job, the phase and the moment it was made, so a republished event is dropped by

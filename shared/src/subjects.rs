@@ -75,6 +75,16 @@ pub fn status_subject(cluster: &str, namespace: &str, machine: &str) -> String {
     format!("{STATUS_PREFIX}.{}.{}.{}", token(cluster), token(namespace), token(machine))
 }
 
+/// A status subject taken apart: (cluster, namespace, machine).
+pub fn parse_status_subject(subject: &str) -> Option<(String, String, String)> {
+    let rest = subject.strip_prefix(STATUS_PREFIX)?.strip_prefix('.')?;
+    let parts: Vec<&str> = rest.split('.').collect();
+    let [cluster, namespace, machine] = parts.as_slice() else {
+        return None;
+    };
+    Some((untoken(cluster), untoken(namespace), untoken(machine)))
+}
+
 /// Filter of one cluster's status events: `nio.status.{cluster}.>`.
 pub fn cluster_status_filter(cluster: &str) -> String {
     format!("{STATUS_PREFIX}.{}.>", token(cluster))

@@ -205,6 +205,42 @@ fn job_subjects_parse_back() {
 }
 
 #[test]
+fn status_subjects_parse_back() {
+    let s = status_subject("prod.eu", "team.a", "web.01");
+    assert_eq!(parse_status_subject(&s), Some(("prod.eu".into(), "team.a".into(), "web.01".into())));
+    assert!(parse_status_subject("nio.status.c.n").is_none());
+    assert!(parse_status_subject("nio.jobs.dc1.apply.c.n.m").is_none());
+}
+
+/// The headers say what the body is, in the body's own words, and only a step with known names is a step.
+#[test]
+fn status_headers_name_phase_and_action_as_the_body_does() {
+    for phase in Phase::ALL {
+        for action in Action::ALL {
+            let ev = StatusEvent { phase, action, ..event() };
+            let mut h = async_nats::HeaderMap::new();
+            ev.describe(&mut h);
+            let body = serde_json::to_value(&ev).unwrap();
+            assert_eq!(body["phase"], h.get(PHASE_HEADER).unwrap().as_str());
+            assert_eq!(body["action"], h.get(ACTION_HEADER).unwrap().as_str());
+            let step = progress_step(Some(&h));
+            assert_eq!(step, (phase == Phase::Step).then_some(action), "{phase:?} {action:?}");
+        }
+    }
+    let headers = |pairs: &[(&str, &str)]| {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, *v);
+        }
+        h
+    };
+    assert_eq!(progress_step(None), None);
+    assert_eq!(progress_step(Some(&headers(&[(PHASE_HEADER, "Step")]))), None, "no action");
+    assert_eq!(progress_step(Some(&headers(&[(PHASE_HEADER, "step"), (ACTION_HEADER, "switch")]))), None);
+    assert_eq!(progress_step(Some(&headers(&[(PHASE_HEADER, "Step"), (ACTION_HEADER, "reboot")]))), None);
+}
+
+#[test]
 fn log_tail_is_bounded_and_keeps_the_end() {
     let out: String = (0..500).map(|i| format!("line {i}\n")).collect();
     let tail = log_tail(&out);

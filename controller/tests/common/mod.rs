@@ -274,7 +274,10 @@ impl Env {
             at: chrono::Utc::now(),
         };
         tweak(&mut ev);
-        self.js.publish(ev.subject(), ev.encode().into()).await.unwrap().await.unwrap();
+        // As the executor sends it: the headers name the phase and action.
+        let mut headers = async_nats::HeaderMap::new();
+        ev.describe(&mut headers);
+        self.js.publish_with_headers(ev.subject(), headers, ev.encode().into()).await.unwrap().await.unwrap();
     }
 }
 

@@ -235,7 +235,13 @@ impl Bus {
             let mut batch =
                 self.status.fetch().max_messages(100).expires(Duration::from_millis(200)).messages().await.unwrap();
             while let Some(Ok(m)) = batch.next().await {
-                self.seen.push(StatusEvent::decode(&m.payload).unwrap());
+                let ev = StatusEvent::decode(&m.payload).unwrap();
+                // Every event's headers name its phase and action as its body does (the controller acks
+                // progress steps by them, without decoding the body).
+                let header = |k: &str| m.headers.as_ref().and_then(|h| h.get(k)).map(|v| v.as_str().to_string());
+                assert_eq!(header(nio_shared::protocol::PHASE_HEADER).as_deref(), Some(ev.phase.as_str()), "{ev:?}");
+                assert_eq!(header(nio_shared::protocol::ACTION_HEADER).as_deref(), Some(ev.action.as_str()), "{ev:?}");
+                self.seen.push(ev);
                 m.ack().await.unwrap();
             }
         }
