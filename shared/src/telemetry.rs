@@ -149,7 +149,15 @@ pub fn init_with_filter(
         .with_target("nio_shared", tracing::Level::INFO);
     tracing_subscriber::registry()
         .with(fmt)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans))
+        // No busy/idle times (a clock read and a lock on every poll of every instrumented future) and no thread
+        // names (a task moves between threads): a span's start, end and attributes say what a trace needs.
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_tracked_inactivity(false)
+                .with_threads(false)
+                .with_filter(spans),
+        )
         .try_init()
         .map_err(|e| Error::Telemetry(format!("a global subscriber is already set: {e}")))?;
     Ok(TelemetryGuard { provider: Some(provider), exporting })
