@@ -187,7 +187,7 @@ fn decoded<K>(
 ) -> impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + serde::de::DeserializeOwned
+        + lenient::WithoutManagedFields
         + Clone
         + std::fmt::Debug
         + Send
