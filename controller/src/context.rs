@@ -1,6 +1,7 @@
 //! What every reconcile shares ([`Ctx`]) and the writes they all make: Events, Machine status (optimistic
 //! concurrency from a known copy) and NixosConfiguration status (skipped when it would change nothing).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -100,14 +101,15 @@ fn version(rv: Option<&str>) -> Option<u64> {
 
 /// `known` brought up to this process's last write when the cache has not caught up with it yet (etcd's
 /// resourceVersions are numbers; one that is not counts as older).
-fn latest(known: Option<Machine>, written: Option<(String, MachineStatus)>) -> Option<Machine> {
+/// Borrowed when `known` is the latest: a copy is made only to bring it up.
+fn latest(known: Option<&Machine>, written: Option<(String, MachineStatus)>) -> Option<Cow<'_, Machine>> {
     match (known, written) {
-        (Some(mut m), Some((v, status))) if version(Some(&v)) > version(m.metadata.resource_version.as_deref()) => {
-            m.metadata.resource_version = Some(v);
-            m.status = Some(status);
-            Some(m)
+        (Some(m), Some((v, status))) if version(Some(&v)) > version(m.metadata.resource_version.as_deref()) => {
+            let mut metadata = m.metadata.clone();
+            metadata.resource_version = Some(v);
+            Some(Cow::Owned(Machine { metadata, spec: m.spec.clone(), status: Some(status) }))
         }
-        (known, _) => known,
+        (known, _) => known.map(Cow::Borrowed),
     }
 }
 
@@ -191,53 +193,69 @@ pub fn event_note(note: &str) -> String {
 /// Read-modify-write of a Machine's status with optimistic concurrency (retried on conflict). `known` is a copy
 /// the caller already has (from the cache or a list): the first attempt writes from it with its
 /// resourceVersion as precondition, and only a conflict costs a GET. A rollout thus costs one request per
-/// machine write instead of two.
+/// machine write instead of two. Returns a reference to the Machine (for its Events; None: it no longer exists).
+/// Nothing is copied from a Machine the caller or the cache already has unless this process's own last write
+/// is newer.
 pub async fn update_machine_status(
     ctx: &Ctx,
     ns: &str,
     name: &str,
     known: Option<&Machine>,
     f: impl Fn(&Machine) -> Option<MachineStatus>,
-) -> Result<Option<Machine>> {
+) -> Result<Option<ObjectReference>> {
     let gate = ctx.machine_writes.gate(ns, name);
     let mut last = gate.lock().await;
     // The caller's copy, the cache's if the watch has brought a newer one since, and this process's own last
     // write if the cache has not caught up with it yet.
     let cached = ctx.machine_cache(ns).and_then(|c| c.get(ns, name));
     let rv = |m: &Machine| version(m.metadata.resource_version.as_deref());
-    let known = match (known.filter(|m| m.metadata.resource_version.is_some()), cached) {
-        (Some(k), Some(c)) if rv(&c) > rv(k) => Some((*c).clone()),
-        (Some(k), _) => Some(k.clone()),
-        (None, c) => c.map(|c| (*c).clone()),
+    let known = match (known.filter(|m| m.metadata.resource_version.is_some()), cached.as_deref()) {
+        (Some(k), Some(c)) if rv(c) > rv(k) => Some(c),
+        (Some(k), _) => Some(k),
+        (None, c) => c,
     };
     let known = latest(known, last.take());
     let result = write_machine_status(ctx, ns, name, known, f).await;
-    if let Ok(Some(written)) = &result
-        && let (Some(rv), Some(status)) = (&written.metadata.resource_version, &written.status)
-    {
-        *last = Some((rv.clone(), status.clone()));
-    }
-    result
+    result.map(|w| {
+        w.map(|w| {
+            *last = w.last;
+            w.reference
+        })
+    })
+}
+
+/// What [`write_machine_status`] leaves: the Machine's reference, and the status and resourceVersion to start
+/// this process's next write to it from (what it wrote, or a copy newer than the cache it started from).
+struct Written {
+    reference: ObjectReference,
+    last: Option<(String, MachineStatus)>,
 }
 
 async fn write_machine_status(
     ctx: &Ctx,
     ns: &str,
     name: &str,
-    mut known: Option<Machine>,
+    mut known: Option<Cow<'_, Machine>>,
     f: impl Fn(&Machine) -> Option<MachineStatus>,
-) -> Result<Option<Machine>> {
+) -> Result<Option<Written>> {
     let api: Api<Machine> = Api::namespaced(ctx.client.clone(), ns);
     for attempt in 0..8 {
         let _slot = ctx.request_slot().await;
         let m = match known.take() {
             Some(m) => m,
             None => match api.get_opt(name).await? {
-                Some(m) => m,
+                Some(m) => Cow::Owned(m),
                 None => return Ok(None),
             },
         };
-        let Some(mut status) = f(&m) else { return Ok(Some(m)) };
+        let Some(mut status) = f(&m) else {
+            let reference = m.object_ref(&());
+            let last = match m {
+                Cow::Owned(m) => m.metadata.resource_version.zip(m.status),
+                Cow::Borrowed(_) => None,
+            };
+            return Ok(Some(Written { reference, last }));
+        };
         crate::kstatus::machine(&mut status);
         let patch = StatusPatch {
             api_version: "nixos.infra/v1alpha1",
@@ -251,10 +269,8 @@ async fn write_machine_status(
                     .machine_status_writes
                     .get_or_create(&crate::metrics::ResultLabel { result: "written".into() })
                     .inc();
-                let mut written = m;
-                written.status = Some(status);
-                written.metadata.resource_version = resource_version;
-                return Ok(Some(written));
+                let last = resource_version.map(|rv| (rv, status));
+                return Ok(Some(Written { reference: m.object_ref(&()), last }));
             }
             Err(kube::Error::Api(e)) if e.code == 409 && attempt < 7 => {
                 ctx.metrics
@@ -369,16 +385,19 @@ mod tests {
         use nio_shared::crd::MachinePhase::{Applying, Queued};
         let written = || Some(("12".to_string(), MachineStatus { phase: Some(Queued), ..Default::default() }));
         // the cache is behind our write (rv 10 < 12): the write starts from ours
-        let m = latest(Some(at("10", Applying)), written()).unwrap();
+        let cached = at("10", Applying);
+        let m = latest(Some(&cached), written()).unwrap();
         assert_eq!(
-            (m.metadata.resource_version.as_deref(), m.status.and_then(|s| s.phase)),
+            (m.metadata.resource_version.as_deref(), m.status.as_ref().and_then(|s| s.phase)),
             (Some("12"), Some(Queued))
         );
-        // the cache caught up or moved past it (rv 15): the cache's copy
-        let m = latest(Some(at("15", Applying)), written()).unwrap();
-        assert_eq!(m.metadata.resource_version.as_deref(), Some("15"));
+        assert_eq!((m.metadata.name.as_deref(), &m.spec), (Some("m1"), &cached.spec), "the rest is the cache's");
+        // the cache caught up or moved past it (rv 15): the cache's copy, not a copy of it
+        let cached = at("15", Applying);
+        let m = latest(Some(&cached), written()).unwrap();
+        assert!(matches!(m, Cow::Borrowed(b) if std::ptr::eq(b, &cached)));
         // a version that is not a number never wins over one that is
-        let m = latest(Some(at("15", Applying)), Some(("x".into(), MachineStatus::default()))).unwrap();
+        let m = latest(Some(&cached), Some(("x".into(), MachineStatus::default()))).unwrap();
         assert_eq!(m.metadata.resource_version.as_deref(), Some("15"));
     }
 }

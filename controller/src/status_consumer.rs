@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
-use kube::ResourceExt;
 use nio_shared::crd::MachinePhase;
 use nio_shared::protocol::{Action, Phase, StatusEvent};
 use tokio_util::sync::CancellationToken;
@@ -195,8 +194,8 @@ pub async fn apply(ctx: &Ctx, events: &[StatusEvent], known: Option<&nio_shared:
     };
     let notes = notes.into_inner().unwrap_or_default();
     for n in notes.into_iter().filter(|n| ctx.success_events || !routine(n)) {
-        ctx.event(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
+        ctx.event_on(&machine, n.warning, &n.reason, n.message, "ApplyStatus").await;
     }
-    tracing::debug!(machine = %machine.name_any(), events = events.len(), "status applied");
+    tracing::debug!(machine = %name, events = events.len(), "status applied");
     Ok(())
 }
