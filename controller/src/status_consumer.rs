@@ -159,7 +159,8 @@ pub async fn apply(ctx: &Ctx, events: &[StatusEvent], known: Option<&nio_shared:
         count(ctx, ev.phase, ev.action);
     }
     // Progress steps of a machine already Applying change nothing (see below): done without taking the
-    // Machine's write turn or copying it. Half of a rollout's status events are such steps.
+    // Machine's write turn. Steps whose headers say so never get here ([`needless_step`]): these are steps
+    // without the headers (from an older executor).
     if events.iter().all(|ev| ev.phase == Phase::Step)
         && known.and_then(|m| m.status.as_ref()).is_some_and(|s| s.phase == Some(MachinePhase::Applying))
     {
