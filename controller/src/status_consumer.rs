@@ -123,7 +123,7 @@ async fn next_events(consumer: &PullConsumer) -> anyhow::Result<Vec<jetstream::M
     Ok(msgs)
 }
 
-/// A progress step (so its headers say) of a machine the cache shows Applying: it changes nothing (see
+/// A progress step (so its headers say) of a machine the cache shows Applying: it changes nothing (the rule in
 /// [`apply`]), so it is acked without decoding its body, taking the Machine's write turn or a span. Returns its
 /// action. Half of a rollout's status events are such steps. An event without the headers (an older executor)
 /// is decoded and goes the usual way.
@@ -158,14 +158,6 @@ pub async fn apply(ctx: &Ctx, events: &[StatusEvent], known: Option<&nio_shared:
     for ev in &events {
         count(ctx, ev.phase, ev.action);
     }
-    // Progress steps of a machine already Applying change nothing (see below): done without taking the
-    // Machine's write turn. Steps whose headers say so never get here ([`needless_step`]): these are steps
-    // without the headers (from an older executor).
-    if events.iter().all(|ev| ev.phase == Phase::Step)
-        && known.and_then(|m| m.status.as_ref()).is_some_and(|s| s.phase == Some(MachinePhase::Applying))
-    {
-        return Ok(());
-    }
     let (ns, name) = (first.namespace.clone(), first.machine.clone());
     let notes: Mutex<Vec<Note>> = Mutex::new(Vec::new());
     let updated = update_machine_status(ctx, &ns, &name, known, |m| {
@@ -173,7 +165,8 @@ pub async fn apply(ctx: &Ctx, events: &[StatusEvent], known: Option<&nio_shared:
         let mut all = Vec::new();
         let mut changed = false;
         for ev in &events {
-            // Progress steps of a machine already marked Applying change nothing worth a write.
+            // Progress steps of a machine already marked Applying change nothing worth a write (those whose
+            // headers say so were acked before decoding: `needless_step`).
             if ev.phase == Phase::Step && status.phase == Some(MachinePhase::Applying) {
                 continue;
             }

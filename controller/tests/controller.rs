@@ -418,9 +418,18 @@ async fn progress_steps_of_an_applying_machine_are_counted_and_cost_no_write(bac
         (m.status?.phase == Some(MachinePhase::Applying)).then_some(())
     })
     .await;
-    // The cache follows the apiserver by a watch event: give it a moment, then take the count.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (writes, steps) = env.eventually(T, "metrics", counts).await;
+    // The count once the controller's writes so far (m2's, m1's start) have settled: unchanged for a second.
+    let deadline = std::time::Instant::now() + T;
+    let mut settled = env.eventually(T, "metrics", counts).await;
+    let (writes, steps) = loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = env.eventually(T, "metrics", counts).await;
+        if now == settled {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "status writes never settled: {settled:?} → {now:?}");
+        settled = now;
+    };
     for (i, step) in [Step::Upload, Step::Build, Step::Health].into_iter().enumerate() {
         env.report(&jobs[0], Phase::Step, |e| {
             e.step = Some(step);
