@@ -28,6 +28,7 @@ pub mod rollout;
 pub mod sites;
 pub mod status;
 pub mod status_consumer;
+pub mod throttle;
 pub mod waves;
 pub mod webhook;
 
@@ -49,6 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Configurations reconciled at once (each publishes its machines' jobs with its own bounded concurrency).
 const CONFIG_CONCURRENCY: u16 = 16;
+/// How often one configuration is reconciled at most from its triggers ([`throttle::per_key`]).
+const CONFIG_TRIGGER_WINDOW: Duration = Duration::from_millis(100);
 /// Machines reconciled at once: bounds memory and API request rate when thousands of Machines appear together.
 const MACHINE_CONCURRENCY: u16 = 32;
 
@@ -454,11 +457,27 @@ impl Term<'_> {
     ) -> reflector::Store<NixosConfiguration> {
         let (ctx, client) = (self.ctx, self.client);
         let (store, writer) = reflector::store();
-        let stream = decoded::<NixosConfiguration>(client, ns, ctx.clone(), "NixosConfiguration")
+        let own = decoded::<NixosConfiguration>(client, ns, ctx.clone(), "NixosConfiguration")
             .default_backoff()
             .modify(slim)
             .reflect(writer)
             .applied_objects();
+        // The configurations a Machine change concerns, as triggers beside the configurations' own changes.
+        let touched = {
+            let (store, mapper) = (store.clone(), configurations_touched(store.clone()));
+            tokio_stream::wrappers::ReceiverStream::new(touches).flat_map(move |m| {
+                let configs: Vec<_> = mapper(m).iter().filter_map(|r| store.get(r)).map(|c| Ok((*c).clone())).collect();
+                futures::stream::iter(configs)
+            })
+        };
+        // Every trigger of a configuration goes through one throttle: a push (or any first change after a quiet
+        // moment) is reconciled at once, and a stream of them (a rollout's finished machines, the echo of its
+        // own status write) at most once per window, never postponed while the stream lasts.
+        let stream = throttle::per_key(
+            futures::stream::select(own, touched),
+            |r: &Result<NixosConfiguration, watcher::Error>| r.as_ref().ok().map(ObjectRef::from),
+            CONFIG_TRIGGER_WINDOW,
+        );
         let secrets: Api<Secret> = match ns {
             Some(n) => Api::namespaced(client.clone(), n),
             None => Api::all(client.clone()),
@@ -468,15 +487,9 @@ impl Term<'_> {
             nio_shared::crd::SECRET_OPT_IN_LABEL,
             nio_shared::crd::SECRET_OPT_IN_VALUE
         ));
-        // A short trailing debounce coalesces bursts of Machine updates without delaying a spec or refresh
-        // change by much.
-        let config = controller::Config::default().debounce(Duration::from_millis(100)).concurrency(CONFIG_CONCURRENCY);
+        let config = controller::Config::default().concurrency(CONFIG_CONCURRENCY);
         let ctl = Controller::for_stream(stream, store.clone())
             .with_config(config)
-            .watches_stream(
-                tokio_stream::wrappers::ReceiverStream::new(touches).map(Ok),
-                configurations_touched(store.clone()),
-            )
             // A Secret a configuration reads changed (content, or its opt-in label): re-read it now, not at
             // the next poll. Only opted-in Secrets are watched; one losing the label shows as deleted.
             .watches(secrets, opted_in, {
