@@ -473,11 +473,8 @@ impl Term<'_> {
         // Every trigger of a configuration goes through one throttle: a push (or any first change after a quiet
         // moment) is reconciled at once, and a stream of them (a rollout's finished machines, the echo of its
         // own status write) at most once per window, never postponed while the stream lasts.
-        let stream = throttle::per_key(
-            futures::stream::select(own, touched),
-            |r: &Result<NixosConfiguration, watcher::Error>| r.as_ref().ok().map(ObjectRef::from),
-            CONFIG_TRIGGER_WINDOW,
-        );
+        // A user's request (a new spec, a refresh, approve or resume annotation, a deletion) is never held.
+        let stream = throttle::per_key(futures::stream::select(own, touched), trigger_key(), CONFIG_TRIGGER_WINDOW);
         let secrets: Api<Secret> = match ns {
             Some(n) => Api::namespaced(client.clone(), n),
             None => Api::all(client.clone()),
@@ -506,6 +503,21 @@ impl Term<'_> {
             .for_each(self.watch_reporter("NixosConfiguration"));
         tasks.spawn(ctl);
         store
+    }
+}
+
+/// The throttle key of a configuration trigger ([`throttle::per_key`]): none, so it passes at once, for a watch
+/// error and for a change of what the user asks for (generation, annotations, deletion) since this configuration
+/// was last seen; its reference otherwise (status echoes, Machine changes).
+fn trigger_key() -> impl FnMut(&Result<NixosConfiguration, watcher::Error>) -> Option<ObjectRef<NixosConfiguration>> {
+    use std::hash::{Hash, Hasher};
+    let mut asked = std::collections::HashMap::<ObjectRef<NixosConfiguration>, u64>::new();
+    move |r| {
+        let c = r.as_ref().ok()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (c.metadata.generation, &c.metadata.annotations, c.metadata.deletion_timestamp.is_some()).hash(&mut h);
+        let (key, ask) = (ObjectRef::from(c), h.finish());
+        (asked.insert(key.clone(), ask) == Some(ask)).then_some(key)
     }
 }
 
@@ -599,5 +611,44 @@ async fn phase_gauge(
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
             _ = stop.cancelled() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn configuration(
+        generation: i64,
+        refresh: Option<&str>,
+        observed: i64,
+    ) -> Result<NixosConfiguration, watcher::Error> {
+        #[allow(clippy::expect_used)]
+        let mut c: NixosConfiguration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
+            "metadata": {"name": "web", "namespace": "fleet", "generation": generation},
+            "spec": {"gitRepo": "https://example.org/fleet.git", "ref": "main", "flake": "#web", "machineRef": "m1"},
+            "status": {"observedGeneration": observed},
+        }))
+        .expect("a configuration");
+        if let Some(r) = refresh {
+            c.metadata.annotations = Some([(nio_shared::crd::REFRESH_ANNOTATION.to_string(), r.to_string())].into());
+        }
+        Ok(c)
+    }
+
+    #[test]
+    fn requests_pass_the_throttle_and_echoes_and_machine_changes_are_throttled() {
+        let mut key = trigger_key();
+        // First sight, then the same again (a status echo, or the copy a Machine change triggers).
+        assert_eq!(key(&configuration(1, None, 0)), None);
+        assert!(key(&configuration(1, None, 1)).is_some(), "a status-only change is throttled");
+        assert!(key(&configuration(1, None, 1)).is_some());
+        // A push (refresh annotation), a new one, and a spec edit each pass at once, once.
+        assert_eq!(key(&configuration(1, Some("abc"), 1)), None);
+        assert!(key(&configuration(1, Some("abc"), 1)).is_some());
+        assert_eq!(key(&configuration(1, Some("def"), 1)), None);
+        assert_eq!(key(&configuration(2, Some("def"), 1)), None);
+        assert!(key(&configuration(2, Some("def"), 2)).is_some());
     }
 }
