@@ -50,8 +50,13 @@ use tokio_util::sync::CancellationToken;
 
 /// Configurations reconciled at once (each publishes its machines' jobs with its own bounded concurrency).
 const CONFIG_CONCURRENCY: u16 = 16;
-/// How often one configuration is reconciled at most from its triggers ([`throttle::per_key`]).
-const CONFIG_TRIGGER_WINDOW: Duration = Duration::from_millis(100);
+/// How often one configuration is reconciled at most from its triggers ([`throttle::per_key`]): a reconcile
+/// costs in proportion to the machines it targets, so the window grows with them (0.25 ms each) from 100 ms up
+/// to 5 s, and a stream of triggers costs a configuration the same small share of a core however large its
+/// fleet.
+fn trigger_window(machines: u32) -> Duration {
+    (Duration::from_micros(250) * machines).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
 /// Machines reconciled at once: bounds memory and API request rate when thousands of Machines appear together.
 const MACHINE_CONCURRENCY: u16 = 32;
 
@@ -474,7 +479,9 @@ impl Term<'_> {
         // moment) is reconciled at once, and a stream of them (a rollout's finished machines, the echo of its
         // own status write) at most once per window, never postponed while the stream lasts.
         // A user's request (a new spec, a refresh, approve or resume annotation, a deletion) is never held.
-        let stream = throttle::per_key(futures::stream::select(own, touched), trigger_key(), CONFIG_TRIGGER_WINDOW);
+        let stream = throttle::per_key(futures::stream::select(own, touched), trigger_key(), |r| {
+            trigger_window(r.as_ref().ok().and_then(|c| c.status.as_ref()).map_or(0, |s| s.total))
+        });
         let secrets: Api<Secret> = match ns {
             Some(n) => Api::namespaced(client.clone(), n),
             None => Api::all(client.clone()),
@@ -650,5 +657,14 @@ mod tests {
         assert_eq!(key(&configuration(1, Some("def"), 1)), None);
         assert_eq!(key(&configuration(2, Some("def"), 1)), None);
         assert!(key(&configuration(2, Some("def"), 2)).is_some());
+    }
+
+    #[test]
+    fn large_fleets_are_reconciled_less_often_from_their_triggers() {
+        assert_eq!(trigger_window(0), Duration::from_millis(100));
+        assert_eq!(trigger_window(100), Duration::from_millis(100));
+        assert_eq!(trigger_window(1_000), Duration::from_millis(250));
+        assert_eq!(trigger_window(10_000), Duration::from_millis(2_500));
+        assert_eq!(trigger_window(u32::MAX), Duration::from_secs(5));
     }
 }

@@ -1,7 +1,8 @@
-//! A per-key throttle for reconcile triggers: the first trigger of an object after a quiet `window` passes at
-//! once (a push is reconciled without delay); triggers inside the window are coalesced into one, the latest,
-//! released when the window ends. So an object is reconciled at most once per window from its triggers,
-//! however many arrive (a rollout's stream of finished machines), and none is ever held longer than the window.
+//! A per-key throttle for reconcile triggers: the first trigger of an object after a quiet window passes at
+//! once (a push is reconciled without delay) and opens a window; triggers inside it are coalesced into one, the
+//! latest, released when the window ends (which opens the next). So an object is reconciled at most once per
+//! window from its triggers, however many arrive (a rollout's stream of finished machines), and none is held
+//! longer than its window. Each window's length comes from the item that opens it.
 //!
 //! kube-runtime's `debounce` is the trailing kind: every trigger waits the whole period, and a steady stream of
 //! triggers postpones the reconcile until the stream pauses.
@@ -15,35 +16,38 @@ use std::time::Duration;
 use futures::Stream;
 use tokio_util::time::DelayQueue;
 
-/// Throttles `input` per key (see the module docs). Items without a key (errors) pass through at once.
-pub fn per_key<S, K, F>(input: S, key: F, window: Duration) -> PerKey<S, K, F>
+/// Throttles `input` per key (see the module docs); `window` gives the window an item opens. Items without a key
+/// (errors) pass through at once and open none.
+pub fn per_key<S, K, F, W>(input: S, key: F, window: W) -> PerKey<S, K, F, W>
 where
     S: Stream,
     K: Hash + Eq + Clone,
     F: FnMut(&S::Item) -> Option<K>,
+    W: FnMut(&S::Item) -> Duration,
 {
     PerKey { input: Some(Box::pin(input)), key, window, held: HashMap::new(), windows: DelayQueue::new() }
 }
 
 /// The stream [`per_key`] returns.
-pub struct PerKey<S: Stream, K, F> {
+pub struct PerKey<S: Stream, K, F, W> {
     /// None once the input has ended.
     input: Option<Pin<Box<S>>>,
     key: F,
-    window: Duration,
+    window: W,
     /// Keys inside a window, with the latest trigger held for its end (if one came).
     held: HashMap<K, Option<S::Item>>,
     /// When each key's window ends.
     windows: DelayQueue<K>,
 }
 
-impl<S: Stream, K, F> Unpin for PerKey<S, K, F> {}
+impl<S: Stream, K, F, W> Unpin for PerKey<S, K, F, W> {}
 
-impl<S, K, F> Stream for PerKey<S, K, F>
+impl<S, K, F, W> Stream for PerKey<S, K, F, W>
 where
     S: Stream,
     K: Hash + Eq + Clone,
     F: FnMut(&S::Item) -> Option<K>,
+    W: FnMut(&S::Item) -> Duration,
 {
     type Item = S::Item;
 
@@ -57,7 +61,7 @@ where
                         // Inside its window: the latest trigger waits for the window's end.
                         Some(slot) => *slot = Some(item),
                         None => {
-                            this.windows.insert(k.clone(), this.window);
+                            this.windows.insert(k.clone(), (this.window)(&item));
                             this.held.insert(k, None);
                             return Poll::Ready(Some(item));
                         }
@@ -77,7 +81,7 @@ where
             match this.held.get_mut(&k).and_then(Option::take) {
                 // Released now, which opens the key's next window.
                 Some(item) => {
-                    this.windows.insert(k, this.window);
+                    this.windows.insert(k, (this.window)(&item));
                     return Poll::Ready(Some(item));
                 }
                 None => {
@@ -94,7 +98,8 @@ mod tests {
     use futures::StreamExt;
     use tokio::time::Instant;
 
-    /// Sends `(key, n)` items at the given offsets (ms) and returns what came out, with when (ms).
+    /// Sends `(key, n)` items at the given offsets (ms) and returns what came out, with when (ms). Key "b" has
+    /// windows of `window_ms` × the item's number, the others of `window_ms`.
     async fn run(sends: &[(u64, &'static str, u32)], window_ms: u64) -> Vec<(u64, &'static str, u32)> {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let start = Instant::now();
@@ -108,7 +113,9 @@ mod tests {
         let mut out = per_key(
             tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
             |(k, _): &(&'static str, u32)| (*k != "error").then_some(*k),
-            Duration::from_millis(window_ms),
+            |(k, n): &(&'static str, u32)| {
+                Duration::from_millis(if *k == "b" { window_ms * u64::from(*n) } else { window_ms })
+            },
         );
         let mut seen = Vec::new();
         while let Some((k, n)) = out.next().await {
@@ -139,6 +146,13 @@ mod tests {
     async fn keys_are_throttled_apart_and_a_quiet_key_passes_at_once_again() {
         let seen = run(&[(0, "a", 1), (5, "b", 1), (30, "a", 2), (250, "a", 3), (260, "error", 0)], 100).await;
         assert_eq!(seen, vec![(0, "a", 1), (5, "b", 1), (100, "a", 2), (250, "a", 3), (260, "error", 0)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_window_is_as_long_as_the_item_that_opens_it_says() {
+        // b3 opens a 300 ms window, so b4 waits until 300 ms; b4 then opens a 400 ms one (b5 waits until 700).
+        let seen = run(&[(0, "b", 3), (10, "b", 4), (350, "b", 5)], 100).await;
+        assert_eq!(seen, vec![(0, "b", 3), (300, "b", 4), (700, "b", 5)]);
     }
 
     #[tokio::test(start_paused = true)]
