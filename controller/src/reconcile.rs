@@ -219,6 +219,7 @@ pub async fn reconcile(cfg: Arc<NixosConfiguration>, ctx: Arc<Ctx>) -> Result<Ac
         nio.kind = "NixosConfiguration",
     );
     let ns = cfg.namespace().unwrap_or_default();
+    let ns_name = format!("{ns}/{}", cfg.name_any());
     let api: Api<NixosConfiguration> = Api::namespaced(ctx.client.clone(), &ns);
     let c2 = ctx.clone();
     let result = finalizer(&api, FINALIZER, cfg, |event| async move {
@@ -233,12 +234,22 @@ pub async fn reconcile(cfg: Arc<NixosConfiguration>, ctx: Arc<Ctx>) -> Result<Ac
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
     });
+    let took = start.elapsed();
     ctx.metrics
         .reconcile_duration
         .get_or_create(&KindLabel { kind: "NixosConfiguration".into() })
-        .observe(start.elapsed().as_secs_f64());
+        .observe(took.as_secs_f64());
+    // A reconcile holds its configuration's turn: one this slow delays the next push to it.
+    if took > SLOW_RECONCILE {
+        tracing::warn!(configuration = %ns_name, took_ms = took.as_millis() as u64, ok = result.is_ok(), "slow reconcile");
+    } else {
+        tracing::debug!(configuration = %ns_name, took_ms = took.as_millis() as u64, ok = result.is_ok(), "reconciled");
+    }
     result
 }
+
+/// A configuration reconcile slower than this is logged at warn.
+const SLOW_RECONCILE: Duration = Duration::from_secs(10);
 
 /// Requeue policy for failed reconciles.
 pub fn error_policy(cfg: Arc<NixosConfiguration>, err: &Error, ctx: Arc<Ctx>) -> Action {
