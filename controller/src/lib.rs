@@ -479,7 +479,7 @@ impl Term<'_> {
         // moment) is reconciled at once, and a stream of them (a rollout's finished machines, the echo of its
         // own status write) at most once per window, never postponed while the stream lasts.
         // A user's request (a new spec, a refresh, approve or resume annotation, a deletion) is never held.
-        let stream = throttle::per_key(futures::stream::select(own, touched), trigger_key(), |r| {
+        let stream = throttle::per_key(futures::stream::select(own, touched), trigger_key(store.clone()), |r| {
             trigger_window(r.as_ref().ok().and_then(|c| c.status.as_ref()).map_or(0, |s| s.total))
         });
         let secrets: Api<Secret> = match ns {
@@ -515,8 +515,11 @@ impl Term<'_> {
 
 /// The throttle key of a configuration trigger ([`throttle::per_key`]): none, so it passes at once, for a watch
 /// error and for a change of what the user asks for (generation, annotations, deletion) since this configuration
-/// was last seen; its reference otherwise (status echoes, Machine changes).
-fn trigger_key() -> impl FnMut(&Result<NixosConfiguration, watcher::Error>) -> Option<ObjectRef<NixosConfiguration>> {
+/// was last seen; its reference otherwise (status echoes, Machine changes). What was asked of configurations
+/// that are gone from `store` is forgotten whenever the record has grown to twice the configurations there.
+fn trigger_key(
+    store: reflector::Store<NixosConfiguration>,
+) -> impl FnMut(&Result<NixosConfiguration, watcher::Error>) -> Option<ObjectRef<NixosConfiguration>> {
     use std::hash::{Hash, Hasher};
     let mut asked = std::collections::HashMap::<ObjectRef<NixosConfiguration>, u64>::new();
     move |r| {
@@ -524,6 +527,9 @@ fn trigger_key() -> impl FnMut(&Result<NixosConfiguration, watcher::Error>) -> O
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (c.metadata.generation, &c.metadata.annotations, c.metadata.deletion_timestamp.is_some()).hash(&mut h);
         let (key, ask) = (ObjectRef::from(c), h.finish());
+        if asked.len() >= 2 * store.len() + 64 {
+            asked.retain(|k, _| store.get(k).is_some());
+        }
         (asked.insert(key.clone(), ask) == Some(ask)).then_some(key)
     }
 }
@@ -622,6 +628,7 @@ async fn phase_gauge(
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -630,7 +637,6 @@ mod tests {
         refresh: Option<&str>,
         observed: i64,
     ) -> Result<NixosConfiguration, watcher::Error> {
-        #[allow(clippy::expect_used)]
         let mut c: NixosConfiguration = serde_json::from_value(serde_json::json!({
             "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration",
             "metadata": {"name": "web", "namespace": "fleet", "generation": generation},
@@ -646,7 +652,7 @@ mod tests {
 
     #[test]
     fn requests_pass_the_throttle_and_echoes_and_machine_changes_are_throttled() {
-        let mut key = trigger_key();
+        let mut key = trigger_key(reflector::store().0);
         // First sight, then the same again (a status echo, or the copy a Machine change triggers).
         assert_eq!(key(&configuration(1, None, 0)), None);
         assert!(key(&configuration(1, None, 1)).is_some(), "a status-only change is throttled");
@@ -657,6 +663,27 @@ mod tests {
         assert_eq!(key(&configuration(1, Some("def"), 1)), None);
         assert_eq!(key(&configuration(2, Some("def"), 1)), None);
         assert!(key(&configuration(2, Some("def"), 2)).is_some());
+    }
+
+    #[test]
+    fn what_was_asked_of_deleted_configurations_is_forgotten_and_of_live_ones_kept() {
+        let (store, mut writer) = reflector::store();
+        let live = configuration(1, Some("abc"), 1).expect("a configuration");
+        writer.apply_watcher_event(&watcher::Event::Apply(live.clone()));
+        let mut key = trigger_key(store);
+        assert_eq!(key(&Ok(live.clone())), None);
+        let gone = |i: usize| {
+            let mut c = live.clone();
+            c.metadata.name = Some(format!("gone-{i}"));
+            Ok(c)
+        };
+        assert_eq!(key(&gone(0)), None);
+        for i in 1..100 {
+            key(&gone(i));
+        }
+        // The record was pruned to what the store holds: a gone configuration is new again, the live one is not.
+        assert_eq!(key(&gone(0)), None, "forgotten");
+        assert!(key(&Ok(live)).is_some(), "kept");
     }
 
     #[test]
