@@ -468,13 +468,9 @@ impl Term<'_> {
             .reflect(writer)
             .applied_objects();
         // The configurations a Machine change concerns, as triggers beside the configurations' own changes.
-        let touched = {
-            let (store, mapper) = (store.clone(), configurations_touched(store.clone()));
-            tokio_stream::wrappers::ReceiverStream::new(touches).flat_map(move |m| {
-                let configs: Vec<_> = mapper(m).iter().filter_map(|r| store.get(r)).map(|c| Ok((*c).clone())).collect();
-                futures::stream::iter(configs)
-            })
-        };
+        let mut concerned = configurations_touched(store.clone());
+        let touched = tokio_stream::wrappers::ReceiverStream::new(touches)
+            .flat_map(move |m| futures::stream::iter(concerned(m).into_iter().map(Ok)));
         // Every trigger of a configuration goes through one throttle: a push (or any first change after a quiet
         // moment) is reconciled at once, and a stream of them (a rollout's finished machines, the echo of its
         // own status write) at most once per window, never postponed while the stream lasts.
@@ -540,22 +536,18 @@ fn trigger_key(
 /// and progress events); its end, a new machine, a label change or a deletion does.
 fn configurations_touched(
     store: reflector::Store<NixosConfiguration>,
-) -> impl Fn(Machine) -> Vec<ObjectRef<NixosConfiguration>> {
-    let seen = std::sync::Mutex::new(std::collections::HashMap::<String, u64>::new());
+) -> impl FnMut(Machine) -> Vec<NixosConfiguration> {
+    let mut seen = std::collections::HashMap::<String, u64>::new();
     move |m: Machine| {
         let fingerprint = plan_fingerprint(&m);
         let deleted = m.metadata.deletion_timestamp.is_some();
-        let changed = seen
-            .lock()
-            .map(|mut s| {
-                let uid = m.uid().unwrap_or_default();
-                if deleted {
-                    s.remove(&uid);
-                    return true;
-                }
-                s.insert(uid, fingerprint) != Some(fingerprint)
-            })
-            .unwrap_or(true);
+        let uid = m.uid().unwrap_or_default();
+        let changed = if deleted {
+            seen.remove(&uid);
+            true
+        } else {
+            seen.insert(uid, fingerprint) != Some(fingerprint)
+        };
         // A machine that starts or stops waiting for its site's executor does trigger: the configuration names it.
         let busy =
             matches!(m.status.as_ref().and_then(|s| s.phase), Some(MachinePhase::Queued | MachinePhase::Applying))
@@ -566,12 +558,7 @@ fn configurations_touched(
         let applied = m.status.as_ref().and_then(|s| s.applied_configuration.clone());
         let ran =
             |c: &NixosConfiguration| c.namespace() == m.namespace() && applied.as_deref() == c.metadata.name.as_deref();
-        store
-            .state()
-            .into_iter()
-            .filter(|c| reconcile::targets(c, &m) || ran(c))
-            .map(|c| ObjectRef::from(&*c))
-            .collect()
+        store.state().into_iter().filter(|c| reconcile::targets(c, &m) || ran(c)).map(|c| (*c).clone()).collect()
     }
 }
 
