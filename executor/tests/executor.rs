@@ -500,6 +500,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     // A reboot is seen by its new boot id (the host key stays the same).
     let before = done.boot_id.clone();
     h.hosts[0].reboot().unwrap();
+    bus.machine_released(&h.addr(0)).await;
     let mut again = probe.clone();
     again.id = JobId::probe("test", "default", "p1", 2, again.action);
     bus.publish(&again).await;
@@ -522,6 +523,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     scan.action = Action::Scan;
     scan.machine = "s1".into();
     scan.id = JobId::probe("test", "default", "s1", 1, scan.action);
+    bus.machine_released(&h.addr(0)).await;
     bus.publish(&scan).await;
     let facts = bus.final_of("s1", T).await.facts.unwrap();
     assert_eq!(
@@ -546,6 +548,7 @@ async fn probes_report_the_system_scans_report_facts_and_busy_machines_skip_prob
     let mut bare = scan.clone();
     bare.machine = "s2".into();
     bare.id = JobId::probe("test", "default", "s2", 2, bare.action);
+    bus.machine_released(&h.addr(0)).await;
     bus.publish(&bare).await;
     let done = bus.final_of("s2", T).await;
     assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
