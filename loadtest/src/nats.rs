@@ -152,6 +152,11 @@ impl NatsServer {
         Ok(())
     }
 
+    /// The server's CPU time and peak memory so far (None once killed).
+    pub fn usage(&self) -> Option<crate::procs::Usage> {
+        crate::procs::usage(self.child.as_ref()?.id()?)
+    }
+
     /// Whether the process runs (it was not killed).
     pub fn running(&self) -> bool {
         self.child.is_some()

@@ -257,6 +257,11 @@ pub struct Report {
     #[serde(default)]
     pub max_in_flight_per_budget: BTreeMap<String, usize>,
     pub processes: Vec<ProcReport>,
+    /// What else shared the box during the run, in the same form: the NATS servers (`nats-{i}`; a member
+    /// restarted by a fault counts from its restart) and `simulators`, this process (the simulated API server,
+    /// the simulated machines' SSH servers, the recorders). On a real fleet these run elsewhere; here they compete
+    /// with NIO's processes for the same cores.
+    pub harness: Vec<ProcReport>,
     pub nats_jobs_published: u64,
     pub nats_status_published: u64,
     /// Machine status writes the controllers made during the measured rollout, and how many of them were
@@ -387,6 +392,9 @@ pub struct Running {
     broken: usize,
     /// Each process's CPU seconds when the measured rollout started (by name).
     cpu_at_start: BTreeMap<String, f64>,
+    /// [`Running::harness`] at the measured rollout's start and end.
+    harness_at_start: BTreeMap<String, Usage>,
+    harness_at_end: BTreeMap<String, Usage>,
 }
 
 fn machine_cluster(i: usize, clusters: usize) -> usize {
@@ -547,6 +555,8 @@ impl Running {
             ctl_args,
             first_commit: String::new(),
             cpu_at_start: BTreeMap::new(),
+            harness_at_start: BTreeMap::new(),
+            harness_at_end: BTreeMap::new(),
             broken: 0,
         };
         for i in 0..s.executors.max(1) {
@@ -907,6 +917,17 @@ impl Running {
         }
     }
 
+    /// The usage of what is not NIO: the NATS servers running now, and this process (`simulators`).
+    fn harness(&self) -> BTreeMap<String, Usage> {
+        let nodes = self.nats.iter().chain(self.nats_cluster.iter().flat_map(|c| c.nodes.iter()));
+        let mut u: BTreeMap<String, Usage> =
+            nodes.enumerate().filter_map(|(i, n)| Some((format!("nats-{i}"), n.usage()?))).collect();
+        if let Some(me) = crate::procs::usage(std::process::id()) {
+            u.insert("simulators".into(), me);
+        }
+        u
+    }
+
     /// The controllers (standbys included) and executors.
     fn procs(&self) -> impl Iterator<Item = &Proc> {
         self.clusters
@@ -1110,6 +1131,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     }
     r.sample();
     r.cpu_at_start = r.procs().map(|p| (p.name.clone(), p.last.cpu_seconds)).collect();
+    r.harness_at_start = r.harness();
     let t0 = Instant::now();
     let commit = r.repo.bump("load test")?;
     if s.broken > 0.0 {
@@ -1127,6 +1149,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
         b.finish();
     }
     r.sample();
+    r.harness_at_end = r.harness();
     let jobs = stream_seq(&js, nio_shared::subjects::JOBS_STREAM).await.saturating_sub(jobs0);
     let statuses = stream_seq(&js, nio_shared::subjects::STATUS_STREAM).await.saturating_sub(status0);
     let mut requests = r.controller_counts_since(&counts0).await;
@@ -1296,6 +1319,17 @@ async fn analyse(
             rollout_cpu_seconds: p.last.cpu_seconds - r.cpu_at_start.get(&p.name).copied().unwrap_or(0.0),
         })
         .collect();
+    let harness: Vec<ProcReport> = r
+        .harness_at_end
+        .clone()
+        .into_iter()
+        .map(|(name, usage)| {
+            let before = r.harness_at_start.get(&name).map_or(0.0, |u| u.cpu_seconds);
+            // A NATS member restarted during the rollout started counting again.
+            let during = if usage.cpu_seconds >= before { usage.cpu_seconds - before } else { usage.cpu_seconds };
+            ProcReport { name, usage, rollout_cpu_seconds: during }
+        })
+        .collect();
     let plotted = plot
         .and_then(|p| crate::plot::rollout_svg(p, &r.fleet, seen, t0, s.sites).ok().map(|_| p.display().to_string()));
     Ok(Report {
@@ -1331,6 +1365,7 @@ async fn analyse(
         max_in_flight_per_site: max_in_flight,
         max_in_flight_per_budget: per_budget,
         processes,
+        harness,
         nats_jobs_published: jobs,
         nats_status_published: statuses,
         machine_status_writes: 0,
@@ -1455,7 +1490,7 @@ pub fn summary(r: &Report) -> String {
             r.broken, r.untouched, r.rolled_back
         ));
     }
-    for p in &r.processes {
+    for p in r.processes.iter().chain(&r.harness) {
         s.push_str(&format!(
             "  {:<22} cpu {:>6.2}s (the measured rollout {:.2}s)  peak rss {:>6.1} MB\n",
             p.name, p.usage.cpu_seconds, p.rollout_cpu_seconds, p.usage.peak_rss_mb

@@ -49,6 +49,14 @@ async fn a_rollout_reaches_every_machine_within_the_site_limits() {
         "{:?}",
         report.processes
     );
+    // what else shared the box: the NATS server and the simulators (this process), each busy during the rollout
+    let harness: Vec<&str> = report.harness.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(harness, ["nats-0", "simulators"], "{:?}", report.harness);
+    assert!(
+        report.harness.iter().all(|p| p.rollout_cpu_seconds > 0.0 && p.rollout_cpu_seconds < p.usage.cpu_seconds),
+        "{:?}",
+        report.harness
+    );
     // the controller's API requests for the rollout, counted by the controller as the apiserver names them:
     // every machine's status is written (at least its outcome), each write attempt is one request (a refused
     // one too), and nothing else is listed
