@@ -279,6 +279,36 @@ pub async fn serve(
     Ok(bound)
 }
 
+/// Most of an oversize body read and dropped before its 413 goes out, and for how long. Answering while the
+/// sender still writes closes the connection under it, and the sender sees a reset instead of the answer (GitHub's
+/// delivery log would say "connection reset", not why). Deliveries are capped at 25 MB by GitHub; a body declared
+/// larger than this is refused at once.
+const DRAIN_MAX: usize = 32 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// The body, if it is at most `limit` bytes; else None, once the rest was read and dropped (up to [`DRAIN_MAX`]
+/// in all, within [`DRAIN_TIME`]) so the sender gets to read the refusal.
+async fn read_limited(body: Body, limit: usize) -> Option<bytes::Bytes> {
+    use futures::StreamExt;
+    let mut chunks = body.into_data_stream();
+    let mut kept = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    let read = async {
+        while let Some(chunk) = chunks.next().await {
+            let chunk = chunk.ok()?;
+            seen = seen.saturating_add(chunk.len());
+            if seen <= limit {
+                kept.extend_from_slice(&chunk);
+            } else if seen > DRAIN_MAX {
+                return None;
+            }
+        }
+        Some(())
+    };
+    tokio::time::timeout(DRAIN_TIME, read).await.ok().flatten()?;
+    (seen <= limit).then(|| kept.freeze())
+}
+
 fn answer(code: StatusCode, body: Value) -> Response {
     (code, axum::Json(body)).into_response()
 }
@@ -308,10 +338,11 @@ async fn handle(hook: &Hook, provider: Provider, headers: &HeaderMap, body: Body
     let limit = hook.settings.max_body;
     let too_large =
         || ("too_large", answer(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": format!("over {limit} bytes")})));
-    if header(headers, "content-length").and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l > limit) {
+    let declared = header(headers, "content-length").and_then(|l| l.parse::<usize>().ok());
+    if declared.is_some_and(|l| l > DRAIN_MAX) {
         return too_large();
     }
-    let Ok(body) = axum::body::to_bytes(body, limit).await else { return too_large() };
+    let Some(body) = read_limited(body, limit).await else { return too_large() };
     if let Err(why) = verify(provider, headers, &body, &hook.settings.secret) {
         tracing::warn!(provider = provider.as_str(), why, "refused a webhook delivery");
         return ("unauthorized", answer(StatusCode::UNAUTHORIZED, json!({"error": why})));
@@ -389,6 +420,31 @@ mod tests {
             h.insert(*k, v.parse().unwrap());
         }
         h
+    }
+
+    /// A body sent in `n` chunks of `size` bytes, counting the chunks read.
+    fn chunked(n: usize, size: usize, read: Arc<std::sync::atomic::AtomicUsize>) -> Body {
+        use futures::StreamExt;
+        let chunks = futures::stream::iter(0..n).map(move |_| {
+            read.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b'x'; size]))
+        });
+        Body::from_stream(chunks)
+    }
+
+    #[tokio::test]
+    async fn an_oversize_body_is_read_to_its_end_before_it_is_refused() {
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let body = read_limited(chunked(4, 1000, read.clone()), 4000).await;
+        assert_eq!(body.map(|b| b.len()), Some(4000), "at the limit: kept whole");
+        read.store(0, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(read_limited(chunked(40, 1000, read.clone()), 4000).await, None, "over the limit");
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 40, "read to its end, so the sender reads the 413");
+        read.store(0, std::sync::atomic::Ordering::SeqCst);
+        let huge = read_limited(chunked(DRAIN_MAX / (1 << 20) + 8, 1 << 20, read.clone()), 4000).await;
+        assert_eq!(huge, None);
+        let chunks = read.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(chunks, DRAIN_MAX / (1 << 20) + 1, "no more than DRAIN_MAX is read");
     }
 
     fn sign(secret: &[u8], body: &[u8]) -> String {
@@ -497,6 +553,40 @@ mod tests {
             codes.push(r.await.unwrap().status().as_u16());
         }
         assert_eq!(codes, [401, 401, 429]);
+    }
+
+    /// A sender that writes a whole oversize body before reading (as Git hosts do) reads the 413: the
+    /// connection is not closed under it while it writes.
+    #[tokio::test]
+    async fn a_sender_still_writing_an_oversize_body_reads_its_413() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let settings = Settings::new(([127, 0, 0, 1], 0).into(), b"0123456789abcdef".to_vec());
+        let client = kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap();
+        let bound = serve(settings, client, vec![], Arc::new(Metrics::new("test"))).await.unwrap();
+        let mut conn = tokio::net::TcpStream::connect(bound).await.unwrap();
+        let size = 4 << 20;
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: nio\r\nx-github-event: push\r\ncontent-type: application/json\r\ncontent-length: {size}\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b' '; 64 << 10];
+        for i in 0..size / chunk.len() {
+            if i % 8 == 0 {
+                // The server has seen the head and may answer meanwhile.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            conn.write_all(&chunk).await.unwrap_or_else(|e| panic!("writing the body, chunk {i}: {e}"));
+        }
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).contains("bytes\"}") {
+            let n = conn.read(&mut buf).await.unwrap_or_else(|e| panic!("reading the answer: {e}"));
+            assert!(n > 0, "closed before the answer: {:?}", String::from_utf8_lossy(&answer));
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("over 1048576 bytes"), "{answer}");
     }
 
     #[test]
