@@ -6,11 +6,6 @@
 set -u
 job=$1 src=$2 input=$3 installable=$4 action=$5 profile=$6 current=$7 rollback=$8 confirm=$9
 unit=${10} secrets=${11} wrapper=${12}
-say() { echo "@@nio $*"; }
-# A one-line file's content into $v, by the shell itself (no process).
-get() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || [ -n "$v" ]; }; }
-# The activation unit ended without a result (a pid not yet written is not a dead unit).
-died() { get "$job/pid"; [ -n "$v" ] && ! kill -0 "$v" 2> /dev/null && [ ! -f "$job/result" ]; }
 settled() { [ -f "$job/result" ] || [ -f "$job/awaiting" ]; }
 # What a link finally points to (a directory), into $r: `readlink -e` without a process.
 resolve() { r=; if cd -P -- "$1" 2> /dev/null; then r=$PWD; cd /; fi; [ -n "$r" ]; }

@@ -8,11 +8,6 @@
 set -u
 job=$1 marker=$2 identity=$3 current=$4 check=$5 timeout=$6 allow=$7
 shift 7
-say() { echo "@@nio $*"; }
-# A one-line file's content into $v, by the shell itself (no process).
-get() { v=; [ -r "$1" ] && { IFS= read -r v < "$1" || [ -n "$v" ]; }; }
-# The activation unit ended without a result (a pid not yet written is not a dead unit).
-died() { get "$job/pid"; [ -n "$v" ] && ! kill -0 "$v" 2> /dev/null && [ ! -f "$job/result" ]; }
 gone() {
   get /proc/sys/kernel/random/boot_id; b=$v; get "$job/boot_id"
   if [ "$b" != "$v" ]; then say failed rebooted; exit 3; fi
