@@ -390,10 +390,9 @@ pub struct Running {
     /// The warm-up commit, and on how many machines the measured one was made to fail.
     first_commit: String,
     broken: usize,
-    /// Each process's CPU seconds when the measured rollout started (by name).
+    /// Each process's CPU seconds when the measured rollout started (by name; NIO's and the harness's).
     cpu_at_start: BTreeMap<String, f64>,
-    /// [`Running::harness`] at the measured rollout's start and end.
-    harness_at_start: BTreeMap<String, Usage>,
+    /// [`Running::harness`] when the measured rollout ended (NIO's processes keep theirs in [`Proc::last`]).
     harness_at_end: BTreeMap<String, Usage>,
 }
 
@@ -555,7 +554,6 @@ impl Running {
             ctl_args,
             first_commit: String::new(),
             cpu_at_start: BTreeMap::new(),
-            harness_at_start: BTreeMap::new(),
             harness_at_end: BTreeMap::new(),
             broken: 0,
         };
@@ -1131,7 +1129,7 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     }
     r.sample();
     r.cpu_at_start = r.procs().map(|p| (p.name.clone(), p.last.cpu_seconds)).collect();
-    r.harness_at_start = r.harness();
+    r.cpu_at_start.extend(r.harness().into_iter().map(|(name, u)| (name, u.cpu_seconds)));
     let t0 = Instant::now();
     let commit = r.repo.bump("load test")?;
     if s.broken > 0.0 {
@@ -1311,25 +1309,14 @@ async fn analyse(
             (n as f64 / f64::from(s.site_limit.max(1))).ceil() * mean
         })
         .fold(0.0, f64::max);
-    let processes: Vec<ProcReport> = r
-        .procs()
-        .map(|p| ProcReport {
-            name: p.name.clone(),
-            usage: p.last,
-            rollout_cpu_seconds: p.last.cpu_seconds - r.cpu_at_start.get(&p.name).copied().unwrap_or(0.0),
-        })
-        .collect();
-    let harness: Vec<ProcReport> = r
-        .harness_at_end
-        .clone()
-        .into_iter()
-        .map(|(name, usage)| {
-            let before = r.harness_at_start.get(&name).map_or(0.0, |u| u.cpu_seconds);
-            // A NATS member restarted during the rollout started counting again.
-            let during = if usage.cpu_seconds >= before { usage.cpu_seconds - before } else { usage.cpu_seconds };
-            ProcReport { name, usage, rollout_cpu_seconds: during }
-        })
-        .collect();
+    let report = |name: &str, usage: Usage| {
+        let before = r.cpu_at_start.get(name).copied().unwrap_or(0.0);
+        // A process restarted under the same name during the rollout (a NATS member) started counting again.
+        let during = if usage.cpu_seconds >= before { usage.cpu_seconds - before } else { usage.cpu_seconds };
+        ProcReport { name: name.to_string(), usage, rollout_cpu_seconds: during }
+    };
+    let processes: Vec<ProcReport> = r.procs().map(|p| report(&p.name, p.last)).collect();
+    let harness: Vec<ProcReport> = r.harness_at_end.iter().map(|(name, u)| report(name, *u)).collect();
     let plotted = plot
         .and_then(|p| crate::plot::rollout_svg(p, &r.fleet, seen, t0, s.sites).ok().map(|_| p.display().to_string()));
     Ok(Report {
