@@ -36,6 +36,8 @@ pub struct MachineCache {
     pub scope: Option<String>,
     pub store: Store<Machine>,
     index: Mutex<Index>,
+    /// Whether the watch's first list is in the store ([`MachineCache::ready`]).
+    listed: tokio::sync::watch::Sender<bool>,
 }
 
 /// A string of the index, shared by every entry that holds it: a fleet's label keys and values repeat on
@@ -151,7 +153,22 @@ fn key(m: &Machine) -> (String, String) {
 
 impl MachineCache {
     pub fn new(scope: Option<String>, store: Store<Machine>) -> Self {
-        MachineCache { scope, store, index: Mutex::new(Index::default()) }
+        MachineCache {
+            scope,
+            store,
+            index: Mutex::new(Index::default()),
+            listed: tokio::sync::watch::Sender::new(false),
+        }
+    }
+
+    /// Waits until the watch's first list is in the store. Any number of tasks may wait together: kube-runtime's
+    /// own `Store::wait_until_ready` wakes only the task that polled it last (its readiness is a oneshot receiver
+    /// behind a mutex, which keeps one waker), so a reconcile waiting beside the Machine controller's runner slept
+    /// until its 30 s timeout.
+    pub async fn ready(&self) {
+        let mut listed = self.listed.subscribe();
+        // The sender lives as long as `self`: this cannot fail while borrowed.
+        let _ = listed.wait_for(|done| *done).await;
     }
 
     /// Keeps the index in step with the watch; call with each event after the store applied it.
@@ -174,6 +191,7 @@ impl MachineCache {
                 if let Some(fresh) = index.relist.take() {
                     *index = *fresh;
                 }
+                self.listed.send_replace(true);
             }
             watcher::Event::Apply(m) => {
                 let (ns, name) = key(m);
@@ -288,6 +306,37 @@ mod tests {
         ix.remove("ns", "a");
         ix.remove("ns", "c");
         assert!(ix.strings.is_empty() && ix.labels.is_empty() && ix.by_namespace.is_empty());
+    }
+
+    /// Reconciles wait for the first list beside the Machine controller's runner; every one of them must wake
+    /// when it is done (the flake of `a_failure_with_a_long_utf8_log_still_gets_its_event::real_apiserver`:
+    /// a reconcile slept through it, so no job for 30 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_task_waiting_for_the_first_list_wakes_when_it_is_done() {
+        let (store, mut writer) = kube::runtime::reflector::store::<Machine>();
+        let cache = Arc::new(MachineCache::new(None, store));
+        let waiters: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.ready().await })
+            })
+            .collect();
+        // Each waiter has polled (and is parked) before the list ends.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(waiters.iter().all(|w| !w.is_finished()), "ready before the list");
+        for ev in [watcher::Event::Init, watcher::Event::InitApply(machine("a", json!({}))), watcher::Event::InitDone] {
+            let ev = store_unlabelled(&mut writer, ev);
+            cache.observe(&ev);
+        }
+        for (i, w) in waiters.into_iter().enumerate() {
+            tokio::time::timeout(std::time::Duration::from_secs(5), w)
+                .await
+                .unwrap_or_else(|_| panic!("waiter {i} slept through the end of the first list"))
+                .expect("waiter");
+        }
+        assert!(cache.get("ns", "a").is_some(), "ready means listed");
+        // Waiting again once ready returns at once.
+        tokio::time::timeout(std::time::Duration::from_secs(1), cache.ready()).await.expect("ready stays ready");
     }
 
     #[tokio::test]

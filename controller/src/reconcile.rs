@@ -55,9 +55,8 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
 async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Arc<Machine>>> {
     let ns = cfg.namespace().unwrap_or_default();
     let cache = ctx.machine_cache(&ns).ok_or(Error::CacheNotReady("no Machine watch covers this namespace"))?;
-    match tokio::time::timeout(CACHE_WAIT, cache.store.wait_until_ready()).await {
-        Ok(Ok(())) => {}
-        _ => return Err(Error::CacheNotReady("the Machine cache has not finished its first list")),
+    if tokio::time::timeout(CACHE_WAIT, cache.ready()).await.is_err() {
+        return Err(Error::CacheNotReady("the Machine cache has not finished its first list"));
     }
     if let Some(name) = &cfg.spec.machine_ref {
         return Ok(cache.get(&ns, name).into_iter().collect());
