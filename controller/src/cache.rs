@@ -171,8 +171,17 @@ impl MachineCache {
         let _ = listed.wait_for(|done| *done).await;
     }
 
-    /// Keeps the index in step with the watch; call with each event after the store applied it.
+    /// Keeps the index in step with the watch and says when the first list is done; call with each event after
+    /// the store applied it.
     pub fn observe(&self, ev: &watcher::Event<Machine>) {
+        self.index_event(ev);
+        // After the index took the list in, and whatever became of the index: the store has the list.
+        if matches!(ev, watcher::Event::InitDone) {
+            self.listed.send_replace(true);
+        }
+    }
+
+    fn index_event(&self, ev: &watcher::Event<Machine>) {
         let Ok(mut index) = self.index.lock() else { return };
         static NONE: BTreeMap<String, String> = BTreeMap::new();
         fn labels(m: &Machine) -> &BTreeMap<String, String> {
@@ -191,7 +200,6 @@ impl MachineCache {
                 if let Some(fresh) = index.relist.take() {
                     *index = *fresh;
                 }
-                self.listed.send_replace(true);
             }
             watcher::Event::Apply(m) => {
                 let (ns, name) = key(m);
