@@ -329,8 +329,10 @@ mod tests {
                 tokio::spawn(async move { cache.ready().await })
             })
             .collect();
-        // Each waiter has polled (and is parked) before the list ends.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Each waiter has polled (subscribing and parking happen in its first poll) before the list ends.
+        while cache.listed.receiver_count() < waiters.len() {
+            tokio::task::yield_now().await;
+        }
         assert!(waiters.iter().all(|w| !w.is_finished()), "ready before the list");
         for ev in [watcher::Event::Init, watcher::Event::InitApply(machine("a", json!({}))), watcher::Event::InitDone] {
             let ev = store_unlabelled(&mut writer, ev);
