@@ -97,6 +97,13 @@ pub struct Settings {
 /// Runs the controller until `shutdown`: as a candidate for the lease, as the leader (reconciling, publishing,
 /// consuming status) while it holds it, and as a candidate again if it loses it.
 pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The probes first: a replica waiting for NATS (or the apiserver) is alive and says what it waits for.
+    let metrics = Arc::new(metrics::Metrics::new(&s.cluster));
+    let health = Arc::new(Health::default());
+    let (m, h) = (metrics.clone(), health.clone());
+    let probes = nio_shared::http::Probes::new("connecting to NATS", move || m.encode(), move || h.readiness());
+    let startup = probes.startup.clone();
+    nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     let mut opts = nio_shared::nats::connect_options(format!("nio-controller {} {}", s.cluster, s.identity));
     if let Some(c) = &s.nats_creds {
         opts = opts.credentials_file(c).await.with_context(|| format!("reading NATS credentials {}", c.display()))?;
@@ -107,7 +114,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         .with_context(|| format!("connecting to NATS at {}", s.nats_url))?;
     let js = async_nats::jetstream::new(nats);
     nio_shared::nats::ensure_streams(&js, s.jobs_replicas).await?;
-    let metrics = Arc::new(metrics::Metrics::new(&s.cluster));
+    startup.stage("connecting to Kubernetes");
     let config = match s.kube_config.clone() {
         Some(c) => c,
         None => kube::Config::infer().await.context("connecting to Kubernetes")?,
@@ -115,18 +122,6 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     let client = kube::client::ClientBuilder::try_from(config)?
         .with_layer(&apirequests::CountRequests(metrics.api_requests.clone()))
         .build();
-    let health = Arc::new(Health::default());
-    let probes = nio_shared::http::Probes {
-        metrics: Arc::new({
-            let m = metrics.clone();
-            move || m.encode()
-        }),
-        ready: Arc::new({
-            let h = health.clone();
-            move || h.readiness()
-        }),
-    };
-    nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     if let Some(w) = s.webhook.clone() {
         webhook::serve(w, client.clone(), s.namespaces.clone(), metrics.clone()).await?;
     }
@@ -158,7 +153,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
     });
     // A standby is ready (healthy, able to take over): readiness never depends on leadership, or a rolling
     // update would wait forever for a new replica that cannot lead while the old one holds the lease.
-    health.started.store(true, Ordering::SeqCst);
+    startup.done();
     loop {
         if let Some(e) = &elector {
             tracing::info!(identity = %s.identity, lease = %s.lease_name, "waiting to become the leader");
@@ -289,7 +284,6 @@ fn slim<K: kube::Resource>(o: &mut K) {
 /// What `/readyz` reports: the process is up, and (while leading) its watches can list.
 #[derive(Debug, Default)]
 pub struct Health {
-    started: AtomicBool,
     leading: AtomicBool,
     /// Kinds whose watch last failed (cleared when that controller next reconciles).
     failing_watches: std::sync::Mutex<std::collections::BTreeSet<&'static str>>,
@@ -297,9 +291,6 @@ pub struct Health {
 
 impl Health {
     fn readiness(&self) -> (bool, String) {
-        if !self.started.load(Ordering::SeqCst) {
-            return (false, "starting".into());
-        }
         let failing = self.failing_watches.lock().map(|f| f.iter().copied().collect::<Vec<_>>()).unwrap_or_default();
         if self.leading.load(Ordering::SeqCst) && !failing.is_empty() {
             return (false, format!("leading; cannot watch {}", failing.join(", ")));

@@ -25,6 +25,7 @@ nio_loadtest::on_both!(
     deletion_applies_on_remove_flake_and_handles_gone_and_unreachable_machines,
     invalid_specs_publish_nothing_and_say_why,
     one_of_two_replicas_leads_and_a_standby_takes_over,
+    a_replica_started_while_nats_is_down_stays_alive_and_works_once_nats_is_back,
 );
 
 use std::time::Duration;
@@ -659,10 +660,12 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
     assert_eq!(holder().await.as_deref(), Some("replica-1"), "the standby did not take over while the leader lives");
     assert_eq!(http_get(h1, "/readyz").await, Some((200, "leading".into())));
     // A standby is ready (it could take over): readiness never waits for leadership, or a rolling update
-    // would never see its new replica Ready while the old one leads. (Replica 2 serves its probes once it has
+    // would never see its new replica Ready while the old one leads. (Replica 2 says "starting" until it has
     // connected to NATS and checked the streams, which may come after the leader's job.)
     let ready = env
-        .eventually(T, "replica-2 started", || async { http_get(h2, "/readyz").await.filter(|r| r.1 != "starting") })
+        .eventually(T, "replica-2 started", || async {
+            http_get(h2, "/readyz").await.filter(|r| !r.1.starts_with("starting"))
+        })
         .await;
     assert_eq!(ready, (200, "standby".into()));
     assert_eq!(http_get(h2, "/healthz").await, Some((200, "ok".into())));
@@ -684,6 +687,34 @@ async fn one_of_two_replicas_leads_and_a_standby_takes_over(backend: Backend) {
     env.eventually(T, "job from the new leader", || env.job_on(env.subject("dc1", "apply", "prod", "m2"))).await;
     stop2.cancel();
     t2.await.unwrap().unwrap();
+}
+
+/// A replica that starts while NATS is down (a NATS upgrade, a node lost at the same time) answers its liveness
+/// probe at once, so the kubelet does not restart it in a loop, and its /readyz says what it waits for; once NATS
+/// is back it becomes ready and works without a restart.
+async fn a_replica_started_while_nats_is_down_stays_alive_and_works_once_nats_is_back(backend: Backend) {
+    let mut env = Env::start(backend).await;
+    env.nats.kill().await;
+    let h = nio_loadtest::procs::free_port().unwrap();
+    let mut s = env.settings("prod", "c1");
+    s.health_addr = Some(([127, 0, 0, 1], h).into());
+    let (stop, task) = env.spawn(s);
+    env.eventually(T, "the probes served", || http_get(h, "/healthz")).await;
+    // Longer than a NATS connect attempt and a JetStream request's timeout: it still waits, alive, and says why.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!task.is_finished(), "the controller stopped while NATS was down");
+    assert_eq!(http_get(h, "/healthz").await, Some((200, "ok".into())));
+    assert_eq!(http_get(h, "/readyz").await, Some((503, "starting: connecting to NATS".into())));
+    env.nats.restart().await.unwrap();
+    env.eventually(Duration::from_secs(40), "ready once NATS is back", || async {
+        (http_get(h, "/readyz").await? == (200, "leading".into())).then_some(())
+    })
+    .await;
+    env.machine("m1").create().await;
+    env.config("web", json!({"machineRef": "m1"})).await;
+    env.eventually(T, "a job", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
 
 /// The leader's connection to the apiserver hangs (a proxy stops forwarding): it must stop acting before the

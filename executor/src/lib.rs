@@ -51,6 +51,21 @@ pub struct Settings {
 
 /// Connects to NATS, sets up consumers and runs until `shutdown` is cancelled.
 pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // The probes first: an executor waiting for NATS is alive (its liveness probe must not restart it) and its
+    // /readyz says what it waits for.
+    let metrics = Arc::new(metrics::Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let (m, r) = (metrics.clone(), ready.clone());
+    let probes = nio_shared::http::Probes::new(
+        "connecting to NATS",
+        move || m.encode(),
+        move || {
+            let ok = r.load(std::sync::atomic::Ordering::SeqCst);
+            (ok, if ok { "ready" } else { "not ready" }.to_string())
+        },
+    );
+    let startup = probes.startup.clone();
+    nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
     // A NATS member that is still starting (or busy electing leaders) must not make the process exit: the JetStream
     // requests below retry for five minutes.
     let mut opts = nio_shared::nats::connect_options(format!("nio-executor {}", s.executor_id));
@@ -112,24 +127,11 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
             keepalive: s.ssh_keepalive,
             policy: s.host_key_policy,
         },
-        metrics: Arc::new(metrics::Metrics::new()),
+        metrics,
         kexec_tarball,
-        ready: AtomicBool::new(false),
+        ready,
     });
-    let probes = nio_shared::http::Probes {
-        metrics: Arc::new({
-            let e = exec.clone();
-            move || e.metrics.encode()
-        }),
-        ready: Arc::new({
-            let e = exec.clone();
-            move || {
-                let ok = e.ready.load(std::sync::atomic::Ordering::SeqCst);
-                (ok, if ok { "ready" } else { "not ready" }.to_string())
-            }
-        }),
-    };
-    nio_shared::http::serve(s.metrics_addr, s.health_addr, probes).await?;
+    startup.done();
     tracing::info!(id = %s.executor_id, sites = ?s.config.sites.iter().map(|x| &x.name).collect::<Vec<_>>(), "executor ready");
     exec.run(consumers, shutdown, s.shutdown_grace).await?;
     Ok(())

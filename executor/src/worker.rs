@@ -46,7 +46,7 @@ pub struct Executor {
     pub metrics: Arc<Metrics>,
     pub cmds: Commands,
     pub kexec_tarball: Option<Vec<u8>>,
-    pub ready: AtomicBool,
+    pub ready: Arc<AtomicBool>,
 }
 
 /// Creates the streams if missing and the site consumers, refusing to run against incompatible settings.

@@ -288,6 +288,45 @@ async fn poison_messages_are_terminated_and_the_worker_keeps_going() {
     task.await.unwrap().unwrap();
 }
 
+/// An executor that starts while NATS is down answers its liveness probe at once (the kubelet must not restart
+/// it in a loop), says on /readyz what it waits for, and takes jobs once NATS is back, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_executor_started_while_nats_is_down_stays_alive_and_runs_jobs_once_nats_is_back() {
+    let (mut nats, h) = (NatsServer::start().await.unwrap(), Hosts::start(1));
+    let commit = h.commit();
+    nats.kill().await;
+    let port = nio_loadtest::procs::free_port().unwrap();
+    let mut s = settings(&h, &nats, config(&[("dc1", 1)]), "e1");
+    s.health_addr = Some(([127, 0, 0, 1], port).into());
+    let (stop, task) = spawn_executor(s);
+    let get = |path| nio_loadtest::procs::http_get(port, path);
+    let deadline = std::time::Instant::now() + T;
+    while get("/healthz").await.is_none() {
+        assert!(std::time::Instant::now() < deadline, "no probes served while NATS is down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Longer than a NATS connect attempt and a JetStream request's timeout: it still waits, alive, and says why.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!task.is_finished(), "the executor stopped while NATS was down");
+    assert_eq!(get("/healthz").await, Some((200, "ok".into())));
+    assert_eq!(get("/readyz").await, Some((503, "starting: connecting to NATS".into())));
+    nats.restart().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while get("/readyz").await != Some((200, "ready".into())) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready 40 s after NATS came back: {:?}",
+            get("/readyz").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut bus = Bus::connect(&nats).await;
+    bus.publish(&job("web-01", &h.addr(0), 22, "dc1", &h.repo.url(), &commit)).await;
+    assert_eq!(bus.final_of("web-01", T).await.phase, Phase::Succeeded);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 /// JetStream refuses status events for a while (as when the member leading NIO_STATUS is lost and a new leader
 /// is being elected): the job's outcome is retried, not dropped, so the Machine does not stay Applying for good,
 /// and the job is settled only once its outcome is stored.

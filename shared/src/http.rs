@@ -12,12 +12,58 @@ use axum::routing::get;
 pub struct Probes {
     /// The OpenMetrics text for `/metrics`.
     pub metrics: Arc<dyn Fn() -> String + Send + Sync>,
-    /// Whether `/readyz` answers 200, and the body that says why (e.g. "leading", "standby").
+    /// While it waits for something (e.g. NATS), `/readyz` answers 503 "starting: …" whatever `ready` says.
+    pub startup: Startup,
+    /// Once started: whether `/readyz` answers 200, and the body that says why (e.g. "leading", "standby").
     pub ready: Arc<dyn Fn() -> (bool, String) + Send + Sync>,
 }
 
+impl Probes {
+    /// The endpoints of a process that starts by `stage` (see [`Startup`]; `probes.startup` moves it on).
+    pub fn new(
+        stage: &'static str,
+        metrics: impl Fn() -> String + Send + Sync + 'static,
+        ready: impl Fn() -> (bool, String) + Send + Sync + 'static,
+    ) -> Self {
+        Probes { metrics: Arc::new(metrics), startup: Startup::new(stage), ready: Arc::new(ready) }
+    }
+}
+
+/// What a starting process is still waiting for. The endpoints are served from the first moment, so `/healthz`
+/// answers while the process waits (a liveness probe must not restart a process that waits for NATS to come
+/// back) and `/readyz` says what it waits for.
+#[derive(Clone, Debug)]
+pub struct Startup(Arc<std::sync::Mutex<Option<&'static str>>>);
+
+impl Startup {
+    /// A process that starts by `stage`, e.g. "connecting to NATS".
+    pub fn new(stage: &'static str) -> Self {
+        Startup(Arc::new(std::sync::Mutex::new(Some(stage))))
+    }
+
+    /// The process goes on to `stage`.
+    pub fn stage(&self, stage: &'static str) {
+        self.set(Some(stage));
+    }
+
+    /// The process has started: `/readyz` now reports its own readiness.
+    pub fn done(&self) {
+        self.set(None);
+    }
+
+    /// "starting: <stage>" while the process starts; None once it has.
+    pub fn waiting(&self) -> Option<String> {
+        let stage = *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        stage.map(|s| format!("starting: {s}"))
+    }
+
+    fn set(&self, stage: Option<&'static str>) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = stage;
+    }
+}
+
 fn router(p: Probes) -> axum::Router {
-    let Probes { metrics, ready } = p;
+    let Probes { metrics, startup, ready } = p;
     axum::Router::new()
         .route(
             "/metrics",
@@ -30,7 +76,7 @@ fn router(p: Probes) -> axum::Router {
         .route(
             "/readyz",
             get(move || {
-                let (ok, text) = ready();
+                let (ok, text) = startup.waiting().map_or_else(|| ready(), |w| (false, w));
                 let code = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
                 async move { (code, text).into_response() }
             }),
