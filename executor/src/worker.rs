@@ -238,14 +238,6 @@ impl Executor {
         };
         let (delivered, seq) = msg.info().map_or((1, 0), |i| (i.delivered, i.stream_sequence));
         let queued = Queued { subject: msg.subject.to_string(), seq };
-        if let Some(label) = self.stale(&queued).await {
-            // A newer job for this machine and kind runs instead, or another delivery of this one settled it.
-            tracing::debug!(machine = %job.machine, id = %job.id, seq, "job not run: {label}");
-            nio_shared::nats::ack(&msg, AckKind::Ack).await;
-            self.count(site, &job, label, "none");
-            in_flight.dec();
-            return;
-        }
         let span = tracing::info_span!(
             "job.execute",
             otel.kind = "consumer",
@@ -362,12 +354,7 @@ impl Executor {
         }
         let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
         let timeout = self.job_deadline(&job);
-        // The start is reported while the machine's lock is taken, not before: one broker round trip less
-        // before the first command. It is sent first, so it reaches the stream ahead of the job's steps.
-        let work = async {
-            let started = rep.event(Phase::Started, None, None, String::new());
-            tokio::join!(started, self.clone().locked(site, &job, &queued, &rep, timeout)).1
-        };
+        let work = self.clone().locked(site, &job, &queued, &rep, timeout);
         tokio::select! {
             r = tokio::time::timeout(timeout, work) => match r {
                 Ok(r) => r,
@@ -413,6 +400,9 @@ impl Executor {
         self.job_timeout(job) + Duration::from_secs(after)
     }
 
+    /// Runs the job once its machine is held. The queue check (is this job still the newest?) and the first lock
+    /// attempt go out together, so a job whose machine is free is one broker round trip from its SSH login; a job
+    /// that had to wait for its machine is checked again once it holds it.
     async fn locked(
         self: Arc<Self>,
         site: &str,
@@ -424,64 +414,76 @@ impl Executor {
         let key = subjects::lock_key(&job.endpoint.host, job.endpoint.port);
         let lock_span = tracing::info_span!("lock", nio.lock = %key);
         let deadline = Instant::now() + timeout;
-        let held = async {
-            let mut announced = false;
-            loop {
-                if let Some(h) = self.locks.try_acquire(&key).await? {
-                    return Ok(Some(h));
+        let (stale, first) =
+            tokio::join!(self.stale(queued), self.locks.try_acquire(&key).instrument(lock_span.clone()));
+        if let Some(label) = stale {
+            return (Err(Stale(label)), first.ok().flatten());
+        }
+        // The start is reported while the job goes on (one broker round trip less before the first command). It
+        // is sent first, so it reaches the stream ahead of the job's steps.
+        let started = rep.event(Phase::Started, None, None, String::new());
+        let work = async {
+            let held = match first {
+                Ok(Some(h)) => h,
+                Ok(None) if job.action.kind() == JobKind::Probe => {
+                    let busy = Outcome {
+                        skipped: true,
+                        message: "machine busy with another job; probe skipped".into(),
+                        ..Default::default()
+                    };
+                    return (Ok(busy), None);
                 }
-                if job.action.kind() == JobKind::Probe {
-                    return Ok(None);
-                }
-                // The holder's executor died: its job (often this very one, redelivered) is ours to finish.
-                if let Some((h, dead)) = self.locks.take_over(&key, &self.heartbeats).await? {
-                    rep.step(Step::Lock, format!("took the machine over from {dead}, whose executor is gone")).await;
-                    return Ok(Some(h));
-                }
-                if !announced {
-                    self.metrics.lock_waits.get_or_create(&metrics::site(site)).inc();
-                    let holder = self.locks.holder(&key).await.unwrap_or_default();
-                    rep.step(Step::Lock, format!("machine busy ({holder}); waiting for the running job to finish"))
-                        .await;
-                    announced = true;
-                }
-                if Instant::now() > deadline {
-                    return Err(Error::LockBusy);
-                }
-                // A holder that dies is noticed within a second of its heartbeat expiring.
-                self.locks.wait_released(&key, Duration::from_secs(1)).await;
+                Ok(None) => match self.wait_for_machine(site, &key, rep, deadline).instrument(lock_span).await {
+                    Ok(h) => {
+                        if let Some(label) = self.stale(queued).await {
+                            return (Err(Stale(label)), Some(h));
+                        }
+                        h
+                    }
+                    Err(e) => return (Err(Failed(e)), None),
+                },
+                Err(e) => return (Err(Failed(e)), None),
+            };
+            let slots = match self.budget_slots(job, rep, deadline).await {
+                Ok(s) => s,
+                Err(e) => return (Err(Failed(e)), Some(held)),
+            };
+            let result = self.connected(site, job, rep).await.map_err(Failed);
+            for slot in slots {
+                slot.release().await;
             }
-        }
-        .instrument(lock_span)
-        .await;
-        let held = match held {
-            Ok(Some(h)) => h,
-            Ok(None) => {
-                let busy = Outcome {
-                    skipped: true,
-                    message: "machine busy with another job; probe skipped".into(),
-                    ..Default::default()
-                };
-                return (Ok(busy), None);
-            }
-            Err(e) => return (Err(Failed(e)), None),
+            (result, Some(held))
         };
-        if let Some(label) = self.stale(queued).await {
-            return (Err(Stale(label)), Some(held));
-        }
-        let slots = match self.budget_slots(job, rep, deadline).await {
-            Ok(s) => s,
-            Err(e) => return (Err(Failed(e)), Some(held)),
-        };
-        let result = self.connected(site, job, rep).await.map_err(Failed);
-        for slot in slots {
-            slot.release().await;
-        }
-        (result, Some(held))
+        tokio::join!(started, work).1
     }
 
-    /// Takes a slot of every disruption budget the job counts against, in key order (so two jobs never wait on
-    /// each other), waiting while a budget is full; a slot whose holder's executor is gone is taken over.
+    /// Waits until the machine `key`, held by another job, is this job's: its holder finishes, or its holder's
+    /// executor is gone and the machine is taken over. Says once that the machine is busy.
+    async fn wait_for_machine(&self, site: &str, key: &str, rep: &Reporter, deadline: Instant) -> Result<Held> {
+        let mut announced = false;
+        loop {
+            // The holder's executor died: its job (often this very one, redelivered) is ours to finish.
+            if let Some((h, dead)) = self.locks.take_over(key, &self.heartbeats).await? {
+                rep.step(Step::Lock, format!("took the machine over from {dead}, whose executor is gone")).await;
+                return Ok(h);
+            }
+            if !announced {
+                self.metrics.lock_waits.get_or_create(&metrics::site(site)).inc();
+                let holder = self.locks.holder(key).await.unwrap_or_default();
+                rep.step(Step::Lock, format!("machine busy ({holder}); waiting for the running job to finish")).await;
+                announced = true;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::LockBusy);
+            }
+            // A holder that dies is noticed within a second of its heartbeat expiring.
+            self.locks.wait_released(key, Duration::from_secs(1)).await;
+            if let Some(h) = self.locks.try_acquire(key).await? {
+                return Ok(h);
+            }
+        }
+    }
+
     async fn budget_slots(&self, job: &Job, rep: &Reporter, deadline: Instant) -> Result<Vec<crate::lock::Held>> {
         let mut held = Vec::new();
         for claim in &job.budgets {
