@@ -255,3 +255,15 @@ kill -9 "$2" 2>/dev/null
     anyhow::ensure!(status.success(), "starting a reaper: {status}");
     Ok(())
 }
+
+/// The objects `kubectl kustomize DIR` builds (a `deploy/` overlay, say), as JSON.
+pub fn kustomize(dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let out = std::process::Command::new("kubectl").arg("kustomize").arg(dir).output().context("running kubectl")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).context("parsing kubectl kustomize's output")
+}

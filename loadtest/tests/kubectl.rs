@@ -285,13 +285,7 @@ fn deploy_overlays_build_with_kustomize() {
 /// and the Flux Kustomizations and the Argo CD ApplicationSet point at exactly those directories.
 #[test]
 fn the_gitops_example_gives_each_cluster_its_name_its_webhook_and_its_fleet() {
-    let build = |dir: &str| {
-        let out = std::process::Command::new("kubectl").args(["kustomize", dir]).current_dir(repo()).output().unwrap();
-        assert!(out.status.success(), "{dir}: {}", String::from_utf8_lossy(&out.stderr));
-        let docs: Vec<serde_json::Value> =
-            serde_saphyr::from_multiple(&String::from_utf8(out.stdout).unwrap()).unwrap();
-        docs
-    };
+    let build = |dir: &str| nio_loadtest::procs::kustomize(&repo().join(dir)).unwrap();
     for cluster in ["eu", "us"] {
         let docs = build(&format!("deploy/gitops/clusters/{cluster}"));
         let find = |kind: &str, name: &str| {
@@ -522,13 +516,7 @@ async fn get_events_shows_what_a_controller_recorded_through_events_k8s_io(backe
 /// behind a headless Service; controllers and executors are given every member and replicate on 3.
 #[test]
 fn the_prod_overlay_runs_nats_as_a_jetstream_cluster_of_three() {
-    let out = std::process::Command::new("kubectl")
-        .args(["kustomize", "deploy/overlays/prod"])
-        .current_dir(repo())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let docs = nio_loadtest::procs::kustomize(&repo().join("deploy/overlays/prod")).unwrap();
     let find = |kind: &str, name: &str| {
         docs.iter()
             .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)

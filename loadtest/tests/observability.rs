@@ -49,6 +49,43 @@ fn the_prometheus_rule_carries_the_same_rules() {
     assert_eq!(plain["groups"], crd["spec"]["groups"], "deploy/overlays/prod/prometheusrule.yaml is out of date");
 }
 
+/// The down alerts select `up` by job name; in the prod overlay the job names come from the ServiceMonitor. Each
+/// job an alert names is the job Prometheus gives the Service of that component, or the alert could never fire.
+#[test]
+fn the_prod_overlay_scrapes_each_component_under_the_job_name_its_down_alert_selects() {
+    let docs = nio_loadtest::procs::kustomize(&repo().join("deploy/overlays/prod")).unwrap();
+    let monitor = docs.iter().find(|d| d["kind"] == "ServiceMonitor").expect("the prod overlay has a ServiceMonitor");
+    let ports: Vec<&serde_json::Value> =
+        monitor["spec"]["endpoints"].as_array().unwrap().iter().map(|e| &e["port"]).collect();
+    let selected = |labels: &serde_json::Value| {
+        monitor["spec"]["selector"]["matchExpressions"].as_array().unwrap().iter().all(|e| {
+            assert_eq!(e["operator"], "In", "the test reads In expressions only");
+            e["values"].as_array().unwrap().contains(&labels[e["key"].as_str().unwrap()])
+        })
+    };
+    // Prometheus Operator: job = the Service's label named by jobLabel, else the Service's name
+    let mut jobs: Vec<(String, String)> = docs
+        .iter()
+        .filter(|d| d["kind"] == "Service" && selected(&d["metadata"]["labels"]))
+        .filter(|d| d["spec"]["ports"].as_array().unwrap().iter().any(|p| ports.contains(&&p["name"])))
+        .map(|d| {
+            let job = match monitor["spec"]["jobLabel"].as_str() {
+                Some(label) => d["metadata"]["labels"][label].as_str().unwrap_or_default(),
+                None => d["metadata"]["name"].as_str().unwrap(),
+            };
+            (d["spec"]["selector"]["app.kubernetes.io/name"].as_str().unwrap().to_string(), job.to_string())
+        })
+        .collect();
+    jobs.sort();
+    let rules = std::fs::read_to_string(repo().join("deploy/prometheus/nio-alerts.yaml")).unwrap();
+    let mut alerted: Vec<String> =
+        rules.split("absent(up{job=\"").skip(1).map(|rest| rest.split('"').next().unwrap().to_string()).collect();
+    alerted.sort();
+    assert_eq!(alerted, ["nio-controller", "nio-executor"]);
+    let want: Vec<(String, String)> = alerted.iter().map(|j| (j.clone(), j.clone())).collect();
+    assert_eq!(jobs, want, "(component, job name Prometheus gives it) for every scraped Service");
+}
+
 /// Every Prometheus expression of the dashboards, with template variables widened.
 fn dashboard_queries() -> Vec<(String, String)> {
     let mut out = vec![];
