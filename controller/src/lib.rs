@@ -417,7 +417,9 @@ async fn lead(
     {
         tracing::warn!("controllers did not stop within 10 s; abandoning them");
         tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
     }
+    metrics.forget_fleet();
     Ok(end)
 }
 

@@ -215,6 +215,17 @@ impl Metrics {
         }
     }
 
+    /// Drops what only the leader knows (the fleet gauges), when this replica stops leading: a standby that kept
+    /// its last values would be summed with the new leader's by every dashboard and alert (each machine twice).
+    pub fn forget_fleet(&self) {
+        self.machines.clear();
+        self.machines_drifted.set(0);
+        self.configuration_machines.clear();
+        self.wave_machines.clear();
+        self.wave_state.clear();
+        self.configurations_degraded.clear();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -744,10 +744,20 @@ async fn a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_o
         let (_, body) = http_get(port, "/metrics").await?;
         body.lines().find(|l| l.starts_with("nio_controller_leader{")).map(|l| l.ends_with(" 1"))
     };
+    // The fleet gauges a dashboard sums over replicas: the machines each replica counts.
+    let counted = |port: u16| async move {
+        let (_, body) = http_get(port, "/metrics").await?;
+        let values = body.lines().filter(|l| l.starts_with("nio_controller_machines{"));
+        Some(values.filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok()).sum::<i64>())
+    };
+    env.machine("m1").create().await;
+    env.config("web", json!({"machineRef": "m1"})).await;
     let (stop1, t1) = env.spawn(s1);
     env.eventually(T, "replica-1 leads", || async { (holder().await? == "replica-1").then_some(()) }).await;
+    env.eventually(T, "replica-1 counts the machine", || async { (counted(m1).await? == 1).then_some(()) }).await;
     let (stop2, t2) = env.spawn(s2);
     env.eventually(T, "replica-2 stands by", || async { (!leads(m2).await?).then_some(()) }).await;
+    assert_eq!(counted(m2).await, Some(0), "a standby counts no machines");
 
     proxy.stall(true);
     let cut = std::time::Instant::now();
@@ -768,6 +778,9 @@ async fn a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_o
     assert!(down < Duration::from_secs(3), "stepped down after {down:?}");
     assert!(up <= Duration::from_secs(3) + Duration::from_secs(2), "took over after {up:?}");
     assert_eq!(holder().await.as_deref(), Some("replica-2"));
+    // the fleet is counted once, by the leader: the replica that stepped down dropped its counts
+    env.eventually(T, "replica-2 counts the machine", || async { (counted(m2).await? == 1).then_some(()) }).await;
+    assert_eq!(counted(m1).await, Some(0), "the replica that stepped down still counts the fleet");
 
     // the connection heals: replica-1 is still running, as a ready standby
     proxy.stall(false);
