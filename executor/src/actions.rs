@@ -101,8 +101,24 @@ pub fn check_job(job: &Job) -> Result<()> {
     for s in &job.secrets {
         v::relative_path("secrets[].path", &s.path).map_err(inv)?;
     }
+    // The executor adds these up into the job's deadline: bounded, so no sum can overflow.
+    let health = job.health_check.as_ref().map_or(0, |h| h.timeout_seconds);
+    for (field, value, max) in [
+        ("timeoutSeconds", job.timeout_seconds, MAX_JOB_SECONDS),
+        ("confirmTimeoutSeconds", u64::from(job.confirm_timeout_seconds), MAX_STEP_SECONDS),
+        ("healthCheck.timeoutSeconds", u64::from(health), MAX_STEP_SECONDS),
+    ] {
+        if value > max {
+            return Err(Error::InvalidJob(format!("{field} {value} is above its maximum {max}")));
+        }
+    }
     Ok(())
 }
+
+/// The longest a job may ask to run (a week: a full install of a large machine takes hours, not days).
+const MAX_JOB_SECONDS: u64 = 7 * 24 * 3600;
+/// The longest a confirmation window or a health check may be (a day; the CRD allows an hour).
+const MAX_STEP_SECONDS: u64 = 24 * 3600;
 
 /// Runs the job's action.
 pub async fn run<C: Connector, P: Progress>(conn: &C, first: &C::Host, ctx: &JobRun<'_, P>) -> Result<Outcome> {

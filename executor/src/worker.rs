@@ -29,6 +29,9 @@ use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
 /// sets how often an idle executor asks again.
 const PULL_EXPIRES: Duration = Duration::from_secs(2);
 
+/// A deadline that will not come in practice.
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Everything the workers share.
 pub struct Executor {
     pub js: jetstream::Context,
@@ -255,8 +258,9 @@ impl Executor {
         let queue_wait = (Utc::now() - job.enqueued_at).to_std().unwrap_or_default();
         self.metrics.queue_wait.get_or_create(&metrics::site(site)).observe(queue_wait.as_secs_f64());
         span.record("nio.queue_wait_ms", queue_wait.as_millis() as u64);
-        // Keep the message ours while the job runs and its outcome is reported.
-        let ticker = {
+        // Keep the message ours while the job runs and its outcome is reported (and not a moment longer: the
+        // ticker stops when this function ends, however it ends).
+        let ticker = tokio_util::task::AbortOnDropHandle::new({
             let every = Duration::from_secs(self.cfg.ack_wait_seconds.max(3) / 3);
             let msg = msg.clone();
             tokio::spawn(async move {
@@ -267,7 +271,7 @@ impl Executor {
                     }
                 }
             })
-        };
+        });
         tracing::debug!(parent: &span, machine = %job.machine, id = %job.id, delivered, seq, budgets = job.budgets.len(), "job received");
         let (outcome, held) = self.clone().process(site, job.clone(), queued, hard).instrument(span.clone()).await;
         if let Err(Stale(label)) = outcome {
@@ -397,7 +401,7 @@ impl Executor {
             }
             _ => 0,
         };
-        self.job_timeout(job) + Duration::from_secs(after)
+        self.job_timeout(job).saturating_add(Duration::from_secs(after))
     }
 
     /// Runs the job once its machine is held. The queue check (is this job still the newest?) and the first lock
@@ -413,7 +417,8 @@ impl Executor {
     ) -> (Result<Outcome, Failure>, Option<Held>) {
         let key = subjects::lock_key(&job.endpoint.host, job.endpoint.port);
         let lock_span = tracing::info_span!("lock", nio.lock = %key);
-        let deadline = Instant::now() + timeout;
+        // check_job bounds the job's times; a deadline past what the clock can hold is a year away.
+        let deadline = Instant::now().checked_add(timeout).unwrap_or_else(|| Instant::now() + YEAR);
         let (stale, first) =
             tokio::join!(self.stale(queued), self.locks.try_acquire(&key).instrument(lock_span.clone()));
         if let Some(label) = stale {

@@ -276,7 +276,14 @@ async fn poison_messages_are_terminated_and_the_worker_keeps_going() {
     let (stop, task) = spawn_executor(settings(&h, &nats, config(&[("dc1", 1)]), "e1"));
     bus.publish_raw("nio.jobs.dc1.apply.test.default.poison", b"{\"v\": 99, \"garbage\": true}").await;
     bus.publish_raw("nio.jobs.dc1.apply.test.default.junk", b"\xff not json").await;
+    // well-formed, but with a time no deadline can hold
+    let mut endless = job("endless", &h.addr(0), 22, "dc1", &h.repo.url(), &commit);
+    endless.timeout_seconds = u64::MAX;
+    bus.publish(&endless).await;
     bus.publish(&job("web-01", &h.addr(0), 22, "dc1", &h.repo.url(), &commit)).await;
+    let endless = bus.final_of("endless", T).await;
+    assert_eq!((endless.phase, endless.category), (Phase::Failed, Some(FailureCategory::InvalidJob)));
+    assert!(endless.message.unwrap().contains("timeoutSeconds 18446744073709551615 is above its maximum"));
     let poison = bus.final_of("poison", T).await;
     assert_eq!((poison.phase, poison.category), (Phase::Failed, Some(FailureCategory::InvalidJob)));
     assert!(poison.message.unwrap().contains("v=99"));
