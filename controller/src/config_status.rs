@@ -103,6 +103,7 @@ pub fn configuration_status(
     let mut notes = Vec::new();
     let c = r.counts;
     let short = short_commit(r.commit);
+    let before = (s.total, s.updated);
     s.total = c.total;
     s.updated = c.updated;
     s.failed = c.failed;
@@ -120,7 +121,11 @@ pub fn configuration_status(
     // Done once every machine runs the commit and no wave still soaks or waits for approval.
     let wave_open = r.waves.and_then(|d| d.current.as_deref());
     let ready = c.total > 0 && c.updated == c.total && wave_open.is_none();
-    if ready && !conditions::is_true(&s.conditions, Type::Ready) {
+    // Announced already: this commit was recorded applied on these very counts (Ready went false since only
+    // because something else was briefly unavailable, say the Git remote for one poll).
+    let announced = s.applied_commit.as_deref() == Some(r.commit) && before == (c.total, c.updated)
+        || conditions::is_true(&s.conditions, Type::Ready);
+    if ready && !announced {
         notes.push(note(false, "RolloutComplete", format!("all {} machines run {short}", c.total)));
     }
     if ready {
@@ -153,21 +158,26 @@ pub fn configuration_status(
     }
     conditions::set(&mut s.conditions, Type::Progressing, progressing, reason, &message, generation);
 
-    let (reason, message) = if c.failed > 0 {
-        ("MachinesFailed", format!("{} machine(s) failed at this target", c.failed))
-    } else if !r.invalid_machines.is_empty() {
+    // Failed machines and invalid ones are both named: neither hides the other.
+    let invalid = (!r.invalid_machines.is_empty()).then(|| {
         let n = r.invalid_machines.len();
         let more = if n > NAMED { format!(" and {} more", n - NAMED) } else { String::new() };
         let names = r.invalid_machines.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", ");
-        let msg = format!(
+        format!(
             "{n} selected Machine(s) have an invalid spec and get nothing: {names}{more} (see their Invalid condition)"
-        );
-        if conditions::message(&s.conditions, Type::Degraded) != Some(msg.as_str()) {
-            notes.push(note(true, "InvalidMachines", msg.clone()));
-        }
-        ("InvalidMachines", msg)
-    } else {
-        ("AsExpected", String::new())
+        )
+    });
+    if let Some(msg) = &invalid
+        && !conditions::message(&s.conditions, Type::Degraded).is_some_and(|m| m.contains(msg.as_str()))
+    {
+        notes.push(note(true, "InvalidMachines", msg.clone()));
+    }
+    let failed = (c.failed > 0).then(|| format!("{} machine(s) failed at this target", c.failed));
+    let (reason, message) = match (failed, invalid) {
+        (Some(f), Some(i)) => ("MachinesFailed", format!("{f}; {i}")),
+        (Some(f), None) => ("MachinesFailed", f),
+        (None, Some(i)) => ("InvalidMachines", i),
+        (None, None) => ("AsExpected", String::new()),
     };
     conditions::set(&mut s.conditions, Type::Degraded, reason != "AsExpected", reason, &message, generation);
     (s, notes)
@@ -371,6 +381,45 @@ mod tests {
         // fixed: Valid again
         let (v, _) = resolved(&i, "main", C1, Some(4));
         assert_eq!(cond(&v, "Invalid"), ("False".into(), "Valid".into(), String::new()));
+    }
+
+    #[test]
+    fn a_rollout_complete_is_announced_once_even_when_the_git_remote_was_briefly_down() {
+        let (s, _) = resolved(&NixosConfigurationStatus::default(), "main", C1, Some(1));
+        let done = Rollout { commit: C1, counts: counts(2, 2, 0, 0), ..Default::default() };
+        let (s, notes) = configuration_status(&s, &done, Some(1));
+        assert_eq!(reasons(&notes), ["RolloutComplete"]);
+        // one poll could not reach the remote, the next resolves the same commit
+        let (d, _) = degraded(&s, "GitUnreachable", "cannot reach the repo", Some(1));
+        let (r, notes) = resolved(&d, "main", C1, Some(1));
+        assert!(notes.is_empty());
+        let (again, notes) = configuration_status(&r, &done, Some(1));
+        assert!(notes.is_empty(), "announced twice: {:?}", reasons(&notes));
+        assert_eq!(cond(&again, "Ready").0, "True");
+        // a machine joins and gets the commit: that completion is news
+        let grew = Rollout { commit: C1, counts: counts(3, 2, 0, 1), ..Default::default() };
+        let (g, _) = configuration_status(&again, &grew, Some(1));
+        let (_, notes) = configuration_status(&g, &Rollout { counts: counts(3, 3, 0, 0), ..done }, Some(1));
+        assert_eq!(reasons(&notes), ["RolloutComplete"]);
+    }
+
+    #[test]
+    fn failed_machines_do_not_hide_the_invalid_ones() {
+        let invalid = vec!["m2".to_string()];
+        let step = Rollout { commit: C1, counts: counts(2, 1, 1, 0), invalid_machines: &invalid, ..Default::default() };
+        let (s, notes) = configuration_status(&NixosConfigurationStatus::default(), &step, None);
+        let (status, reason, msg) = cond(&s, "Degraded");
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "MachinesFailed"));
+        assert!(
+            msg.starts_with("1 machine(s) failed at this target; 1 selected Machine(s)") && msg.contains("m2"),
+            "{msg}"
+        );
+        assert_eq!(reasons(&notes), ["InvalidMachines"]);
+        // the failure fixed: the invalid machine stays named, with no second Event for it
+        let fixed = Rollout { counts: counts(2, 2, 0, 0), ..step };
+        let (s, notes) = configuration_status(&s, &fixed, None);
+        assert_eq!(cond(&s, "Degraded").1, "InvalidMachines");
+        assert_eq!(reasons(&notes), ["RolloutComplete"]);
     }
 
     #[test]
