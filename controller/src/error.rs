@@ -19,6 +19,11 @@ pub enum Error {
         value = nio_shared::crd::SECRET_OPT_IN_VALUE
     )]
     SecretNotPermitted { namespace: String, name: String },
+    #[error(
+        "{namespace}/{configuration} delivers Secret files (additionalFiles with secretRef) but this controller has \
+         no --seal-key-file to seal them with; nothing is published until it has one"
+    )]
+    NoSealKey { namespace: String, configuration: String },
     #[error("sealing: {0}")]
     Seal(#[from] nio_shared::seal::SealError),
     #[error("finalizer: {0}")]
@@ -38,6 +43,7 @@ impl Error {
             Error::Invalid(_) => "InvalidSpec",
             Error::Secret { .. } => "SecretUnavailable",
             Error::SecretNotPermitted { .. } => "SecretNotPermitted",
+            Error::NoSealKey { .. } => "SealKeyMissing",
             Error::Seal(_) => "SealError",
             Error::Finalizer(_) => "Finalizer",
             Error::RemovalPending(_) => "RemovalPending",

@@ -523,24 +523,24 @@ fn trigger_key(
     }
 }
 
-/// Maps a Machine change to the configurations to reconcile: those that select it now and the one it last ran
-/// (its labels may have moved it out of that one's selector). Only changes that can change a plan count: not
+/// Maps a Machine change to the configurations to reconcile: those that select it now, those that selected it
+/// at its last change and the one it last ran (its labels may have moved it out of their selectors). Only changes that can change a plan count: not
 /// probe times, facts or progress steps, and nothing while the machine is queued or applying (its own writes
 /// and progress events); its end, a new machine, a label change or a deletion does.
 fn configurations_touched(
     store: reflector::Store<NixosConfiguration>,
 ) -> impl FnMut(Machine) -> Vec<NixosConfiguration> {
-    let mut seen = std::collections::HashMap::<String, u64>::new();
+    // Per machine: the fingerprint of what can change a plan, and the configurations that selected it when it
+    // last triggered (a paused or waiting fleet never sent it a job, so the machine itself records nothing of it).
+    let mut seen = std::collections::HashMap::<String, (u64, Vec<String>)>::new();
     move |m: Machine| {
         let fingerprint = plan_fingerprint(&m);
         let deleted = m.metadata.deletion_timestamp.is_some();
         let uid = m.uid().unwrap_or_default();
-        let changed = if deleted {
-            seen.remove(&uid);
-            true
-        } else {
-            seen.insert(uid, fingerprint) != Some(fingerprint)
-        };
+        // a machine seen for the first time counts as changed
+        let record = seen.entry(uid.clone()).or_insert_with(|| (fingerprint.wrapping_add(1), Vec::new()));
+        let changed = deleted || record.0 != fingerprint;
+        record.0 = fingerprint;
         // A machine that starts or stops waiting for its site's executor does trigger: the configuration names it.
         let busy =
             matches!(m.status.as_ref().and_then(|s| s.phase), Some(MachinePhase::Queued | MachinePhase::Applying))
@@ -548,10 +548,19 @@ fn configurations_touched(
         if busy || !changed {
             return Vec::new();
         }
-        let applied = m.status.as_ref().and_then(|s| s.applied_configuration.clone());
-        let ran =
-            |c: &NixosConfiguration| c.namespace() == m.namespace() && applied.as_deref() == c.metadata.name.as_deref();
-        store.state().into_iter().filter(|c| reconcile::targets(c, &m) || ran(c)).map(|c| (*c).clone()).collect()
+        let ns = m.namespace();
+        let all: Vec<Arc<NixosConfiguration>> = store.state().into_iter().filter(|c| c.namespace() == ns).collect();
+        let now: Vec<&Arc<NixosConfiguration>> = all.iter().filter(|c| reconcile::targets(c, &m)).collect();
+        let before = std::mem::replace(&mut record.1, now.iter().map(|c| c.name_any()).collect());
+        if deleted {
+            seen.remove(&uid);
+        }
+        let applied = m.status.as_ref().and_then(|s| s.applied_configuration.as_deref());
+        let left = |c: &&Arc<NixosConfiguration>| {
+            let name = c.name_any();
+            (applied == Some(name.as_str()) || before.contains(&name)) && !now.iter().any(|n| n.name_any() == name)
+        };
+        now.iter().copied().chain(all.iter().filter(left)).map(|c| (**c).clone()).collect()
     }
 }
 

@@ -86,10 +86,9 @@ pub fn apply_job(
     }
     let mut secrets = Vec::new();
     if !desired.secrets.is_empty() {
-        let key = seal.ok_or_else(|| Error::Secret {
+        let key = seal.ok_or_else(|| Error::NoSealKey {
             namespace: ns.clone(),
-            name: cfg.metadata.name.clone().unwrap_or_default(),
-            problem: "the configuration delivers secrets but the controller has no --seal-key-file".into(),
+            configuration: cfg.metadata.name.clone().unwrap_or_default(),
         })?;
         for (path, content) in &desired.secrets {
             let context = SecretFile::seal_context(cluster, &ns, &name, path);

@@ -122,6 +122,10 @@ pub fn secrets_read(cfg: &NixosConfiguration) -> impl Iterator<Item = &str> {
 /// Reads every SecretRef file and hashes the contents (the hash, never the content, tracks changes).
 async fn desired(ctx: &Ctx, cfg: &NixosConfiguration, commit: String) -> Result<Desired> {
     let ns = cfg.namespace().unwrap_or_default();
+    // Secret files travel sealed: without a key there is nothing to deliver them with, so nothing is read.
+    if ctx.seal.is_none() && cfg.spec.additional_files.iter().any(|f| f.value_type == FileValueType::SecretRef) {
+        return Err(Error::NoSealKey { namespace: ns, configuration: cfg.name_any() });
+    }
     let mut secrets = Vec::new();
     let mut h = Sha256::new();
     for f in cfg.spec.additional_files.iter().filter(|f| f.value_type == FileValueType::SecretRef) {
@@ -318,20 +322,21 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
             return Ok(Action::requeue(poll.min(Duration::from_secs(60))));
         }
     };
-    let (mut resolved, notes) = config_status::resolved(&previous, &cfg.spec.git_ref, &commit, generation);
+    // Its Event (NewCommit) is recorded with the status that records the commit: a reconcile that fails
+    // before writing would otherwise announce the same commit again at every retry.
+    let (mut resolved, resolve_notes) = config_status::resolved(&previous, &cfg.spec.git_ref, &commit, generation);
     let refresh = refresh_token(cfg);
     if !refresh.is_empty() && previous.last_handled_refresh.as_deref() != Some(refresh) {
         link_to_refresh_request(cfg);
         resolved.last_handled_refresh = Some(refresh.to_string());
     }
-    record(ctx, cfg, notes, "ResolveRef").await;
 
     // 3. Secrets and the target.
     let want = match desired(ctx, cfg, commit.clone()).await {
         Ok(d) => d,
         Err(e) => {
             let (status, notes) = config_status::degraded(&resolved, e.category(), &e.to_string(), generation);
-            write_status(ctx, cfg, &status, notes, "ReadSecrets").await?;
+            write_status(ctx, cfg, &status, [resolve_notes, notes].concat(), "ReadSecrets").await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
     };
@@ -389,7 +394,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     };
     let (status, notes) = config_status::configuration_status(&resolved, &step, generation);
     set_rollout_metrics(ctx, cfg, &previous, &status);
-    write_status(ctx, cfg, &status, notes, "Rollout").await?;
+    write_status(ctx, cfg, &status, [resolve_notes, notes].concat(), "Rollout").await?;
     // A soak ends on its own: look again then.
     Ok(Action::requeue(decision.wake_in.map_or(poll, |w| poll.min(w + Duration::from_millis(500)))))
 }

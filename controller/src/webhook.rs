@@ -367,7 +367,10 @@ async fn handle(hook: &Hook, provider: Provider, headers: &HeaderMap, body: Body
         Ok(refreshed) => {
             hook.replays.remember(&id, Instant::now());
             tracing::Span::current().record("nio.refreshed", refreshed.len());
-            tracing::info!(delivery = %id, git_ref = %push.git_ref, ?refreshed, "push delivery handled");
+            // A log line names a few configurations, however many a push refreshed (the answer names them all).
+            let named: Vec<&String> = refreshed.iter().take(5).collect();
+            let refreshed_n = refreshed.len();
+            tracing::info!(delivery = %id, git_ref = %push.git_ref, refreshed = refreshed_n, first = ?named, "push delivery handled");
             let outcome = if refreshed.is_empty() { "no_match" } else { "refreshed" };
             let code = if refreshed.is_empty() { StatusCode::OK } else { StatusCode::ACCEPTED };
             (outcome, answer(code, json!({"delivery": id, "refreshed": refreshed})))

@@ -12,6 +12,7 @@ nio_loadtest::on_both!(
     rollout_events_are_recorded_once_and_conditions_keep_their_transition_time,
     secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once,
     a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once,
+    secret_files_without_a_seal_key_degrade_the_configuration_and_publish_nothing,
     a_failure_with_a_long_utf8_log_still_gets_its_event,
     a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_over,
     a_machine_and_configuration_publish_exactly_one_sealed_job,
@@ -366,9 +367,7 @@ async fn status_events_drive_machine_and_configuration_status_without_regressing
     assert_eq!(cond(&s.conditions, "Degraded").unwrap().0, "True");
     assert_eq!(cond(&s.conditions, "Ready").unwrap().0, "False");
     // Events for the transitions
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let reasons: Vec<String> =
-        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    let reasons = env.event_reasons().await;
     for r in ["HostKeyRecorded", "BuildFailed", "NewCommit"] {
         assert!(reasons.iter().any(|x| x == r), "no {r} Event in {reasons:?}");
     }
@@ -840,18 +839,11 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
     env.config("web", json!({"machineRef": "m1", "additionalFiles": file, "pollInterval": "1h"})).await;
     env.config("creds", json!({"machineRef": "m2", "credentialsRef": "git", "pollInterval": "1h"})).await;
     for (cfg, secret) in [("web", "db"), ("creds", "git")] {
-        let d = env
-            .eventually(T, "Degraded", || async {
-                let d = cond(&env.configs().get(cfg).await.ok()?.status?.conditions, "Degraded")?;
-                (d.0 == "True").then_some(d)
-            })
-            .await;
-        assert_eq!(d.1, "SecretNotPermitted", "{cfg}: {d:?}");
-        assert!(d.2.contains(secret) && d.2.contains("nixos.infra/usable-by=nio"), "{cfg}: {}", d.2);
+        let (reason, message) = env.degraded(cfg).await;
+        assert_eq!(reason, "SecretNotPermitted", "{cfg}: {message}");
+        assert!(message.contains(secret) && message.contains("nixos.infra/usable-by=nio"), "{cfg}: {message}");
     }
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let reasons: Vec<String> =
-        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    let reasons = env.event_reasons().await;
     assert!(reasons.iter().any(|r| r == "SecretNotPermitted"), "{reasons:?}");
     assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none(), "nothing was shipped");
 
@@ -882,16 +874,63 @@ async fn a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once(backend: B
     for j in &jobs {
         env.report(j, Phase::Succeeded, |_| {}).await;
     }
-    env.eventually(T, "2/2", || async {
-        (env.configs().get("fleet").await.ok()?.status?.progress.as_deref()? == "2/2").then_some(())
-    })
-    .await;
-    let relabel = json!({"metadata": {"labels": {"role": "db"}}});
-    env.machines().patch("m2", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&relabel)).await.unwrap();
-    env.eventually(Duration::from_secs(5), "1/1", || async {
-        (env.configs().get("fleet").await.ok()?.status?.progress.as_deref()? == "1/1").then_some(())
-    })
-    .await;
+    let progress = |name: &'static str, want: &'static str, within: Duration| {
+        let env = &env;
+        async move {
+            env.eventually(within, want, || async {
+                (env.configs().get(name).await.ok()?.status?.progress.as_deref()? == want).then_some(())
+            })
+            .await
+        }
+    };
+    let relabel = |machine: &'static str, key: &str, value: &str| {
+        let patch = json!({"metadata": {"labels": {key: value}}});
+        let machines = env.machines();
+        async move {
+            machines.patch(machine, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap()
+        }
+    };
+    progress("fleet", "2/2", T).await;
+    relabel("m2", "role", "db").await;
+    progress("fleet", "1/1", Duration::from_secs(5)).await;
+
+    // A fleet that never sent its machine a job (paused): the machine records nothing of it, and still the
+    // fleet notices at once that the machine left.
+    env.machine("m3").label("tier", "cache").create().await;
+    let held = json!({"machineSelector": {"matchLabels": {"tier": "cache"}}, "rollout": {"pause": true}, "pollInterval": "1h"});
+    env.config("held", held).await;
+    progress("held", "0/1", T).await;
+    relabel("m3", "tier", "none").await;
+    progress("held", "0/0", Duration::from_secs(5)).await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Secret files travel sealed: a controller without a seal key says so on the configuration (condition and
+/// Event) and publishes nothing, instead of failing every reconcile in its log alone.
+async fn secret_files_without_a_seal_key_degrade_the_configuration_and_publish_nothing(backend: Backend) {
+    let env = Env::start(backend).await;
+    let mut settings = env.settings("prod", "c1");
+    settings.seal_key_file = None;
+    let (stop, task) = env.spawn(settings);
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let db: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "db", "labels": {"nixos.infra/usable-by": "nio"}},
+        "stringData": {"password": "hunter2"}
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &db).await.unwrap();
+    env.machine("m1").create().await;
+    let file =
+        json!([{"path": "db/password", "valueType": "SecretRef", "secretRef": {"name": "db", "key": "password"}}]);
+    env.config("web", json!({"machineRef": "m1", "additionalFiles": file, "pollInterval": "1h"})).await;
+    let (reason, message) = env.degraded("web").await;
+    assert_eq!(reason, "SealKeyMissing", "{message}");
+    assert!(message.contains("--seal-key-file"), "{message}");
+    let reasons = env.event_reasons().await;
+    assert!(reasons.iter().any(|r| r == "SealKeyMissing"), "{reasons:?}");
+    assert_eq!(reasons.iter().filter(|r| *r == "NewCommit").count(), 1, "{reasons:?}");
+    assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none(), "nothing was published");
     stop.cancel();
     task.await.unwrap().unwrap();
 }
@@ -1066,9 +1105,7 @@ async fn a_deleted_configuration_whose_on_remove_flake_became_invalid_says_so(ba
         })
         .await;
     assert!(d.2.contains("spec.onRemoveFlake"), "{}", d.2);
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.ns);
-    let reasons: Vec<String> =
-        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    let reasons = env.event_reasons().await;
     assert!(reasons.iter().any(|r| r == "RemovalBlocked"), "{reasons:?}");
     let fixed = json!({"spec": {"onRemoveFlake": null}});
     env.configs().patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&fixed)).await.unwrap();

@@ -139,6 +139,23 @@ impl Env {
         self.kube.api()
     }
 
+    /// The reasons of the Events recorded in the test's namespace so far.
+    pub async fn event_reasons(&self) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
+        let list = events.list(&kube::api::ListParams::default()).await.unwrap();
+        list.items.into_iter().filter_map(|e| e.reason).collect()
+    }
+
+    /// Waits until configuration `name` is Degraded; its (reason, message).
+    pub async fn degraded(&self, name: &str) -> (String, String) {
+        self.eventually(Duration::from_secs(20), "Degraded", || async {
+            let c = self.configs().get(name).await.ok()?.status?.conditions;
+            let d = c.into_iter().find(|c| c.type_ == "Degraded" && c.status == "True")?;
+            Some((d.reason, d.message))
+        })
+        .await
+    }
+
     /// Machines m1 and m2 (site dc1, role=web) and configuration `fleet` selecting role=web, plus `extra` spec
     /// fields; returns the two apply jobs once both are queued.
     pub async fn web_fleet_of_two(&self, extra: serde_json::Value) -> [Job; 2] {
