@@ -79,7 +79,8 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         );
         return Err(Error::command(Step::Connect, "sudo", how, FailureCategory::PermissionDenied));
     }
-    if let Some(a) = st.attempt.as_ref().filter(|a| a.boot_id.is_some()) {
+    // An earlier delivery of this job activated, or is still uploading or building: take over its result.
+    if let Some(a) = st.attempt.as_ref().filter(|a| a.boot_id.is_some() || a.running) {
         return resume(host, ctx, &st, a, &unit).await;
     }
     // A removal switches to the onRemoveFlake system.
@@ -113,7 +114,7 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         // No exit status: the session ended under the command (keepalives unanswered).
         Ok(out) if out.status.is_none() && out.signal.is_none() => {
             ctx.progress.step(Step::Activate, "lost the machine during activation; reconnecting".into()).await;
-            return confirm(conn, ctx, &st, &unit, Some(id.as_str()), None).await;
+            return confirm(conn, ctx, &st, &unit, Some(id.as_str()), None, Started::Maybe).await;
         }
         Ok(out) => out,
         Err(Error::Timeout { after, .. }) => {
@@ -123,7 +124,7 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         // configuration does exactly this). Find out over a new connection.
         Err(e) if e.is_transient() => {
             ctx.progress.step(Step::Activate, format!("lost the machine during activation ({e}); reconnecting")).await;
-            return confirm(conn, ctx, &st, &unit, Some(id.as_str()), None).await;
+            return confirm(conn, ctx, &st, &unit, Some(id.as_str()), None, Started::Maybe).await;
         }
         Err(e) => return Err(e),
     };
@@ -143,12 +144,12 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         // per job proves nothing the machine would act on).
         Some(ActivationResult::Done) if matches!(action, Action::Switch | Action::Test) => {
             let marker = Some(id.as_str()).filter(|_| job.action == Action::Switch);
-            run_confirm(host, ctx, &st, &unit, marker, toplevel).await
+            run_confirm(host, ctx, &st, &unit, marker, toplevel, Started::Yes).await
         }
         // Settled: boot, dry-activate, or failed and rolled back already.
         Some(result) => finish(ctx, &st, result, toplevel, None, &log),
         // Waiting for the confirmation.
-        None => confirm(conn, ctx, &st, &unit, Some(id.as_str()), toplevel).await,
+        None => confirm(conn, ctx, &st, &unit, Some(id.as_str()), toplevel, Started::Yes).await,
     }
 }
 
@@ -215,23 +216,33 @@ async fn resume<H: Host, P: Progress>(
     a: &Attempt,
     unit: &str,
 ) -> Result<Outcome> {
-    if a.boot_id != st.boot_id && a.result.is_none() {
+    if a.boot_id.is_some() && a.boot_id != st.boot_id && a.result.is_none() {
         let how = format!(
             "the machine rebooted while this job's activation ran (boot id changed); it now runs {}",
             st.current_system.as_deref().unwrap_or("an unknown system")
         );
         return Err(Error::command(Step::Activate, "switch-to-configuration", how, FailureCategory::ActivationFailed));
     }
-    ctx.progress
-        .step(Step::Activate, "this job's activation already ran on the machine: taking over its result".into())
-        .await;
+    let (started, what) = match a.boot_id {
+        Some(_) => (Started::Yes, "this job's activation already ran on the machine: taking over its result"),
+        None => (Started::Maybe, "an earlier delivery of this job is still building on the machine: waiting for it"),
+    };
+    ctx.progress.step(Step::Activate, what.into()).await;
     let id = match &ctx.job.source {
         Some(src) if ctx.job.action == Action::Switch => {
             Some(identity(ctx.job, &source::digest(&src.commit, &extra_files(host, ctx).await?)))
         }
         _ => None,
     };
-    run_confirm(host, ctx, st, unit, id.as_deref(), a.toplevel.clone()).await
+    run_confirm(host, ctx, st, unit, id.as_deref(), a.toplevel.clone(), started).await
+}
+
+/// Whether the activation had started when the confirmation begins: if it may not have (the first connection
+/// was lost, or an earlier delivery is still running), the confirmation also waits out the build.
+#[derive(Clone, Copy, PartialEq)]
+enum Started {
+    Yes,
+    Maybe,
 }
 
 /// Confirms over a new connection, retrying while the machine cannot be reached (a configuration that cuts
@@ -243,6 +254,7 @@ async fn confirm<C: Connector, P: Progress>(
     unit: &str,
     identity: Option<&str>,
     toplevel: Option<String>,
+    started: Started,
 ) -> Result<Outcome> {
     let job = ctx.job;
     let window = Duration::from_secs(u64::from(job.confirm_timeout_seconds));
@@ -251,7 +263,7 @@ async fn confirm<C: Connector, P: Progress>(
     let mut last: String;
     loop {
         match conn.connect(ctx.host_key).await {
-            Ok(h) => return run_confirm(&h, ctx, st, unit, marker, toplevel).await,
+            Ok(h) => return run_confirm(&h, ctx, st, unit, marker, toplevel, started).await,
             Err(e @ (Error::HostKeyMismatch { .. } | Error::HostKeyNotPinned | Error::Identity(_))) => return Err(e),
             Err(e) => last = e.to_string(),
         }
@@ -274,6 +286,7 @@ async fn run_confirm<H: Host, P: Progress>(
     unit: &str,
     identity: Option<&str>,
     toplevel: Option<String>,
+    started: Started,
 ) -> Result<Outcome> {
     let job = ctx.job;
     let hc = job.health_check.clone().unwrap_or_default();
@@ -287,7 +300,10 @@ async fn run_confirm<H: Host, P: Progress>(
         command: &hc.command,
     };
     ctx.progress.step(Step::Health, "health check and confirmation over a new SSH connection".into()).await;
-    let window = Duration::from_secs(u64::from(job.confirm_timeout_seconds + hc.timeout_seconds));
+    let mut window = Duration::from_secs(u64::from(job.confirm_timeout_seconds) + u64::from(hc.timeout_seconds));
+    if started == Started::Maybe {
+        window += ctx.long;
+    }
     let argv = Commands::privileged(&job.endpoint.user, ctx.cmds.confirm(&c));
     let out = host::run(host, Step::Health, argv, None, window + CONFIRM_GRACE)
         .instrument(tracing::info_span!("health"))
@@ -295,9 +311,25 @@ async fn run_confirm<H: Host, P: Progress>(
     let rec = Records::parse(&String::from_utf8_lossy(&out.stdout));
     if let Some(what) = rec.get("failed") {
         let how = match what {
-            "rebooted" => "the machine rebooted before the activation settled".to_string(),
-            "died" => "the activation unit died before it settled".to_string(),
-            other => format!("the activation did not run ({other})"),
+            "rebooted" => "the machine rebooted before the activation settled",
+            "died" => "the activation unit died before it settled",
+            // activate.sh ended before the activation without saying why (killed): nothing was activated
+            "interrupted" => {
+                return Err(Error::Unreachable(
+                    "the connection was lost before the activation started, and the job's run on the machine ended \
+                     without a result; nothing was activated"
+                        .into(),
+                ));
+            }
+            // activate.sh failed (build, upload, ...) while nobody read its output: as if it had been read
+            other => {
+                let installable = job
+                    .source
+                    .as_ref()
+                    .map(|s| ctx.cmds.toplevel(&s.commit, s.subdir.as_deref(), &s.flake_attr))
+                    .unwrap_or_default();
+                return Err(activation_failure(other, &rec.log, &installable));
+            }
         };
         return Err(failed(
             Step::Activate,
@@ -417,6 +449,13 @@ fn activation_failure(what: &str, log: &[String], installable: &str) -> Error {
             Step::Activate,
             "systemd-run",
             "refused to start the activation unit",
+            FailureCategory::CommandFailed,
+            log,
+        ),
+        "busy" => failed(
+            Step::Upload,
+            "sh",
+            "an earlier run of this job is still going on the machine",
             FailureCategory::CommandFailed,
             log,
         ),

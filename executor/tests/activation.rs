@@ -124,6 +124,44 @@ async fn switch_builds_with_real_nix_sets_the_profile_and_is_confirmed_over_a_ne
     rig.stop().await;
 }
 
+/// The job's SSH connection is lost while the machine builds (its sshd session killed): the run on the machine
+/// goes on with nobody reading it, the activation starts with its dead-man's switch, and the confirmation over
+/// a new connection waits for the build: the job succeeds. (Before, the run died at its next line of output,
+/// after the build had set the boot default and before any activation, and the job was reported as a reboot.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_the_build_does_not_stop_the_run_halfway() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    let initial = host.current_system().unwrap();
+    let commit = rig.repo.configure("slowb", "slow-build:6.5").unwrap();
+    let mut j = rig.job("slowb", &host, "slowb", &commit, 1);
+    j.rollback = true;
+    rig.bus.publish(&j).await;
+    let building = std::time::Instant::now();
+    while host.exec("pgrep -fx 'sleep 6.5'").is_err() {
+        assert!(building.elapsed() < Duration::from_secs(30), "the build never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // the connection's sshd processes (below the listener, titled `sshd: ...`), not the command they run
+    let cut = r#"kids() { for c in $(pgrep -P "$1"); do echo "$c"; kids "$c"; done; }
+        for p in $(kids "$(cat /run/sshd.pid)"); do
+          case "$(tr '\0' ' ' < "/proc/$p/cmdline")" in "sshd: "*) echo "$p" ;; esac
+        done"#;
+    let sessions = host.exec(cut).unwrap();
+    assert!(!sessions.trim().is_empty(), "no SSH session to cut");
+    host.exec(&format!("kill -KILL {}", sessions.split_whitespace().collect::<Vec<_>>().join(" "))).unwrap();
+    let done = rig.bus.final_of("slowb", T).await;
+    assert_eq!((done.phase, done.category), (Phase::Succeeded, None), "{done:?}");
+    let system = host.current_system().unwrap();
+    assert_ne!(system, initial);
+    assert_eq!(done.system.as_deref(), Some(system.as_str()));
+    assert_eq!(host.boot_default().as_deref(), Some(system.as_str()));
+    assert_eq!(host.generations(), vec![1, 2]);
+    let acts = host.activations();
+    assert_eq!(acts, vec![("switch".to_string(), system.clone()), ("end".to_string(), "0".to_string())], "{acts:?}");
+    rig.stop().await;
+}
+
 /// Exit 1 (25.05's activation failure) and exit 4 (failed units) are activation failures, not build
 /// failures: with autoRollback the host goes back to what ran before, the boot default included, and the
 /// failed generation is gone; without it the job fails and says so.

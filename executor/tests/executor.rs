@@ -636,36 +636,48 @@ async fn executors_disagreeing_on_a_site_limit_are_refused_at_start() {
 /// machine instead of activating again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_executors_job_is_taken_over_in_seconds_and_not_activated_twice() {
-    let (nats, h) = (NatsServer::start().await.unwrap(), Hosts::start(1));
-    let commit = h.repo.configure("web", "slow:3").unwrap();
-    let mut bus = Bus::connect(&nats).await;
-    let mut cfg = config(&[("dc1", 2)]);
-    cfg.ack_wait_seconds = 3;
-    cfg.lock_ttl_seconds = 120;
-    let mut first = spawn_binary(&h, &nats, &cfg, "e1", &[], &h.path("e1.log"));
-    let mut j = job("m1", &h.addr(0), 22, "dc1", &h.repo.url(), &commit);
-    j.rollback = true;
-    j.confirm_timeout_seconds = 30;
-    bus.publish(&j).await;
-    let deadline = std::time::Instant::now() + T;
-    while h.hosts[0].activations().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no activation started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // killed while the machine activates, and while it still builds (the new executor waits for that run)
+    for (behaviour, building) in [("slow:3", false), ("slow-build:4.5", true)] {
+        let (nats, h) = (NatsServer::start().await.unwrap(), Hosts::start(1));
+        let commit = h.repo.configure("web", behaviour).unwrap();
+        let mut bus = Bus::connect(&nats).await;
+        let mut cfg = config(&[("dc1", 2)]);
+        cfg.ack_wait_seconds = 3;
+        cfg.lock_ttl_seconds = 120;
+        let mut first = spawn_binary(&h, &nats, &cfg, "e1", &[], &h.path("e1.log"));
+        let mut j = job("m1", &h.addr(0), 22, "dc1", &h.repo.url(), &commit);
+        j.rollback = true;
+        j.confirm_timeout_seconds = 30;
+        bus.publish(&j).await;
+        let deadline = std::time::Instant::now() + T;
+        let started = || match building {
+            true => h.hosts[0].exec("pgrep -fx 'sleep 4.5'").is_ok(),
+            false => !h.hosts[0].activations().is_empty(),
+        };
+        while !started() {
+            assert!(std::time::Instant::now() < deadline, "{behaviour}: never started");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let pid = first.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+        first.wait().await.unwrap();
+        let killed = std::time::Instant::now();
+        let (stop, task) = spawn_executor(settings(&h, &nats, cfg, "e2"));
+        let done = bus.final_of("m1", T).await;
+        assert_eq!((done.phase, done.executor.as_str()), (Phase::Succeeded, "e2"), "{behaviour}: {done:?}");
+        let said = |what: &str| {
+            bus.seen.iter().any(|e| e.executor == "e2" && e.message.as_deref().is_some_and(|m| m.contains(what)))
+        };
+        assert!(said("took the machine over"), "{behaviour}: the lock was taken over, not waited out");
+        if building {
+            assert!(said("still building on the machine: waiting for it"), "{behaviour}: {:?}", bus.seen);
+        }
+        assert!(killed.elapsed() < Duration::from_secs(60), "{behaviour}: recovered in {:?}", killed.elapsed());
+        let acts = h.hosts[0].activations();
+        assert_eq!(acts.iter().filter(|(a, _)| a == "switch").count(), 1, "{behaviour}: activated once: {acts:?}");
+        stop.cancel();
+        task.await.unwrap().unwrap();
     }
-    let pid = first.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
-    first.wait().await.unwrap();
-    let killed = std::time::Instant::now();
-    let (stop, task) = spawn_executor(settings(&h, &nats, cfg, "e2"));
-    let done = bus.final_of("m1", T).await;
-    assert_eq!((done.phase, done.executor.as_str()), (Phase::Succeeded, "e2"), "{done:?}");
-    let took_over = bus.seen.iter().find(|e| e.message.as_deref().is_some_and(|m| m.contains("took the machine over")));
-    assert!(took_over.is_some_and(|e| e.executor == "e2"), "the lock was taken over, not waited out");
-    assert!(killed.elapsed() < Duration::from_secs(60), "recovered in {:?}, not after the lock TTL", killed.elapsed());
-    let acts = h.hosts[0].activations();
-    assert_eq!(acts.iter().filter(|(a, _)| a == "switch").count(), 1, "activated once: {acts:?}");
-    stop.cancel();
-    task.await.unwrap().unwrap();
 }
 
 /// Jobs of two configurations on two machines, both counting against the disruption budget `db` of one machine

@@ -73,6 +73,10 @@ pub struct Attempt {
     pub activated: Option<i32>,
     pub awaiting: bool,
     pub result: Option<String>,
+    /// Its activate.sh failed before the activation (build, upload, ...): what it wrote down.
+    pub failed: Option<String>,
+    /// Its activate.sh still runs (uploading or building; this boot): an earlier delivery's.
+    pub running: bool,
 }
 
 impl MachineState {
@@ -101,6 +105,8 @@ impl MachineState {
                     "activated" => a.activated = v.parse().ok(),
                     "awaiting" => a.awaiting = true,
                     "result" => a.result = Some(v),
+                    "failed" => a.failed = Some(v),
+                    "running" => a.running = true,
                     _ => {}
                 }
             }

@@ -9,9 +9,20 @@ unit=${10} secrets=${11} wrapper=${12}
 settled() { [ -f "$job/result" ] || [ -f "$job/awaiting" ]; }
 # What a link finally points to (a directory), into $r: `readlink -e` without a process.
 resolve() { r=; if cd -P -- "$1" 2> /dev/null; then r=$PWD; cd /; fi; [ -n "$r" ]; }
-fail() { say failed "$1"; exit 3; }
+# A failure is also written down: a confirmation over a new connection reads it when this one was lost.
+fail() { echo "$1" > "$job/failed" 2> /dev/null; say failed "$1"; exit 3; }
 umask 022
 [ -d "$job" ] || mkdir -p "$job" || fail upload
+# Losing the connection must not stop this script halfway (say, after the build set the system profile and
+# before the activation with its dead-man's switch started): it goes on with nobody reading its output, and
+# the confirmation over a new connection waits for it while it runs (runner: its pid and boot id).
+trap '' HUP PIPE
+# One run per job at a time (a redelivered job waits for the first run over the confirmation instead); the
+# confirmation blocks on this lock while the run is going.
+exec 4> "$job/run.lock"
+flock -n 4 || { say failed busy; exit 3; }
+rm -f "$job/failed"
+get /proc/sys/kernel/random/boot_id && echo "$$ $v" > "$job/runner"
 if [ "$input" = tar ]; then
   say step upload
   in=$job/in
@@ -71,8 +82,9 @@ if [ "$setprofile" = 1 ]; then readlink "$profile" > "$job/profile-after"; fi
 printf '%s' "$wrapper" > "$job/activate"
 get /proc/sys/kernel/random/boot_id && echo "$v" > "$job/boot_id"
 say step activate
+# (Without run.lock: the unit outlives this run, and the lock says whether this run is still going.)
 systemd-run --unit="$unit" --collect --quiet -- \
-  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" \
+  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" 4>&- \
   || { unset_profile; fail unit; }
 # Until the activation settled: finished (result) or waiting for its confirmation (awaiting). The unit holds
 # settle.lock (before it writes its pid) until then, so this blocks in flock instead of polling; the loop is for

@@ -8,8 +8,21 @@
 set -u
 job=$1 marker=$2 identity=$3 current=$4 check=$5 timeout=$6 allow=$7
 shift 7
+# Ends the wait when the activation cannot settle any more. Before the activation started (no boot_id yet),
+# the job's first connection may have been lost while it uploaded or built: wait while activate.sh (runner)
+# still runs in this boot, and report how it ended otherwise.
+ran() { get "$job/failed"; [ -z "$v" ] && return 0; tail -n 30 "$job/build.log" 2> /dev/null; say failed "$v"; exit 3; }
 gone() {
-  get /proc/sys/kernel/random/boot_id; b=$v; get "$job/boot_id"
+  ran
+  get /proc/sys/kernel/random/boot_id; b=$v
+  if ! get "$job/boot_id"; then
+    rp= rb=; [ -r "$job/runner" ] && read -r rp rb < "$job/runner"
+    # still running: block until it ends (it holds run.lock), then look again
+    if [ -n "$rp" ] && [ "$rb" = "$b" ] && [ -d "/proc/$rp" ]; then { flock -s 4; } 4<> "$job/run.lock"; return 0; fi
+    ran
+    if [ -n "$rp" ] && [ "$rb" != "$b" ]; then say failed rebooted; exit 3; fi
+    say failed interrupted; exit 3
+  fi
   if [ "$b" != "$v" ]; then say failed rebooted; exit 3; fi
   if died; then say failed died; exit 3; fi
 }

@@ -10,6 +10,7 @@ resolve() { r=; cd -P -- "$1" 2> /dev/null && r=$PWD && cd / && echo "$r"; }
 resolve "$1"; part
 resolve "$2"; part
 line /proc/sys/kernel/random/boot_id; part
+bid=$l
 line "$3"; part
 line "$4"; part
 uid=
@@ -18,8 +19,11 @@ while read -r k _ e _; do [ "$k" = Uid: ] && uid=$e && break; done < /proc/self/
 echo "$uid"; part
 if [ "$uid" = 0 ]; then echo root; else sudo -n true 2>&1 && echo sudo; fi; part
 if [ -d "$5" ]; then
-  for f in toplevel boot_id activated awaiting result; do
+  for f in toplevel boot_id activated awaiting result failed; do
     [ -f "$5/$f" ] && { line "$5/$f" > /dev/null; echo "$f=$l"; }
   done
+  # an earlier delivery's activate.sh still uploading or building (this boot, alive)
+  rp= rb=; [ -r "$5/runner" ] && read -r rp rb < "$5/runner"
+  [ -n "$rp" ] && [ "$rb" = "$bid" ] && [ -d "/proc/$rp" ] && echo "running=$rp"
   true
 else false; fi; part
