@@ -162,6 +162,38 @@ async fn a_connection_lost_during_the_build_does_not_stop_the_run_halfway() {
     rig.stop().await;
 }
 
+/// A health check slower than the confirmation window is waited for: the confirmation reached the machine, so
+/// it is not lost, and a healthy machine is not rolled back (before: RolledBack, "no confirmation within 5s").
+/// A check that fails is still a rollback, with the check's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_slower_than_the_window_is_waited_for() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    let initial = host.current_system().unwrap();
+    for (n, command, ok) in [(1, "sleep 8", true), (2, "sleep 7; false", false)] {
+        let commit = rig.repo.bump().unwrap();
+        let mut j = rig.job("slowcheck", &host, "web", &commit, n);
+        j.rollback = true;
+        let command = ["sh", "-c", command].map(String::from).to_vec();
+        j.health_check = Some(nio_shared::crd::HealthCheck { command, timeout_seconds: 60, ..Default::default() });
+        let done = rig.run(&j).await;
+        let system = host.current_system().unwrap();
+        if ok {
+            assert_eq!((done.phase, done.category), (Phase::Succeeded, None), "{done:?}");
+            assert_ne!(system, initial);
+        } else {
+            assert_eq!(
+                (done.phase, done.category),
+                (Phase::RolledBack, Some(FailureCategory::HealthCheckFailed)),
+                "{done:?}"
+            );
+            assert!(done.message.as_deref().unwrap().contains("health check failed"), "{done:?}");
+        }
+        assert_eq!(host.boot_default().as_deref(), Some(system.as_str()));
+    }
+    rig.stop().await;
+}
+
 /// Exit 1 (25.05's activation failure) and exit 4 (failed units) are activation failures, not build
 /// failures: with autoRollback the host goes back to what ran before, the boot default included, and the
 /// failed generation is gone; without it the job fails and says so.

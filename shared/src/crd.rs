@@ -636,8 +636,8 @@ pub struct NixosConfigurationSpec {
     /// the boot default, also when it lost its network.
     #[serde(default)]
     pub auto_rollback: bool,
-    /// With autoRollback: how long the machine waits for the confirmation after switch/test before it rolls
-    /// itself back.
+    /// With autoRollback: how long the machine waits for the confirming SSH connection after switch/test before
+    /// it rolls itself back. Once the confirmation is there, the health check's own timeout bounds the wait.
     #[serde(default = "default_confirm_timeout")]
     #[schemars(range(min = 5, max = 3600))]
     pub confirm_timeout_seconds: u32,

@@ -63,8 +63,17 @@ fi
 : > "$job/awaiting"
 exec 6>&-
 now; end=$((t + confirm))
+# The window proves the machine can be reached after the activation. Once the confirmation is here and runs its
+# health check (it writes `checking`: the check's own timeout), the wait is for the check, bounded by its
+# timeout, not the window: a slow, healthy check is not a lost machine.
+checking=0
 while ! decided; do
-  now; [ "$t" -lt "$end" ] || break
+  now
+  if [ "$checking" = 0 ] && [ -f "$job/checking" ]; then
+    checking=1 c=; read -r c < "$job/checking"
+    case $c in ''|*[!0-9]*) ;; *) [ $((t + c + 30)) -gt "$end" ] && end=$((t + c + 30)) ;; esac
+  fi
+  [ "$t" -lt "$end" ] || break
   if [ "$fifo" = 1 ]; then timeout "$((end - t))" head -n 1 <&5 > /dev/null 2>&1; else sleep 0.2; fi
 done
 if [ -f "$job/confirmed" ]; then finish confirmed; fi

@@ -9,8 +9,12 @@ unit=${10} secrets=${11} wrapper=${12}
 settled() { [ -f "$job/result" ] || [ -f "$job/awaiting" ]; }
 # What a link finally points to (a directory), into $r: `readlink -e` without a process.
 resolve() { r=; if cd -P -- "$1" 2> /dev/null; then r=$PWD; cd /; fi; [ -n "$r" ]; }
-# A failure is also written down: a confirmation over a new connection reads it when this one was lost.
-fail() { echo "$1" > "$job/failed" 2> /dev/null; say failed "$1"; exit 3; }
+# A failure is also written down: a confirmation over a new connection reads it when this one was lost. An
+# upload that failed halfway leaves nothing behind (it may hold secrets in plain text).
+fail() {
+  [ ! -d "$job/in" ] || rm -rf "$job/in"
+  echo "$1" > "$job/failed" 2> /dev/null; say failed "$1"; exit 3
+}
 umask 022
 [ -d "$job" ] || mkdir -p "$job" || fail upload
 # Losing the connection must not stop this script halfway (say, after the build set the system profile and
@@ -21,7 +25,7 @@ trap '' HUP PIPE
 # confirmation blocks on this lock while the run is going.
 exec 4> "$job/run.lock"
 flock -n 4 || { say failed busy; exit 3; }
-rm -f "$job/failed"
+[ ! -e "$job/failed" ] || rm -f "$job/failed"
 get /proc/sys/kernel/random/boot_id && echo "$$ $v" > "$job/runner"
 if [ "$input" = tar ]; then
   say step upload

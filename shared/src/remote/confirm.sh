@@ -56,6 +56,11 @@ state=$(cat "$job/result" 2> /dev/null || echo awaiting)
 case $state in
   awaiting|done)
     say step health
+    # Tell a waiting unit the confirmation is here: it waits for the check rather than its window.
+    if [ "$state" = awaiting ] && [ "$check" = 1 ]; then
+      echo "$timeout" > "$job/checking"
+      if [ -p "$job/decide" ]; then echo 1<> "$job/decide"; fi
+    fi
     if healthy "$@"; then
       health=ok
       [ -f "$job/result" ] || : > "$job/confirmed"
