@@ -509,6 +509,10 @@ async fn integers_and_strings_a_user_sets_are_bounded_by_the_schema(backend: Bac
         ("huge-budget", json!({"rollout": {"failureBudget": 10_000_000}}), "spec.rollout.failureBudget"),
         ("long-remove", json!({"onRemoveFlake": format!("#{}", "a".repeat(300))}), "spec.onRemoveFlake"),
         ("long-subdir", json!({"configurationSubdir": "a/".repeat(600)}), "spec.configurationSubdir"),
+        // counts or percentages (int-or-string): a number past 2^31 would be stored and then not decode
+        ("huge-failures", json!({"rollout": {"maxFailures": 3_000_000_000u64}}), "spec.rollout.maxFailures"),
+        ("odd-percent", json!({"rollout": {"maxFailures": "150%"}}), "spec.rollout.maxFailures"),
+        ("wave-count", json!({"rollout": {"waves": [{"name": "a", "count": -1}]}}), "spec.rollout.waves[0].count"),
     ] {
         let (code, _, message) =
             api_error(dynamic.create(&PostParams::default(), &with(name, extra)).await.unwrap_err());
@@ -516,10 +520,9 @@ async fn integers_and_strings_a_user_sets_are_bounded_by_the_schema(backend: Bac
         assert!(message.contains(field), "{name}: {message}");
     }
     // in range: stored, and every configuration still lists
-    dynamic
-        .create(&PostParams::default(), &with("fine", json!({"rollout": {"maxParallel": 1_000_000}})))
-        .await
-        .unwrap();
+    let fine =
+        json!({"rollout": {"maxParallel": 1_000_000, "maxFailures": "10%", "waves": [{"name": "a", "count": 5}]}});
+    dynamic.create(&PostParams::default(), &with("fine", fine)).await.unwrap();
     let typed: Api<NixosConfiguration> = c.api();
     assert_eq!(typed.list(&ListParams::default()).await.unwrap().items.len(), 1);
 }

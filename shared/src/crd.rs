@@ -390,6 +390,7 @@ pub struct RolloutSpec {
     /// Failed machines tolerated over the whole rollout: a number, or a percentage of the targeted machines
     /// (rounded down). Beyond it the rollout stops (see onFailure). `failureBudget` is the older spelling.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_count_or_percent_schema")]
     pub max_failures: Option<IntOrString>,
     /// What a rollout over a failure budget does: Halt (no new jobs until a new commit or a resume), or
     /// RollbackAndHalt (also return the failing wave's machines to the last commit the whole fleet ran).
@@ -420,6 +421,7 @@ pub struct DisruptionBudget {
     pub per_label: Option<String>,
     /// Most covered machines under an operation at once: a number, or a percentage of the covered machines of
     /// this configuration (rounded down, at least 1).
+    #[schemars(schema_with = "count_or_percent_schema")]
     pub max_unavailable: IntOrString,
 }
 
@@ -453,13 +455,16 @@ pub struct WaveSpec {
     /// How many machines: a number, or a percentage of the targeted machines (rounded up, at least 1). With a
     /// selector: at most this many of those it matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_count_or_percent_schema")]
     pub count: Option<IntOrString>,
     /// Most machines of the wave updating at once: a number or a percentage of the wave (rounded down, at
     /// least 1). Unset: no limit beyond maxParallel and the site limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_count_or_percent_schema")]
     pub max_unavailable: Option<IntOrString>,
     /// Failed machines the wave tolerates: a number or a percentage of the wave (rounded down).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "optional_count_or_percent_schema")]
     pub max_failures: Option<IntOrString>,
     /// How long the wave must run the commit (e.g. `10m`) before the next one starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -811,6 +816,24 @@ fn machine_selector_schema(generator: &mut schemars::SchemaGenerator) -> schemar
 
 /// A wave's selector: as [`machine_selector_schema`], with tighter bounds (up to 20 waves each have one, and
 /// the apiserver prices the rules by the product of every enclosing list's bound).
+/// A count or a percentage (`IntOrString`): 0 to 1,000,000, or "0%" to "100%". Unbounded, a number above
+/// 2^31 would be stored and then fail to decode (the type holds an i32).
+fn count_or_percent_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "minimum": 0,
+        "maximum": 1_000_000,
+        "maxLength": 4,
+        "pattern": "^(100|[1-9]?[0-9])%$",
+    })
+}
+
+fn optional_count_or_percent_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = count_or_percent_schema(generator);
+    schema.insert("nullable".into(), true.into());
+    schema
+}
+
 fn wave_selector_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     bounded_selector_schema(generator, 8, 16)
 }
