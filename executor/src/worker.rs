@@ -358,12 +358,12 @@ impl Executor {
         }
         let rep = Reporter::new(self.clone(), job.clone(), Some(tracing::Span::current()));
         let timeout = self.job_deadline(&job);
+        // The job's time runs from when it holds its machine and budget slots (waiting for those is bounded
+        // apart, and a wait that runs out is retried): a job queued behind others for a disruption budget
+        // would otherwise spend its own time waiting and fail as a timeout.
         let work = self.clone().locked(site, &job, &queued, &rep, timeout);
         tokio::select! {
-            r = tokio::time::timeout(timeout, work) => match r {
-                Ok(r) => r,
-                Err(_) => (Err(Failed(Error::Timeout { step: rep.current_step(), after: timeout })), None),
-            },
+            r = work => r,
             _ = hard.cancelled() => (Err(Cancelled), None),
         }
     }
@@ -453,7 +453,10 @@ impl Executor {
                 Ok(s) => s,
                 Err(e) => return (Err(Failed(e)), Some(held)),
             };
-            let result = self.connected(site, job, rep).await.map_err(Failed);
+            let result = match tokio::time::timeout(timeout, self.connected(site, job, rep)).await {
+                Ok(r) => r.map_err(Failed),
+                Err(_) => Err(Failed(Error::Timeout { step: rep.current_step(), after: timeout })),
+            };
             for slot in slots {
                 slot.release().await;
             }

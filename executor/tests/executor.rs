@@ -680,6 +680,33 @@ async fn a_killed_executors_job_is_taken_over_in_seconds_and_not_activated_twice
     }
 }
 
+/// A job's time runs from when it holds its machine and budget slot, not while it waits for them: two jobs of
+/// 6 s timeouts sharing a budget of one, each taking ~4 s, both succeed (before: the second spent its time
+/// waiting and failed as a timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_a_disruption_budget_does_not_spend_the_jobs_time() {
+    let (nats, h) = (NatsServer::start().await.unwrap(), Hosts::start(2));
+    let commit = h.repo.configure("web", "slow-build:3.5").unwrap();
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings(&h, &nats, config(&[("dc1", 2)]), "e1"));
+    for i in 0..2 {
+        let mut j = job(&format!("m{i}"), &h.addr(i), 22, "dc1", &h.repo.url(), &commit);
+        j.action = Action::Boot;
+        j.timeout_seconds = 6;
+        j.budgets = vec![nio_shared::protocol::BudgetClaim { key: "db".into(), max: 1 }];
+        bus.publish(&j).await;
+    }
+    for m in ["m0", "m1"] {
+        let done = bus.final_of(m, T).await;
+        assert_eq!((done.phase, done.category), (Phase::Succeeded, None), "{m}: {done:?}");
+    }
+    let waited =
+        bus.seen.iter().any(|e| e.message.as_deref().is_some_and(|m| m.contains("waiting for disruption budget db")));
+    assert!(waited, "one job waited for the other");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 /// Jobs of two configurations on two machines, both counting against the disruption budget `db` of one machine
 /// at a time: never both under an operation (by the machines' own activation records), though the site would
 /// allow both; the one that waits says so.
