@@ -195,9 +195,6 @@ pub struct Activation<'a> {
     pub action: &'a str,
     pub rollback: bool,
     pub confirm_seconds: u32,
-    /// The most each `switch-to-configuration` (the activation, a rollback's) may take on the machine before it
-    /// is stopped.
-    pub limit_seconds: u64,
 }
 
 /// Inputs of [`Commands::confirm`].
@@ -277,7 +274,6 @@ impl Commands {
             a.unit,
             &self.paths.secrets_dir,
             UNIT_SCRIPT,
-            &a.limit_seconds.to_string(),
         ])
     }
 
