@@ -104,6 +104,8 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         action: action.as_str(),
         rollback: job.rollback,
         confirm_seconds: job.confirm_timeout_seconds,
+        // A hung activation is stopped on the machine too (the executor reports the timeout first).
+        limit_seconds: ctx.long.as_secs().max(1),
     };
     let argv = Commands::privileged(&job.endpoint.user, ctx.cmds.activate(&activation));
     let ran = host

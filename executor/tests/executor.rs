@@ -264,6 +264,21 @@ async fn a_hanging_activation_times_out_in_its_step() {
         (Phase::Failed, Some(FailureCategory::Timeout), Some(Step::Activate)),
         "{done:?}"
     );
+    // The machine stops the hung switch-to-configuration too (after the job's time): it does not keep the
+    // machine's activation lock, so the next job activates (before: it hung behind it and timed out as well).
+    let fixed = h.repo.configure("stuck", "ok").unwrap();
+    let mut next = job("slow", &h.addr(0), 22, "dc1", &h.repo.url(), &fixed);
+    next.source.as_mut().unwrap().flake_attr = "stuck".into();
+    next.timeout_seconds = 30;
+    bus.seen.clear();
+    bus.publish(&next).await;
+    let done = bus.final_of("slow", T).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let results = h.hosts[0].exec("cat /var/lib/nio/jobs/*/result").unwrap();
+    assert!(
+        results.contains("failed switch-to-configuration switch did not finish within 4s and was stopped"),
+        "{results}"
+    );
     stop.cancel();
     task.await.unwrap().unwrap();
 }

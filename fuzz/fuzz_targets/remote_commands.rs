@@ -48,6 +48,7 @@ fuzz_target!(|i: Input| {
             action: &i.action,
             rollback: i.mode & 2 == 2,
             confirm_seconds: i.mode,
+            limit_seconds: u64::from(i.mode),
         }),
         2 => c.confirm(&Confirmation {
             unit: &unit,

@@ -195,6 +195,9 @@ pub struct Activation<'a> {
     pub action: &'a str,
     pub rollback: bool,
     pub confirm_seconds: u32,
+    /// The most each `switch-to-configuration` (the activation, a rollback's) may take on the machine before it
+    /// is stopped.
+    pub limit_seconds: u64,
 }
 
 /// Inputs of [`Commands::confirm`].
@@ -274,6 +277,7 @@ impl Commands {
             a.unit,
             &self.paths.secrets_dir,
             UNIT_SCRIPT,
+            &a.limit_seconds.to_string(),
         ])
     }
 
@@ -478,7 +482,7 @@ mod tests {
         std::os::unix::fs::symlink(&top, &current).expect("current");
         let profile = format!("{state}/profile");
         let mut unit = std::process::Command::new("sh")
-            .args(["-c", UNIT_SCRIPT, "nio-unit", &job, &top, "test", &profile, &current, "1", "600"])
+            .args(["-c", UNIT_SCRIPT, "nio-unit", &job, &top, "test", &profile, &current, "1", "600", "600"])
             .spawn()
             .expect("unit");
         let argv = c.confirm(&Confirmation {

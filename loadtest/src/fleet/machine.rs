@@ -364,6 +364,7 @@ pub fn run(
                 _unit,
                 secrets,
                 _wrapper,
+                _limit,
             ],
         ) if *script == nio_shared::remote::ACTIVATE_SCRIPT => {
             let took = behaviour.switch_latency.sample();
@@ -646,7 +647,16 @@ mod tests {
     }
 
     fn activation(c: &Commands, unit: &str, src: &str, installable: &str, action: &str, rollback: bool) -> Vec<String> {
-        c.activate(&Activation { unit, src_dir: src, upload: true, installable, action, rollback, confirm_seconds: 30 })
+        c.activate(&Activation {
+            unit,
+            src_dir: src,
+            upload: true,
+            installable,
+            action,
+            rollback,
+            confirm_seconds: 30,
+            limit_seconds: 3600,
+        })
     }
 
     #[test]

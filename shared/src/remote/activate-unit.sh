@@ -1,8 +1,10 @@
 # NIO: the activation unit (docs/remote-protocol.md), run detached by systemd-run so that losing SSH does not
 # stop it; the dead-man's switch. $1 job directory  $2 system  $3 action  $4 system profile
 # $5 current system link  $6 roll back on failure: 1 or 0  $7 confirmation window (s)
+# $8 the most each switch-to-configuration may take (s): one that hangs is stopped, so it cannot hold the
+# machine's activation lock (and every later job) for good
 set -u
-job=$1 top=$2 action=$3 profile=$4 current=$5 rollback=$6 confirm=$7
+job=$1 top=$2 action=$3 profile=$4 current=$5 rollback=$6 confirm=$7 limit=$8
 # Waiters block on two locks instead of polling: unit.lock is held until this unit exits (finished or dead),
 # settle.lock until it settled (result, or awaiting its confirmation). Both are taken before the pid is written,
 # so a waiter that sees the pid and gets a lock knows the unit settled or died. Commands run without these
@@ -20,7 +22,9 @@ finish() { printf '%s\n' "$*" > "$job/result.tmp" && mv -f "$job/result.tmp" "$j
 gen() { sed -n 's/.*-\([0-9][0-9]*\)-link$/\1/p'; }
 previous=; if cd -P -- "$current" 2> /dev/null; then previous=$PWD; cd /; fi
 echo "$previous" > "$job/previous"
-log "$top/bin/switch-to-configuration" "$action"
+# switch-to-configuration, stopped after $limit seconds (TERM, then KILL 30 s later): status 124 or 137
+limited() { timeout -k 30 "$limit" "$@"; }
+log limited "$top/bin/switch-to-configuration" "$action"
 rc=$?
 echo "$rc" > "$job/activated"
 undo() {
@@ -37,15 +41,18 @@ undo() {
   esac
   default=$(readlink -e "$profile")
   case $action in
-    switch) if [ -n "$previous" ]; then log "$previous/bin/switch-to-configuration" test || ok=0; fi
-            log "$default/bin/switch-to-configuration" boot || ok=0 ;;
-    boot) log "$default/bin/switch-to-configuration" boot || ok=0 ;;
-    test) log "$default/bin/switch-to-configuration" test || ok=0 ;;
+    switch) if [ -n "$previous" ]; then log limited "$previous/bin/switch-to-configuration" test || ok=0; fi
+            log limited "$default/bin/switch-to-configuration" boot || ok=0 ;;
+    boot) log limited "$default/bin/switch-to-configuration" boot || ok=0 ;;
+    test) log limited "$default/bin/switch-to-configuration" test || ok=0 ;;
   esac
   if [ "$ok" = 1 ]; then finish "rolled-back $1"; else finish "rollback-failed $1"; fi
 }
 if [ "$rc" != 0 ]; then
-  why="switch-to-configuration $action exited with status $rc"
+  case $rc in
+    124|137) why="switch-to-configuration $action did not finish within ${limit}s and was stopped" ;;
+    *) why="switch-to-configuration $action exited with status $rc" ;;
+  esac
   if [ "$rollback" = 1 ] && [ "$action" != dry-activate ]; then undo "$why"; fi
   finish "failed $why"
 fi

@@ -2,10 +2,11 @@
 # $1 job directory  $2 source directory  $3 stdin: "tar" or "none"  $4 installable  $5 action
 # $6 system profile  $7 current system link  $8 roll back on failure: 1 or 0  $9 confirmation window (s)
 # $10 unit name  $11 secrets directory  $12 the activation wrapper (activate-unit.sh)
+# $13 the most each switch-to-configuration may take (s)
 # Prints "@@nio <key> <value>" records; any other line is log.
 set -u
 job=$1 src=$2 input=$3 installable=$4 action=$5 profile=$6 current=$7 rollback=$8 confirm=$9
-unit=${10} secrets=${11} wrapper=${12}
+unit=${10} secrets=${11} wrapper=${12} limit=${13}
 settled() { [ -f "$job/result" ] || [ -f "$job/awaiting" ]; }
 # What a link finally points to (a directory), into $r: `readlink -e` without a process.
 resolve() { r=; if cd -P -- "$1" 2> /dev/null; then r=$PWD; cd /; fi; [ -n "$r" ]; }
@@ -88,7 +89,7 @@ get /proc/sys/kernel/random/boot_id && echo "$v" > "$job/boot_id"
 say step activate
 # (Without run.lock: the unit outlives this run, and the lock says whether this run is still going.)
 systemd-run --unit="$unit" --collect --quiet -- \
-  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" 4>&- \
+  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" "$limit" 4>&- \
   || { unset_profile; fail unit; }
 # Until the activation settled: finished (result) or waiting for its confirmation (awaiting). The unit holds
 # settle.lock (before it writes its pid) until then, so this blocks in flock instead of polling; the loop is for
