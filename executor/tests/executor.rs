@@ -696,18 +696,18 @@ async fn a_killed_executors_job_is_taken_over_in_seconds_and_not_activated_twice
 }
 
 /// A job's time runs from when it holds its machine and budget slot, not while it waits for them: two jobs of
-/// 6 s timeouts sharing a budget of one, each taking ~4 s, both succeed (before: the second spent its time
-/// waiting and failed as a timeout).
+/// 9 s timeouts sharing a budget of one, each taking ~6 s (a 5 s build), both succeed (before: the second spent
+/// its time waiting and failed as a timeout). Each job has ~3 s to spare; both together overrun by ~3 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_a_disruption_budget_does_not_spend_the_jobs_time() {
     let (nats, h) = (NatsServer::start().await.unwrap(), Hosts::start(2));
-    let commit = h.repo.configure("web", "slow-build:3.5").unwrap();
+    let commit = h.repo.configure("web", "slow-build:5").unwrap();
     let mut bus = Bus::connect(&nats).await;
     let (stop, task) = spawn_executor(settings(&h, &nats, config(&[("dc1", 2)]), "e1"));
     for i in 0..2 {
         let mut j = job(&format!("m{i}"), &h.addr(i), 22, "dc1", &h.repo.url(), &commit);
         j.action = Action::Boot;
-        j.timeout_seconds = 6;
+        j.timeout_seconds = 9;
         j.budgets = vec![nio_shared::protocol::BudgetClaim { key: "db".into(), max: 1 }];
         bus.publish(&j).await;
     }
