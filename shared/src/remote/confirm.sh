@@ -16,9 +16,8 @@ gone() {
   ran
   get /proc/sys/kernel/random/boot_id; b=$v
   if ! get "$job/boot_id"; then
-    rp= rb=; [ -r "$job/runner" ] && read -r rp rb < "$job/runner"
     # still running: block until it ends (it holds run.lock), then look again
-    if [ -n "$rp" ] && [ "$rb" = "$b" ] && [ -d "/proc/$rp" ]; then { flock -s 4; } 4<> "$job/run.lock"; return 0; fi
+    if running "$b"; then { flock -s 4; } 4<> "$job/run.lock"; return 0; fi
     ran
     if [ -n "$rp" ] && [ "$rb" != "$b" ]; then say failed rebooted; exit 3; fi
     say failed interrupted; exit 3

@@ -22,8 +22,6 @@ if [ -d "$5" ]; then
   for f in toplevel boot_id activated awaiting result failed; do
     [ -f "$5/$f" ] && { line "$5/$f" > /dev/null; echo "$f=$l"; }
   done
-  # an earlier delivery's activate.sh still uploading or building (this boot, alive)
-  rp= rb=; [ -r "$5/runner" ] && read -r rp rb < "$5/runner"
-  [ -n "$rp" ] && [ "$rb" = "$bid" ] && [ -d "/proc/$rp" ] && echo "running=$rp"
+  job=$5; running "$bid" && echo "running=$rp"
   true
 else false; fi; part
