@@ -304,18 +304,25 @@ impl Health {
         metrics: &metrics::Metrics,
         r: &Result<T, controller::Error<E, watcher::Error>>,
     ) {
-        let Ok(mut failing) = self.failing_watches.lock() else { return };
         match r {
-            Err(controller::Error::QueueError(e)) => {
-                if failing.insert(kind) {
-                    // The error text only: kube's own log line carries the whole response body.
-                    tracing::error!(kind, error = %e, "watch failed; /readyz reports it until the watch recovers");
-                }
-                metrics.watch_errors.get_or_create(&metrics::KindLabel { kind: kind.into() }).inc();
-            }
-            _ => {
-                failing.remove(kind);
-            }
+            Err(controller::Error::QueueError(e)) => self.watch_failed(kind, metrics, e),
+            _ => self.watch_ok(kind),
+        }
+    }
+
+    /// A watch of `kind` failed: counted, logged once until it recovers, and reported by /readyz.
+    fn watch_failed(&self, kind: &'static str, metrics: &metrics::Metrics, e: &watcher::Error) {
+        let Ok(mut failing) = self.failing_watches.lock() else { return };
+        if failing.insert(kind) {
+            // The error text only: kube's own log line carries the whole response body.
+            tracing::error!(kind, error = %e, "watch failed; /readyz reports it until the watch recovers");
+        }
+        metrics.watch_errors.get_or_create(&metrics::KindLabel { kind: kind.into() }).inc();
+    }
+
+    fn watch_ok(&self, kind: &'static str) {
+        if let Ok(mut failing) = self.failing_watches.lock() {
+            failing.remove(kind);
         }
     }
 }
@@ -480,12 +487,41 @@ impl Term<'_> {
             nio_shared::crd::SECRET_OPT_IN_LABEL,
             nio_shared::crd::SECRET_OPT_IN_VALUE
         ));
+        // Its own backoff, and its errors reported here, not passed on: in the controller's trigger stream an
+        // error pauses every trigger (kube-runtime backs the whole stream off, up to 30 s), so a Secret watch
+        // that cannot list (RBAC granting only `get`, say) would hold back every configuration's changes.
+        let secret_changes = {
+            let (health, metrics) = (self.health.clone(), self.metrics.clone());
+            // Without `Init` (the start of each list, sent before the list is tried): kube-runtime's backoff
+            // starts over at every item that is not an error, so with it a list that fails would be retried
+            // every 0.8 s for good.
+            let events =
+                watcher(secrets, opted_in).filter(|ev| std::future::ready(!matches!(ev, Ok(watcher::Event::Init))));
+            events.default_backoff().filter_map(move |ev| {
+                let changed = match ev {
+                    Err(e) => {
+                        health.watch_failed("Secret", &metrics, &e);
+                        None
+                    }
+                    Ok(ev) => {
+                        health.watch_ok("Secret");
+                        match ev {
+                            watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
+                                Some(Ok(s))
+                            }
+                            watcher::Event::Init | watcher::Event::InitDone => None,
+                        }
+                    }
+                };
+                std::future::ready(changed)
+            })
+        };
         let config = controller::Config::default().concurrency(CONFIG_CONCURRENCY);
         let ctl = Controller::for_stream(stream, store.clone())
             .with_config(config)
             // A Secret a configuration reads changed (content, or its opt-in label): re-read it now, not at
             // the next poll. Only opted-in Secrets are watched; one losing the label shows as deleted.
-            .watches(secrets, opted_in, {
+            .watches_stream(secret_changes, {
                 let store = store.clone();
                 move |secret: Secret| {
                     let (ns, name) = (secret.namespace(), secret.name_any());

@@ -11,6 +11,7 @@ nio_loadtest::on_both!(
     one_object_that_does_not_decode_is_skipped_and_named_and_the_rest_reconcile,
     rollout_events_are_recorded_once_and_conditions_keep_their_transition_time,
     secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once,
+    a_secret_watch_that_cannot_list_holds_back_no_configuration,
     a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once,
     secret_files_without_a_seal_key_degrade_the_configuration_and_publish_nothing,
     a_failure_with_a_long_utf8_log_still_gets_its_event,
@@ -862,6 +863,72 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
         (j.secrets_hash.as_deref()? != first_hash).then_some(())
     })
     .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A controller whose RBAC grants only `get` on Secrets (an operator's tightening of deploy/base): its Secret watch
+/// cannot list, /readyz names that watch, and still every configuration change reaches the fleet at once. Before,
+/// each failed Secret watch backed the controller's whole trigger stream off (kube-runtime: 0.8 s, doubling, up
+/// to 30 s), so after half a minute a push waited ~25 s.
+async fn a_secret_watch_that_cannot_list_holds_back_no_configuration(backend: Backend) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let env = Env::start(backend).await;
+    // deploy/base's rules for the controller, in the test's namespace, with Secrets cut down to `get`
+    let role: Role = serde_json::from_value(json!({
+        "metadata": {"name": "nio-controller-get-secrets-only"},
+        "rules": [
+            {"apiGroups": ["nixos.infra"], "resources": ["machines", "nixosconfigurations"],
+             "verbs": ["get", "list", "watch", "patch", "update"]},
+            {"apiGroups": ["nixos.infra"], "resources": ["machines/status", "nixosconfigurations/status"],
+             "verbs": ["get", "patch", "update"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+        ]
+    }))
+    .unwrap();
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": "nio-controller-get-secrets-only"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "nio-controller-get-secrets-only"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": nio_loadtest::realkube::TESTER}]
+    }))
+    .unwrap();
+    env.kube.api::<Role>().create(&PostParams::default(), &role).await.unwrap();
+    env.kube.api::<RoleBinding>().create(&PostParams::default(), &binding).await.unwrap();
+    // RBAC changes reach a real apiserver's authorizer a moment later
+    let tester: Api<nio_shared::crd::NixosConfiguration> = Api::namespaced(env.kube.tester_client().unwrap(), &env.ns);
+    env.eventually(T, "the Role in force", || async { tester.list(&ListParams::default()).await.ok() }).await;
+
+    let port = nio_loadtest::procs::free_port().unwrap();
+    let h = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = env.settings("prod", "c1");
+    s.kube_config = Some(env.kube.tester_config());
+    s.health_addr = Some(h);
+    let (stop, task) = env.spawn(s);
+    env.machine("d").create().await;
+    env.config("hourly", json!({"machineRef": "d", "pollInterval": "1h"})).await;
+    env.eventually(T, "the first job", || env.job_on(env.subject("dc1", "apply", "prod", "d"))).await;
+    let ready = env
+        .eventually(T, "/readyz naming the Secret watch", || async {
+            http_get(port, "/readyz").await.filter(|(_, body)| body.contains("Secret"))
+        })
+        .await;
+    assert_eq!(ready, (503, "leading; cannot watch Secret".into()));
+    // Long enough for the old shared backoff to have grown to ~25 s; then three pushes, each picked up at once.
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    for i in 0..3 {
+        let next = env.repo.bump(&format!("push {i}")).unwrap();
+        let patch = json!({"metadata": {"annotations": {"nixos.infra/refresh": next}}});
+        env.configs()
+            .patch("hourly", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch))
+            .await
+            .unwrap();
+        env.eventually(Duration::from_secs(5), "the pushed commit", || async {
+            let (j, _) = env.job_on(env.subject("dc1", "apply", "prod", "d")).await?;
+            (j.source.as_ref()?.commit == next).then_some(())
+        })
+        .await;
+    }
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -182,10 +182,15 @@ impl TestCluster {
 
     /// A client acting as [`crate::realkube::TESTER`] (bearer token; default namespace the test's).
     pub fn tester_client(&self) -> anyhow::Result<kube::Client> {
+        Ok(kube::Client::try_from(self.tester_config())?)
+    }
+
+    /// The configuration of [`Self::tester_client`]: a user with no permissions but what RBAC objects grant it.
+    pub fn tester_config(&self) -> kube::Config {
         let mut config = self.config.clone();
         config.auth_info =
             kube::config::AuthInfo { token: Some(self.tester_token.clone().into()), ..Default::default() };
-        Ok(kube::Client::try_from(config)?)
+        config
     }
 
     /// The namespace the controller's leader-election Lease lives in (`deploy/base` grants Leases only in
