@@ -281,6 +281,25 @@ fn slim<K: kube::Resource>(o: &mut K) {
     }
 }
 
+/// The backoff of a watch's retries, as client-go's reflector backs off: 0.8 s doubling to 30 s (with jitter), back
+/// to the start only after two minutes without a retry. kube-runtime's `default_backoff` also starts over at
+/// every event that is not an error, and each relist begins with one (`Init`, sent before the list is tried):
+/// a list that keeps failing (RBAC, an apiserver that answers 5xx) was retried every 0.8 s for good.
+#[derive(Default)]
+struct ListBackoff(watcher::DefaultBackoff);
+
+impl Iterator for ListBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        self.0.next()
+    }
+}
+
+impl kube::runtime::utils::Backoff for ListBackoff {
+    /// Not on a success: the inner timer starts over after two calm minutes.
+    fn reset(&mut self) {}
+}
+
 /// What `/readyz` reports: the process is up, and (while leading) its watches can list.
 #[derive(Debug, Default)]
 pub struct Health {
@@ -362,7 +381,7 @@ async fn lead(
         let m_cache = Arc::new(cache::MachineCache::new(ns.clone(), m_store.clone()));
         let (touch_tx, touch_rx) = tokio::sync::mpsc::channel::<Machine>(1024);
         let m_stream = decoded::<Machine>(client, ns.as_deref(), ctx.clone(), "Machine")
-            .default_backoff()
+            .backoff(ListBackoff::default())
             .modify(slim)
             .map_ok(move |ev| cache::store_unlabelled(&mut m_writer, ev))
             .then({
@@ -463,7 +482,7 @@ impl Term<'_> {
         let (ctx, client) = (self.ctx, self.client);
         let (store, writer) = reflector::store();
         let own = decoded::<NixosConfiguration>(client, ns, ctx.clone(), "NixosConfiguration")
-            .default_backoff()
+            .backoff(ListBackoff::default())
             .modify(slim)
             .reflect(writer)
             .applied_objects();
@@ -492,25 +511,21 @@ impl Term<'_> {
         // that cannot list (RBAC granting only `get`, say) would hold back every configuration's changes.
         let secret_changes = {
             let (health, metrics) = (self.health.clone(), self.metrics.clone());
-            // Without `Init` (the start of each list, sent before the list is tried): kube-runtime's backoff
-            // starts over at every item that is not an error, so with it a list that fails would be retried
-            // every 0.8 s for good.
-            let events =
-                watcher(secrets, opted_in).filter(|ev| std::future::ready(!matches!(ev, Ok(watcher::Event::Init))));
-            events.default_backoff().filter_map(move |ev| {
+            watcher(secrets, opted_in).backoff(ListBackoff::default()).filter_map(move |ev| {
                 let changed = match ev {
                     Err(e) => {
                         health.watch_failed("Secret", &metrics, &e);
                         None
                     }
-                    Ok(ev) => {
+                    // (`Init` is sent before the list is tried: it proves nothing)
+                    Ok(watcher::Event::Init) => None,
+                    Ok(watcher::Event::InitDone) => {
                         health.watch_ok("Secret");
-                        match ev {
-                            watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s) => {
-                                Some(Ok(s))
-                            }
-                            watcher::Event::Init | watcher::Event::InitDone => None,
-                        }
+                        None
+                    }
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s) | watcher::Event::Delete(s)) => {
+                        health.watch_ok("Secret");
+                        Some(Ok(s))
                     }
                 };
                 std::future::ready(changed)

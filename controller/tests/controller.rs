@@ -873,6 +873,7 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
 /// to 30 s), so after half a minute a push waited ~25 s.
 async fn a_secret_watch_that_cannot_list_holds_back_no_configuration(backend: Backend) {
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use nio_loadtest::procs;
     let env = Env::start(backend).await;
     // deploy/base's rules for the controller, in the test's namespace, with Secrets cut down to `get`
     let role: Role = serde_json::from_value(json!({
@@ -904,6 +905,8 @@ async fn a_secret_watch_that_cannot_list_holds_back_no_configuration(backend: Ba
     let mut s = env.settings("prod", "c1");
     s.kube_config = Some(env.kube.tester_config());
     s.health_addr = Some(h);
+    let metrics_port = nio_loadtest::procs::free_port().unwrap();
+    s.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
     let (stop, task) = env.spawn(s);
     env.machine("d").create().await;
     env.config("hourly", json!({"machineRef": "d", "pollInterval": "1h"})).await;
@@ -916,6 +919,17 @@ async fn a_secret_watch_that_cannot_list_holds_back_no_configuration(backend: Ba
     assert_eq!(ready, (503, "leading; cannot watch Secret".into()));
     // Long enough for the old shared backoff to have grown to ~25 s; then three pushes, each picked up at once.
     tokio::time::sleep(Duration::from_secs(25)).await;
+    // The failing list is retried with a growing backoff (0.8 s doubling: ~6 tries in 25 s), not every 0.8 s for
+    // good (kube-runtime's default backoff started over at each relist's first event: ~25 tries).
+    let (_, body) = http_get(metrics_port, "/metrics").await.unwrap();
+    let tries: f64 = body
+        .lines()
+        .filter(|l| {
+            l.starts_with("nio_controller_watch_errors_total") && procs::metric_label(l, "kind") == Some("Secret")
+        })
+        .map(procs::metric_value)
+        .sum();
+    assert!((2.0..=10.0).contains(&tries), "{tries} failed lists of Secrets in ~30 s");
     for i in 0..3 {
         let next = env.repo.bump(&format!("push {i}")).unwrap();
         let patch = json!({"metadata": {"annotations": {"nixos.infra/refresh": next}}});
