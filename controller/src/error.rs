@@ -28,6 +28,10 @@ pub enum Error {
     Seal(#[from] nio_shared::seal::SealError),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// Adding or removing the finalizer was refused because the cached configuration was behind the
+    /// apiserver's (the patch tests the list it read): a retry from the newer copy follows.
+    #[error("the cached configuration was behind the apiserver's when its finalizer was written; retrying")]
+    StaleCache,
     #[error("removal is waiting: {0}")]
     RemovalPending(String),
     #[error("cache: {0}")]
@@ -46,6 +50,7 @@ impl Error {
             Error::NoSealKey { .. } => "SealKeyMissing",
             Error::Seal(_) => "SealError",
             Error::Finalizer(_) => "Finalizer",
+            Error::StaleCache => "StaleCache",
             Error::RemovalPending(_) => "RemovalPending",
             Error::CacheNotReady(_) => "CacheNotReady",
         }

@@ -235,6 +235,14 @@ pub async fn reconcile(cfg: Arc<NixosConfiguration>, ctx: Arc<Ctx>) -> Result<Ac
     .await
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        // The JSON patch's `test` of the finalizer list failed (422): a reconcile ran from a copy the watch had
+        // not yet brought up to date (typically the one right after the finalizer was added).
+        kube::runtime::finalizer::Error::AddFinalizer(kube::Error::Api(s))
+        | kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(s))
+            if s.code == 422 =>
+        {
+            Error::StaleCache
+        }
         other => Error::Finalizer(Box::new(other)),
     });
     let took = start.elapsed();
@@ -256,6 +264,11 @@ const SLOW_RECONCILE: Duration = Duration::from_secs(10);
 
 /// Requeue policy for failed reconciles.
 pub fn error_policy(cfg: Arc<NixosConfiguration>, err: &Error, ctx: Arc<Ctx>) -> Action {
+    // Not a failure: the watch's newer copy triggers the next reconcile (the requeue only bounds the wait).
+    if matches!(err, Error::StaleCache) {
+        tracing::debug!(configuration = %cfg.name_any(), "{err}");
+        return Action::requeue(Duration::from_secs(1));
+    }
     ctx.metrics
         .reconcile_errors
         .get_or_create(&ErrorLabels { kind: "NixosConfiguration".into(), category: err.category().into() })
