@@ -139,6 +139,14 @@ async fn gitops_tools_read_each_state_as_nio_means_it(backend: Backend) {
     .await;
     reads_as(&env, "NixosConfiguration", "rolling", ("InProgress", "Progressing"), "0/1").await;
     reads_as(&env, "Machine", "m-roll", ("InProgress", "Progressing"), "queued").await;
+    // (the controller reconciles each configuration in its own time: wait until it has seen these)
+    for name in ["paused", "unreachable"] {
+        env.eventually(T, &format!("{name} observed"), || async {
+            let v = raw(&env, "NixosConfiguration", name).await;
+            (v["status"]["observedGeneration"] == v["metadata"]["generation"]).then_some(())
+        })
+        .await;
+    }
     // paused by its owner: Argo CD's Suspended
     reads_as(&env, "NixosConfiguration", "paused", ("InProgress", "Suspended"), "aused").await;
     // Git unreachable: degraded, and retried by NIO on its own
