@@ -42,6 +42,7 @@ on_both!(
     watch_lines_name_the_event_type_before_the_object,
     label_filtered_watches_see_only_matching_objects,
     secrets_string_data_becomes_data,
+    metadata_only_reads_carry_no_data,
     generate_name_leases_and_both_event_apis,
     integers_and_strings_a_user_sets_are_bounded_by_the_schema,
     lists_page_with_limit_and_continue,
@@ -400,6 +401,42 @@ async fn secrets_string_data_becomes_data(backend: Backend) {
     let created = api.create(&PostParams::default(), &s).await.unwrap();
     assert_eq!(created.data.unwrap()["token"].0, b"abc");
     assert!(created.string_data.is_none());
+}
+
+/// A metadata-only read (`as=PartialObjectMetadata`, kube's `get_metadata`/`list_metadata`) sends the object's
+/// metadata and nothing of its data: how the controller learns whether a Secret opted in without reading it.
+async fn metadata_only_reads_carry_no_data(backend: Backend) {
+    let (c, api) = on::<Secret>(backend).await;
+    let s: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "s", "labels": {"team": "db"}}, "stringData": {"password": "hunter2"}}),
+    )
+    .unwrap();
+    api.create(&PostParams::default(), &s).await.unwrap();
+    let read = |path: String, accept: &'static str| {
+        let client = c.client.clone();
+        async move {
+            let req = http::Request::get(path).header(http::header::ACCEPT, accept).body(Vec::new()).unwrap();
+            serde_json::from_str::<serde_json::Value>(&client.request_text(req).await.unwrap()).unwrap()
+        }
+    };
+    let base = format!("/api/v1/namespaces/{}/secrets", c.namespace);
+    let one = read(format!("{base}/s"), "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1").await;
+    assert_eq!(
+        (one["kind"].as_str(), one["apiVersion"].as_str()),
+        (Some("PartialObjectMetadata"), Some("meta.k8s.io/v1"))
+    );
+    assert_eq!(one["metadata"]["labels"]["team"], "db", "{one}");
+    assert!(one.get("data").is_none() && !one.to_string().contains("aHVudGVyMg"), "{one}");
+    let list = read(base, "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1").await;
+    assert_eq!(list["kind"].as_str(), Some("PartialObjectMetadataList"), "{list}");
+    assert!(list["metadata"]["resourceVersion"].as_str().is_some_and(|rv| !rv.is_empty()), "{list}");
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(items[0]["metadata"]["name"], "s");
+    assert!(!list.to_string().contains("aHVudGVyMg"), "{list}");
+    // kube's typed call decodes it
+    let meta = api.get_metadata("s").await.unwrap();
+    assert_eq!(meta.metadata.labels.unwrap()["team"], "db");
 }
 
 #[tokio::test]

@@ -50,6 +50,17 @@ fn wants_table(headers: &HeaderMap) -> bool {
     headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("as=Table"))
 }
 
+/// The client asked for metadata only (`as=PartialObjectMetadata` or `…List`): what `kubectl get -o name` and
+/// kube's `get_metadata`/`list_metadata` ask for, and all a real apiserver then sends (no spec, data or status).
+fn wants_metadata(headers: &HeaderMap) -> bool {
+    headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("as=PartialObjectMetadata"))
+}
+
+/// An object as PartialObjectMetadata: its kind and metadata only.
+fn metadata_only(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({}))})
+}
+
 fn user_manager(headers: &HeaderMap) -> String {
     headers
         .get(header::USER_AGENT)
@@ -325,9 +336,16 @@ fn resource(
     };
     super::auth::authorize(store, user, &request)?;
     let table = wants_table(headers);
+    let metadata = !table && wants_metadata(headers);
     let include = q.get("includeObject").map(String::as_str).unwrap_or("Metadata");
     let respond = |code: u16, obj: &Value, warnings: &[String]| -> Result<Routed, ApiError> {
-        let out = if table { table::table(&rt, &[obj], None, include) } else { obj.clone() };
+        let out = if table {
+            table::table(&rt, &[obj], None, include)
+        } else if metadata {
+            metadata_only(obj)
+        } else {
+            obj.clone()
+        };
         Ok(Routed::Response(json_response(code, &out, warnings)))
     };
     match (method.clone(), name) {
@@ -356,6 +374,17 @@ fn resource(
             if table {
                 let refs: Vec<&Value> = items.iter().map(|a| &**a).collect();
                 return ok(&table::table(&rt, &refs, Some(rv.to_string()), include));
+            }
+            if metadata {
+                let items: Vec<Value> = items.iter().map(|o| metadata_only(o)).collect();
+                let mut meta = json!({"resourceVersion": rv.to_string()});
+                if let Some(token) = &page.next {
+                    meta["continue"] = json!(token);
+                    meta["remainingItemCount"] = json!(page.remaining);
+                }
+                return ok(
+                    &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": meta, "items": items}),
+                );
             }
             Ok(Routed::Response(list_response(&rt, &items, rv, &page)))
         }
