@@ -255,6 +255,36 @@ impl MachineCache {
     }
 }
 
+/// One term's watch of the Secrets that opted in (label `nixos.infra/usable-by=nio`): what a reconcile reads a
+/// configuration's Secrets from, so that it makes no request for them, and never reads one that did not opt in.
+pub struct SecretCache {
+    /// The namespace the watch covers (None: all).
+    pub scope: Option<String>,
+    store: Store<k8s_openapi::api::core::v1::Secret>,
+    /// The store holds the watch's latest list and no error came since (else the reconcile asks the apiserver).
+    current: std::sync::atomic::AtomicBool,
+}
+
+impl SecretCache {
+    pub fn new(scope: Option<String>, store: Store<k8s_openapi::api::core::v1::Secret>) -> Self {
+        SecretCache { scope, store, current: Default::default() }
+    }
+
+    /// Records how the watch is doing: current after a complete list, not after an error.
+    pub fn set_current(&self, current: bool) {
+        self.current.store(current, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `ns/name` as the watch has it: Some(Some) an opted-in Secret, Some(None) no opted-in Secret of that name,
+    /// None when the watch cannot tell (not listed yet, or failing).
+    pub fn get(&self, ns: &str, name: &str) -> Option<Option<Arc<k8s_openapi::api::core::v1::Secret>>> {
+        if !self.current.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.store.get(&ObjectRef::new(name).within(ns)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,6 +45,8 @@ pub struct Ctx {
     /// This term's Machine caches, each with the namespace its watch covers (None: all). Fleet reconciles read
     /// their machines here: a LIST per reconcile was the largest API cost at 10,000 Machines.
     pub machines: std::sync::RwLock<Vec<Arc<crate::cache::MachineCache>>>,
+    /// This term's watches of opted-in Secrets (one per namespace watched, or one for all).
+    pub secrets: std::sync::RwLock<Vec<Arc<crate::cache::SecretCache>>>,
     /// Where waves' analyses are measured.
     pub prometheus: crate::analysis::Prometheus,
     /// Bounds the requests made per machine (status writes, Events, Secret reads) in flight at once: every
@@ -141,6 +143,11 @@ impl Ctx {
     /// The Machine cache of the watch that covers `ns`.
     pub fn machine_cache(&self, ns: &str) -> Option<Arc<crate::cache::MachineCache>> {
         self.machines.read().ok()?.iter().find(|c| c.scope.as_ref().is_none_or(|s| *s == ns)).cloned()
+    }
+
+    /// The watch of opted-in Secrets that covers `ns`.
+    pub fn secret_cache(&self, ns: &str) -> Option<Arc<crate::cache::SecretCache>> {
+        self.secrets.read().ok()?.iter().find(|c| c.scope.as_ref().is_none_or(|s| *s == ns)).cloned()
     }
 
     /// Waits for one of the [`MAX_REQUESTS_IN_FLIGHT`] request slots; hold it for the request.

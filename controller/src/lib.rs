@@ -142,6 +142,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         success_events: s.machine_success_events,
         written: Default::default(),
         machines: Default::default(),
+        secrets: Default::default(),
         prometheus: analysis::Prometheus::new(s.prometheus_url.clone()),
         requests: tokio::sync::Semaphore::new(context::MAX_REQUESTS_IN_FLIGHT),
         machine_writes: Default::default(),
@@ -367,6 +368,9 @@ async fn lead(
     if let Ok(mut caches) = ctx.machines.write() {
         caches.clear();
     }
+    if let Ok(mut caches) = ctx.secrets.write() {
+        caches.clear();
+    }
     let consumer = status_consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
@@ -509,17 +513,26 @@ impl Term<'_> {
         // Its own backoff, and its errors reported here, not passed on: in the controller's trigger stream an
         // error pauses every trigger (kube-runtime backs the whole stream off, up to 30 s), so a Secret watch
         // that cannot list (RBAC granting only `get`, say) would hold back every configuration's changes.
+        // The watch also keeps the opted-in Secrets the reconciles read (cache::SecretCache).
+        let (secret_store, secret_writer) = reflector::store();
+        let secret_cache = Arc::new(cache::SecretCache::new(ns.map(str::to_string), secret_store));
+        if let Ok(mut caches) = ctx.secrets.write() {
+            caches.push(secret_cache.clone());
+        }
         let secret_changes = {
             let (health, metrics) = (self.health.clone(), self.metrics.clone());
-            watcher(secrets, opted_in).backoff(ListBackoff::default()).filter_map(move |ev| {
+            let watch = watcher(secrets, opted_in).backoff(ListBackoff::default()).modify(slim).reflect(secret_writer);
+            watch.filter_map(move |ev| {
                 let changed = match ev {
                     Err(e) => {
+                        secret_cache.set_current(false);
                         health.watch_failed("Secret", &metrics, &e);
                         None
                     }
                     // (`Init` is sent before the list is tried: it proves nothing)
                     Ok(watcher::Event::Init) => None,
                     Ok(watcher::Event::InitDone) => {
+                        secret_cache.set_current(true);
                         health.watch_ok("Secret");
                         None
                     }

@@ -77,25 +77,38 @@ fn labelled(ctx: &Ctx, cfg: &NixosConfiguration, machines: &[Arc<Machine>]) -> V
 /// How long a reconcile waits for the Machine cache at the start of a term before it retries.
 const CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A Secret of the configuration's namespace that opted in to being read by NIO.
-async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Secret> {
+/// A Secret of the configuration's namespace that opted in to being read by NIO: from the watch of opted-in
+/// Secrets (no request); otherwise its metadata is read first, and the whole Secret only once that shows the
+/// label. A Secret that did not opt in is never read.
+async fn secret(ctx: &Ctx, ns: &str, name: &str) -> Result<Arc<Secret>> {
+    if let Some(Some(s)) = ctx.secret_cache(ns).and_then(|c| c.get(ns, name)) {
+        return Ok(s);
+    }
+    // Not opted in, not there, just labelled (the watch is a moment behind), or the watch cannot list.
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let fetched = {
+    let not_found = || Error::Secret { namespace: ns.into(), name: name.into(), problem: "not found".into() };
+    let refused = || Error::SecretNotPermitted { namespace: ns.into(), name: name.into() };
+    let meta = {
+        let _slot = ctx.request_slot().await;
+        api.get_metadata_opt(name).await?
+    };
+    if !opted_in(&meta.ok_or_else(not_found)?.metadata) {
+        return Err(refused());
+    }
+    let s = {
         let _slot = ctx.request_slot().await;
         api.get_opt(name).await?
     };
-    let s = fetched.ok_or_else(|| Error::Secret {
-        namespace: ns.into(),
-        name: name.into(),
-        problem: "not found".into(),
-    })?;
-    let opted_in =
-        s.metadata.labels.as_ref().and_then(|l| l.get(nio_shared::crd::SECRET_OPT_IN_LABEL)).map(String::as_str)
-            == Some(nio_shared::crd::SECRET_OPT_IN_VALUE);
-    if !opted_in {
-        return Err(Error::SecretNotPermitted { namespace: ns.into(), name: name.into() });
+    let s = s.ok_or_else(not_found)?;
+    if !opted_in(&s.metadata) {
+        return Err(refused());
     }
-    Ok(s)
+    Ok(Arc::new(s))
+}
+
+fn opted_in(meta: &kube::api::ObjectMeta) -> bool {
+    meta.labels.as_ref().and_then(|l| l.get(nio_shared::crd::SECRET_OPT_IN_LABEL)).map(String::as_str)
+        == Some(nio_shared::crd::SECRET_OPT_IN_VALUE)
 }
 
 fn secret_value(s: &Secret, key: &str) -> Option<Vec<u8>> {

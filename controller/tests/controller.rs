@@ -832,10 +832,22 @@ async fn a_failure_with_a_long_utf8_log_still_gets_its_event(backend: Backend) {
 
 /// Only Secrets labelled nixos.infra/usable-by=nio are read (else anyone who may create a configuration could
 /// ship any Secret of the namespace anywhere); labelling one, or changing its content, is acted on at once,
-/// not at the next poll.
+/// not at the next poll; once labelled, it is read from the controller's watch, with no request of its own.
 async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once(backend: Backend) {
     let env = Env::start(backend).await;
-    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let mut settings = env.settings("prod", "c1");
+    let metrics_port = nio_loadtest::procs::free_port().unwrap();
+    settings.metrics_addr = Some(([127, 0, 0, 1], metrics_port).into());
+    let (stop, task) = env.spawn(settings);
+    // The controller's GETs of Secrets (a metadata-only read of one that did not opt in counts too).
+    let secret_gets = || async {
+        let (_, body) = http_get(metrics_port, "/metrics").await.unwrap();
+        body.lines()
+            .filter(|l| l.starts_with("nio_controller_api_requests_total{") && l.contains("resource=\"secrets\""))
+            .filter(|l| l.contains("verb=\"GET\""))
+            .map(nio_loadtest::procs::metric_value)
+            .sum::<f64>()
+    };
     let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     let unlabelled = |name: &str, key: &str, value: &str| -> Secret {
         serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {key: value}})).unwrap()
@@ -857,6 +869,7 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
     assert!(reasons.iter().any(|r| r == "SecretNotPermitted"), "{reasons:?}");
     assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none(), "nothing was shipped");
 
+    let gets_before = secret_gets().await;
     // opting in: the job follows at once (pollInterval is an hour)
     let label = json!({"metadata": {"labels": {"nixos.infra/usable-by": "nio"}}});
     secrets.patch("db", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label)).await.unwrap();
@@ -872,6 +885,8 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
         (j.secrets_hash.as_deref()? != first_hash).then_some(())
     })
     .await;
+    // An opted-in Secret is read from the controller's watch: no request for it (before: a GET per reconcile).
+    assert_eq!(secret_gets().await, gets_before, "Secrets read with GET after opting in");
     stop.cancel();
     task.await.unwrap().unwrap();
 }
