@@ -869,7 +869,10 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
     assert!(reasons.iter().any(|r| r == "SecretNotPermitted"), "{reasons:?}");
     assert!(env.job_on(env.subject("dc1", "apply", "prod", "m1")).await.is_none(), "nothing was shipped");
 
-    let gets_before = secret_gets().await;
+    // (a configuration refused its Secret retries, reading that Secret's metadata each time: not this one)
+    env.configs().delete("creds", &DeleteParams::default()).await.unwrap();
+    env.eventually(T, "creds gone", || async { env.configs().get_opt("creds").await.unwrap().is_none().then_some(()) })
+        .await;
     // opting in: the job follows at once (pollInterval is an hour)
     let label = json!({"metadata": {"labels": {"nixos.infra/usable-by": "nio"}}});
     secrets.patch("db", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&label)).await.unwrap();
@@ -877,6 +880,7 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
         .eventually(Duration::from_secs(5), "the job", || env.job_on(env.subject("dc1", "apply", "prod", "m1")))
         .await;
     let first_hash = job.secrets_hash.clone().unwrap();
+    let gets_before = secret_gets().await;
     // a new password: a new job (new secrets hash) at once
     let change = json!({"stringData": {"password": "correct horse battery staple"}});
     secrets.patch("db", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&change)).await.unwrap();
