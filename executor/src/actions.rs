@@ -79,7 +79,7 @@ pub fn check_job(job: &Job) -> Result<()> {
         }
         v::attr_path("source.flakeAttr", &src.flake_attr).map_err(inv)?;
         if let Some(s) = &src.subdir {
-            v::relative_path("source.subdir", s).map_err(inv)?;
+            v::flake_dir("source.subdir", s).map_err(inv)?;
         }
         v::git_repo("source.repo", &src.repo).map_err(inv)?;
     } else if !matches!(job.action, Action::Probe | Action::Scan) {

@@ -546,6 +546,7 @@ async fn integers_and_strings_a_user_sets_are_bounded_by_the_schema(backend: Bac
         ("huge-budget", json!({"rollout": {"failureBudget": 10_000_000}}), "spec.rollout.failureBudget"),
         ("long-remove", json!({"onRemoveFlake": format!("#{}", "a".repeat(300))}), "spec.onRemoveFlake"),
         ("long-subdir", json!({"configurationSubdir": "a/".repeat(600)}), "spec.configurationSubdir"),
+        ("url-subdir", json!({"configurationSubdir": "hosts#web"}), "spec.configurationSubdir"),
         // counts or percentages (int-or-string): a number past 2^31 would be stored and then not decode
         ("huge-failures", json!({"rollout": {"maxFailures": 3_000_000_000u64}}), "spec.rollout.maxFailures"),
         ("odd-percent", json!({"rollout": {"maxFailures": "150%"}}), "spec.rollout.maxFailures"),

@@ -601,9 +601,10 @@ pub struct NixosConfigurationSpec {
     /// Flake output to build, as `#attr` or `.#attr` (attr under nixosConfigurations).
     #[schemars(length(min = 2, max = 256))]
     pub flake: String,
-    /// Directory inside the repository that holds flake.nix (relative, no "..").
+    /// Directory inside the repository that holds flake.nix (relative, no ".."; letters, digits and
+    /// -._~!$&'()*+,;=:@/ only, as it becomes part of a flake URL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 1024))]
+    #[schemars(length(min = 1, max = 1024), pattern(r"^[A-Za-z0-9._~!$&'()*+,;=:@/-]+$"))]
     pub configuration_subdir: Option<String>,
     /// Name of one Machine in the same namespace. Exactly one of machineRef and machineSelector is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]

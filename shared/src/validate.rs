@@ -135,6 +135,22 @@ pub fn relative_path(field: &str, s: &str) -> Check {
     Ok(())
 }
 
+/// A directory of the source that a flake reference names (`path:…/src/<commit>/<dir>#attr`): a relative path
+/// whose characters a URL path carries as they are. `#` and `?` would end the path (the rest read as the
+/// attribute or as parameters), `%` would be decoded, a space is not a URL character: each would build
+/// something other than the directory named, or fail with a message about URLs.
+pub fn flake_dir(field: &str, s: &str) -> Check {
+    relative_path(field, s)?;
+    const PUNCT: &str = "-._~!$&'()*+,;=:@/";
+    match s.chars().find(|c| !(c.is_ascii_alphanumeric() || PUNCT.contains(*c))) {
+        Some(bad) => fail(
+            field,
+            format!("{bad:?} is not allowed: letters, digits and {PUNCT} only (the path is part of a flake URL)"),
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Git repository URL: scheme in https/http/ssh/git/file (or scp-like `user@host:path`), no password or
 /// token in the URL, nothing that git could read as an option.
 pub fn git_repo(field: &str, s: &str) -> Check {
@@ -508,7 +524,7 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
     }
     c.check(flake_attr("spec.flake", &spec.flake).map(|_| ()));
     if let Some(sub) = &spec.configuration_subdir {
-        c.check(relative_path("spec.configurationSubdir", sub));
+        c.check(flake_dir("spec.configurationSubdir", sub));
     }
     match (&spec.machine_ref, &spec.machine_selector) {
         (Some(name), None) => c.check(dns_subdomain("spec.machineRef", name)),
