@@ -779,16 +779,49 @@ impl Running {
         Ok(())
     }
 
+    /// Waits up to `patience` for an executor to report a machine's Build step (the activation follows at once
+    /// and takes the switch latency) and returns its index in [`Running::executors`] about 30 ms later.
+    async fn activating_executor(&self, patience: Duration) -> Option<usize> {
+        use futures::StreamExt;
+        let client = async_nats::connect(nio_shared::nats::servers(&self.nats_url)).await.ok()?;
+        let mut sub = client.subscribe(format!("{}.>", nio_shared::subjects::STATUS_PREFIX)).await.ok()?;
+        let building = async {
+            while let Some(m) = sub.next().await {
+                let Ok(ev) = nio_shared::protocol::StatusEvent::decode(&m.payload) else { continue };
+                if ev.phase == nio_shared::protocol::Phase::Step && ev.step == Some(nio_shared::protocol::Step::Build) {
+                    // executor ids are `executor-{index}` (spawn_executor)
+                    if let Some(i) = ev.executor.strip_prefix("executor-").and_then(|i| i.parse().ok()) {
+                        return Some(i);
+                    }
+                }
+            }
+            None
+        };
+        let i = tokio::time::timeout(patience, building).await.ok().flatten()?;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        Some(i)
+    }
+
     async fn inject(&mut self, f: &Fault) -> anyhow::Result<()> {
         tracing::info!(?f, "injecting fault");
         self.injected.push(Instant::now());
         match f {
             Fault::KillExecutor(_) => {
-                for e in self.executors.iter_mut() {
-                    if e.exited().is_none() {
-                        e.kill().await;
-                        break;
+                // An executor in the middle of an activation (it reported a machine's Build step, and the
+                // activation takes the switch latency), so that the kill interrupts a job with commands still to
+                // run; any running one if none shows up within 10 s.
+                let victim = self.activating_executor(Duration::from_secs(10)).await;
+                let alive = |e: &mut Proc| e.exited().is_none();
+                let i = match victim {
+                    Some(i) if self.executors.get_mut(i).is_some_and(alive) => Some(i),
+                    _ => self.executors.iter_mut().position(alive),
+                };
+                if let Some(i) = i {
+                    tracing::info!(executor = %self.executors[i].name, "killing an executor");
+                    if let Some(at) = self.injected.last_mut() {
+                        *at = Instant::now();
                     }
+                    self.executors[i].kill().await;
                 }
                 // A replacement comes up, as a Deployment would bring one back.
                 let i = self.executors.len();
