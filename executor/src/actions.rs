@@ -82,6 +82,9 @@ pub fn check_job(job: &Job) -> Result<()> {
             v::flake_dir("source.subdir", s).map_err(inv)?;
         }
         v::git_repo("source.repo", &src.repo).map_err(inv)?;
+        if src.credentials.is_some() {
+            v::credentials_over("source.credentials", &src.repo).map_err(inv)?;
+        }
     } else if !matches!(job.action, Action::Probe | Action::Scan) {
         return Err(Error::InvalidJob(format!("{} job without a source", job.action.as_str())));
     }

@@ -151,6 +151,18 @@ pub fn flake_dir(field: &str, s: &str) -> Check {
     }
 }
 
+/// Credentials may go to `repo`: not over plain `http://`, where a token or password would cross the network
+/// in cleartext (an anonymous plain-HTTP mirror is fine).
+pub fn credentials_over(field: &str, repo: &str) -> Check {
+    if repo.get(..7).is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://")) {
+        return fail(
+            field,
+            "credentials are not sent over plain http:// (they would cross the network in cleartext); use https://",
+        );
+    }
+    Ok(())
+}
+
 /// Git repository URL: scheme in https/http/ssh/git/file (or scp-like `user@host:path`), no password or
 /// token in the URL, nothing that git could read as an option.
 pub fn git_repo(field: &str, s: &str) -> Check {
@@ -521,6 +533,7 @@ pub fn configuration_spec(spec: &NixosConfigurationSpec) -> Result<(), Invalid> 
     c.check(git_ref("spec.ref", &spec.git_ref));
     if let Some(name) = &spec.credentials_ref {
         c.check(dns_subdomain("spec.credentialsRef", name));
+        c.check(credentials_over("spec.credentialsRef", &spec.git_repo));
     }
     c.check(flake_attr("spec.flake", &spec.flake).map(|_| ()));
     if let Some(sub) = &spec.configuration_subdir {

@@ -85,6 +85,10 @@ fn hostile_configuration_fields_are_rejected_with_field_names() {
         ("spec.configurationSubdir", |c| c.configuration_subdir = Some("a\nb".into())),
         ("spec.configurationSubdir", |c| c.configuration_subdir = Some("x/".repeat(600))),
         ("spec.configurationSubdir", |c| c.configuration_subdir = Some("hosts#web".into())),
+        ("spec.credentialsRef", |c| {
+            c.git_repo = "http://git.internal/fleet.git".into();
+            c.credentials_ref = Some("git".into());
+        }),
         ("spec.configurationSubdir", |c| c.configuration_subdir = Some("hosts?dir=x".into())),
         ("spec.configurationSubdir", |c| c.configuration_subdir = Some("my%20hosts".into())),
         ("spec.configurationSubdir", |c| c.configuration_subdir = Some("my hosts".into())),
