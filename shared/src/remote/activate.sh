@@ -88,7 +88,10 @@ printf '%s' "$wrapper" > "$job/activate"
 get /proc/sys/kernel/random/boot_id && echo "$v" > "$job/boot_id"
 say step activate
 # (Without run.lock: the unit outlives this run, and the lock says whether this run is still going.)
-systemd-run --unit="$unit" --collect --quiet -- \
+# A transient unit inherits none of this environment, and on NixOS its default PATH is systemd's own bin/ only:
+# the unit gets this PATH (flock, timeout, mv, nix-env, …) and, as nixos-rebuild passes them, LOCALE_ARCHIVE and
+# NIXOS_INSTALL_BOOTLOADER when set.
+systemd-run --unit="$unit" --collect --quiet --setenv=PATH="$PATH" -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER -- \
   /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" "$limit" 4>&- \
   || { unset_profile; fail unit; }
 # Until the activation settled: finished (result) or waiting for its confirmation (awaiting). The unit holds
