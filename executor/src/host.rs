@@ -68,16 +68,33 @@ pub async fn run<H: Host>(
     stdin: Option<Bytes>,
     timeout: Duration,
 ) -> Result<Output> {
-    let out = match tokio::time::timeout(timeout + Duration::from_secs(5), host.exec(&argv, stdin, timeout)).await {
-        Ok(r) => r.map_err(|e| match e {
-            Error::Timeout { after, .. } => Error::Timeout { step, after },
-            other => other,
-        })?,
-        Err(_) => return Err(Error::Timeout { step, after: timeout }),
-    };
+    let out = output(host, step, &argv, stdin, timeout).await?;
     if out.success() {
         return Ok(out);
     }
+    Err(exit_error(step, &argv, &out))
+}
+
+/// Runs `argv` like [`run`] but returns its output whatever its exit status (a script that reports its own
+/// failure in records, which the caller reads before the status).
+pub async fn output<H: Host>(
+    host: &H,
+    step: Step,
+    argv: &[String],
+    stdin: Option<Bytes>,
+    timeout: Duration,
+) -> Result<Output> {
+    match tokio::time::timeout(timeout + Duration::from_secs(5), host.exec(argv, stdin, timeout)).await {
+        Ok(r) => r.map_err(|e| match e {
+            Error::Timeout { after, .. } => Error::Timeout { step, after },
+            other => other,
+        }),
+        Err(_) => Err(Error::Timeout { step, after: timeout }),
+    }
+}
+
+/// The error of a command at `step` that exited unsuccessfully with `out`.
+pub fn exit_error(step: Step, argv: &[String], out: &Output) -> Error {
     let category = match (step, out.status) {
         (_, Some(127)) => FailureCategory::CommandFailed,
         (Step::Build, Some(4)) => FailureCategory::ActivationFailed,
@@ -86,5 +103,5 @@ pub async fn run<H: Host>(
         (Step::Activate, _) => FailureCategory::ActivationFailed,
         _ => FailureCategory::CommandFailed,
     };
-    Err(Error::command(step, argv.first().map_or("", String::as_str), out.how(), category).with_tail(out.tail()))
+    Error::command(step, argv.first().map_or("", String::as_str), out.how(), category).with_tail(out.tail())
 }

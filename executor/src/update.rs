@@ -307,7 +307,8 @@ async fn run_confirm<H: Host, P: Progress>(
         window += ctx.long;
     }
     let argv = Commands::privileged(&job.endpoint.user, ctx.cmds.confirm(&c));
-    let out = host::run(host, Step::Health, argv, None, window + CONFIRM_GRACE)
+    // Its failures are records on stdout (with exit status 3): read before the status, which says less.
+    let out = host::output(host, Step::Health, &argv, None, window + CONFIRM_GRACE)
         .instrument(tracing::info_span!("health"))
         .await?;
     let rec = Records::parse(&String::from_utf8_lossy(&out.stdout));
@@ -340,6 +341,9 @@ async fn run_confirm<H: Host, P: Progress>(
             FailureCategory::ActivationFailed,
             &rec.log,
         ));
+    }
+    if !out.success() && rec.get("result").is_none() {
+        return Err(host::exit_error(Step::Health, &argv, &out));
     }
     let result = rec
         .get("result")

@@ -137,19 +137,7 @@ async fn a_connection_lost_during_the_build_does_not_stop_the_run_halfway() {
     let mut j = rig.job("slowb", &host, "slowb", &commit, 1);
     j.rollback = true;
     rig.bus.publish(&j).await;
-    let building = std::time::Instant::now();
-    while host.exec("pgrep -fx 'sleep 6.5'").is_err() {
-        assert!(building.elapsed() < Duration::from_secs(30), "the build never started");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // the connection's sshd processes (below the listener, titled `sshd: ...`), not the command they run
-    let cut = r#"kids() { for c in $(pgrep -P "$1"); do echo "$c"; kids "$c"; done; }
-        for p in $(kids "$(cat /run/sshd.pid)"); do
-          case "$(tr '\0' ' ' < "/proc/$p/cmdline")" in "sshd: "*) echo "$p" ;; esac
-        done"#;
-    let sessions = host.exec(cut).unwrap();
-    assert!(!sessions.trim().is_empty(), "no SSH session to cut");
-    host.exec(&format!("kill -KILL {}", sessions.split_whitespace().collect::<Vec<_>>().join(" "))).unwrap();
+    cut_the_connection_once_building(&host, "sleep 6.5").await;
     let done = rig.bus.final_of("slowb", T).await;
     assert_eq!((done.phase, done.category), (Phase::Succeeded, None), "{done:?}");
     let system = host.current_system().unwrap();
@@ -159,6 +147,44 @@ async fn a_connection_lost_during_the_build_does_not_stop_the_run_halfway() {
     assert_eq!(host.generations(), vec![1, 2]);
     let acts = host.activations();
     assert_eq!(acts, vec![("switch".to_string(), system.clone()), ("end".to_string(), "0".to_string())], "{acts:?}");
+    rig.stop().await;
+}
+
+/// Waits until the machine runs `building` (the fixture's build), then kills the job's SSH connection: its sshd
+/// processes (below the listener, titled `sshd: ...`), not the command they run.
+async fn cut_the_connection_once_building(host: &TestHost, building: &str) {
+    let since = std::time::Instant::now();
+    while host.exec(&format!("pgrep -fx '{building}'")).is_err() {
+        assert!(since.elapsed() < Duration::from_secs(30), "the build never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut = r#"kids() { for c in $(pgrep -P "$1"); do echo "$c"; kids "$c"; done; }
+        for p in $(kids "$(cat /run/sshd.pid)"); do
+          case "$(tr '\0' ' ' < "/proc/$p/cmdline")" in "sshd: "*) echo "$p" ;; esac
+        done"#;
+    let sessions = host.exec(cut).unwrap();
+    assert!(!sessions.trim().is_empty(), "no SSH session to cut");
+    host.exec(&format!("kill -KILL {}", sessions.split_whitespace().collect::<Vec<_>>().join(" "))).unwrap();
+}
+
+/// A build that fails after the job's connection was lost is reported as what it is, with the build's log: the
+/// confirmation over a new connection reads the run's failure (before: HealthCheckFailed, "`sudo` exited with
+/// status 3", the confirmation's own exit status). Nothing was activated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_fails_after_the_connection_was_lost_is_a_build_failure() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    let initial = host.current_system().unwrap();
+    let commit = rig.repo.configure("failb", "slow-build-fail:5.5").unwrap();
+    let j = rig.job("failb", &host, "failb", &commit, 1);
+    rig.bus.publish(&j).await;
+    cut_the_connection_once_building(&host, "sleep 5.5").await;
+    let done = rig.bus.final_of("failb", T).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::BuildFailed)), "{done:?}");
+    let log = done.log_tail.join("\n");
+    assert!(log.contains("fails after 5.5s, as asked"), "the build's log: {log}");
+    assert_eq!(host.current_system().unwrap(), initial);
+    assert!(host.activations().is_empty(), "{:?}", host.activations());
     rig.stop().await;
 }
 
