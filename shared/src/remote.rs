@@ -434,6 +434,46 @@ mod tests {
         (dir, c, job)
     }
 
+    /// Only Nix's own refusal to change the flake's lock file is a lock-file problem (SourceInvalid, "commit
+    /// flake.lock"); a package whose build fails over its own lock file (cargo's `--locked`) is a build failure.
+    #[test]
+    fn only_nixs_refusal_to_change_the_flake_lock_is_a_lock_file_failure() {
+        use std::os::unix::fs::PermissionsExt;
+        for (log, want) in [
+            ("error: the lock file /build/source/Cargo.lock needs to be updated but --locked was passed", "build"),
+            (
+                "error: flake 'path:/x' requires lock file changes but they're not allowed due to '--no-update-lock-file'",
+                "lockfile",
+            ),
+        ] {
+            let (dir, c, _job) = scratch_job("lk");
+            let bin = dir.path().join("bin");
+            std::fs::create_dir_all(&bin).expect("bin");
+            let nix = bin.join("nix");
+            std::fs::write(&nix, "#!/bin/sh\necho \"$NIX_FAKE_LOG\" >&2\nexit 1\n").expect("fake nix");
+            std::fs::set_permissions(&nix, std::fs::Permissions::from_mode(0o755)).expect("mode");
+            let argv = c.activate(&Activation {
+                unit: "lk",
+                src_dir: "/nonexistent",
+                upload: false,
+                installable: "path:/x#web",
+                action: "dry-activate",
+                rollback: false,
+                confirm_seconds: 1,
+                limit_seconds: 1,
+            });
+            let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+            let out = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .env("PATH", path)
+                .env("NIX_FAKE_LOG", log)
+                .output()
+                .expect("activate.sh");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(stdout.contains(&format!("@@nio failed {want}\n")), "{log}: {stdout}");
+        }
+    }
+
     /// The activation unit writes its pid when it starts: a confirmation that reads the file before it holds a
     /// pid waits for the unit instead of reporting it dead (seen as "failed died" on a loaded machine).
     #[test]

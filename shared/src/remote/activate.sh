@@ -70,7 +70,10 @@ gen() { sed -n 's/.*-\([0-9][0-9]*\)-link$/\1/p'; }
 if ! nix --extra-experimental-features 'nix-command flakes' build --no-update-lock-file \
     "$@" "$installable" > "$job/build.log" 2>&1; then
   tail -n 30 "$job/build.log"
-  if grep -q "lock file" "$job/build.log"; then fail lockfile; fi
+  # Nix's own refusal to write or change the flake's lock file (not a package build's, say cargo's --locked)
+  if grep -q -e "requires lock file changes" -e "cannot write modified lock file" "$job/build.log"; then
+    fail lockfile
+  fi
   # Built (the out-link is there) but the profile was not set.
   if [ "$setprofile" = 1 ] && [ -L "$job/system" ]; then unset_profile; fail profile; fi
   fail build
