@@ -295,7 +295,10 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
             s.started_at = Some(time(f.now));
         }
         let measured = prev.and_then(|p| p.analysis.clone());
-        if let Some(why) = failure(w, &s, prev, f, total_failed, overall_over) {
+        let done_before = prev.is_some_and(|p| p.state == WaveState::Succeeded);
+        // The rollout over its own budget fails the wave it is in, not a wave that had already succeeded: with
+        // RollbackAndHalt the failed wave is the one rolled back.
+        if let Some(why) = failure(w, &s, prev, f, total_failed, overall_over && !done_before) {
             s.state = WaveState::Failed;
             s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
             s.message = Some(why);
@@ -308,7 +311,6 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
             continue;
         }
         s.analysis = measured.clone();
-        let done_before = prev.is_some_and(|p| p.state == WaveState::Succeeded);
         if done_before && !candidates.is_empty() {
             // A wave stays Succeeded; a machine that joined it since (or moved off the target) still gets the
             // target, alongside the current wave.
@@ -604,6 +606,26 @@ mod tests {
         let d3 = decide(&relaxed, &overall);
         assert_eq!(states(&d3), [Failed, Pending]);
         assert_eq!(d3.statuses[0].message.as_deref(), Some("1 machines failed in the rollout (it tolerates 0)"));
+    }
+
+    /// The rollout's own budget, broken in a later wave, fails that wave: the canary that had succeeded stays
+    /// Succeeded (before: the first wave was marked Failed, and RollbackAndHalt rolled back the healthy canaries
+    /// while the failing machines stayed on the bad commit).
+    #[test]
+    fn a_rollout_budget_broken_in_a_later_wave_fails_that_wave() {
+        use WaveState::*;
+        let t0 = Utc::now();
+        let mut waves = two_waves("0s", false);
+        waves[0].max_failures = None;
+        let m: Vec<MachineView> = [("a", "updated"), ("b", "updated"), ("c", "failed"), ("d", "failed"), ("e", "")]
+            .iter()
+            .map(|(n, s)| view(n, s))
+            .collect();
+        let canary_done = [WaveStatus { name: "canary".into(), state: Succeeded, ..Default::default() }];
+        let d = decide(&waves, &Facts { max_failures: Some(1), ..facts(&m, &canary_done, t0) });
+        assert_eq!((states(&d), d.failed_wave.as_deref()), (vec![Succeeded, Failed], Some("rest")));
+        assert_eq!(d.statuses[1].message.as_deref(), Some("2 machines failed in the rollout (it tolerates 1)"));
+        assert!(d.eligible.is_empty(), "halted: {:?}", d.eligible);
     }
 
     /// Any fleet, any waves, any order in which jobs finish (succeeding or failing): no wave ever has more
