@@ -203,6 +203,16 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Whether the newest job queued on `subject` is `id`'s (a copy of it in the queue makes a duplicate
+    /// harmless). Unsure (the stream cannot be read) counts as queued: no second job on a guess.
+    async fn queued(&self, subject: &str, id: &nio_shared::protocol::JobId) -> bool {
+        let Ok(stream) = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await else { return true };
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => m.headers.get("Nats-Msg-Id").is_some_and(|v| v.as_str() == id.as_str()),
+            Err(e) => !matches!(e.kind(), async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound),
+        }
+    }
+
     pub async fn publish(&self, job: &Job) -> Result<()> {
         let subject = job.subject();
         let span = tracing::info_span!(
@@ -221,9 +231,22 @@ impl Publisher {
             let _e = span.enter();
             nio_shared::telemetry::inject(&mut headers);
         }
+        let body = Bytes::from(job.encode());
         async {
-            let ack = self.js.publish_with_headers(subject, headers, Bytes::from(job.encode())).await?;
-            ack.await?;
+            let ack = self.js.publish_with_headers(subject.clone(), headers, body.clone()).await?.await?;
+            if ack.duplicate && !self.queued(&subject, &job.id).await {
+                // The broker dropped it as a copy of a job of the last DUPLICATE_WINDOW that is no longer
+                // queued: taken and finished already (a rollback to the commit of a few minutes ago, a Machine
+                // deleted and created again). Dropped, the machine would wait for a job that never comes; under
+                // an id of its own it goes out.
+                let mut again = job.clone();
+                again.id = job.id.retry(chrono::Utc::now().timestamp_millis());
+                tracing::info!(job = %job.id, as_ = %again.id, "republishing a job the queue took for a duplicate");
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", again.id.as_str());
+                nio_shared::telemetry::inject(&mut headers);
+                self.js.publish_with_headers(subject, headers, Bytes::from(again.encode())).await?.await?;
+            }
             Ok::<_, Error>(())
         }
         .instrument(span)

@@ -22,7 +22,8 @@ pub async fn open(js: &jetstream::Context, cluster: &str) -> anyhow::Result<Pull
     let name = nio_shared::subjects::status_consumer(cluster);
     let consumer = nio_shared::nats::retrying(&format!("consumer {name}"), || async {
         let stream = js.get_stream(nio_shared::subjects::STATUS_STREAM).await?;
-        Ok(stream.get_or_create_consumer(&name, nio_shared::nats::status_consumer(cluster)).await?)
+        // created, or brought up to this configuration (an older one gave events up after 10 deliveries)
+        Ok(stream.create_consumer(nio_shared::nats::status_consumer(cluster)).await?)
     })
     .await
     .map_err(|e| anyhow::anyhow!("opening the status consumer {name}: {e}"))?;
@@ -87,8 +88,10 @@ pub async fn run(
                 let ack = match apply(&ctx, &events, known.as_deref()).instrument(span).await {
                     Ok(_) => AckKind::Ack,
                     Err(e) => {
-                        tracing::warn!(machine = %name, namespace = %ns, error = %e, "applying status events failed; will retry");
-                        AckKind::Nak(Some(Duration::from_secs(2)))
+                        let delivered = msgs.iter().filter_map(|m| m.info().ok()).map(|i| i.delivered).max();
+                        let delay = retry_delay(delivered.unwrap_or(1));
+                        tracing::warn!(machine = %name, namespace = %ns, error = %e, retry_in_s = delay.as_secs(), "applying status events failed; will retry");
+                        AckKind::Nak(Some(delay))
                     }
                 };
                 for m in &msgs {
@@ -98,6 +101,12 @@ pub async fn run(
         });
         futures::future::join_all(work).await;
     }
+}
+
+/// How long an event whose write failed waits before its `delivered`+1st try: 2 s, doubling to 30 s.
+fn retry_delay(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 4)).unwrap_or(4);
+    Duration::from_secs(2u64 << doublings).min(Duration::from_secs(30))
 }
 
 /// Up to [`BATCH`] status events: whatever is waiting now, without waiting for a batch to fill; when none

@@ -12,7 +12,9 @@ nio_loadtest::on_both!(
     rollout_events_are_recorded_once_and_conditions_keep_their_transition_time,
     secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_once,
     a_secret_watch_that_cannot_list_holds_back_no_configuration,
+    status_events_wait_out_an_apiserver_that_refuses_their_writes,
     a_machine_relabelled_out_of_a_fleet_leaves_its_count_at_once,
+    a_machine_created_again_gets_its_job_again,
     secret_files_without_a_seal_key_degrade_the_configuration_and_publish_nothing,
     a_failure_with_a_long_utf8_log_still_gets_its_event,
     a_leader_cut_off_from_the_apiserver_steps_down_before_a_standby_takes_over,
@@ -895,38 +897,63 @@ async fn secrets_that_did_not_opt_in_are_never_read_and_secret_changes_apply_at_
     task.await.unwrap().unwrap();
 }
 
+/// deploy/base's rules for the controller, as a namespaced Role, with `secrets` and `machine_status` verbs.
+fn controller_rules(secrets: &[&str], machine_status: &[&str]) -> serde_json::Value {
+    json!([
+        {"apiGroups": ["nixos.infra"], "resources": ["machines", "nixosconfigurations"],
+         "verbs": ["get", "list", "watch", "patch", "update"]},
+        {"apiGroups": ["nixos.infra"], "resources": ["nixosconfigurations/status"], "verbs": ["get", "patch", "update"]},
+        {"apiGroups": ["nixos.infra"], "resources": ["machines/status"], "verbs": machine_status},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": secrets},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+    ])
+}
+
+/// Status events that cannot be written for a while (the apiserver refusing Machine status writes: an upgrade,
+/// throttling, RBAC being mended) are retried until they can, however long that takes: the outcome lands once
+/// writes work again. Before, an event was given up after 10 deliveries (~20 s) and its machine stayed
+/// Applying for good.
+async fn status_events_wait_out_an_apiserver_that_refuses_their_writes(backend: Backend) {
+    let env = Env::start(backend).await;
+    let all = ["get", "list", "watch"];
+    env.grant_tester(controller_rules(&all, &["get", "patch", "update"])).await;
+    let mut s = env.settings("prod", "c1");
+    s.kube_config = Some(env.kube.tester_config());
+    let (stop, task) = env.spawn(s);
+    env.machine("m1").create().await;
+    env.config("web", json!({"machineRef": "m1", "pollInterval": "1h"})).await;
+    let (job, _) = env.eventually(T, "the job", || env.job_on(env.subject("dc1", "apply", "prod", "m1"))).await;
+    let queued = || async {
+        let st = env.machines().get("m1").await.ok()?.status?;
+        (st.queued_target.as_deref() == job.id.target()).then_some(())
+    };
+    env.eventually(T, "m1 queued", queued).await;
+    // Machine status writes refused for 25 s, while the executor's outcome comes in
+    env.grant_tester(controller_rules(&all, &["get"])).await;
+    let refused = std::time::Instant::now();
+    env.report(&job, Phase::Succeeded, |_| {}).await;
+    tokio::time::sleep(Duration::from_secs(25).saturating_sub(refused.elapsed())).await;
+    let st = env.machines().get("m1").await.unwrap().status.unwrap();
+    assert_ne!(st.applied_target.as_deref(), job.id.target(), "written while refused?");
+    env.grant_tester(controller_rules(&all, &["get", "patch", "update"])).await;
+    env.eventually(Duration::from_secs(40), "the outcome written once writes work again", || async {
+        let st = env.machines().get("m1").await.ok()?.status?;
+        (st.applied_target.as_deref() == job.id.target()).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 /// A controller whose RBAC grants only `get` on Secrets (an operator's tightening of deploy/base): its Secret watch
 /// cannot list, /readyz names that watch, and still every configuration change reaches the fleet at once. Before,
 /// each failed Secret watch backed the controller's whole trigger stream off (kube-runtime: 0.8 s, doubling, up
 /// to 30 s), so after half a minute a push waited ~25 s.
 async fn a_secret_watch_that_cannot_list_holds_back_no_configuration(backend: Backend) {
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
     use nio_loadtest::procs;
     let env = Env::start(backend).await;
     // deploy/base's rules for the controller, in the test's namespace, with Secrets cut down to `get`
-    let role: Role = serde_json::from_value(json!({
-        "metadata": {"name": "nio-controller-get-secrets-only"},
-        "rules": [
-            {"apiGroups": ["nixos.infra"], "resources": ["machines", "nixosconfigurations"],
-             "verbs": ["get", "list", "watch", "patch", "update"]},
-            {"apiGroups": ["nixos.infra"], "resources": ["machines/status", "nixosconfigurations/status"],
-             "verbs": ["get", "patch", "update"]},
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
-        ]
-    }))
-    .unwrap();
-    let binding: RoleBinding = serde_json::from_value(json!({
-        "metadata": {"name": "nio-controller-get-secrets-only"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "nio-controller-get-secrets-only"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": nio_loadtest::realkube::TESTER}]
-    }))
-    .unwrap();
-    env.kube.api::<Role>().create(&PostParams::default(), &role).await.unwrap();
-    env.kube.api::<RoleBinding>().create(&PostParams::default(), &binding).await.unwrap();
-    // RBAC changes reach a real apiserver's authorizer a moment later
-    let tester: Api<nio_shared::crd::NixosConfiguration> = Api::namespaced(env.kube.tester_client().unwrap(), &env.ns);
-    env.eventually(T, "the Role in force", || async { tester.list(&ListParams::default()).await.ok() }).await;
+    env.grant_tester(controller_rules(&["get"], &["get", "patch", "update"])).await;
 
     let port = nio_loadtest::procs::free_port().unwrap();
     let h = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -971,6 +998,30 @@ async fn a_secret_watch_that_cannot_list_holds_back_no_configuration(backend: Ba
         })
         .await;
     }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A job the queue takes for a duplicate of one it already handed out (same machine, commit and generation,
+/// within its 5-minute duplicate window) goes out under an id of its own: a Machine deleted and created again
+/// gets its job (before: the broker dropped it, and the machine waited Queued for good). A rollback to the
+/// commit of a few minutes ago is the same case.
+async fn a_machine_created_again_gets_its_job_again(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1").create().await;
+    env.config("web", json!({"machineRef": "m1", "pollInterval": "1h"})).await;
+    let subject = env.subject("dc1", "apply", "prod", "m1");
+    let (first, _) = env.eventually(T, "the job", || env.job_on(&subject)).await;
+    // an executor takes it
+    assert!(env.drain_jobs().await.iter().any(|j| j.id == first.id));
+    env.machines().delete("m1", &DeleteParams::default()).await.unwrap();
+    env.eventually(T, "m1 gone", || async { env.machines().get_opt("m1").await.unwrap().is_none().then_some(()) })
+        .await;
+    env.machine("m1").create().await;
+    let (again, _) = env.eventually(T, "a job for the new m1", || env.job_on(&subject)).await;
+    assert_eq!(again.id.target(), first.id.target(), "the same target");
+    assert_ne!(again.id, first.id, "under an id of its own");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

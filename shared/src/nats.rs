@@ -110,7 +110,10 @@ pub fn status_consumer(cluster: &str) -> consumer::pull::Config {
         // Events handed to a controller that dies come back after this: short, because a standby taking over
         // must not wait for them (a batch is applied in well under it; applying one twice is harmless).
         ack_wait: Duration::from_secs(10),
-        max_deliver: 10,
+        // Never given up: an event that cannot be applied yet (the apiserver down for an upgrade, throttling,
+        // RBAC being fixed) is retried with a growing delay (status_consumer), not dropped after a few tries,
+        // which left its machine Applying for good. Undecodable events are terminated, not retried.
+        max_deliver: -1,
         max_ack_pending: 10_000,
         ..Default::default()
     }

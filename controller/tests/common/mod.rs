@@ -68,6 +68,47 @@ impl Env {
         Env { kube, client, ns, controller_config, nats, js, dir, repo, key_file }
     }
 
+    /// Grants the test's RBAC-bound user ([`TestCluster::tester_config`]) `rules` in the test's namespace (a
+    /// Role and its binding, created or replaced), and waits until the apiserver applies them.
+    pub async fn grant_tester(&self, rules: serde_json::Value) {
+        use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+        let name = "nio-controller-under-test";
+        let role: Role =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "rules": rules})).unwrap();
+        let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": nio_loadtest::realkube::TESTER}]
+        }))
+        .unwrap();
+        let ssa = kube::api::PatchParams::apply("nio-tests").force();
+        self.kube.api::<Role>().patch(name, &ssa, &kube::api::Patch::Apply(&role)).await.unwrap();
+        self.kube.api::<RoleBinding>().patch(name, &ssa, &kube::api::Patch::Apply(&binding)).await.unwrap();
+        // RBAC changes reach a real apiserver's authorizer a moment later: wait until a review of each rule's
+        // verbs gives what the rules say (kubesim authorizes from its store: at once)
+        if self.kube.sim().is_some() {
+            return;
+        }
+        let tester = self.kube.tester_client().unwrap();
+        let rules = role.rules.unwrap_or_default();
+        self.eventually(Duration::from_secs(30), "the Role in force", || async {
+            for r in &rules {
+                let group = r.api_groups.as_ref()?.first()?.clone();
+                for resource in r.resources.as_ref()? {
+                    let (res, sub) = resource.split_once('/').map_or((resource.as_str(), None), |(a, b)| (a, Some(b)));
+                    for verb in ["get", "list", "watch", "patch", "update", "create"] {
+                        let want = r.verbs.iter().any(|v| v == verb);
+                        if allowed(&tester, &self.ns, &group, res, sub, verb).await? != want {
+                            return None;
+                        }
+                    }
+                }
+            }
+            Some(())
+        })
+        .await;
+    }
+
     pub fn settings(&self, cluster: &str, identity: &str) -> nio_controller::Settings {
         nio_controller::Settings {
             cluster: cluster.into(),
@@ -329,4 +370,35 @@ impl MachineBuilder<'_> {
         .unwrap();
         self.env.machines().create(&PostParams::default(), &m).await.unwrap()
     }
+}
+
+/// Whether `client`'s user may `verb` the `resource` (subresource `sub`) of `group` in `ns`: a
+/// SelfSubjectAccessReview, as `kubectl auth can-i` asks.
+async fn allowed(
+    client: &kube::Client,
+    ns: &str,
+    group: &str,
+    resource: &str,
+    sub: Option<&str>,
+    verb: &str,
+) -> Option<bool> {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(ns.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource: sub.map(str::to_string),
+                verb: Some(verb.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<SelfSubjectAccessReview> = Api::all(client.clone());
+    Some(api.create(&PostParams::default(), &review).await.ok()?.status?.allowed)
 }
