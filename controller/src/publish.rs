@@ -104,7 +104,7 @@ pub fn apply_job(
     }
     Ok(Job {
         v: JOB_VERSION,
-        id: JobId::new(cluster, &ns, &name, &desired.target(), action),
+        id: JobId::new(cluster, &ns, &name, &desired.target(), action).retry(transition(m)),
         cluster: cluster.to_string(),
         namespace: ns,
         machine: name,
@@ -196,6 +196,22 @@ pub fn probe_job(cluster: &str, m: &Machine, action: Action) -> Job {
     }
 }
 
+/// Which move a job makes: this Machine (its uid) from what it last applied. Part of the job's id, so that
+/// republishing the same move stays harmless (the queue drops it as a duplicate), while the same target as a
+/// new move is a new job: a Machine deleted and created again, a rollback to the commit of a few minutes ago, a
+/// branch pushed back. With the target alone, the queue dropped those as duplicates for 5 minutes after the
+/// first, and the machine waited Queued for good.
+/// (The same in every build and replica: a leader change must not turn a republish into a second job.)
+fn transition(m: &Machine) -> i64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(m.metadata.uid.as_deref().unwrap_or_default());
+    h.update([0]);
+    h.update(m.status.as_ref().and_then(|s| s.applied_target.as_deref()).unwrap_or_default());
+    let d = h.finalize();
+    i64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
+}
+
 /// Publishes jobs (one message per machine and kind; the dedup id makes republishing harmless).
 pub struct Publisher {
     pub js: jetstream::Context,
@@ -203,16 +219,6 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Whether the newest job queued on `subject` is `id`'s (a copy of it in the queue makes a duplicate
-    /// harmless). Unsure (the stream cannot be read) counts as queued: no second job on a guess.
-    async fn queued(&self, subject: &str, id: &nio_shared::protocol::JobId) -> bool {
-        let Ok(stream) = self.js.get_stream(nio_shared::subjects::JOBS_STREAM).await else { return true };
-        match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(m) => m.headers.get("Nats-Msg-Id").is_some_and(|v| v.as_str() == id.as_str()),
-            Err(e) => !matches!(e.kind(), async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound),
-        }
-    }
-
     pub async fn publish(&self, job: &Job) -> Result<()> {
         let subject = job.subject();
         let span = tracing::info_span!(
@@ -231,22 +237,9 @@ impl Publisher {
             let _e = span.enter();
             nio_shared::telemetry::inject(&mut headers);
         }
-        let body = Bytes::from(job.encode());
         async {
-            let ack = self.js.publish_with_headers(subject.clone(), headers, body.clone()).await?.await?;
-            if ack.duplicate && !self.queued(&subject, &job.id).await {
-                // The broker dropped it as a copy of a job of the last DUPLICATE_WINDOW that is no longer
-                // queued: taken and finished already (a rollback to the commit of a few minutes ago, a Machine
-                // deleted and created again). Dropped, the machine would wait for a job that never comes; under
-                // an id of its own it goes out.
-                let mut again = job.clone();
-                again.id = job.id.retry(chrono::Utc::now().timestamp_millis());
-                tracing::info!(job = %job.id, as_ = %again.id, "republishing a job the queue took for a duplicate");
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", again.id.as_str());
-                nio_shared::telemetry::inject(&mut headers);
-                self.js.publish_with_headers(subject, headers, Bytes::from(again.encode())).await?.await?;
-            }
+            let ack = self.js.publish_with_headers(subject, headers, Bytes::from(job.encode())).await?;
+            ack.await?;
             Ok::<_, Error>(())
         }
         .instrument(span)

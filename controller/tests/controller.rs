@@ -1002,10 +1002,9 @@ async fn a_secret_watch_that_cannot_list_holds_back_no_configuration(backend: Ba
     task.await.unwrap().unwrap();
 }
 
-/// A job the queue takes for a duplicate of one it already handed out (same machine, commit and generation,
-/// within its 5-minute duplicate window) goes out under an id of its own: a Machine deleted and created again
-/// gets its job (before: the broker dropped it, and the machine waited Queued for good). A rollback to the
-/// commit of a few minutes ago is the same case.
+/// The same target as a new move is a new job, not a duplicate of one the queue handed out within its 5-minute
+/// duplicate window: a Machine deleted and created again gets its job (before: the broker dropped it, and the
+/// machine waited Queued for good). A rollback to the commit of a few minutes ago is the same case.
 async fn a_machine_created_again_gets_its_job_again(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
