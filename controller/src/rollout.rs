@@ -32,6 +32,15 @@ pub enum Standing {
 }
 
 impl MachineView {
+    /// Queued for another target (an older commit's job, waiting or running) and not finished with it: a
+    /// machine under an operation all the same, which maxParallel and maxUnavailable count.
+    pub fn busy_elsewhere(&self, target: &str) -> bool {
+        let q = self.queued_target.as_deref();
+        q.is_some_and(|q| {
+            q != target && self.applied_target.as_deref() != Some(q) && self.failed_target.as_deref() != Some(q)
+        })
+    }
+
     /// Where the machine stands with `target` (its outcome first: a finished job may still be marked queued).
     pub fn standing(&self, target: &str) -> Standing {
         let is = |t: &Option<String>| t.as_deref() == Some(target);
@@ -143,7 +152,10 @@ pub fn plan_within(
     }
     let mut capacity = waves.map_or(u32::MAX, |d| d.room);
     if let Some(m) = policy.max_parallel {
-        capacity = capacity.min(m.saturating_sub(counts.in_progress));
+        // Machines still running (or queued for) an older commit's job count too: a push in the middle of a
+        // rollout must not put maxParallel new jobs on top of the old ones.
+        let busy = machines.iter().filter(|m| m.busy_elsewhere(target)).count() as u32;
+        capacity = capacity.min(m.saturating_sub(counts.in_progress + busy));
     }
     if let Some(c) = policy.canary
         && counts.updated < c
@@ -226,6 +238,20 @@ mod tests {
         assert_eq!(names(&p), ["b", "c", "e"]);
         assert_eq!(p.counts, Counts { total: 5, updated: 1, failed: 0, in_progress: 1 });
         assert_eq!(p.hold, None);
+    }
+
+    /// A push while the previous commit's jobs still run: maxParallel counts those machines (before: two new jobs
+    /// on top of two old ones, four machines under an operation with maxParallel 2).
+    #[test]
+    fn max_parallel_counts_machines_still_busy_with_an_older_commit() {
+        let policy = Policy { max_parallel: Some(2), ..Default::default() };
+        let old = "c1/3";
+        let machines = [queued("a", old), queued("b", old), m("c"), m("d"), at("e", old)];
+        let p = plan(T, &policy, &machines);
+        assert_eq!((names(&p), p.hold), (vec![], Some(Hold::MaxParallel)));
+        // one old job finished (its outcome recorded): one slot
+        let machines = [MachineView { applied_target: Some(old.into()), ..queued("a", old) }, queued("b", old), m("c")];
+        assert_eq!(names(&plan(T, &policy, &machines)), ["a"]);
     }
 
     #[test]

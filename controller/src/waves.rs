@@ -353,7 +353,9 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
         }
         s.state = WaveState::Progressing;
         d.current = Some(w.name.clone());
-        d.room = w.max_unavailable.map_or(u32::MAX, |u| u.saturating_sub(s.in_progress));
+        // (its machines still busy with an older commit's job are unavailable too)
+        let busy = w.machines.iter().filter(|n| by_name.get(n.as_str()).is_some_and(|m| m.busy_elsewhere(f.target)));
+        d.room = w.max_unavailable.map_or(u32::MAX, |u| u.saturating_sub(s.in_progress + busy.count() as u32));
         d.eligible = candidates.into_iter().collect();
         open = false;
         d.statuses.push(s);
