@@ -239,6 +239,14 @@ async fn resume<H: Host, P: Progress>(
     run_confirm(host, ctx, st, unit, id.as_deref(), a.toplevel.clone(), started).await
 }
 
+/// Whether a job's confirmation runs the health check: only where the new system now runs (switch, test). A
+/// boot job changed only the boot default and dry-activate nothing, so their check would judge the old system
+/// (a redelivered one took over its result through the confirmation, and failed on an unrelated failed unit);
+/// a removal switches to the onRemoveFlake system, whose health is not the configuration's concern.
+fn checks_health(action: Action, enabled: bool) -> bool {
+    enabled && matches!(action, Action::Switch | Action::Test)
+}
+
 /// Whether the activation had started when the confirmation begins: if it may not have (the first connection
 /// was lost, or an earlier delivery is still running), the confirmation also waits out the build.
 #[derive(Clone, Copy, PartialEq)]
@@ -295,8 +303,7 @@ async fn run_confirm<H: Host, P: Progress>(
     let c = Confirmation {
         unit,
         marker: identity,
-        // A removal switches to the onRemoveFlake system: its health is not the configuration's concern.
-        health: hc.enabled && job.action != Action::Remove,
+        health: checks_health(job.action, hc.enabled),
         health_timeout: hc.timeout_seconds,
         allowed_units: &hc.allowed_failed_units,
         command: &hc.command,
@@ -521,4 +528,21 @@ fn unseal<P: Progress>(ctx: &JobRun<'_, P>) -> Result<Vec<source::Secret>> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The health check judges the system a job made run: never the old one a boot, dry-activate or removal
+    /// leaves running, also when a redelivered job takes their result over through the confirmation.
+    #[test]
+    fn only_switch_and_test_run_the_health_check() {
+        let checked: Vec<Action> = [Action::Switch, Action::Boot, Action::Test, Action::DryActivate, Action::Remove]
+            .into_iter()
+            .filter(|a| checks_health(*a, true))
+            .collect();
+        assert_eq!(checked, [Action::Switch, Action::Test]);
+        assert!(!checks_health(Action::Switch, false), "a configuration that turned it off");
+    }
 }
