@@ -351,6 +351,15 @@ async fn boot_test_and_dry_activate_do_what_they_say() {
     assert!(next.ends_with("nixos-system-web-2"), "{next}");
     a.reboot().unwrap();
     assert_eq!(a.current_system().as_deref(), Some(next.as_str()), "runs after a reboot");
+    // A fleet that only ever boots keeps its disk tidy too: the two most recently used source trees (before:
+    // every tree and every job's system, as only a confirmation pruned).
+    for n in 2..5 {
+        let mut boot = rig.job("boot", &a, "web", &rig.repo.bump().unwrap(), n);
+        boot.action = Action::Boot;
+        assert_eq!(rig.run(&boot).await.phase, Phase::Succeeded);
+    }
+    let trees = std::fs::read_dir(a.path("/var/lib/nio/src")).unwrap().count();
+    assert_eq!(trees, 2, "source trees pruned");
 
     let mut test = rig.job("test", &b, "bad", &commit, 1);
     test.action = Action::Test;

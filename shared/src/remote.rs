@@ -24,7 +24,7 @@ echo virt=$(systemd-detect-virt 2>/dev/null || echo none)";
 /// upload marker, uid, whether sudo works, and a previous attempt's activation state.
 pub const STATE_SCRIPT: &str = concat!(include_str!("remote/prelude.sh"), include_str!("remote/state.sh"));
 /// Upload, build, set the profile and start the activation unit; waits until it settled. Like
-/// [`CONFIRM_SCRIPT`] it starts with `remote/prelude.sh`, the helpers the scripts share (`say`, `get`, `died`, `running`).
+/// [`CONFIRM_SCRIPT`] it starts with `remote/prelude.sh`, the helpers the scripts share (`say`, `get`, `died`, `running`, `tidy`).
 pub const ACTIVATE_SCRIPT: &str = concat!(include_str!("remote/prelude.sh"), include_str!("remote/activate.sh"));
 /// The activation unit: switch-to-configuration, then the dead-man's switch.
 pub const UNIT_SCRIPT: &str = include_str!("remote/activate-unit.sh");

@@ -14,7 +14,7 @@ resolve() { r=; if cd -P -- "$1" 2> /dev/null; then r=$PWD; cd /; fi; [ -n "$r" 
 # upload that failed halfway leaves nothing behind (it may hold secrets in plain text).
 fail() {
   [ ! -d "$job/in" ] || rm -rf "$job/in"
-  echo "$1" > "$job/failed" 2> /dev/null; say failed "$1"; exit 3
+  echo "$1" > "$job/failed" 2> /dev/null; tidy 2> /dev/null; say failed "$1"; exit 3
 }
 umask 022
 [ -d "$job" ] || mkdir -p "$job" || fail upload
@@ -111,5 +111,6 @@ while ! settled; do
 done
 tail -n 30 "$job/log" 2> /dev/null
 get "$job/activated"; say activated "$v"
-if get "$job/result"; then say result "$v"; fi
+# A job that ends here (boot, dry-activate, an activation that failed) has no confirmation to tidy up after it.
+if get "$job/result"; then say result "$v"; tidy; fi
 exit 0

@@ -83,16 +83,7 @@ case $result in
          fi ;;
     esac ;;
 esac
-# Disk: keep the two most recently used source trees and the last ten jobs (each job's `system` link is the
-# GC root of what it built; the system profile's generations root what switch and boot installed).
-state=${job%/jobs/*}
-prune() {
-  set -- "$1" "$2" "$1"/*
-  [ $# -gt $(($2 + 2)) ] || return 0
-  ls -1t "$1" 2> /dev/null | tail -n +"$(($2 + 1))" | while IFS= read -r d; do rm -rf "${1:?}/$d"; done
-}
-prune "$state/src" 2
-prune "$state/jobs" 10
+tidy
 if [ -f "$job/health.log" ]; then tail -n 20 "$job/health.log"; fi
 say health "$health"
 say result "$result"
