@@ -246,12 +246,12 @@ mod tests {
     fn max_parallel_counts_machines_still_busy_with_an_older_commit() {
         let policy = Policy { max_parallel: Some(2), ..Default::default() };
         let old = "c1/3";
-        let machines = [queued("a", old), queued("b", old), m("c"), m("d"), at("e", old)];
+        let machines = [m("a"), m("b"), at("c", old), queued("x", old), queued("y", old)];
         let p = plan(T, &policy, &machines);
         assert_eq!((names(&p), p.hold), (vec![], Some(Hold::MaxParallel)));
         // one old job finished (its outcome recorded): one slot
-        let machines = [MachineView { applied_target: Some(old.into()), ..queued("a", old) }, queued("b", old), m("c")];
-        assert_eq!(names(&plan(T, &policy, &machines)), ["a"]);
+        let done = MachineView { applied_target: Some(old.into()), ..queued("x", old) };
+        assert_eq!(names(&plan(T, &policy, &[m("a"), m("b"), done, queued("y", old)])), ["a"]);
     }
 
     #[test]
