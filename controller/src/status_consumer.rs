@@ -87,6 +87,12 @@ pub async fn run(
                 }
                 let ack = match apply(&ctx, &events, known.as_deref()).instrument(span).await {
                     Ok(_) => AckKind::Ack,
+                    // The apiserver refused the write as such (400, 422: a status the schema does not take): no
+                    // retry can land it, and retrying would hold the machine's later events back for good.
+                    Err(e) if refused_for_good(&e) => {
+                        tracing::error!(machine = %name, namespace = %ns, error = %e, "the apiserver refuses this status; terminating its events");
+                        AckKind::Term
+                    }
                     Err(e) => {
                         let delivered = msgs.iter().filter_map(|m| m.info().ok()).map(|i| i.delivered).max();
                         let delay = retry_delay(delivered.unwrap_or(1));
@@ -101,6 +107,12 @@ pub async fn run(
         });
         futures::future::join_all(work).await;
     }
+}
+
+/// A write the apiserver refuses for what it is (bad request, invalid), not for now (down, throttled, forbidden
+/// until RBAC is mended, a conflict).
+fn refused_for_good(e: &crate::error::Error) -> bool {
+    matches!(e, crate::error::Error::Kube(kube::Error::Api(s)) if s.code == 400 || s.code == 422)
 }
 
 /// How long an event whose write failed waits before its `delivered`+1st try: 2 s, doubling to 30 s.
@@ -201,4 +213,26 @@ pub async fn apply(ctx: &Ctx, events: &[StatusEvent], known: Option<&nio_shared:
     }
     tracing::debug!(machine = %name, events = events.len(), "status applied");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16) -> crate::error::Error {
+        let s: kube::core::Status =
+            serde_json::from_value(serde_json::json!({"code": code, "status": "Failure"})).expect("a Status");
+        crate::error::Error::Kube(kube::Error::Api(Box::new(s)))
+    }
+
+    /// An event the apiserver refuses as invalid is terminated (retrying it for good would hold the machine's
+    /// later events back); one refused for now (down, throttled, forbidden, a conflict) is retried, with a delay
+    /// that grows to 30 s.
+    #[test]
+    fn invalid_writes_end_and_the_rest_are_retried_with_a_growing_delay() {
+        assert!(refused_for_good(&api(422)) && refused_for_good(&api(400)));
+        assert!([403, 404, 409, 429, 500, 503].iter().all(|c| !refused_for_good(&api(*c))));
+        let delays: Vec<u64> = (1..=7).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 30, 30, 30]);
+    }
 }
