@@ -160,7 +160,10 @@ fn already_applied<P: Progress>(ctx: &JobRun<'_, P>, st: &MachineState, id: &str
     let job = ctx.job;
     let applied = st.applied.as_deref()?;
     let current = st.current_system.as_deref()?;
-    if job.action != Action::Switch || applied != format!("{id} {current}") {
+    // ... and still the boot default: a boot job since then made the next boot another system, so switching to
+    // this target again must set the profile back (before: skipped, and the next reboot ran the other system)
+    let boots_it = st.profile_system.as_deref().is_none_or(|p| p == current);
+    if job.action != Action::Switch || applied != format!("{id} {current}") || !boots_it {
         return None;
     }
     Some(Outcome {

@@ -330,6 +330,29 @@ async fn a_non_root_user_deploys_with_sudo_and_without_sudo_nothing_changes() {
     rig.stop().await;
 }
 
+/// A switch back to a target the machine runs, after a boot job made another system the boot default, is applied
+/// (the boot default set back), not skipped as "already running this target": before, the next reboot ran the
+/// boot job's system.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switch_after_a_boot_job_sets_the_boot_default_back() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    let a = rig.repo.bump().unwrap();
+    let done = rig.run(&rig.job("flip", &host, "web", &a, 1)).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let system_a = host.current_system().unwrap();
+    let b = rig.repo.bump().unwrap();
+    let mut boot = rig.job("flip", &host, "web", &b, 2);
+    boot.action = Action::Boot;
+    assert_eq!(rig.run(&boot).await.phase, Phase::Succeeded);
+    assert_ne!(host.boot_default().as_deref(), Some(system_a.as_str()), "the boot job changed the boot default");
+    let done = rig.run(&rig.job("flip", &host, "web", &a, 3)).await;
+    assert_eq!(done.phase, Phase::Succeeded, "applied, not skipped: {done:?}");
+    assert_eq!(host.current_system().as_deref(), Some(system_a.as_str()));
+    assert_eq!(host.boot_default().as_deref(), Some(system_a.as_str()), "the next boot runs it too");
+    rig.stop().await;
+}
+
 /// boot changes only the boot default; test activates without touching it and rolls back to the boot
 /// default on failure; dry-activate changes nothing. None of them reports the commit as running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,8 @@ pub struct MachineState {
     pub privileged: Result<(), String>,
     /// A previous attempt of this job (same unit): its files' first lines.
     pub attempt: Option<Attempt>,
+    /// What the system profile resolves to: the system the boot loader boots next.
+    pub profile_system: Option<String>,
 }
 
 /// The activation state of a job seen on the machine.
@@ -122,6 +124,7 @@ impl MachineState {
             uid: ok(6).and_then(|u| u.parse().ok()),
             privileged,
             attempt,
+            profile_system: parts.get(9).filter(|p| p.1 == 0 && !p.0.is_empty()).map(|p| p.0.clone()),
         })
     }
 }
@@ -255,6 +258,7 @@ impl Commands {
             &self.applied_marker(),
             &format!("{src_dir}/.nio-complete"),
             &self.job_dir(unit),
+            &self.paths.system_profile,
         ])
     }
 
@@ -413,7 +417,8 @@ mod tests {
         assert_eq!((unit.len(), unit == Commands::unit("c/ns/web-01/abc/1/switch")), (20, true), "{unit}");
         assert_ne!(unit, Commands::unit("c/ns/web-01/abc/1-2/switch"), "a retry is another attempt");
         let argv = c.state("/var/lib/nio/src/abc", &unit);
-        assert_eq!(argv.last().map(String::as_str), Some(format!("/var/lib/nio/jobs/{unit}").as_str()));
+        let job_dir = format!("/var/lib/nio/jobs/{unit}");
+        assert_eq!(argv[argv.len() - 2..], [job_dir.as_str(), "/nix/var/nix/profiles/system"]);
         assert_eq!(Commands::privileged("root", vec!["id".into()]), ["id"]);
         assert_eq!(Commands::privileged("deploy", vec!["id".into()]), ["sudo", "-n", "--", "id"]);
         assert_eq!(

@@ -74,6 +74,7 @@ fn the_state_script_reports_each_command_with_its_status() {
         state_dir: d.join("state").display().to_string(),
         current_system: d.join("current system").display().to_string(),
         booted_system: d.join("booted").display().to_string(),
+        system_profile: d.join("profile").display().to_string(),
         ..Default::default()
     };
     let cmds = nio_shared::remote::Commands { paths };
@@ -88,7 +89,8 @@ fn the_state_script_reports_each_command_with_its_status() {
     // Not NixOS (no nixos-version), nothing of NIO's yet.
     let bare = format!("{}:/usr/bin:/bin", d.join("bin").display());
     let (parts, st) = run(&bare);
-    assert_eq!(parts.len(), 9, "{parts:?}");
+    assert_eq!(parts.len(), 10, "{parts:?}");
+    assert_eq!(st.profile_system, None, "no system profile");
     assert_eq!(parts[0].1, 127, "{parts:?}");
     assert_eq!(st.version, None);
     assert_eq!(st.current_system, Some(d.join("store/sys-1").display().to_string()));
@@ -107,7 +109,9 @@ fn the_state_script_reports_each_command_with_its_status() {
     std::fs::write(d.join("state/src/abc/.nio-complete"), "digest").unwrap();
     std::fs::write(d.join("state/jobs/nio-0123/activated"), "4\n").unwrap();
     std::fs::write(d.join("state/jobs/nio-0123/result"), "rolled-back switch-to-configuration exited 4\n").unwrap();
+    std::os::unix::fs::symlink(d.join("store/sys-1"), d.join("profile")).unwrap();
     let (_, st) = run(&bare);
+    assert_eq!(st.profile_system, Some(d.join("store/sys-1").display().to_string()), "the next boot");
     assert_eq!(st.version.as_deref(), Some("25.05"));
     assert_eq!((st.applied.as_deref(), st.upload.as_deref()), (Some("abc /nix/store/x"), Some("digest")));
     let a = st.attempt.unwrap();

@@ -313,7 +313,7 @@ pub fn run(
             "{\"version\":1,\"system\":\"x86_64-linux\",\"virtualisation\":\"kvm\",\"hardware\":{\"cpu\":[{\"model_name\":\"Simulated CPU\",\"units\":8}],\"memory\":[{\"resources\":[{\"type\":\"phys_mem\",\"range\":17179869184}]}],\"disk\":[{\"unix_device_name\":\"/dev/vda\"}],\"network_interface\":[{\"unix_device_name\":\"eth0\"}]}}\n",
         ),
         ("sudo", ["-n", "--", ..]) => return run(state, paths, behaviour, unprivileged(argv), stdin),
-        ("sh", ["-c", script, "nio-state", current, booted, marker, upload, job])
+        ("sh", ["-c", script, "nio-state", current, booted, marker, upload, job, profile])
             if *script == nio_shared::remote::STATE_SCRIPT =>
         {
             let read = |p: &str| state.files.get(p).map(|f| String::from_utf8_lossy(&f.data).into_owned());
@@ -340,6 +340,7 @@ pub fn run(
                 }
                 None => (String::new(), 1),
             });
+            parts.push((state.boot_system.clone(), if *profile == paths.system_profile { 0 } else { 1 }));
             let mut stdout = String::new();
             for (text, status) in parts {
                 stdout.push_str(&format!("{text}\n\n@@nio-status {status}\n"));

@@ -1,5 +1,6 @@
 # NIO: what a job reads first, in one round trip (docs/remote-protocol.md). Runs as the SSH user.
 # $1 current system link  $2 booted system link  $3 applied marker  $4 source upload marker  $5 the job's directory
+# $6 the system profile (what the boot loader boots next)
 # Prints each part's output followed by a line "@@nio-status N" with its exit status. Files are read with the
 # shell's own `read` (one-line files; no process per file: this runs on every machine of a rollout).
 part() { s=$?; echo; echo "@@nio-status $s"; }
@@ -25,3 +26,4 @@ if [ -d "$5" ]; then
   job=$5; running "$bid" && echo "running=$rp"
   true
 else false; fi; part
+resolve "$6"; part
