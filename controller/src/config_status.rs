@@ -85,6 +85,9 @@ pub struct Rollout<'a> {
     pub hold: Option<Hold>,
     /// Selected Machines whose spec is invalid (they get nothing and are not counted).
     pub invalid_machines: &'a [String],
+    /// Selected Machines that another configuration manages, each with its name (they get nothing from this one
+    /// and are not counted).
+    pub contested_machines: &'a [(String, String)],
     /// The latest lastAppliedTime of the machines.
     pub last_applied: Option<Time>,
 }
@@ -158,27 +161,36 @@ pub fn configuration_status(
     }
     conditions::set(&mut s.conditions, Type::Progressing, progressing, reason, &message, generation);
 
-    // Failed machines and invalid ones are both named: neither hides the other.
-    let invalid = (!r.invalid_machines.is_empty()).then(|| {
-        let n = r.invalid_machines.len();
+    // Failed, invalid and contested machines are all named: none hides another.
+    let named = |names: Vec<String>| {
+        let n = names.len();
         let more = if n > NAMED { format!(" and {} more", n - NAMED) } else { String::new() };
-        let names = r.invalid_machines.iter().take(NAMED).cloned().collect::<Vec<_>>().join(", ");
-        format!(
-            "{n} selected Machine(s) have an invalid spec and get nothing: {names}{more} (see their Invalid condition)"
-        )
+        format!("{}{more}", names.into_iter().take(NAMED).collect::<Vec<_>>().join(", "))
+    };
+    let invalid = (!r.invalid_machines.is_empty()).then(|| {
+        let (n, names) = (r.invalid_machines.len(), named(r.invalid_machines.to_vec()));
+        format!("{n} selected Machine(s) have an invalid spec and get nothing: {names} (see their Invalid condition)")
     });
-    if let Some(msg) = &invalid
-        && !conditions::message(&s.conditions, Type::Degraded).is_some_and(|m| m.contains(msg.as_str()))
-    {
-        notes.push(note(true, "InvalidMachines", msg.clone()));
+    let contested = (!r.contested_machines.is_empty()).then(|| {
+        let n = r.contested_machines.len();
+        let names = named(r.contested_machines.iter().map(|(m, by)| format!("{m} (by {by})")).collect());
+        format!("{n} selected Machine(s) are managed by another configuration and get nothing from this one: {names}")
+    });
+    for (reason, msg) in [("InvalidMachines", &invalid), ("MachineConflict", &contested)] {
+        if let Some(msg) = msg
+            && !conditions::message(&s.conditions, Type::Degraded).is_some_and(|m| m.contains(msg.as_str()))
+        {
+            notes.push(note(true, reason, msg.clone()));
+        }
     }
     let failed = (c.failed > 0).then(|| format!("{} machine(s) failed at this target", c.failed));
-    let (reason, message) = match (failed, invalid) {
-        (Some(f), Some(i)) => ("MachinesFailed", format!("{f}; {i}")),
-        (Some(f), None) => ("MachinesFailed", f),
-        (None, Some(i)) => ("InvalidMachines", i),
-        (None, None) => ("AsExpected", String::new()),
-    };
+    let problems: Vec<(&str, String)> =
+        [("MachinesFailed", failed), ("InvalidMachines", invalid), ("MachineConflict", contested)]
+            .into_iter()
+            .filter_map(|(reason, m)| m.map(|m| (reason, m)))
+            .collect();
+    let reason = problems.first().map_or("AsExpected", |p| p.0);
+    let message = problems.iter().map(|p| p.1.as_str()).collect::<Vec<_>>().join("; ");
     conditions::set(&mut s.conditions, Type::Degraded, reason != "AsExpected", reason, &message, generation);
     (s, notes)
 }
@@ -430,5 +442,25 @@ mod tests {
         let msg = cond(&s, "Degraded").2;
         assert!(msg.starts_with("13 selected Machine(s)") && msg.contains("m09 and 3 more"), "{msg}");
         assert!(!msg.contains("m10"), "{msg}");
+    }
+
+    /// Machines another configuration manages are named with it, beside failed ones, with one Event until the
+    /// set changes.
+    #[test]
+    fn machines_managed_elsewhere_are_named_with_their_manager() {
+        let contested = vec![("m1".to_string(), "web".to_string())];
+        let step =
+            Rollout { commit: C1, counts: counts(2, 1, 1, 0), contested_machines: &contested, ..Default::default() };
+        let (s, notes) = configuration_status(&NixosConfigurationStatus::default(), &step, None);
+        let (status, reason, msg) = cond(&s, "Degraded");
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "MachinesFailed"));
+        assert!(msg.contains("1 machine(s) failed") && msg.contains("m1 (by web)"), "{msg}");
+        assert_eq!(reasons(&notes), ["MachineConflict"]);
+        let (again, notes) = configuration_status(&s, &step, None);
+        assert!(notes.is_empty(), "no second Event: {notes:?}");
+        let alone =
+            Rollout { commit: C1, counts: counts(1, 1, 0, 0), contested_machines: &contested, ..Default::default() };
+        let (s, _) = configuration_status(&again, &alone, None);
+        assert_eq!(cond(&s, "Degraded").1, "MachineConflict");
     }
 }

@@ -47,6 +47,9 @@ pub struct Ctx {
     pub machines: std::sync::RwLock<Vec<Arc<crate::cache::MachineCache>>>,
     /// This term's watches of opted-in Secrets (one per namespace watched, or one for all).
     pub secrets: std::sync::RwLock<Vec<Arc<crate::cache::SecretCache>>>,
+    /// This term's stores of configurations, each with the namespace its watch covers (None: all): who else
+    /// targets a machine ([`crate::reconcile`]'s one-manager rule).
+    pub configurations: std::sync::RwLock<Vec<(Option<String>, kube::runtime::reflector::Store<NixosConfiguration>)>>,
     /// Where waves' analyses are measured.
     pub prometheus: crate::analysis::Prometheus,
     /// Bounds the requests made per machine (status writes, Events, Secret reads) in flight at once: every
@@ -148,6 +151,15 @@ impl Ctx {
     /// The watch of opted-in Secrets that covers `ns`.
     pub fn secret_cache(&self, ns: &str) -> Option<Arc<crate::cache::SecretCache>> {
         self.secrets.read().ok()?.iter().find(|c| c.scope.as_ref().is_none_or(|s| *s == ns)).cloned()
+    }
+
+    /// The configurations of `ns`, from the watch that covers it (none before the watch's first list).
+    pub fn configurations(&self, ns: &str) -> Vec<Arc<NixosConfiguration>> {
+        let Ok(stores) = self.configurations.read() else { return Vec::new() };
+        let Some((_, store)) = stores.iter().find(|(scope, _)| scope.as_ref().is_none_or(|s| *s == ns)) else {
+            return Vec::new();
+        };
+        store.state().into_iter().filter(|c| c.metadata.namespace.as_deref() == Some(ns)).collect()
     }
 
     /// Waits for one of the [`MAX_REQUESTS_IN_FLIGHT`] request slots; hold it for the request.

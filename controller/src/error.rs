@@ -6,6 +6,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("NATS: publishing a job: {0}")]
     Publish(#[from] async_nats::jetstream::context::PublishError),
+    #[error("NATS: withdrawing a queued job: {0}")]
+    Withdraw(String),
     #[error(transparent)]
     Git(#[from] crate::git::GitError),
     #[error("{0}")]
@@ -42,7 +44,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubeApi",
-            Error::Publish(_) => "Nats",
+            Error::Publish(_) | Error::Withdraw(_) => "Nats",
             Error::Git(g) => g.reason(),
             Error::Invalid(_) => "InvalidSpec",
             Error::Secret { .. } => "SecretUnavailable",

@@ -45,7 +45,7 @@ fn reason_and_message(conds: &[Condition], t: Type) -> (String, String) {
 }
 
 /// Reasons of `Degraded` that report machines, not something the configuration itself waits for.
-const MACHINE_REASONS: [&str; 2] = ["MachinesFailed", "InvalidMachines"];
+const MACHINE_REASONS: [&str; 3] = ["MachinesFailed", "InvalidMachines", "MachineConflict"];
 
 fn configuration_state(s: &NixosConfigurationStatus) -> State {
     let c = &s.conditions;

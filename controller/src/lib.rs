@@ -143,6 +143,7 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         written: Default::default(),
         machines: Default::default(),
         secrets: Default::default(),
+        configurations: Default::default(),
         prometheus: analysis::Prometheus::new(s.prometheus_url.clone()),
         requests: tokio::sync::Semaphore::new(context::MAX_REQUESTS_IN_FLIGHT),
         machine_writes: Default::default(),
@@ -371,6 +372,9 @@ async fn lead(
     if let Ok(mut caches) = ctx.secrets.write() {
         caches.clear();
     }
+    if let Ok(mut stores) = ctx.configurations.write() {
+        stores.clear();
+    }
     let consumer = status_consumer::open(js, &s.cluster).await?;
     let mut tasks = tokio::task::JoinSet::new();
     let (mut config_stores, mut machine_stores) = (Vec::new(), Vec::new());
@@ -485,11 +489,18 @@ impl Term<'_> {
     ) -> reflector::Store<NixosConfiguration> {
         let (ctx, client) = (self.ctx, self.client);
         let (store, writer) = reflector::store();
+        if let Ok(mut stores) = ctx.configurations.write() {
+            stores.push((ns.map(str::to_string), store.clone()));
+        }
         let own = decoded::<NixosConfiguration>(client, ns, ctx.clone(), "NixosConfiguration")
             .backoff(ListBackoff::default())
             .modify(slim)
             .reflect(writer)
-            .applied_objects();
+            .applied_objects()
+            .flat_map({
+                let mut peers = conflicted_peers(store.clone());
+                move |r| futures::stream::iter(peers(r))
+            });
         // The configurations a Machine change concerns, as triggers beside the configurations' own changes.
         let mut concerned = configurations_touched(store.clone());
         let touched = tokio_stream::wrappers::ReceiverStream::new(touches)
@@ -584,6 +595,41 @@ fn trigger_key(
             asked.retain(|k, _| store.get(k).is_some());
         }
         (asked.insert(key.clone(), ask) == Some(ask)).then_some(key)
+    }
+}
+
+/// Passes each configuration trigger on and, when what a configuration asks for changed (its spec, or its
+/// deletion began), also triggers the configurations of its namespace that are Degraded, as those that report
+/// machines managed by another configuration (MachineConflict) are: the change may have let those machines go (a narrower selector),
+/// and the Machines themselves do not change until the next configuration runs something on them.
+fn conflicted_peers(
+    store: reflector::Store<NixosConfiguration>,
+) -> impl FnMut(Result<NixosConfiguration, watcher::Error>) -> Vec<Result<NixosConfiguration, watcher::Error>> {
+    let mut asked = std::collections::HashMap::<ObjectRef<NixosConfiguration>, (Option<i64>, bool)>::new();
+    move |r| {
+        let Ok(c) = &r else { return vec![r] };
+        let ask = (c.metadata.generation, c.metadata.deletion_timestamp.is_some());
+        if asked.len() >= 2 * store.len() + 64 {
+            asked.retain(|k, _| store.get(k).is_some());
+        }
+        let changed = asked.insert(ObjectRef::from(c), ask).is_some_and(|before| before != ask);
+        let (ns, name) = (c.namespace(), c.name_any());
+        let peers: Vec<_> = if changed {
+            store
+                .state()
+                .into_iter()
+                .filter(|p| p.namespace() == ns && p.name_any() != name)
+                .filter(|p| {
+                    // (the conflict shares Degraded with failed machines, whose reason comes first)
+                    let conds = p.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+                    conds.iter().any(|c| c.type_ == "Degraded" && c.status == "True")
+                })
+                .map(|p| Ok((*p).clone()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        std::iter::once(r).chain(peers).collect()
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use nio_shared::crd::{Machine, MachinePhase};
+use nio_shared::crd::{Machine, MachinePhase, MachineStatus};
 use nio_shared::protocol::Action as JobAction;
 use tracing::Instrument;
 
@@ -139,11 +139,22 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         let job = crate::publish::probe_job(&ctx.cluster, m, action);
         ctx.publisher.publish(&job).await?;
     }
+    // A spec changed since it was last observed (an address, port, site or host key corrected): a job still
+    // queued carries the old one, so it is withdrawn, and a job that failed is tried again; the configuration
+    // queues the machine again from the new spec.
+    let changed = status.and_then(|s| s.observed_generation).is_some_and(|g| Some(g) != generation);
+    let withdraw = changed && crate::reconcile::withdrawn(status).is_some();
+    if withdraw {
+        ctx.publisher.withdraw(&ctx.cluster, &ns, &name).await?;
+    }
     // One write records the probe, a spec that became valid, and the generation now observed (a new Machine's
     // first write is its first probe's).
     if probe || was_invalid || status.and_then(|s| s.observed_generation) != generation {
         update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
+            if changed {
+                s = retried(s);
+            }
             if was_invalid {
                 conditions::set(&mut s.conditions, Type::Invalid, false, "Valid", "", generation);
             }
@@ -155,7 +166,25 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         })
         .await?;
     }
+    if withdraw {
+        let note = "the spec changed while a job waited: it was withdrawn and is queued again with the new spec";
+        ctx.event(m, false, "JobWithdrawn", note.to_string(), "Validate").await;
+    }
     Ok(Action::await_change())
+}
+
+/// `s` after the Machine's spec changed: a job still queued is withdrawn, and a target that failed is tried
+/// again (the failure may have been the old spec's: an unreachable address, a wrong port).
+fn retried(s: MachineStatus) -> MachineStatus {
+    if let Some(w) = crate::reconcile::withdrawn(Some(&s)) {
+        return w;
+    }
+    let mut s = s;
+    if s.phase == Some(MachinePhase::Failed) && s.failed_target.is_some() {
+        s.failed_target = None;
+        s.superseded_job_id = s.last_job_id.clone();
+    }
+    s
 }
 
 pub fn error_policy(m: Arc<Machine>, err: &Error, ctx: Arc<Ctx>) -> Action {

@@ -3,6 +3,7 @@
 use async_nats::jetstream;
 use bytes::Bytes;
 use chrono::Utc;
+use kube::ResourceExt;
 use nio_shared::crd::{Machine, NixosConfiguration};
 use nio_shared::protocol::{Action, Endpoint, FileContent, FileEntry, JOB_VERSION, Job, JobId, SecretFile, Source};
 use nio_shared::seal::SealKey;
@@ -104,7 +105,7 @@ pub fn apply_job(
     }
     Ok(Job {
         v: JOB_VERSION,
-        id: JobId::new(cluster, &ns, &name, &desired.target(), action).retry(transition(m)),
+        id: JobId::new(cluster, &ns, &name, &desired.target(), action).retry(transition(m, &cfg.name_any())),
         cluster: cluster.to_string(),
         namespace: ns,
         machine: name,
@@ -196,18 +197,27 @@ pub fn probe_job(cluster: &str, m: &Machine, action: Action) -> Job {
     }
 }
 
-/// Which move a job makes: this Machine (its uid) from what it last applied. Part of the job's id, so that
+/// Which move a job makes: this Machine (its uid) from what it last applied, for `configuration` (two
+/// configurations at the same commit and generation have the same target). Part of the job's id, so that
 /// republishing the same move stays harmless (the queue drops it as a duplicate), while the same target as a
 /// new move is a new job: a Machine deleted and created again, a rollback to the commit of a few minutes ago, a
 /// branch pushed back. With the target alone, the queue dropped those as duplicates for 5 minutes after the
 /// first, and the machine waited Queued for good.
 /// (The same in every build and replica: a leader change must not turn a republish into a second job.)
-fn transition(m: &Machine) -> i64 {
+fn transition(m: &Machine, configuration: &str) -> i64 {
     use sha2::Digest;
     let mut h = sha2::Sha256::new();
     h.update(m.metadata.uid.as_deref().unwrap_or_default());
     h.update([0]);
+    h.update(configuration);
+    h.update([0]);
     h.update(m.status.as_ref().and_then(|s| s.applied_target.as_deref()).unwrap_or_default());
+    // A job set aside (withdrawn from the queue, or failed and retried after a spec change) left its id in the
+    // duplicate window: the same move published again is a new job.
+    if let Some(w) = m.status.as_ref().and_then(|s| s.superseded_job_id.as_deref()) {
+        h.update([0]);
+        h.update(w);
+    }
     let d = h.finalize();
     i64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]]))
 }
@@ -219,6 +229,27 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Removes the apply job queued for machine `machine` of `namespace` (on any site's subject), if no
+    /// executor took it yet; how many messages were removed. A job an executor holds is not stopped by this.
+    pub async fn withdraw(&self, cluster: &str, namespace: &str, machine: &str) -> Result<u64> {
+        use nio_shared::subjects::token;
+        let filter = format!(
+            "{}.*.{}.{}.{}.{}",
+            nio_shared::subjects::JOBS_PREFIX,
+            nio_shared::subjects::JobKind::Apply.as_str(),
+            token(cluster),
+            token(namespace),
+            token(machine)
+        );
+        let stream = self
+            .js
+            .get_stream_no_info(nio_shared::subjects::JOBS_STREAM)
+            .await
+            .map_err(|e| Error::Withdraw(e.to_string()))?;
+        let purged = stream.purge().filter(filter).await.map_err(|e| Error::Withdraw(e.to_string()))?;
+        Ok(purged.purged)
+    }
+
     pub async fn publish(&self, job: &Job) -> Result<()> {
         let subject = job.subject();
         let span = tracing::info_span!(

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
@@ -47,6 +47,58 @@ pub fn targets(cfg: &NixosConfiguration, m: &Machine) -> bool {
     let Some(sel) = &cfg.spec.machine_selector else { return false };
     let empty = std::collections::BTreeMap::new();
     crate::waves::selector_matches(sel, m.metadata.labels.as_ref().unwrap_or(&empty))
+}
+
+/// Whether `cfg` targets the machine `name` of its namespace that carries `labels`.
+fn targets_labelled(cfg: &NixosConfiguration, name: &str, labels: &BTreeMap<String, String>) -> bool {
+    match (&cfg.spec.machine_ref, &cfg.spec.machine_selector) {
+        (Some(r), _) => r == name,
+        (None, Some(sel)) => crate::waves::selector_matches(sel, labels),
+        (None, None) => false,
+    }
+}
+
+/// Which of `cfg`'s `machines` (with their `labels`) another configuration manages, with its name. A Machine
+/// runs one configuration: the one it last ran or was queued for (`status.appliedConfiguration`) keeps it while
+/// that configuration still targets it, or is being deleted (its `onRemoveFlake` and release come first);
+/// otherwise the oldest configuration that targets it (creation time, then name) takes it. Every configuration
+/// reaches the same answer from the same cache, so two whose selectors overlap never take turns on a machine.
+pub fn managed_elsewhere(
+    cfg: &NixosConfiguration,
+    peers: &[Arc<NixosConfiguration>],
+    machines: &[Arc<Machine>],
+    labels: &[(String, BTreeMap<String, String>)],
+) -> BTreeMap<String, String> {
+    let me = cfg.name_any();
+    let peers: Vec<&Arc<NixosConfiguration>> =
+        peers.iter().filter(|p| p.name_any() != me && p.namespace() == cfg.namespace()).collect();
+    let age = |c: &NixosConfiguration| {
+        let created = c.metadata.creation_timestamp.as_ref().map_or(i128::MAX, |t| t.0.as_nanosecond());
+        (created, c.name_any())
+    };
+    let mine = age(cfg);
+    let older: Vec<&&Arc<NixosConfiguration>> =
+        peers.iter().filter(|p| p.metadata.deletion_timestamp.is_none() && age(p) < mine).collect();
+    let mut elsewhere = BTreeMap::new();
+    for (m, (name, labels)) in machines.iter().zip(labels) {
+        let last = m.status.as_ref().and_then(|s| s.applied_configuration.as_deref());
+        if last == Some(me.as_str()) {
+            continue;
+        }
+        let keeps = |p: &&&Arc<NixosConfiguration>| {
+            Some(p.name_any().as_str()) == last
+                && (p.metadata.deletion_timestamp.is_some() || targets_labelled(p, name, labels))
+        };
+        if let Some(p) = peers.iter().find(|p| keeps(p)) {
+            elsewhere.insert(name.clone(), p.name_any());
+            continue;
+        }
+        let oldest = older.iter().filter(|p| targets_labelled(p, name, labels)).min_by_key(|p| age(p));
+        if let Some(p) = oldest {
+            elsewhere.insert(name.clone(), p.name_any());
+        }
+    }
+    elsewhere
 }
 
 /// The machines `cfg` targets, from the Machine cache (its selector matched as `targets` matches it, on the
@@ -374,6 +426,27 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .await?
         .into_iter()
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
+    // Machines another configuration manages get nothing from this one; the status names them.
+    let peers = ctx.configurations(&cfg.namespace().unwrap_or_default());
+    let elsewhere = if peers.iter().any(|p| p.name_any() != cfg.name_any()) {
+        managed_elsewhere(cfg, &peers, &machines, &labelled(ctx, cfg, &machines))
+    } else {
+        BTreeMap::new()
+    };
+    let machines: Vec<Arc<Machine>> = machines.into_iter().filter(|m| !elsewhere.contains_key(&m.name_any())).collect();
+    let contested_machines: Vec<(String, String)> = elsewhere.into_iter().collect();
+    // Paused or suspended: jobs no executor has taken yet do not start either.
+    let machines = if cfg.spec.suspend || cfg.spec.rollout.pause {
+        let (machines, n) = withdraw_queued(ctx, machines).await?;
+        if n > 0 {
+            let why = if cfg.spec.suspend { "suspended" } else { "rollout paused" };
+            let note = format!("withdrew {n} queued job(s) that no executor had started ({why})");
+            ctx.event(cfg, false, "JobsWithdrawn", note, "Withdraw").await;
+        }
+        machines
+    } else {
+        machines
+    };
     let views = views(cfg, &machines);
     let mut policy = policy(cfg, machines.len());
     policy.claims = budget_claims(ctx, cfg, &machines);
@@ -413,6 +486,7 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         published: queued.len() as u32,
         hold: plan.hold,
         invalid_machines: &invalid_machines,
+        contested_machines: &contested_machines,
         last_applied: machines
             .iter()
             .filter_map(|m| m.status.as_ref().and_then(|s| s.last_applied_time.clone()))
@@ -543,14 +617,18 @@ fn views(cfg: &NixosConfiguration, machines: &[Arc<Machine>]) -> Vec<MachineView
         .map(|m| {
             let s = m.status.clone().unwrap_or_default();
             let enforce = cfg.spec.drift_policy == DriftPolicy::Enforce && drifted_since(m).is_some();
+            // A machine passing to this configuration from another (which let it go): that one's targets, queued,
+            // applied or failed, are none of this one's (a job of it still queued is replaced by this one's).
+            let mine =
+                s.applied_configuration.is_none() || s.applied_configuration.as_ref() == cfg.metadata.name.as_ref();
             MachineView {
                 name: m.name_any(),
                 installed: s.installed_at.is_some(),
                 applied_target: s
                     .applied_target
                     .filter(|_| s.applied_configuration.as_ref() == cfg.metadata.name.as_ref() && !enforce),
-                queued_target: s.queued_target,
-                failed_target: s.failed_target,
+                queued_target: s.queued_target.filter(|_| mine),
+                failed_target: s.failed_target.filter(|_| mine),
             }
         })
         .collect()
@@ -731,10 +809,20 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .await?
         .items
         .into_iter()
-        .filter(|m| runs_it(m) || targets(cfg, m))
+        // (a machine another configuration runs is that one's, though this one selects it too)
+        .filter(|m| {
+            runs_it(m) || targets(cfg, m) && m.status.as_ref().is_none_or(|s| s.applied_configuration.is_none())
+        })
         .map(Arc::new)
         .collect();
     if cfg.spec.on_remove_flake.is_none() {
+        // Its jobs still queued would run it after it is gone.
+        let mine: Vec<Arc<Machine>> = attached.iter().filter(|m| runs_it(m)).cloned().collect();
+        let (_, n) = withdraw_queued(ctx, mine).await?;
+        if n > 0 {
+            let note = format!("withdrew {n} queued job(s) that no executor had started");
+            ctx.event(cfg, false, "JobsWithdrawn", note, "Remove").await;
+        }
         release(ctx, &ns, &attached, true).await?;
         return Ok(Action::await_change());
     }
@@ -766,6 +854,50 @@ async fn cleanup(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         removal_blocked(ctx, cfg, &msg).await?;
     }
     Err(Error::RemovalPending(format!("{} machine(s) still run configuration {name}", pending.len())))
+}
+
+/// Withdraws the jobs queued for `machines` that no executor has taken yet (from the queue, and the machine's
+/// Queued mark); returns the machines as they are then and how many jobs were withdrawn. An executor that took
+/// a job a moment before is not stopped: its start then shows the machine Applying.
+async fn withdraw_queued(ctx: &Ctx, machines: Vec<Arc<Machine>>) -> Result<(Vec<Arc<Machine>>, usize)> {
+    let one = |m: Arc<Machine>| async move {
+        let Some(status) = withdrawn(m.status.as_ref()) else { return Ok((m, false)) };
+        let (ns, name) = (m.namespace().unwrap_or_default(), m.name_any());
+        ctx.publisher.withdraw(&ctx.cluster, &ns, &name).await?;
+        update_machine_status(ctx, &ns, &name, Some(&m), |m| withdrawn(m.status.as_ref())).await?;
+        let mut now = (*m).clone();
+        now.status = Some(status);
+        Ok::<_, Error>((Arc::new(now), true))
+    };
+    let done: Vec<(Arc<Machine>, bool)> =
+        futures::stream::iter(machines.into_iter().map(one)).buffered(MARK_CONCURRENCY).try_collect().await?;
+    let n = done.iter().filter(|(_, w)| *w).count();
+    Ok((done.into_iter().map(|(m, _)| m).collect(), n))
+}
+
+/// `status` with its queued job withdrawn: back to the phase the machine had before (Failed if its last job
+/// failed, Applied if it applied one, else Pending), nothing queued, and the job's id kept so that the same move
+/// published again gets an id of its own. None when nothing waits in the queue for it (an executor started the
+/// job, or it ended).
+pub fn withdrawn(status: Option<&MachineStatus>) -> Option<MachineStatus> {
+    let before = status?;
+    if !matches!(before.phase, Some(MachinePhase::Queued | MachinePhase::Waiting)) {
+        return None;
+    }
+    let mut s = before.clone();
+    s.phase = Some(if s.failed_target.is_some() {
+        MachinePhase::Failed
+    } else if s.applied_target.is_some() {
+        MachinePhase::Applied
+    } else {
+        MachinePhase::Pending
+    });
+    s.queued_target = None;
+    s.superseded_job_id = s.last_job_id.clone();
+    if conditions::is_true(&s.conditions, conditions::Type::Waiting) {
+        conditions::set(&mut s.conditions, conditions::Type::Waiting, false, "Withdrawn", "", s.observed_generation);
+    }
+    Some(s)
 }
 
 /// Marks `machines` as no longer having this configuration; `detach` also forgets that they ran it (no
@@ -844,13 +976,16 @@ fn marked(
     claim: Option<&str>,
 ) -> Option<MachineStatus> {
     let mut s = status.cloned().unwrap_or_default();
-    mark_queued(&mut s, target, job_id, action);
     if let Some(name) = claim {
         s.has_configuration = Some(true);
-        if s.applied_configuration.is_none() {
+        // The machine passes to this configuration (see `managed_elsewhere`): what the last one applied is no
+        // target of this one's, even where the two strings agree (same commit and generation).
+        if s.applied_configuration.as_deref() != Some(name) {
             s.applied_configuration = Some(name.to_string());
+            s.applied_target = None;
         }
     }
+    mark_queued(&mut s, target, job_id, action);
     (status != Some(&s)).then_some(s)
 }
 
@@ -865,6 +1000,72 @@ async fn removal_blocked(ctx: &Ctx, cfg: &NixosConfiguration, msg: &str) -> Resu
 mod tests {
     use super::*;
     use nio_shared::protocol::Action;
+
+    fn fleet(name: &str, created: &str, selector: serde_json::Value, deleting: bool) -> Arc<NixosConfiguration> {
+        let mut meta = serde_json::json!({"name": name, "namespace": "fleet", "creationTimestamp": created});
+        if deleting {
+            meta["deletionTimestamp"] = "2026-12-04T12:00:00Z".into();
+        }
+        let c: NixosConfiguration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "nixos.infra/v1alpha1", "kind": "NixosConfiguration", "metadata": meta,
+            "spec": {"gitRepo": "https://example.org/fleet.git", "ref": "main", "flake": "#web",
+                     "machineSelector": {"matchLabels": selector}},
+        }))
+        .expect("a configuration");
+        Arc::new(c)
+    }
+
+    /// One rule, the same answer from every configuration's side: the configuration a machine runs keeps it
+    /// while it targets it (or is being deleted); otherwise the oldest that targets it takes it.
+    #[test]
+    fn each_machine_has_one_manager_whichever_configuration_asks() {
+        let web = fleet("web", "2026-12-01T00:00:00Z", serde_json::json!({"role": "web"}), false);
+        let edge = fleet("edge", "2026-12-02T00:00:00Z", serde_json::json!({"tier": "edge"}), false);
+        let core = fleet("core", "2026-12-02T00:00:00Z", serde_json::json!({"tier": "edge"}), false);
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let both = labels(&[("role", "web"), ("tier", "edge")]);
+        let machine = |name: &str, runs: Option<&str>| {
+            let mut m =
+                Machine::new(name, serde_json::from_value(serde_json::json!({"hostname": name})).expect("spec"));
+            m.status = Some(MachineStatus { applied_configuration: runs.map(str::to_string), ..Default::default() });
+            Arc::new(m)
+        };
+        let manager = |cfg: &Arc<NixosConfiguration>,
+                       peers: &[Arc<NixosConfiguration>],
+                       m: &Arc<Machine>,
+                       l: &BTreeMap<String, String>| {
+            let elsewhere = managed_elsewhere(cfg, peers, std::slice::from_ref(m), &[(m.name_any(), l.clone())]);
+            elsewhere.get(&m.name_any()).cloned().unwrap_or_else(|| cfg.name_any())
+        };
+        let all = [web.clone(), edge.clone(), core.clone()];
+        // a machine that ran none: the oldest (web); of two as old, the first by name (core before edge)
+        let fresh = machine("m1", None);
+        for c in &all {
+            assert_eq!(manager(c, &all, &fresh, &both), "web", "asked by {}", c.name_any());
+        }
+        let young = [edge.clone(), core.clone()];
+        for c in &young {
+            assert_eq!(manager(c, &young, &fresh, &both), "core", "asked by {}", c.name_any());
+        }
+        // the machine runs edge: edge keeps it, though web is older
+        let runs_edge = machine("m1", Some("edge"));
+        for c in &all {
+            assert_eq!(manager(c, &all, &runs_edge, &both), "edge", "asked by {}", c.name_any());
+        }
+        // edge no longer targets it (its labels moved): the oldest of the others
+        let web_only = labels(&[("role", "web")]);
+        assert_eq!(manager(&web, &all, &runs_edge, &web_only), "web");
+        // edge is being deleted: it keeps the machine until its removal released it, and claims no new one
+        let leaving = fleet("edge", "2026-12-02T00:00:00Z", serde_json::json!({"tier": "edge"}), true);
+        let with_leaving = [web.clone(), leaving, core.clone()];
+        assert_eq!(manager(&web, &with_leaving, &runs_edge, &web_only), "edge");
+        let young_leaving = [with_leaving[1].clone(), core.clone()];
+        assert_eq!(manager(&core, &young_leaving, &fresh, &both), "core");
+        // a configuration the machine names that is gone: as if it ran none
+        assert_eq!(manager(&core, &young, &machine("m1", Some("gone")), &both), "core");
+    }
 
     /// A mark after the executor's start or outcome for the job (which record the job and its target) writes
     /// nothing; a machine the job has not reached is marked Queued.

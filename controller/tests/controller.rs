@@ -5,6 +5,9 @@
 mod common;
 
 nio_loadtest::on_both!(
+    a_machine_corrected_while_its_job_waits_or_after_it_failed_gets_a_job_with_the_new_spec,
+    pausing_suspending_or_deleting_withdraws_the_jobs_no_executor_took,
+    two_configurations_selecting_one_machine_never_take_turns_on_it,
     machines_with_an_invalid_spec_are_named_by_the_fleet_and_not_counted,
     a_deleted_configuration_whose_on_remove_flake_became_invalid_says_so,
     an_idle_controller_writes_nothing_and_stops_reconciling,
@@ -1297,6 +1300,182 @@ async fn machines_with_an_invalid_spec_are_named_by_the_fleet_and_not_counted(ba
         .await;
     assert!(c.2.contains("m2") && c.0 == "True", "{c:?}");
     assert!(env.job_on(env.subject("dc1", "apply", "prod", "m2")).await.is_none());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Two configurations whose selectors overlap: a machine keeps the one it runs (the older one, for a machine that
+/// ran neither), the other names it (Degraded/MachineConflict and an Event) and sends it nothing, so the machine is
+/// never flipped between the two; once the first lets it go (a narrower selector) the other takes it at once.
+async fn two_configurations_selecting_one_machine_never_take_turns_on_it(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let on = |m: &str| env.subject("dc1", "apply", "prod", m);
+    let job_of = |m: &'static str, configuration: &'static str| {
+        let env = &env;
+        async move {
+            let (job, _) = env.job_on(env.subject("dc1", "apply", "prod", m)).await?;
+            (job.configuration.as_deref() == Some(configuration)).then_some(job)
+        }
+    };
+    env.machine("m1").label("role", "web").label("tier", "edge").create().await;
+    env.config("web", json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h"})).await;
+    let job = env.eventually(T, "web's job for m1", || job_of("m1", "web")).await;
+    env.report(&job, Phase::Succeeded, |_| {}).await;
+    // creation times count in seconds: `edge` is the younger one
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let edge = json!({"machineSelector": {"matchLabels": {"tier": "edge"}}, "flake": "#edge", "pollInterval": "1h"});
+    env.config("edge", edge).await;
+    let (reason, message) = env.degraded("edge").await;
+    assert_eq!(reason, "MachineConflict", "{message}");
+    assert!(message.contains("m1 (by web)"), "{message}");
+    env.eventually(T, "the MachineConflict Event", || async {
+        env.events_for("edge").await.iter().any(|r| r == "MachineConflict").then_some(())
+    })
+    .await;
+    // A machine neither ran: the older configuration takes it, and only it.
+    env.machine("m2").label("role", "web").label("tier", "edge").create().await;
+    env.eventually(T, "web's job for m2", || job_of("m2", "web")).await;
+    env.never(Duration::from_secs(3), "a job from edge", || async {
+        for m in ["m1", "m2"] {
+            if let Some((j, _)) = env.job_on(on(m)).await.filter(|(j, _)| j.configuration.as_deref() == Some("edge")) {
+                return Some(j.id);
+            }
+        }
+        None
+    })
+    .await;
+    let status = env.configs().get("edge").await.unwrap().status.unwrap();
+    assert_eq!(status.total, 0, "machines managed elsewhere are not counted");
+    let message = cond(&status.conditions, "Degraded").unwrap().2;
+    assert!(message.contains("2 selected Machine(s)") && message.contains("m2 (by web)"), "{message}");
+
+    // `web` lets both go: `edge` takes them at once, not at its next poll (an hour away); web's job still queued
+    // for m2 is replaced by edge's.
+    let narrower = json!({"spec": {"machineSelector": {"matchLabels": {"role": "web", "tier": "core"}}}});
+    env.configs().patch("web", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&narrower)).await.unwrap();
+    for m in ["m1", "m2"] {
+        env.eventually(Duration::from_secs(5), "edge's job", || job_of(m, "edge")).await;
+    }
+    env.eventually(T, "edge no longer Degraded", || async {
+        let s = env.configs().get("edge").await.ok()?.status?;
+        (s.total == 2 && cond(&s.conditions, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// `rollout.pause` and `suspend` hold a rollout: jobs still waiting in the queue are withdrawn (they would
+/// otherwise start whenever an executor slot frees), a job an executor took goes on, and lifting the hold queues
+/// the machines again. Deleting the
+/// configuration withdraws its queued jobs too: none runs a configuration that is gone.
+async fn pausing_suspending_or_deleting_withdraws_the_jobs_no_executor_took(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    let [j1, j2] = env.web_fleet_of_two(json!({"pollInterval": "1h"})).await;
+    let patch = |spec: serde_json::Value| {
+        let configs = env.configs();
+        async move {
+            let p = json!({"spec": spec});
+            configs.patch("fleet", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&p)).await.unwrap();
+        }
+    };
+    let phase = |m: &'static str| {
+        let machines = env.machines();
+        async move { machines.get(m).await.unwrap().status.and_then(|s| s.phase) }
+    };
+    let queued = |m: &'static str| env.job_on(env.subject("dc1", "apply", "prod", m));
+
+    patch(json!({"rollout": {"pause": true}})).await;
+    for m in ["m1", "m2"] {
+        env.eventually(Duration::from_secs(5), "the job withdrawn", || async {
+            queued(m).await.is_none().then_some(())
+        })
+        .await;
+        env.eventually(T, "m Pending", || async { (phase(m).await == Some(MachinePhase::Pending)).then_some(()) })
+            .await;
+    }
+    assert!(env.events_for("fleet").await.iter().any(|r| r == "JobsWithdrawn"));
+    env.never(Duration::from_secs(2), "a job while paused", || async { queued("m1").await.map(|j| j.0.id) }).await;
+
+    patch(json!({"rollout": {"pause": false}})).await;
+    let again = env
+        .eventually(Duration::from_secs(5), "both queued again", || async {
+            Some([queued("m1").await?.0, queued("m2").await?.0])
+        })
+        .await;
+    assert_ne!((&again[0].id, &again[1].id), (&j1.id, &j2.id), "new jobs");
+
+    // An executor took m1's job (it started; a job taken stays in the stream until it ends): suspending
+    // withdraws only m2's.
+    env.report(&again[0], Phase::Started, |_| {}).await;
+    env.eventually(T, "m1 Applying", || async { (phase("m1").await == Some(MachinePhase::Applying)).then_some(()) })
+        .await;
+    let third = again[1].clone();
+    patch(json!({"suspend": true})).await;
+    env.eventually(Duration::from_secs(5), "m2's job withdrawn", || async {
+        queued("m2").await.is_none().then_some(())
+    })
+    .await;
+    env.eventually(T, "m2 back to Pending", || async {
+        (phase("m2").await == Some(MachinePhase::Pending)).then_some(())
+    })
+    .await;
+    assert_eq!(phase("m1").await, Some(MachinePhase::Applying), "a job an executor runs goes on");
+    assert_eq!(queued("m1").await.map(|j| j.0.id), Some(again[0].id.clone()), "and stays with its executor");
+
+    patch(json!({"suspend": false})).await;
+    env.eventually(Duration::from_secs(5), "m2 queued again", || async {
+        queued("m2").await.filter(|(j, _)| j.id != third.id).map(|_| ())
+    })
+    .await;
+    env.configs().delete("fleet", &DeleteParams::default()).await.unwrap();
+    env.eventually(T, "m2's job withdrawn on deletion", || async { queued("m2").await.is_none().then_some(()) }).await;
+    env.eventually(T, "fleet gone", || async { env.configs().get_opt("fleet").await.unwrap().is_none().then_some(()) })
+        .await;
+    env.never(Duration::from_secs(1), "a job for m2 after the deletion", || async {
+        queued("m2").await.map(|j| j.0.id)
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A Machine's spec corrected while its job waits in the queue (moved to the site that can reach it) gets its job
+/// withdrawn from the old site and queued on the new one; corrected after its job failed (a wrong address), it is
+/// tried again at once with the new address, not only at the next commit.
+async fn a_machine_corrected_while_its_job_waits_or_after_it_failed_gets_a_job_with_the_new_spec(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1").create().await;
+    env.config("web", json!({"machineRef": "m1", "pollInterval": "1h"})).await;
+    let on = |site: &str| env.subject(site, "apply", "prod", "m1");
+    let (first, _) = env.eventually(T, "the job on dc1", || env.job_on(on("dc1"))).await;
+    let spec = |patch: serde_json::Value| {
+        let machines = env.machines();
+        async move {
+            let p = json!({"spec": patch});
+            machines.patch("m1", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&p)).await.unwrap();
+        }
+    };
+    spec(json!({"site": "dc2"})).await;
+    let (moved, _) = env.eventually(Duration::from_secs(5), "the job on dc2", || env.job_on(on("dc2"))).await;
+    assert_eq!((moved.site.as_str(), moved.id.target()), ("dc2", first.id.target()));
+    assert!(env.job_on(on("dc1")).await.is_none(), "withdrawn from dc1");
+    assert!(env.events_for("m1").await.iter().any(|r| r == "JobWithdrawn"));
+
+    env.drain_jobs().await;
+    env.report(&moved, Phase::Failed, |e| e.category = Some(FailureCategory::Unreachable)).await;
+    env.eventually(T, "m1 Failed", || async {
+        let s = env.machines().get("m1").await.ok()?.status?;
+        (s.phase == Some(MachinePhase::Failed) && s.queued_target.is_none()).then_some(())
+    })
+    .await;
+    spec(json!({"ipAddress": "10.0.0.9"})).await;
+    let (retry, _) = env.eventually(Duration::from_secs(5), "a retry", || env.job_on(on("dc2"))).await;
+    assert_eq!((retry.endpoint.host.as_str(), retry.id.target()), ("10.0.0.9", first.id.target()));
+    assert_ne!(retry.id, moved.id, "an id of its own, past the duplicate window");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

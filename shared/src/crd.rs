@@ -249,6 +249,11 @@ pub struct MachineStatus {
     /// Id of the last job published for this machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_job_id: Option<String>,
+    /// Id of the last job set aside: withdrawn from the queue before an executor took it (its configuration
+    /// paused, suspended or deleted, or the Machine's spec changed), or failed and retried because the Machine's
+    /// spec changed since. A job published for the same move later gets an id of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_job_id: Option<String>,
     /// Target whose job failed; it is not retried until the commit, spec or secrets change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_target: Option<String>,
