@@ -454,13 +454,6 @@ fn activation_failure(what: &str, log: &[String], installable: &str) -> Error {
             log,
         ),
         "upload" => failed(Step::Upload, "tar", "could not unpack the upload", FailureCategory::CommandFailed, log),
-        "profile" => failed(
-            Step::Activate,
-            "nix-env",
-            "could not set the system profile",
-            FailureCategory::ActivationFailed,
-            log,
-        ),
         "unit" => failed(
             Step::Activate,
             "systemd-run",

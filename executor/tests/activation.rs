@@ -542,3 +542,100 @@ async fn a_full_install_kexecs_formats_installs_and_boots_the_new_system_from_di
     assert_eq!(host.generations(), vec![1, 2]);
     rig.stop().await;
 }
+
+/// Secret files belong to the activation that delivers them: they go live with it (a job whose build fails
+/// changes none), the set is the configuration's whole set (a file dropped from it goes, as a revoked key must),
+/// a rollback puts the set that was live back, and a directory left by an older NIO is replaced the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_go_live_with_their_activation_dropped_files_go_and_a_rollback_restores_the_set() {
+    let key_file = std::sync::OnceLock::new();
+    let mut rig = Rig::start_with(|dir, s| {
+        let k = dir.join("seal.key");
+        std::fs::write(&k, nio_shared::seal::SealKey::generate()).unwrap();
+        s.seal_key_file = Some(k.clone());
+        let _ = key_file.set(k);
+    })
+    .await;
+    let seal = nio_shared::seal::SealKey::from_file(key_file.get().unwrap()).unwrap();
+    let secret = |path: &str, content: &str| {
+        let context = nio_shared::protocol::SecretFile::seal_context("test", "default", "m", path);
+        nio_shared::protocol::SecretFile {
+            path: path.into(),
+            sealed: seal.seal(content.as_bytes(), &context).unwrap(),
+            owner: None,
+            group: None,
+            mode: None,
+        }
+    };
+    let host = rig.host(true);
+    let live = |path: &str| std::fs::read_to_string(host.path(&format!("/var/lib/nio/secrets/{path}"))).ok();
+    // what an older NIO left: a plain directory
+    std::fs::create_dir_all(host.path("/var/lib/nio/secrets")).unwrap();
+    std::fs::write(host.path("/var/lib/nio/secrets/old.key"), "old").unwrap();
+
+    let commit = rig.repo.bump().unwrap();
+    let mut j = rig.job("m", &host, "web", &commit, 1);
+    j.secrets = vec![secret("db/password", "one"), secret("api.key", "k1")];
+    j.secrets_hash = Some("sha256:1".into());
+    assert_eq!(rig.run(&j).await.phase, Phase::Succeeded);
+    assert_eq!((live("db/password"), live("api.key"), live("old.key")), (Some("one".into()), Some("k1".into()), None));
+
+    // api.key dropped from the configuration, the password changed
+    let mut j = rig.job("m", &host, "web", &commit, 2);
+    j.secrets = vec![secret("db/password", "two")];
+    j.secrets_hash = Some("sha256:2".into());
+    assert_eq!(rig.run(&j).await.phase, Phase::Succeeded);
+    assert_eq!((live("db/password"), live("api.key")), (Some("two".into()), None), "the dropped file is gone");
+
+    // A build that fails changes nothing live.
+    let good = std::fs::read_to_string(rig.repo.path.join("build.sh")).unwrap();
+    let broken = rig.repo.write("build.sh", "echo 'error: attribute missing' >&2; exit 1\n").unwrap();
+    let mut j = rig.job("m", &host, "web", &broken, 3);
+    j.secrets = vec![secret("db/password", "three")];
+    j.secrets_hash = Some("sha256:3".into());
+    assert_eq!(rig.run(&j).await.category, Some(FailureCategory::BuildFailed));
+    assert_eq!(live("db/password").as_deref(), Some("two"), "not live before its activation");
+
+    // An activation that fails and rolls back takes its secrets back with it.
+    rig.repo.write("build.sh", &good).unwrap();
+    let commit = rig.repo.configure("exit4", "exit4").unwrap();
+    let mut j = rig.job("m", &host, "exit4", &commit, 4);
+    j.rollback = true;
+    j.secrets = vec![secret("db/password", "four"), secret("new.key", "n")];
+    j.secrets_hash = Some("sha256:4".into());
+    assert_eq!(rig.run(&j).await.phase, Phase::RolledBack);
+    assert_eq!((live("db/password"), live("new.key")), (Some("two".into()), None), "the set that was live is back");
+    // Nothing of the jobs' sets lingers beyond what the kept jobs need.
+    let sets = std::fs::read_dir(host.path("/var/lib/nio/secrets.d")).unwrap().count();
+    assert!(sets <= 3, "{sets} sets kept");
+    rig.stop().await;
+}
+
+/// A job its executor gave up on (its build outlived the job's timeout) must not change the machine after a later
+/// job did: the later job's system is what runs and boots in the end (before: the abandoned build went on, set the
+/// boot default after the later job had, and activated last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_its_executor_gave_up_on_never_overrides_a_later_job() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    let slow = rig.repo.configure("slowb", "slow-build:7").unwrap();
+    let mut a = rig.job("m", &host, "slowb", &slow, 1);
+    a.timeout_seconds = 3;
+    let done = rig.run(&a).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::Timeout)), "{done:?}");
+    let commit = rig.repo.configure("later", "ok").unwrap();
+    let done = rig.run(&rig.job("m", &host, "later", &commit, 2)).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let later = done.system.clone().unwrap();
+    // past the moment the abandoned build would have ended (7 s after it began), and its activation after it
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while host.exec("pgrep -fx 'sleep 7'").is_ok() {
+        assert!(std::time::Instant::now() < deadline, "the abandoned build never ended");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(host.current_system().as_deref(), Some(later.as_str()), "the later job's system runs");
+    assert_eq!(host.boot_default().as_deref(), Some(later.as_str()), "and boots next");
+    assert!(host.activations().iter().all(|(_, s)| !s.contains("slowb")), "{:?}", host.activations());
+    rig.stop().await;
+}

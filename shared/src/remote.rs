@@ -526,8 +526,9 @@ mod tests {
         let current = format!("{state}/current");
         std::os::unix::fs::symlink(&top, &current).expect("current");
         let profile = format!("{state}/profile");
+        let secrets = format!("{state}/secrets");
         let mut unit = std::process::Command::new("sh")
-            .args(["-c", UNIT_SCRIPT, "nio-unit", &job, &top, "test", &profile, &current, "1", "600", "600"])
+            .args(["-c", UNIT_SCRIPT, "nio-unit", &job, &top, "test", &profile, &current, "1", "600", "600", &secrets])
             .spawn()
             .expect("unit");
         let argv = c.confirm(&Confirmation {

@@ -2,9 +2,9 @@
 # stop it; the dead-man's switch. $1 job directory  $2 system  $3 action  $4 system profile
 # $5 current system link  $6 roll back on failure: 1 or 0  $7 confirmation window (s)
 # $8 the most each switch-to-configuration may take (s): one that hangs is stopped, so it cannot hold the
-# machine's activation lock (and every later job) for good
+# machine's activation lock (and every later job) for good  $9 the secrets directory (a link to the live set)
 set -u
-job=$1 top=$2 action=$3 profile=$4 current=$5 rollback=$6 confirm=$7 limit=$8
+job=$1 top=$2 action=$3 profile=$4 current=$5 rollback=$6 confirm=$7 limit=$8 secrets=$9
 # Waiters block on two locks instead of polling: unit.lock is held until this unit exits (finished or dead),
 # settle.lock until it settled (result, or awaiting its confirmation). Both are taken before the pid is written,
 # so a waiter that sees the pid and gets a lock knows the unit settled or died. Commands run without these
@@ -22,6 +22,36 @@ finish() { printf '%s\n' "$*" > "$job/result.tmp" && mv -f "$job/result.tmp" "$j
 gen() { sed -n 's/.*-\([0-9][0-9]*\)-link$/\1/p'; }
 previous=; if cd -P -- "$current" 2> /dev/null; then previous=$PWD; cd /; fi
 echo "$previous" > "$job/previous"
+# switch and boot: the system profile gets a new generation of this system (as nixos-rebuild's `nix-env -p
+# <profile> --set`), under the lock, so that the order of activations is the order of boot defaults; the
+# generation before is recorded for the rollback.
+case $action in switch|boot)
+  readlink "$profile" > "$job/profile-before" 2> /dev/null
+  log nix-env -p "$profile" --set "$top" || finish "failed could not set the system profile (nix-env --set)"
+  readlink "$profile" > "$job/profile-after" ;;
+esac
+# Secrets: the secrets directory is a link to one set under secrets.d (relative, swapped atomically); this job's
+# set (none if it delivers none) goes live now, just before the activation, so files dropped from the
+# configuration go, and a rollback puts the set that was live back. A directory left by an older NIO (or an
+# install) becomes the set `legacy`. A dry run changes nothing.
+sets=$secrets.d name=${job##*/} was=
+live_set() { # the set to make live ("": none)
+  if [ -z "$1" ]; then rm -f "$secrets"; return; fi
+  ln -sfn "${sets##*/}/$1" "$secrets.new" && mv -T "$secrets.new" "$secrets"
+}
+case $action in switch|boot|test)
+  if [ ! -L "$secrets" ] && [ -d "$secrets" ]; then
+    install -d -m 0700 "$sets" && { [ ! -e "$sets/legacy" ] || rm -rf "$sets/legacy"; } \
+      && mv -T "$secrets" "$sets/legacy" && live_set legacy
+  fi
+  if [ -L "$secrets" ]; then was=$(readlink "$secrets"); was=${was##*/}; fi
+  if [ -d "$sets/$name" ]; then live_set "$name"; else live_set ""; fi
+  # Sets no longer needed: not live, not the one a rollback returns to, and of no job still on the machine.
+  for d in "$sets"/*; do
+    n=${d##*/}
+    [ -d "$d" ] && [ "$n" != "$name" ] && [ "$n" != "$was" ] && [ ! -d "${job%/*}/$n" ] && rm -rf "$d"
+  done ;;
+esac
 # switch-to-configuration, stopped after $limit seconds (TERM, then KILL 30 s later): status 124 or 137
 limited() { timeout -k 30 "$limit" "$@"; }
 log limited "$top/bin/switch-to-configuration" "$action"
@@ -39,6 +69,7 @@ undo() {
       fi
     fi ;;
   esac
+  case $action in switch|boot|test) live_set "$was" || ok=0 ;; esac
   default=$(readlink -e "$profile")
   case $action in
     switch) if [ -n "$previous" ]; then log limited "$previous/bin/switch-to-configuration" test || ok=0; fi

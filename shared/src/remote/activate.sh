@@ -10,16 +10,20 @@ unit=${10} secrets=${11} wrapper=${12} limit=${13}
 settled() { [ -f "$job/result" ] || [ -f "$job/awaiting" ]; }
 # What a link finally points to (a directory), into $r: `readlink -e` without a process.
 resolve() { r=; if cd -P -- "$1" 2> /dev/null; then r=$PWD; cd /; fi; [ -n "$r" ]; }
+# This job's secrets (the whole set its configuration delivers) wait here, beside the live ones, until its
+# activation unit puts them in place (activate-unit.sh).
+staged=$secrets.d/${job##*/}
 # A failure is also written down: a confirmation over a new connection reads it when this one was lost. An
-# upload that failed halfway leaves nothing behind (it may hold secrets in plain text).
+# upload that failed halfway, and the secrets of a job that will not activate, leave nothing behind.
 fail() {
   [ ! -d "$job/in" ] || rm -rf "$job/in"
+  [ ! -d "$staged" ] || rm -rf "$staged"
   echo "$1" > "$job/failed" 2> /dev/null; tidy 2> /dev/null; say failed "$1"; exit 3
 }
 umask 022
 [ -d "$job" ] || mkdir -p "$job" || fail upload
-# Losing the connection must not stop this script halfway (say, after the build set the system profile and
-# before the activation with its dead-man's switch started): it goes on with nobody reading its output, and
+# Losing the connection must not stop this script halfway (say, after the build and before the activation with
+# its dead-man's switch started): it goes on with nobody reading its output, and
 # the confirmation over a new connection waits for it while it runs (runner: its pid and boot id).
 trap '' HUP PIPE
 # One run per job at a time (a redelivered job waits for the first run over the confirmation instead); the
@@ -28,6 +32,7 @@ exec 4> "$job/run.lock"
 flock -n 4 || { say failed busy; exit 3; }
 [ ! -e "$job/failed" ] || rm -f "$job/failed"
 get /proc/sys/kernel/random/boot_id && echo "$$ $v" > "$job/runner"
+bid=$v
 if [ "$input" = tar ]; then
   say step upload
   in=$job/in
@@ -38,65 +43,52 @@ if [ "$input" = tar ]; then
       && mv "$in/src" "$src" || fail upload
   fi
   if [ -d "$in/secrets" ]; then
-    install -d -m 0700 "$secrets" || fail upload
-    (cd "$in/secrets" && find . ! -type d) | while IFS= read -r f; do
-      mkdir -p "$(dirname "$secrets/$f")" && mv -f "$in/secrets/$f" "$secrets/$f" || exit 1
-    done || fail upload
+    install -d -m 0700 "$secrets.d" && { [ ! -e "$staged" ] || rm -rf "$staged"; } \
+      && chmod 0700 "$in/secrets" && mv "$in/secrets" "$staged" || fail upload
   fi
   rm -rf "$in"
 fi
 # Mark the source tree as used (pruning keeps the most recently used ones).
 if [ -d "$src" ]; then touch "$src"; fi
 say step build
-# switch and boot: the build sets the system profile in the same process (`nix build --profile`, the form Nix's
-# own help gives for a NixOS system; one Nix process less than a separate `nix-env --set`). The previous
-# generation is recorded first, for the rollback.
-case $action in switch|boot) setprofile=1 ;; *) setprofile=0 ;; esac
-set -- --out-link "$job/system"
-if [ "$setprofile" = 1 ]; then
-  readlink "$profile" > "$job/profile-before" 2> /dev/null
-  set -- "$@" --profile "$profile"
-fi
-# Puts the profile back where it was when this job changed it and then failed before its activation started.
-unset_profile() {
-  [ "$setprofile" = 1 ] || return 0
-  before=$(gen < "$job/profile-before") after=$(readlink "$profile" | gen)
-  if [ -n "$before" ] && [ -n "$after" ] && [ "$after" != "$before" ]; then
-    nix-env -p "$profile" --switch-generation "$before" > /dev/null 2>&1
-    nix-env -p "$profile" --delete-generations "$after" > /dev/null 2>&1
-  fi
-}
-gen() { sed -n 's/.*-\([0-9][0-9]*\)-link$/\1/p'; }
-if ! nix --extra-experimental-features 'nix-command flakes' build --no-update-lock-file \
-    "$@" "$installable" > "$job/build.log" 2>&1; then
+# The system profile is set by the activation unit, under the machine's activation lock (a run that outlived its
+# executor's timeout must not set it after a later job did). The build is bounded like the activation: a run
+# nobody waits for any more does not go on for good.
+if ! timeout -k 30 "$limit" nix --extra-experimental-features 'nix-command flakes' build --no-update-lock-file \
+    --out-link "$job/system" "$installable" > "$job/build.log" 2>&1; then
   tail -n 30 "$job/build.log"
   # Nix's own refusal to write or change the flake's lock file (not a package build's, say cargo's --locked)
   if grep -q -e "requires lock file changes" -e "cannot write modified lock file" "$job/build.log"; then
     fail lockfile
   fi
-  # Built (the out-link is there) but the profile was not set.
-  if [ "$setprofile" = 1 ] && [ -L "$job/system" ]; then unset_profile; fail profile; fi
   fail build
 fi
 if ! resolve "$job/system" || [ ! -x "$r/bin/switch-to-configuration" ]; then
   echo "$(readlink "$job/system") has no bin/switch-to-configuration: not a NixOS system"
-  unset_profile
   fail build
 fi
 top=$r
 echo "$top" > "$job/toplevel"
 say toplevel "$top"
-if [ "$setprofile" = 1 ]; then readlink "$profile" > "$job/profile-after"; fi
 printf '%s' "$wrapper" > "$job/activate"
 get /proc/sys/kernel/random/boot_id && echo "$v" > "$job/boot_id"
 say step activate
+# A run of another job that is still going (its executor gave up on it: a timeout, say) activates first, so that
+# this job's, started later, is what runs and boots in the end: wait for it to end or settle (it holds its
+# run.lock until then; its build is bounded by its own limit).
+for d in "${job%/*}"/*; do
+  rp= rb=; [ "$d" != "$job" ] && [ -r "$d/runner" ] && read -r rp rb < "$d/runner"
+  # (only runs that started before this one: two runs never wait for each other)
+  [ -n "$rp" ] && [ "$rb" = "$bid" ] && [ -d "/proc/$rp" ] && [ "$d/runner" -ot "$job/runner" ] \
+    && { flock -s 8; } 8<> "$d/run.lock"
+done
 # (Without run.lock: the unit outlives this run, and the lock says whether this run is still going.)
 # A transient unit inherits none of this environment, and on NixOS its default PATH is systemd's own bin/ only:
 # the unit gets this PATH (flock, timeout, mv, nix-env, …) and, as nixos-rebuild passes them, LOCALE_ARCHIVE and
 # NIXOS_INSTALL_BOOTLOADER when set.
 systemd-run --unit="$unit" --collect --quiet --setenv=PATH="$PATH" -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER -- \
-  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" "$limit" 4>&- \
-  || { unset_profile; fail unit; }
+  /bin/sh "$job/activate" "$job" "$top" "$action" "$profile" "$current" "$rollback" "$confirm" "$limit" "$secrets" 4>&- \
+  || fail unit
 # Until the activation settled: finished (result) or waiting for its confirmation (awaiting). The unit holds
 # settle.lock (before it writes its pid) until then, so this blocks in flock instead of polling; the loop is for
 # the moment before the unit started and for a unit that died.
