@@ -51,6 +51,21 @@ impl Rig {
         Rig { _nats: nats, bus, repo, dir, stop, task }
     }
 
+    /// With a seal key (and `tune` as for `start_with`): the rig, and the key to seal jobs' secrets with.
+    async fn sealing(tune: impl FnOnce(&Path, &mut nio_executor::Settings)) -> (Rig, nio_shared::seal::SealKey) {
+        let key_file = std::sync::OnceLock::new();
+        let rig = Self::start_with(|dir, s| {
+            tune(dir, s);
+            let k = dir.join("seal.key");
+            std::fs::write(&k, nio_shared::seal::SealKey::generate()).unwrap();
+            s.seal_key_file = Some(k.clone());
+            let _ = key_file.set(k);
+        })
+        .await;
+        let seal = nio_shared::seal::SealKey::from_file(key_file.get().unwrap()).unwrap();
+        (rig, seal)
+    }
+
     fn host(&self, sudo: bool) -> TestHost {
         let opts = HostOptions { sudo, identities: Some(identities(self.dir.path())), ..Default::default() };
         TestHost::start(&opts).expect("test host (needs root, iproute2, nix-bin: make setup)")
@@ -467,16 +482,7 @@ async fn each_part_of_the_target_identity_applies_again_and_a_removal_writes_no_
 /// against that system with the key NIO pinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_install_kexecs_formats_installs_and_boots_the_new_system_from_disk() {
-    let key_file = std::sync::OnceLock::new();
-    let mut rig = Rig::start_with(|dir, s| {
-        s.kexec_tarball = Some(kexec_tarball(dir));
-        let k = dir.join("seal.key");
-        std::fs::write(&k, nio_shared::seal::SealKey::generate()).unwrap();
-        s.seal_key_file = Some(k.clone());
-        let _ = key_file.set(k);
-    })
-    .await;
-    let seal = nio_shared::seal::SealKey::from_file(key_file.get().unwrap()).unwrap();
+    let (mut rig, seal) = Rig::sealing(|dir, s| s.kexec_tarball = Some(kexec_tarball(dir))).await;
     let host = rig.host(true);
     let first_boot = host.boot_id();
     let old_key = host.host_key.clone();
@@ -548,15 +554,7 @@ async fn a_full_install_kexecs_formats_installs_and_boots_the_new_system_from_di
 /// a rollback puts the set that was live back, and a directory left by an older NIO is replaced the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn secrets_go_live_with_their_activation_dropped_files_go_and_a_rollback_restores_the_set() {
-    let key_file = std::sync::OnceLock::new();
-    let mut rig = Rig::start_with(|dir, s| {
-        let k = dir.join("seal.key");
-        std::fs::write(&k, nio_shared::seal::SealKey::generate()).unwrap();
-        s.seal_key_file = Some(k.clone());
-        let _ = key_file.set(k);
-    })
-    .await;
-    let seal = nio_shared::seal::SealKey::from_file(key_file.get().unwrap()).unwrap();
+    let (mut rig, seal) = Rig::sealing(|_, _| {}).await;
     let secret = |path: &str, content: &str| {
         let context = nio_shared::protocol::SecretFile::seal_context("test", "default", "m", path);
         nio_shared::protocol::SecretFile {
