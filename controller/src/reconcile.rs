@@ -372,7 +372,7 @@ async fn wave_decision(
         recorded: &recorded,
         now,
         approved: annotation(cfg, APPROVE_ANNOTATION).and_then(|a| a.strip_suffix(&format!("@{short}"))),
-        resumed: annotation(cfg, RESUME_ANNOTATION) == Some(short.as_str()),
+        resume: resume_request(cfg, previous, &short).is_some(),
         max_failures: policy.failure_budget,
     };
     let decision = waves::decide(&layout, &facts);
@@ -451,6 +451,13 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     let mut policy = policy(cfg, machines.len());
     policy.claims = budget_claims(ctx, cfg, &machines);
     let (layout, mut decision) = wave_decision(ctx, cfg, &previous, &target, &machines, &views, &policy).await;
+    if let Some(v) = resume_request(cfg, &previous, &short_commit(&commit)) {
+        resolved.last_handled_resume = Some(v.to_string());
+    }
+    // Failures a resume forgave do not count against the rollout's budget, nor against the jobs it lets run at
+    // once (failures still tolerated, plus one).
+    let forgiven: u32 = decision.statuses.iter().map(|w| w.forgiven).sum();
+    policy.failure_budget = policy.failure_budget.map(|b| b.saturating_add(forgiven));
     let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
     let mut rolling_back = false;
     if cfg.spec.rollout.on_failure == OnFailure::RollbackAndHalt
@@ -547,6 +554,19 @@ async fn roll_back(
     let short = short_commit(&previous);
     let busy = !touched.is_empty() || running > 0;
     Ok((format!("rolling back to {short}: {returned} returned, {} on their way", running + queued.len()), busy))
+}
+
+/// The resume annotation's value when it asks for a resume not acted on yet: it names the target's commit
+/// (`<12 characters>`, or `<12 characters>@<anything>` for another resume of the same commit) and differs from
+/// the value last acted on.
+fn resume_request<'a>(
+    cfg: &'a NixosConfiguration,
+    previous: &NixosConfigurationStatus,
+    short: &str,
+) -> Option<&'a str> {
+    annotation(cfg, RESUME_ANNOTATION)
+        .filter(|v| v.split('@').next() == Some(short))
+        .filter(|v| previous.last_handled_resume.as_deref() != Some(*v))
 }
 
 /// The value of annotation `key` on `cfg`.

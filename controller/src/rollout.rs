@@ -95,6 +95,8 @@ pub enum Hold {
     AwaitingApproval,
     /// Every machine that could start counts against a disruption budget that is full.
     DisruptionBudget,
+    /// As many jobs in flight as the failure budget still tolerates failures, plus one.
+    FailureBudgetInFlight,
 }
 
 /// The decision.
@@ -170,13 +172,16 @@ pub fn plan_within(
             }
         }
     }
+    let mut budget_bound = false;
     if let Some(budget) = policy.failure_budget {
         // Never more jobs in flight than the failures still tolerated, plus one.
         let in_flight_allowed = budget.saturating_sub(counts.failed) + 1;
-        capacity = capacity.min(in_flight_allowed.saturating_sub(counts.in_progress));
+        let room = in_flight_allowed.saturating_sub(counts.in_progress);
+        budget_bound = room < capacity;
+        capacity = capacity.min(room);
     }
     if capacity == 0 {
-        plan.hold = Some(Hold::MaxParallel);
+        plan.hold = Some(if budget_bound { Hold::FailureBudgetInFlight } else { Hold::MaxParallel });
         return plan;
     }
     // Disruption budgets: the machines in flight hold their slots; a candidate goes only while each of its
@@ -324,6 +329,11 @@ mod tests {
         assert_eq!(p.hold, Some(Hold::FailureBudgetExceeded));
         let p = plan(T, &policy, &[failed("a", T), m("b"), m("c")]);
         assert_eq!(names(&p), ["b"], "with one failure left to tolerate, one machine at a time");
+        // what holds it back then is named: the budget, not maxParallel
+        let p = plan(T, &policy, &[failed("a", T), queued("b", T), m("c")]);
+        assert_eq!((p.publish.len(), p.hold), (0, Some(Hold::FailureBudgetInFlight)));
+        let both = Policy { max_parallel: Some(1), ..policy };
+        assert_eq!(plan(T, &both, &[queued("b", T), m("c")]).hold, Some(Hold::MaxParallel));
     }
 
     #[test]

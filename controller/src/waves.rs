@@ -184,38 +184,45 @@ pub struct Facts<'a> {
     pub now: DateTime<Utc>,
     /// The wave approved for this target (from the approve annotation), if any.
     pub approved: Option<&'a str>,
-    /// The resume annotation names this target's commit: failure budgets no longer stop it.
-    pub resumed: bool,
+    /// A new resume of this target (the annotation names its commit, with a value not acted on yet): the
+    /// failures so far are forgiven (each wave records them) and the halt, if any, is lifted.
+    pub resume: bool,
     /// Failures tolerated over the whole rollout.
     pub max_failures: Option<u32>,
 }
 
-/// Why the wave has failed, if it has (and the rollout was not resumed): over its own failure budget, the
-/// rollout over its budget, its analysis past its limit, or failed already.
+/// Why the wave has failed, if it has: over its own failure budget, the rollout over its budget, its analysis
+/// (`measured`) past its limit, or failed already (unless resumed now). Failures a resume forgave do not count.
 fn failure(
     w: &Wave,
     s: &WaveStatus,
     prev: Option<&WaveStatus>,
+    measured: Option<&nio_shared::crd::AnalysisStatus>,
     f: &Facts,
-    total_failed: u32,
+    (total_failed, total_forgiven): (u32, u32),
     overall_over: bool,
 ) -> Option<String> {
-    let was_failed = prev.is_some_and(|p| p.state == WaveState::Failed);
-    let over_wave = w.max_failures.is_some_and(|b| s.failed > b);
+    let was_failed = !f.resume && prev.is_some_and(|p| p.state == WaveState::Failed);
+    let counted = s.failed.saturating_sub(s.forgiven);
+    let over_wave = w.max_failures.is_some_and(|b| counted > b);
     // A failed analysis fails the wave like failed machines do.
-    let measured = prev.and_then(|p| p.analysis.as_ref());
     let analysis_failed = w.analysis.as_ref().zip(measured).filter(|(a, m)| m.failures > a.failure_limit);
-    if f.resumed || !(was_failed || over_wave || overall_over || analysis_failed.is_some()) {
+    if !(was_failed || over_wave || overall_over || analysis_failed.is_some()) {
         return None;
     }
+    let since = |n: u32, forgiven: u32| {
+        if forgiven > 0 { format!("{n} more machines failed after the resume") } else { format!("{n} machines failed") }
+    };
     Some(match (over_wave, w.max_failures, analysis_failed) {
-        (true, Some(b), _) => format!("{} of {} machines failed (the wave tolerates {b})", s.failed, s.total),
-        _ if overall_over => {
-            format!(
-                "{total_failed} machines failed in the rollout (it tolerates {})",
-                f.max_failures.unwrap_or_default()
-            )
+        (true, Some(b), _) if s.forgiven == 0 => {
+            format!("{} of {} machines failed (the wave tolerates {b})", s.failed, s.total)
         }
+        (true, Some(b), _) => format!("{} in the wave (it tolerates {b})", since(counted, s.forgiven)),
+        _ if overall_over => format!(
+            "{} in the rollout (it tolerates {})",
+            since(total_failed.saturating_sub(total_forgiven), total_forgiven),
+            f.max_failures.unwrap_or_default()
+        ),
         (_, _, Some((a, m))) if !was_failed => format!(
             "analysis failed {} of {} times (it tolerates {}): {} — {}",
             m.failures,
@@ -276,13 +283,20 @@ fn soak_message(w: &Wave, soaked: DateTime<Utc>, measured: Option<&nio_shared::c
 pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
     let by_name: BTreeMap<&str, &MachineView> = f.machines.iter().map(|m| (m.name.as_str(), m)).collect();
     let total_failed = f.machines.iter().filter(|m| m.standing(f.target) == Standing::Failed).count() as u32;
-    let overall_over = !f.resumed && f.max_failures.is_some_and(|b| total_failed > b);
+    // What resumes forgave: the failures of each wave when it was resumed (recorded), or all of them now.
+    let forgiven_of = |w: &Wave, failed: u32| match f.resume {
+        true => failed,
+        false => f.recorded.iter().find(|r| r.name == w.name).map_or(0, |r| r.forgiven),
+    };
+    let total_forgiven = if f.resume { total_failed } else { f.recorded.iter().map(|r| r.forgiven).sum() };
+    let overall_over = f.max_failures.is_some_and(|b| total_failed.saturating_sub(total_forgiven) > b);
     let mut d = Decision::default();
     let mut open = true;
     let mut stragglers = Vec::new();
     for w in waves {
         let prev = f.recorded.iter().find(|r| r.name == w.name);
         let (mut s, candidates) = tally(w, &by_name, f.target);
+        s.forgiven = forgiven_of(w, s.failed);
         s.started_at = prev.and_then(|p| p.started_at.clone());
         s.applied_at = prev.and_then(|p| p.applied_at.clone());
         s.finished_at = prev.and_then(|p| p.finished_at.clone());
@@ -294,11 +308,15 @@ pub fn decide(waves: &[Wave], f: &Facts) -> Decision {
         if s.started_at.is_none() && (s.in_progress > 0 || s.failed > 0 || !candidates.is_empty()) {
             s.started_at = Some(time(f.now));
         }
-        let measured = prev.and_then(|p| p.analysis.clone());
+        // A resume forgives the analysis' failed measurements too.
+        let measured = prev
+            .and_then(|p| p.analysis.clone())
+            .map(|a| if f.resume { nio_shared::crd::AnalysisStatus { failures: 0, ..a } } else { a });
         let done_before = prev.is_some_and(|p| p.state == WaveState::Succeeded);
         // The rollout over its own budget fails the wave it is in, not a wave that had already succeeded: with
         // RollbackAndHalt the failed wave is the one rolled back.
-        if let Some(why) = failure(w, &s, prev, f, total_failed, overall_over && !done_before) {
+        let totals = (total_failed, total_forgiven);
+        if let Some(why) = failure(w, &s, prev, measured.as_ref(), f, totals, overall_over && !done_before) {
             s.state = WaveState::Failed;
             s.finished_at = s.finished_at.or_else(|| Some(time(f.now)));
             s.message = Some(why);
@@ -453,7 +471,7 @@ mod tests {
     }
 
     fn facts<'a>(machines: &'a [MachineView], recorded: &'a [WaveStatus], now: DateTime<Utc>) -> Facts<'a> {
-        Facts { target: T, machines, recorded, now, approved: None, resumed: false, max_failures: None }
+        Facts { target: T, machines, recorded, now, approved: None, resume: false, max_failures: None }
     }
 
     fn states(d: &Decision) -> Vec<WaveState> {
@@ -509,7 +527,7 @@ mod tests {
         // the resume annotation lets it through
         let over = measured(2, 2);
         let mut resumed = facts(&m, &over, late);
-        resumed.resumed = true;
+        resumed.resume = true;
         assert_eq!(states(&decide(&waves, &resumed))[0], Succeeded);
         // due: never measured, or an interval ago
         let a = waves[0].analysis.as_ref().unwrap();
@@ -598,16 +616,26 @@ mod tests {
             ["a", "b", "c", "d", "e"].iter().map(|n| view(n, if *n == "b" { "updated" } else { "" })).collect();
         assert_eq!(decide(&waves, &facts(&fine, &d.statuses, t0)).gate, Some(Gate::Halted));
         // the resume annotation for this commit lets it go on; the failed machine stays out
-        let resumed = Facts { resumed: true, ..facts(&m, &d.statuses, t0) };
+        let resumed = Facts { resume: true, ..facts(&m, &d.statuses, t0) };
         let d2 = decide(&waves, &resumed);
         assert_eq!((states(&d2), d2.eligible.len()), (vec![Succeeded, Progressing], 3));
+        assert_eq!(d2.statuses[0].forgiven, 1, "the failure so far is forgiven, and recorded");
+        // later reconciles keep the forgiveness (recorded), and the budgets count only what fails after it
+        let d3 = decide(&waves, &facts(&m, &d2.statuses, t0));
+        assert_eq!(states(&d3), [Succeeded, Progressing]);
+        let mut later = m.clone();
+        later[1] = view("b", "failed");
+        let d4 = decide(&waves, &facts(&later, &d3.statuses, t0));
+        assert_eq!((states(&d4), d4.gate), (vec![Failed, Pending], Some(Gate::Halted)), "a new failure halts again");
+        let why = d4.statuses[0].message.clone().unwrap_or_default();
+        assert_eq!(why, "1 more machines failed after the resume in the wave (it tolerates 0)");
         // the rollout's own budget counts failures across waves
         let mut relaxed = two_waves("0s", false);
         relaxed[0].max_failures = Some(5);
         let overall = Facts { max_failures: Some(0), ..facts(&m, &[], t0) };
-        let d3 = decide(&relaxed, &overall);
-        assert_eq!(states(&d3), [Failed, Pending]);
-        assert_eq!(d3.statuses[0].message.as_deref(), Some("1 machines failed in the rollout (it tolerates 0)"));
+        let d5 = decide(&relaxed, &overall);
+        assert_eq!(states(&d5), [Failed, Pending]);
+        assert_eq!(d5.statuses[0].message.as_deref(), Some("1 machines failed in the rollout (it tolerates 0)"));
     }
 
     /// The rollout's own budget, broken in a later wave, fails that wave: the canary that had succeeded stays

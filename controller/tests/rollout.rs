@@ -5,6 +5,7 @@
 mod common;
 
 nio_loadtest::on_both!(
+    a_resume_forgives_the_failures_so_far_and_a_new_failure_halts_again,
     waves_soak_wait_for_approval_and_keep_to_their_limit,
     a_wave_over_its_failure_budget_halts_the_rollout_and_rolls_its_machines_back,
     a_machine_whose_site_no_executor_serves_says_so_until_one_does,
@@ -453,6 +454,65 @@ async fn jobs_carry_their_machines_disruption_budget_claims(backend: Backend) {
     env.report(&first["w1"], Phase::Succeeded, |_| {}).await;
     let third = jobs_for(&env, &["d3"]).await;
     assert_eq!(claims(&third["d3"]), [("db".to_string(), 1), ("per-rack.r2".to_string(), 1)]);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// `nixos.infra/resume` forgives the failures so far, once: the halted rollout goes on, and a failure after it
+/// halts it again (before: a resume switched the budgets off for the rest of the commit, and every later machine
+/// got the failing commit). The rollout's budget of 0 also lets one job run at a time.
+async fn a_resume_forgives_the_failures_so_far_and_a_new_failure_halts_again(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    for m in ["w1", "w2", "w3", "w4"] {
+        env.machine(m).label("role", "web").create().await;
+    }
+    let spec = json!({"machineSelector": {"matchLabels": {"role": "web"}}, "pollInterval": "1h",
+        "rollout": {"maxFailures": 0, "waves": [{"name": "first", "count": 2}, {"name": "rest"}]}});
+    env.config("web", spec).await;
+    let commit = env.repo.head().unwrap();
+    let fail = |j: Job| {
+        let env = &env;
+        async move { env.report(&j, Phase::Failed, |e| e.category = Some(FailureCategory::HealthCheckFailed)).await }
+    };
+    let w1 = jobs_for(&env, &["w1"]).await;
+    env.report(&w1["w1"], Phase::Succeeded, |_| {}).await;
+    let w2 = jobs_for(&env, &["w2"]).await;
+    fail(w2["w2"].clone()).await;
+    let halted = |wave: usize| {
+        let env = &env;
+        async move {
+            env.eventually(T, "halted", || async {
+                let c = config(env, "web").await;
+                (wave_states(&c).get(wave).map(|w| w.1) == Some(WaveState::Failed)).then_some(c)
+            })
+            .await
+        }
+    };
+    halted(0).await;
+
+    annotate(&env, "web", "nixos.infra/resume", &short_commit(&commit)).await;
+    let w3 = jobs_for(&env, &["w3"]).await;
+    // (the status is written after the jobs are out)
+    let status = env
+        .eventually(T, "the resume recorded", || async {
+            let s = config(&env, "web").await.status?;
+            (s.last_handled_resume.as_deref() == Some(short_commit(&commit).as_str())).then_some(s)
+        })
+        .await;
+    assert_eq!(status.waves[0].forgiven, 1, "{:?}", status.waves);
+    fail(w3["w3"].clone()).await;
+    let c = halted(1).await;
+    let message = c.status.unwrap().waves[1].message.clone().unwrap_or_default();
+    assert!(message.contains("1 more machines failed after the resume"), "{message}");
+    env.never(Duration::from_secs(2), "a job for w4 after the second halt", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
+    // a second resume of the same commit takes a new value
+    annotate(&env, "web", "nixos.infra/resume", &format!("{}@2", short_commit(&commit))).await;
+    jobs_for(&env, &["w4"]).await;
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -27,7 +27,8 @@ pub const REFRESH_TRACE_ANNOTATION: &str = "nixos.infra/refresh-traceparent";
 /// commit>` (naming the commit keeps an old approval from letting a later rollout through).
 pub const APPROVE_ANNOTATION: &str = "nixos.infra/approve";
 /// Annotation on a NixosConfiguration resuming a rollout halted over its failure budget: the first 12
-/// characters of the target commit.
+/// characters of the target commit, optionally followed by `@` and anything (a second resume of the same commit
+/// takes a new value). A resume forgives the failures so far; the budgets count the failures after it.
 pub const RESUME_ANNOTATION: &str = "nixos.infra/resume";
 /// Finalizer the controller puts on configurations so removal runs `onRemoveFlake` first.
 pub const FINALIZER: &str = "nixos.infra/finalizer";
@@ -721,6 +722,14 @@ pub struct NixosConfigurationStatus {
     /// a refresh request (a person's or a push webhook's) has been acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_handled_refresh: Option<String>,
+    /// The `nixos.infra/resume` annotation's value when it was last acted on: a resume forgives the failures so
+    /// far once; another one takes a new value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_resume: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Where a wave is.
@@ -779,6 +788,9 @@ pub struct WaveStatus {
     pub failed: u32,
     /// Machines of the wave with a job queued or running.
     pub in_progress: u32,
+    /// Failures forgiven by a resume (`nixos.infra/resume`): the wave's budget counts only the failures after it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub forgiven: u32,
     /// When its first job was published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Time>,
