@@ -19,19 +19,33 @@ use crate::rollout::Work;
 pub struct Desired {
     pub commit: String,
     pub generation: i64,
+    /// What of the spec decides what a machine runs ([`deployed_spec`]).
+    pub spec: String,
     /// SecretRef file contents by path (plaintext in memory only; sealed per machine).
     pub secrets: Vec<(String, Vec<u8>)>,
     pub secrets_hash: Option<String>,
 }
 
 impl Desired {
-    /// `{commit}/{generation}[.{secretsHash8}]`: what a machine must have applied to be up to date.
+    /// `{commit}/{spec}[.{secretsHash8}]`: what a machine must have applied to be up to date.
     pub fn target(&self) -> String {
         match &self.secrets_hash {
-            Some(h) => format!("{}/{}.{}", self.commit, self.generation, &h[..h.len().min(8)]),
-            None => format!("{}/{}", self.commit, self.generation),
+            Some(h) => format!("{}/{}.{}", self.commit, self.spec, &h[..h.len().min(8)]),
+            None => format!("{}/{}", self.commit, self.spec),
         }
     }
+}
+
+/// The part of a configuration's spec that decides what its machines run, hashed (8 hex digits): the repository,
+/// flake attribute, subdirectory, action and additional files (Secrets' contents count through the secrets
+/// hash). Nothing else: pausing, suspending or resuming a rollout, or changing its limits, waves, health check or
+/// poll interval, is the same target, so it neither sends every machine a job again nor starts the rollout's
+/// waves, and the halt and failures they record, over.
+pub fn deployed_spec(spec: &nio_shared::crd::NixosConfigurationSpec) -> String {
+    use sha2::Digest;
+    let what = (&spec.git_repo, &spec.flake, &spec.configuration_subdir, spec.action, &spec.additional_files);
+    let bytes = serde_json::to_vec(&what).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).iter().take(4).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Job timeout for updates and removals.
@@ -280,5 +294,41 @@ impl Publisher {
             .get_or_create(&PublishLabels { site: job.site.clone(), action: job.action.as_str().into() })
             .inc();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Holding, resuming or tuning a rollout is the same target; what the machines run is not.
+    #[test]
+    fn only_what_machines_run_changes_the_target() {
+        let spec = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"gitRepo": "https://example.org/fleet.git", "ref": "main", "flake": "#web",
+                                           "machineSelector": {"matchLabels": {"role": "web"}}});
+            for (k, x) in extra.as_object().into_iter().flatten() {
+                v[k] = x.clone();
+            }
+            deployed_spec(&serde_json::from_value(v).expect("a spec"))
+        };
+        let base = spec(serde_json::json!({}));
+        for same in [
+            serde_json::json!({"rollout": {"pause": true}}),
+            serde_json::json!({"suspend": true}),
+            serde_json::json!({"rollout": {"maxParallel": 3, "waves": [{"name": "a", "count": 1}]}}),
+            serde_json::json!({"pollInterval": "1h", "autoRollback": true, "ref": "release"}),
+        ] {
+            assert_eq!(spec(same.clone()), base, "{same}");
+        }
+        for other in [
+            serde_json::json!({"flake": "#db"}),
+            serde_json::json!({"action": "boot"}),
+            serde_json::json!({"configurationSubdir": "hosts"}),
+            serde_json::json!({"additionalFiles": [{"path": "motd", "valueType": "Inline", "inline": "hi"}]}),
+        ] {
+            assert_ne!(spec(other.clone()), base, "{other}");
+        }
+        assert_eq!(base.len(), 8);
     }
 }

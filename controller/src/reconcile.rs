@@ -214,7 +214,8 @@ async fn desired(ctx: &Ctx, cfg: &NixosConfiguration, commit: String) -> Result<
     }
     let secrets_hash =
         (!secrets.is_empty()).then(|| h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>());
-    Ok(Desired { commit, generation: cfg.metadata.generation.unwrap_or(0), secrets, secrets_hash })
+    let spec = crate::publish::deployed_spec(&cfg.spec);
+    Ok(Desired { commit, generation: cfg.metadata.generation.unwrap_or(0), spec, secrets, secrets_hash })
 }
 
 /// Marks a machine Queued for `job` (of rollout target `target`), unless an executor already reported this
@@ -460,7 +461,9 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
     policy.failure_budget = policy.failure_budget.map(|b| b.saturating_add(forgiven));
     let plan = rollout::plan_within(&target, &policy, &views, Some(&decision));
     let mut rolling_back = false;
+    // (paused or suspended: no new job starts, a rollback's neither; its queued ones were withdrawn above)
     if cfg.spec.rollout.on_failure == OnFailure::RollbackAndHalt
+        && !(cfg.spec.suspend || cfg.spec.rollout.pause)
         && let Some(i) = decision.statuses.iter().position(|w| w.state == WaveState::Failed)
         && let Some(wave) = layout.get(i)
     {

@@ -80,7 +80,9 @@ async fn a_machine_and_configuration_publish_exactly_one_sealed_job(backend: Bac
     assert_eq!(job.action, Action::Switch);
     assert_eq!(job.endpoint.host, "127.0.0.9");
     assert_eq!(headers.get("Nats-Msg-Id").map(|v| v.as_str().to_string()), Some(job.id.to_string()));
-    assert!(job.id.as_str().starts_with(&format!("prod/{}/m1/{head}/1.", env.ns)), "{}", job.id);
+    // {cluster}/{namespace}/{machine}/{commit}/{what the spec deploys}.{secrets}/{action}-{move}
+    let deployed = nio_controller::publish::deployed_spec(&env.configs().get("web").await.unwrap().spec);
+    assert!(job.id.as_str().starts_with(&format!("prod/{}/m1/{head}/{deployed}.", env.ns)), "{}", job.id);
     let tp = headers.get("traceparent").map(|v| v.as_str().to_string()).unwrap();
     assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
     // the secret travels sealed

@@ -460,7 +460,9 @@ async fn jobs_carry_their_machines_disruption_budget_claims(backend: Backend) {
 
 /// `nixos.infra/resume` forgives the failures so far, once: the halted rollout goes on, and a failure after it
 /// halts it again (before: a resume switched the budgets off for the rest of the commit, and every later machine
-/// got the failing commit). The rollout's budget of 0 also lets one job run at a time.
+/// got the failing commit). Pausing and unpausing is no resume (before: any spec change was a new target, which
+/// started the waves over and sent the failing commit on). The rollout's budget of 0 also lets one job run at a
+/// time.
 async fn a_resume_forgives_the_failures_so_far_and_a_new_failure_halts_again(backend: Backend) {
     let env = Env::start(backend).await;
     let (stop, task) = env.spawn(env.settings("prod", "c1"));
@@ -489,6 +491,17 @@ async fn a_resume_forgives_the_failures_so_far_and_a_new_failure_halts_again(bac
             .await
         }
     };
+    halted(0).await;
+    // Pausing and unpausing (to look into it) is no resume: the same target, still halted, nothing sent.
+    for on in [true, false] {
+        let p = json!({"spec": {"rollout": {"pause": on}}});
+        env.configs().patch("web", &PatchParams::default(), &Patch::Merge(&p)).await.unwrap();
+    }
+    env.never(Duration::from_secs(3), "a job after pausing and unpausing a halted rollout", || async {
+        let jobs = take_apply_jobs(&env).await;
+        (!jobs.is_empty()).then_some(jobs.into_keys().collect::<Vec<_>>())
+    })
+    .await;
     halted(0).await;
 
     annotate(&env, "web", "nixos.infra/resume", &short_commit(&commit)).await;

@@ -86,7 +86,8 @@ impl Error {
     /// Failure category reported in status.
     pub fn category(&self) -> FailureCategory {
         match self {
-            Error::HostKeyMismatch { .. } | Error::HostKeyNotPinned => FailureCategory::HostKeyMismatch,
+            Error::HostKeyMismatch { .. } => FailureCategory::HostKeyMismatch,
+            Error::HostKeyNotPinned => FailureCategory::HostKeyNotPinned,
             Error::Unreachable(_) | Error::Session { .. } => FailureCategory::Unreachable,
             Error::AuthFailed { .. } | Error::Identity(_) => FailureCategory::AuthFailed,
             Error::Source(_) | Error::SourceUnreachable(_) => FailureCategory::SourceUnavailable,

@@ -208,6 +208,19 @@ async fn wrong_host_key_runs_nothing_and_fails_permanently() {
     assert_eq!(bus.final_of("web-02", T).await.phase, Phase::Succeeded);
     stop.cancel();
     task.await.unwrap().unwrap();
+
+    // An executor that trusts no first key, and a machine with none pinned: not a mismatch (nothing to re-pin),
+    // its own category and what to do.
+    let mut pinned_only = settings(&h, &nats, config(&[("dc1", 2)]), "e2");
+    pinned_only.host_key_policy = nio_executor::ssh::HostKeyPolicy::Pinned;
+    let (stop, task) = spawn_executor(pinned_only);
+    let fresh = job("web-03", &h.addr(1), 22, "dc1", &h.repo.url(), &commit);
+    bus.publish(&fresh).await;
+    let done = bus.final_of("web-03", T).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::HostKeyNotPinned)), "{done:?}");
+    assert!(done.message.unwrap().contains("set spec.hostKey"));
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

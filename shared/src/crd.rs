@@ -241,7 +241,7 @@ pub struct MachineStatus {
     /// Store path NIO last activated; a probe seeing another system marks the machine Drifted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_system: Option<String>,
-    /// What was last applied successfully: `{commit}/{generation}[.{secretsHash}]` of its configuration.
+    /// What was last applied successfully: `{commit}/{spec}[.{secretsHash}]` of its configuration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_target: Option<String>,
     /// What the job on the queue (or running) will apply, in the same form.

@@ -198,7 +198,7 @@ pub struct BudgetClaim {
 
 /// A job's id, also its `Nats-Msg-Id` (so a republished job is deduplicated by the stream):
 /// `{cluster}/{namespace}/{machine}/{target}/{action}`. The target is what the job brings the machine to:
-/// `{commit}/{generation}[.{files hash}]` for an apply, `{commit}/{generation}` for a removal, and
+/// `{commit}/{spec}[.{files hash}]` for an apply (`spec`: what of the configuration's spec decides what runs), `{commit}/{generation}` for a removal, and
 /// `probe/{unix seconds}` for a probe or scan. A retry appends `-{n}` so it gets past the duplicate window.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
 #[serde(transparent)]
@@ -363,6 +363,9 @@ pub enum Step {
 pub enum FailureCategory {
     /// The machine presented a host key other than the pinned one; nothing was run.
     HostKeyMismatch,
+    /// No host key is pinned for the machine and the executor trusts no first key (`--host-key-policy pinned`);
+    /// nothing was run.
+    HostKeyNotPinned,
     /// Connection refused or timed out after retries.
     Unreachable,
     /// The SSH server refused the identity.
@@ -387,6 +390,10 @@ pub enum FailureCategory {
     CommandFailed,
     /// A bug or unexpected condition in NIO.
     Internal,
+    /// A category this build does not know (an executor newer than this controller reported it): the event is
+    /// still applied, as a failure.
+    #[serde(other)]
+    Unknown,
 }
 
 impl FailureCategory {
@@ -394,6 +401,7 @@ impl FailureCategory {
     pub fn as_str(self) -> &'static str {
         match self {
             FailureCategory::HostKeyMismatch => "HostKeyMismatch",
+            FailureCategory::HostKeyNotPinned => "HostKeyNotPinned",
             FailureCategory::Unreachable => "Unreachable",
             FailureCategory::AuthFailed => "AuthFailed",
             FailureCategory::SourceUnavailable => "SourceUnavailable",
@@ -406,6 +414,7 @@ impl FailureCategory {
             FailureCategory::InvalidJob => "InvalidJob",
             FailureCategory::CommandFailed => "CommandFailed",
             FailureCategory::Internal => "Internal",
+            FailureCategory::Unknown => "Unknown",
         }
     }
 }

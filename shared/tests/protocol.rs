@@ -251,3 +251,16 @@ fn log_tail_is_bounded_and_keeps_the_end() {
     assert!(tail.iter().map(String::len).sum::<usize>() <= LOG_TAIL_BYTES);
     assert_eq!(tail.last().unwrap(), "last");
 }
+
+/// A failure category this build does not know (a newer executor's) is kept as a failure, not a lost event: the
+/// controller still records the outcome. (Actions and phases stay strict: guessing those would be unsafe.)
+#[test]
+fn an_unknown_failure_category_is_still_a_failure() {
+    let mut v = serde_json::to_value(event()).unwrap();
+    v["category"] = "DiskOnFire".into();
+    let ev = StatusEvent::decode(&serde_json::to_vec(&v).unwrap()).unwrap();
+    assert_eq!((ev.phase, ev.category), (Phase::Failed, Some(FailureCategory::Unknown)));
+    v["category"] = "HostKeyNotPinned".into();
+    let ev = StatusEvent::decode(&serde_json::to_vec(&v).unwrap()).unwrap();
+    assert_eq!(ev.category.map(FailureCategory::as_str), Some("HostKeyNotPinned"));
+}
