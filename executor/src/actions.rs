@@ -233,7 +233,7 @@ async fn scan<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>) -> Result<Out
     Ok(Outcome { facts: Some(facts), message: "hardware scanned".into(), ..Default::default() })
 }
 
-/// Writes the job's secrets (0400, directory 0700) under `root` (`/mnt`: into the installed system).
+/// Writes the job's secrets (0400, directory 0711) under `root` (`/mnt`: into the installed system).
 async fn write_secrets<H: Host, P: Progress>(host: &H, ctx: &JobRun<'_, P>, root: &str) -> Result<()> {
     let job = ctx.job;
     if job.secrets.is_empty() {

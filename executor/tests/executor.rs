@@ -472,7 +472,13 @@ async fn secrets_land_0400_outside_the_store_and_never_in_logs_argv_or_the_strea
         (0o440, 1500, 1500),
         "owner, group and mode as the configuration says"
     );
-    assert_eq!(std::fs::metadata(host.path("/var/lib/nio/secrets")).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(std::fs::metadata(host.path("/var/lib/nio/secrets")).unwrap().permissions().mode() & 0o777, 0o711);
+    // The owner the configuration names reads its file (the directories let it through); nobody but root lists
+    // them or reads another's.
+    let as_deploy = |cmd: &str| host.exec(&format!("setpriv --reuid=1500 --regid=1500 --clear-groups {cmd}"));
+    assert_eq!(as_deploy("cat /var/lib/nio/secrets/shared.key").unwrap().trim(), "for deploy");
+    assert!(as_deploy("cat /var/lib/nio/secrets/postgres/password").is_err(), "another's secret");
+    assert!(as_deploy("ls /var/lib/nio/secrets/").is_err(), "listed by a user");
     assert!(!host.path(&format!("/var/lib/nio/src/{commit}/postgres")).exists(), "not in the source tree");
     // Persisted: a reboot keeps it.
     host.reboot().unwrap();

@@ -341,8 +341,10 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct AdditionalFile {
     /// Relative path. Inline and NixosFacter files land in the source tree relative to configurationSubdir
-    /// (where the flake sees them); SecretRef files land under /var/lib/nio/secrets on the machine (directory
-    /// mode 0700, kept across reboots), mode 0400, never in the Nix store or the source tree.
+    /// (where the flake sees them); SecretRef files land under /var/lib/nio/secrets on the machine (directories
+    /// 0711: reachable by the file's owner, listed by nobody but root; kept across reboots; live with the
+    /// activation that delivers them), mode 0400 unless `mode` says otherwise, never in the Nix store or the
+    /// source tree.
     #[schemars(length(min = 1, max = 1024))]
     pub path: String,
     /// Where the content comes from.

@@ -322,9 +322,10 @@ impl Commands {
     pub fn extract_source(&self, dir: &str) -> Vec<String> {
         v(&["tar", "-x", "--no-same-owner", "--strip-components=1", "-f", "-", "-C", dir, "src"])
     }
-    /// Creates the secrets directory (0700) under `root` ("" or "/mnt" for the system being installed).
+    /// Creates the secrets directory (0711: reachable, not listable) under `root` ("" or "/mnt" for the system
+    /// being installed).
     pub fn secrets_dir(&self, root: &str) -> Vec<String> {
-        v(&["install", "-d", "-m", "0700", &format!("{root}{}", self.paths.secrets_dir)])
+        v(&["install", "-d", "-m", "0711", &format!("{root}{}", self.paths.secrets_dir)])
     }
     /// Writes stdin to `{root}{secretsDir}/{path}` with `mode`.
     pub fn write_secret(&self, root: &str, path: &str, mode: u32) -> Vec<String> {

@@ -41,7 +41,7 @@ live_set() { # the set to make live ("": none)
 }
 case $action in switch|boot|test)
   if [ ! -L "$secrets" ] && [ -d "$secrets" ]; then
-    install -d -m 0700 "$sets" && { [ ! -e "$sets/legacy" ] || rm -rf "$sets/legacy"; } \
+    install -d -m 0711 "$sets" && { [ ! -e "$sets/legacy" ] || rm -rf "$sets/legacy"; } \
       && mv -T "$secrets" "$sets/legacy" && live_set legacy
   fi
   if [ -L "$secrets" ]; then was=$(readlink "$secrets"); was=${was##*/}; fi

@@ -42,9 +42,11 @@ if [ "$input" = tar ]; then
     { [ -d "${src%/*}" ] || mkdir -p "${src%/*}"; } && { [ ! -e "$src" ] || rm -rf "$src"; } \
       && mv "$in/src" "$src" || fail upload
   fi
+  # Directories 0711: a service user reaches the file its configuration gives it (owner, group, mode), but nobody
+  # but root lists what else is there.
   if [ -d "$in/secrets" ]; then
-    install -d -m 0700 "$secrets.d" && { [ ! -e "$staged" ] || rm -rf "$staged"; } \
-      && chmod 0700 "$in/secrets" && mv "$in/secrets" "$staged" || fail upload
+    install -d -m 0711 "$secrets.d" && { [ ! -e "$staged" ] || rm -rf "$staged"; } \
+      && find "$in/secrets" -type d -exec chmod 0711 {} + && mv "$in/secrets" "$staged" || fail upload
   fi
   rm -rf "$in"
 fi
