@@ -69,36 +69,50 @@ pub fn managed_elsewhere(
     machines: &[Arc<Machine>],
     labels: &[(String, BTreeMap<String, String>)],
 ) -> BTreeMap<String, String> {
-    let me = cfg.name_any();
-    let peers: Vec<&Arc<NixosConfiguration>> =
-        peers.iter().filter(|p| p.name_any() != me && p.namespace() == cfg.namespace()).collect();
-    let age = |c: &NixosConfiguration| {
+    let name_of = |c: &NixosConfiguration| c.metadata.name.clone().unwrap_or_default();
+    let me = cfg.metadata.name.as_deref().unwrap_or_default();
+    let by_name: std::collections::HashMap<&str, &NixosConfiguration> = peers
+        .iter()
+        .filter(|p| p.metadata.namespace == cfg.metadata.namespace)
+        .filter_map(|p| Some((p.metadata.name.as_deref()?, &**p)))
+        .filter(|(n, _)| *n != me)
+        .collect();
+    fn age(c: &NixosConfiguration) -> (i128, &str) {
         let created = c.metadata.creation_timestamp.as_ref().map_or(i128::MAX, |t| t.0.as_nanosecond());
-        (created, c.name_any())
-    };
-    let mine = age(cfg);
-    let older: Vec<&&Arc<NixosConfiguration>> =
-        peers.iter().filter(|p| p.metadata.deletion_timestamp.is_none() && age(p) < mine).collect();
+        (created, c.metadata.name.as_deref().unwrap_or_default())
+    }
+    // Those that would take a machine no configuration keeps before this one, oldest first.
+    let mut older: Vec<&NixosConfiguration> =
+        by_name.values().copied().filter(|p| p.metadata.deletion_timestamp.is_none() && age(p) < age(cfg)).collect();
+    older.sort_by(|a, b| age(a).cmp(&age(b)));
     let mut elsewhere = BTreeMap::new();
     for (m, (name, labels)) in machines.iter().zip(labels) {
         let last = m.status.as_ref().and_then(|s| s.applied_configuration.as_deref());
-        if last == Some(me.as_str()) {
+        if last == Some(me) {
             continue;
         }
-        let keeps = |p: &&&Arc<NixosConfiguration>| {
-            Some(p.name_any().as_str()) == last
-                && (p.metadata.deletion_timestamp.is_some() || targets_labelled(p, name, labels))
-        };
-        if let Some(p) = peers.iter().find(|p| keeps(p)) {
-            elsewhere.insert(name.clone(), p.name_any());
-            continue;
-        }
-        let oldest = older.iter().filter(|p| targets_labelled(p, name, labels)).min_by_key(|p| age(p));
-        if let Some(p) = oldest {
-            elsewhere.insert(name.clone(), p.name_any());
+        let keeps = last
+            .and_then(|l| by_name.get(l))
+            .filter(|p| p.metadata.deletion_timestamp.is_some() || targets_labelled(p, name, labels));
+        if let Some(p) = keeps.copied().or_else(|| older.iter().copied().find(|p| targets_labelled(p, name, labels))) {
+            elsewhere.insert(name.clone(), name_of(p));
         }
     }
     elsewhere
+}
+
+/// Whether `peer` may manage a machine `cfg` targets: being deleted (it keeps its machines until released), or
+/// selecting machines `cfg` may select too.
+fn rival(cfg: &NixosConfiguration, peer: &NixosConfiguration) -> bool {
+    if peer.metadata.deletion_timestamp.is_some() {
+        return true;
+    }
+    match ((&cfg.spec.machine_ref, &cfg.spec.machine_selector), (&peer.spec.machine_ref, &peer.spec.machine_selector)) {
+        ((Some(a), _), (Some(b), _)) => a == b,
+        ((None, Some(a)), (None, Some(b))) => !crate::waves::selectors_disjoint(a, b),
+        ((None, None), _) | (_, (None, None)) => false,
+        _ => true,
+    }
 }
 
 /// The machines `cfg` targets, from the Machine cache (its selector matched as `targets` matches it, on the
@@ -428,9 +442,23 @@ async fn apply(cfg: &NixosConfiguration, ctx: &Ctx) -> Result<Action> {
         .into_iter()
         .partition(|m| nio_shared::validate::machine_spec(&m.spec).is_ok());
     // Machines another configuration manages get nothing from this one; the status names them.
-    let peers = ctx.configurations(&cfg.namespace().unwrap_or_default());
-    let elsewhere = if peers.iter().any(|p| p.name_any() != cfg.name_any()) {
-        managed_elsewhere(cfg, &peers, &machines, &labelled(ctx, cfg, &machines))
+    // (only machines that do not already name this configuration need a look, and their labels)
+    let me = cfg.metadata.name.as_deref();
+    let unsure: Vec<Arc<Machine>> = machines
+        .iter()
+        .filter(|m| m.status.as_ref().and_then(|s| s.applied_configuration.as_deref()) != me)
+        .cloned()
+        .collect();
+    // and only configurations that can select one of them: a fleet's neighbours with selectors that cannot
+    // overlap (another value of the same label, typically) are left out, so a large rollout pays nothing for it
+    let peers: Vec<Arc<NixosConfiguration>> = if unsure.is_empty() {
+        Vec::new()
+    } else {
+        let ns = cfg.namespace().unwrap_or_default();
+        ctx.configurations(&ns).into_iter().filter(|p| p.metadata.name.as_deref() != me && rival(cfg, p)).collect()
+    };
+    let elsewhere = if !peers.is_empty() {
+        managed_elsewhere(cfg, &peers, &unsure, &labelled(ctx, cfg, &unsure))
     } else {
         BTreeMap::new()
     };

@@ -104,6 +104,55 @@ pub fn selector_matches_by<'a>(sel: &LabelSelector, label: impl Fn(&str) -> Opti
     ok_labels && ok_exprs
 }
 
+/// Whether no labels can match both `a` and `b`, as far as their required values tell: a key both require
+/// (`matchLabels`, or `In`) with no value in common, or one requires what the other forbids (`DoesNotExist`,
+/// `NotIn`). False when it cannot tell.
+pub fn selectors_disjoint(a: &LabelSelector, b: &LabelSelector) -> bool {
+    // The common case first, without allocating (this runs for every neighbour at every fleet reconcile): both
+    // require one key to take different values, as fleets selected by `fleet: <name>` do.
+    if let (Some(la), Some(lb)) = (&a.match_labels, &b.match_labels)
+        && la.iter().any(|(k, v)| lb.get(k).is_some_and(|w| w != v))
+    {
+        return true;
+    }
+    // Per selector: the values each key must take (None: must be absent), from matchLabels, In and DoesNotExist.
+    fn required(s: &LabelSelector) -> Vec<(&str, Option<Vec<&str>>)> {
+        let labels = s.match_labels.iter().flatten().map(|(k, v)| (k.as_str(), Some(vec![v.as_str()])));
+        let exprs = s.match_expressions.iter().flatten().filter_map(|e| {
+            let vals = || e.values.iter().flatten().map(String::as_str).collect();
+            match e.operator.as_str() {
+                "In" => Some((e.key.as_str(), Some(vals()))),
+                "DoesNotExist" => Some((e.key.as_str(), None)),
+                _ => None,
+            }
+        });
+        labels.chain(exprs).collect()
+    }
+    let excluded = |s: &LabelSelector, key: &str, value: &str| {
+        s.match_expressions
+            .iter()
+            .flatten()
+            .any(|e| e.key == key && e.operator == "NotIn" && e.values.iter().flatten().any(|v| v == value))
+    };
+    let (ra, rb) = (required(a), required(b));
+    let clash = |x: &[(&str, Option<Vec<&str>>)], y: &[(&str, Option<Vec<&str>>)]| {
+        x.iter().any(|(k, vx)| {
+            y.iter().any(|(l, vy)| {
+                k == l
+                    && match (vx, vy) {
+                        (Some(vx), Some(vy)) => !vx.iter().any(|v| vy.contains(v)),
+                        (None, None) => false,
+                        _ => true,
+                    }
+            })
+        })
+    };
+    let forbidden = |x: &[(&str, Option<Vec<&str>>)], other: &LabelSelector| {
+        x.iter().any(|(k, v)| v.as_ref().is_some_and(|vs| !vs.is_empty() && vs.iter().all(|v| excluded(other, k, v))))
+    };
+    clash(&ra, &rb) || forbidden(&ra, b) || forbidden(&rb, a)
+}
+
 /// Puts each machine (name, labels) into a wave, in name order: the first wave whose selector matches it and
 /// whose count has room, or, without a selector, whose count has room; the last wave takes the rest. Without
 /// waves in the spec, one wave (`all`) has every machine. Percentages are of all machines.
@@ -592,6 +641,34 @@ mod tests {
         let ok = Facts { approved: Some("canary"), ..facts(&m, &d.statuses, t0) };
         let d = decide(&waves, &ok);
         assert_eq!((states(&d), d.eligible.len()), (vec![Succeeded, Progressing], 3));
+    }
+
+    #[test]
+    fn selectors_that_cannot_share_a_machine_are_told_apart() {
+        let sel = |v: serde_json::Value| -> LabelSelector { serde_json::from_value(v).unwrap() };
+        let web = sel(json!({"matchLabels": {"fleet": "web"}}));
+        let cases = [
+            (json!({"matchLabels": {"fleet": "db"}}), true),
+            (json!({"matchLabels": {"fleet": "web", "tier": "edge"}}), false),
+            (json!({"matchLabels": {"tier": "edge"}}), false),
+            (json!({"matchExpressions": [{"key": "fleet", "operator": "In", "values": ["db", "cache"]}]}), true),
+            (json!({"matchExpressions": [{"key": "fleet", "operator": "In", "values": ["db", "web"]}]}), false),
+            (json!({"matchExpressions": [{"key": "fleet", "operator": "DoesNotExist"}]}), true),
+            (json!({"matchExpressions": [{"key": "fleet", "operator": "NotIn", "values": ["web"]}]}), true),
+            (json!({"matchExpressions": [{"key": "fleet", "operator": "NotIn", "values": ["db"]}]}), false),
+            (json!({"matchExpressions": [{"key": "fleet", "operator": "Exists"}]}), false),
+            (json!({}), false),
+        ];
+        for (other, disjoint) in cases {
+            let other_sel = sel(other.clone());
+            assert_eq!(selectors_disjoint(&web, &other_sel), disjoint, "{other}");
+            assert_eq!(selectors_disjoint(&other_sel, &web), disjoint, "{other} (the other way round)");
+            // never disjoint when one machine matches both
+            let both: BTreeMap<String, String> = [("fleet".to_string(), "web".to_string())].into();
+            if selector_matches(&other_sel, &both) {
+                assert!(!disjoint, "{other}");
+            }
+        }
     }
 
     #[test]
