@@ -142,7 +142,7 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
     // A spec changed since it was last observed (an address, port, site or host key corrected): a job still
     // queued carries the old one, so it is withdrawn, and a job that failed is tried again; the configuration
     // queues the machine again from the new spec.
-    let changed = status.and_then(|s| s.observed_generation).is_some_and(|g| Some(g) != generation);
+    let changed = spec_changed(status, generation);
     let withdraw = changed && crate::reconcile::withdrawn(status).is_some();
     if withdraw {
         ctx.publisher.withdraw(&ctx.cluster, &ns, &name).await?;
@@ -173,6 +173,14 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
     Ok(Action::await_change())
 }
 
+/// Whether the spec changed since this controller last looked at the Machine. A new Machine's status starts as
+/// `{observedGeneration: 0}` (the CRD's default): not looked at yet, so nothing it was queued for is stale (read
+/// as a change, it withdrew the first job of every machine a configuration queued before this controller's first
+/// look, and queued it again).
+fn spec_changed(status: Option<&MachineStatus>, generation: Option<i64>) -> bool {
+    status.and_then(|s| s.observed_generation).is_some_and(|g| g > 0 && Some(g) != generation)
+}
+
 /// `s` after the Machine's spec changed: a job still queued is withdrawn, and a target that failed is tried
 /// again (the failure may have been the old spec's: an unreachable address, a wrong port).
 fn retried(s: MachineStatus) -> MachineStatus {
@@ -199,6 +207,24 @@ pub fn error_policy(m: Arc<Machine>, err: &Error, ctx: Arc<Ctx>) -> Action {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A machine queued before the controller's first look (status still the CRD's default) keeps its job; one
+    /// whose spec changed after a look is withdrawn.
+    #[test]
+    fn a_new_machine_queued_before_its_first_look_keeps_its_job() {
+        let queued = |observed| MachineStatus {
+            phase: Some(MachinePhase::Queued),
+            queued_target: Some("c1/abc".into()),
+            last_job_id: Some("job-1".into()),
+            observed_generation: observed,
+            ..Default::default()
+        };
+        assert!(!spec_changed(Some(&queued(Some(0))), Some(1)));
+        assert!(!spec_changed(Some(&queued(None)), Some(1)));
+        assert!(!spec_changed(None, Some(1)));
+        assert!(!spec_changed(Some(&queued(Some(2))), Some(2)));
+        assert!(spec_changed(Some(&queued(Some(1))), Some(2)));
+    }
 
     /// A probe at 10.9 s is stored as 10 s: the next is not due before a whole interval after 10.9 s.
     #[test]

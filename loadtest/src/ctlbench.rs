@@ -52,6 +52,11 @@ pub struct CtlReport {
     /// Requests per minute by verb while idle after the rollout (real apiserver only).
     pub steady_requests_per_minute: BTreeMap<String, f64>,
     pub steady_seconds: f64,
+    /// Apply jobs the controller published per machine (its `nio_controller_jobs_published_total`, probes and
+    /// scans left out): 1 when every machine was queued once.
+    pub apply_jobs_published_per_machine: f64,
+    /// Machine status writes per machine during the whole run (`nio_controller_machine_status_writes_total`).
+    pub machine_status_writes_per_machine: f64,
     /// Requests answered 429 (throttled by priority and fairness) during the whole run.
     pub throttled: u64,
 }
@@ -230,9 +235,21 @@ pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
         .into_iter()
         .map(|(verb, n)| (verb, n as f64 * 60.0 / steady_s.max(1.0)))
         .collect();
-    if let Some((_, text)) = crate::procs::http_get(ctl.metrics_port, "/metrics").await {
-        std::fs::write(dir.join("controller-metrics.txt"), text)?;
-    }
+    let metrics = crate::procs::http_get(ctl.metrics_port, "/metrics").await.map(|(_, text)| text).unwrap_or_default();
+    std::fs::write(dir.join("controller-metrics.txt"), &metrics)?;
+    let sum = |name: &str, keep: &dyn Fn(&str) -> bool| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && keep(l))
+            .map(crate::procs::metric_value)
+            .sum()
+    };
+    let apply_jobs = sum("nio_controller_jobs_published_total", &|l| {
+        !matches!(crate::procs::metric_label(l, "action"), Some("probe" | "scan"))
+    });
+    let status_writes = sum("nio_controller_machine_status_writes_total", &|l| {
+        crate::procs::metric_label(l, "result") == Some("written")
+    });
     ctl.terminate(Duration::from_secs(10)).await;
     let total: u64 = rollout.values().sum();
     Ok(CtlReport {
@@ -249,6 +266,8 @@ pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
         rollout_requests_per_machine: total as f64 / n as f64,
         steady_requests_per_minute: steady,
         steady_seconds: steady_s,
+        apply_jobs_published_per_machine: apply_jobs / n as f64,
+        machine_status_writes_per_machine: status_writes / n as f64,
         throttled: throttled(&after_steady),
     })
 }
