@@ -65,8 +65,8 @@ pub struct Ctx {
 /// each other: each started from the cached copy, which the watch had not yet brought up to the other's write,
 /// and lost to a conflict (a GET and a second write). Taking turns, and starting from this process's own last
 /// write while the cache is behind it, the second writes once. A Machine's entry lives while a write to it is in
-/// flight or waiting and [`RECENT`] after (its status and resourceVersion only), so an idle Machine costs
-/// nothing here.
+/// flight or waiting, and after it while the cache has not caught up with it (at most [`RECENT`]), so an idle
+/// Machine costs nothing here.
 #[derive(Default)]
 pub struct MachineWrites(std::sync::Mutex<Gates>);
 
@@ -76,24 +76,47 @@ struct Gates {
     swept: Option<std::time::Instant>,
 }
 
-/// How long this process's last write to a Machine is kept for the next writer: well past the time the watch
-/// takes to bring the cache up to it.
+/// How long this process's last write to a Machine is kept for the next writer at most: well past the time the
+/// watch takes to bring the cache up to it. An entry the cache has caught up with goes at the next sweep.
 const RECENT: Duration = Duration::from_secs(3);
 
-/// One Machine's turn: what this process last wrote to it (resourceVersion, status).
-type MachineGate = tokio::sync::Mutex<Option<(String, MachineStatus)>>;
+/// How often the entries are swept (when a write comes).
+const SWEEP: Duration = Duration::from_millis(200);
+
+/// One Machine's turn: what this process last wrote to it (resourceVersion, status), boxed: an entry without
+/// one is a few words, not the size of a status.
+type MachineGate = tokio::sync::Mutex<Option<Box<(String, MachineStatus)>>>;
 
 impl MachineWrites {
-    fn gate(&self, ns: &str, name: &str) -> Arc<MachineGate> {
+    /// The gate of Machine `ns/name`. Sweeps now and then: an entry stays while a write to it is in flight or
+    /// waiting, or while the cache is behind its last write (`cached` gives the cache's resourceVersion of a
+    /// Machine), at most [`RECENT`]. At 10,000 Machines, keeping every entry for `RECENT` held a copy of every
+    /// status written in a rollout's first seconds (a tenth of the controller's peak memory).
+    fn gate(&self, ns: &str, name: &str, cached: impl Fn(&str, &str) -> Option<u64>) -> Arc<MachineGate> {
         let mut gates = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = std::time::Instant::now();
-        if gates.swept.is_none_or(|t| now.duration_since(t) > RECENT / 3) {
+        if gates.swept.is_none_or(|t| now.duration_since(t) > SWEEP) {
             gates.swept = Some(now);
-            gates.by_machine.retain(|_, (g, at)| Arc::strong_count(g) > 1 || now.duration_since(*at) < RECENT);
+            gates.by_machine.retain(|(ns, name), (g, at)| {
+                if Arc::strong_count(g) > 1 {
+                    return true;
+                }
+                let behind = match g.try_lock() {
+                    Ok(last) => last.as_ref().is_some_and(|w| version(Some(&w.0)) > cached(ns, name)),
+                    Err(_) => true,
+                };
+                behind && now.duration_since(*at) < RECENT
+            });
         }
         let entry = gates.by_machine.entry((ns.to_string(), name.to_string())).or_insert_with(|| (Arc::default(), now));
         entry.1 = now;
         entry.0.clone()
+    }
+
+    /// Machines with an entry (tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.lock().map(|g| g.by_machine.len()).unwrap_or_default()
     }
 }
 
@@ -222,7 +245,12 @@ pub async fn update_machine_status(
     known: Option<&Machine>,
     f: impl Fn(&Machine) -> Option<MachineStatus>,
 ) -> Result<Option<ObjectReference>> {
-    let gate = ctx.machine_writes.gate(ns, name);
+    let cached_version = |ns: &str, name: &str| {
+        ctx.machine_cache(ns)
+            .and_then(|c| c.get(ns, name))
+            .and_then(|m| version(m.metadata.resource_version.as_deref()))
+    };
+    let gate = ctx.machine_writes.gate(ns, name, cached_version);
     let mut last = gate.lock().await;
     // The caller's copy, the cache's if the watch has brought a newer one since, and this process's own last
     // write if the cache has not caught up with it yet.
@@ -233,11 +261,11 @@ pub async fn update_machine_status(
         (Some(k), _) => Some(k),
         (None, c) => c,
     };
-    let known = latest(known, last.take());
+    let known = latest(known, last.take().map(|w| *w));
     let result = write_machine_status(ctx, ns, name, known, f).await;
     result.map(|w| {
         w.map(|w| {
-            *last = w.last;
+            *last = w.last.map(Box::new);
             w.reference
         })
     })
@@ -390,6 +418,30 @@ mod tests {
             assert!(cut.len() <= 1024 && cut.len() > 1000, "{} bytes", cut.len());
             assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
         }
+    }
+
+    #[test]
+    fn a_machine_last_write_is_kept_only_while_the_cache_is_behind_it() {
+        let writes = MachineWrites::default();
+        let written = |rv: &str| Some(Box::new((rv.to_string(), MachineStatus::default())));
+        let gate = writes.gate("ns", "m1", |_, _| None);
+        *gate.try_lock().expect("free") = written("10");
+        drop(gate);
+        let settle = || std::thread::sleep(SWEEP + Duration::from_millis(50));
+        settle();
+        // the cache is at 9: m1's write is kept for its next writer
+        drop(writes.gate("ns", "m2", |_, name| (name == "m1").then_some(9)));
+        assert_eq!(writes.len(), 2);
+        settle();
+        // the cache caught up with m1 (and m2 wrote nothing): both go
+        drop(writes.gate("ns", "m3", |_, name| (name == "m1").then_some(10)));
+        assert_eq!(writes.len(), 1, "only m3, just asked for");
+        // an entry whose write is in flight stays whatever the cache says
+        let held = writes.gate("ns", "m4", |_, _| None);
+        settle();
+        drop(writes.gate("ns", "m5", |_, _| Some(u64::MAX)));
+        assert_eq!(writes.len(), 2, "m4 (held) and m5");
+        drop(held);
     }
 
     #[test]
