@@ -37,7 +37,9 @@ pub fn transition(
     let mut s = status.clone();
     let mut notes = Vec::new();
     s.last_event_time = Some(ts(ev.at));
-    s.observed_generation = generation;
+    // (`observedGeneration` is the Machine controller's to set: it is how that controller tells a spec changed
+    // since its last look, which withdraws a job queued with the old spec. An executor's event for that old job,
+    // landing first, marked the new generation observed and the stale job ran.)
     let commit = ev.commit.clone().unwrap_or_default();
     let short = short_commit(&commit);
 
@@ -250,6 +252,15 @@ mod tests {
         // a late Step (older) and a duplicate are ignored
         assert!(transition(&spec(), &s, &ev(Phase::Step, Action::Switch, 3), Some(1)).is_none());
         assert!(transition(&spec(), &s, &ev(Phase::Succeeded, Action::Switch, 5), Some(1)).is_none());
+    }
+
+    /// An executor's event does not mark a new Machine spec observed: the Machine controller must still see the
+    /// change (and withdraw a job queued with the old spec).
+    #[test]
+    fn an_executor_event_leaves_the_spec_change_to_the_machine_controller() {
+        let before = MachineStatus { observed_generation: Some(1), ..Default::default() };
+        let (s, _) = transition(&spec(), &before, &ev(Phase::Started, Action::Switch, 1), Some(2)).unwrap();
+        assert_eq!(s.observed_generation, Some(1));
     }
 
     /// Only a routine success is left out of Events by default; what needs attention or changes the
