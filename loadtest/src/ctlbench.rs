@@ -52,6 +52,9 @@ pub struct CtlReport {
     /// Requests per minute by verb while idle after the rollout (real apiserver only).
     pub steady_requests_per_minute: BTreeMap<String, f64>,
     pub steady_seconds: f64,
+    /// From the first create to the controller's last write before steady state (None: not measured, or it
+    /// never settled).
+    pub seconds_to_settle: Option<f64>,
     /// Apply jobs the controller published per machine (its `nio_controller_jobs_published_total`, probes and
     /// scans left out): 1 when every machine was queued once.
     pub apply_jobs_published_per_machine: f64,
@@ -98,6 +101,33 @@ fn by_verb(after: &BTreeMap<(String, String), u64>, before: &BTreeMap<(String, S
 
 fn throttled(counts: &BTreeMap<(String, String), u64>) -> u64 {
     counts.iter().filter(|((_, code), _)| code == "429").map(|(_, n)| *n).sum()
+}
+
+/// How long the controller writes nothing before it counts as settled.
+const SETTLED: Duration = Duration::from_secs(10);
+
+/// The controller's writes so far (its `nio_controller_api_requests_total` for every verb that writes).
+async fn writes(port: u16) -> Option<f64> {
+    let (_, text) = crate::procs::http_get(port, "/metrics").await?;
+    let writing = |l: &&str| {
+        l.starts_with("nio_controller_api_requests_total{")
+            && matches!(crate::procs::metric_label(l, "verb"), Some("APPLY" | "CREATE" | "PATCH" | "DELETE"))
+    };
+    Some(text.lines().filter(writing).map(crate::procs::metric_value).sum())
+}
+
+/// Waits until the controller (metrics on `port`) has written nothing for [`SETTLED`]; Err at `deadline`.
+async fn settle(port: u16, deadline: Instant) -> anyhow::Result<()> {
+    let (mut last, mut since) = (writes(port).await, Instant::now());
+    while since.elapsed() < SETTLED {
+        anyhow::ensure!(Instant::now() < deadline, "the controller kept writing for 30 minutes");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = writes(port).await;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    Ok(())
 }
 
 pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
@@ -227,6 +257,13 @@ pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
             *v = v.saturating_sub(own);
         }
     }
+    // Steady state begins when the controller has settled: no write of its own for SETTLED (machines of sites
+    // no executor serves are marked Waiting after the rollout, and the configurations count them).
+    let settled_s = match b.steady.is_zero() {
+        true => None,
+        false => settle(ctl.metrics_port, deadline).await.ok().map(|()| (t0.elapsed() - SETTLED).as_secs_f64()),
+    };
+    let after_rollout = if b.steady.is_zero() { after_rollout } else { counts().await };
     let steady_start = Instant::now();
     tokio::time::sleep(b.steady).await;
     let steady_s = steady_start.elapsed().as_secs_f64();
@@ -266,6 +303,7 @@ pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
         rollout_requests_per_machine: total as f64 / n as f64,
         steady_requests_per_minute: steady,
         steady_seconds: steady_s,
+        seconds_to_settle: settled_s,
         apply_jobs_published_per_machine: apply_jobs / n as f64,
         machine_status_writes_per_machine: status_writes / n as f64,
         throttled: throttled(&after_steady),
