@@ -74,7 +74,8 @@ pub async fn probe_sweep(
     let tick = (base / 20).clamp(Duration::from_secs(1), Duration::from_secs(30));
     let mut timer = tokio::time::interval(tick);
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sent: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    // (by the uid's hash: a copy of each uid cost more than the rest of the entry)
+    let mut sent: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
     let retry = base.min(SWEEP_RETRY);
     loop {
         tokio::select! {
@@ -84,7 +85,7 @@ pub async fn probe_sweep(
         let now = chrono::Utc::now();
         sent.retain(|_, at| at.elapsed() < retry);
         for m in store.state() {
-            let uid = m.metadata.uid.clone().unwrap_or_default();
+            let uid = crate::hash_of(m.metadata.uid.as_deref().unwrap_or_default());
             if sent.contains_key(&uid)
                 || nio_shared::validate::machine_spec(&m.spec).is_err()
                 || !probe_due(&m, base, now)
