@@ -113,6 +113,31 @@ impl MachineWrites {
         entry.0.clone()
     }
 
+    /// `machines` of `ns` (from the cache) each brought up to this process's last write to it where the cache
+    /// has not caught up with that yet: a reconcile planning from a copy older than its own last mark queued
+    /// the machine again (the queue dropped the job as a duplicate, but it cost a publish; a fifth of the
+    /// machines at 10,000 on a real API server). A write in flight is not waited for.
+    pub fn overlay(&self, ns: &str, machines: &mut [Arc<Machine>]) {
+        let gates = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if gates.by_machine.is_empty() {
+            return;
+        }
+        let mut key = (ns.to_string(), String::new());
+        for m in machines.iter_mut() {
+            key.1.clear();
+            key.1.push_str(m.metadata.name.as_deref().unwrap_or_default());
+            let Some((gate, _)) = gates.by_machine.get(&key) else { continue };
+            let Ok(last) = gate.try_lock() else { continue };
+            let Some(w) = last.as_ref() else { continue };
+            if version(Some(&w.0)) <= version(m.metadata.resource_version.as_deref()) {
+                continue;
+            }
+            if let Some(Cow::Owned(n)) = latest(Some(m), Some((**w).clone())) {
+                *m = Arc::new(n);
+            }
+        }
+    }
+
     /// Machines with an entry (tests).
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -442,6 +467,33 @@ mod tests {
         drop(writes.gate("ns", "m5", |_, _| Some(u64::MAX)));
         assert_eq!(writes.len(), 2, "m4 (held) and m5");
         drop(held);
+    }
+
+    /// A reconcile plans from this process's own last write where the cache is behind it (a machine it just
+    /// marked Queued is not queued again), and from the cache where it is not.
+    #[test]
+    fn a_plan_sees_its_own_marks_before_the_cache_does() {
+        use nio_shared::crd::MachinePhase::{Applied, Pending, Queued};
+        let cached = |name: &str, rv: &str, phase| {
+            let spec = serde_json::from_value(serde_json::json!({"hostname": name})).expect("spec");
+            let mut m = Machine::new(name, spec);
+            m.metadata.resource_version = Some(rv.into());
+            m.status = Some(MachineStatus { phase: Some(phase), ..Default::default() });
+            Arc::new(m)
+        };
+        let writes = MachineWrites::default();
+        for (name, rv) in [("m1", "12"), ("m2", "12")] {
+            let gate = writes.gate("ns", name, |_, _| None);
+            *gate.try_lock().expect("free") =
+                Some(Box::new((rv.to_string(), MachineStatus { phase: Some(Queued), ..Default::default() })));
+        }
+        let mut machines = vec![cached("m1", "10", Pending), cached("m2", "15", Applied), cached("m3", "3", Pending)];
+        writes.overlay("ns", &mut machines);
+        let seen: Vec<_> = machines
+            .iter()
+            .map(|m| (m.metadata.resource_version.as_deref(), m.status.as_ref().and_then(|s| s.phase)))
+            .collect();
+        assert_eq!(seen, [(Some("12"), Some(Queued)), (Some("15"), Some(Applied)), (Some("3"), Some(Pending))]);
     }
 
     #[test]

@@ -125,10 +125,14 @@ async fn targeted_machines(ctx: &Ctx, cfg: &NixosConfiguration) -> Result<Vec<Ar
         return Err(Error::CacheNotReady("the Machine cache has not finished its first list"));
     }
     if let Some(name) = &cfg.spec.machine_ref {
-        return Ok(cache.get(&ns, name).into_iter().collect());
+        let mut machines: Vec<Arc<Machine>> = cache.get(&ns, name).into_iter().collect();
+        ctx.machine_writes.overlay(&ns, &mut machines);
+        return Ok(machines);
     }
     let Some(sel) = &cfg.spec.machine_selector else { return Ok(vec![]) };
-    Ok(cache.select(&ns, sel))
+    let mut machines = cache.select(&ns, sel);
+    ctx.machine_writes.overlay(&ns, &mut machines);
+    Ok(machines)
 }
 
 /// Each of `cfg`'s `machines` (from the cache, whose Machines carry no labels) with its labels.
