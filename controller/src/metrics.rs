@@ -78,6 +78,8 @@ pub struct Metrics {
     pub reconcile_duration: Family<KindLabel, Histogram, fn() -> Histogram>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub jobs_published: Family<PublishLabels, Counter>,
+    /// Jobs published again that the queue dropped: the same id as one it holds (within its duplicate window).
+    pub jobs_duplicate: Family<PublishLabels, Counter>,
     pub status_events: Family<EventLabels, Counter>,
     pub machines: Family<PhaseLabel, Gauge>,
     pub machines_drifted: Gauge,
@@ -109,6 +111,7 @@ impl Metrics {
         let reconcile_duration = Family::<KindLabel, Histogram, fn() -> Histogram>::new_with_constructor(buckets);
         let reconcile_errors = Family::<ErrorLabels, Counter>::default();
         let jobs_published = Family::<PublishLabels, Counter>::default();
+        let jobs_duplicate = Family::<PublishLabels, Counter>::default();
         let status_events = Family::<EventLabels, Counter>::default();
         let machines = Family::<PhaseLabel, Gauge>::default();
         let leader = Gauge::default();
@@ -134,7 +137,16 @@ impl Metrics {
             reconcile_duration.clone(),
         );
         registry.register("reconcile_errors", "Reconciles that failed, by kind and category", reconcile_errors.clone());
-        registry.register("jobs_published", "Jobs published, by site and action", jobs_published.clone());
+        registry.register(
+            "jobs_published",
+            "Jobs published and taken by the queue, by site and action",
+            jobs_published.clone(),
+        );
+        registry.register(
+            "jobs_duplicate",
+            "Jobs published again and dropped by the queue as duplicates of one it holds, by site and action",
+            jobs_duplicate.clone(),
+        );
         registry.register(
             "status_events",
             "Executor status events applied, by phase and action",
@@ -201,6 +213,7 @@ impl Metrics {
             machine_status_writes,
             api_requests,
             jobs_published,
+            jobs_duplicate,
             status_events,
             machines,
             machines_drifted,

@@ -282,17 +282,15 @@ impl Publisher {
             let _e = span.enter();
             nio_shared::telemetry::inject(&mut headers);
         }
-        async {
+        let ack = async {
             let ack = self.js.publish_with_headers(subject, headers, Bytes::from(job.encode())).await?;
-            ack.await?;
-            Ok::<_, Error>(())
+            Ok::<_, Error>(ack.await?)
         }
         .instrument(span)
         .await?;
-        self.metrics
-            .jobs_published
-            .get_or_create(&PublishLabels { site: job.site.clone(), action: job.action.as_str().into() })
-            .inc();
+        // (a duplicate is harmless, the queue holds the job once, but it is not a job published)
+        let counter = if ack.duplicate { &self.metrics.jobs_duplicate } else { &self.metrics.jobs_published };
+        counter.get_or_create(&PublishLabels { site: job.site.clone(), action: job.action.as_str().into() }).inc();
         Ok(())
     }
 }
@@ -300,6 +298,30 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A job published twice is on the queue once, and the metrics say so: one published, one duplicate.
+    #[tokio::test]
+    async fn a_job_published_again_counts_as_a_duplicate_not_a_second_job() {
+        let nats = nio_loadtest::nats::NatsServer::start().await.expect("nats-server");
+        let js = jetstream::new(async_nats::connect(nats.url()).await.expect("connect"));
+        nio_shared::nats::ensure_streams(&js, 1).await.expect("streams");
+        let metrics = std::sync::Arc::new(Metrics::new("c1"));
+        let publisher = Publisher { js: js.clone(), metrics: metrics.clone() };
+        let spec = serde_json::from_value(serde_json::json!({"hostname": "m1", "site": "dc1"})).expect("spec");
+        let mut m = Machine::new("m1", spec);
+        m.metadata.namespace = Some("default".into());
+        let job = probe_job("c1", &m, Action::Probe);
+        publisher.publish(&job).await.expect("first");
+        publisher.publish(&job).await.expect("again");
+        let labels = PublishLabels { site: "dc1".into(), action: "probe".into() };
+        let count = |f: &prometheus_client::metrics::family::Family<
+            PublishLabels,
+            prometheus_client::metrics::counter::Counter,
+        >| { f.get_or_create(&labels).get() };
+        assert_eq!((count(&metrics.jobs_published), count(&metrics.jobs_duplicate)), (1, 1));
+        let mut stream = js.get_stream(nio_shared::subjects::JOBS_STREAM).await.expect("stream");
+        assert_eq!(stream.info().await.expect("info").state.messages, 1);
+    }
 
     /// Holding, resuming or tuning a rollout is the same target; what the machines run is not.
     #[test]

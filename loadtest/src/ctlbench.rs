@@ -55,8 +55,9 @@ pub struct CtlReport {
     /// From the first create to the controller's last write before steady state (None: not measured, or it
     /// never settled).
     pub seconds_to_settle: Option<f64>,
-    /// Apply jobs the controller published per machine (its `nio_controller_jobs_published_total`, probes and
-    /// scans left out): 1 when every machine was queued once.
+    /// Apply jobs the controller published per machine, duplicates the queue dropped included (its
+    /// `nio_controller_jobs_published_total` and `_jobs_duplicate_total`, probes and scans left out): 1 when every
+    /// machine was queued once.
     pub apply_jobs_published_per_machine: f64,
     /// Machine status writes per machine during the whole run (`nio_controller_machine_status_writes_total`).
     pub machine_status_writes_per_machine: f64,
@@ -281,9 +282,9 @@ pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
             .map(crate::procs::metric_value)
             .sum()
     };
-    let apply_jobs = sum("nio_controller_jobs_published_total", &|l| {
-        !matches!(crate::procs::metric_label(l, "action"), Some("probe" | "scan"))
-    });
+    let apply = |l: &str| !matches!(crate::procs::metric_label(l, "action"), Some("probe" | "scan"));
+    let apply_jobs =
+        sum("nio_controller_jobs_published_total", &apply) + sum("nio_controller_jobs_duplicate_total", &apply);
     let status_writes = sum("nio_controller_machine_status_writes_total", &|l| {
         crate::procs::metric_label(l, "result") == Some("written")
     });
