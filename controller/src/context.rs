@@ -93,8 +93,18 @@ impl MachineWrites {
     /// Machine), at most [`RECENT`]. At 10,000 Machines, keeping every entry for `RECENT` held a copy of every
     /// status written in a rollout's first seconds (a tenth of the controller's peak memory).
     fn gate(&self, ns: &str, name: &str, cached: impl Fn(&str, &str) -> Option<u64>) -> Arc<MachineGate> {
+        self.gate_at(ns, name, cached, std::time::Instant::now())
+    }
+
+    /// [`MachineWrites::gate`] at `now`.
+    fn gate_at(
+        &self,
+        ns: &str,
+        name: &str,
+        cached: impl Fn(&str, &str) -> Option<u64>,
+        now: std::time::Instant,
+    ) -> Arc<MachineGate> {
         let mut gates = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = std::time::Instant::now();
         if gates.swept.is_none_or(|t| now.duration_since(t) > SWEEP) {
             gates.swept = Some(now);
             gates.by_machine.retain(|(ns, name), (g, at)| {
@@ -449,24 +459,36 @@ mod tests {
     fn a_machine_last_write_is_kept_only_while_the_cache_is_behind_it() {
         let writes = MachineWrites::default();
         let written = |rv: &str| Some(Box::new((rv.to_string(), MachineStatus::default())));
-        let gate = writes.gate("ns", "m1", |_, _| None);
+        // (the sweeps' clock is given, so a slow machine cannot turn one step into the next)
+        let t0 = std::time::Instant::now();
+        let at = |n: u32| t0 + (SWEEP + Duration::from_millis(50)) * n;
+        let gate = writes.gate_at("ns", "m1", |_, _| None, at(0));
         *gate.try_lock().expect("free") = written("10");
         drop(gate);
-        let settle = || std::thread::sleep(SWEEP + Duration::from_millis(50));
-        settle();
         // the cache is at 9: m1's write is kept for its next writer
-        drop(writes.gate("ns", "m2", |_, name| (name == "m1").then_some(9)));
+        drop(writes.gate_at("ns", "m2", |_, name| (name == "m1").then_some(9), at(1)));
         assert_eq!(writes.len(), 2);
-        settle();
         // the cache caught up with m1 (and m2 wrote nothing): both go
-        drop(writes.gate("ns", "m3", |_, name| (name == "m1").then_some(10)));
+        drop(writes.gate_at("ns", "m3", |_, name| (name == "m1").then_some(10), at(2)));
         assert_eq!(writes.len(), 1, "only m3, just asked for");
         // an entry whose write is in flight stays whatever the cache says
-        let held = writes.gate("ns", "m4", |_, _| None);
-        settle();
-        drop(writes.gate("ns", "m5", |_, _| Some(u64::MAX)));
+        let held = writes.gate_at("ns", "m4", |_, _| None, at(3));
+        drop(writes.gate_at("ns", "m5", |_, _| Some(u64::MAX), at(4)));
         assert_eq!(writes.len(), 2, "m4 (held) and m5");
         drop(held);
+        // a write the cache never shows is kept RECENT at most
+        let gate = writes.gate_at("ns", "m6", |_, _| None, at(5));
+        *gate.try_lock().expect("free") = written("20");
+        drop(gate);
+        drop(writes.gate_at("ns", "m7", |_, _| None, at(5) + RECENT / 2));
+        assert!(
+            writes.len() >= 2 && writes.0.lock().expect("lock").by_machine.contains_key(&("ns".into(), "m6".into()))
+        );
+        drop(writes.gate_at("ns", "m8", |_, _| None, at(5) + RECENT + SWEEP));
+        assert!(
+            !writes.0.lock().expect("lock").by_machine.contains_key(&("ns".into(), "m6".into())),
+            "gone after RECENT"
+        );
     }
 
     /// A reconcile plans from this process's own last write where the cache is behind it (a machine it just
