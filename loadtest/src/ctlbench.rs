@@ -45,8 +45,8 @@ pub struct CtlReport {
     /// Controller CPU when every job was published.
     pub controller_cpu_seconds_rollout: f64,
     pub controller_cpu_ms_per_machine: f64,
-    /// Requests the apiserver served during the rollout by verb, the bench's own creates and polls removed
-    /// (real apiserver only).
+    /// Requests the apiserver served during the rollout by verb (with `--steady`, until the controller settled),
+    /// the bench's own creates and polls removed (real apiserver only).
     pub rollout_requests: BTreeMap<String, u64>,
     pub rollout_requests_per_machine: f64,
     /// Requests per minute by verb while idle after the rollout (real apiserver only).
@@ -250,6 +250,13 @@ pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let status_s = t0.elapsed().as_secs_f64();
+    // With a steady window, the rollout lasts until the controller has settled: no write of its own for SETTLED
+    // (machines of sites no executor serves are marked Waiting after their jobs, and the configurations count
+    // them); what it writes until then is the rollout's.
+    let settled_s = match b.steady.is_zero() {
+        true => None,
+        false => settle(ctl.metrics_port, deadline).await.ok().map(|()| (t0.elapsed() - SETTLED).as_secs_f64()),
+    };
     let after_rollout = counts().await;
     let mut rollout = by_verb(&after_rollout, &before);
     // the bench's own requests: one create per machine and per configuration, its status polls
@@ -258,13 +265,6 @@ pub async fn run(b: CtlBench) -> anyhow::Result<CtlReport> {
             *v = v.saturating_sub(own);
         }
     }
-    // Steady state begins when the controller has settled: no write of its own for SETTLED (machines of sites
-    // no executor serves are marked Waiting after the rollout, and the configurations count them).
-    let settled_s = match b.steady.is_zero() {
-        true => None,
-        false => settle(ctl.metrics_port, deadline).await.ok().map(|()| (t0.elapsed() - SETTLED).as_secs_f64()),
-    };
-    let after_rollout = if b.steady.is_zero() { after_rollout } else { counts().await };
     let steady_start = Instant::now();
     tokio::time::sleep(b.steady).await;
     let steady_s = steady_start.elapsed().as_secs_f64();
