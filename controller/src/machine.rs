@@ -144,10 +144,13 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
     // queued carries the old one, so it is withdrawn, and a job that failed is tried again; the configuration
     // queues the machine again from the new spec.
     let changed = spec_changed(status, generation);
-    let withdraw = changed && crate::reconcile::withdrawn(status).is_some();
-    if withdraw {
-        ctx.publisher.withdraw(&ctx.cluster, &ns, &name).await?;
-    }
+    // Withdrawn unless a run is known to have started: this copy can be behind this process's own Queued mark
+    // (a configuration's write waiting its turn), which the write below then withdraws (deciding on this copy
+    // left such a job on the old site's queue, marked withdrawn).
+    let withdrawn = match changed && status.and_then(|s| s.phase) != Some(MachinePhase::Applying) {
+        true => ctx.publisher.withdraw(&ctx.cluster, &ns, &name).await?,
+        false => 0,
+    };
     // One write records the probe, a spec that became valid, and the generation now observed (a new Machine's
     // first write is its first probe's).
     if probe || was_invalid || status.and_then(|s| s.observed_generation) != generation {
@@ -167,7 +170,7 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         })
         .await?;
     }
-    if withdraw {
+    if withdrawn > 0 {
         let note = "the spec changed while a job waited: it was withdrawn and is queued again with the new spec";
         ctx.event(m, false, "JobWithdrawn", note.to_string(), "Validate").await;
     }
