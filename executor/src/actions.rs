@@ -25,6 +25,9 @@ pub trait Connector: Send + Sync {
     type Host: Host;
     /// Connects, pinning `host_key` when given, else trusting the first key seen.
     fn connect(&self, host_key: Option<&str>) -> impl Future<Output = Result<Self::Host>> + Send;
+    /// Hands back a connection this job opened that proved logins work after what the job did (a confirmation's):
+    /// the one to keep for the machine's next job, rather than the job's first.
+    fn keep(&self, _host: Self::Host) {}
 }
 
 /// How a job ended well.
@@ -61,6 +64,9 @@ pub struct JobRun<'a, P: Progress> {
     pub reboot_timeout: Duration,
     /// The host key the job's first connection saw: later connections (the confirmation) must see it too.
     pub host_key: Option<&'a str>,
+    /// The first connection was kept from an earlier job ([`crate::pool`]): it was logged in before anything
+    /// this job finds on the machine, so it cannot stand for a new login after an earlier delivery's activation.
+    pub reused: bool,
 }
 
 /// Checks the parts of a job that reach a remote command or path (defence in depth: the controller

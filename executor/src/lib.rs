@@ -12,6 +12,7 @@ pub mod host;
 pub mod limits;
 pub mod lock;
 pub mod metrics;
+pub mod pool;
 pub mod source;
 pub mod ssh;
 pub mod update;
@@ -46,6 +47,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Interval of SSH keepalives (three missed end the connection).
     pub ssh_keepalive: Duration,
+    /// Idle connections kept for the machines' next jobs ([`pool`]).
+    pub ssh_persist: pool::PoolLimits,
     pub shutdown_grace: Duration,
 }
 
@@ -130,9 +133,20 @@ pub async fn run(s: Settings, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics,
         kexec_tarball,
         ready,
+        pool: pool::Pool::new(s.ssh_persist),
     });
     startup.done();
     tracing::info!(id = %s.executor_id, sites = ?s.config.sites.iter().map(|x| &x.name).collect::<Vec<_>>(), "executor ready");
-    exec.run(consumers, shutdown, s.shutdown_grace).await?;
+    let sweep_stop = CancellationToken::new();
+    let sweeping = tokio::spawn({
+        let (exec, stop) = (exec.clone(), sweep_stop.clone());
+        async move { exec.sweep_kept(stop).await }
+    });
+    let ran = exec.run(consumers, shutdown, s.shutdown_grace).await;
+    sweep_stop.cancel();
+    if let Err(e) = sweeping.await {
+        tracing::warn!(error = %e, "closing the kept SSH connections failed");
+    }
+    ran?;
     Ok(())
 }

@@ -54,6 +54,15 @@ struct Cli {
     /// its network during activation is noticed).
     #[arg(long, env = "NIO_SSH_KEEPALIVE", default_value_t = 5)]
     ssh_keepalive: u64,
+    /// Seconds an SSH connection that ended a successful job is kept for the machine's next job, which then starts
+    /// without a new login (as OpenSSH's ControlPersist; 0: every job logs in anew). Confirmations after an
+    /// activation always log in anew.
+    #[arg(long, env = "NIO_SSH_PERSIST", default_value_t = 60)]
+    ssh_persist: u64,
+    /// Most SSH connections kept idle at once (each is a TCP connection and, on OpenSSH, an sshd process on its
+    /// machine); beyond it the longest idle one is closed.
+    #[arg(long, env = "NIO_SSH_PERSIST_MAX", default_value_t = 1000)]
+    ssh_persist_max: usize,
     /// Seconds to finish in-flight jobs after SIGTERM before returning them to the queue.
     #[arg(long, env = "NIO_SHUTDOWN_GRACE", default_value_t = 120)]
     shutdown_grace: u64,
@@ -107,6 +116,10 @@ async fn main() -> anyhow::Result<()> {
         kexec_tarball: cli.kexec_tarball,
         connect_timeout: Duration::from_secs(cli.connect_timeout),
         ssh_keepalive: Duration::from_secs(cli.ssh_keepalive.max(1)),
+        ssh_persist: nio_executor::pool::PoolLimits {
+            persist: Duration::from_secs(cli.ssh_persist),
+            max_idle: cli.ssh_persist_max,
+        },
         shutdown_grace: Duration::from_secs(cli.shutdown_grace),
     };
     let result = nio_executor::run(settings, shutdown).await;

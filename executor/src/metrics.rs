@@ -43,6 +43,8 @@ pub struct Metrics {
     pub ratelimit_waits: Family<SiteLabel, Counter>,
     pub ratelimit_wait: HistFamily<SiteLabel>,
     pub ssh_connect: HistFamily<SiteLabel>,
+    pub ssh_reused: Family<SiteLabel, Counter>,
+    pub ssh_idle: Gauge,
     pub lock_waits: Family<SiteLabel, Counter>,
     pub malformed: Counter,
     pub status_publish_errors: Counter,
@@ -61,6 +63,8 @@ impl Metrics {
             ratelimit_waits: Family::default(),
             ratelimit_wait: Family::new_with_constructor(fast_buckets),
             ssh_connect: Family::new_with_constructor(fast_buckets),
+            ssh_reused: Family::default(),
+            ssh_idle: Gauge::default(),
             lock_waits: Family::default(),
             malformed: Counter::default(),
             status_publish_errors: Counter::default(),
@@ -103,6 +107,12 @@ impl Metrics {
             Unit::Seconds,
             m.ssh_connect.clone(),
         );
+        registry.register(
+            "ssh_reused",
+            "Jobs that started on a connection kept from the machine's previous job (no new login)",
+            m.ssh_reused.clone(),
+        );
+        registry.register("ssh_idle", "SSH connections kept idle for the machines' next jobs", m.ssh_idle.clone());
         registry.register("lock_waits", "Jobs that found their machine locked by another job", m.lock_waits.clone());
         registry.register("malformed_jobs", "Job messages that could not be decoded (terminated)", m.malformed.clone());
         registry.register(
@@ -124,6 +134,7 @@ impl Metrics {
         let _ = self.queue_wait.get_or_create(&l);
         let _ = self.ratelimit_wait.get_or_create(&l);
         let _ = self.ssh_connect.get_or_create(&l);
+        let _ = self.ssh_reused.get_or_create(&l);
     }
 
     /// Text exposition.

@@ -101,6 +101,11 @@ pub fn parse_host_key(line: &str) -> Result<PublicKey> {
         .map_err(|e| Error::InvalidJob(format!("pinned host key is not an OpenSSH public key: {e}")))
 }
 
+/// A pinned key line in the form connections record ([`SshHost::host_key`]); None when it is not a key.
+pub fn normalise_host_key(line: &str) -> Option<String> {
+    parse_host_key(line).ok().map(|k| openssh(&k))
+}
+
 /// An authenticated SSH connection to one machine.
 pub struct SshHost {
     handle: client::Handle<Checker>,
@@ -174,6 +179,21 @@ impl SshHost {
     /// The host key the machine presented (OpenSSH format).
     pub fn host_key(&self) -> &str {
         &self.host_key
+    }
+
+    /// Whether the connection still carries a session: a channel opens within `within`. A kept connection is
+    /// asked before a job uses it; a machine that rebooted since answers with a reset, one cut off not at all.
+    pub async fn alive(&self, within: Duration) -> bool {
+        if self.handle.is_closed() {
+            return false;
+        }
+        match tokio::time::timeout(within, self.handle.channel_open_session()).await {
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Closes the connection.

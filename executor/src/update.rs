@@ -81,7 +81,16 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
     }
     // An earlier delivery of this job activated, or is still uploading or building: take over its result.
     if let Some(a) = st.attempt.as_ref().filter(|a| a.boot_id.is_some() || a.running) {
-        return resume(host, ctx, &st, a, &unit).await;
+        if !ctx.reused {
+            return resume(host, ctx, &st, a, &unit).await;
+        }
+        // A kept connection predates that activation: confirm over one opened now, as a confirmation must.
+        let fresh = conn.connect(ctx.host_key).await?;
+        let out = resume(&fresh, ctx, &st, a, &unit).await;
+        if out.as_ref().is_ok_and(|o| o.rolled_back.is_none()) {
+            conn.keep(fresh);
+        }
+        return out;
     }
     // A removal switches to the onRemoveFlake system.
     let action = if job.action == Action::Remove { Action::Switch } else { job.action };
@@ -276,7 +285,13 @@ async fn confirm<C: Connector, P: Progress>(
     let mut last: String;
     loop {
         match conn.connect(ctx.host_key).await {
-            Ok(h) => return run_confirm(&h, ctx, st, unit, marker, toplevel, started).await,
+            Ok(h) => {
+                let out = run_confirm(&h, ctx, st, unit, marker, toplevel, started).await;
+                if out.as_ref().is_ok_and(|o| o.rolled_back.is_none()) {
+                    conn.keep(h);
+                }
+                return out;
+            }
             Err(e @ (Error::HostKeyMismatch { .. } | Error::HostKeyNotPinned | Error::Identity(_))) => return Err(e),
             Err(e) => last = e.to_string(),
         }

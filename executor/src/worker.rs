@@ -22,6 +22,7 @@ use crate::host::Commands;
 use crate::limits::ConnectLimits;
 use crate::lock::{Heartbeats, Held, Locks};
 use crate::metrics::{self, Metrics, OutcomeLabels};
+use crate::pool::{self, Pool};
 use crate::source::SourceCache;
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Identities, SshHost};
 
@@ -50,6 +51,8 @@ pub struct Executor {
     pub cmds: Commands,
     pub kexec_tarball: Option<Vec<u8>>,
     pub ready: Arc<AtomicBool>,
+    /// Idle connections kept for the machines' next jobs.
+    pub pool: Pool<SshHost>,
 }
 
 /// Creates the streams if missing and the site consumers, refusing to run against incompatible settings.
@@ -534,20 +537,75 @@ impl Executor {
         Ok(None)
     }
 
-    async fn connected(&self, site: &str, job: &Job, rep: &Reporter) -> Result<Outcome> {
-        let waited = self.limits.wait(site).instrument(tracing::info_span!("ratelimit.wait", nio.site = %site)).await;
-        if waited > Duration::from_millis(1) {
-            self.metrics.ratelimit_waits.get_or_create(&metrics::site(site)).inc();
+    /// A connection kept from an earlier job to this machine that still answers ([`crate::pool`]).
+    async fn kept(&self, job: &Job, identity_name: &str) -> Option<SshHost> {
+        let key = pool::Key::for_job(&job.endpoint, identity_name, crate::ssh::normalise_host_key)?;
+        let host = self.pool.take(&key, Instant::now())?;
+        if host.alive(KEPT_ALIVE_WITHIN).await {
+            return Some(host);
         }
-        self.metrics.ratelimit_wait.get_or_create(&metrics::site(site)).observe(waited.as_secs_f64());
+        tracing::debug!(machine = %job.machine, "kept SSH connection no longer answers; connecting anew");
+        None
+    }
+
+    /// Keeps `host`, a connection that ended a successful job, for the machine's next job.
+    async fn keep(&self, job: &Job, identity_name: &str, host: SshHost) {
+        let key = pool::Key::new(&job.endpoint, identity_name, host.host_key());
+        for old in self.pool.put(key, host, Instant::now()) {
+            old.close().await;
+        }
+        self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
+    }
+
+    /// Closes the kept connections idle for too long, until `stop`; then all of them.
+    pub async fn sweep_kept(&self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.pool.sweep_every()) => {}
+                _ = stop.cancelled() => break,
+            }
+            for old in self.pool.expire(Instant::now()) {
+                old.close().await;
+            }
+            self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
+        }
+        for old in self.pool.drain() {
+            old.close().await;
+        }
+        self.metrics.ssh_idle.set(0);
+    }
+
+    async fn connected(&self, site: &str, job: &Job, rep: &Reporter) -> Result<Outcome> {
         let identity_name = job.endpoint.identity.clone().unwrap_or_else(|| crate::ssh::DEFAULT_IDENTITY.to_string());
         let identity = self.identities.get(&identity_name)?;
-        let conn = SshConnector { exec: self, job, identity: identity.clone(), identity_name: identity_name.clone() };
-        let t = Instant::now();
-        let span =
-            tracing::info_span!("ssh.connect", server.address = %job.endpoint.host, server.port = job.endpoint.port);
-        let host = conn.open(job.endpoint.host_key.as_deref(), false).instrument(span).await?;
-        self.metrics.ssh_connect.get_or_create(&metrics::site(site)).observe(t.elapsed().as_secs_f64());
+        let conn = SshConnector {
+            exec: self,
+            job,
+            identity: identity.clone(),
+            identity_name: identity_name.clone(),
+            kept: std::sync::Mutex::new(None),
+        };
+        let kept = self.kept(job, &identity_name).await;
+        let reused = kept.is_some();
+        let host = match kept {
+            Some(h) => {
+                self.metrics.ssh_reused.get_or_create(&metrics::site(site)).inc();
+                h
+            }
+            None => {
+                let waited =
+                    self.limits.wait(site).instrument(tracing::info_span!("ratelimit.wait", nio.site = %site)).await;
+                if waited > Duration::from_millis(1) {
+                    self.metrics.ratelimit_waits.get_or_create(&metrics::site(site)).inc();
+                }
+                self.metrics.ratelimit_wait.get_or_create(&metrics::site(site)).observe(waited.as_secs_f64());
+                let t = Instant::now();
+                let span = tracing::info_span!("ssh.connect", server.address = %job.endpoint.host, server.port = job.endpoint.port);
+                let host = conn.open(job.endpoint.host_key.as_deref(), false).instrument(span).await?;
+                self.metrics.ssh_connect.get_or_create(&metrics::site(site)).observe(t.elapsed().as_secs_f64());
+                host
+            }
+        };
         let seen_key = host.host_key().to_string();
         let ctx = JobRun {
             job,
@@ -560,6 +618,7 @@ impl Executor {
             kexec_tarball: self.kexec_tarball.as_deref(),
             reboot_timeout: Duration::from_secs(600),
             host_key: Some(seen_key.as_str()),
+            reused,
         };
         let result = match job.action {
             Action::Install => actions::run(&conn, &host, &ctx).instrument(tracing::info_span!("install")).await,
@@ -569,7 +628,27 @@ impl Executor {
             // update spans (activate, health) are children of job.execute
             _ => actions::run(&conn, &host, &ctx).await,
         };
-        host.close().await;
+        // A machine left as the job found it or as it asked for keeps a connection for its next job: the one
+        // proven after the activation when there was one. Installs reboot (their connections are gone), removals
+        // hand the machine away, and failures may have broken the session.
+        let keeps = matches!(
+            job.action,
+            Action::Switch | Action::Boot | Action::Test | Action::DryActivate | Action::Probe | Action::Scan
+        ) && result.as_ref().is_ok_and(|o| o.rolled_back.is_none());
+        let later = conn.kept.lock().ok().and_then(|mut k| k.take());
+        match (keeps, later) {
+            (true, Some(later)) => {
+                host.close().await;
+                self.keep(job, &identity_name, later).await;
+            }
+            (true, None) => self.keep(job, &identity_name, host).await,
+            (false, later) => {
+                host.close().await;
+                if let Some(l) = later {
+                    l.close().await;
+                }
+            }
+        }
         result.map(|mut o| {
             if o.installed_host_key.is_none() && job.endpoint.host_key.is_none() {
                 // Trust on first use: report the key so the controller pins it.
@@ -676,6 +755,8 @@ struct SshConnector<'a> {
     job: &'a Job,
     identity: Arc<russh::keys::PrivateKey>,
     identity_name: String,
+    /// The connection the job handed back to keep ([`Connector::keep`]).
+    kept: std::sync::Mutex<Option<SshHost>>,
 }
 
 impl SshConnector<'_> {
@@ -695,6 +776,13 @@ impl Connector for SshConnector<'_> {
     type Host = SshHost;
     async fn connect(&self, host_key: Option<&str>) -> Result<SshHost> {
         self.open(host_key, host_key.is_none()).await
+    }
+
+    fn keep(&self, host: SshHost) {
+        if let Ok(mut k) = self.kept.lock() {
+            // One kept per job: a second (it cannot happen today) replaces the first, which then closes on drop.
+            *k = Some(host);
+        }
     }
 }
 
@@ -740,6 +828,8 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
     }
 }
 
+/// How long a kept connection may take to open a channel before the job connects anew.
+const KEPT_ALIVE_WITHIN: Duration = Duration::from_secs(2);
 /// How long a site's pull request that failed keeps its slots before they ask again.
 const PULL_ERROR_PAUSE: Duration = Duration::from_millis(250);
 /// How long a progress event is retried while JetStream cannot take it: the job does not wait longer for it.

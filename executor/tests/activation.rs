@@ -173,6 +173,12 @@ async fn cut_the_connection_once_building(host: &TestHost, building: &str) {
         assert!(since.elapsed() < Duration::from_secs(30), "the build never started");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    kill_ssh_sessions(host);
+}
+
+/// Kills every SSH session of `host`: its sshd processes below the listener (titled `sshd: ...`), not the
+/// commands they run.
+fn kill_ssh_sessions(host: &TestHost) {
     let cut = r#"kids() { for c in $(pgrep -P "$1"); do echo "$c"; kids "$c"; done; }
         for p in $(kids "$(cat /run/sshd.pid)"); do
           case "$(tr '\0' ' ' < "/proc/$p/cmdline")" in "sshd: "*) echo "$p" ;; esac
@@ -635,5 +641,50 @@ async fn a_run_its_executor_gave_up_on_never_overrides_a_later_job() {
     assert_eq!(host.current_system().as_deref(), Some(later.as_str()), "the later job's system runs");
     assert_eq!(host.boot_default().as_deref(), Some(later.as_str()), "and boots next");
     assert!(host.activations().iter().all(|(_, s)| !s.contains("slowb")), "{:?}", host.activations());
+    rig.stop().await;
+}
+
+/// A machine's next job starts on the connection its last job ended with (the confirmation's, proven after the
+/// activation), with no new login, as long as the job pins the key that connection verified; the confirmation of
+/// a new activation still logs in anew. A kept connection that died is noticed and replaced, and a changed pinned
+/// key is checked by a new handshake, never waved through on the kept connection. By sshd's own log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machines_next_job_starts_on_the_kept_connection_and_only_when_it_verified_the_pinned_key() {
+    let mut rig = Rig::start().await;
+    let host = rig.host(true);
+    let commit = rig.repo.bump().unwrap();
+    let pinned = |mut j: Job| {
+        j.endpoint.host_key = Some(host.current_host_key());
+        j.rollback = true;
+        j
+    };
+    let done = rig.run(&pinned(rig.job("web-01", &host, "web", &commit, 1))).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert_eq!(host.ssh_counts(), (2, 3), "the job's login and the confirmation's: {}", host.sshd_log());
+
+    // The same target again: read on the kept connection, no login.
+    let done = rig.run(&pinned(rig.job("web-01", &host, "web", &commit, 2))).await;
+    assert_eq!(done.phase, Phase::Skipped, "{done:?}");
+    assert_eq!(host.ssh_counts(), (2, 4), "no new login for the next job: {}", host.sshd_log());
+
+    // A new commit: starts on the kept connection; its confirmation is a new login.
+    let next = rig.repo.bump().unwrap();
+    let done = rig.run(&pinned(rig.job("web-01", &host, "web", &next, 3))).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    assert_eq!(host.ssh_counts(), (3, 7), "one login, for the confirmation: {}", host.sshd_log());
+
+    // The kept connection dies (its sshd session killed, as a reboot or a restarted network would): the next job
+    // notices before using it and logs in anew.
+    kill_ssh_sessions(&host);
+    let done = rig.run(&pinned(rig.job("web-01", &host, "web", &next, 4))).await;
+    assert_eq!(done.phase, Phase::Skipped, "{done:?}");
+    assert_eq!(host.ssh_counts(), (4, 8), "a new login replaced the dead connection: {}", host.sshd_log());
+
+    // Another pinned key (spec.hostKey changed): a new handshake checks it, and nothing runs.
+    let mut other = pinned(rig.job("web-01", &host, "web", &next, 5));
+    other.endpoint.host_key = Some(nio_loadtest::procs::keygen(&rig.dir.path().join("another-host-key")).unwrap());
+    let done = rig.run(&other).await;
+    assert_eq!((done.phase, done.category), (Phase::Failed, Some(FailureCategory::HostKeyMismatch)), "{done:?}");
+    assert_eq!(host.ssh_counts().1, 8, "no command ran on the kept connection: {}", host.sshd_log());
     rig.stop().await;
 }

@@ -229,6 +229,7 @@ fn sim_settings(
         kexec_tarball,
         connect_timeout: Duration::from_secs(3),
         ssh_keepalive: Duration::from_secs(1),
+        ssh_persist: nio_executor::pool::PoolLimits { persist: Duration::from_secs(60), max_idle: 100 },
         shutdown_grace: Duration::from_secs(5),
     };
     (key, settings)

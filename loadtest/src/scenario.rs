@@ -250,7 +250,13 @@ pub struct Report {
     /// Where that time went: commit bump → the machine's job on the queue (seen by a subscriber to the job
     /// subjects), and → an executor logged in to the machine.
     pub published_ms: Percentiles,
+    /// Commit bump → an executor's first new login to the machine (on a machine whose job started on a kept
+    /// connection, the login of its confirmation).
     pub login_ms: Percentiles,
+    /// Machines whose first command after the bump ran on an SSH connection an executor kept from the warm-up
+    /// (no login before it; `nio-executor --ssh-persist`).
+    #[serde(default)]
+    pub first_command_on_kept_connection: usize,
     pub max_in_flight_per_site: BTreeMap<String, usize>,
     /// For each fleet-wide disruption budget of the rollout (no selector, no perLabel): most machines under
     /// an update at once across every cluster, by the machines' own operation records.
@@ -1335,6 +1341,11 @@ async fn analyse(
         first_cmd.entry(o.machine).and_modify(|t| *t = (*t).min(o.start)).or_insert(o.start);
     }
     let first: Vec<f64> = first_cmd.values().map(|t| t.saturating_duration_since(t0).as_secs_f64() * 1000.0).collect();
+    let mut first_login: BTreeMap<usize, Instant> = BTreeMap::new();
+    for (m, t) in r.fleet.recorder.logins.lock().map(|l| l.clone()).unwrap_or_default() {
+        first_login.entry(m).and_modify(|l| *l = (*l).min(t)).or_insert(t);
+    }
+    let on_kept = first_cmd.iter().filter(|(m, t)| first_login.get(m).is_none_or(|l| l > *t)).count();
     let mean = s.switch_latency.mean().as_secs_f64();
     let ideal = (0..s.sites)
         .map(|site| {
@@ -1382,6 +1393,7 @@ async fn analyse(
         first_command_ms: pct(first),
         published_ms: pct(vec![]),
         login_ms: pct(vec![]),
+        first_command_on_kept_connection: on_kept,
         max_in_flight_per_site: max_in_flight,
         max_in_flight_per_budget: per_budget,
         processes,
@@ -1472,7 +1484,7 @@ pub fn summary(r: &Report) -> String {
         "{} machines ({} sites, limit {} per site, {} cluster(s), {} executor(s)): {} updated, {} failed, {} lost in {:.1}s\n\
          throughput {:.1} machines/s; ideal {:.1}s → efficiency {:.0}%\n\
          latency to applied p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms; to first command p50 {:.0} ms \
-         (job published p50 {:.0} ms, executor logged in p50 {:.0} ms)\n\
+         (job published p50 {:.0} ms, executor logged in p50 {:.0} ms; {} started on a kept connection)\n\
          machine status writes {} ({} refused as stale and retried); API requests {:.2} per machine\n",
         r.machines,
         r.sites,
@@ -1492,6 +1504,7 @@ pub fn summary(r: &Report) -> String {
         r.first_command_ms.p50,
         r.published_ms.p50,
         r.login_ms.p50,
+        r.first_command_on_kept_connection,
         r.machine_status_writes,
         r.machine_status_conflicts,
         r.api_requests_per_machine

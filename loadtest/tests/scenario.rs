@@ -37,6 +37,14 @@ async fn a_rollout_reaches_every_machine_within_the_site_limits() {
     }
     assert!(report.machines_per_s > 0.0 && report.efficiency > 0.0 && report.efficiency <= 1.0, "{report:?}");
     assert!(report.latency_ms.p50 <= report.latency_ms.p99);
+    // The push came seconds after the warm-up: machines whose job went to the executor that ran their warm-up job
+    // start on the connection it kept, without a login (the others log in; a machine's connection is one
+    // executor's).
+    assert!(
+        (1..=12).contains(&report.first_command_on_kept_connection),
+        "{} machines started on a kept connection",
+        report.first_command_on_kept_connection
+    );
     assert!(report.nats_jobs_published >= 12 && report.nats_status_published >= 12 * 3);
     assert!(
         report.processes.iter().all(|p| p.usage.cpu_seconds > 0.0 && p.usage.peak_rss_mb > 1.0),

@@ -125,6 +125,7 @@ pub fn settings_with(
         kexec_tarball: None,
         connect_timeout: Duration::from_secs(3),
         ssh_keepalive: Duration::from_secs(1),
+        ssh_persist: nio_executor::pool::PoolLimits { persist: Duration::from_secs(60), max_idle: 100 },
         shutdown_grace: Duration::from_secs(30),
     }
 }
