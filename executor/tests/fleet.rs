@@ -367,3 +367,56 @@ async fn a_second_delivery_of_a_job_finished_elsewhere_runs_nothing() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A job redelivered after an earlier delivery activated (here: that delivery's record left on the machine,
+/// awaiting its confirmation) takes over its result; its confirmation proves that logins work after that
+/// activation, so it runs over a new login even though the executor holds a connection kept from the machine's
+/// previous job (logged in before that activation). The state read may use the kept connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_over_confirms_over_a_new_login_not_a_connection_kept_from_before_the_activation() {
+    let SimSite { nats, dir: _dir, repo, commit, settings, fleet } =
+        SimSite::start(1, std::net::Ipv4Addr::new(127, 3, 3, 1), Default::default()).await;
+    let mut bus = Bus::connect(&nats).await;
+    let (stop, task) = spawn_executor(settings);
+    let m = &fleet.machines[0];
+    let switch = |n: u32| {
+        let mut j = job(&m.name, &m.addr.ip().to_string(), m.addr.port(), "site-0", &repo, &commit);
+        j.id = JobId::new("test", "default", &m.name, &format!("{commit}/{n}"), Action::Switch);
+        j.endpoint.host_key = Some(m.host_key());
+        j.rollback = true;
+        j
+    };
+    bus.publish(&switch(1)).await;
+    assert_eq!(bus.final_of(&m.name, Duration::from_secs(60)).await.phase, Phase::Succeeded);
+    // An earlier delivery of job 2 activated and awaits its confirmation (its executor died).
+    let again = switch(2);
+    {
+        let mut st = m.state.lock().unwrap();
+        let running = st.current_system.clone();
+        let attempt = nio_loadtest::fleet::SimJob {
+            toplevel: running.clone(),
+            boot_id: st.boot_id,
+            previous: (running.clone(), st.boot_system.clone(), st.generations.clone()),
+            awaiting: true,
+            result: None,
+            unhealthy: false,
+        };
+        let cmds = nio_shared::remote::Commands { paths: Default::default() };
+        st.jobs.insert(cmds.job_dir(&nio_shared::remote::Commands::unit(again.id.as_str())), attempt);
+    }
+    fleet.recorder.ops.lock().unwrap().clear();
+    fleet.recorder.logins.lock().unwrap().clear();
+    bus.seen.clear();
+    bus.publish(&again).await;
+    let done = bus.final_of(&m.name, Duration::from_secs(60)).await;
+    assert_eq!(done.phase, Phase::Succeeded, "{done:?}");
+    let logins: Vec<_> = fleet.recorder.logins.lock().unwrap().iter().map(|(_, t)| *t).collect();
+    let ops = fleet.recorder.ops.lock().unwrap().clone();
+    let names: Vec<&str> = ops.iter().map(|o| o.program.as_str()).collect();
+    assert_eq!(names, ["nio-state", "nio-confirm"], "read the state, took the activation over, confirmed it");
+    assert!(logins.iter().all(|l| *l > ops[0].start), "the state read ran on the kept connection: {logins:?}");
+    assert_eq!(logins.len(), 1, "one new login");
+    assert!(logins[0] < ops[1].start, "the confirmation ran over the new login");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

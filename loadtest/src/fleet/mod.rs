@@ -14,7 +14,7 @@ use anyhow::Context as _;
 use nio_shared::config::RemotePaths;
 use russh::keys::{PrivateKey, PublicKey};
 
-pub use machine::{File, State, op_name};
+pub use machine::{File, SimJob, State, op_name};
 pub use model::{Behaviour, Latency};
 pub use nio_shared::remote::FACT_SCRIPT;
 
