@@ -541,7 +541,15 @@ impl Executor {
     async fn kept(&self, job: &Job, identity_name: &str) -> Option<SshHost> {
         let key = pool::Key::for_job(&job.endpoint, identity_name, crate::ssh::normalise_host_key)?;
         let host = self.pool.take(&key, Instant::now())?;
-        if host.alive(KEPT_ALIVE_WITHIN).await {
+        let span = tracing::info_span!(
+            "ssh.reuse",
+            server.address = %job.endpoint.host,
+            server.port = job.endpoint.port,
+            nio.outcome = tracing::field::Empty
+        );
+        let alive = host.alive(KEPT_ALIVE_WITHIN).instrument(span.clone()).await;
+        span.record("nio.outcome", if alive { "reused" } else { "dead" });
+        if alive {
             return Some(host);
         }
         tracing::debug!(machine = %job.machine, "kept SSH connection no longer answers; connecting anew");

@@ -139,19 +139,19 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
         .expect("a traced, successful switch");
     let trace: Vec<&Span> = spans.iter().filter(|s| s.trace == exec.trace).collect();
     let names: BTreeSet<&str> = trace.iter().map(|s| s.name.as_str()).collect();
-    for n in [
-        "reconcile",
-        "job.publish",
-        "job.execute",
-        "lock",
-        "ratelimit.wait",
-        "ssh.connect",
-        "activate",
-        "health",
-        "status.publish",
-        "status.apply",
-    ] {
+    for n in ["reconcile", "job.publish", "job.execute", "lock", "activate", "health", "status.publish", "status.apply"]
+    {
         assert!(names.contains(n), "trace lacks {n}: {names:?}");
+    }
+    // How the job got its connection: a login (paced by the site's connect rate) or the connection kept from
+    // the machine's warm-up job, checked alive.
+    let login = names.contains("ratelimit.wait") && names.contains("ssh.connect");
+    let reuse =
+        trace.iter().any(|s| s.name == "ssh.reuse" && s.attrs.get("nio.outcome").map(String::as_str) == Some("reused"));
+    assert!(login != reuse, "a login or a kept connection, one of them: {names:?}");
+    for (name, what) in [("ssh.connect", "logins"), ("ssh.reuse", "jobs on kept connections")] {
+        let s = spans.iter().find(|s| s.name == name && s.service == "nio-executor");
+        assert!(s.is_some_and(|s| s.attrs.contains_key("server.address")), "{what} are traced: {census:?}");
     }
     let publish = by_id.get(exec.parent.as_str()).expect("job.execute has its parent in the trace");
     assert_eq!(
@@ -162,8 +162,9 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
     assert_eq!(exec.service, "nio-executor");
     let reconcile = by_id.get(publish.parent.as_str()).unwrap();
     assert_eq!(reconcile.name, "reconcile");
-    for step in ["lock", "ratelimit.wait", "ssh.connect", "activate", "health"] {
-        let s = trace.iter().find(|s| s.name == step && s.parent == exec.id);
+    let connection: &[&str] = if login { &["ratelimit.wait", "ssh.connect"] } else { &["ssh.reuse"] };
+    for step in ["lock", "activate", "health"].iter().chain(connection) {
+        let s = trace.iter().find(|s| s.name == *step && s.parent == exec.id);
         assert!(s.is_some(), "{step} is not a child of job.execute");
     }
     let publishes: Vec<&&Span> = trace.iter().filter(|s| s.name == "status.publish" && s.parent == exec.id).collect();
@@ -178,7 +179,6 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
             && exec.attrs.contains_key("nio.commit")
             && exec.attrs.contains_key("nio.queue_wait_ms")
     );
-    assert!(trace.iter().any(|s| s.name == "ssh.connect" && s.attrs.contains_key("server.address")));
     assert_eq!(reconcile.resource.get("nio.cluster").map(String::as_str), Some("cluster-0"));
     assert!(exec.resource.contains_key("nio.executor"));
     let failed = spans
