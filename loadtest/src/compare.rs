@@ -53,6 +53,9 @@ pub async fn run(machines: usize, concurrency: usize, latency: Latency, dir: &Pa
         executors: 1,
         switch_latency: latency.clone(),
         quiet: true,
+        // The peers log in to every host; NIO does too here (the connections its executor kept from the warm-up
+        // would spare it the handshakes the peers make).
+        env: vec![("NIO_SSH_PERSIST".into(), "0".into())],
         ..Default::default()
     };
     let (report, _) = scenario::run(nio, None).await?;
