@@ -52,9 +52,17 @@ pub fn wants_reconcile(m: &Machine, base: Duration) -> bool {
         Ok(()) => {
             status.is_some_and(|s| conditions::is_true(&s.conditions, Type::Invalid))
                 || status.and_then(|s| s.observed_generation) != m.metadata.generation
+                || retry_requested(m).is_some()
                 || probe_due(m, base, chrono::Utc::now())
         }
     }
+}
+
+/// The `nixos.infra/retry` annotation's value when it asks for a retry not yet handled.
+fn retry_requested(m: &Machine) -> Option<&str> {
+    let asked = m.annotations().get(nio_shared::crd::RETRY_ANNOTATION).map(String::as_str).filter(|v| !v.is_empty())?;
+    let handled = m.status.as_ref().and_then(|s| s.last_handled_retry.as_deref());
+    (handled != Some(asked)).then_some(asked)
 }
 
 /// How long (at most; never longer than the probe interval) the sweep leaves a machine it sent alone: while its
@@ -151,13 +159,26 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
         true => ctx.publisher.withdraw(&ctx.cluster, &ns, &name).await?,
         false => 0,
     };
-    // One write records the probe, a spec that became valid, and the generation now observed (a new Machine's
-    // first write is its first probe's).
-    if probe || was_invalid || status.and_then(|s| s.observed_generation) != generation {
+    let retry = retry_requested(m).map(str::to_string);
+    // What the retry found, as written: the failed target forgotten, else the phase it found.
+    let retry_found: std::sync::Mutex<Option<Result<String, String>>> = std::sync::Mutex::new(None);
+    // One write records the probe, a spec that became valid, the generation now observed (a new Machine's
+    // first write is its first probe's) and a retry.
+    if probe || was_invalid || retry.is_some() || status.and_then(|s| s.observed_generation) != generation {
         update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
             if changed {
                 s = retried(s);
+            }
+            if let Some(asked) = &retry {
+                let found = match forget_failure(&mut s) {
+                    Some(target) => Ok(target),
+                    None => Err(s.phase.map_or("new", MachinePhase::as_str).to_string()),
+                };
+                if let Ok(mut f) = retry_found.lock() {
+                    *f = Some(found);
+                }
+                s.last_handled_retry = Some(asked.clone());
             }
             if was_invalid {
                 conditions::set(&mut s.conditions, Type::Invalid, false, "Valid", "", generation);
@@ -173,6 +194,18 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
     if withdrawn > 0 {
         let note = "the spec changed while a job waited: it was withdrawn and is queued again with the new spec";
         ctx.event(m, false, "JobWithdrawn", note.to_string(), "Validate").await;
+    }
+    let found = retry_found.lock().ok().and_then(|mut f| f.take());
+    if let (Some(asked), Some(found)) = (retry, found) {
+        let annotation = nio_shared::crd::RETRY_ANNOTATION;
+        let (reason, note) = match found {
+            Ok(target) => (
+                "RetryRequested",
+                format!("{annotation}={asked}: the failed target {target} is tried again, within its rollout's limits"),
+            ),
+            Err(phase) => ("NothingToRetry", format!("{annotation}={asked}: the machine is {phase}, not Failed")),
+        };
+        ctx.event(m, false, reason, note, "Retry").await;
     }
     Ok(Action::await_change())
 }
@@ -192,11 +225,19 @@ fn retried(s: MachineStatus) -> MachineStatus {
         return w;
     }
     let mut s = s;
-    if s.phase == Some(MachinePhase::Failed) && s.failed_target.is_some() {
-        s.failed_target = None;
-        s.superseded_job_id = s.last_job_id.clone();
-    }
+    forget_failure(&mut s);
     s
+}
+
+/// Makes a failed machine's target one to apply again (its failed job's id set aside, so the new job gets an id
+/// of its own past the queue's duplicate window); the target forgotten, or None when the machine had not failed.
+fn forget_failure(s: &mut MachineStatus) -> Option<String> {
+    if s.phase != Some(MachinePhase::Failed) {
+        return None;
+    }
+    let target = s.failed_target.take()?;
+    s.superseded_job_id = s.last_job_id.clone();
+    Some(target)
 }
 
 pub fn error_policy(m: Arc<Machine>, err: &Error, ctx: Arc<Ctx>) -> Action {
@@ -228,6 +269,45 @@ mod tests {
         assert!(!spec_changed(None, Some(1)));
         assert!(!spec_changed(Some(&queued(Some(2))), Some(2)));
         assert!(spec_changed(Some(&queued(Some(1))), Some(2)));
+    }
+
+    /// A retry is asked for by a new, non-empty annotation value, and wakes the Machine controller (whose
+    /// filter passes only changes it has work for); it forgets a failed target only.
+    #[test]
+    fn a_retry_is_a_new_annotation_value_and_forgets_only_a_failure() {
+        let spec: nio_shared::crd::MachineSpec =
+            serde_json::from_value(serde_json::json!({"hostname": "m1"})).expect("spec");
+        let failed = MachineStatus {
+            phase: Some(MachinePhase::Failed),
+            failed_target: Some("c1/abc".into()),
+            last_job_id: Some("job-1".into()),
+            observed_generation: Some(1),
+            last_probe_time: Some(conditions::time(chrono::Utc::now())),
+            ..Default::default()
+        };
+        let machine = |value: Option<&str>, handled: Option<&str>| {
+            let mut m = Machine::new("m1", spec.clone());
+            m.metadata.generation = Some(1);
+            if let Some(v) = value {
+                m.metadata.annotations = Some([(nio_shared::crd::RETRY_ANNOTATION.to_string(), v.to_string())].into());
+            }
+            m.status = Some(MachineStatus { last_handled_retry: handled.map(str::to_string), ..failed.clone() });
+            m
+        };
+        let base = Duration::from_secs(600);
+        for (value, handled, asked) in
+            [(None, None, None), (Some(""), None, None), (Some("1"), None, Some("1")), (Some("1"), Some("1"), None)]
+        {
+            let m = machine(value, handled);
+            assert_eq!(retry_requested(&m), asked, "{value:?} after {handled:?}");
+            assert_eq!(wants_reconcile(&m, base), asked.is_some(), "{value:?} after {handled:?}");
+        }
+        let mut s = failed.clone();
+        assert_eq!(forget_failure(&mut s).as_deref(), Some("c1/abc"));
+        assert_eq!((s.failed_target, s.superseded_job_id.as_deref()), (None, Some("job-1")));
+        let mut applied = MachineStatus { phase: Some(MachinePhase::Applied), ..failed };
+        assert_eq!(forget_failure(&mut applied), None);
+        assert_eq!(applied.failed_target.as_deref(), Some("c1/abc"), "left alone");
     }
 
     /// A probe at 10.9 s is stored as 10 s: the next is not due before a whole interval after 10.9 s.

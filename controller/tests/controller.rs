@@ -6,6 +6,7 @@ mod common;
 
 nio_loadtest::on_both!(
     a_machine_corrected_while_its_job_waits_or_after_it_failed_gets_a_job_with_the_new_spec,
+    a_retry_annotation_tries_a_failed_machine_again_once_per_value,
     pausing_suspending_or_deleting_withdraws_the_jobs_no_executor_took,
     two_configurations_selecting_one_machine_never_take_turns_on_it,
     machines_with_an_invalid_spec_are_named_by_the_fleet_and_not_counted,
@@ -1478,6 +1479,60 @@ async fn a_machine_corrected_while_its_job_waits_or_after_it_failed_gets_a_job_w
     let (retry, _) = env.eventually(Duration::from_secs(5), "a retry", || env.job_on(on("dc2"))).await;
     assert_eq!((retry.endpoint.host.as_str(), retry.id.target()), ("10.0.0.9", first.id.target()));
     assert_ne!(retry.id, moved.id, "an id of its own, past the duplicate window");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A machine that failed its target (down during the rollout) and has recovered since is tried again on the same
+/// target when a person asks (`kubectl annotate machine m1 nixos.infra/retry=<new value>`), without a new commit
+/// or a spec change: once per value, with an Event either way (`RetryRequested`, `NothingToRetry`), and a machine
+/// that has not failed gets no job.
+async fn a_retry_annotation_tries_a_failed_machine_again_once_per_value(backend: Backend) {
+    let env = Env::start(backend).await;
+    let (stop, task) = env.spawn(env.settings("prod", "c1"));
+    env.machine("m1").create().await;
+    env.config("web", json!({"machineRef": "m1", "pollInterval": "1h"})).await;
+    let on = env.subject("dc1", "apply", "prod", "m1");
+    let (first, _) = env.eventually(T, "the job", || env.job_on(on.clone())).await;
+    env.drain_jobs().await;
+    env.report(&first, Phase::Failed, |e| e.category = Some(FailureCategory::Unreachable)).await;
+    let status = || async { env.machines().get("m1").await.ok().and_then(|m| m.status) };
+    env.eventually(T, "m1 Failed", || async {
+        let s = status().await?;
+        (s.phase == Some(MachinePhase::Failed) && s.failed_target.is_some()).then_some(())
+    })
+    .await;
+    let retry = |value: &'static str| {
+        let machines = env.machines();
+        async move {
+            let p = json!({"metadata": {"annotations": {"nixos.infra/retry": value}}});
+            machines.patch("m1", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&p)).await.unwrap();
+        }
+    };
+    retry("1").await;
+    let (again, _) = env.eventually(Duration::from_secs(5), "the retry's job", || env.job_on(on.clone())).await;
+    assert_eq!(again.id.target(), first.id.target(), "the same target");
+    assert_ne!(again.id, first.id, "an id of its own, past the duplicate window");
+    let s = status().await.unwrap();
+    assert_eq!(s.last_handled_retry.as_deref(), Some("1"));
+    assert!(env.events_for("m1").await.iter().any(|r| r == "RetryRequested"));
+
+    // It succeeds; the same value again, or a new one on a machine that has not failed, queues nothing.
+    env.drain_jobs().await;
+    env.report(&again, Phase::Succeeded, |_| {}).await;
+    env.eventually(T, "m1 Applied", || async { (status().await?.phase == Some(MachinePhase::Applied)).then_some(()) })
+        .await;
+    retry("2").await;
+    env.eventually(Duration::from_secs(5), "the retry handled", || async {
+        (status().await?.last_handled_retry.as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    env.eventually(Duration::from_secs(5), "an Event for the second retry", || async {
+        env.events_for("m1").await.iter().any(|r| r == "NothingToRetry").then_some(())
+    })
+    .await;
+    assert!(env.job_on(on.clone()).await.is_none(), "nothing to retry on an applied machine");
+    assert_eq!(status().await.unwrap().phase, Some(MachinePhase::Applied));
     stop.cancel();
     task.await.unwrap().unwrap();
 }

@@ -30,6 +30,10 @@ pub const APPROVE_ANNOTATION: &str = "nixos.infra/approve";
 /// characters of the target commit, optionally followed by `@` and anything (a second resume of the same commit
 /// takes a new value). A resume forgives the failures so far; the budgets count the failures after it.
 pub const RESUME_ANNOTATION: &str = "nixos.infra/resume";
+/// Annotation on a Machine: set it to a new value to try its failed target again (a failure the machine has
+/// recovered from since: it was down, its disk was full) without a new commit or a spec change. Handled once
+/// per value (`status.lastHandledRetry`); on a machine that has not failed it does nothing.
+pub const RETRY_ANNOTATION: &str = "nixos.infra/retry";
 /// Finalizer the controller puts on configurations so removal runs `onRemoveFlake` first.
 pub const FINALIZER: &str = "nixos.infra/finalizer";
 /// The label a Secret needs (with value [`SECRET_OPT_IN_VALUE`]) before NIO reads it. Without it, anyone who may
@@ -255,9 +259,13 @@ pub struct MachineStatus {
     /// spec changed since. A job published for the same move later gets an id of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub superseded_job_id: Option<String>,
-    /// Target whose job failed; it is not retried until the commit, spec or secrets change.
+    /// Target whose job failed; it is not retried until the commit, spec or secrets change, or a retry is asked
+    /// for (the `nixos.infra/retry` annotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failed_target: Option<String>,
+    /// The `nixos.infra/retry` annotation's value when it was last acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_retry: Option<String>,
     /// Time of the newest executor event applied (RFC 3339, nanoseconds); older events are ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_event_time: Option<String>,
