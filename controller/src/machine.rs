@@ -167,18 +167,17 @@ async fn run(m: &Machine, ctx: &Ctx) -> Result<Action> {
     if probe || was_invalid || retry.is_some() || status.and_then(|s| s.observed_generation) != generation {
         update_machine_status(ctx, &ns, &name, Some(m), |m| {
             let mut s = m.status.clone().unwrap_or_default();
+            // Decided on the copy written to (this closure runs again on a newer one after a conflict): a retry
+            // that copy already handled is not handled twice.
+            let found = retry.as_deref().filter(|asked| s.last_handled_retry.as_deref() != Some(*asked)).map(|asked| {
+                s.last_handled_retry = Some(asked.into());
+                forget_failure(&mut s).ok_or_else(|| s.phase.map_or("new", MachinePhase::as_str).to_string())
+            });
+            if let Ok(mut f) = retry_found.lock() {
+                *f = found;
+            }
             if changed {
                 s = retried(s);
-            }
-            if let Some(asked) = &retry {
-                let found = match forget_failure(&mut s) {
-                    Some(target) => Ok(target),
-                    None => Err(s.phase.map_or("new", MachinePhase::as_str).to_string()),
-                };
-                if let Ok(mut f) = retry_found.lock() {
-                    *f = Some(found);
-                }
-                s.last_handled_retry = Some(asked.as_str().into());
             }
             if was_invalid {
                 conditions::set(&mut s.conditions, Type::Invalid, false, "Valid", "", generation);
