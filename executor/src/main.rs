@@ -87,6 +87,19 @@ async fn main() -> anyhow::Result<()> {
         cli.log_format,
         &[("nio.executor", id.clone()), ("nio.sites", sites)],
     )?;
+    // Every kept connection and every running job's connections hold a socket: the usual soft open-files limit
+    // (1,024) would cap them below the defaults, so raise it to the hard limit and say when that is not enough.
+    let need =
+        cli.ssh_persist_max as u64 + 2 * config.sites.iter().map(|s| u64::from(s.max_in_flight)).sum::<u64>() + 100;
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < need => tracing::warn!(
+            limit,
+            need,
+            "the open-files limit is below what --ssh-persist-max and the sites' maxInFlight may use; raise it or lower them"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
+    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {

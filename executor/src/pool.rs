@@ -57,8 +57,15 @@ impl Key {
 
 struct Idle<C> {
     conn: C,
+    /// When it was kept (idle since).
     since: Instant,
+    /// When it logged in.
+    born: Instant,
 }
+
+/// The longest a connection serves, however busy: a kept connection proves nothing about logins since it was made
+/// (a key revoked, `AllowUsers` changed), so now and then a job logs in anew.
+pub const MAX_AGE: Duration = Duration::from_secs(600);
 
 /// The idle connections, one per key.
 pub struct Pool<C> {
@@ -71,16 +78,23 @@ impl<C> Pool<C> {
         Pool { limits, idle: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes the idle connection for `key`, if one is kept and not older than `persist` at `now`.
-    pub fn take(&self, key: &Key, now: Instant) -> Option<C> {
-        let found = self.idle.lock().ok()?.remove(key)?;
-        (now.saturating_duration_since(found.since) < self.limits.persist).then_some(found.conn)
+    /// Takes the idle connection for `key`, if one is kept, idle for less than `persist` and logged in less than
+    /// [`MAX_AGE`] ago at `now`; an expired one is handed back to be closed.
+    pub fn take(&self, key: &Key, now: Instant) -> Result<C, Option<C>> {
+        let found = self.idle.lock().ok().and_then(|mut i| i.remove(key)).ok_or(None)?;
+        if self.fresh(&found, now) { Ok(found.conn) } else { Err(Some(found.conn)) }
     }
 
-    /// Keeps `conn` under `key` from `now`. Returns what must be closed: `conn` itself when nothing is kept, the
-    /// connection it replaces, or the longest idle one when the pool is full.
-    pub fn put(&self, key: Key, conn: C, now: Instant) -> Vec<C> {
-        if self.limits.persist.is_zero() || self.limits.max_idle == 0 {
+    fn fresh(&self, i: &Idle<C>, now: Instant) -> bool {
+        now.saturating_duration_since(i.since) < self.limits.persist && now.saturating_duration_since(i.born) < MAX_AGE
+    }
+
+    /// Keeps `conn`, logged in at `born`, under `key` from `now`. Returns what must be closed: `conn` itself when
+    /// nothing is kept (or it is too old to serve again), the connection it replaces, or the longest idle one when
+    /// the pool is full.
+    pub fn put(&self, key: Key, conn: C, born: Instant, now: Instant) -> Vec<C> {
+        if self.limits.persist.is_zero() || self.limits.max_idle == 0 || now.saturating_duration_since(born) >= MAX_AGE
+        {
             return vec![conn];
         }
         let Ok(mut idle) = self.idle.lock() else { return vec![conn] };
@@ -89,18 +103,14 @@ impl<C> Pool<C> {
             let oldest = idle.iter().min_by_key(|(_, i)| i.since).map(|(k, _)| k.clone());
             out.extend(oldest.and_then(|k| idle.remove(&k)).map(|i| i.conn));
         }
-        idle.insert(key, Idle { conn, since: now });
+        idle.insert(key, Idle { conn, since: now, born });
         out
     }
 
-    /// Removes the connections idle for `persist` or longer at `now`, to be closed.
+    /// Removes the connections idle for `persist` or longer, or older than [`MAX_AGE`], at `now`, to be closed.
     pub fn expire(&self, now: Instant) -> Vec<C> {
         let Ok(mut idle) = self.idle.lock() else { return vec![] };
-        let old: Vec<Key> = idle
-            .iter()
-            .filter(|(_, i)| now.saturating_duration_since(i.since) >= self.limits.persist)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let old: Vec<Key> = idle.iter().filter(|(_, i)| !self.fresh(i, now)).map(|(k, _)| k.clone()).collect();
         old.iter().filter_map(|k| idle.remove(k)).map(|i| i.conn).collect()
     }
 
@@ -118,8 +128,12 @@ impl<C> Pool<C> {
         self.len() == 0
     }
 
-    /// How often [`Pool::expire`] should run: often enough that no connection stays much past `persist`.
+    /// How often [`Pool::expire`] should run: often enough that no connection stays much past `persist`; zero
+    /// when nothing is ever kept.
     pub fn sweep_every(&self) -> Duration {
+        if self.limits.persist.is_zero() || self.limits.max_idle == 0 {
+            return Duration::ZERO;
+        }
         (self.limits.persist / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
     }
 }
@@ -151,7 +165,7 @@ mod tests {
         let p = pool(60, 10);
         let t = Instant::now();
         let e = endpoint("10.0.0.1", "root", Some("ssh-ed25519 AAAA"));
-        assert!(p.put(Key::new(&e, "default", "ssh-ed25519 AAAA"), "c1", t).is_empty());
+        assert!(p.put(Key::new(&e, "default", "ssh-ed25519 AAAA"), "c1", t, t).is_empty());
         // A job trusting the first key it sees never reuses: the key it reports must be the one presented now.
         assert_eq!(Key::for_job(&endpoint("10.0.0.1", "root", None), "default", same), None);
         for other in [
@@ -160,13 +174,13 @@ mod tests {
             endpoint("10.0.0.1", "deploy", Some("ssh-ed25519 AAAA")),
         ] {
             let k = Key::for_job(&other, "default", same).expect("pinned");
-            assert_eq!(p.take(&k, t), None, "{other:?} must connect anew");
+            assert_eq!(p.take(&k, t), Err(None), "{other:?} must connect anew");
         }
         let k = Key::for_job(&e, "fleet-key", same).expect("pinned");
-        assert_eq!(p.take(&k, t), None, "another identity must log in itself");
+        assert_eq!(p.take(&k, t), Err(None), "another identity must log in itself");
         let k = Key::for_job(&e, "default", same).expect("pinned");
-        assert_eq!(p.take(&k, t + Duration::from_secs(1)), Some("c1"));
-        assert_eq!(p.take(&k, t + Duration::from_secs(1)), None, "a connection serves one job at a time");
+        assert_eq!(p.take(&k, t + Duration::from_secs(1)), Ok("c1"));
+        assert_eq!(p.take(&k, t + Duration::from_secs(1)), Err(None), "a connection serves one job at a time");
     }
 
     #[test]
@@ -174,24 +188,33 @@ mod tests {
         let p = pool(60, 2);
         let t = Instant::now();
         let k = |h: &str| Key::new(&endpoint(h, "root", None), "default", "k");
-        assert!(p.put(k("a"), "a", t).is_empty());
-        assert!(p.put(k("b"), "b", t + Duration::from_secs(1)).is_empty());
-        assert_eq!(p.put(k("c"), "c", t + Duration::from_secs(2)), vec!["a"], "the longest idle goes first");
-        assert_eq!(p.put(k("c"), "c2", t + Duration::from_secs(3)), vec!["c"], "one connection per machine");
+        let at = |s: u64| t + Duration::from_secs(s);
+        assert!(p.put(k("a"), "a", t, t).is_empty());
+        assert!(p.put(k("b"), "b", t, at(1)).is_empty());
+        assert_eq!(p.put(k("c"), "c", t, at(2)), vec!["a"], "the longest idle goes first");
+        assert_eq!(p.put(k("c"), "c2", t, at(3)), vec!["c"], "one connection per machine");
         assert_eq!(p.len(), 2);
-        assert_eq!(p.expire(t + Duration::from_secs(60)), Vec::<&str>::new());
-        assert_eq!(p.expire(t + Duration::from_secs(61)), vec!["b"]);
-        assert_eq!(p.take(&k("c"), t + Duration::from_secs(63)), None, "taken at its expiry: connect anew");
+        assert_eq!(p.expire(at(60)), Vec::<&str>::new());
+        assert_eq!(p.expire(at(61)), vec!["b"]);
+        assert_eq!(p.take(&k("c"), at(63)), Err(Some("c2")), "taken at its expiry: closed, connect anew");
         assert!(p.is_empty());
-        assert!(p.put(k("d"), "d", t).is_empty());
+        assert!(p.put(k("d"), "d", t, t).is_empty());
         assert_eq!(p.drain(), vec!["d"]);
+        // However busy, a connection serves for MAX_AGE from its login, then a job logs in anew.
+        let old = t + MAX_AGE - Duration::from_secs(30);
+        assert!(p.put(k("e"), "e", t, old).is_empty());
+        assert_eq!(p.take(&k("e"), old + Duration::from_secs(29)), Ok("e"));
+        assert!(p.put(k("e"), "e", t, old + Duration::from_secs(29)).is_empty());
+        assert_eq!(p.take(&k("e"), t + MAX_AGE), Err(Some("e")), "too old, though idle for a second");
+        assert_eq!(p.put(k("e"), "e", t, t + MAX_AGE), vec!["e"], "too old to keep");
     }
 
     #[test]
     fn persist_zero_keeps_nothing() {
         let p = pool(0, 10);
         let k = Key::new(&endpoint("a", "root", None), "default", "k");
-        assert_eq!(p.put(k.clone(), "a", Instant::now()), vec!["a"]);
-        assert_eq!(p.take(&k, Instant::now()), None);
+        let t = Instant::now();
+        assert_eq!(p.put(k.clone(), "a", t, t), vec!["a"]);
+        assert_eq!(p.take(&k, t), Err(None));
     }
 }

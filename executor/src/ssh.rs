@@ -110,6 +110,8 @@ pub fn normalise_host_key(line: &str) -> Option<String> {
 pub struct SshHost {
     handle: client::Handle<Checker>,
     host_key: String,
+    /// When it logged in.
+    opened: std::time::Instant,
 }
 
 impl SshHost {
@@ -173,12 +175,17 @@ impl SshHost {
         if !auth.success() {
             return Err(Error::AuthFailed { user: user.to_string(), identity: identity_name.to_string() });
         }
-        Ok(SshHost { handle, host_key })
+        Ok(SshHost { handle, host_key, opened: std::time::Instant::now() })
     }
 
     /// The host key the machine presented (OpenSSH format).
     pub fn host_key(&self) -> &str {
         &self.host_key
+    }
+
+    /// When the connection logged in.
+    pub fn opened_at(&self) -> std::time::Instant {
+        self.opened
     }
 
     /// Whether the connection still carries a session: a channel opens within `within`. A kept connection is

@@ -540,7 +540,15 @@ impl Executor {
     /// A connection kept from an earlier job to this machine that still answers ([`crate::pool`]).
     async fn kept(&self, job: &Job, identity_name: &str) -> Option<SshHost> {
         let key = pool::Key::for_job(&job.endpoint, identity_name, crate::ssh::normalise_host_key)?;
-        let host = self.pool.take(&key, Instant::now())?;
+        let taken = self.pool.take(&key, Instant::now());
+        self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
+        let host = match taken {
+            Ok(h) => h,
+            Err(expired) => {
+                close_all(expired);
+                return None;
+            }
+        };
         let span = tracing::info_span!(
             "ssh.reuse",
             server.address = %job.endpoint.host,
@@ -557,16 +565,18 @@ impl Executor {
     }
 
     /// Keeps `host`, a connection that ended a successful job, for the machine's next job.
-    async fn keep(&self, job: &Job, identity_name: &str, host: SshHost) {
+    fn keep(&self, job: &Job, identity_name: &str, host: SshHost) {
         let key = pool::Key::new(&job.endpoint, identity_name, host.host_key());
-        for old in self.pool.put(key, host, Instant::now()) {
-            old.close().await;
-        }
+        let born = host.opened_at();
+        close_all(self.pool.put(key, host, born, Instant::now()));
         self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
     }
 
     /// Closes the kept connections idle for too long, until `stop`; then all of them.
     pub async fn sweep_kept(&self, stop: CancellationToken) {
+        if self.pool.sweep_every().is_zero() {
+            return stop.cancelled().await;
+        }
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.pool.sweep_every()) => {}
@@ -644,18 +654,14 @@ impl Executor {
             Action::Switch | Action::Boot | Action::Test | Action::DryActivate | Action::Probe | Action::Scan
         ) && result.as_ref().is_ok_and(|o| o.rolled_back.is_none());
         let later = conn.kept.lock().ok().and_then(|mut k| k.take());
+        // (closed in the background: a close that hangs on a dead peer is not the job's time)
         match (keeps, later) {
             (true, Some(later)) => {
-                host.close().await;
-                self.keep(job, &identity_name, later).await;
+                close_all([host]);
+                self.keep(job, &identity_name, later);
             }
-            (true, None) => self.keep(job, &identity_name, host).await,
-            (false, later) => {
-                host.close().await;
-                if let Some(l) = later {
-                    l.close().await;
-                }
-            }
+            (true, None) => self.keep(job, &identity_name, host),
+            (false, later) => close_all(later.into_iter().chain([host])),
         }
         result.map(|mut o| {
             if o.installed_host_key.is_none() && job.endpoint.host_key.is_none() {
@@ -833,6 +839,13 @@ fn undecodable_job(s: &subjects::JobSubject) -> Job {
         budgets: vec![],
         timeout_seconds: 0,
         enqueued_at: Utc::now(),
+    }
+}
+
+/// Closes connections in the background.
+fn close_all(hosts: impl IntoIterator<Item = SshHost>) {
+    for h in hosts {
+        tokio::spawn(h.close());
     }
 }
 

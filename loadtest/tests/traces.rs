@@ -86,9 +86,11 @@ async fn one_trace_follows_a_job_from_reconcile_to_status() {
     let spans = Arc::new(Mutex::new(Vec::new()));
     let port = receiver(spans.clone()).await;
     let s = Scenario {
-        machines: 6,
+        // Half the builds fail, the warm-up's too: one warm-up job must succeed for a kept connection (all twelve
+        // failing: 1 in 4,096).
+        machines: 12,
         sites: 1,
-        site_limit: 3,
+        site_limit: 6,
         clusters: 1,
         executors: 1,
         failure_rate: 0.5,
