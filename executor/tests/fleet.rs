@@ -416,7 +416,8 @@ async fn a_take_over_confirms_over_a_new_login_not_a_connection_kept_from_before
     assert_eq!(names, ["nio-state", "nio-confirm"], "read the state, took the activation over, confirmed it");
     assert!(logins.iter().all(|l| *l > ops[0].start), "the state read ran on the kept connection: {logins:?}");
     assert_eq!(logins.len(), 1, "one new login");
-    assert!(logins[0] < ops[1].start, "the confirmation ran over the new login");
+    assert!(logins[0] < ops[1].start, "the confirmation ran after the new login");
+    assert_ne!(ops[0].connection, ops[1].connection, "the confirmation ran on a connection of its own");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

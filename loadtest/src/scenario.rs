@@ -1617,6 +1617,7 @@ pub mod invariants {
         fn op(machine: usize, site: usize, from_ms: u64, to_ms: u64, t0: Instant) -> Op {
             Op {
                 machine,
+                connection: 0,
                 site,
                 program: "nio-activate".into(),
                 start: t0 + Duration::from_millis(from_ms),

@@ -22,6 +22,8 @@ pub use nio_shared::remote::FACT_SCRIPT;
 #[derive(Debug, Clone)]
 pub struct Op {
     pub machine: usize,
+    /// The SSH connection it ran on (numbered as they were accepted).
+    pub connection: u64,
     pub site: usize,
     pub program: String,
     pub start: Instant,

@@ -20,12 +20,17 @@ struct Pending {
 }
 
 struct Conn {
+    /// This connection's number, unique in the process ([`Op::connection`]).
+    id: u64,
     machine: Arc<SimMachine>,
     recorder: Arc<Recorder>,
     authorized: Arc<Vec<PublicKey>>,
     paths: Arc<RemotePaths>,
     pending: HashMap<ChannelId, Pending>,
 }
+
+/// Numbers the connections of every simulated machine.
+static NEXT_CONNECTION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Accepts connections for one machine until the task is aborted.
 pub async fn serve(
@@ -56,6 +61,7 @@ pub async fn serve(
             ..Default::default()
         });
         let conn = Conn {
+            id: NEXT_CONNECTION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             machine: m.clone(),
             recorder: recorder.clone(),
             authorized: authorized.clone(),
@@ -77,7 +83,8 @@ fn split(command: &[u8]) -> Option<Vec<String>> {
 impl Conn {
     /// Runs a command in the background and answers on the channel.
     fn launch(&self, channel: ChannelId, argv: Vec<String>, stdin: Vec<u8>, handle: Handle) {
-        let (m, recorder, paths) = (self.machine.clone(), self.recorder.clone(), self.paths.clone());
+        let (m, recorder, paths, connection) =
+            (self.machine.clone(), self.recorder.clone(), self.paths.clone(), self.id);
         tokio::spawn(async move {
             let start = Instant::now();
             {
@@ -103,6 +110,7 @@ impl Conn {
             if let Ok(mut ops) = recorder.ops.lock() {
                 ops.push(Op {
                     machine: m.index,
+                    connection,
                     site: m.site,
                     program: machine::op_name(&argv),
                     start,
