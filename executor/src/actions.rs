@@ -25,8 +25,8 @@ pub trait Connector: Send + Sync {
     type Host: Host;
     /// Connects, pinning `host_key` when given, else trusting the first key seen.
     fn connect(&self, host_key: Option<&str>) -> impl Future<Output = Result<Self::Host>> + Send;
-    /// Hands back a connection this job opened that proved logins work after what the job did (a confirmation's):
-    /// the one to keep for the machine's next job, rather than the job's first.
+    /// Hands back a connection this job opened after what it did (a confirmation's): the one to keep for the
+    /// machine's next job rather than the job's first, if the job ends well (the caller decides).
     fn keep(&self, _host: Self::Host) {}
 }
 

@@ -87,9 +87,7 @@ pub async fn update<C: Connector, P: Progress>(conn: &C, host: &C::Host, ctx: &J
         // A kept connection predates that activation: confirm over one opened now, as a confirmation must.
         let fresh = conn.connect(ctx.host_key).await?;
         let out = resume(&fresh, ctx, &st, a, &unit).await;
-        if out.as_ref().is_ok_and(|o| o.rolled_back.is_none()) {
-            conn.keep(fresh);
-        }
+        conn.keep(fresh);
         return out;
     }
     // A removal switches to the onRemoveFlake system.
@@ -287,9 +285,7 @@ async fn confirm<C: Connector, P: Progress>(
         match conn.connect(ctx.host_key).await {
             Ok(h) => {
                 let out = run_confirm(&h, ctx, st, unit, marker, toplevel, started).await;
-                if out.as_ref().is_ok_and(|o| o.rolled_back.is_none()) {
-                    conn.keep(h);
-                }
+                conn.keep(h);
                 return out;
             }
             Err(e @ (Error::HostKeyMismatch { .. } | Error::HostKeyNotPinned | Error::Identity(_))) => return Err(e),

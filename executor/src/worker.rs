@@ -537,11 +537,19 @@ impl Executor {
         Ok(None)
     }
 
+    /// `nio_executor_ssh_idle`: the connections kept now.
+    fn count_kept(&self) {
+        self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
+    }
+
     /// A connection kept from an earlier job to this machine that still answers ([`crate::pool`]).
     async fn kept(&self, job: &Job, identity_name: &str) -> Option<SshHost> {
+        if self.pool.is_empty() {
+            return None;
+        }
         let key = pool::Key::for_job(&job.endpoint, identity_name, crate::ssh::normalise_host_key)?;
         let taken = self.pool.take(&key, Instant::now());
-        self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
+        self.count_kept();
         let host = match taken {
             Ok(h) => h,
             Err(expired) => {
@@ -569,7 +577,7 @@ impl Executor {
         let key = pool::Key::new(&job.endpoint, identity_name, host.host_key());
         let born = host.opened_at();
         close_all(self.pool.put(key, host, born, Instant::now()));
-        self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
+        self.count_kept();
     }
 
     /// Closes the kept connections idle for too long, until `stop`; then all of them.
@@ -582,10 +590,8 @@ impl Executor {
                 _ = tokio::time::sleep(self.pool.sweep_every()) => {}
                 _ = stop.cancelled() => break,
             }
-            for old in self.pool.expire(Instant::now()) {
-                old.close().await;
-            }
-            self.metrics.ssh_idle.set(i64::try_from(self.pool.len()).unwrap_or(i64::MAX));
+            close_all(self.pool.expire(Instant::now()));
+            self.count_kept();
         }
         for old in self.pool.drain() {
             old.close().await;

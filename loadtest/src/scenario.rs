@@ -1202,11 +1202,6 @@ pub async fn run(s: Scenario, report_path: Option<&Path>) -> anyhow::Result<(Rep
     let published: Vec<f64> =
         published.0.lock().map(|p| p.values().map(|t| ms_since(t0, *t)).collect()).unwrap_or_default();
     report.published_ms = pct(published);
-    let mut logins: BTreeMap<usize, Instant> = BTreeMap::new();
-    for (m, t) in r.fleet.recorder.logins.lock().map(|l| l.clone()).unwrap_or_default() {
-        logins.entry(m).or_insert(t);
-    }
-    report.login_ms = pct(logins.values().map(|t| ms_since(t0, *t)).collect());
     (report.poison_published, report.poison_terminated) = (poison_published, poison_terminated);
     (report.machine_status_writes, report.machine_status_conflicts) = writes;
     report.api_requests_per_machine = requests.values().sum::<u64>() as f64 / s.machines.max(1) as f64;
@@ -1392,7 +1387,7 @@ async fn analyse(
         latency_ms: pct(latencies),
         first_command_ms: pct(first),
         published_ms: pct(vec![]),
-        login_ms: pct(vec![]),
+        login_ms: pct(first_login.values().map(|t| ms_since(t0, *t)).collect()),
         first_command_on_kept_connection: on_kept,
         max_in_flight_per_site: max_in_flight,
         max_in_flight_per_budget: per_budget,
